@@ -1,0 +1,238 @@
+"""Channel definitions (channels/*.yaml): a connector, the messages it takes, and how each is mapped.
+
+    name: hl7-inbound
+    connector: {type: mllp, port: 2575}
+    routes:
+      - messages: [ADT^A01, ADT^A04]
+        action: patient.upsert
+        mappings: [hl7-patient]
+      - messages: ["ADT^*"]
+        action: ignore        # ACK and keep, do not apply (A02 transfers and the like)
+
+Routes are tried in order; the first whose pattern matches MSH-9 wins. A message no route takes is
+rejected with AR (200 unsupported message type, or 201 unsupported event).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from engine.yamlfile import ConfigFileError, ConfigProblem, LineDict, LineList, load_yaml
+
+ACTIONS = {
+    "patient.upsert": "create or update the patient (A01, A04, A05, A28)",
+    "patient.update": "update the patient; create it when unknown if update_creates_patient (A08, A31)",
+    "patient.merge": "merge MRG-1 into PID-3, keeping the old identifier as an alias (A40, A34, A18)",
+    "order": "create, update or cancel the imaging order by ORC-1 (ORM^O01, OMI^O23)",
+    "ignore": "store and ACK, apply nothing",
+}
+CONNECTORS = ("mllp",)
+
+
+@dataclass
+class ChannelOptions:
+    dedup_window_seconds: float = 3600.0  # same MSH-10 from the same sender within this: re-ACK, not re-apply
+    max_message_bytes: int = 10 * 1024 * 1024
+    idle_timeout_seconds: float = 600.0  # a connection that sends nothing for this long is closed
+    default_charset: str = "utf-8"  # when MSH-18 is empty
+    fallback_charset: str = "cp1252"  # when the default does not decode ('' to reject instead)
+    processing_ids: list[str] = field(default_factory=lambda: ["P", "T", "D"])
+    versions: list[str] = field(default_factory=lambda: ["2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1",
+                                                         "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2"])
+    update_creates_patient: bool = True
+    orders_update_patient: bool = False  # IHE: ADT owns demographics; ORM's PID only creates unknown patients
+    ignore_stale_updates: bool = True
+
+
+@dataclass
+class Route:
+    messages: list[str]
+    action: str
+    mappings: list[str]
+    line: int = 0
+
+    def matches(self, message_type: str) -> bool:
+        return any(fnmatch.fnmatchcase(message_type, p) for p in self.messages)
+
+    def matches_code(self, code: str) -> bool:
+        return any(p.split("^", 1)[0] in (code, "*") for p in self.messages)
+
+
+@dataclass
+class Channel:
+    name: str
+    file: str
+    connector: str
+    port: int | None
+    routes: list[Route]
+    options: ChannelOptions
+    enabled: bool = True
+    description: str = ""
+
+    def route_for(self, message_type: str) -> Route | None:
+        for r in self.routes:
+            if r.matches(message_type):
+                return r
+        return None
+
+    def knows_code(self, code: str) -> bool:
+        return any(r.matches_code(code) for r in self.routes)
+
+
+def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> ChannelOptions:
+    opts = ChannelOptions()
+    if raw is None:
+        return opts
+    if not isinstance(raw, dict):
+        problems.append(ConfigProblem(file, line, "options", "options must be a mapping"))
+        return opts
+    hints = get_type_hints(ChannelOptions)
+    names = {f.name for f in fields(ChannelOptions)}
+    for key, value in raw.items():
+        kline = raw.line_of(key) if isinstance(raw, LineDict) else line
+        if key not in names:
+            problems.append(ConfigProblem(file, kline, f"options.{key}",
+                                          f"unknown option; expected one of {', '.join(sorted(names))}"))
+            continue
+        typ = hints[key]
+        ok = True
+        if typ is bool:
+            ok = isinstance(value, bool)
+        elif typ is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        elif typ is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            value = float(value) if ok else value
+        elif typ is str:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, list)
+            value = [str(v) for v in value] if ok else value
+        if not ok:
+            problems.append(ConfigProblem(file, kline, f"options.{key}", f"expected {getattr(typ, '__name__', typ)}, "
+                                          f"got {value!r}"))
+            continue
+        setattr(opts, key, value)
+    if opts.default_charset:
+        import codecs
+        for key in ("default_charset", "fallback_charset"):
+            name = getattr(opts, key)
+            if name:
+                try:
+                    codecs.lookup(name)
+                except LookupError:
+                    problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) else line,
+                                                  f"options.{key}", f"unknown character set {name!r}"))
+    return opts
+
+
+def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) -> tuple[Channel | None,
+                                                                                         list[ConfigProblem]]:
+    problems: list[ConfigProblem] = []
+
+    def problem(line: int, fld: str, msg: str) -> None:
+        problems.append(ConfigProblem(file, line, fld, msg))
+
+    if not isinstance(data, dict):
+        problem(1, "", "a channel file is a YAML mapping with name:, connector: and routes:")
+        return None, problems
+    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
+    for key in data:
+        if key not in ("name", "description", "enabled", "connector", "routes", "options"):
+            problem(line_of(key), str(key), "unknown key; expected name, description, enabled, connector, routes, options")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problem(line_of("name") or 1, "name", "every channel needs a name")
+        name = Path(file).stem
+    conn = data.get("connector")
+    ctype, port = None, None
+    if not isinstance(conn, dict):
+        problem(line_of("connector") or 1, "connector", "connector: {type: mllp, port: 2575} is required")
+    else:
+        ctype = conn.get("type")
+        if ctype not in CONNECTORS:
+            problem(conn.line_of("type") if isinstance(conn, LineDict) else 0, "connector.type",
+                    f"unknown connector type {ctype!r}; expected one of {', '.join(CONNECTORS)}")
+        port = conn.get("port")
+        if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
+            problem(conn.line_of("port") if isinstance(conn, LineDict) else 0, "connector.port",
+                    f"port must be a number from 0 to 65535, got {port!r}")
+            port = None
+        for key in conn:
+            if key not in ("type", "port"):
+                problem(conn.line_of(key) if isinstance(conn, LineDict) else 0, f"connector.{key}",
+                        "unknown key; expected type, port")
+    routes: list[Route] = []
+    raw_routes = data.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        problem(line_of("routes") or 1, "routes", "routes: must list at least one route")
+        raw_routes = []
+    for i, r in enumerate(raw_routes):
+        rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
+        where = f"routes[{i + 1}]"
+        if not isinstance(r, dict):
+            problem(rline, where, "a route is {messages: [...], action: ..., mappings: [...]}")
+            continue
+        msgs = r.get("messages")
+        if isinstance(msgs, str):
+            msgs = [msgs]
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, str) for m in msgs):
+            problem(rline, f"{where}.messages", "messages: lists message types like ADT^A08 (wildcards: ADT^*)")
+            msgs = []
+        action = r.get("action")
+        if action not in ACTIONS:
+            problem(r.line_of("action") if isinstance(r, LineDict) and "action" in r else rline, f"{where}.action",
+                    f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+        maps = r.get("mappings", [])
+        if isinstance(maps, str):
+            maps = [maps]
+        if not isinstance(maps, list):
+            problem(rline, f"{where}.mappings", "mappings: lists mapping names (files in mappings/ without .yaml)")
+            maps = []
+        if action not in (None, "ignore") and not maps:
+            problem(rline, f"{where}.mappings", f"action {action} needs at least one mapping")
+        if known_mappings is not None:
+            for m in maps:
+                if m not in known_mappings:
+                    mline = r.line_of("mappings") if isinstance(r, LineDict) else rline
+                    problem(mline, f"{where}.mappings", f"no mapping named {m!r} in the mappings directory")
+        for key in r:
+            if key not in ("messages", "action", "mappings"):
+                problem(r.line_of(key) if isinstance(r, LineDict) else rline, f"{where}.{key}",
+                        "unknown key; expected messages, action, mappings")
+        routes.append(Route([m.upper() for m in msgs], str(action), [str(m) for m in maps], rline))
+    opts = _options(data.get("options"), file, line_of("options"), problems)
+    enabled = data.get("enabled", True)
+    if not isinstance(enabled, bool):
+        problem(line_of("enabled"), "enabled", "enabled is true or false")
+        enabled = True
+    channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes, options=opts,
+                      enabled=enabled, description=str(data.get("description") or ""))
+    return (None if problems else channel), problems
+
+
+def load_channels(directory: Path, known_mappings: set[str] | None = None) -> tuple[list[Channel], list[ConfigProblem]]:
+    channels: list[Channel] = []
+    problems: list[ConfigProblem] = []
+    if not directory.is_dir():
+        return [], [ConfigProblem(str(directory), 0, "", "channels directory not found")]
+    seen: dict[str, str] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            data = load_yaml(path)
+        except ConfigFileError as exc:
+            problems.extend(exc.problems)
+            continue
+        ch, probs = parse_channel(data, str(path), known_mappings)
+        problems.extend(probs)
+        if ch is None:
+            continue
+        if ch.name in seen:
+            problems.append(ConfigProblem(str(path), 1, "name", f"channel name {ch.name!r} is also used by {seen[ch.name]}"))
+            continue
+        seen[ch.name] = str(path)
+        channels.append(ch)
+    return channels, problems

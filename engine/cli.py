@@ -1,0 +1,311 @@
+"""The `radbridge` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from engine.config import DEFAULT_CONFIG, Settings, load_settings
+from engine.yamlfile import ConfigFileError
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(Path(args.config) if args.config else None)
+
+
+def _print_problems(exc: ConfigFileError) -> None:
+    for p in exc.problems:
+        print(str(p), file=sys.stderr)
+
+
+# --- run ----------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.runtime import Engine
+
+    async def main() -> int:
+        engine = Engine(settings)
+        try:
+            await engine.start()
+        except ConfigFileError as exc:
+            print("radbridge: not started, configuration has errors:", file=sys.stderr)
+            _print_problems(exc)
+            return 1
+        except OSError as exc:
+            print(f"radbridge: not started: {exc}", file=sys.stderr)
+            return 1
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        listening = ", ".join(f"{n} on {settings.bind}:{lst.server.port}" for n, lst in engine.listeners.items())
+        print(f"radbridge running: {listening or 'no channels'}; HTTP on http://{settings.bind}:{engine.http_port}/ "
+              "(Ctrl-C to stop)", flush=True)
+        await stop.wait()
+        print("radbridge: stopping (finishing messages in hand)...", flush=True)
+        await engine.stop()
+        return 0
+
+    return asyncio.run(main())
+
+
+# --- check --------------------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ConfigFileError as exc:
+        _print_problems(exc)
+        return 1
+    from engine.runtime import load_definitions
+    registry, channels, problems = load_definitions(settings)
+    for p in problems:
+        print(str(p), file=sys.stderr if p.severity == "error" else sys.stdout)
+    errors = [p for p in problems if p.severity == "error"]
+    if args.database:
+        from engine.store import migrate
+        from engine.store.db import open_database
+        try:
+            db = open_database(settings.database_url)
+            current = migrate.current_revision(db)
+            head = migrate.head_revision()
+            db.dispose()
+            print(f"database {settings.database_url}: schema {current or 'empty'} (latest {head})")
+        except Exception as exc:
+            print(f"database {settings.database_url}: cannot connect: {exc}", file=sys.stderr)
+            errors.append(None)  # type: ignore[arg-type]
+    if errors:
+        print(f"radbridge check: {len(errors)} error(s)", file=sys.stderr)
+        return 1
+    print(f"radbridge check: OK ({len(channels)} channel(s), {len(registry.names())} mapping(s), "
+          f"{len(problems)} warning(s))")
+    return 0
+
+
+# --- mappings try -------------------------------------------------------------------------------------
+def cmd_mappings_try(args: argparse.Namespace) -> int:
+    from engine.hl7.errors import HL7ParseError
+    from engine.hl7.message import parse_message, split_groups
+    from engine.hl7.paths import SegmentSource
+    from engine.mappings.registry import load_mapping_file
+    from engine.pipeline.hl7_inbound import ORDER_GROUP_MEMBERS
+
+    path = Path(args.mapping)
+    if not path.exists():
+        settings = _settings(args)
+        path = Path(settings.mappings_dir) / f"{args.mapping}.yaml"
+    mapping, problems = load_mapping_file(path)
+    for p in problems:
+        print(str(p), file=sys.stderr)
+    if mapping is None:
+        return 1
+    try:
+        raw = Path(args.sample).read_bytes()
+    except OSError as exc:
+        print(f"{args.sample}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        msg = parse_message(raw.replace(b"\n", b"\r"))
+    except HL7ParseError as exc:
+        print(f"{args.sample}: not an HL7 message: {exc}", file=sys.stderr)
+        return 1
+    result = mapping.apply(SegmentSource(msg))
+    out: dict[str, Any] = {"message": msg.message_type, "control_id": msg.control_id, "fields": result.values}
+    if any(t.startswith("order.") for t in mapping.targets()):
+        groups = split_groups(msg, "ORC", ORDER_GROUP_MEMBERS)
+        out["fields"] = {k: v for k, v in result.values.items() if not k.startswith("order.")}
+        out["orders"] = []
+        for g in groups:
+            gres = mapping.apply(SegmentSource(msg, g), only=("order.",))
+            out["orders"].append(gres.values)
+            result.errors.extend(gres.errors)
+    if result.errors:
+        out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in result.errors]
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 1 if result.errors else 0
+
+
+# --- messages -----------------------------------------------------------------------------------------
+def _open_db(settings: Settings) -> Any:
+    from engine.store import migrate
+    from engine.store.db import open_database
+    db = open_database(settings.database_url)
+    migrate.upgrade(db)
+    return db
+
+
+def cmd_messages(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from engine.store.models import Message
+    from engine.web.serialize import message_json
+
+    settings = _settings(args)
+    db = _open_db(settings)
+    try:
+        if args.action == "list":
+            with db.read_session() as s:
+                stmt = select(Message).order_by(Message.id.desc()).limit(args.limit)
+                if args.status:
+                    stmt = stmt.where(Message.status == args.status)
+                if args.control_id:
+                    stmt = stmt.where(Message.control_id == args.control_id)
+                rows = list(s.execute(stmt).scalars())
+                print(f"{'id':>8}  {'received (UTC)':19}  {'channel':14} {'type':10} {'control id':22} "
+                      f"{'status':10} ack  error")
+                for m in rows:
+                    print(f"{m.id:>8}  {m.received_at:%Y-%m-%d %H:%M:%S}  {m.channel[:14]:14} "
+                          f"{(m.message_type or '-')[:10]:10} {(m.control_id or '-')[:22]:22} {m.status:10} "
+                          f"{m.ack_code or '-':3}  {(m.error or '')[:60]}")
+            return 0
+        if args.action == "show":
+            with db.read_session() as s:
+                m = s.get(Message, args.id, options=[selectinload(Message.content), selectinload(Message.events)])
+                if m is None:
+                    print(f"no message {args.id}", file=sys.stderr)
+                    return 1
+                body = message_json(m, content=True)
+                if args.validate and "raw" in body:
+                    from engine.hl7.structure import validate_message
+                    body["validation"] = validate_message(body["raw"]) or ["valid"]
+                if "raw" in body:
+                    body["raw"] = body["raw"].replace("\r", "\n")
+                if body.get("ack"):
+                    body["ack"] = body["ack"].replace("\r", "\n")
+                print(json.dumps(body, indent=2, ensure_ascii=False))
+            return 0
+        # reprocess
+        from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
+        from engine.runtime import load_definitions
+        registry, channels, problems = load_definitions(settings)
+        by_name = {c.name: c for c in channels}
+        status = 0
+        for mid in args.ids:
+            with db.write_session() as s, s.begin():
+                m = s.get(Message, mid, options=[selectinload(Message.content)])
+                if m is None:
+                    print(f"message {mid}: not found", file=sys.stderr)
+                    status = 1
+                    continue
+                ch = by_name.get(m.channel)
+                if ch is None:
+                    print(f"message {mid}: channel {m.channel!r} is not defined any more", file=sys.stderr)
+                    status = 1
+                    continue
+                try:
+                    st = reprocess(s, HL7Inbound(ch, registry, app_name=settings.name), m)
+                except ValueError as exc:
+                    print(f"message {mid}: {exc}", file=sys.stderr)
+                    status = 1
+                    continue
+                print(f"message {mid}: {st.status}" + (f" ({st.error})" if st.error else ""))
+                if st.status not in ("processed", "filtered"):
+                    status = 1
+        return status
+    finally:
+        db.dispose()
+
+
+# --- send ---------------------------------------------------------------------------------------------
+def cmd_send(args: argparse.Namespace) -> int:
+    from engine.connectors.mllp.client import MLLPClient, split_messages
+    host, _, port = args.to.rpartition(":")
+    if not host or not port.isdigit():
+        print(f"--to {args.to!r}: expected HOST:PORT", file=sys.stderr)
+        return 2
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"{args.file}: cannot read: {exc.strerror}", file=sys.stderr)
+        return 1
+    messages = split_messages(data)
+    if not messages:
+        print(f"{args.file}: no HL7 message (nothing starts with MSH)", file=sys.stderr)
+        return 1
+    failures = 0
+    try:
+        with MLLPClient(host, int(port), timeout=args.timeout) as client:
+            for i, msg in enumerate(messages, 1):
+                reply = client.send(msg).decode("latin-1", "replace")
+                msa = next((seg for seg in reply.split("\r") if seg.startswith("MSA")), "")
+                code = msa.split(msa[3])[1] if len(msa) > 4 else "??"
+                print(f"message {i}/{len(messages)}: {code}  {reply.replace(chr(13), ' | ').strip(' |')}")
+                if code not in ("AA", "CA"):
+                    failures += 1
+    except OSError as exc:
+        print(f"cannot send to {args.to}: {exc}", file=sys.stderr)
+        return 1
+    return 1 if failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+    return run_demo(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radbridge", description="RadBridge imaging integration engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help=f"engine settings (default: {DEFAULT_CONFIG} if present)")
+        return p
+
+    with_config(sub.add_parser("run", help="start every enabled channel")).set_defaults(fn=cmd_run)
+    p = with_config(sub.add_parser("check", help="validate config, channels and mappings"))
+    p.add_argument("--database", action="store_true", help="also connect to the database and report its schema")
+    p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("demo", help="run a scenario on loopback and print what happened")
+    p.add_argument("--keep", action="store_true", help="keep the demo's working directory")
+    p.set_defaults(fn=cmd_demo)
+
+    mp = sub.add_parser("mappings", help="work with mapping files").add_subparsers(dest="sub", required=True)
+    p = with_config(mp.add_parser("try", help="dry-run a mapping on a sample message"))
+    p.add_argument("mapping", help="mapping name (file in mappings/ without .yaml) or a path")
+    p.add_argument("sample", help="a file holding one HL7 message")
+    p.set_defaults(fn=cmd_mappings_try)
+
+    mg = sub.add_parser("messages", help="browse and reprocess stored messages").add_subparsers(dest="action",
+                                                                                                 required=True)
+    p = with_config(mg.add_parser("list", help="newest messages first"))
+    p.add_argument("--status", help="received, processed, error, rejected, duplicate, filtered")
+    p.add_argument("--control-id")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(fn=cmd_messages)
+    p = with_config(mg.add_parser("show", help="one message with its content, ACK and history"))
+    p.add_argument("id", type=int)
+    p.add_argument("--validate", action="store_true", help="validate the raw message against HL7 structures (hl7apy)")
+    p.set_defaults(fn=cmd_messages)
+    p = with_config(mg.add_parser("reprocess", help="apply stored messages again (after a mapping fix)"))
+    p.add_argument("ids", type=int, nargs="+")
+    p.set_defaults(fn=cmd_messages)
+
+    sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)
+    p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")
+    p.add_argument("file")
+    p.add_argument("--to", required=True, help="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(fn=cmd_send)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigFileError as exc:
+        _print_problems(exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Engine settings: config/radbridge.toml, overridden by environment variables.
+
+Every setting can be overridden as ``RADBRIDGE_<SECTION>_<KEY>`` (``RADBRIDGE_<KEY>`` for top-level
+keys), e.g. ``RADBRIDGE_DATABASE_URL``, ``RADBRIDGE_MLLP_PORT``, ``RADBRIDGE_HTTP_PORT``. Two more
+names from the interface contract: ``RADBRIDGE_STABLE_SECONDS`` (= dicom.stable_seconds) and
+``RADBRIDGE_API_TOKEN`` (a bearer token accepted in addition to http.tokens).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from engine.yamlfile import ConfigFileError, ConfigProblem
+
+DEFAULT_CONFIG = Path("config/radbridge.toml")
+
+
+@dataclass
+class DatabaseSettings:
+    url: str = ""  # empty: sqlite under storage.dir
+    sqlite_synchronous: str = "FULL"
+    busy_timeout_ms: int = 30000
+    pool_size: int = 5
+
+
+@dataclass
+class StorageSettings:
+    dir: str = "var"
+
+
+@dataclass
+class MLLPSettings:
+    port: int = 2575
+    max_connections: int = 200
+
+
+@dataclass
+class HTTPSettings:
+    port: int = 8080
+    auth: str = "token"  # token | none (local use only)
+    tokens: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DicomSettings:
+    port: int = 11112
+    aet: str = "RADBRIDGE"
+    stable_seconds: float = 30.0
+
+
+@dataclass
+class EHRSettings:
+    mllp: str = ""
+    fhir_base: str = ""
+
+
+@dataclass
+class RetentionSettings:
+    enabled: bool = True
+    content_days: float = 30.0  # raw content, mapped fields and ACK are dropped after this
+    metadata_days: float = 365.0  # the message row and its events after this
+    keep_errors: bool = True  # never prune messages in error/rejected state
+    interval_seconds: float = 300.0
+    batch_size: int = 500
+    pause_seconds: float = 0.05  # between batches, so ingest always gets the lock
+
+
+@dataclass
+class MappingSettings:
+    reload_seconds: float = 2.0  # 0 disables the watcher
+    hl7_version: str = "2.5"  # structure definitions used to check paths
+
+
+@dataclass
+class Settings:
+    name: str = "RADBRIDGE"  # our application name in ACKs when MSH-5 is empty
+    facility: str = ""
+    bind: str = "127.0.0.1"
+    channels_dir: str = "channels"
+    mappings_dir: str = "mappings"
+    log_level: str = "INFO"
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    mllp: MLLPSettings = field(default_factory=MLLPSettings)
+    http: HTTPSettings = field(default_factory=HTTPSettings)
+    dicom: DicomSettings = field(default_factory=DicomSettings)
+    ehr: EHRSettings = field(default_factory=EHRSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    mappings: MappingSettings = field(default_factory=MappingSettings)
+    source: str = ""  # the file it came from
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{Path(self.storage.dir) / 'radbridge.db'}"
+
+    def api_tokens(self) -> list[str]:
+        return list(self.http.tokens)
+
+
+def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
+    origin = get_origin(typ)
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            (inner,) = get_args(typ)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ValueError
+            return [_coerce(v, inner, where, file) for v in value]
+    except (TypeError, ValueError):
+        name = getattr(typ, "__name__", str(typ))
+        raise ConfigFileError([ConfigProblem(file, 0, where, f"expected {name}, got {value!r}")]) from None
+    return value
+
+
+def _fill(obj: Any, data: Mapping[str, Any], prefix: str, file: str, problems: list[ConfigProblem]) -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)} - {"source"}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            problems.append(ConfigProblem(file, 0, where, f"unknown setting; expected one of {', '.join(sorted(names))}"))
+            continue
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                problems.append(ConfigProblem(file, 0, where, "expected a [section]"))
+                continue
+            _fill(current, value, f"{where}.", file, problems)
+        else:
+            try:
+                setattr(obj, key, _coerce(value, hints[key], where, file))
+            except ConfigFileError as exc:
+                problems.extend(exc.problems)
+
+
+def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
+    hints = get_type_hints(Settings)
+    for f in fields(s):
+        if f.name == "source":
+            continue
+        value = getattr(s, f.name)
+        if is_dataclass(value):
+            sub_hints = get_type_hints(type(value))
+            for sf in fields(value):
+                var = f"RADBRIDGE_{f.name}_{sf.name}".upper()
+                if var in env:
+                    try:
+                        setattr(value, sf.name, _coerce(env[var], sub_hints[sf.name], var, "environment"))
+                    except ConfigFileError as exc:
+                        problems.extend(exc.problems)
+        else:
+            var = f"RADBRIDGE_{f.name}".upper()
+            if var in env:
+                try:
+                    setattr(s, f.name, _coerce(env[var], hints[f.name], var, "environment"))
+                except ConfigFileError as exc:
+                    problems.extend(exc.problems)
+    if "RADBRIDGE_STABLE_SECONDS" in env:
+        try:
+            s.dicom.stable_seconds = float(env["RADBRIDGE_STABLE_SECONDS"])
+        except ValueError:
+            problems.append(ConfigProblem("environment", 0, "RADBRIDGE_STABLE_SECONDS", "expected a number"))
+    if env.get("RADBRIDGE_API_TOKEN"):
+        s.http.tokens = [*s.http.tokens, env["RADBRIDGE_API_TOKEN"]]
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (when it exists, or when named explicitly) and apply the environment."""
+    env = os.environ if env is None else env
+    settings = Settings()
+    problems: list[ConfigProblem] = []
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            # tomllib's message ends with "(at line N, column M)"
+            msg = str(exc)
+            line = 0
+            if "line " in msg:
+                try:
+                    line = int(msg.rsplit("line ", 1)[1].split(",")[0].split(")")[0])
+                except ValueError:
+                    line = 0
+            raise ConfigFileError([ConfigProblem(str(path), line, "", f"TOML syntax: {msg}")]) from None
+        _fill(settings, data, "", str(path), problems)
+        settings.source = str(path)
+    elif explicit:
+        raise ConfigFileError([ConfigProblem(str(path), 0, "", "config file not found")])
+    _apply_env(settings, env, problems)
+    if settings.http.auth not in ("token", "none"):
+        problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
+    if problems:
+        raise ConfigFileError(problems)
+    return settings

@@ -1,0 +1,1 @@
+"""Connectors: how messages enter and leave (MLLP now; HTTP FHIR and DICOM later)."""

@@ -1,0 +1,50 @@
+"""A blocking MLLP client: `radbridge send hl7`, the demo, and tests of our own sender side."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+from engine.connectors.mllp import EB, frame
+
+
+class MLLPClient:
+    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.sock: socket.socket | None = None
+        self._buf = b""
+
+    def __enter__(self) -> MLLPClient:
+        self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def send(self, message: bytes) -> bytes:
+        """Send one message and wait for one reply frame; returns its payload."""
+        assert self.sock is not None, "use MLLPClient as a context manager"
+        self.sock.sendall(frame(message))
+        return self.read_reply()
+
+    def read_reply(self) -> bytes:
+        assert self.sock is not None
+        while EB not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the server closed the connection before replying")
+            self._buf += chunk
+        end = self._buf.index(EB)
+        payload, self._buf = self._buf[:end], self._buf[end + 1:]
+        self._buf = self._buf.lstrip(b"\r")
+        return payload.lstrip(b"\x0b")
+
+
+def split_messages(data: bytes) -> list[bytes]:
+    """A file may hold several messages: each starts with MSH; CR, LF or CRLF end segments."""
+    text = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    parts = re.split(rb"\r(?=MSH)", text.strip(b"\r"))
+    return [p.strip(b"\r") + b"\r" for p in parts if p.strip(b"\r")]

@@ -1,0 +1,83 @@
+"""An HL7 channel on an MLLP port: frames in, ACKs out after the writer's commit."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from engine.channels import Channel
+from engine.connectors.mllp.framing import Frame, FrameProblem
+from engine.connectors.mllp.server import MLLPServer
+from engine.hl7 import errors as E
+from engine.hl7.errors import HL7Error, HL7ParseError
+from engine.hl7.message import parse_text
+from engine.metrics import Metrics
+from engine.pipeline.hl7_inbound import HL7Inbound, Prepared
+from engine.pipeline.writer import IngestWriter, StorageUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class HL7Listener:
+    def __init__(self, channel: Channel, inbound: HL7Inbound, writer: IngestWriter, metrics: Metrics, *,
+                 host: str, port: int, max_connections: int = 200) -> None:
+        self.channel = channel
+        self.inbound = inbound
+        self.writer = writer
+        self.metrics = metrics
+        opts = channel.options
+        self.server = MLLPServer(channel.name, host, port, self._on_frame, on_problem=self._on_problem,
+                                 max_size=opts.max_message_bytes, idle_timeout=opts.idle_timeout_seconds,
+                                 max_connections=max_connections)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    def _oversized(self, fr: Frame, remote: str) -> Prepared:
+        p = Prepared(raw=fr.data, remote=remote, received_at=time.time())
+        first_line = fr.data.split(b"\r", 1)[0].decode("latin-1", "replace")
+        try:
+            p.message = parse_text(first_line, "latin-1")
+        except HL7ParseError:
+            p.message = None
+        p.reject = HL7Error(E.INTERNAL_ERROR, f"message of {fr.size} bytes exceeds this channel's limit of "
+                                              f"{self.channel.options.max_message_bytes} bytes (max_message_bytes); "
+                                              "only its first bytes were kept")
+        return p
+
+    async def _on_frame(self, fr: Frame, remote: str) -> list[bytes]:
+        t0 = time.perf_counter()
+        name = self.channel.name
+        self.metrics.received.inc(channel=name)
+        p = self._oversized(fr, remote) if fr.oversized else self.inbound.prepare(fr.data, remote)
+        charset = p.message.charset if p.message is not None else "latin-1"
+        try:
+            stored = await self.writer.run(lambda s: self.inbound.store(s, p))
+            replies, code, status = stored.replies, stored.ack_code, stored.status
+        except StorageUnavailable as exc:
+            replies, code, status = self.inbound.storage_failure_acks(p, str(exc)), "AR", "not_stored"
+        except Exception as exc:  # a bug in a job: the message was not stored, say so
+            log.exception("channel %s: message from %s could not be stored", name, remote)
+            replies, code, status = self.inbound.storage_failure_acks(p, f"internal error: {exc}"), "AR", "not_stored"
+        if status == "duplicate":
+            self.metrics.duplicates.inc(channel=name)
+        elif status in ("error", "rejected", "not_stored"):
+            self.metrics.failed.inc(channel=name, reason=status)
+        for reply in replies:
+            self.metrics.acked.inc(channel=name, code=reply.split("\r", 2)[1][4:6] if "\rMSA" in reply else code)
+        self.metrics.latency.observe(time.perf_counter() - t0, channel=name)
+        return [r.encode(charset, errors="replace") for r in replies]
+
+    async def _on_problem(self, problem: FrameProblem, remote: str) -> None:
+        self.metrics.frame_errors.inc(channel=self.channel.name, kind=problem.kind)
+        if problem.kind != "truncated" or not problem.data:
+            return
+        p = Prepared(raw=problem.data, remote=remote, received_at=time.time())
+        p.reject = HL7Error(E.SEGMENT_SEQUENCE, f"truncated MLLP frame: {problem.detail}")
+        try:
+            await self.writer.run(lambda s: self.inbound.store(s, p))
+        except Exception as exc:
+            log.warning("channel %s: truncated frame from %s not recorded: %s", self.channel.name, remote, exc)

@@ -1,0 +1,173 @@
+"""Imaging orders from ORM^O01 / OMI^O23 (and later FHIR ServiceRequest).
+
+Order control (ORC-1) decides what happens; the status history keeps every status an order was
+asked to take, applied or not, with the reason. Rules (docs/domain-rules.md):
+* NW creates; NW for a known order updates it (senders resend).
+* XO/SC update; for an unknown order they create it, as the NW may have been lost.
+* CA/OC (cancel) and DC/OD (discontinue) end an order; for an unknown order a cancelled record is
+  kept, so a late NW for the same order does not schedule it.
+* A cancelled or discontinued order is not revived by a later NW/XO/SC; a completed order (CM) is
+  not moved back to scheduled or in progress. Both are recorded with applied = false.
+* A message whose event time is older than the newest one applied to the order changes nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from engine.domain.errors import DomainError
+from engine.domain.patients import Outcome, upsert_patient
+from engine.domain.times import is_older
+from engine.hl7 import errors as E
+from engine.store.models import Order, OrderStatusChange
+from engine.store.types import utcnow
+
+ORDER_COLUMNS = ("placer_number", "placer_issuer", "filler_number", "accession", "procedure_code",
+                 "procedure_text", "procedure_scheme", "modality", "scheduled_at", "station_aet", "priority",
+                 "requested_procedure_id", "sps_id", "study_uid", "reason", "ordering_provider")
+CONTROL_STATUS = {"NW": "SC", "CA": "CA", "OC": "CA", "DC": "DC", "OD": "DC", "HD": "HD", "RL": "SC",
+                  "XO": None, "SC": None}
+KNOWN_STATUSES = {"A", "CA", "CM", "DC", "ER", "HD", "IP", "RP", "SC"}
+CANCELLED = {"CA", "DC"}
+ENDING_CONTROLS = {"CA", "OC", "DC", "OD"}
+
+
+def find_order(session: Session, data: dict[str, Any]) -> Order | None:
+    for key, column in (("order.placer_number", Order.placer_number), ("order.filler_number", Order.filler_number),
+                        ("order.accession", Order.accession)):
+        value = data.get(key)
+        if value:
+            found = session.execute(select(Order).where(column == value).order_by(Order.id.desc()).limit(1)
+                                    ).scalar_one_or_none()
+            if found is not None:
+                return found
+    return None
+
+
+def _column_value(name: str, value: Any) -> Any:
+    if name == "scheduled_at" and isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise DomainError(f"scheduled time {value!r} is not ISO date/time", code=E.DATA_TYPE_ERROR,
+                              field="order.scheduled_at") from None
+        return dt.replace(tzinfo=None)
+    return value
+
+
+def _set_fields(order: Order, data: dict[str, Any], out: Outcome) -> bool:
+    changed = False
+    for name in ORDER_COLUMNS:
+        key = f"order.{name}"
+        if key in data:
+            value = _column_value(name, data[key])
+            if getattr(order, name) != value:
+                setattr(order, name, value)
+                changed = True
+    extra_keys = [k for k in data if k.startswith("order.extra.")]
+    if extra_keys:
+        extra = dict(order.extra or {})
+        for k in extra_keys:
+            if data[k] is None:
+                extra.pop(k[len("order.extra."):], None)
+            else:
+                extra[k[len("order.extra."):]] = data[k]
+        if extra != (order.extra or {}):
+            order.extra = extra
+            changed = True
+    return changed
+
+
+def _refusal(current: str, new: str) -> str | None:
+    if current in CANCELLED and new not in CANCELLED:
+        return f"order is {current}; a later message does not revive it (send a new order)"
+    if current == "CM" and new in ("SC", "IP", "A", "HD"):
+        return "order is completed (CM); not moved back"
+    return None
+
+
+def apply_order(session: Session, data: dict[str, Any], out: Outcome, *, message_id: int | None,
+                orders_update_patient: bool = False, ignore_stale: bool = True) -> Order:
+    control = str(data.get("order.control") or "NW").upper()
+    if control not in CONTROL_STATUS:
+        raise DomainError(f"order control {control!r} is not supported (NW, XO, SC, CA, OC, DC, OD, HD, RL)",
+                          code=E.TABLE_VALUE_NOT_FOUND, field="order.control")
+    if not any(data.get(k) for k in ("order.placer_number", "order.filler_number", "order.accession")):
+        raise DomainError("the order has no placer number, filler number or accession number",
+                          code=E.REQUIRED_FIELD_MISSING, field="order.placer_number")
+    requested = data.get("order.status")
+    requested = str(requested).upper() if requested else None
+    if requested and requested not in KNOWN_STATUSES:
+        raise DomainError(f"order status {requested!r} is not in HL7 table 0038", code=E.TABLE_VALUE_NOT_FOUND,
+                          field="order.status")
+    if control in ENDING_CONTROLS:
+        new_status: str | None = CONTROL_STATUS[control]
+    else:
+        new_status = requested or CONTROL_STATUS[control]
+    event_time = data.get("message.event_time")
+
+    patient = upsert_patient(session, data, out, create=True, update=orders_update_patient,
+                             ignore_stale=ignore_stale)
+    order = find_order(session, data)
+    if order is None:
+        status = new_status or "SC"
+        order = Order(patient_id=patient.id, status=status, last_control=control, source_time=event_time)
+        _set_fields(order, data, out)
+        session.add(order)
+        session.flush()
+        note = None
+        if control in ENDING_CONTROLS:
+            note = f"{control} for an unknown order: kept as {status} so a late NW does not schedule it"
+        elif control != "NW":
+            note = f"{control} for an unknown order: created (its NW may have been lost)"
+        if note:
+            out.notes.append(note)
+        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=None, to_status=status,
+                                      applied=True, note=note, message_id=message_id, source_time=event_time))
+        out.changes.append(f"order {order.id} created ({status})")
+        out.order_ids.append(order.id)
+        return order
+
+    out.order_ids.append(order.id)
+    if ignore_stale and is_older(event_time, order.source_time):
+        note = f"stale: event time {event_time} is older than {order.source_time} already applied"
+        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=order.status,
+                                      to_status=new_status or order.status, applied=False, note=note,
+                                      message_id=message_id, source_time=event_time))
+        out.notes.append(f"order {order.id}: {note}")
+        return order
+    target = new_status or order.status
+    refusal = _refusal(order.status, target)
+    if refusal:
+        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=order.status,
+                                      to_status=target, applied=False, note=refusal, message_id=message_id,
+                                      source_time=event_time))
+        out.notes.append(f"order {order.id}: {refusal}")
+        return order
+    if order.patient_id != patient.id:
+        out.notes.append(f"order {order.id} moved from patient {order.patient_id} to {patient.id}")
+        order.patient_id = patient.id
+    changed = _set_fields(order, data, out)
+    note = "NW for a known order: treated as an update" if control == "NW" else None
+    if order.status == "CM" and target in CANCELLED:
+        note = f"{control} after completion"
+    if target != order.status or note or control in ENDING_CONTROLS:
+        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=order.status, to_status=target,
+                                      applied=True, note=note, message_id=message_id, source_time=event_time))
+    if target != order.status:
+        out.changes.append(f"order {order.id} {order.status} -> {target}")
+        order.status = target
+        changed = True
+    if note:
+        out.notes.append(f"order {order.id}: {note}")
+    if changed:
+        out.changes.append(f"order {order.id} updated")
+        order.updated_at = utcnow()
+    order.last_control = control
+    if event_time and not is_older(event_time, order.source_time):
+        order.source_time = event_time
+    return order

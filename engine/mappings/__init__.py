@@ -1,0 +1,1 @@
+"""Mapping files: analysts' YAML that says which source fields fill which domain fields."""

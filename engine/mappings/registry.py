@@ -1,0 +1,102 @@
+"""Load every mapping in mappings/, check paths against HL7 structures, and reload changed files.
+
+A file that fails to compile on reload does not replace the working version: the engine keeps
+mapping with the last good one and reports the problem (logs, /api/channels, `radbridge check`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.mappings.spec import Mapping, compile_mapping
+from engine.yamlfile import ConfigFileError, ConfigProblem, load_yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Entry:
+    mapping: Mapping | None
+    mtime_ns: int
+    problems: list[ConfigProblem] = field(default_factory=list)
+
+
+def load_mapping_file(path: Path, name: str | None = None, *, structure_version: str = "2.5"
+                      ) -> tuple[Mapping | None, list[ConfigProblem]]:
+    """Compile one mapping file; problems include structure warnings (unknown segment, field too high)."""
+    name = name or path.stem
+    try:
+        data = load_yaml(path)
+    except ConfigFileError as exc:
+        return None, exc.problems
+    mapping, problems = compile_mapping(data, str(path), name)
+    if mapping is not None:
+        from engine.hl7.structure import check_paths
+        problems = problems + check_paths(mapping, str(path), structure_version)
+    return mapping, problems
+
+
+class MappingRegistry:
+    """The mappings of one directory, by name (file name without .yaml)."""
+
+    def __init__(self, directory: Path, *, structure_version: str = "2.5") -> None:
+        self.directory = directory
+        self.structure_version = structure_version
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.Lock()
+        self.reloads = 0
+
+    def _files(self) -> dict[str, Path]:
+        if not self.directory.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(self.directory.glob("*.yaml"))}
+
+    def load_all(self) -> list[ConfigProblem]:
+        problems: list[ConfigProblem] = []
+        for name, path in self._files().items():
+            mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version)
+            self._entries[name] = _Entry(mapping, path.stat().st_mtime_ns, probs)
+            problems.extend(probs)
+        return problems
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Mapping | None:
+        entry = self._entries.get(name)
+        return entry.mapping if entry else None
+
+    def problems(self, name: str | None = None) -> list[ConfigProblem]:
+        if name is not None:
+            entry = self._entries.get(name)
+            return list(entry.problems) if entry else []
+        return [p for e in self._entries.values() for p in e.problems]
+
+    def reload_changed(self) -> list[str]:
+        """Recompile files whose modification time changed; returns the names reloaded."""
+        changed: list[str] = []
+        with self._lock:
+            for name, path in self._files().items():
+                try:
+                    mtime = path.stat().st_mtime_ns
+                except OSError:
+                    continue
+                entry = self._entries.get(name)
+                if entry is not None and entry.mtime_ns == mtime:
+                    continue
+                mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version)
+                errors = [p for p in probs if p.severity == "error"]
+                if mapping is None or errors:
+                    for p in errors:
+                        log.error("mapping %s not reloaded, keeping the previous version: %s", name, p)
+                    keep = entry.mapping if entry else None
+                    self._entries[name] = _Entry(keep, mtime, probs)
+                else:
+                    log.info("mapping %s reloaded from %s", name, path)
+                    self._entries[name] = _Entry(mapping, mtime, probs)
+                    self.reloads += 1
+                changed.append(name)
+        return changed

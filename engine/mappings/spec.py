@@ -1,0 +1,518 @@
+"""Compile a mapping file into an evaluator, collecting every problem with its line.
+
+A mapping file::
+
+    source: hl7v2
+    description: ADT to patient
+    tables:
+      sex: {M: M, F: F, O: O, U: U}
+    fields:
+      patient.id: {from: PID-3.1, select: {5: MR}, fallback: first, required: true}
+      patient.family_name: PID-5.1
+      patient.birth_date: {from: PID-7, transform: [date]}
+
+Field specs are described in docs/mapping-reference.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.domain.fields import LIST_FIELDS, is_known_field
+from engine.hl7 import errors as E
+from engine.hl7.message import NULL, Value, component
+from engine.hl7.paths import HL7Path, PathError, SegmentSource, parse_path, parse_relative
+from engine.mappings.transforms import (
+    TRANSFORM_ARGS,
+    TRANSFORMS,
+    Table,
+    TransformError,
+    TransformFn,
+    make_replace,
+    make_table,
+)
+from engine.yamlfile import ConfigProblem, LineDict, LineList
+
+SOURCES = ("hl7v2",)
+SPEC_KEYS = {"from", "select", "fallback", "each", "template", "value", "when", "transform", "required",
+             "first_of", "description"}
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+@dataclass
+class MappingError:
+    """A value in the message that the mapping cannot accept (becomes AE with ERR)."""
+
+    field: str
+    path: str
+    message: str
+    code: int = E.DATA_TYPE_ERROR
+
+
+@dataclass
+class MappingResult:
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # target -> source path, for error locations
+    errors: list[MappingError] = field(default_factory=list)
+
+    def json(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+# --- compiled parts ---------------------------------------------------------------------------------
+
+@dataclass
+class Condition:
+    path: HL7Path
+    op: str  # equals, not_equals, in, not_in, exists, matches
+    arg: Any
+
+    def holds(self, src: SegmentSource) -> bool:
+        v = src.read(self.path)
+        text = v if isinstance(v, str) else ""
+        if self.op == "exists":
+            return bool(text) == bool(self.arg)
+        if self.op == "equals":
+            return text == str(self.arg)
+        if self.op == "not_equals":
+            return text != str(self.arg)
+        if self.op == "in":
+            return text in self.arg
+        if self.op == "not_in":
+            return text not in self.arg
+        if self.op == "matches":
+            return bool(self.arg.search(text))
+        return False
+
+
+@dataclass
+class Spec:
+    target: str
+    line: int
+    paths: list[HL7Path] = field(default_factory=list)
+    select: Any = None  # "first" | "last" | int | list[(comp, sub, allowed values)]
+    fallback: str | None = None
+    each: dict[str, list[tuple[int, int | None]]] | None = None
+    template: list[tuple[str, HL7Path | None]] | None = None
+    constant: Any = None
+    has_constant: bool = False
+    when: list[Condition] = field(default_factory=list)
+    transforms: list[tuple[str, TransformFn, Any]] = field(default_factory=list)
+    required: bool = False
+    first_of: list[Spec] | None = None
+
+    @property
+    def source_path(self) -> str:
+        if self.paths:
+            return str(self.paths[0])
+        if self.first_of:
+            return self.first_of[0].source_path
+        if self.template:
+            for _lit, p in self.template:
+                if p is not None:
+                    return str(p)
+        return ""
+
+    # --- evaluation --------------------------------------------------------------------------------
+    def _pick_repetitions(self, src: SegmentSource, path: HL7Path) -> list[str]:
+        reps = src.repetitions(path)
+        if not reps:
+            return []
+        if path.repetition:
+            return reps[path.repetition - 1: path.repetition]
+        sel = self.select
+        if sel is None or sel == "first":
+            return reps[:1]
+        if sel == "last":
+            return reps[-1:]
+        if sel == "all":
+            return reps
+        if isinstance(sel, int):
+            return reps[sel - 1: sel]
+        seps = src.message.seps
+        matched = [r for r in reps
+                   if all((component(r, c, s, seps) or "") in allowed for c, s, allowed in sel)]
+        if matched:
+            return matched[:1]
+        if self.fallback == "first":
+            return reps[:1]
+        if self.fallback == "last":
+            return reps[-1:]
+        return []
+
+    def _read(self, src: SegmentSource, path: HL7Path) -> Value:
+        if self.select is None and not path.all_repetitions:
+            return src.read(path)
+        reps = self._pick_repetitions(src, path)
+        if not reps:
+            return None
+        return component(reps[0], path.component, path.subcomponent, src.message.seps)
+
+    def raw_value(self, src: SegmentSource) -> Any:
+        if self.first_of is not None:
+            for sub in self.first_of:
+                v = sub.evaluate(src)
+                if v is not None:
+                    return v
+            return None
+        if self.has_constant:
+            return self.constant
+        if self.each is not None:
+            return self._each(src)
+        if self.template is not None:
+            return self._template(src)
+        for p in self.paths:
+            v = self._read(src, p)
+            if v is not None:
+                return v
+        return None
+
+    def _each(self, src: SegmentSource) -> list[dict[str, str]] | None:
+        seps = src.message.seps
+        out: list[dict[str, str]] = []
+        assert self.each is not None
+        for p in self.paths:
+            reps = src.repetitions(p) if self.select in (None, "all") else self._pick_repetitions(src, p)
+            for rep in reps:
+                item: dict[str, str] = {}
+                for key, rels in self.each.items():
+                    for comp, sub in rels:
+                        v = component(rep, comp, sub, seps)
+                        if isinstance(v, str):
+                            item[key] = v
+                            break
+                if item:
+                    out.append(item)
+        return out or None
+
+    def _template(self, src: SegmentSource) -> str | None:
+        assert self.template is not None
+        parts: list[str] = []
+        any_value = False
+        for literal, path in self.template:
+            if path is None:
+                parts.append(literal)
+                continue
+            v = src.read(path)
+            if isinstance(v, str) and v:
+                any_value = True
+                parts.append(v)
+        if not any_value:
+            return None
+        text = " ".join("".join(parts).split())
+        return text.strip(" ,;/-") or None
+
+    def evaluate(self, src: SegmentSource) -> Any:
+        if self.when and not all(c.holds(src) for c in self.when):
+            return None
+        value = self.raw_value(src)
+        for _name, fn, arg in self.transforms:
+            value = fn(value, arg)
+        return value
+
+
+@dataclass
+class Mapping:
+    name: str
+    path: Path | None
+    source: str
+    description: str
+    specs: list[Spec]
+    tables: dict[str, Table]
+
+    def apply(self, src: SegmentSource, only: tuple[str, ...] | None = None) -> MappingResult:
+        """Evaluate every field (or those whose target starts with one of ``only``)."""
+        result = MappingResult()
+        for spec in self.specs:
+            if only is not None and not spec.target.startswith(only):
+                continue
+            try:
+                value = spec.evaluate(src)
+            except TransformError as exc:
+                result.errors.append(MappingError(spec.target, spec.source_path, str(exc), exc.code))
+                continue
+            if value is None:
+                if spec.required:
+                    result.errors.append(MappingError(
+                        spec.target, spec.source_path,
+                        f"{spec.target} is required but {spec.source_path or 'its source'} is empty",
+                        E.REQUIRED_FIELD_MISSING))
+                continue
+            result.values[spec.target] = None if value is NULL else value
+            result.sources[spec.target] = spec.source_path
+        return result
+
+    def targets(self) -> list[str]:
+        return [s.target for s in self.specs]
+
+
+# --- compilation ------------------------------------------------------------------------------------
+
+class _Compiler:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[ConfigProblem] = []
+        self.tables: dict[str, Table] = {}
+
+    def problem(self, line: int, fld: str, message: str, severity: str = "error") -> None:
+        self.problems.append(ConfigProblem(self.file, line, fld, message, severity))
+
+    def path(self, text: Any, line: int, fld: str) -> HL7Path | None:
+        if not isinstance(text, str):
+            self.problem(line, fld, f"expected an HL7 path such as PID-5.1, got {text!r}")
+            return None
+        try:
+            return parse_path(text)
+        except PathError as exc:
+            self.problem(line, fld, str(exc))
+            return None
+
+    def compile_tables(self, raw: Any, line: int) -> None:
+        if raw is None:
+            return
+        if not isinstance(raw, dict):
+            self.problem(line, "tables", "must be a mapping of table name to {code: value}")
+            return
+        for name, body in raw.items():
+            tline = raw.line_of(name) if isinstance(raw, LineDict) else line
+            if not isinstance(body, dict):
+                self.problem(tline, f"tables.{name}", "a table is a mapping of source code to target value")
+                continue
+            if "values" in body:
+                values = body.get("values")
+                if not isinstance(values, dict):
+                    self.problem(tline, f"tables.{name}.values", "must be a mapping of code to value")
+                    continue
+                unknown = set(body) - {"values", "default", "strict", "case_sensitive"}
+                for k in sorted(unknown):
+                    self.problem(body.line_of(k) if isinstance(body, LineDict) else tline,
+                                 f"tables.{name}.{k}", "unknown key (expected values, default, strict, case_sensitive)")
+                cs = bool(body.get("case_sensitive", False))
+                default = body.get("default")
+                self.tables[str(name)] = Table(
+                    str(name), {(str(k) if cs else str(k).upper()): str(v) for k, v in values.items()},
+                    None if default is None else str(default), bool(body.get("strict", False)), cs)
+            else:
+                self.tables[str(name)] = Table(str(name), {str(k).upper(): str(v) for k, v in body.items()})
+
+    def compile_select(self, spec: Spec, raw: Any, line: int, fld: str) -> None:
+        if raw in ("first", "last", "all"):
+            spec.select = raw
+        elif isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+            spec.select = raw
+        elif isinstance(raw, dict) and raw:
+            conds: list[tuple[int, int | None, tuple[str, ...]]] = []
+            for k, v in raw.items():
+                try:
+                    comp, sub = parse_relative(str(k))
+                except PathError as exc:
+                    self.problem(line, f"{fld}.select", str(exc))
+                    continue
+                allowed = tuple(str(x) for x in v) if isinstance(v, list) else (str(v),)
+                conds.append((comp, sub, allowed))
+            spec.select = conds
+        else:
+            self.problem(line, f"{fld}.select",
+                         "select takes first, last, all, a repetition number, or {component: value}")
+
+    def compile_transforms(self, spec: Spec, raw: Any, line: int, fld: str) -> None:
+        items = raw if isinstance(raw, list) else [raw]
+        for i, item in enumerate(items):
+            iline = raw.line_of(i) if isinstance(raw, LineList) else line
+            if isinstance(item, str):
+                name, arg = item, None
+            elif isinstance(item, dict) and len(item) == 1:
+                name, arg = next(iter(item.items()))
+            else:
+                self.problem(iline, f"{fld}.transform", f"each transform is a name or {{name: argument}}, got {item!r}")
+                continue
+            if name not in TRANSFORM_ARGS:
+                self.problem(iline, f"{fld}.transform",
+                             f"unknown transform {name!r}; known: {', '.join(sorted(TRANSFORM_ARGS))}")
+                continue
+            expected = TRANSFORM_ARGS[name]
+            if expected is None and arg is not None:
+                self.problem(iline, f"{fld}.transform", f"{name} takes no argument")
+                continue
+            if expected is not None and not isinstance(arg, expected):
+                self.problem(iline, f"{fld}.transform", f"{name} needs an argument ({name}: ...)")
+                continue
+            if name == "table":
+                table = self.tables.get(str(arg))
+                if table is None:
+                    self.problem(iline, f"{fld}.transform", f"table {arg!r} is not defined under tables:")
+                    continue
+                spec.transforms.append((name, make_table(table), arg))
+            elif name == "replace":
+                if "pattern" not in arg:
+                    self.problem(iline, f"{fld}.transform", "replace needs {pattern: REGEX, with: TEXT}")
+                    continue
+                try:
+                    spec.transforms.append((name, make_replace(arg), arg))
+                except re.error as exc:
+                    self.problem(iline, f"{fld}.transform", f"bad regular expression: {exc}")
+            else:
+                spec.transforms.append((name, TRANSFORMS[name], arg))
+
+    def compile_when(self, spec: Spec, raw: Any, line: int, fld: str) -> None:
+        items = raw if isinstance(raw, list) else [raw]
+        for item in items:
+            if not isinstance(item, dict) or "path" not in item:
+                self.problem(line, f"{fld}.when", "a condition is {path: PATH, equals|not_equals|in|not_in|exists|matches: ...}")
+                continue
+            p = self.path(item["path"], line, f"{fld}.when")
+            ops = [k for k in item if k != "path"]
+            if len(ops) != 1 or ops[0] not in ("equals", "not_equals", "in", "not_in", "exists", "matches"):
+                self.problem(line, f"{fld}.when", "give exactly one of equals, not_equals, in, not_in, exists, matches")
+                continue
+            op = ops[0]
+            arg = item[op]
+            if op in ("in", "not_in"):
+                if not isinstance(arg, list):
+                    self.problem(line, f"{fld}.when", f"{op} takes a list")
+                    continue
+                arg = [str(a) for a in arg]
+            if op == "matches":
+                try:
+                    arg = re.compile(str(arg))
+                except re.error as exc:
+                    self.problem(line, f"{fld}.when", f"bad regular expression: {exc}")
+                    continue
+            if p is not None:
+                spec.when.append(Condition(p, op, arg))
+
+    def compile_spec(self, target: str, raw: Any, line: int) -> Spec | None:
+        spec = Spec(target=target, line=line)
+        if isinstance(raw, str):
+            p = self.path(raw, line, target)
+            if p is None:
+                return None
+            spec.paths = [p]
+            return spec
+        if isinstance(raw, list):  # shorthand: first non-empty of these paths
+            spec.paths = [p for p in (self.path(x, line, target) for x in raw) if p is not None]
+            return spec
+        if not isinstance(raw, dict):
+            self.problem(line, target, "expected a path, a list of paths, or a mapping with from:/value:/template:")
+            return None
+        for key in raw:
+            if key not in SPEC_KEYS:
+                kline = raw.line_of(key) if isinstance(raw, LineDict) else line
+                self.problem(kline, f"{target}.{key}", f"unknown key; expected one of {', '.join(sorted(SPEC_KEYS))}")
+        kinds = [k for k in ("from", "value", "template", "first_of") if k in raw]
+        if len(kinds) != 1:
+            self.problem(line, target, "give exactly one of from:, value:, template: or first_of:")
+            return None
+        if "from" in raw:
+            src = raw["from"]
+            srcs = src if isinstance(src, list) else [src]
+            spec.paths = [p for p in (self.path(x, line, f"{target}.from") for x in srcs) if p is not None]
+        elif "value" in raw:
+            spec.constant, spec.has_constant = raw["value"], True
+            if spec.constant is not None and not isinstance(spec.constant, (str, int, float, bool)):
+                self.problem(line, f"{target}.value", "a constant must be text or a number")
+            elif spec.constant is not None:
+                spec.constant = str(spec.constant)
+        elif "template" in raw:
+            spec.template = self.compile_template(raw["template"], line, target)
+        else:
+            alts = raw["first_of"]
+            if not isinstance(alts, list) or not alts:
+                self.problem(line, f"{target}.first_of", "first_of takes a list of field specs")
+                return None
+            subs = [self.compile_spec(target, a, alts.line_of(i) if isinstance(alts, LineList) else line)
+                    for i, a in enumerate(alts)]
+            spec.first_of = [s for s in subs if s is not None]
+        if "select" in raw:
+            self.compile_select(spec, raw["select"], line, target)
+            for p in spec.paths:
+                if p.repetition is not None:
+                    self.problem(line, f"{target}.select", f"{p} names a repetition already; drop select or the (n)")
+        if "fallback" in raw:
+            if raw["fallback"] not in ("first", "last", None):
+                self.problem(line, f"{target}.fallback", "fallback is first or last")
+            spec.fallback = raw["fallback"]
+        if "each" in raw:
+            spec.each = self.compile_each(raw["each"], line, target)
+        elif target in LIST_FIELDS:
+            self.problem(line, target, f"{target} is a list: give each: {{{', '.join(LIST_FIELDS[target])}}}")
+        if "transform" in raw:
+            self.compile_transforms(spec, raw["transform"], line, target)
+        if "when" in raw:
+            self.compile_when(spec, raw["when"], line, target)
+        spec.required = bool(raw.get("required", False))
+        return spec
+
+    def compile_each(self, raw: Any, line: int, target: str) -> dict[str, list[tuple[int, int | None]]] | None:
+        if not isinstance(raw, dict):
+            self.problem(line, f"{target}.each", "each is a mapping of item key to component path (e.g. value: 1)")
+            return None
+        out: dict[str, list[tuple[int, int | None]]] = {}
+        allowed = LIST_FIELDS.get(target)
+        for key, rel in raw.items():
+            if allowed and key not in allowed:
+                self.problem(line, f"{target}.each.{key}", f"unknown item key; expected {', '.join(allowed)}")
+            rels = rel if isinstance(rel, list) else [rel]
+            parsed: list[tuple[int, int | None]] = []
+            for r in rels:
+                try:
+                    parsed.append(parse_relative(str(r)))
+                except PathError as exc:
+                    self.problem(line, f"{target}.each.{key}", str(exc))
+            out[str(key)] = parsed
+        return out
+
+    def compile_template(self, raw: Any, line: int, target: str) -> list[tuple[str, HL7Path | None]] | None:
+        if not isinstance(raw, str):
+            self.problem(line, f"{target}.template", "a template is text with {PATH} placeholders")
+            return None
+        parts: list[tuple[str, HL7Path | None]] = []
+        pos = 0
+        for m in _PLACEHOLDER.finditer(raw):
+            if m.start() > pos:
+                parts.append((raw[pos:m.start()], None))
+            p = self.path(m.group(1), line, f"{target}.template")
+            if p is not None:
+                parts.append(("", p))
+            pos = m.end()
+        if pos < len(raw):
+            parts.append((raw[pos:], None))
+        if not any(p for _l, p in parts):
+            self.problem(line, f"{target}.template", "a template needs at least one {PATH} placeholder")
+        return parts
+
+
+def compile_mapping(data: Any, file: str, name: str) -> tuple[Mapping | None, list[ConfigProblem]]:
+    c = _Compiler(file)
+    if not isinstance(data, dict):
+        c.problem(1, "", "a mapping file is a YAML mapping with source: and fields:")
+        return None, c.problems
+    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
+    for key in data:
+        if key not in ("source", "description", "tables", "fields"):
+            c.problem(line_of(key), str(key), "unknown top-level key; expected source, description, tables, fields")
+    source = data.get("source")
+    if source not in SOURCES:
+        c.problem(line_of("source") or 1, "source", f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    c.compile_tables(data.get("tables"), line_of("tables"))
+    fields = data.get("fields")
+    specs: list[Spec] = []
+    if not isinstance(fields, dict) or not fields:
+        c.problem(line_of("fields") or 1, "fields", "fields: must map domain fields to sources")
+    else:
+        for target, raw in fields.items():
+            fline = fields.line_of(target) if isinstance(fields, LineDict) else 0
+            if not is_known_field(str(target)):
+                c.problem(fline, str(target), "unknown domain field; see docs/mapping-reference.md for the list "
+                          "(site-specific fields go under patient.extra.NAME or order.extra.NAME)")
+                continue
+            spec = c.compile_spec(str(target), raw, fline)
+            if spec is not None:
+                specs.append(spec)
+    mapping = Mapping(name=name, path=Path(file), source=str(source), description=str(data.get("description") or ""),
+                      specs=specs, tables=c.tables)
+    errors = [p for p in c.problems if p.severity == "error"]
+    return (None if errors else mapping), c.problems

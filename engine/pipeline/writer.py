@@ -1,0 +1,155 @@
+"""The ingest writer: one thread that owns write transactions, with group commit.
+
+Listeners hand it jobs (a function of a Session). It takes every job waiting, runs each inside its
+own SAVEPOINT (one job's failure never undoes another's), commits once, and only then resolves the
+jobs' futures, which is when listeners send their ACKs. On one connection that is one commit per
+message; with many busy connections a single commit acknowledges many messages.
+
+If the commit fails (database down, disk full) every job in the batch fails: nothing in it is
+acknowledged as stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class StorageUnavailable(RuntimeError):
+    """The batch could not be committed; nothing in it was stored."""
+
+
+@dataclass
+class _Job(Generic[T]):
+    work: Callable[[Session], T]
+    future: concurrent.futures.Future[T] = field(default_factory=concurrent.futures.Future)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass
+class WriterStats:
+    jobs: int = 0
+    batches: int = 0
+    commit_failures: int = 0
+    retried: int = 0
+    largest_batch: int = 0
+    commit_seconds: float = 0.0
+
+
+class IngestWriter:
+    def __init__(self, session_factory: sessionmaker[Session], *, max_batch: int = 256,
+                 integrity_retries: int = 2, name: str = "radbridge-writer") -> None:
+        self._session_factory = session_factory
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._max_batch = max_batch
+        self._integrity_retries = integrity_retries
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.stats = WriterStats()
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the jobs already queued, then stop."""
+        if self._started:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._started = False
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, work: Callable[[Session], T]) -> concurrent.futures.Future[T]:
+        if not self._started:
+            raise RuntimeError("the ingest writer is not running")
+        job: _Job[T] = _Job(work)
+        self._queue.put(job)
+        return job.future
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        return await asyncio.wrap_future(self.submit(work))
+
+    def run_sync(self, work: Callable[[Session], T], timeout: float | None = 60.0) -> T:
+        return self.submit(work).result(timeout)
+
+    # --- the thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch: list[_Job[Any]] = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._process(batch)
+
+    def _run_job(self, session: Session, job: _Job[Any]) -> None:
+        for attempt in range(self._integrity_retries + 1):
+            try:
+                with session.begin_nested():
+                    job.result = job.work(session)
+                job.error = None
+                return
+            except IntegrityError as exc:
+                # Another engine process created the same patient/order between our read and write.
+                job.error = exc
+                self.stats.retried += 1
+                log.debug("integrity conflict, retrying job (attempt %d): %s", attempt + 1, exc)
+            except OperationalError:
+                raise  # the database itself is in trouble: fail the whole batch
+            except Exception as exc:  # one bad job must not take the others down
+                job.error = exc
+                log.exception("ingest job failed")
+                return
+
+    def _process(self, batch: list[_Job[Any]]) -> None:
+        self.stats.batches += 1
+        self.stats.jobs += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        t0 = time.perf_counter()
+        try:
+            with self._session_factory() as session, session.begin():
+                for job in batch:
+                    self._run_job(session, job)
+        except Exception as exc:
+            self.stats.commit_failures += 1
+            log.error("storage unavailable, %d message(s) not stored: %s", len(batch), exc)
+            err = StorageUnavailable(f"storage unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(err)
+            return
+        self.stats.commit_seconds += time.perf_counter() - t0
+        for job in batch:
+            if job.error is not None:
+                job.future.set_exception(job.error)
+            else:
+                job.future.set_result(job.result)

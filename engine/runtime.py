@@ -1,0 +1,216 @@
+"""The running engine: store, writer, channels' listeners, HTTP and background tasks.
+
+Start order: configuration is checked (a broken channel or mapping stops the start with every
+problem listed), the database is migrated, the writer starts, then listeners, then HTTP. Stop is
+the reverse: listeners stop accepting and finish the messages in hand (their ACKs are written),
+the writer drains its queue, then the database is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from sqlalchemy.orm import selectinload
+
+from engine.channels import Channel, load_channels
+from engine.config import Settings
+from engine.connectors.mllp.hl7_listener import HL7Listener
+from engine.mappings.registry import MappingRegistry
+from engine.metrics import Metrics
+from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
+from engine.pipeline.writer import IngestWriter
+from engine.store import migrate
+from engine.store.db import Database, open_database
+from engine.store.models import Message
+from engine.store.retention import prune
+from engine.yamlfile import ConfigFileError, ConfigProblem
+
+log = logging.getLogger(__name__)
+
+
+def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel], list[ConfigProblem]]:
+    """Mappings and channels as configured, with every problem found (errors and warnings)."""
+    registry = MappingRegistry(Path(settings.mappings_dir), structure_version=settings.mappings.hl7_version)
+    problems = registry.load_all()
+    if not Path(settings.mappings_dir).is_dir():
+        problems.append(ConfigProblem(settings.mappings_dir, 0, "", "mappings directory not found"))
+    channels, chan_problems = load_channels(Path(settings.channels_dir), set(registry.names()))
+    problems.extend(chan_problems)
+    ports: dict[tuple[str, int], str] = {}
+    for ch in channels:
+        if not ch.enabled:
+            continue
+        port = ch.port if ch.port is not None else settings.mllp.port
+        if port and (ch.connector, port) in ports:
+            problems.append(ConfigProblem(ch.file, 0, "connector.port",
+                                          f"port {port} is also used by channel {ports[(ch.connector, port)]}"))
+        ports[(ch.connector, port)] = ch.name
+    return registry, channels, problems
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.db: Database = None  # type: ignore[assignment]
+        self.writer: IngestWriter = None  # type: ignore[assignment]
+        self.mappings: MappingRegistry = None  # type: ignore[assignment]
+        self.channels: dict[str, Channel] = {}
+        self.inbound: dict[str, HL7Inbound] = {}
+        self.listeners: dict[str, HL7Listener] = {}
+        self.http_runner: web.AppRunner | None = None
+        self.http_port: int = settings.http.port
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop_event = threading.Event()
+        self._generated_token: str | None = None
+
+    # --- tokens ------------------------------------------------------------------------------------------
+    def api_tokens(self) -> list[str]:
+        tokens = self.settings.api_tokens()
+        if self._generated_token:
+            tokens.append(self._generated_token)
+        return tokens
+
+    def _ensure_token(self) -> None:
+        if self.settings.http.auth != "token" or self.settings.api_tokens():
+            return
+        path = Path(self.settings.storage.dir) / "api-token"
+        if path.exists():
+            self._generated_token = path.read_text().strip()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._generated_token = secrets.token_urlsafe(24)
+            path.write_text(self._generated_token + "\n")
+            path.chmod(0o600)
+        log.info("HTTP API token (no http.tokens configured) is in %s", path)
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self.mappings, channels, problems = load_definitions(s)
+        for p in problems:
+            (log.warning if p.severity == "warning" else log.error)("%s", p)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            raise ConfigFileError(errors)
+        Path(s.storage.dir).mkdir(parents=True, exist_ok=True)
+        self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
+                                busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size)
+        await asyncio.to_thread(migrate.upgrade, self.db)
+        self.writer = IngestWriter(self.db.write_session)
+        self.writer.start()
+        self.metrics.gauge("radbridge_writer_backlog", "Messages waiting for the ingest writer",
+                           lambda: float(self.writer.backlog))
+        try:
+            for ch in channels:
+                self.channels[ch.name] = ch
+                if not ch.enabled:
+                    log.info("channel %s is disabled", ch.name)
+                    continue
+                inbound = HL7Inbound(ch, self.mappings, app_name=s.name, facility=s.facility)
+                self.inbound[ch.name] = inbound
+                port = ch.port if ch.port is not None else s.mllp.port
+                lst = HL7Listener(ch, inbound, self.writer, self.metrics, host=s.bind, port=port,
+                                  max_connections=s.mllp.max_connections)
+                await lst.start()
+                self.listeners[ch.name] = lst
+            self._ensure_token()
+            from engine.web.app import build_app
+            self.http_runner = web.AppRunner(build_app(self), access_log=None)
+            await self.http_runner.setup()
+            site = web.TCPSite(self.http_runner, s.bind, s.http.port, reuse_address=True)
+            await site.start()
+            server = getattr(site, "_server", None)
+            if server is not None and server.sockets:
+                self.http_port = server.sockets[0].getsockname()[1]
+            log.info("HTTP on http://%s:%d (/health, /metrics, /api/)", s.bind, self.http_port)
+        except BaseException:
+            await self.stop()
+            raise
+        if s.mappings.reload_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._watch_mappings(), name="mapping-reload"))
+        if s.retention.enabled:
+            self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+
+    async def stop(self) -> None:
+        self._stop_event.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        await asyncio.gather(*(lst.stop() for lst in self.listeners.values()), return_exceptions=True)
+        self.listeners.clear()
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+            self.http_runner = None
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+        if self.db is not None:
+            self.db.dispose()
+
+    # --- background ------------------------------------------------------------------------------------
+    async def _watch_mappings(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.mappings.reload_seconds)
+            try:
+                await asyncio.to_thread(self.mappings.reload_changed)
+            except Exception:
+                log.exception("mapping reload failed")
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(prune, self.db, self.settings.retention, stop=self._stop_event)
+            except Exception:
+                log.exception("retention pass failed; will try again")
+            await asyncio.sleep(self.settings.retention.interval_seconds)
+
+    # --- operations ------------------------------------------------------------------------------------
+    async def reprocess(self, message_id: int) -> dict[str, Any]:
+        def work(session: Any) -> dict[str, Any]:
+            row = session.get(Message, message_id, options=[selectinload(Message.content)])
+            if row is None:
+                raise LookupError(f"no message {message_id}")
+            inbound = self.inbound.get(row.channel)
+            if inbound is None:
+                raise ValueError(f"channel {row.channel!r} is not running")
+            st = reprocess(session, inbound, row)
+            return {"message_id": st.message_id, "status": st.status, "error": st.error,
+                    "outcome": st.outcome.as_dict() if st.outcome else None}
+        return await self.writer.run(work)
+
+    def channel_status(self) -> list[dict[str, Any]]:
+        out = []
+        for name, ch in self.channels.items():
+            lst = self.listeners.get(name)
+            m = self.metrics
+            mapping_problems = [str(p) for r in ch.routes for mname in r.mappings for p in self.mappings.problems(mname)]
+            out.append({
+                "name": name, "connector": ch.connector, "enabled": ch.enabled, "description": ch.description,
+                "state": "listening" if lst and lst.server.running else ("disabled" if not ch.enabled else "stopped"),
+                "port": lst.server.port if lst else ch.port,
+                "connections": {"open": lst.server.active_connections if lst else 0,
+                                "total": lst.server.connections_total if lst else 0,
+                                "refused": lst.server.refused_total if lst else 0},
+                "counters": {
+                    "received": m.received.value(channel=name),
+                    "acked": {c: m.acked.value(channel=name, code=c)
+                              for c in ("AA", "AE", "AR", "CA", "CE", "CR") if m.acked.value(channel=name, code=c)},
+                    "duplicates": m.duplicates.value(channel=name),
+                    "errors": m.failed.value(channel=name, reason="error"),
+                    "rejected": m.failed.value(channel=name, reason="rejected"),
+                    "not_stored": m.failed.value(channel=name, reason="not_stored"),
+                },
+                "routes": [{"messages": r.messages, "action": r.action, "mappings": r.mappings} for r in ch.routes],
+                "mapping_problems": mapping_problems,
+            })
+        return out

@@ -1,0 +1,1 @@
+"""The index: SQLAlchemy 2 models, database set-up and migrations (SQLite WAL or PostgreSQL)."""

@@ -1,0 +1,205 @@
+"""Typed ORM models of the index.
+
+Messages keep their metadata (one row each, never rewritten) apart from their content (raw bytes,
+mapped fields, ACK), so retention can drop content in small batches without touching what the
+admin API lists.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from engine.store.types import JSONType, UTCDateTime, utcnow
+
+# Auto-increment BIGINT on PostgreSQL, INTEGER PRIMARY KEY (the rowid) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONType, datetime: UTCDateTime}
+
+
+# --- messages --------------------------------------------------------------------------------------
+
+class Message(Base):
+    """One inbound or outbound message as the engine saw it."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(64))
+    direction: Mapped[str] = mapped_column(String(3), default="in")  # in / out
+    protocol: Mapped[str] = mapped_column(String(8), default="hl7v2")
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    remote: Mapped[str | None] = mapped_column(String(64))
+    control_id: Mapped[str | None] = mapped_column(String(64))
+    sending_app: Mapped[str | None] = mapped_column(String(64))
+    sending_facility: Mapped[str | None] = mapped_column(String(64))
+    message_type: Mapped[str | None] = mapped_column(String(32))
+    version: Mapped[str | None] = mapped_column(String(16))
+    charset: Mapped[str | None] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column(Integer, default=0)
+    # received -> processed | error (AE) | rejected (AR) | duplicate (re-ACKed, not applied)
+    status: Mapped[str] = mapped_column(String(16))
+    ack_code: Mapped[str | None] = mapped_column(String(2))
+    error: Mapped[str | None] = mapped_column(Text)
+    processed_at: Mapped[datetime | None]
+    duplicate_of: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id", ondelete="SET NULL"))
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    content_pruned: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    content: Mapped[MessageContent | None] = relationship(
+        back_populates="message", cascade="all, delete-orphan", passive_deletes=True, uselist=False)
+    events: Mapped[list[MessageEvent]] = relationship(
+        back_populates="message", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="MessageEvent.id")
+
+    __table_args__ = (
+        Index("ix_messages_control", "control_id", "sending_app", "sending_facility"),
+        Index("ix_messages_received", "received_at"),
+        Index("ix_messages_status", "status"),
+        Index("ix_messages_patient", "patient_id"),
+    )
+
+
+class MessageContent(Base):
+    """What was received and what became of it; dropped by retention before the metadata row."""
+
+    __tablename__ = "message_content"
+
+    message_id: Mapped[int] = mapped_column(BigId, ForeignKey("messages.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    mapped: Mapped[dict[str, Any] | None]
+    ack: Mapped[str | None] = mapped_column(Text)
+
+    message: Mapped[Message] = relationship(back_populates="content")
+
+
+class MessageEvent(Base):
+    """Something that happened to a message beyond the ordinary: notes, errors, reprocessing."""
+
+    __tablename__ = "message_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(BigId, ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any] | None]
+
+    message: Mapped[Message] = relationship(back_populates="events")
+
+
+# --- patients --------------------------------------------------------------------------------------
+
+class Patient(Base):
+    __tablename__ = "patients"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    family_name: Mapped[str | None] = mapped_column(String(128))
+    given_name: Mapped[str | None] = mapped_column(String(128))
+    middle_name: Mapped[str | None] = mapped_column(String(128))
+    prefix: Mapped[str | None] = mapped_column(String(32))
+    suffix: Mapped[str | None] = mapped_column(String(32))
+    birth_date: Mapped[str | None] = mapped_column(String(10))  # ISO, may be partial (YYYY or YYYY-MM)
+    sex: Mapped[str | None] = mapped_column(String(16))
+    extra: Mapped[dict[str, Any] | None]
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    merged_into_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # event time of the newest message applied (EVN-2, else MSH-7): older updates do not overwrite
+    source_time: Mapped[str | None] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    identifiers: Mapped[list[PatientIdentifier]] = relationship(
+        back_populates="patient", cascade="all, delete-orphan", order_by="PatientIdentifier.id")
+    orders: Mapped[list[Order]] = relationship(back_populates="patient", order_by="Order.id")
+
+
+class PatientIdentifier(Base):
+    """(value, issuer) is unique: the identity rule. kind is primary, other or alias (after a merge)."""
+
+    __tablename__ = "patient_identifiers"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    patient_id: Mapped[int] = mapped_column(BigId, ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    value: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    type_code: Mapped[str | None] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(8), default="primary")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    patient: Mapped[Patient] = relationship(back_populates="identifiers")
+
+    __table_args__ = (UniqueConstraint("value", "issuer", name="uq_patient_identifier"),)
+
+
+# --- orders ----------------------------------------------------------------------------------------
+
+class Order(Base):
+    __tablename__ = "orders"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    patient_id: Mapped[int] = mapped_column(BigId, ForeignKey("patients.id"), index=True)
+    placer_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    placer_issuer: Mapped[str | None] = mapped_column(String(64))
+    filler_number: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession: Mapped[str | None] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(8))
+    last_control: Mapped[str | None] = mapped_column(String(4))
+    procedure_code: Mapped[str | None] = mapped_column(String(64))
+    procedure_text: Mapped[str | None] = mapped_column(String(255))
+    procedure_scheme: Mapped[str | None] = mapped_column(String(32))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime)  # as sent (local time of the RIS)
+    station_aet: Mapped[str | None] = mapped_column(String(16))
+    priority: Mapped[str | None] = mapped_column(String(16))
+    requested_procedure_id: Mapped[str | None] = mapped_column(String(64))
+    sps_id: Mapped[str | None] = mapped_column(String(64))
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    ordering_provider: Mapped[str | None] = mapped_column(String(255))
+    extra: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    source_time: Mapped[str | None] = mapped_column(String(32))
+
+    patient: Mapped[Patient] = relationship(back_populates="orders")
+    history: Mapped[list[OrderStatusChange]] = relationship(
+        back_populates="order", cascade="all, delete-orphan", order_by="OrderStatusChange.id")
+
+
+class OrderStatusChange(Base):
+    """Every status an order was asked to take, applied or not, and why."""
+
+    __tablename__ = "order_status_history"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    order_id: Mapped[int] = mapped_column(BigId, ForeignKey("orders.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    control: Mapped[str | None] = mapped_column(String(4))
+    from_status: Mapped[str | None] = mapped_column(String(8))
+    to_status: Mapped[str] = mapped_column(String(8))
+    applied: Mapped[bool] = mapped_column(Boolean, default=True)
+    note: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    source_time: Mapped[str | None] = mapped_column(String(32))
+
+    order: Mapped[Order] = relationship(back_populates="history")

@@ -1,0 +1,1 @@
+"""HTTP: /health, /metrics and the admin API (/api/), as small aiohttp apps."""

@@ -1,0 +1,138 @@
+"""Admin API (JSON): patients, orders, messages, channels; reprocess a message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiohttp import web
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from engine.store.models import Message, Order, Patient, PatientIdentifier
+from engine.web.serialize import message_json, order_json, patient_json
+
+if TYPE_CHECKING:
+    from engine.runtime import Engine
+
+T = TypeVar("T")
+MAX_LIMIT = 500
+
+
+def _bad(detail: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=f'{{"error": "bad request", "detail": "{detail}"}}', content_type="application/json")
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise _bad(f"limit must be a number from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def api_app(engine: Engine) -> web.Application:
+    app = web.Application()
+
+    async def read(fn: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with engine.db.read_session() as s:
+                return fn(s)
+        return await asyncio.to_thread(run)
+
+    async def patients(request: web.Request) -> web.Response:
+        q = request.query
+        ident, issuer, name = q.get("identifier"), q.get("issuer"), q.get("name")
+        if not ident and not name:
+            raise _bad("give identifier=ID (and optionally issuer=) or name=FAMILY")
+        limit = _limit(request)
+
+        def run(s: Session) -> list[dict[str, Any]]:
+            stmt = select(Patient).options(selectinload(Patient.identifiers), selectinload(Patient.orders))
+            if ident:
+                sub = select(PatientIdentifier.patient_id).where(PatientIdentifier.value == ident)
+                if issuer is not None:
+                    sub = sub.where(PatientIdentifier.issuer == issuer)
+                stmt = stmt.where(Patient.id.in_(sub))
+            if name:
+                stmt = stmt.where(Patient.family_name.ilike(name.replace("*", "%")))
+            return [patient_json(p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
+        return web.json_response({"patients": await read(run)})
+
+    async def patient(request: web.Request) -> web.Response:
+        pid = int(request.match_info["id"])
+
+        def run(s: Session) -> dict[str, Any] | None:
+            p = s.get(Patient, pid)
+            return patient_json(p) if p else None
+        body = await read(run)
+        if body is None:
+            raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
+        return web.json_response(body)
+
+    async def orders(request: web.Request) -> web.Response:
+        q = request.query
+        filters = {k: q[k] for k in ("accession", "placer", "filler", "status", "patient_id") if k in q}
+        if not filters:
+            raise _bad("give accession=, placer=, filler=, status= or patient_id=")
+        limit = _limit(request)
+
+        def run(s: Session) -> list[dict[str, Any]]:
+            stmt = select(Order).options(selectinload(Order.history))
+            cols = {"accession": Order.accession, "placer": Order.placer_number, "filler": Order.filler_number,
+                    "status": Order.status, "patient_id": Order.patient_id}
+            for k, v in filters.items():
+                stmt = stmt.where(cols[k] == (int(v) if k == "patient_id" and v.isdigit() else v))
+            return [order_json(o) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
+        return web.json_response({"orders": await read(run)})
+
+    async def messages(request: web.Request) -> web.Response:
+        q = request.query
+        limit = _limit(request)
+
+        def run(s: Session) -> list[dict[str, Any]]:
+            stmt = select(Message).options(selectinload(Message.events))
+            if "control_id" in q:
+                stmt = stmt.where(Message.control_id == q["control_id"])
+            for key, col in (("status", Message.status), ("channel", Message.channel), ("type", Message.message_type)):
+                if key in q:
+                    stmt = stmt.where(col == q[key])
+            if "patient_id" in q and q["patient_id"].isdigit():
+                stmt = stmt.where(Message.patient_id == int(q["patient_id"]))
+            if "before_id" in q and q["before_id"].isdigit():
+                stmt = stmt.where(Message.id < int(q["before_id"]))
+            return [message_json(m) for m in s.execute(stmt.order_by(Message.id.desc()).limit(limit)).scalars()]
+        return web.json_response({"messages": await read(run)})
+
+    async def message(request: web.Request) -> web.Response:
+        mid = int(request.match_info["id"])
+
+        def run(s: Session) -> dict[str, Any] | None:
+            m = s.get(Message, mid)
+            return message_json(m, content=True) if m else None
+        body = await read(run)
+        if body is None:
+            raise web.HTTPNotFound(text='{"error": "no such message"}', content_type="application/json")
+        return web.json_response(body)
+
+    async def reprocess(request: web.Request) -> web.Response:
+        mid = int(request.match_info["id"])
+        try:
+            result = await engine.reprocess(mid)
+        except LookupError as exc:
+            raise web.HTTPNotFound(text=f'{{"error": "{exc}"}}', content_type="application/json") from None
+        except ValueError as exc:
+            return web.json_response({"error": "cannot reprocess", "detail": str(exc)}, status=409)
+        return web.json_response(result)
+
+    async def channels(_request: web.Request) -> web.Response:
+        return web.json_response({"channels": engine.channel_status()})
+
+    app.router.add_get("/patients", patients)
+    app.router.add_get(r"/patients/{id:\d+}", patient)
+    app.router.add_get("/orders", orders)
+    app.router.add_get("/messages", messages)
+    app.router.add_get(r"/messages/{id:\d+}", message)
+    app.router.add_post(r"/messages/{id:\d+}/reprocess", reprocess)
+    app.router.add_get("/channels", channels)
+    return app

@@ -1,0 +1,72 @@
+"""The HTTP root app: /health (open), /metrics, and the token-protected /api/ sub-app."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from sqlalchemy import text
+
+from engine.web.api import api_app
+
+if TYPE_CHECKING:
+    from engine.runtime import Engine
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROTECTED = ("/api/", "/fhir/")
+
+
+def token_middleware(tokens: Callable[[], list[str]], enabled: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not enabled or not request.path.startswith(PROTECTED):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() == "bearer" and given:
+            for t in tokens():
+                if hmac.compare_digest(t.encode(), given.strip().encode()):
+                    return await handler(request)
+        return web.json_response(
+            {"error": "unauthorized", "detail": "send Authorization: Bearer <token> (see http.tokens in the config, "
+                                                "RADBRIDGE_API_TOKEN, or <storage dir>/api-token)"},
+            status=401, headers={"WWW-Authenticate": 'Bearer realm="radbridge"'})
+    return check
+
+
+def build_app(engine: Engine) -> web.Application:
+    app = web.Application(middlewares=[token_middleware(engine.api_tokens, engine.settings.http.auth == "token")],
+                          client_max_size=8 * 1024 * 1024)
+
+    async def health(_request: web.Request) -> web.Response:
+        checks: dict[str, object] = {}
+        ok = True
+        try:
+            def ping() -> None:
+                with engine.db.reader.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+            await asyncio.wait_for(asyncio.to_thread(ping), 5)
+            checks["database"] = "ok"
+        except Exception as exc:
+            ok = False
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        listeners = {}
+        for name, lst in engine.listeners.items():
+            listeners[name] = {"listening": lst.server.running, "port": lst.server.port}
+            ok = ok and lst.server.running
+        checks["channels"] = listeners
+        checks["writer_backlog"] = engine.writer.backlog
+        body = {"status": "ok" if ok else "unavailable", "live": True, "ready": ok, "checks": checks}
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def metrics(_request: web.Request) -> web.Response:
+        return web.Response(text=engine.metrics.render(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.add_subapp("/api/", api_app(engine))
+    return app

@@ -1,0 +1,75 @@
+"""Rows to JSON for the admin API and the CLI."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from engine.store.models import Message, Order, OrderStatusChange, Patient
+
+
+def _ts(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+def patient_json(p: Patient, *, orders: bool = True) -> dict[str, Any]:
+    idents = [{"value": i.value, "issuer": i.issuer, "type": i.type_code, "kind": i.kind} for i in p.identifiers]
+    out: dict[str, Any] = {
+        "id": p.id,
+        "identifiers": [i for i in idents if i["kind"] != "alias"],
+        "aliases": [i for i in idents if i["kind"] == "alias"],
+        "name": {"family": p.family_name, "given": p.given_name, "middle": p.middle_name, "prefix": p.prefix,
+                 "suffix": p.suffix},
+        "birth_date": p.birth_date,
+        "sex": p.sex,
+        "extra": p.extra or {},
+        "active": p.active,
+        "merged_into": p.merged_into_id,
+        "version": p.version,
+        "created_at": _ts(p.created_at),
+        "updated_at": _ts(p.updated_at),
+        "source_time": p.source_time,
+    }
+    if orders:
+        out["orders"] = [order_json(o, history=False) for o in p.orders]
+        out["studies"] = []  # filled once DICOM storage lands (issue 3)
+    return out
+
+
+def history_json(h: OrderStatusChange) -> dict[str, Any]:
+    return {"at": _ts(h.at), "control": h.control, "from": h.from_status, "to": h.to_status, "applied": h.applied,
+            "note": h.note, "message_id": h.message_id, "source_time": h.source_time}
+
+
+def order_json(o: Order, *, history: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": o.id, "patient_id": o.patient_id, "status": o.status, "last_control": o.last_control,
+        "placer_number": o.placer_number, "placer_issuer": o.placer_issuer, "filler_number": o.filler_number,
+        "accession": o.accession, "procedure": {"code": o.procedure_code, "text": o.procedure_text,
+                                                "scheme": o.procedure_scheme},
+        "modality": o.modality, "scheduled_at": o.scheduled_at.isoformat() if o.scheduled_at else None,
+        "station_aet": o.station_aet, "priority": o.priority, "requested_procedure_id": o.requested_procedure_id,
+        "sps_id": o.sps_id, "study_uid": o.study_uid, "reason": o.reason, "ordering_provider": o.ordering_provider,
+        "extra": o.extra or {}, "created_at": _ts(o.created_at), "updated_at": _ts(o.updated_at),
+    }
+    if history:
+        out["history"] = [history_json(h) for h in o.history]
+    return out
+
+
+def message_json(m: Message, *, content: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": m.id, "channel": m.channel, "direction": m.direction, "protocol": m.protocol,
+        "received_at": _ts(m.received_at), "remote": m.remote, "control_id": m.control_id,
+        "sending_app": m.sending_app, "sending_facility": m.sending_facility, "type": m.message_type,
+        "version": m.version, "charset": m.charset, "size": m.size, "status": m.status, "ack_code": m.ack_code,
+        "error": m.error, "processed_at": _ts(m.processed_at), "duplicate_of": m.duplicate_of,
+        "patient_id": m.patient_id, "attempts": m.attempts, "content_pruned": m.content_pruned,
+        "events": [{"at": _ts(e.at), "kind": e.kind, "detail": e.detail} for e in m.events],
+    }
+    if content and m.content is not None:
+        c = m.content
+        out["raw"] = c.raw.decode(m.charset or "utf-8", errors="replace")
+        out["mapped"] = c.mapped
+        out["ack"] = c.ack
+    return out
