@@ -8,6 +8,7 @@ asked to take, applied or not, with the reason. Rules (docs/domain-rules.md):
   kept, so a late NW for the same order does not schedule it.
 * A cancelled or discontinued order is not revived by a later NW/XO/SC; a completed order (CM) is
   not moved back to scheduled or in progress. Both are recorded with applied = false.
+* CA/OC/DC/OD change the status only: their OBR identifies the order, it does not rewrite it.
 * A message whose event time is older than the newest one applied to the order changes nothing.
 """
 
@@ -151,7 +152,8 @@ def apply_order(session: Session, data: dict[str, Any], out: Outcome, *, message
     if order.patient_id != patient.id:
         out.notes.append(f"order {order.id} moved from patient {order.patient_id} to {patient.id}")
         order.patient_id = patient.id
-    changed = _set_fields(order, data, out)
+    # A cancel or discontinue identifies the order; its OBR does not rewrite it.
+    changed = False if control in ENDING_CONTROLS else _set_fields(order, data, out)
     note = "NW for a known order: treated as an update" if control == "NW" else None
     if order.status == "CM" and target in CANCELLED:
         note = f"{control} after completion"

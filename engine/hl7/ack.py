@@ -95,7 +95,7 @@ def build_ack(
     msh = (f"MSH{f}{seps.encoding_characters}{f}{our_app}{f}{our_fac}{f}{their_app}{f}{their_fac}{f}"
            f"{hl7_timestamp()}{f}{f}{msh9}{f}{new_control_id()}{f}{processing}{f}{version}")
     if charset_field:
-        msh += f"{f}{f}{f}{f}{f}{charset_field}"
+        msh += f"{f * 6}{charset_field}"  # MSH-18
     msa = f"MSA{f}{code}{f}{escape(ctrl, seps)}"
     if not text and errors:
         text = errors[0].text

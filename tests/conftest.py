@@ -1,0 +1,157 @@
+"""Shared fixtures: a database per test (SQLite file and a throwaway PostgreSQL database), and a
+running engine on loopback ports in its own thread, driven by real clients over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from engine.config import Settings
+from engine.runtime import Engine
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "tests" / "samples"
+PG_ADMIN_URL = os.environ.get("RADBRIDGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TOKEN = "test-token"
+
+
+def _pg_reason() -> str | None:
+    try:
+        eng = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+        with eng.connect() as c:
+            c.execute(text("SELECT 1"))
+        eng.dispose()
+        return None
+    except Exception as exc:  # no server: the PostgreSQL variants skip with this reason
+        return f"PostgreSQL not reachable at {PG_ADMIN_URL}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+
+_PG_REASON: str | None | bool = False
+
+
+def pg_unavailable() -> str | None:
+    global _PG_REASON
+    if _PG_REASON is False:
+        _PG_REASON = _pg_reason()
+    return _PG_REASON  # type: ignore[return-value]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    reason = pg_unavailable()
+    if reason:
+        pytest.skip(reason)
+    name = f"radbridge_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'var' / 'radbridge.db'}"
+    else:
+        yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A copy of the shipped channels/ and mappings/ that a test may edit."""
+    shutil.copytree(REPO / "channels", tmp_path / "channels")
+    shutil.copytree(REPO / "mappings", tmp_path / "mappings")
+    return tmp_path
+
+
+def make_settings(workdir: Path, db_url: str) -> Settings:
+    s = Settings()
+    s.storage.dir = str(workdir / "var")
+    s.database.url = db_url
+    s.channels_dir = str(workdir / "channels")
+    s.mappings_dir = str(workdir / "mappings")
+    s.mllp.port = 0
+    s.http.port = 0
+    s.http.tokens = [TOKEN]
+    s.retention.enabled = False
+    s.mappings.reload_seconds = 0.2
+    return s
+
+
+@pytest.fixture
+def settings(workdir: Path, db_url: str) -> Settings:
+    return make_settings(workdir, db_url)
+
+
+class RunningEngine:
+    """An Engine on its own event loop in a thread, so tests use ordinary blocking clients."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = Engine(settings)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def start(self) -> RunningEngine:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.engine.start(), self.loop).result(60)
+        return self
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.engine.stop(), self.loop).result(60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def mllp_port(self) -> int:
+        return self.engine.listeners["hl7-inbound"].server.port
+
+    @property
+    def db(self) -> Any:
+        return self.engine.db
+
+    def api(self, path: str, *, token: str | None = TOKEN, method: str = "GET") -> tuple[int, Any]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.engine.http_port}{path}", method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+                body = resp.read()
+                status = resp.status
+                ctype = resp.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            body, status, ctype = exc.read(), exc.code, exc.headers.get("Content-Type", "")
+        return status, (json.loads(body) if "json" in ctype else body.decode())
+
+
+@pytest.fixture
+def running(settings: Settings) -> Iterator[RunningEngine]:
+    eng = RunningEngine(settings).start()
+    try:
+        yield eng
+    finally:
+        eng.stop()
