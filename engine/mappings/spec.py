@@ -151,24 +151,25 @@ class Spec:
             return None
         return component(reps[0], path.component, path.subcomponent, src.message.seps)
 
-    def raw_value(self, src: SegmentSource) -> Any:
+    def raw_value(self, src: SegmentSource) -> tuple[Any, str]:
+        """The value before transforms, and the path it came from (for error locations)."""
         if self.first_of is not None:
             for sub in self.first_of:
-                v = sub.evaluate(src)
+                v, where = sub.evaluate(src)
                 if v is not None:
-                    return v
-            return None
+                    return v, where
+            return None, self.source_path
         if self.has_constant:
-            return self.constant
+            return self.constant, ""
         if self.each is not None:
-            return self._each(src)
+            return self._each(src), self.source_path
         if self.template is not None:
-            return self._template(src)
+            return self._template(src), self.source_path
         for p in self.paths:
             v = self._read(src, p)
             if v is not None:
-                return v
-        return None
+                return v, str(p)
+        return None, self.source_path
 
     def _each(self, src: SegmentSource) -> list[dict[str, str]] | None:
         seps = src.message.seps
@@ -205,13 +206,18 @@ class Spec:
         text = " ".join("".join(parts).split())
         return text.strip(" ,;/-") or None
 
-    def evaluate(self, src: SegmentSource) -> Any:
+    def evaluate(self, src: SegmentSource) -> tuple[Any, str]:
+        """(value, source path); raises TransformError carrying the source path as ``where``."""
         if self.when and not all(c.holds(src) for c in self.when):
-            return None
-        value = self.raw_value(src)
-        for _name, fn, arg in self.transforms:
-            value = fn(value, arg)
-        return value
+            return None, self.source_path
+        value, where = self.raw_value(src)
+        try:
+            for _name, fn, arg in self.transforms:
+                value = fn(value, arg)
+        except TransformError as exc:
+            exc.where = where
+            raise
+        return value, where
 
 
 @dataclass
@@ -230,9 +236,9 @@ class Mapping:
             if only is not None and not spec.target.startswith(only):
                 continue
             try:
-                value = spec.evaluate(src)
+                value, where = spec.evaluate(src)
             except TransformError as exc:
-                result.errors.append(MappingError(spec.target, spec.source_path, str(exc), exc.code))
+                result.errors.append(MappingError(spec.target, exc.where or spec.source_path, str(exc), exc.code))
                 continue
             if value is None:
                 if spec.required:
@@ -242,7 +248,7 @@ class Mapping:
                         E.REQUIRED_FIELD_MISSING))
                 continue
             result.values[spec.target] = None if value is NULL else value
-            result.sources[spec.target] = spec.source_path
+            result.sources[spec.target] = where or spec.source_path
         return result
 
     def targets(self) -> list[str]:

@@ -22,6 +22,7 @@ class TransformError(ValueError):
     def __init__(self, message: str, code: int = E.DATA_TYPE_ERROR) -> None:
         super().__init__(message)
         self.code = code
+        self.where = ""  # the source path of the value, filled in by the mapping
 
 
 @dataclass(frozen=True)

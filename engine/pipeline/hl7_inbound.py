@@ -45,6 +45,7 @@ class Prepared:
     raw: bytes
     remote: str | None
     received_at: float
+    size: int = 0  # bytes received (an oversized message keeps only its head in ``raw``)
     message: Message | None = None
     reject: HL7Error | None = None  # AR: unreadable or unsupported
     route: Route | None = None
@@ -109,7 +110,7 @@ class HL7Inbound:
 
     # --- step 1: no I/O ---------------------------------------------------------------------------
     def prepare(self, raw: bytes, remote: str | None = None) -> Prepared:
-        p = Prepared(raw=raw, remote=remote, received_at=time.time())
+        p = Prepared(raw=raw, remote=remote, received_at=time.time(), size=len(raw))
         opts = self.channel.options
         try:
             text, codec = decode_bytes(raw, opts.default_charset, opts.fallback_charset or None)
@@ -172,7 +173,7 @@ class HL7Inbound:
     # --- step 2: in the writer thread -----------------------------------------------------------------
     def store(self, session: Session, p: Prepared) -> Stored:
         msg = p.message
-        row = MessageRow(channel=self.channel.name, remote=p.remote, size=len(p.raw), status="received",
+        row = MessageRow(channel=self.channel.name, remote=p.remote, size=p.size or len(p.raw), status="received",
                          received_at=utcnow(), attempts=1)
         if msg is not None:
             row.control_id = msg.control_id[:64]
@@ -227,7 +228,7 @@ class HL7Inbound:
         row.processed_at = utcnow()
         if errors:
             row.error = "; ".join(e.describe() for e in errors)[:4000]
-        replies = self._acks(msg, ack_code, errors, text, storage_ok=True)
+        replies = self._acks(msg, ack_code, errors, text, storage_ok=True, control_id=row.control_id or "")
         if row.id is None:
             session.add(row)
             session.flush()
@@ -243,11 +244,11 @@ class HL7Inbound:
 
     # --- acknowledgements -----------------------------------------------------------------------------
     def _acks(self, msg: Message | None, app_code: str, errors: list[HL7Error], text: str,
-              *, storage_ok: bool) -> list[str]:
+              *, storage_ok: bool, control_id: str = "") -> list[str]:
         """Original mode: one ACK. Enhanced mode: a commit ACK per MSH-15, then an application ACK per MSH-16."""
         kw: dict[str, Any] = {"original": msg, "application": self.app_name, "facility": self.facility}
         if msg is None:
-            kw["original_control_id"] = ""
+            kw["original_control_id"] = control_id
         enhanced = msg is not None and bool(msg.accept_ack_type or msg.application_ack_type)
         if not enhanced:
             return [build_ack(app_code, errors=errors, text=text, **kw)]
@@ -262,11 +263,7 @@ class HL7Inbound:
 
     def storage_failure_acks(self, p: Prepared, reason: str) -> list[str]:
         err = HL7Error(E.INTERNAL_ERROR, f"message not stored ({reason}); resend later")
-        return self._acks(p.message, "AR", [err], "", storage_ok=False)
-
-    def reject_acks(self, p: Prepared) -> list[str]:
-        assert p.reject is not None
-        return self._acks(p.message, "AR", [p.reject], "", storage_ok=True)
+        return self._acks(p.message, "AR", [err], "", storage_ok=False, control_id=guess_control_id(p.raw))
 
 
 def _wanted(condition: str, success: bool) -> bool:

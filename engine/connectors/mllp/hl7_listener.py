@@ -37,7 +37,7 @@ class HL7Listener:
         await self.server.stop()
 
     def _oversized(self, fr: Frame, remote: str) -> Prepared:
-        p = Prepared(raw=fr.data, remote=remote, received_at=time.time())
+        p = Prepared(raw=fr.data, remote=remote, received_at=time.time(), size=fr.size)
         first_line = fr.data.split(b"\r", 1)[0].decode("latin-1", "replace")
         try:
             p.message = parse_text(first_line, "latin-1")

@@ -1,0 +1,137 @@
+"""Bad input over real sockets: each gets a specific NAK or a closed connection, is recorded where
+it can be, and the listener keeps serving everyone else."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from engine.config import Settings
+from engine.store.models import Message
+from tests.conftest import RunningEngine, make_settings
+from tests.hl7util import ack_code, adt, frames, raw_exchange, segment, send
+
+SB, EB = b"\x0b", b"\x1c\r"
+
+
+@pytest.fixture
+def small_limits(workdir: Path, db_url: str) -> Settings:
+    ch = workdir / "channels" / "hl7-inbound.yaml"
+    text = ch.read_text().replace("max_message_bytes: 10485760", "max_message_bytes: 1048576")
+    ch.write_text(text.replace("idle_timeout_seconds: 600", "idle_timeout_seconds: 1"))
+    return make_settings(workdir, db_url)
+
+
+@pytest.fixture
+def eng(small_limits: Settings):
+    e = RunningEngine(small_limits).start()
+    yield e
+    e.stop()
+
+
+def still_serving(e: RunningEngine, mrn: str) -> None:
+    assert ack_code(send(e.mllp_port, adt("A01", mrn, "Healthy"))) == "AA"
+
+
+def rows(e: RunningEngine, status: str) -> list[Message]:
+    with e.db.read_session() as s:
+        return list(s.execute(select(Message).where(Message.status == status).order_by(Message.id)
+                              .options(selectinload(Message.content))).scalars())
+
+
+def test_garbage_bytes_get_no_reply_and_do_not_break_the_next_frame(eng: RunningEngine) -> None:
+    data = raw_exchange(eng.mllp_port, b"\x00\xff garbage \x01" + SB + adt("A01", "G1", "After").encode() + EB)
+    assert [ack_code(r) for r in frames(data)] == ["AA"]
+    assert eng.engine.metrics.frame_errors.value(channel="hl7-inbound", kind="garbage") == 1
+    still_serving(eng, "G2")
+
+
+def test_frame_without_msh_is_rejected_with_err(eng: RunningEngine) -> None:
+    data = raw_exchange(eng.mllp_port, SB + b"PID|1||123^^^H^MR||Doe\r" + EB)
+    (reply,) = frames(data)
+    assert ack_code(reply) == "AR"
+    assert segment(reply, "ERR")[2].startswith("MSH") and segment(reply, "ERR")[3].startswith("100^")
+    assert rows(eng, "rejected")[0].content is not None
+    still_serving(eng, "M1")
+
+
+def test_wrong_encoding_characters_are_rejected_at_msh2(eng: RunningEngine) -> None:
+    bad = b"MSH|^^\\&|EPIC|GENHOSP|RB|RAD|20240101||ADT^A01|WENC1|P|2.5.1\rPID|1||1\r"
+    (reply,) = frames(raw_exchange(eng.mllp_port, SB + bad + EB))
+    assert ack_code(reply) == "AR" and segment(reply, "MSA")[2] == "WENC1"
+    assert segment(reply, "ERR")[2].startswith("MSH^1^2") and segment(reply, "ERR")[3].startswith("102^")
+    still_serving(eng, "W1")
+
+
+def test_truncated_frame_is_recorded_when_the_sender_hangs_up(eng: RunningEngine) -> None:
+    raw_exchange(eng.mllp_port, SB + adt("A01", "T1", "Cut").encode()[:60], close_write=True, timeout=3)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not rows(eng, "rejected"):
+        time.sleep(0.05)
+    (row,) = rows(eng, "rejected")
+    assert "truncated" in (row.error or "") and row.content is not None and row.content.raw.startswith(b"MSH|")
+    still_serving(eng, "T2")
+
+
+def test_twenty_megabyte_message_is_naked_and_only_its_head_kept(eng: RunningEngine) -> None:
+    big = adt("A01", "BIG1", "Huge", ctrl="BIG0001").encode() + b"NTE|1||" + b"A" * (20 * 1024 * 1024) + b"\r"
+    with socket.create_connection(("127.0.0.1", eng.mllp_port), timeout=60) as s:
+        s.sendall(SB + big + EB)
+        data = b""
+        while not data.endswith(EB):
+            chunk = s.recv(65536)
+            assert chunk, "connection closed without a reply"
+            data += chunk
+    (reply,) = frames(data)
+    assert ack_code(reply) == "AR" and segment(reply, "MSA")[2] == "BIG0001"
+    assert "exceeds" in segment(reply, "MSA")[3] or "exceeds" in reply
+    (row,) = rows(eng, "rejected")
+    assert row.size == len(big) and row.content is not None and len(row.content.raw) <= 64 * 1024
+    still_serving(eng, "BIG2")
+
+
+def test_silent_client_is_closed_after_the_idle_timeout_while_others_are_served(eng: RunningEngine) -> None:
+    with socket.create_connection(("127.0.0.1", eng.mllp_port), timeout=10) as silent:
+        still_serving(eng, "I1")
+        silent.settimeout(10)
+        t0 = time.monotonic()
+        assert silent.recv(10) == b""  # the server closed it
+        assert time.monotonic() - t0 < 9
+    still_serving(eng, "I2")
+
+
+def test_invalid_date_in_order_is_ae_naming_the_field(eng: RunningEngine) -> None:
+    from tests.hl7util import orm
+    msg = orm("NW", "BADT1", "ACCBADT", "P9").replace("^^^20240320140000^^R", "^^^2024-03-20^^R")
+    reply = send(eng.mllp_port, msg)
+    assert ack_code(reply) == "AE"
+    assert segment(reply, "ERR")[1].startswith("ORC^1^7^102&")  # v2.3.1: ERR-1 layout
+    still_serving(eng, "D1")
+
+
+def test_many_bad_clients_at_once_do_not_stop_the_listener(eng: RunningEngine) -> None:
+    import concurrent.futures
+    payloads = [b"\x00" * 100, SB + b"junk" + EB, SB + b"MSH|" + EB, SB + b"MSH|^~\\&" + EB, b"\x0b\x0b\x0b"]
+
+    def attack(i: int) -> bytes:
+        return raw_exchange(eng.mllp_port, payloads[i % len(payloads)], close_write=True, timeout=3)
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        list(pool.map(attack, range(30)))
+    still_serving(eng, "S1")
+    assert eng.engine.listeners["hl7-inbound"].server.running
+
+
+def test_mllp_send_from_python_hl7_as_a_separate_process(eng: RunningEngine, tmp_path: Path) -> None:
+    f = tmp_path / "a01.hl7"
+    f.write_text(adt("A01", "X1", "External").replace("\r", "\n"))
+    mllp_send = Path(sys.executable).parent / "mllp_send"
+    out = subprocess.run([str(mllp_send), "--loose", "--file", str(f), "--port", str(eng.mllp_port), "127.0.0.1"],
+                         capture_output=True, text=True, timeout=30)
+    assert "MSA|AA|" in out.stdout.replace("\r", "\n"), out
