@@ -305,9 +305,7 @@ class _Compiler:
                 self.tables[str(name)] = Table(str(name), {str(k).upper(): str(v) for k, v in body.items()})
 
     def compile_select(self, spec: Spec, raw: Any, line: int, fld: str) -> None:
-        if raw in ("first", "last", "all"):
-            spec.select = raw
-        elif isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+        if raw in ("first", "last", "all") or isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
             spec.select = raw
         elif isinstance(raw, dict) and raw:
             conds: list[tuple[int, int | None, tuple[str, ...]]] = []
@@ -353,7 +351,7 @@ class _Compiler:
                     continue
                 spec.transforms.append((name, make_table(table), arg))
             elif name == "replace":
-                if "pattern" not in arg:
+                if not isinstance(arg, dict) or "pattern" not in arg:
                     self.problem(iline, f"{fld}.transform", "replace needs {pattern: REGEX, with: TEXT}")
                     continue
                 try:

@@ -10,11 +10,12 @@ them first.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Select, delete, select, update
 
 from engine.config import RetentionSettings
 from engine.store.db import Database
@@ -34,19 +35,19 @@ class PruneReport:
     seconds: float = 0.0
 
 
-def _batch_ids(db: Database, stmt: object) -> list[int]:
+def _batch_ids(db: Database, stmt: Select[int]) -> list[int]:
     with db.read_session() as s:
-        return list(s.execute(stmt).scalars())  # type: ignore[call-overload]
+        return list(s.execute(stmt).scalars())
 
 
-def prune(db: Database, policy: RetentionSettings, *, stop: object | None = None) -> PruneReport:
+def prune(db: Database, policy: RetentionSettings, *, stop: threading.Event | None = None) -> PruneReport:
     """One pruning pass; ``stop`` may be a threading.Event to end early (at a batch boundary)."""
     report = PruneReport()
     t0 = time.perf_counter()
     now = utcnow()
 
     def stopped() -> bool:
-        return bool(stop is not None and getattr(stop, "is_set")())
+        return stop is not None and stop.is_set()
 
     content_cutoff = now - timedelta(days=policy.content_days)
     for _ in range(MAX_BATCHES_PER_RUN):

@@ -1,0 +1,86 @@
+"""/health, /metrics and the admin API over real HTTP, with token checks."""
+
+from __future__ import annotations
+
+from tests.conftest import SAMPLES, RunningEngine
+from tests.hl7util import ack_code, adt, orm, send, send_many
+
+
+def test_health_is_open_and_reports_readiness(running: RunningEngine) -> None:
+    status, body = running.api("/health", token=None)
+    assert status == 200 and body["ready"] is True and body["checks"]["database"] == "ok"
+    assert body["checks"]["channels"]["hl7-inbound"]["listening"] is True
+
+
+def test_api_needs_a_token(running: RunningEngine) -> None:
+    assert running.api("/api/channels", token=None)[0] == 401
+    assert running.api("/api/channels", token="wrong")[0] == 401
+    assert running.api("/api/channels")[0] == 200
+
+
+def test_patients_orders_and_messages(running: RunningEngine) -> None:
+    port = running.mllp_port
+    send_many(port, [(SAMPLES / "adt_a01.hl7").read_text(), (SAMPLES / "orm_o01.hl7").read_text(),
+                     adt("A01", "GONE9", "Smith"), adt("A40", "100001", "Smith", "John", dob="19650412", sex="M", mrg="GONE9")])
+    status, body = running.api("/api/patients?identifier=100001&issuer=GENHOSP")
+    assert status == 200
+    (p,) = body["patients"]
+    assert p["name"]["family"] == "Smith" and p["birth_date"] == "1965-04-12"
+    assert {i["value"] for i in p["identifiers"]} == {"100001", "555-44-3333", "E12345"}
+    assert [a["value"] for a in p["aliases"]] == ["GONE9"]
+    assert [o["accession"] for o in p["orders"]] == ["ACC1001"]
+    # the alias finds the survivor too
+    assert running.api("/api/patients?identifier=GONE9")[1]["patients"][0]["id"] == p["id"]
+
+    (o,) = running.api("/api/orders?accession=ACC1001")[1]["orders"]
+    assert o["status"] == "SC" and o["history"][0]["control"] == "NW" and o["procedure"]["code"] == "71020"
+
+    msgs = running.api("/api/messages?control_id=ORM0001")[1]["messages"]
+    assert [(m["type"], m["status"], m["ack_code"]) for m in msgs] == [("ORM^O01", "processed", "AA")]
+    status, full = running.api(f"/api/messages/{msgs[0]['id']}")
+    assert status == 200 and full["raw"].startswith("MSH|") and "MSA|AA|ORM0001" in full["ack"]
+    assert full["mapped"]["orders"][0]["order.accession"] == "ACC1001"
+    assert running.api("/api/messages/999999")[0] == 404
+    assert running.api("/api/patients")[0] == 400
+    assert running.api("/api/orders?limit=100000&accession=x")[0] == 400
+
+
+def test_channels_and_metrics_count_what_happened(running: RunningEngine) -> None:
+    port = running.mllp_port
+    send(port, adt("A01", "MET1", "Count"))
+    send(port, adt("A01", "MET2", "Bad", dob="notadate"))
+    send(port, "MSH|^~\\&|A|B|C|D|2024||ORU^R01|X1|P|2.5\rOBR|1\r")
+    (ch,) = running.api("/api/channels")[1]["channels"]
+    assert ch["state"] == "listening" and ch["counters"]["received"] == 3
+    assert ch["counters"]["acked"] == {"AA": 1, "AE": 1, "AR": 1}
+    status, text = running.api("/metrics", token=None)
+    assert status == 200
+    assert 'radbridge_messages_received_total{channel="hl7-inbound"} 3' in text
+    assert 'radbridge_messages_acked_total{channel="hl7-inbound",code="AE"} 1' in text
+    assert 'radbridge_ack_latency_seconds_count{channel="hl7-inbound"} 3' in text
+
+
+def test_reprocess_after_fixing_a_mapping(running: RunningEngine) -> None:
+    # The site's RIS sends birth dates as DD.MM.YYYY: AE until the mapping says so.
+    reply = send(running.mllp_port, adt("A01", "RP1", "Later", dob="12.04.1965"))
+    assert ack_code(reply) == "AE"
+    (m,) = running.api("/api/messages?status=error")[1]["messages"]
+    mapping = running.settings.mappings_dir + "/hl7-patient.yaml"
+    with open(mapping) as f:
+        text = f.read()
+    with open(mapping, "w") as f:
+        f.write(text.replace("    transform: [date]", '    transform: [{date: {format: "%d.%m.%Y"}}]'))
+    running.engine.mappings.reload_changed()
+    status, result = running.api(f"/api/messages/{m['id']}/reprocess", method="POST")
+    assert status == 200 and result["status"] == "processed", result
+    (p,) = running.api("/api/patients?identifier=RP1")[1]["patients"]
+    assert p["birth_date"] == "1965-04-12"
+    events = running.api(f"/api/messages/{m['id']}")[1]["events"]
+    assert any(e["kind"] == "reprocess" and e["detail"]["previous_status"] == "error" for e in events)
+
+
+def test_order_api_filters(running: RunningEngine) -> None:
+    send_many(running.mllp_port, [orm("NW", "F1", "ACCF1", "PF"), orm("NW", "F2", "ACCF2", "PF"),
+                                  orm("CA", "F2", "ACCF2", "PF")])
+    assert [o["accession"] for o in running.api("/api/orders?status=CA")[1]["orders"]] == ["ACCF2"]
+    assert [o["accession"] for o in running.api("/api/orders?placer=F1")[1]["orders"]] == ["ACCF1"]

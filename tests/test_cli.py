@@ -1,0 +1,94 @@
+"""The radbridge command as an operator uses it (run as a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, SAMPLES, RunningEngine
+from tests.hl7util import adt, send
+
+
+def radbridge(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def test_check_passes_on_the_shipped_configuration() -> None:
+    out = radbridge("check")
+    assert out.returncode == 0, out.stderr
+    assert "radbridge check: OK (1 channel(s), 4 mapping(s)" in out.stdout
+
+
+def test_check_names_file_line_and_field_and_exits_1(workdir: Path) -> None:
+    (workdir / "mappings" / "hl7-orm.yaml").write_text(
+        "source: hl7v2\nfields:\n  order.accession: OBR-18\n  order.acession_typo: OBR-3\n")
+    ch = workdir / "channels" / "hl7-inbound.yaml"
+    ch.write_text(ch.read_text().replace("action: patient.merge", "action: patient.mrege"))
+    env = {"RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"), "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings")}
+    out = radbridge("check", env=env)
+    assert out.returncode == 1
+    assert f"{workdir}/mappings/hl7-orm.yaml:4: order.acession_typo: unknown domain field" in out.stderr
+    line = next(i for i, t in enumerate(ch.read_text().splitlines(), 1) if "patient.mrege" in t)
+    assert f"{ch}:{line}: routes[3].action: unknown action 'patient.mrege'" in out.stderr
+
+
+def test_run_refuses_to_start_with_a_broken_channel(workdir: Path) -> None:
+    (workdir / "channels" / "broken.yaml").write_text("name: broken\nconnector: {type: mllp}\n")
+    env = {"RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"), "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings"),
+           "RADBRIDGE_STORAGE_DIR": str(workdir / "var")}
+    out = radbridge("run", env=env, cwd=workdir)
+    assert out.returncode == 1 and "broken.yaml:1: routes: routes: must list at least one route" in out.stderr
+
+
+def test_mappings_try_prints_the_mapped_result() -> None:
+    out = radbridge("mappings", "try", "hl7-omi", str(SAMPLES / "omi_o23.hl7"))
+    assert out.returncode == 0, out.stderr
+    assert '"order.station_aet": "CT01"' in out.stdout and '"patient.id"' not in out.stdout
+    out = radbridge("mappings", "try", "hl7-patient", str(SAMPLES / "omi_o23.hl7"))
+    assert '"patient.family_name": "Müller"' in out.stdout
+
+
+def test_mappings_try_reports_value_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.hl7"
+    bad.write_text(adt("A01", "X", "Y", dob="31.12.1999"))
+    out = radbridge("mappings", "try", "hl7-patient", str(bad))
+    assert out.returncode == 1 and '"path": "PID-7.1"' in out.stdout
+
+
+def test_send_messages_list_show_and_reprocess(running: RunningEngine, tmp_path: Path) -> None:
+    f = tmp_path / "two.hl7"
+    f.write_text((SAMPLES / "adt_a01.hl7").read_text().replace("\r", "\n") + "\n"
+                 + (SAMPLES / "orm_o01.hl7").read_text().replace("\r", "\n"))
+    out = radbridge("send", "hl7", str(f), "--to", f"127.0.0.1:{running.mllp_port}")
+    assert out.returncode == 0, out.stderr
+    assert "message 1/2: CA" in out.stdout and "message 2/2: AA" in out.stdout
+    send(running.mllp_port, adt("A01", "CLI1", "Err", dob="bad"))
+    env = {"RADBRIDGE_DATABASE_URL": running.settings.database_url,
+           "RADBRIDGE_CHANNELS_DIR": running.settings.channels_dir,
+           "RADBRIDGE_MAPPINGS_DIR": running.settings.mappings_dir}
+    out = radbridge("messages", "list", env=env)
+    assert out.returncode == 0 and "ORM^O01" in out.stdout and "ORM0001" in out.stdout
+    err_line = next(line for line in out.stdout.splitlines() if " error " in line)
+    mid = err_line.split()[0]
+    shown = radbridge("messages", "show", mid, "--validate", env=env)
+    assert shown.returncode == 0 and '"status": "error"' in shown.stdout and "validation" in shown.stdout
+    again = radbridge("messages", "reprocess", mid, env=env)
+    assert again.returncode == 1 and f"message {mid}: error" in again.stdout  # still bad: the data is bad
+    assert radbridge("messages", "show", "999999", env=env).returncode == 1
+
+
+def test_send_reports_an_unreachable_peer(tmp_path: Path) -> None:
+    f = tmp_path / "a.hl7"
+    f.write_text(adt("A01", "X", "Y"))
+    out = radbridge("send", "hl7", str(f), "--to", "127.0.0.1:1")
+    assert out.returncode == 1 and "cannot send to 127.0.0.1:1" in out.stderr
+
+
+def test_demo_runs_the_inbound_scenario() -> None:
+    out = radbridge("demo")
+    assert out.returncode == 0, out.stderr
+    assert "ACK: MSA|AA|ADT0002|duplicate of message" in out.stdout
+    assert "status CA; history: NW:SC -> CA:CA" in out.stdout
