@@ -52,6 +52,11 @@ def test_a08_updates_and_double_quotes_clear_while_empty_fields_keep(running: Ru
     assert ack_code(send(port, msg)) == "AA"
     p = q(running, lambda s: (lambda p: (p.family_name, p.birth_date, p.sex, p.version))(patient_by(s, "P1")))
     assert p == ("Browne", None, "F", 2)
+    status, body = running.api("/api/patients?identifier=P1")
+    history = body["patients"][0]["history"]
+    assert [h["kind"] for h in history] == ["created", "updated"]
+    assert history[1]["changes"]["fields"] == {"family_name": ["Brown", "Browne"], "birth_date": ["1980-02-02", None]}
+    assert history[1]["message_id"] is not None and history[1]["source_time"] == "2024-03-16T00:00:00"
 
 
 def test_update_for_unknown_patient_creates_it_and_says_so(running: RunningEngine) -> None:
@@ -93,6 +98,10 @@ def test_merge_moves_orders_and_keeps_the_old_id_as_alias(running: RunningEngine
         assert accs == ["ACCM1", "ACCM2", "ACCM3"]
         old = s.execute(select(Patient).where(Patient.merged_into_id == surv.id)).scalar_one()
         assert old.active is False
+        merged = [h for h in surv.history if h.kind == "merged"]
+        assert len(merged) == 1 and merged[0].changes["prior_patient"] == old.id
+        assert len(merged[0].changes["orders_moved"]) == 1
+        assert [h.kind for h in old.history] == ["created", "merged_away"]
     q(running, check)
     # a resent merge is harmless
     assert ack_code(send(port, adt("A40", "SURV", "Keep", mrg="GONE"))) == "AA"

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from engine.domain.errors import DomainError
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
-from engine.store.models import Order, Patient, PatientIdentifier
+from engine.store.models import Order, Patient, PatientChange, PatientIdentifier
 from engine.store.types import utcnow
 
 DEMOGRAPHICS = ("family_name", "given_name", "middle_name", "prefix", "suffix", "birth_date", "sex")
@@ -36,6 +36,7 @@ class Outcome:
     order_ids: list[int] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    message_id: int | None = None  # the message being applied, for the history rows
 
     def as_dict(self) -> dict[str, Any]:
         return {"patient_id": self.patient_id, "order_ids": self.order_ids, "changes": self.changes,
@@ -71,31 +72,43 @@ def _identity(data: dict[str, Any]) -> tuple[str, str]:
     return str(pid), str(data.get("patient.issuer") or "")
 
 
-def _set_demographics(p: Patient, data: dict[str, Any], out: Outcome) -> bool:
-    changed = False
+def record(session: Session, p: Patient, out: Outcome, kind: str, changes: dict[str, Any] | None,
+           source_time: str | None = None) -> None:
+    """Keep what this message did to the patient (patient_history)."""
+    session.add(PatientChange(patient=p, message_id=out.message_id, kind=kind, changes=changes,
+                              source_time=source_time))
+
+
+def _set_demographics(p: Patient, data: dict[str, Any], out: Outcome) -> dict[str, list[Any]]:
+    """Apply the message's demographics; returns {field: [old, new]} for what changed."""
+    diff: dict[str, list[Any]] = {}
     for name in DEMOGRAPHICS:
         key = f"patient.{name}"
         if key in data and getattr(p, name) != data[key]:
+            diff[name] = [getattr(p, name), data[key]]
             setattr(p, name, data[key])
             out.changes.append(f"patient.{name}")
-            changed = True
     extra_keys = [k for k in data if k.startswith("patient.extra.")]
     if extra_keys:
-        extra = dict(p.extra or {})
+        old = dict(p.extra or {})
+        extra = dict(old)
         for k in extra_keys:
             short = k[len("patient.extra."):]
             if data[k] is None:
                 extra.pop(short, None)
             else:
                 extra[short] = data[k]
-        if extra != (p.extra or {}):
+        if extra != old:
+            for short in sorted(set(old) | set(extra)):
+                if old.get(short) != extra.get(short):
+                    diff[f"extra.{short}"] = [old.get(short), extra.get(short)]
             p.extra = extra
             out.changes.append("patient.extra")
-            changed = True
-    return changed
+    return diff
 
 
-def _add_identifiers(session: Session, p: Patient, data: dict[str, Any], out: Outcome) -> None:
+def _add_identifiers(session: Session, p: Patient, data: dict[str, Any], out: Outcome) -> list[str]:
+    added: list[str] = []
     for item in data.get("patient.identifiers") or []:
         value = str(item.get("value") or "")
         if not value:
@@ -107,10 +120,12 @@ def _add_identifiers(session: Session, p: Patient, data: dict[str, Any], out: Ou
         if owner is None:
             session.add(PatientIdentifier(patient=p, value=value, issuer=issuer, type_code=item.get("type"),
                                           kind="other"))
+            added.append(f"{value}^{issuer}")
             out.changes.append(f"identifier {value}^{issuer} added")
         elif owner.patient_id != p.id and surviving(session, owner.patient).id != p.id:
             out.notes.append(f"identifier {value}^{issuer} belongs to patient {owner.patient_id}; not moved "
                              "(send a merge to combine the two)")
+    return added
 
 
 def create_patient(session: Session, data: dict[str, Any], out: Outcome) -> Patient:
@@ -118,11 +133,14 @@ def create_patient(session: Session, data: dict[str, Any], out: Outcome) -> Pati
     p = Patient(source_time=data.get("message.event_time"), extra=None)
     p.identifiers.append(PatientIdentifier(value=value, issuer=issuer, type_code=data.get("patient.identifier_type"),
                                            kind="primary"))
-    _set_demographics(p, data, out)
+    created = _set_demographics(p, data, out)
     session.add(p)
     session.flush()
     out.changes.append(f"patient {p.id} created")
-    _add_identifiers(session, p, data, out)
+    added = _add_identifiers(session, p, data, out)
+    record(session, p, out, "created", {"identifier": f"{value}^{issuer}", "fields": {k: v[1] for k, v in created.items()},
+                                        **({"identifiers_added": added} if added else {})},
+           data.get("message.event_time"))
     return p
 
 
@@ -133,12 +151,16 @@ def update_patient(session: Session, p: Patient, data: dict[str, Any], out: Outc
         out.notes.append(f"stale update: event time {event_time} is older than {p.source_time} already applied; "
                          "demographics kept")
         return
-    if _set_demographics(p, data, out):
+    diff = _set_demographics(p, data, out)
+    if diff:
         p.version += 1
         p.updated_at = utcnow()
     if event_time and not is_older(event_time, p.source_time):
         p.source_time = event_time
-    _add_identifiers(session, p, data, out)
+    added = _add_identifiers(session, p, data, out)
+    if diff or added:
+        record(session, p, out, "updated", {"fields": diff, **({"identifiers_added": added} if added else {})},
+               event_time)
 
 
 def upsert_patient(session: Session, data: dict[str, Any], out: Outcome, *, create: bool = True,
@@ -179,6 +201,8 @@ def merge_patients(session: Session, data: dict[str, Any], out: Outcome, *, igno
                                       type_code=data.get("patient.identifier_type"), kind="primary"))
         _demote_to_alias(prior, str(prior_value), prior_issuer)
         out.changes.append(f"patient {prior.id} now identified as {value}^{issuer}; {prior_value}^{prior_issuer} kept as alias")
+        record(session, prior, out, "identifier", {"new": f"{value}^{issuer}",
+                                                   "alias": f"{prior_value}^{prior_issuer}"})
         update_patient(session, prior, data, out, ignore_stale=ignore_stale)
         out.patient_id = prior.id
         return prior
@@ -189,6 +213,7 @@ def merge_patients(session: Session, data: dict[str, Any], out: Outcome, *, igno
     out.patient_id = survivor.id
     if prior is None:
         session.add(PatientIdentifier(patient=survivor, value=str(prior_value), issuer=prior_issuer, kind="alias"))
+        record(session, survivor, out, "merged", {"alias": f"{prior_value}^{prior_issuer}", "prior_known": False})
         out.notes.append(f"prior patient {prior_value}^{prior_issuer} was not known; kept as an alias of patient "
                          f"{survivor.id} so later messages under it resolve")
         return survivor
@@ -208,6 +233,10 @@ def merge_patients(session: Session, data: dict[str, Any], out: Outcome, *, igno
     survivor.version += 1
     out.changes.append(f"patient {prior.id} merged into {survivor.id}: {len(moved)} order(s) moved, "
                        f"identifiers kept as aliases")
+    moved_ids = [o.id for o in moved]
+    record(session, survivor, out, "merged", {"prior_patient": prior.id, "alias": f"{prior_value}^{prior_issuer}",
+                                              "orders_moved": moved_ids})
+    record(session, prior, out, "merged_away", {"into": survivor.id, "orders_moved": moved_ids})
     return survivor
 
 

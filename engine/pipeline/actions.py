@@ -14,7 +14,7 @@ from engine.domain.patients import Outcome, merge_patients, upsert_patient
 def apply_action(session: Session, action: str, values: dict[str, Any], groups: list[dict[str, Any]],
                  options: ChannelOptions, message_id: int | None) -> Outcome:
     """Apply one message. ``values`` are the message-level fields, ``groups`` one dict per order group."""
-    out = Outcome()
+    out = Outcome(message_id=message_id)
     stale = options.ignore_stale_updates
     if action == "patient.upsert":
         upsert_patient(session, values, out, ignore_stale=stale)

@@ -131,6 +131,24 @@ class Patient(Base):
     identifiers: Mapped[list[PatientIdentifier]] = relationship(
         back_populates="patient", cascade="all, delete-orphan", order_by="PatientIdentifier.id")
     orders: Mapped[list[Order]] = relationship(back_populates="patient", order_by="Order.id")
+    history: Mapped[list[PatientChange]] = relationship(
+        back_populates="patient", cascade="all, delete-orphan", order_by="PatientChange.id")
+
+
+class PatientChange(Base):
+    """What a message did to a patient: created, updated (field: [old, new]), merged, identifiers."""
+
+    __tablename__ = "patient_history"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    patient_id: Mapped[int] = mapped_column(BigId, ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))
+    changes: Mapped[dict[str, Any] | None]
+    source_time: Mapped[str | None] = mapped_column(String(32))
+
+    patient: Mapped[Patient] = relationship(back_populates="history")
 
 
 class PatientIdentifier(Base):

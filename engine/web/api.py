@@ -48,7 +48,8 @@ def api_app(engine: Engine) -> web.Application:
         limit = _limit(request)
 
         def run(s: Session) -> list[dict[str, Any]]:
-            stmt = select(Patient).options(selectinload(Patient.identifiers), selectinload(Patient.orders))
+            stmt = select(Patient).options(selectinload(Patient.identifiers), selectinload(Patient.orders),
+                                           selectinload(Patient.history))
             if ident:
                 sub = select(PatientIdentifier.patient_id).where(PatientIdentifier.value == ident)
                 if issuer is not None:

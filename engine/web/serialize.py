@@ -32,6 +32,8 @@ def patient_json(p: Patient, *, orders: bool = True) -> dict[str, Any]:
     }
     if orders:
         out["orders"] = [order_json(o, history=False) for o in p.orders]
+        out["history"] = [{"at": _ts(h.at), "kind": h.kind, "changes": h.changes, "message_id": h.message_id,
+                           "source_time": h.source_time} for h in p.history]
         out["studies"] = []  # filled once DICOM storage lands (issue 3)
     return out
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy import Text  # noqa: F401 - autogenerate renders JSONB(astext_type=Text())
+
+import engine.store.types  # noqa: F401 - UTCDateTime columns
 ${imports if imports else ""}
 
 revision = ${repr(up_revision)}
