@@ -135,3 +135,26 @@ def test_mllp_send_from_python_hl7_as_a_separate_process(eng: RunningEngine, tmp
     out = subprocess.run([str(mllp_send), "--loose", "--file", str(f), "--port", str(eng.mllp_port), "127.0.0.1"],
                          capture_output=True, text=True, timeout=30)
     assert "MSA|AA|" in out.stdout.replace("\r", "\n"), out
+
+
+def test_connections_over_the_limit_are_refused_and_the_others_kept(workdir: Path, db_url: str) -> None:
+    settings = make_settings(workdir, db_url)
+    settings.mllp.max_connections = 2
+    e = RunningEngine(settings).start()
+    try:
+        a = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
+        b = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
+        deadline = time.monotonic() + 5
+        while e.engine.listeners["hl7-inbound"].server.active_connections < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5) as c:
+            c.settimeout(5)
+            assert c.recv(10) == b""  # closed at once
+        a.sendall(SB + adt("A01", "LIM1", "Kept").encode() + EB)
+        a.settimeout(10)
+        assert b"MSA|AA" in a.recv(65536)
+        a.close()
+        b.close()
+        assert e.engine.listeners["hl7-inbound"].server.refused_total == 1
+    finally:
+        e.stop()

@@ -103,3 +103,26 @@ def test_database_outage_gets_ar_and_nothing_claimed_then_recovers(pg_url: str, 
         assert rows == ["processed"]
     finally:
         running.stop()
+
+
+def test_sigterm_drains_and_exits_cleanly(tmp_path: Path, workdir: Path) -> None:
+    mllp, http = free_port(), free_port()
+    db_url = f"sqlite:///{workdir / 'var' / 'radbridge.db'}"
+    env = {**os.environ, "RADBRIDGE_DATABASE_URL": db_url, "RADBRIDGE_STORAGE_DIR": str(workdir / "var"),
+           "RADBRIDGE_MLLP_PORT": str(mllp), "RADBRIDGE_HTTP_PORT": str(http),
+           "RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"), "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings")}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run"], env=env, cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(mllp, proc)
+        assert ack_code(send(mllp, adt("A01", "TERM1", "Term"))) == "AA"
+        idle = socket.create_connection(("127.0.0.1", mllp), timeout=10)  # an idle sender must not block stop
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        idle.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert b"stopping" in out
+    assert (workdir / "var" / "api-token").exists()  # no token configured: one was generated for the API
