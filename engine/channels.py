@@ -58,7 +58,7 @@ class Route:
         return any(fnmatch.fnmatchcase(message_type, p) for p in self.messages)
 
     def matches_code(self, code: str) -> bool:
-        return any(p.split("^", 1)[0] in (code, "*") for p in self.messages)
+        return any(fnmatch.fnmatchcase(code, p.split("^", 1)[0]) for p in self.messages)
 
 
 @dataclass
@@ -116,6 +116,10 @@ def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> C
                                           f"got {value!r}"))
             continue
         setattr(opts, key, value)
+    for key in ("idle_timeout_seconds", "max_message_bytes"):
+        if getattr(opts, key) <= 0:
+            problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) else line,
+                                          f"options.{key}", "must be greater than 0"))
     if opts.default_charset:
         import codecs
         for key in ("default_charset", "fallback_charset"):

@@ -91,16 +91,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 # --- mappings try -------------------------------------------------------------------------------------
 def cmd_mappings_try(args: argparse.Namespace) -> int:
     from engine.hl7.errors import HL7ParseError
-    from engine.hl7.message import parse_message, split_groups
-    from engine.hl7.paths import SegmentSource
+    from engine.hl7.message import parse_message
     from engine.mappings.registry import load_mapping_file
-    from engine.pipeline.hl7_inbound import ORDER_GROUP_MEMBERS
+    from engine.pipeline.hl7_inbound import map_message
 
+    settings = _settings(args)
     path = Path(args.mapping)
     if not path.exists():
-        settings = _settings(args)
         path = Path(settings.mappings_dir) / f"{args.mapping}.yaml"
-    mapping, problems = load_mapping_file(path)
+    mapping, problems = load_mapping_file(path, structure_version=settings.mappings.hl7_version)
     for p in problems:
         print(str(p), file=sys.stderr)
     if mapping is None:
@@ -115,20 +114,14 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
     except HL7ParseError as exc:
         print(f"{args.sample}: not an HL7 message: {exc}", file=sys.stderr)
         return 1
-    result = mapping.apply(SegmentSource(msg))
-    out: dict[str, Any] = {"message": msg.message_type, "control_id": msg.control_id, "fields": result.values}
-    if any(t.startswith("order.") for t in mapping.targets()):
-        groups = split_groups(msg, "ORC", ORDER_GROUP_MEMBERS)
-        out["fields"] = {k: v for k, v in result.values.items() if not k.startswith("order.")}
-        out["orders"] = []
-        for g in groups:
-            gres = mapping.apply(SegmentSource(msg, g), only=("order.",))
-            out["orders"].append(gres.values)
-            result.errors.extend(gres.errors)
-    if result.errors:
-        out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in result.errors]
+    mapped = map_message(msg, [mapping], order_action=mapping.maps_orders)
+    out: dict[str, Any] = {"message": msg.message_type, "control_id": msg.control_id, "fields": mapped.values}
+    if mapping.maps_orders:
+        out["orders"] = mapped.groups
+    if mapped.errors:
+        out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in mapped.errors]
     print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 1 if result.errors else 0
+    return 1 if mapped.errors else 0
 
 
 # --- messages -----------------------------------------------------------------------------------------
@@ -214,6 +207,19 @@ def cmd_messages(args: argparse.Namespace) -> int:
 
 
 # --- send ---------------------------------------------------------------------------------------------
+def _msh_field(message: bytes, n: int) -> str:
+    first = message.split(b"\r", 1)[0].decode("latin-1")
+    parts = first.split(first[3]) if len(first) > 3 else []
+    return parts[n - 1] if len(parts) >= n else ""
+
+
+def _ack_code(reply: bytes) -> str:
+    for seg in reply.decode("latin-1", "replace").split("\r"):
+        if seg.startswith("MSA") and len(seg) > 4:
+            return seg.split(seg[3])[1]
+    return "??"
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     from engine.connectors.mllp.client import MLLPClient, split_messages
     host, _, port = args.to.rpartition(":")
@@ -233,12 +239,19 @@ def cmd_send(args: argparse.Namespace) -> int:
     try:
         with MLLPClient(host, int(port), timeout=args.timeout) as client:
             for i, msg in enumerate(messages, 1):
-                reply = client.send(msg).decode("latin-1", "replace")
-                msa = next((seg for seg in reply.split("\r") if seg.startswith("MSA")), "")
-                code = msa.split(msa[3])[1] if len(msa) > 4 else "??"
-                print(f"message {i}/{len(messages)}: {code}  {reply.replace(chr(13), ' | ').strip(' |')}")
-                if code not in ("AA", "CA"):
-                    failures += 1
+                replies = [client.send(msg)]
+                # Enhanced mode: after the commit ACK comes an application ACK when MSH-16 asks for one.
+                app_ack = _msh_field(msg, 16).upper()
+                if _ack_code(replies[0]) == "CA" and app_ack in ("AL", "ER", "SU"):
+                    extra = client.read_reply(timeout=args.timeout if app_ack == "AL" else 1.0)
+                    if extra is not None:
+                        replies.append(extra)
+                for reply_bytes in replies:
+                    reply = reply_bytes.decode("latin-1", "replace")
+                    code = _ack_code(reply_bytes)
+                    print(f"message {i}/{len(messages)}: {code}  {reply.replace(chr(13), ' | ').strip(' |')}")
+                    if code not in ("AA", "CA"):
+                        failures += 1
     except OSError as exc:
         print(f"cannot send to {args.to}: {exc}", file=sys.stderr)
         return 1

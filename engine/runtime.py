@@ -193,7 +193,8 @@ class Engine:
         for name, ch in self.channels.items():
             lst = self.listeners.get(name)
             m = self.metrics
-            mapping_problems = [str(p) for r in ch.routes for mname in r.mappings for p in self.mappings.problems(mname)]
+            names = dict.fromkeys(m for r in ch.routes for m in r.mappings)  # each mapping once, in route order
+            mapping_problems = [str(p) for mname in names for p in self.mappings.problems(mname)]
             out.append({
                 "name": name, "connector": ch.connector, "enabled": ch.enabled, "description": ch.description,
                 "state": "listening" if lst and lst.server.running else ("disabled" if not ch.enabled else "stopped"),

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from engine.domain.errors import DomainError
+from engine.domain.limits import check_length
 from engine.domain.patients import Outcome, upsert_patient
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
@@ -65,6 +66,7 @@ def _set_fields(order: Order, data: dict[str, Any], out: Outcome) -> bool:
     for name in ORDER_COLUMNS:
         key = f"order.{name}"
         if key in data:
+            check_length(Order, name, data[key], key)
             value = _column_value(name, data[key])
             if getattr(order, name) != value:
                 setattr(order, name, value)
@@ -93,6 +95,8 @@ def _refusal(current: str, new: str) -> str | None:
 
 def apply_order(session: Session, data: dict[str, Any], out: Outcome, *, message_id: int | None,
                 orders_update_patient: bool = False, ignore_stale: bool = True) -> Order:
+    if "order.control" in data and not data["order.control"]:
+        raise DomainError('order control (ORC-1) is "" (null)', code=E.REQUIRED_FIELD_MISSING, field="order.control")
     control = str(data.get("order.control") or "NW").upper()
     if control not in CONTROL_STATUS:
         raise DomainError(f"order control {control!r} is not supported (NW, XO, SC, CA, OC, DC, OD, HD, RL)",
@@ -105,13 +109,19 @@ def apply_order(session: Session, data: dict[str, Any], out: Outcome, *, message
     if requested and requested not in KNOWN_STATUSES:
         raise DomainError(f"order status {requested!r} is not in HL7 table 0038", code=E.TABLE_VALUE_NOT_FOUND,
                           field="order.status")
-    if control in ENDING_CONTROLS:
-        new_status: str | None = CONTROL_STATUS[control]
+    if control in ENDING_CONTROLS or control == "HD":
+        new_status: str | None = CONTROL_STATUS[control]  # the control code decides, whatever ORC-5 says
     else:
         new_status = requested or CONTROL_STATUS[control]
     event_time = data.get("message.event_time")
 
-    patient = upsert_patient(session, data, out, create=True, update=orders_update_patient,
+    if not orders_update_patient:
+        # The order's PID may create an unknown patient, but its time says nothing about demographics:
+        # a later ADT with an earlier EVN-2 must still be applied.
+        patient_data = {k: v for k, v in data.items() if k != "message.event_time"}
+    else:
+        patient_data = data
+    patient = upsert_patient(session, patient_data, out, create=True, update=orders_update_patient,
                              ignore_stale=ignore_stale)
     order = find_order(session, data)
     if order is None:

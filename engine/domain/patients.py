@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from engine.domain.errors import DomainError
+from engine.domain.limits import check_length
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
 from engine.store.models import Order, Patient, PatientChange, PatientIdentifier
@@ -69,7 +70,10 @@ def _identity(data: dict[str, Any]) -> tuple[str, str]:
     if not pid:
         raise DomainError("the message has no patient identifier", code=E.REQUIRED_FIELD_MISSING,
                           field="patient.id")
-    return str(pid), str(data.get("patient.issuer") or "")
+    issuer = str(data.get("patient.issuer") or "")
+    check_length(PatientIdentifier, "value", str(pid), "patient.id")
+    check_length(PatientIdentifier, "issuer", issuer, "patient.issuer")
+    return str(pid), issuer
 
 
 def record(session: Session, p: Patient, out: Outcome, kind: str, changes: dict[str, Any] | None,
@@ -84,6 +88,7 @@ def _set_demographics(p: Patient, data: dict[str, Any], out: Outcome) -> dict[st
     diff: dict[str, list[Any]] = {}
     for name in DEMOGRAPHICS:
         key = f"patient.{name}"
+        check_length(Patient, name, data.get(key), key)
         if key in data and getattr(p, name) != data[key]:
             diff[name] = [getattr(p, name), data[key]]
             setattr(p, name, data[key])
@@ -114,6 +119,9 @@ def _add_identifiers(session: Session, p: Patient, data: dict[str, Any], out: Ou
         if not value:
             continue
         issuer = str(item.get("issuer") or "")
+        if len(value) > 64 or len(issuer) > 64:
+            out.notes.append(f"identifier {value[:20]}...^{issuer[:20]} is too long to keep; skipped")
+            continue
         owner = session.execute(
             select(PatientIdentifier).where(PatientIdentifier.value == value, PatientIdentifier.issuer == issuer)
         ).scalar_one_or_none()

@@ -76,19 +76,39 @@ class SegmentSource:
     group's OBR, while ``PID-3`` still comes from the message.
     """
 
-    __slots__ = ("message", "scope")
+    __slots__ = ("message", "scope", "scoped_names")
 
-    def __init__(self, message: Message, scope: list[Segment] | None = None) -> None:
+    def __init__(self, message: Message, scope: list[Segment] | None = None,
+                 scoped_names: frozenset[str] | set[str] = frozenset()) -> None:
+        """``scoped_names``: segment names that belong to a group; inside a group they are read from
+        the group only, never from another group (an order without TQ1 has no TQ1)."""
         self.message = message
         self.scope: dict[str, list[Segment]] = {}
         for seg in scope or []:
             self.scope.setdefault(seg.name, []).append(seg)
+        self.scoped_names = scoped_names if scope is not None else frozenset()
 
     def segment(self, name: str, occurrence: int = 1) -> Segment | None:
         segs = self.scope.get(name)
         if segs is not None:
             return segs[occurrence - 1] if occurrence <= len(segs) else None
+        if name in self.scoped_names:
+            return None
         return self.message.segment(name, occurrence)
+
+    def absolute(self, path_text: str) -> str:
+        """A path as seen inside the group, rewritten to the segment's occurrence in the whole
+        message (the second order's ORC-7 is ORC[2]-7), for error locations."""
+        try:
+            p = parse_path(path_text)
+        except PathError:
+            return path_text
+        seg = self.segment(p.segment, p.occurrence) if p.segment in self.scope else None
+        if seg is None:
+            return path_text
+        n = next(i for i, s in enumerate(self.message.all(p.segment), 1) if s is seg)
+        rest = path_text.split("-", 1)[1]
+        return f"{p.segment}[{n}]-{rest}" if n > 1 else f"{p.segment}-{rest}"
 
     def repetitions(self, path: HL7Path) -> list[str]:
         seg = self.segment(path.segment, path.occurrence)

@@ -55,7 +55,8 @@ class MappingError:
 @dataclass
 class MappingResult:
     values: dict[str, Any] = field(default_factory=dict)
-    sources: dict[str, str] = field(default_factory=dict)  # target -> source path, for error locations
+    sources: dict[str, str] = field(default_factory=dict)  # target -> path the value came from
+    declared: dict[str, str] = field(default_factory=dict)  # target -> first path the mapping names
     errors: list[MappingError] = field(default_factory=list)
 
     def json(self) -> dict[str, Any]:
@@ -117,13 +118,16 @@ class Spec:
         return ""
 
     # --- evaluation --------------------------------------------------------------------------------
-    def _pick_repetitions(self, src: SegmentSource, path: HL7Path) -> list[str]:
+    def _pick_repetitions(self, src: SegmentSource, path: HL7Path, *, many: bool = False) -> list[str]:
+        """The repetitions ``path`` selects: one, or with ``many`` (each:) every match."""
         reps = src.repetitions(path)
         if not reps:
             return []
         if path.repetition:
             return reps[path.repetition - 1: path.repetition]
         sel = self.select
+        if sel is None and many:
+            return reps
         if sel is None or sel == "first":
             return reps[:1]
         if sel == "last":
@@ -136,7 +140,7 @@ class Spec:
         matched = [r for r in reps
                    if all((component(r, c, s, seps) or "") in allowed for c, s, allowed in sel)]
         if matched:
-            return matched[:1]
+            return matched if many else matched[:1]
         if self.fallback == "first":
             return reps[:1]
         if self.fallback == "last":
@@ -176,8 +180,7 @@ class Spec:
         out: list[dict[str, str]] = []
         assert self.each is not None
         for p in self.paths:
-            reps = src.repetitions(p) if self.select in (None, "all") else self._pick_repetitions(src, p)
-            for rep in reps:
+            for rep in self._pick_repetitions(src, p, many=True):
                 item: dict[str, str] = {}
                 for key, rels in self.each.items():
                     for comp, sub in rels:
@@ -229,18 +232,22 @@ class Mapping:
     specs: list[Spec]
     tables: dict[str, Table]
 
-    def apply(self, src: SegmentSource, only: tuple[str, ...] | None = None) -> MappingResult:
-        """Evaluate every field (or those whose target starts with one of ``only``)."""
+    def apply(self, src: SegmentSource, only: tuple[str, ...] | None = None,
+              exclude: tuple[str, ...] = ()) -> MappingResult:
+        """Evaluate every field, or those whose target starts with one of ``only`` and none of ``exclude``."""
         result = MappingResult()
         for spec in self.specs:
             if only is not None and not spec.target.startswith(only):
                 continue
+            if exclude and spec.target.startswith(exclude):
+                continue
+            result.declared.setdefault(spec.target, spec.source_path)
             try:
                 value, where = spec.evaluate(src)
             except TransformError as exc:
                 result.errors.append(MappingError(spec.target, exc.where or spec.source_path, str(exc), exc.code))
                 continue
-            if value is None:
+            if value is None or (value is NULL and spec.required):
                 if spec.required:
                     result.errors.append(MappingError(
                         spec.target, spec.source_path,
@@ -253,6 +260,11 @@ class Mapping:
 
     def targets(self) -> list[str]:
         return [s.target for s in self.specs]
+
+    @property
+    def maps_orders(self) -> bool:
+        """An order mapping: its order.* and message.* fields are evaluated once per ORC group."""
+        return any(s.target.startswith("order.") for s in self.specs)
 
 
 # --- compilation ------------------------------------------------------------------------------------
@@ -390,6 +402,14 @@ class _Compiler:
 
     def compile_spec(self, target: str, raw: Any, line: int) -> Spec | None:
         spec = Spec(target=target, line=line)
+        if target in LIST_FIELDS and not (isinstance(raw, dict) and "each" in raw):
+            self.problem(line, target, f"{target} is a list: write {{from: PATH, each: "
+                         f"{{{', '.join(f'{k}: N' for k in LIST_FIELDS[target])}}}}}")
+            return None
+        if isinstance(raw, dict) and "each" in raw and target not in LIST_FIELDS:
+            self.problem(raw.line_of("each") if isinstance(raw, LineDict) else line, f"{target}.each",
+                         f"each: makes a list; {target} holds one value (list fields: {', '.join(LIST_FIELDS)})")
+            return None
         if isinstance(raw, str):
             p = self.path(raw, line, target)
             if p is None:
@@ -441,8 +461,6 @@ class _Compiler:
             spec.fallback = raw["fallback"]
         if "each" in raw:
             spec.each = self.compile_each(raw["each"], line, target)
-        elif target in LIST_FIELDS:
-            self.problem(line, target, f"{target} is a list: give each: {{{', '.join(LIST_FIELDS[target])}}}")
         if "transform" in raw:
             self.compile_transforms(spec, raw["transform"], line, target)
         if "when" in raw:

@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from engine.channels import Channel, Route
@@ -27,7 +28,7 @@ from engine.hl7.errors import HL7Error, HL7ParseError
 from engine.hl7.message import Message, decode_bytes, parse_text, split_groups
 from engine.hl7.paths import PathError, SegmentSource, parse_path
 from engine.mappings.registry import MappingRegistry
-from engine.mappings.spec import MappingError
+from engine.mappings.spec import Mapping, MappingError
 from engine.pipeline.actions import apply_action
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageContent, MessageEvent
@@ -35,9 +36,13 @@ from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
 
+# Segments that belong to an order group (ORC up to the next ORC) even when a group lacks them.
 ORDER_GROUP_MEMBERS = ("ORC", "OBR", "TQ1", "TQ2", "IPC", "NTE", "DG1", "OBX", "ZDS", "CTI", "BLG", "PRT",
                        "RQD", "RQ1", "ODS", "ODT")
-DEDUP_STATUSES = ("processed", "error", "filtered")
+GROUP_FIELDS = ("order.", "message.")
+# A resend of a message that was applied is re-ACKed, not applied again. One that failed (AE) is
+# processed again: applying it cannot double anything, and the mapping may have been fixed since.
+DEDUP_STATUSES = ("processed", "filtered")
 
 
 @dataclass
@@ -51,8 +56,13 @@ class Prepared:
     route: Route | None = None
     values: dict[str, Any] = field(default_factory=dict)
     groups: list[dict[str, Any]] = field(default_factory=list)
-    sources: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # field -> path its value came from
+    declared: dict[str, str] = field(default_factory=dict)  # field -> path its mapping names
     mapping_errors: list[MappingError] = field(default_factory=list)
+
+    def source_of(self, fld: str | None) -> str:
+        """The path a field's value came from, else the path its mapping names (for ERR locations)."""
+        return self.sources.get(fld or "") or self.declared.get(fld or "", "")
 
     def mapped_json(self) -> dict[str, Any] | None:
         if self.route is None:
@@ -88,6 +98,13 @@ def error_at(path_text: str, code: int, text: str) -> HL7Error:
                     repetition=p.repetition or None, component=p.component, subcomponent=p.subcomponent)
 
 
+def internal_error_text(exc: Exception) -> str:
+    """One line for an ERR segment: the driver's own message, never the SQL statement."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return f"internal error while applying: {type(orig or exc).__name__}: {text[0][:200] if text else ''}"
+
+
 def guess_control_id(raw: bytes) -> str:
     """MSH-10 from the first line of bytes that did not parse, so the NAK can still name it."""
     first = raw.split(b"\r", 1)[0].split(b"\n", 1)[0].decode("latin-1", "replace")
@@ -96,6 +113,48 @@ def guess_control_id(raw: bytes) -> str:
         if len(parts) > 9:
             return parts[9][:64]
     return ""
+
+
+@dataclass
+class MappedMessage:
+    values: dict[str, Any] = field(default_factory=dict)  # message-level fields (patient, merge, ...)
+    groups: list[dict[str, Any]] = field(default_factory=list)  # one dict of order/message fields per ORC
+    sources: dict[str, str] = field(default_factory=dict)
+    declared: dict[str, str] = field(default_factory=dict)
+    errors: list[MappingError] = field(default_factory=list)
+
+
+def map_message(msg: Message, mappings: list[Mapping], *, order_action: bool) -> MappedMessage:
+    """Evaluate mappings on a message. For orders, each ORC starts a group that runs to the next ORC;
+    an order mapping's order.* and message.* fields are evaluated once per group, inside which the
+    group's own segments answer (and an order without a TQ1 has none), while PID and the rest come
+    from the message. Error paths name the segment's occurrence in the whole message."""
+    out = MappedMessage()
+    groups = split_groups(msg, "ORC") if order_action else []
+    scoped = set(ORDER_GROUP_MEMBERS) | {seg.name for g in groups for seg in g}
+    message_src = SegmentSource(msg)
+    group_srcs = [SegmentSource(msg, g, scoped) for g in groups]
+    out.groups = [{} for _ in groups]
+    for mapping in mappings:
+        per_group = order_action and mapping.maps_orders
+        res = mapping.apply(message_src, exclude=GROUP_FIELDS if per_group else ())
+        out.values.update(res.values)
+        out.sources.update(res.sources)
+        out.declared.update(res.declared)
+        out.errors.extend(res.errors)
+        if not per_group:
+            continue
+        for gi, src in enumerate(group_srcs):
+            gres = mapping.apply(src, only=GROUP_FIELDS)
+            out.groups[gi].update(gres.values)
+            out.sources.update({k: src.absolute(v) for k, v in gres.sources.items()})
+            out.declared.update({k: src.absolute(v) for k, v in gres.declared.items()})
+            for e in gres.errors:
+                e.path = src.absolute(e.path)
+            out.errors.extend(gres.errors)
+    if order_action and not groups:
+        out.errors.append(MappingError("order.control", "ORC-1", "the message has no ORC segment", E.SEGMENT_SEQUENCE))
+    return out
 
 
 class HL7Inbound:
@@ -141,34 +200,17 @@ class HL7Inbound:
         return p
 
     def _map(self, p: Prepared, msg: Message, route: Route) -> None:
-        src = SegmentSource(msg)
-        order_action = route.action == "order"
-        groups = split_groups(msg, "ORC", ORDER_GROUP_MEMBERS) if order_action else []
+        mappings: list[Mapping] = []
         for name in route.mappings:
             mapping = self.mappings.get(name)
             if mapping is None:
                 p.mapping_errors.append(MappingError("", "", f"mapping {name!r} is not loaded (see radbridge check)",
                                                      E.INTERNAL_ERROR))
-                continue
-            res = mapping.apply(src)
-            for k, v in res.values.items():
-                if order_action and k.startswith("order."):
-                    continue
-                p.values[k] = v
-                p.sources.setdefault(k, res.sources.get(k, ""))
-            p.mapping_errors.extend(e for e in res.errors if not (order_action and e.field.startswith("order.")))
-            if order_action:
-                for gi, group in enumerate(groups):
-                    gres = mapping.apply(SegmentSource(msg, group), only=("order.",))
-                    while len(p.groups) <= gi:
-                        p.groups.append({})
-                    p.groups[gi].update(gres.values)
-                    for k, path in gres.sources.items():
-                        p.sources.setdefault(k, path)
-                    p.mapping_errors.extend(gres.errors)
-        if order_action and not groups:
-            p.mapping_errors.append(MappingError("order.control", "ORC-1", "the message has no ORC segment",
-                                                 E.SEGMENT_SEQUENCE))
+            else:
+                mappings.append(mapping)
+        mapped = map_message(msg, mappings, order_action=route.action == "order")
+        p.values, p.groups, p.sources, p.declared = mapped.values, mapped.groups, mapped.sources, mapped.declared
+        p.mapping_errors.extend(mapped.errors)
 
     # --- step 2: in the writer thread -----------------------------------------------------------------
     def store(self, session: Session, p: Prepared) -> Stored:
@@ -213,8 +255,14 @@ class HL7Inbound:
             with session.begin_nested():
                 outcome = apply_action(session, p.route.action, p.values, p.groups, self.channel.options, row.id)
         except DomainError as exc:
-            path = p.sources.get(exc.field or "", "")
+            path = p.source_of(exc.field)
             return self._finish(session, row, p, "error", None, [error_at(path, exc.code, str(exc))])
+        except OperationalError:
+            raise  # the database is in trouble: the whole batch fails, nothing is acknowledged
+        except Exception as exc:
+            # A bug or a database refusal while applying: keep the message (AE, reprocessable), never lose it.
+            log.exception("channel %s: applying message %s failed", self.channel.name, row.id)
+            return self._finish(session, row, p, "error", None, [HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))])
         row.patient_id = outcome.patient_id
         return self._finish(session, row, p, "processed", outcome, [])
 
@@ -254,7 +302,10 @@ class HL7Inbound:
             return [build_ack(app_code, errors=errors, text=text, **kw)]
         assert msg is not None
         replies: list[str] = []
-        commit_code = "CA" if storage_ok and app_code != "AR" else ("CR" if app_code == "AR" else "CE")
+        if not storage_ok:
+            commit_code = "CE"  # could not be stored: the sender should resend
+        else:
+            commit_code = "CR" if app_code == "AR" else "CA"
         if _wanted(msg.accept_ack_type or "AL", commit_code == "CA"):
             replies.append(build_ack(commit_code, errors=errors if commit_code != "CA" else [], text=text, **kw))
         if commit_code == "CA" and _wanted(msg.application_ack_type or "NE", app_code == "AA"):
@@ -291,18 +342,26 @@ def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
         return Stored(row.id, "rejected", "AR", [], "latin-1", error=row.error)
     assert p.route is not None
     if p.route.action == "ignore":
-        row.status, row.error = "filtered", None
+        row.status, row.ack_code, row.error = "filtered", "AA", None
         return Stored(row.id, "filtered", "AA", [], "utf-8")
     if p.mapping_errors:
         row.status, row.ack_code = "error", "AE"
-        row.error = "; ".join(error_at(e.path, e.code, e.message).describe() for e in p.mapping_errors)
+        row.error = "; ".join(error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message).describe()
+                              for e in p.mapping_errors)
         return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
     try:
         with session.begin_nested():
             outcome = apply_action(session, p.route.action, p.values, p.groups, inbound.channel.options, row.id)
     except DomainError as exc:
         row.status, row.ack_code = "error", "AE"
-        row.error = error_at(p.sources.get(exc.field or "", ""), exc.code, str(exc)).describe()
+        row.error = error_at(p.source_of(exc.field), exc.code, str(exc)).describe()
+        return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
+    except OperationalError:
+        raise
+    except Exception as exc:
+        log.exception("reprocessing message %s failed", row.id)
+        row.status, row.ack_code = "error", "AE"
+        row.error = HL7Error(E.INTERNAL_ERROR, internal_error_text(exc)).describe()
         return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
     row.status, row.ack_code, row.error, row.processed_at = "processed", "AA", None, utcnow()
     row.patient_id = outcome.patient_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+from typing import overload
 
 from engine.connectors.mllp import EB, frame
 
@@ -30,13 +31,31 @@ class MLLPClient:
         self.sock.sendall(frame(message))
         return self.read_reply()
 
-    def read_reply(self) -> bytes:
+    @overload
+    def read_reply(self) -> bytes: ...
+
+    @overload
+    def read_reply(self, timeout: float) -> bytes | None: ...
+
+    def read_reply(self, timeout: float | None = None) -> bytes | None:
+        """The next reply frame; with ``timeout``, None when none arrives in time."""
         assert self.sock is not None
-        while EB not in self._buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the server closed the connection before replying")
-            self._buf += chunk
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        try:
+            while EB not in self._buf:
+                try:
+                    chunk = self.sock.recv(65536)
+                except TimeoutError:
+                    if timeout is None:
+                        raise
+                    return None
+                if not chunk:
+                    raise ConnectionError("the server closed the connection before replying")
+                self._buf += chunk
+        finally:
+            if timeout is not None:
+                self.sock.settimeout(self.timeout)
         end = self._buf.index(EB)
         payload, self._buf = self._buf[:end], self._buf[end + 1:]
         self._buf = self._buf.lstrip(b"\r")
