@@ -17,15 +17,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from engine.domain.errors import DomainError
 from engine.domain.limits import check_length
 from engine.domain.patients import Outcome, upsert_patient
+from engine.domain.records import ORDER_BY, ORDER_HISTORY, ORDERS, Record, add, load
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
-from engine.store.models import Order, OrderStatusChange
+from engine.store.models import Order
 from engine.store.types import utcnow
 
 ORDER_COLUMNS = ("placer_number", "placer_issuer", "filler_number", "accession", "procedure_code",
@@ -38,13 +38,11 @@ CANCELLED = {"CA", "DC"}
 ENDING_CONTROLS = {"CA", "OC", "DC", "OD"}
 
 
-def find_order(session: Session, data: dict[str, Any]) -> Order | None:
-    for key, column in (("order.placer_number", Order.placer_number), ("order.filler_number", Order.filler_number),
-                        ("order.accession", Order.accession)):
-        value = data.get(key)
+def find_order(conn: Connection, data: dict[str, Any]) -> Record | None:
+    for key in ("placer_number", "filler_number", "accession"):
+        value = data.get(f"order.{key}")
         if value:
-            found = session.execute(select(Order).where(column == value).order_by(Order.id.desc()).limit(1)
-                                    ).scalar_one_or_none()
+            found = load(conn, ORDERS, ORDER_BY[key], value=value)
             if found is not None:
                 return found
     return None
@@ -61,28 +59,28 @@ def _column_value(name: str, value: Any) -> Any:
     return value
 
 
-def _set_fields(order: Order, data: dict[str, Any], out: Outcome) -> bool:
-    changed = False
+def _fields(data: dict[str, Any], current: Record | None) -> dict[str, Any]:
+    """The order columns this message sets (all mapped ones for a new order, changed ones otherwise)."""
+    cols: dict[str, Any] = {}
     for name in ORDER_COLUMNS:
         key = f"order.{name}"
         if key in data:
             check_length(Order, name, data[key], key)
             value = _column_value(name, data[key])
-            if getattr(order, name) != value:
-                setattr(order, name, value)
-                changed = True
+            if current is None or current.get(name) != value:
+                cols[name] = value
     extra_keys = [k for k in data if k.startswith("order.extra.")]
     if extra_keys:
-        extra = dict(order.extra or {})
+        old = dict((current.get("extra") if current is not None else None) or {})
+        extra = dict(old)
         for k in extra_keys:
             if data[k] is None:
                 extra.pop(k[len("order.extra."):], None)
             else:
                 extra[k[len("order.extra."):]] = data[k]
-        if extra != (order.extra or {}):
-            order.extra = extra
-            changed = True
-    return changed
+        if extra != old:
+            cols["extra"] = extra
+    return cols
 
 
 def _refusal(current: str, new: str) -> str | None:
@@ -93,8 +91,14 @@ def _refusal(current: str, new: str) -> str | None:
     return None
 
 
-def apply_order(session: Session, data: dict[str, Any], out: Outcome, *, message_id: int | None,
-                orders_update_patient: bool = False, ignore_stale: bool = True) -> Order:
+def _history(conn: Connection, order_id: int, control: str, from_status: str | None, to_status: str, applied: bool,
+             note: str | None, message_id: int | None, source_time: str | None) -> None:
+    add(conn, ORDER_HISTORY, order_id=order_id, control=control, from_status=from_status, to_status=to_status,
+        applied=applied, note=note, message_id=message_id, source_time=source_time)
+
+
+def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message_id: int | None,
+                orders_update_patient: bool = False, ignore_stale: bool = True) -> Record:
     if "order.control" in data and not data["order.control"]:
         raise DomainError('order control (ORC-1) is "" (null)', code=E.REQUIRED_FIELD_MISSING, field="order.control")
     control = str(data.get("order.control") or "NW").upper()
@@ -115,21 +119,22 @@ def apply_order(session: Session, data: dict[str, Any], out: Outcome, *, message
         new_status = requested or CONTROL_STATUS[control]
     event_time = data.get("message.event_time")
 
-    if not orders_update_patient:
+    if orders_update_patient:
+        patient_data = data
+    else:
         # The order's PID may create an unknown patient, but its time says nothing about demographics:
         # a later ADT with an earlier EVN-2 must still be applied.
         patient_data = {k: v for k, v in data.items() if k != "message.event_time"}
-    else:
-        patient_data = data
-    patient = upsert_patient(session, patient_data, out, create=True, update=orders_update_patient,
+    patient = upsert_patient(conn, patient_data, out, create=True, update=orders_update_patient,
                              ignore_stale=ignore_stale)
-    order = find_order(session, data)
+    order = find_order(conn, data)
     if order is None:
         status = new_status or "SC"
-        order = Order(patient_id=patient.id, status=status, last_control=control, source_time=event_time)
-        _set_fields(order, data, out)
-        session.add(order)
-        session.flush()
+        cols = {name: None for name in ORDER_COLUMNS}
+        cols["extra"] = None
+        cols.update(_fields(data, None))
+        order_id = add(conn, ORDERS, patient_id=patient.id, status=status, last_control=control,
+                       source_time=event_time, **cols)
         note = None
         if control in ENDING_CONTROLS:
             note = f"{control} for an unknown order: kept as {status} so a late NW does not schedule it"
@@ -137,49 +142,48 @@ def apply_order(session: Session, data: dict[str, Any], out: Outcome, *, message
             note = f"{control} for an unknown order: created (its NW may have been lost)"
         if note:
             out.notes.append(note)
-        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=None, to_status=status,
-                                      applied=True, note=note, message_id=message_id, source_time=event_time))
-        out.changes.append(f"order {order.id} created ({status})")
-        out.order_ids.append(order.id)
-        return order
+        _history(conn, order_id, control, None, status, True, note, message_id, event_time)
+        out.changes.append(f"order {order_id} created ({status})")
+        out.order_ids.append(order_id)
+        return Record(ORDERS, {"id": order_id, "patient_id": patient.id, "status": status, **cols})
 
     out.order_ids.append(order.id)
-    if ignore_stale and is_older(event_time, order.source_time):
-        note = f"stale: event time {event_time} is older than {order.source_time} already applied"
-        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=order.status,
-                                      to_status=new_status or order.status, applied=False, note=note,
-                                      message_id=message_id, source_time=event_time))
+    if ignore_stale and is_older(event_time, order["source_time"]):
+        note = f"stale: event time {event_time} is older than {order['source_time']} already applied"
+        _history(conn, order.id, control, order["status"], new_status or order["status"], False, note,
+                 message_id, event_time)
         out.notes.append(f"order {order.id}: {note}")
         return order
-    target = new_status or order.status
-    refusal = _refusal(order.status, target)
+    target = new_status or order["status"]
+    refusal = _refusal(order["status"], target)
     if refusal:
-        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=order.status,
-                                      to_status=target, applied=False, note=refusal, message_id=message_id,
-                                      source_time=event_time))
+        _history(conn, order.id, control, order["status"], target, False, refusal, message_id, event_time)
         out.notes.append(f"order {order.id}: {refusal}")
         return order
-    if order.patient_id != patient.id:
-        out.notes.append(f"order {order.id} moved from patient {order.patient_id} to {patient.id}")
-        order.patient_id = patient.id
+    if order["patient_id"] != patient.id:
+        out.notes.append(f"order {order.id} moved from patient {order['patient_id']} to {patient.id}")
+        order.set("patient_id", patient.id)
     # A cancel or discontinue identifies the order; its OBR does not rewrite it.
-    changed = False if control in ENDING_CONTROLS else _set_fields(order, data, out)
+    changed = False
+    if control not in ENDING_CONTROLS:
+        for name, value in _fields(data, order).items():
+            changed = order.set(name, value) or changed
     note = "NW for a known order: treated as an update" if control == "NW" else None
-    if order.status == "CM" and target in CANCELLED:
+    if order["status"] == "CM" and target in CANCELLED:
         note = f"{control} after completion"
-    if target != order.status or note or control in ENDING_CONTROLS:
-        session.add(OrderStatusChange(order_id=order.id, control=control, from_status=order.status, to_status=target,
-                                      applied=True, note=note, message_id=message_id, source_time=event_time))
-    if target != order.status:
-        out.changes.append(f"order {order.id} {order.status} -> {target}")
-        order.status = target
+    if target != order["status"] or note or control in ENDING_CONTROLS:
+        _history(conn, order.id, control, order["status"], target, True, note, message_id, event_time)
+    if target != order["status"]:
+        out.changes.append(f"order {order.id} {order['status']} -> {target}")
+        order.set("status", target)
         changed = True
     if note:
         out.notes.append(f"order {order.id}: {note}")
     if changed:
         out.changes.append(f"order {order.id} updated")
-        order.updated_at = utcnow()
-    order.last_control = control
-    if event_time and not is_older(event_time, order.source_time):
-        order.source_time = event_time
+        order.set("updated_at", utcnow())
+    order.set("last_control", control)
+    if event_time and not is_older(event_time, order["source_time"]):
+        order.set("source_time", event_time)
+    order.save(conn)
     return order

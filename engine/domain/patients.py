@@ -8,6 +8,7 @@ Rules (documented for analysts in docs/domain-rules.md):
   overwrite demographics; it is recorded as a note on the message.
 * An update (A08/A31) for an unknown patient creates it (``update_creates_patient``), since the
   A04 it depends on may have been lost or sent to another interface.
+* Every change a message makes is kept in patient_history with old and new values.
 """
 
 from __future__ import annotations
@@ -15,14 +16,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, update
 
 from engine.domain.errors import DomainError
 from engine.domain.limits import check_length
+from engine.domain.records import (
+    IDENTIFIER,
+    IDENTIFIER_OWNERS,
+    IDENTIFIERS,
+    ORDER_IDS_OF_PATIENT,
+    ORDERS,
+    PATIENT_BY_ID,
+    PATIENT_BY_IDENTIFIER,
+    PATIENT_HISTORY,
+    PATIENTS,
+    Record,
+    add,
+    load,
+)
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
-from engine.store.models import Order, Patient, PatientChange, PatientIdentifier
+from engine.store.models import Patient, PatientIdentifier
 from engine.store.types import utcnow
 
 DEMOGRAPHICS = ("family_name", "given_name", "middle_name", "prefix", "suffix", "birth_date", "sex")
@@ -44,25 +58,26 @@ class Outcome:
                 "notes": self.notes}
 
 
-def find_patient(session: Session, value: str, issuer: str = "") -> Patient | None:
-    """The patient an identifier belongs to, following merges to the survivor."""
-    ident = session.execute(
-        select(PatientIdentifier).where(PatientIdentifier.value == value, PatientIdentifier.issuer == issuer)
-    ).scalar_one_or_none()
-    if ident is None:
-        return None
-    return surviving(session, ident.patient)
+def get_patient(conn: Connection, patient_id: int) -> Record | None:
+    return load(conn, PATIENTS, PATIENT_BY_ID, id=patient_id)
 
 
-def surviving(session: Session, patient: Patient) -> Patient:
+def surviving(conn: Connection, p: Record) -> Record:
     for _ in range(MAX_MERGE_CHAIN):
-        if patient.merged_into_id is None:
-            return patient
-        nxt = session.get(Patient, patient.merged_into_id)
+        nxt_id = p["merged_into_id"]
+        if nxt_id is None:
+            return p
+        nxt = get_patient(conn, nxt_id)
         if nxt is None:
-            return patient
-        patient = nxt
-    raise DomainError(f"merge chain of patient {patient.id} is longer than {MAX_MERGE_CHAIN}")
+            return p
+        p = nxt
+    raise DomainError(f"merge chain of patient {p.id} is longer than {MAX_MERGE_CHAIN}")
+
+
+def find_patient(conn: Connection, value: str, issuer: str = "") -> Record | None:
+    """The patient an identifier belongs to, following merges to the survivor."""
+    p = load(conn, PATIENTS, PATIENT_BY_IDENTIFIER, value=value, issuer=issuer)
+    return None if p is None else surviving(conn, p)
 
 
 def _identity(data: dict[str, Any]) -> tuple[str, str]:
@@ -76,152 +91,183 @@ def _identity(data: dict[str, Any]) -> tuple[str, str]:
     return str(pid), issuer
 
 
-def record(session: Session, p: Patient, out: Outcome, kind: str, changes: dict[str, Any] | None,
+def record(conn: Connection, patient_id: int, out: Outcome, kind: str, changes: dict[str, Any] | None,
            source_time: str | None = None) -> None:
     """Keep what this message did to the patient (patient_history)."""
-    session.add(PatientChange(patient=p, message_id=out.message_id, kind=kind, changes=changes,
-                              source_time=source_time))
+    add(conn, PATIENT_HISTORY, patient_id=patient_id, message_id=out.message_id, kind=kind, changes=changes,
+        source_time=source_time)
 
 
-def _set_demographics(p: Patient, data: dict[str, Any], out: Outcome) -> dict[str, list[Any]]:
-    """Apply the message's demographics; returns {field: [old, new]} for what changed."""
+def _demographics(data: dict[str, Any], current: Record | None, out: Outcome) -> dict[str, list[Any]]:
+    """{field: [old, new]} for what the message changes; sets them on ``current`` when given."""
     diff: dict[str, list[Any]] = {}
     for name in DEMOGRAPHICS:
         key = f"patient.{name}"
-        check_length(Patient, name, data.get(key), key)
-        if key in data and getattr(p, name) != data[key]:
-            diff[name] = [getattr(p, name), data[key]]
-            setattr(p, name, data[key])
-            out.changes.append(f"patient.{name}")
+        if key not in data:
+            continue
+        value = data[key]
+        check_length(Patient, name, value, key)
+        old = current.get(name) if current is not None else None
+        if old != value:
+            diff[name] = [old, value]
+            out.changes.append(key)
     extra_keys = [k for k in data if k.startswith("patient.extra.")]
     if extra_keys:
-        old = dict(p.extra or {})
-        extra = dict(old)
+        old_extra = dict((current.get("extra") if current is not None else None) or {})
+        extra = dict(old_extra)
         for k in extra_keys:
             short = k[len("patient.extra."):]
             if data[k] is None:
                 extra.pop(short, None)
             else:
                 extra[short] = data[k]
-        if extra != old:
-            for short in sorted(set(old) | set(extra)):
-                if old.get(short) != extra.get(short):
-                    diff[f"extra.{short}"] = [old.get(short), extra.get(short)]
-            p.extra = extra
+        if extra != old_extra:
+            for short in sorted(set(old_extra) | set(extra)):
+                if old_extra.get(short) != extra.get(short):
+                    diff[f"extra.{short}"] = [old_extra.get(short), extra.get(short)]
+            diff["__extra__"] = [old_extra, extra]
             out.changes.append("patient.extra")
     return diff
 
 
-def _add_identifiers(session: Session, p: Patient, data: dict[str, Any], out: Outcome) -> list[str]:
-    added: list[str] = []
+def _columns(diff: dict[str, list[Any]]) -> dict[str, Any]:
+    cols = {k: v[1] for k, v in diff.items() if k in DEMOGRAPHICS}
+    if "__extra__" in diff:
+        cols["extra"] = diff["__extra__"][1]
+    return cols
+
+
+def _public(diff: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    return {k: v for k, v in diff.items() if k != "__extra__"}
+
+
+def _add_identifiers(conn: Connection, patient_id: int, data: dict[str, Any], out: Outcome) -> list[str]:
+    items = []
     for item in data.get("patient.identifiers") or []:
         value = str(item.get("value") or "")
+        issuer = str(item.get("issuer") or "")
         if not value:
             continue
-        issuer = str(item.get("issuer") or "")
         if len(value) > 64 or len(issuer) > 64:
             out.notes.append(f"identifier {value[:20]}...^{issuer[:20]} is too long to keep; skipped")
             continue
-        owner = session.execute(
-            select(PatientIdentifier).where(PatientIdentifier.value == value, PatientIdentifier.issuer == issuer)
-        ).scalar_one_or_none()
+        items.append((value, issuer, item.get("type")))
+    if not items:
+        return []
+    owners = {(r.value, r.issuer): r.patient_id for r in
+              conn.execute(IDENTIFIER_OWNERS, {"values": sorted({v for v, _i, _t in items})})}
+    added: list[str] = []
+    for value, issuer, type_code in items:
+        owner = owners.get((value, issuer))
         if owner is None:
-            session.add(PatientIdentifier(patient=p, value=value, issuer=issuer, type_code=item.get("type"),
-                                          kind="other"))
+            add(conn, IDENTIFIERS, patient_id=patient_id, value=value, issuer=issuer, type_code=type_code,
+                kind="other")
+            owners[(value, issuer)] = patient_id
             added.append(f"{value}^{issuer}")
             out.changes.append(f"identifier {value}^{issuer} added")
-        elif owner.patient_id != p.id and surviving(session, owner.patient).id != p.id:
-            out.notes.append(f"identifier {value}^{issuer} belongs to patient {owner.patient_id}; not moved "
-                             "(send a merge to combine the two)")
+        elif owner != patient_id:
+            other = get_patient(conn, owner)
+            if other is None or surviving(conn, other).id != patient_id:
+                out.notes.append(f"identifier {value}^{issuer} belongs to patient {owner}; not moved "
+                                 "(send a merge to combine the two)")
     return added
 
 
-def create_patient(session: Session, data: dict[str, Any], out: Outcome) -> Patient:
+def create_patient(conn: Connection, data: dict[str, Any], out: Outcome) -> Record:
     value, issuer = _identity(data)
-    p = Patient(source_time=data.get("message.event_time"), extra=None)
-    p.identifiers.append(PatientIdentifier(value=value, issuer=issuer, type_code=data.get("patient.identifier_type"),
-                                           kind="primary"))
-    created = _set_demographics(p, data, out)
-    session.add(p)
-    session.flush()
-    out.changes.append(f"patient {p.id} created")
-    added = _add_identifiers(session, p, data, out)
-    record(session, p, out, "created", {"identifier": f"{value}^{issuer}", "fields": {k: v[1] for k, v in created.items()},
-                                        **({"identifiers_added": added} if added else {})},
+    diff = _demographics(data, None, out)
+    values: dict[str, Any] = {name: None for name in DEMOGRAPHICS}
+    values.update(_columns(diff))
+    values.setdefault("extra", None)
+    pid = add(conn, PATIENTS, source_time=data.get("message.event_time"), **values)
+    add(conn, IDENTIFIERS, patient_id=pid, value=value, issuer=issuer,
+        type_code=data.get("patient.identifier_type"), kind="primary")
+    out.changes.append(f"patient {pid} created")
+    added = _add_identifiers(conn, pid, data, out)
+    record(conn, pid, out, "created", {"identifier": f"{value}^{issuer}",
+                                          "fields": {k: v[1] for k, v in _public(diff).items()},
+                                          **({"identifiers_added": added} if added else {})},
            data.get("message.event_time"))
-    return p
+    return Record(PATIENTS, {"id": pid, **values, "source_time": data.get("message.event_time"),
+                             "merged_into_id": None, "version": 1, "active": True})
 
 
-def update_patient(session: Session, p: Patient, data: dict[str, Any], out: Outcome, *,
+def update_patient(conn: Connection, p: Record, data: dict[str, Any], out: Outcome, *,
                    ignore_stale: bool = True) -> None:
     event_time = data.get("message.event_time")
-    if ignore_stale and is_older(event_time, p.source_time):
-        out.notes.append(f"stale update: event time {event_time} is older than {p.source_time} already applied; "
-                         "demographics kept")
+    if ignore_stale and is_older(event_time, p["source_time"]):
+        out.notes.append(f"stale update: event time {event_time} is older than {p['source_time']} already "
+                         "applied; demographics kept")
         return
-    diff = _set_demographics(p, data, out)
+    diff = _demographics(data, p, out)
+    for col, value in _columns(diff).items():
+        p.set(col, value)
     if diff:
-        p.version += 1
-        p.updated_at = utcnow()
-    if event_time and not is_older(event_time, p.source_time):
-        p.source_time = event_time
-    added = _add_identifiers(session, p, data, out)
+        p.set("version", p["version"] + 1)
+        p.set("updated_at", utcnow())
+    if event_time and not is_older(event_time, p["source_time"]):
+        p.set("source_time", event_time)
+    p.save(conn)
+    added = _add_identifiers(conn, p.id, data, out)
     if diff or added:
-        record(session, p, out, "updated", {"fields": diff, **({"identifiers_added": added} if added else {})},
-               event_time)
+        record(conn, p.id, out, "updated", {"fields": _public(diff),
+                                                **({"identifiers_added": added} if added else {})}, event_time)
 
 
-def upsert_patient(session: Session, data: dict[str, Any], out: Outcome, *, create: bool = True,
-                   update: bool = True, ignore_stale: bool = True) -> Patient:
+def upsert_patient(conn: Connection, data: dict[str, Any], out: Outcome, *, create: bool = True,
+                   update: bool = True, ignore_stale: bool = True) -> Record:
     value, issuer = _identity(data)
-    p = find_patient(session, value, issuer)
+    p = find_patient(conn, value, issuer)
     if p is None:
         if not create:
             raise DomainError(f"patient {value}^{issuer} is not known", code=E.UNKNOWN_KEY, field="patient.id")
-        p = create_patient(session, data, out)
+        p = create_patient(conn, data, out)
     elif update:
-        update_patient(session, p, data, out, ignore_stale=ignore_stale)
+        update_patient(conn, p, data, out, ignore_stale=ignore_stale)
     out.patient_id = p.id
     return p
 
 
-def merge_patients(session: Session, data: dict[str, Any], out: Outcome, *, ignore_stale: bool = True) -> Patient:
+def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, ignore_stale: bool = True) -> Record:
     """A40/A34/A18: the prior identifier (MRG-1) joins the surviving patient (PID-3) as an alias."""
     value, issuer = _identity(data)
     prior_value = data.get("merge.prior_id")
     if not prior_value:
         raise DomainError("merge without a prior patient identifier (MRG-1)", code=E.REQUIRED_FIELD_MISSING,
                           field="merge.prior_id")
+    prior_value = str(prior_value)
     prior_issuer = str(data.get("merge.prior_issuer") or "")
-    if (str(prior_value), prior_issuer) == (value, issuer):
+    if (prior_value, prior_issuer) == (value, issuer):
         raise DomainError("merge of a patient into itself (MRG-1 equals PID-3)", code=E.DUPLICATE_KEY,
                           field="merge.prior_id")
-    survivor = find_patient(session, value, issuer)
-    prior_ident = session.execute(
-        select(PatientIdentifier).where(PatientIdentifier.value == str(prior_value),
-                                        PatientIdentifier.issuer == prior_issuer)
-    ).scalar_one_or_none()
-    prior = surviving(session, prior_ident.patient) if prior_ident else None
+    survivor = find_patient(conn, value, issuer)
+    prior_ident = load(conn, IDENTIFIERS, IDENTIFIER, value=prior_value, issuer=prior_issuer)
+    prior = None
+    if prior_ident is not None:
+        owner = get_patient(conn, prior_ident["patient_id"])
+        prior = surviving(conn, owner) if owner is not None else None
 
     if survivor is None and prior is not None:
         # Identifier change: the record keeps living under the new ID.
-        session.add(PatientIdentifier(patient=prior, value=value, issuer=issuer,
-                                      type_code=data.get("patient.identifier_type"), kind="primary"))
-        _demote_to_alias(prior, str(prior_value), prior_issuer)
-        out.changes.append(f"patient {prior.id} now identified as {value}^{issuer}; {prior_value}^{prior_issuer} kept as alias")
-        record(session, prior, out, "identifier", {"new": f"{value}^{issuer}",
-                                                   "alias": f"{prior_value}^{prior_issuer}"})
-        update_patient(session, prior, data, out, ignore_stale=ignore_stale)
+        add(conn, IDENTIFIERS, patient_id=prior.id, value=value, issuer=issuer,
+            type_code=data.get("patient.identifier_type"), kind="primary")
+        conn.execute(update(IDENTIFIERS).where(IDENTIFIERS.c.value == prior_value,
+                                                  IDENTIFIERS.c.issuer == prior_issuer).values(kind="alias"))
+        out.changes.append(f"patient {prior.id} now identified as {value}^{issuer}; "
+                           f"{prior_value}^{prior_issuer} kept as alias")
+        record(conn, prior.id, out, "identifier", {"new": f"{value}^{issuer}",
+                                                      "alias": f"{prior_value}^{prior_issuer}"})
+        update_patient(conn, prior, data, out, ignore_stale=ignore_stale)
         out.patient_id = prior.id
         return prior
     if survivor is None:
-        survivor = create_patient(session, data, out)
+        survivor = create_patient(conn, data, out)
     else:
-        update_patient(session, survivor, data, out, ignore_stale=ignore_stale)
+        update_patient(conn, survivor, data, out, ignore_stale=ignore_stale)
     out.patient_id = survivor.id
     if prior is None:
-        session.add(PatientIdentifier(patient=survivor, value=str(prior_value), issuer=prior_issuer, kind="alias"))
-        record(session, survivor, out, "merged", {"alias": f"{prior_value}^{prior_issuer}", "prior_known": False})
+        add(conn, IDENTIFIERS, patient_id=survivor.id, value=prior_value, issuer=prior_issuer, kind="alias")
+        record(conn, survivor.id, out, "merged", {"alias": f"{prior_value}^{prior_issuer}", "prior_known": False})
         out.notes.append(f"prior patient {prior_value}^{prior_issuer} was not known; kept as an alias of patient "
                          f"{survivor.id} so later messages under it resolve")
         return survivor
@@ -229,26 +275,20 @@ def merge_patients(session: Session, data: dict[str, Any], out: Outcome, *, igno
         out.notes.append(f"{prior_value}^{prior_issuer} is already merged into patient {survivor.id}")
         return survivor
     # Both known: move identifiers (as aliases) and orders to the survivor, retire the prior record.
-    for ident in list(prior.identifiers):
-        ident.patient = survivor
-        ident.kind = "alias"
-    moved = session.execute(select(Order).where(Order.patient_id == prior.id)).scalars().all()
-    for order in moved:
-        order.patient_id = survivor.id
-    prior.merged_into_id = survivor.id
-    prior.active = False
-    prior.updated_at = utcnow()
-    survivor.version += 1
+    conn.execute(update(IDENTIFIERS).where(IDENTIFIERS.c.patient_id == prior.id)
+                    .values(patient_id=survivor.id, kind="alias"))
+    moved = list(conn.execute(ORDER_IDS_OF_PATIENT, {"patient_id": prior.id}).scalars())
+    if moved:
+        conn.execute(update(ORDERS).where(ORDERS.c.patient_id == prior.id).values(patient_id=survivor.id))
+    prior.set("merged_into_id", survivor.id)
+    prior.set("active", False)
+    prior.set("updated_at", utcnow())
+    prior.save(conn)
+    survivor.set("version", survivor["version"] + 1)
+    survivor.save(conn)
     out.changes.append(f"patient {prior.id} merged into {survivor.id}: {len(moved)} order(s) moved, "
                        f"identifiers kept as aliases")
-    moved_ids = [o.id for o in moved]
-    record(session, survivor, out, "merged", {"prior_patient": prior.id, "alias": f"{prior_value}^{prior_issuer}",
-                                              "orders_moved": moved_ids})
-    record(session, prior, out, "merged_away", {"into": survivor.id, "orders_moved": moved_ids})
+    record(conn, survivor.id, out, "merged", {"prior_patient": prior.id, "alias": f"{prior_value}^{prior_issuer}",
+                                                 "orders_moved": moved})
+    record(conn, prior.id, out, "merged_away", {"into": survivor.id, "orders_moved": moved})
     return survivor
-
-
-def _demote_to_alias(p: Patient, value: str, issuer: str) -> None:
-    for ident in p.identifiers:
-        if ident.value == value and ident.issuer == issuer:
-            ident.kind = "alias"

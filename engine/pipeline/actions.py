@@ -4,29 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection
 
 from engine.channels import ChannelOptions
 from engine.domain.orders import apply_order
 from engine.domain.patients import Outcome, merge_patients, upsert_patient
 
 
-def apply_action(session: Session, action: str, values: dict[str, Any], groups: list[dict[str, Any]],
+def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: list[dict[str, Any]],
                  options: ChannelOptions, message_id: int | None) -> Outcome:
     """Apply one message. ``values`` are the message-level fields, ``groups`` one dict per order group."""
     out = Outcome(message_id=message_id)
     stale = options.ignore_stale_updates
     if action == "patient.upsert":
-        upsert_patient(session, values, out, ignore_stale=stale)
+        upsert_patient(conn, values, out, ignore_stale=stale)
     elif action == "patient.update":
-        upsert_patient(session, values, out, create=options.update_creates_patient, ignore_stale=stale)
+        upsert_patient(conn, values, out, create=options.update_creates_patient, ignore_stale=stale)
     elif action == "patient.merge":
-        merge_patients(session, values, out, ignore_stale=stale)
+        merge_patients(conn, values, out, ignore_stale=stale)
     elif action == "order":
         if not groups:
             groups = [{}]
         for group in groups:
-            apply_order(session, {**values, **group}, out, message_id=message_id,
+            apply_order(conn, {**values, **group}, out, message_id=message_id,
                         orders_update_patient=options.orders_update_patient, ignore_stale=stale)
     elif action != "ignore":
         raise ValueError(f"unknown action {action!r}")

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
 from engine.domain.patients import Outcome
+from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, add
 from engine.hl7 import errors as E
 from engine.hl7.ack import build_ack
 from engine.hl7.errors import HL7Error, HL7ParseError
@@ -31,7 +32,7 @@ from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping, MappingError
 from engine.pipeline.actions import apply_action
 from engine.store.models import Message as MessageRow
-from engine.store.models import MessageContent, MessageEvent
+from engine.store.models import MessageEvent
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,12 @@ ORDER_GROUP_MEMBERS = ("ORC", "OBR", "TQ1", "TQ2", "IPC", "NTE", "DG1", "OBX", "
 GROUP_FIELDS = ("order.", "message.")
 # A resend of a message that was applied is re-ACKed, not applied again. One that failed (AE) is
 # processed again: applying it cannot double anything, and the mapping may have been fixed since.
-DEDUP_STATUSES = ("processed", "filtered")
+DEDUP_STATUSES = ["processed", "filtered"]
+UPDATE_MESSAGE = (
+    update(MESSAGES).where(MESSAGES.c.id == bindparam("message_id"))
+    .values(status=bindparam("status"), ack_code=bindparam("ack_code"), processed_at=bindparam("processed_at"),
+            error=bindparam("error"), patient_id=bindparam("patient_id"))
+)
 
 
 @dataclass
@@ -215,80 +221,78 @@ class HL7Inbound:
     # --- step 2: in the writer thread -----------------------------------------------------------------
     def store(self, session: Session, p: Prepared) -> Stored:
         msg = p.message
-        row = MessageRow(channel=self.channel.name, remote=p.remote, size=p.size or len(p.raw), status="received",
-                         received_at=utcnow(), attempts=1)
+        row: dict[str, Any] = {"channel": self.channel.name, "remote": p.remote, "size": p.size or len(p.raw),
+                               "status": "received", "received_at": utcnow(), "attempts": 1}
         if msg is not None:
-            row.control_id = msg.control_id[:64]
-            row.sending_app = msg.sending_application[:64]
-            row.sending_facility = msg.sending_facility[:64]
-            row.message_type = msg.message_type[:32]
-            row.version = msg.version[:16]
-            row.charset = msg.charset
+            row.update(control_id=msg.control_id[:64], sending_app=msg.sending_application[:64],
+                       sending_facility=msg.sending_facility[:64], message_type=msg.message_type[:32],
+                       version=msg.version[:16], charset=msg.charset)
         else:
-            row.control_id = guess_control_id(p.raw) or None
+            row["control_id"] = guess_control_id(p.raw) or None
         if p.reject is not None:
-            return self._finish(session, row, p, "rejected", None, [p.reject])
+            return self._finish(session, None, row, p, "rejected", None, [p.reject])
         assert msg is not None and p.route is not None
         window = self.channel.options.dedup_window_seconds
         if window > 0:
-            dup = session.execute(
-                select(MessageRow.id, MessageRow.ack_code).where(
-                    MessageRow.control_id == row.control_id, MessageRow.sending_app == row.sending_app,
-                    MessageRow.sending_facility == row.sending_facility, MessageRow.channel == row.channel,
-                    MessageRow.received_at >= utcnow() - timedelta(seconds=window),
-                    MessageRow.status.in_(DEDUP_STATUSES)).order_by(MessageRow.id.desc()).limit(1)
-            ).first()
+            dup = session.connection().execute(DUPLICATE, {
+                "control_id": row["control_id"], "sending_app": row["sending_app"],
+                "sending_facility": row["sending_facility"], "channel": row["channel"],
+                "since": row["received_at"] - timedelta(seconds=window), "statuses": DEDUP_STATUSES}).first()
             if dup is not None:
-                row.duplicate_of = dup.id
-                code = dup.ack_code or "AA"
-                return self._finish(session, row, p, "duplicate", None, [], ack_code=code,
+                row["duplicate_of"] = dup.id
+                return self._finish(session, None, row, p, "duplicate", None, [], ack_code=dup.ack_code or "AA",
                                     text=f"duplicate of message {dup.id}; not applied again")
         if p.route.action == "ignore":
-            return self._finish(session, row, p, "filtered", None, [])
+            return self._finish(session, None, row, p, "filtered", None, [])
         if p.mapping_errors:
             errs = [error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message)
                     for e in p.mapping_errors]
-            return self._finish(session, row, p, "error", None, errs)
-        session.add(row)
-        session.flush()
+            return self._finish(session, None, row, p, "error", None, errs)
+        conn = session.connection()  # the hot path runs Core statements on the connection directly
+        message_id = add(conn, MESSAGES, **row)  # the domain's history rows point at it
         try:
-            with session.begin_nested():
-                outcome = apply_action(session, p.route.action, p.values, p.groups, self.channel.options, row.id)
+            with conn.begin_nested():
+                outcome = apply_action(conn, p.route.action, p.values, p.groups, self.channel.options,
+                                       message_id)
         except DomainError as exc:
-            path = p.source_of(exc.field)
-            return self._finish(session, row, p, "error", None, [error_at(path, exc.code, str(exc))])
+            err = error_at(p.source_of(exc.field), exc.code, str(exc))
+            return self._finish(session, message_id, row, p, "error", None, [err])
         except OperationalError:
             raise  # the database is in trouble: the whole batch fails, nothing is acknowledged
         except Exception as exc:
             # A bug or a database refusal while applying: keep the message (AE, reprocessable), never lose it.
-            log.exception("channel %s: applying message %s failed", self.channel.name, row.id)
-            return self._finish(session, row, p, "error", None, [HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))])
-        row.patient_id = outcome.patient_id
-        return self._finish(session, row, p, "processed", outcome, [])
+            log.exception("channel %s: applying message %s failed", self.channel.name, message_id)
+            err = HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))
+            return self._finish(session, message_id, row, p, "error", None, [err])
+        row["patient_id"] = outcome.patient_id
+        return self._finish(session, message_id, row, p, "processed", outcome, [])
 
-    def _finish(self, session: Session, row: MessageRow, p: Prepared, status: str, outcome: Outcome | None,
-                errors: list[HL7Error], *, ack_code: str | None = None, text: str = "") -> Stored:
+    def _finish(self, session: Session, message_id: int | None, row: dict[str, Any], p: Prepared, status: str,
+                outcome: Outcome | None, errors: list[HL7Error], *, ack_code: str | None = None,
+                text: str = "") -> Stored:
+        """Write the message row (insert, or update when it was inserted before applying), its content
+        and events; build the replies that go out once the batch is committed."""
         msg = p.message
         if ack_code is None:
             ack_code = {"processed": "AA", "filtered": "AA", "error": "AE", "rejected": "AR"}[status]
-        row.status = status
-        row.ack_code = ack_code
-        row.processed_at = utcnow()
+        final: dict[str, Any] = {"status": status, "ack_code": ack_code, "processed_at": utcnow()}
         if errors:
-            row.error = "; ".join(e.describe() for e in errors)[:4000]
-        replies = self._acks(msg, ack_code, errors, text, storage_ok=True, control_id=row.control_id or "")
-        if row.id is None:
-            session.add(row)
-            session.flush()
-        session.add(MessageContent(message_id=row.id, raw=p.raw, mapped=p.mapped_json(),
-                                   ack="\n".join(replies) or None))
+            final["error"] = "; ".join(e.describe() for e in errors)[:4000]
+        if "patient_id" in row:
+            final["patient_id"] = row["patient_id"]
+        replies = self._acks(msg, ack_code, errors, text, storage_ok=True, control_id=row.get("control_id") or "")
+        conn = session.connection()
+        if message_id is None:
+            message_id = add(conn, MESSAGES, **{**row, **final})
+        else:
+            conn.execute(UPDATE_MESSAGE, {"message_id": message_id, "error": None, "patient_id": None, **final})
+        add(conn, CONTENT, message_id=message_id, raw=p.raw, mapped=p.mapped_json(), ack="\n".join(replies) or None)
         if outcome is not None and outcome.notes:
-            session.add(MessageEvent(message_id=row.id, kind="notes", detail={"notes": outcome.notes}))
+            add(conn, EVENTS, message_id=message_id, kind="notes", detail={"notes": outcome.notes})
         if errors:
-            session.add(MessageEvent(message_id=row.id, kind="error",
-                                     detail={"errors": [e.as_dict() for e in errors]}))
-        return Stored(message_id=row.id, status=status, ack_code=ack_code, replies=replies,
-                      charset=msg.charset if msg else "latin-1", outcome=outcome, error=row.error)
+            add(conn, EVENTS, message_id=message_id, kind="error", detail={"errors": [e.as_dict() for e in errors]})
+        return Stored(message_id=message_id, status=status, ack_code=ack_code, replies=replies,
+                      charset=msg.charset if msg else "latin-1", outcome=outcome, error=final.get("error"))
 
     # --- acknowledgements -----------------------------------------------------------------------------
     def _acks(self, msg: Message | None, app_code: str, errors: list[HL7Error], text: str,
@@ -350,8 +354,9 @@ def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
                               for e in p.mapping_errors)
         return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
     try:
-        with session.begin_nested():
-            outcome = apply_action(session, p.route.action, p.values, p.groups, inbound.channel.options, row.id)
+        conn = session.connection()
+        with conn.begin_nested():
+            outcome = apply_action(conn, p.route.action, p.values, p.groups, inbound.channel.options, row.id)
     except DomainError as exc:
         row.status, row.ack_code = "error", "AE"
         row.error = error_at(p.source_of(exc.field), exc.code, str(exc)).describe()

@@ -30,6 +30,10 @@ T = TypeVar("T")
 _STOP = object()
 
 
+class _SoloJobFailed(Exception):
+    """Leaves the transaction of a one-job batch so that it rolls back."""
+
+
 class StorageUnavailable(RuntimeError):
     """The batch could not be committed; nothing in it was stored."""
 
@@ -111,18 +115,23 @@ class IngestWriter:
                 batch.append(nxt)
             self._process(batch)
 
-    def _run_job(self, session: Session, job: _Job[Any]) -> None:
-        for attempt in range(self._integrity_retries + 1):
+    def _run_job(self, session: Session, job: _Job[Any], *, isolate: bool) -> None:
+        """Run one job; with ``isolate`` inside a SAVEPOINT, so its failure leaves the batch intact
+        (an integrity conflict, another engine process creating the same patient, is retried there)."""
+        attempts = self._integrity_retries + 1 if isolate else 1
+        for attempt in range(attempts):
             try:
-                with session.begin_nested():
+                if isolate:
+                    with session.begin_nested():
+                        job.result = job.work(session)
+                else:
                     job.result = job.work(session)
                 job.error = None
                 return
             except IntegrityError as exc:
-                # Another engine process created the same patient/order between our read and write.
                 job.error = exc
                 self.stats.retried += 1
-                log.debug("integrity conflict, retrying job (attempt %d): %s", attempt + 1, exc)
+                log.debug("integrity conflict (attempt %d): %s", attempt + 1, exc)
             except OperationalError:
                 raise  # the database itself is in trouble: fail the whole batch
             except Exception as exc:  # one bad job must not take the others down
@@ -130,15 +139,29 @@ class IngestWriter:
                 log.exception("ingest job failed")
                 return
 
+    def _commit(self, batch: list[_Job[Any]]) -> None:
+        """One transaction for the batch. A batch of one runs without a SAVEPOINT: if its job fails,
+        the transaction (holding only that job) is rolled back and an integrity conflict retried."""
+        isolate = len(batch) > 1
+        for attempt in range(self._integrity_retries + 1):
+            try:
+                with self._session_factory() as session, session.begin():
+                    for job in batch:
+                        self._run_job(session, job, isolate=isolate)
+                    if not isolate and batch[0].error is not None:
+                        raise _SoloJobFailed
+                return
+            except _SoloJobFailed:
+                if not isinstance(batch[0].error, IntegrityError) or attempt == self._integrity_retries:
+                    return
+
     def _process(self, batch: list[_Job[Any]]) -> None:
         self.stats.batches += 1
         self.stats.jobs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         t0 = time.perf_counter()
         try:
-            with self._session_factory() as session, session.begin():
-                for job in batch:
-                    self._run_job(session, job)
+            self._commit(batch)
         except Exception as exc:
             self.stats.commit_failures += 1
             log.error("storage unavailable, %d message(s) not stored: %s", len(batch), exc)
