@@ -103,10 +103,13 @@ ORDER_BY = {
     "accession": select(ORDERS).where(ORDERS.c.accession == bindparam("value")).order_by(ORDERS.c.id.desc()).limit(1),
 }
 ORDER_IDS_OF_PATIENT = select(ORDERS.c.id).where(ORDERS.c.patient_id == bindparam("patient_id")).order_by(ORDERS.c.id)
+# A resend of a message that was applied is re-ACKed, not applied again. One that failed (AE) is
+# processed again: applying it cannot double anything, and the mapping may have been fixed since.
+DEDUP_STATUSES = ("processed", "filtered")
 DUPLICATE = (
     select(MESSAGES.c.id, MESSAGES.c.ack_code)
     .where(MESSAGES.c.control_id == bindparam("control_id"), MESSAGES.c.sending_app == bindparam("sending_app"),
            MESSAGES.c.sending_facility == bindparam("sending_facility"), MESSAGES.c.channel == bindparam("channel"),
-           MESSAGES.c.received_at >= bindparam("since"), MESSAGES.c.status.in_(bindparam("statuses", expanding=True)))
+           MESSAGES.c.received_at >= bindparam("since"), MESSAGES.c.status.in_(DEDUP_STATUSES))
     .order_by(MESSAGES.c.id.desc()).limit(1)
 )

@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 ORDER_GROUP_MEMBERS = ("ORC", "OBR", "TQ1", "TQ2", "IPC", "NTE", "DG1", "OBX", "ZDS", "CTI", "BLG", "PRT",
                        "RQD", "RQ1", "ODS", "ODT")
 GROUP_FIELDS = ("order.", "message.")
-# A resend of a message that was applied is re-ACKed, not applied again. One that failed (AE) is
-# processed again: applying it cannot double anything, and the mapping may have been fixed since.
-DEDUP_STATUSES = ["processed", "filtered"]
 UPDATE_MESSAGE = (
     update(MESSAGES).where(MESSAGES.c.id == bindparam("message_id"))
     .values(status=bindparam("status"), ack_code=bindparam("ack_code"), processed_at=bindparam("processed_at"),
@@ -237,7 +234,7 @@ class HL7Inbound:
             dup = session.connection().execute(DUPLICATE, {
                 "control_id": row["control_id"], "sending_app": row["sending_app"],
                 "sending_facility": row["sending_facility"], "channel": row["channel"],
-                "since": row["received_at"] - timedelta(seconds=window), "statuses": DEDUP_STATUSES}).first()
+                "since": row["received_at"] - timedelta(seconds=window)}).first()
             if dup is not None:
                 row["duplicate_of"] = dup.id
                 return self._finish(session, None, row, p, "duplicate", None, [], ack_code=dup.ack_code or "AA",
