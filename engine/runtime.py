@@ -104,7 +104,7 @@ class Engine:
         self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
                                 busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size)
         await asyncio.to_thread(migrate.upgrade, self.db)
-        self.writer = IngestWriter(self.db.write_session)
+        self.writer = IngestWriter(self.db.writer)
         self.writer.start()
         self.metrics.gauge("radbridge_writer_backlog", "Messages waiting for the ingest writer",
                            lambda: float(self.writer.backlog))

@@ -40,7 +40,7 @@ def writes(family: str, fail: bool = False):  # type: ignore[no-untyped-def]
 
 
 def test_a_failing_solo_job_leaves_nothing(db: Database) -> None:
-    w = IngestWriter(db.write_session)
+    w = IngestWriter(db.writer)
     w.start()
     try:
         with pytest.raises(ValueError):
@@ -53,7 +53,7 @@ def test_a_failing_solo_job_leaves_nothing(db: Database) -> None:
 
 
 def test_a_failing_job_in_a_batch_does_not_undo_the_others(db: Database) -> None:
-    w = IngestWriter(db.write_session)
+    w = IngestWriter(db.writer)
     w.start()
     gate = threading.Event()
     try:
@@ -72,7 +72,7 @@ def test_a_failing_job_in_a_batch_does_not_undo_the_others(db: Database) -> None
 
 
 def test_a_failed_commit_fails_every_job_in_the_batch(db: Database) -> None:
-    w = IngestWriter(db.write_session)
+    w = IngestWriter(db.writer)
     w.start()
     try:
         def breaks_the_connection(session: Session) -> None:

@@ -22,7 +22,7 @@ from engine.domain.errors import DomainError
 from engine.domain.limits import check_length
 from engine.domain.records import (
     IDENTIFIER,
-    IDENTIFIER_OWNERS,
+    IDENTIFIER_OWNER,
     IDENTIFIERS,
     ORDER_IDS_OF_PATIENT,
     ORDERS,
@@ -32,6 +32,7 @@ from engine.domain.records import (
     PATIENTS,
     Record,
     add,
+    fetch,
     load,
 )
 from engine.domain.times import is_older
@@ -154,10 +155,13 @@ def _add_identifiers(conn: Connection, patient_id: int, data: dict[str, Any], ou
         items.append((value, issuer, item.get("type")))
     if not items:
         return []
-    owners = {(r.value, r.issuer): r.patient_id for r in
-              conn.execute(IDENTIFIER_OWNERS, {"values": sorted({v for v, _i, _t in items})})}
+    owners: dict[tuple[str, str], int] = {}
     added: list[str] = []
     for value, issuer, type_code in items:
+        if (value, issuer) not in owners:
+            found = fetch(conn, IDENTIFIER_OWNER, value=value, issuer=issuer)
+            if found is not None:
+                owners[(value, issuer)] = found["patient_id"]
         owner = owners.get((value, issuer))
         if owner is None:
             add(conn, IDENTIFIERS, patient_id=patient_id, value=value, issuer=issuer, type_code=type_code,
@@ -277,7 +281,7 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
     # Both known: move identifiers (as aliases) and orders to the survivor, retire the prior record.
     conn.execute(update(IDENTIFIERS).where(IDENTIFIERS.c.patient_id == prior.id)
                     .values(patient_id=survivor.id, kind="alias"))
-    moved = list(conn.execute(ORDER_IDS_OF_PATIENT, {"patient_id": prior.id}).scalars())
+    moved = list(conn.execute(ORDER_IDS_OF_PATIENT, {"patient_id": prior.id}).scalars())  # merges are rare
     if moved:
         conn.execute(update(ORDERS).where(ORDERS.c.patient_id == prior.id).values(patient_id=survivor.id))
     prior.set("merged_into_id", survivor.id)

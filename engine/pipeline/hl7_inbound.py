@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
 from engine.domain.patients import Outcome
-from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, add
+from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, add, fetch, savepoint, update_row
 from engine.hl7 import errors as E
 from engine.hl7.ack import build_ack
 from engine.hl7.errors import HL7Error, HL7ParseError
@@ -41,11 +40,6 @@ log = logging.getLogger(__name__)
 ORDER_GROUP_MEMBERS = ("ORC", "OBR", "TQ1", "TQ2", "IPC", "NTE", "DG1", "OBX", "ZDS", "CTI", "BLG", "PRT",
                        "RQD", "RQ1", "ODS", "ODT")
 GROUP_FIELDS = ("order.", "message.")
-UPDATE_MESSAGE = (
-    update(MESSAGES).where(MESSAGES.c.id == bindparam("message_id"))
-    .values(status=bindparam("status"), ack_code=bindparam("ack_code"), processed_at=bindparam("processed_at"),
-            error=bindparam("error"), patient_id=bindparam("patient_id"))
-)
 
 
 @dataclass
@@ -231,14 +225,13 @@ class HL7Inbound:
         assert msg is not None and p.route is not None
         window = self.channel.options.dedup_window_seconds
         if window > 0:
-            dup = session.connection().execute(DUPLICATE, {
-                "control_id": row["control_id"], "sending_app": row["sending_app"],
-                "sending_facility": row["sending_facility"], "channel": row["channel"],
-                "since": row["received_at"] - timedelta(seconds=window)}).first()
+            dup = fetch(session.connection(), DUPLICATE, control_id=row["control_id"], sending_app=row["sending_app"],
+                        sending_facility=row["sending_facility"], channel=row["channel"],
+                        since=row["received_at"] - timedelta(seconds=window))
             if dup is not None:
-                row["duplicate_of"] = dup.id
-                return self._finish(session, None, row, p, "duplicate", None, [], ack_code=dup.ack_code or "AA",
-                                    text=f"duplicate of message {dup.id}; not applied again")
+                row["duplicate_of"] = dup["id"]
+                return self._finish(session, None, row, p, "duplicate", None, [], ack_code=dup["ack_code"] or "AA",
+                                    text=f"duplicate of message {dup['id']}; not applied again")
         if p.route.action == "ignore":
             return self._finish(session, None, row, p, "filtered", None, [])
         if p.mapping_errors:
@@ -248,7 +241,7 @@ class HL7Inbound:
         conn = session.connection()  # the hot path runs Core statements on the connection directly
         message_id = add(conn, MESSAGES, **row)  # the domain's history rows point at it
         try:
-            with conn.begin_nested():
+            with savepoint(conn):
                 outcome = apply_action(conn, p.route.action, p.values, p.groups, self.channel.options,
                                        message_id)
         except DomainError as exc:
@@ -282,7 +275,7 @@ class HL7Inbound:
         if message_id is None:
             message_id = add(conn, MESSAGES, **{**row, **final})
         else:
-            conn.execute(UPDATE_MESSAGE, {"message_id": message_id, "error": None, "patient_id": None, **final})
+            update_row(conn, MESSAGES, message_id, **{"error": None, "patient_id": None, **final})
         add(conn, CONTENT, message_id=message_id, raw=p.raw, mapped=p.mapped_json(), ack="\n".join(replies) or None)
         if outcome is not None and outcome.notes:
             add(conn, EVENTS, message_id=message_id, kind="notes", detail={"notes": outcome.notes})

@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -57,9 +58,10 @@ class WriterStats:
 
 
 class IngestWriter:
-    def __init__(self, session_factory: sessionmaker[Session], *, max_batch: int = 256,
+    def __init__(self, engine: Engine, *, max_batch: int = 256,
                  integrity_retries: int = 2, name: str = "radbridge-writer") -> None:
-        self._session_factory = session_factory
+        self._engine = engine
+        self._conn: Connection | None = None  # kept across batches: no pool checkout, reset and BEGIN dance
         self._queue: queue.Queue[Any] = queue.Queue()
         self._max_batch = max_batch
         self._integrity_retries = integrity_retries
@@ -114,6 +116,9 @@ class IngestWriter:
                     break
                 batch.append(nxt)
             self._process(batch)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _run_job(self, session: Session, job: _Job[Any], *, isolate: bool) -> None:
         """Run one job; with ``isolate`` inside a SAVEPOINT, so its failure leaves the batch intact
@@ -144,16 +149,39 @@ class IngestWriter:
         the transaction (holding only that job) is rolled back and an integrity conflict retried."""
         isolate = len(batch) > 1
         for attempt in range(self._integrity_retries + 1):
+            if self._conn is None:
+                self._conn = self._engine.connect()
+            conn = self._conn
             try:
-                with self._session_factory() as session, session.begin():
-                    for job in batch:
-                        self._run_job(session, job, isolate=isolate)
-                    if not isolate and batch[0].error is not None:
-                        raise _SoloJobFailed
+                with conn.begin():
+                    # Jobs get a Session joined to this transaction (ORM jobs such as reprocess flush
+                    # into it); the transaction commits when the block ends.
+                    session = Session(bind=conn, expire_on_commit=False, autoflush=True)
+                    try:
+                        for job in batch:
+                            self._run_job(session, job, isolate=isolate)
+                        if not isolate and batch[0].error is not None:
+                            raise _SoloJobFailed
+                        session.flush()
+                    finally:
+                        session.close()
                 return
             except _SoloJobFailed:
                 if not isinstance(batch[0].error, IntegrityError) or attempt == self._integrity_retries:
                     return
+            except BaseException:
+                self._discard_connection()
+                raise
+
+    def _discard_connection(self) -> None:
+        """After a failure the connection may be broken: the next batch connects afresh."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception:  # closing a dead connection may fail too
+                log.debug("discarding the writer's connection failed", exc_info=True)
 
     def _process(self, batch: list[_Job[Any]]) -> None:
         self.stats.batches += 1
