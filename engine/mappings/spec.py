@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ class Spec:
     required: bool = False
     first_of: list[Spec] | None = None
 
-    @property
+    @cached_property
     def source_path(self) -> str:
         if self.paths:
             return str(self.paths[0])

@@ -53,13 +53,15 @@ class Prepared:
     route: Route | None = None
     values: dict[str, Any] = field(default_factory=dict)
     groups: list[dict[str, Any]] = field(default_factory=list)
-    sources: dict[str, str] = field(default_factory=dict)  # field -> path its value came from
-    declared: dict[str, str] = field(default_factory=dict)  # field -> path its mapping names
+    mapped: MappedMessage | None = None  # where each field came from, for error locations
     mapping_errors: list[MappingError] = field(default_factory=list)
 
     def source_of(self, fld: str | None) -> str:
         """The path a field's value came from, else the path its mapping names (for ERR locations)."""
-        return self.sources.get(fld or "") or self.declared.get(fld or "", "")
+        m, key = self.mapped, fld or ""
+        if m is None:
+            return ""
+        return m.located(key, m.sources.get(key) or m.declared.get(key, ""))
 
     def mapped_json(self) -> dict[str, Any] | None:
         if self.route is None:
@@ -119,6 +121,12 @@ class MappedMessage:
     sources: dict[str, str] = field(default_factory=dict)
     declared: dict[str, str] = field(default_factory=dict)
     errors: list[MappingError] = field(default_factory=list)
+    scopes: dict[str, SegmentSource] = field(default_factory=dict)  # field -> the order group it came from
+
+    def located(self, fld: str, path: str) -> str:
+        """A group-relative path as the occurrence in the whole message (computed only when reported)."""
+        scope = self.scopes.get(fld)
+        return scope.absolute(path) if scope is not None and path else path
 
 
 def map_message(msg: Message, mappings: list[Mapping], *, order_action: bool) -> MappedMessage:
@@ -144,8 +152,9 @@ def map_message(msg: Message, mappings: list[Mapping], *, order_action: bool) ->
         for gi, src in enumerate(group_srcs):
             gres = mapping.apply(src, only=GROUP_FIELDS)
             out.groups[gi].update(gres.values)
-            out.sources.update({k: src.absolute(v) for k, v in gres.sources.items()})
-            out.declared.update({k: src.absolute(v) for k, v in gres.declared.items()})
+            out.sources.update(gres.sources)
+            out.declared.update(gres.declared)
+            out.scopes.update(dict.fromkeys(gres.declared, src))
             for e in gres.errors:
                 e.path = src.absolute(e.path)
             out.errors.extend(gres.errors)
@@ -206,7 +215,7 @@ class HL7Inbound:
             else:
                 mappings.append(mapping)
         mapped = map_message(msg, mappings, order_action=route.action == "order")
-        p.values, p.groups, p.sources, p.declared = mapped.values, mapped.groups, mapped.sources, mapped.declared
+        p.values, p.groups, p.mapped = mapped.values, mapped.groups, mapped
         p.mapping_errors.extend(mapped.errors)
 
     # --- step 2: in the writer thread -----------------------------------------------------------------
@@ -239,7 +248,9 @@ class HL7Inbound:
                     for e in p.mapping_errors]
             return self._finish(session, None, row, p, "error", None, errs)
         conn = session.connection()  # the hot path runs Core statements on the connection directly
-        message_id = add(conn, MESSAGES, **row)  # the domain's history rows point at it
+        # Inserted as it will most likely end (nobody sees it before the commit) so that success needs
+        # no second write of status; the domain's history rows point at it.
+        message_id = add(conn, MESSAGES, **{**row, "status": "processed", "ack_code": "AA", "processed_at": utcnow()})
         try:
             with savepoint(conn):
                 outcome = apply_action(conn, p.route.action, p.values, p.groups, self.channel.options,
@@ -274,6 +285,9 @@ class HL7Inbound:
         conn = session.connection()
         if message_id is None:
             message_id = add(conn, MESSAGES, **{**row, **final})
+        elif status == "processed" and ack_code == "AA":
+            if final.get("patient_id") is not None:
+                update_row(conn, MESSAGES, message_id, patient_id=final["patient_id"])
         else:
             update_row(conn, MESSAGES, message_id, **{"error": None, "patient_id": None, **final})
         add(conn, CONTENT, message_id=message_id, raw=p.raw, mapped=p.mapped_json(), ack="\n".join(replies) or None)
