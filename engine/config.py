@@ -24,8 +24,12 @@ DEFAULT_CONFIG = Path("config/radbridge.toml")
 class DatabaseSettings:
     url: str = ""  # empty: sqlite under storage.dir
     sqlite_synchronous: str = "FULL"
-    busy_timeout_ms: int = 30000
+    # how long a write waits for another process's SQLite lock; with the inline writer the event loop
+    # waits too, so keep it short: past it the message is NAKed (AR, resend) rather than held
+    busy_timeout_ms: int = 5000
     pool_size: int = 5
+    # auto: SQLite commits on the event loop thread (inline), PostgreSQL in a writer thread
+    writer: str = "auto"
 
 
 @dataclass
@@ -215,6 +219,9 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     elif explicit:
         raise ConfigFileError([ConfigProblem(str(path), 0, "", "config file not found")])
     _apply_env(settings, env, problems)
+    if settings.database.writer not in ("auto", "inline", "thread"):
+        problems.append(ConfigProblem(settings.source or "environment", 0, "database.writer",
+                                      "must be auto, inline or thread"))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:

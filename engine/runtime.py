@@ -25,7 +25,7 @@ from engine.connectors.mllp.hl7_listener import HL7Listener
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
-from engine.pipeline.writer import IngestWriter
+from engine.pipeline.writer import IngestWriter, InlineWriter
 from engine.store import migrate
 from engine.store.db import Database, open_database
 from engine.store.models import Message
@@ -104,7 +104,8 @@ class Engine:
         self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
                                 busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size)
         await asyncio.to_thread(migrate.upgrade, self.db)
-        self.writer = IngestWriter(self.db.writer)
+        inline = s.database.writer == "inline" or (s.database.writer == "auto" and self.db.is_sqlite)
+        self.writer = InlineWriter(self.db.writer) if inline else IngestWriter(self.db.writer)
         self.writer.start()
         self.metrics.gauge("radbridge_writer_backlog", "Messages waiting for the ingest writer",
                            lambda: float(self.writer.backlog))
@@ -152,7 +153,9 @@ class Engine:
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None
-        if self.writer is not None:
+        if isinstance(self.writer, InlineWriter):
+            self.writer.stop()
+        elif self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
         if self.db is not None:
             self.db.dispose()

@@ -64,7 +64,7 @@ def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, busy_timeout_
     return eng
 
 
-def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms: int = 30000,
+def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms: int = 5000,
                   pool_size: int = 5) -> Database:
     """Open (not create) the database at ``url``; call :func:`engine.store.migrate.upgrade` to create it."""
     sqlite_synchronous = sqlite_synchronous.upper()
