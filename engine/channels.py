@@ -102,7 +102,7 @@ def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> C
         if typ is bool:
             ok = isinstance(value, bool)
         elif typ is int:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            ok = isinstance(value, int) and not isinstance(value, bool)
         elif typ is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
             value = float(value) if ok else value

@@ -168,3 +168,46 @@ def test_channel_lists_each_mapping_problem_once(running: RunningEngine) -> None
     (ch,) = running.api("/api/channels")[1]["channels"]
     assert sum("PID-99" in p for p in ch["mapping_problems"]) == 1
 
+
+
+def test_a_refusal_in_the_first_order_names_the_first_orders_segment(running: RunningEngine) -> None:
+    one = orm("SN", "PR1", "ACCR1", "REF").rstrip("\r").split("\r")  # SN: a control we do not support
+    two = orm("NW", "PR2", "ACCR2", "REF").rstrip("\r").split("\r")
+    reply = send(running.mllp_port, "\r".join(one + two[2:]) + "\r")
+    assert ack_code(reply) == "AE"
+    assert segment(reply, "ERR")[1].startswith("ORC^1^1^103&"), reply  # not ORC^2
+
+
+def test_required_error_text_names_the_groups_occurrence(running: RunningEngine) -> None:
+    one = orm("NW", "PQ1", "ACCQ1", "REQ").rstrip("\r").split("\r")
+    two = orm("", "PQ2", "ACCQ2", "REQ").rstrip("\r").split("\r")
+    reply = send(running.mllp_port, "\r".join(one + two[2:]) + "\r")
+    assert ack_code(reply) == "AE"
+    assert "ORC[2]-1" in reply and segment(reply, "ERR")[1].startswith("ORC^2^1^101&"), reply
+
+
+def test_a_cancel_with_another_patients_pid_does_not_move_the_order(running: RunningEngine) -> None:
+    send(running.mllp_port, orm("NW", "PMV1", "ACCMV1", "OWNER"))
+    assert ack_code(send(running.mllp_port, orm("CA", "PMV1", "ACCMV1", "STRANGER"))) == "AA"
+    with running.db.read_session() as s:
+        o = s.execute(select(Order).where(Order.accession == "ACCMV1")).scalar_one()
+        owner = s.execute(select(PatientIdentifier).where(PatientIdentifier.value == "OWNER")).scalar_one()
+        assert o.status == "CA" and o.patient_id == owner.patient_id
+
+
+@pytest.mark.parametrize("message,field", [
+    (adt("A40", "M1", "Merge", mrg="X" * 70), "MRG^1^1"),
+    (adt("A01", "T1", "Type", pid_extra="").replace("^MR|", "^" + "T" * 20 + "|"), "PID^1^3"),
+])
+def test_overlong_merge_ids_and_identifier_types_are_ae_104(running: RunningEngine, message: str, field: str) -> None:
+    reply = send(running.mllp_port, message)
+    assert ack_code(reply) == "AE"
+    err = segment(reply, "ERR")
+    assert err[3].startswith("104^") and err[2].startswith(field), reply
+
+
+def test_zero_message_size_says_greater_than_zero(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("name: c\nconnector: {type: mllp}\noptions:\n  max_message_bytes: 0\n"
+                                     "routes:\n  - messages: [ADT^*]\n    action: ignore\n")
+    _channels, problems = load_channels(tmp_path)
+    assert [str(p).split(": ", 1)[1] for p in problems] == ["options.max_message_bytes: must be greater than 0"]

@@ -12,3 +12,4 @@ class DomainError(Exception):
         super().__init__(message)
         self.code = code
         self.field = field  # the domain field at fault, e.g. patient.id (the pipeline finds its source path)
+        self.group: int | None = None  # which ORC group of the message, for order fields

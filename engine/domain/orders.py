@@ -8,7 +8,8 @@ asked to take, applied or not, with the reason. Rules (docs/domain-rules.md):
   kept, so a late NW for the same order does not schedule it.
 * A cancelled or discontinued order is not revived by a later NW/XO/SC; a completed order (CM) is
   not moved back to scheduled or in progress. Both are recorded with applied = false.
-* CA/OC/DC/OD change the status only: their OBR identifies the order, it does not rewrite it.
+* CA/OC/DC/OD change the status only: their OBR identifies the order, it does not rewrite it, and
+  their PID does not move it to another patient.
 * A message whose event time is older than the newest one applied to the order changes nothing.
 """
 
@@ -160,7 +161,7 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
         _history(conn, order.id, control, order["status"], target, False, refusal, message_id, event_time)
         out.notes.append(f"order {order.id}: {refusal}")
         return order
-    if order["patient_id"] != patient.id:
+    if order["patient_id"] != patient.id and control not in ENDING_CONTROLS:
         out.notes.append(f"order {order.id} moved from patient {order['patient_id']} to {patient.id}")
         order.set("patient_id", patient.id)
     # A cancel or discontinue identifies the order; its OBR does not rewrite it.

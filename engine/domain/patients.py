@@ -89,6 +89,7 @@ def _identity(data: dict[str, Any]) -> tuple[str, str]:
     issuer = str(data.get("patient.issuer") or "")
     check_length(PatientIdentifier, "value", str(pid), "patient.id")
     check_length(PatientIdentifier, "issuer", issuer, "patient.issuer")
+    check_length(PatientIdentifier, "type_code", data.get("patient.identifier_type"), "patient.identifier_type")
     return str(pid), issuer
 
 
@@ -149,10 +150,11 @@ def _add_identifiers(conn: Connection, patient_id: int, data: dict[str, Any], ou
         issuer = str(item.get("issuer") or "")
         if not value:
             continue
-        if len(value) > 64 or len(issuer) > 64:
-            out.notes.append(f"identifier {value[:20]}...^{issuer[:20]} is too long to keep; skipped")
+        type_code = item.get("type")
+        if len(value) > 64 or len(issuer) > 64 or (type_code and len(str(type_code)) > 16):
+            out.notes.append(f"identifier {value[:20]}^{issuer[:20]} is too long to keep; skipped")
             continue
-        items.append((value, issuer, item.get("type")))
+        items.append((value, issuer, type_code))
     if not items:
         return []
     owners: dict[tuple[str, str], int] = {}
@@ -241,6 +243,8 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
                           field="merge.prior_id")
     prior_value = str(prior_value)
     prior_issuer = str(data.get("merge.prior_issuer") or "")
+    check_length(PatientIdentifier, "value", prior_value, "merge.prior_id")
+    check_length(PatientIdentifier, "issuer", prior_issuer, "merge.prior_issuer")
     if (prior_value, prior_issuer) == (value, issuer):
         raise DomainError("merge of a patient into itself (MRG-1 equals PID-3)", code=E.DUPLICATE_KEY,
                           field="merge.prior_id")

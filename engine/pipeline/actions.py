@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from engine.channels import ChannelOptions
+from engine.domain.errors import DomainError
 from engine.domain.orders import apply_order
 from engine.domain.patients import Outcome, merge_patients, upsert_patient
 
@@ -25,9 +26,13 @@ def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: 
     elif action == "order":
         if not groups:
             groups = [{}]
-        for group in groups:
-            apply_order(conn, {**values, **group}, out, message_id=message_id,
-                        orders_update_patient=options.orders_update_patient, ignore_stale=stale)
+        for index, group in enumerate(groups):
+            try:
+                apply_order(conn, {**values, **group}, out, message_id=message_id,
+                            orders_update_patient=options.orders_update_patient, ignore_stale=stale)
+            except DomainError as exc:
+                exc.group = index  # so the ERR segment names this order's segment (ORC[2]-1)
+                raise
     elif action != "ignore":
         raise ValueError(f"unknown action {action!r}")
     return out

@@ -56,12 +56,9 @@ class Prepared:
     mapped: MappedMessage | None = None  # where each field came from, for error locations
     mapping_errors: list[MappingError] = field(default_factory=list)
 
-    def source_of(self, fld: str | None) -> str:
-        """The path a field's value came from, else the path its mapping names (for ERR locations)."""
-        m, key = self.mapped, fld or ""
-        if m is None:
-            return ""
-        return m.located(key, m.sources.get(key) or m.declared.get(key, ""))
+    def source_of(self, fld: str | None, group: int | None = None) -> str:
+        """Where a field came from, for ERR locations (see MappedMessage.source_of)."""
+        return self.mapped.source_of(fld or "", group) if self.mapped is not None else ""
 
     def mapped_json(self) -> dict[str, Any] | None:
         if self.route is None:
@@ -121,12 +118,18 @@ class MappedMessage:
     sources: dict[str, str] = field(default_factory=dict)
     declared: dict[str, str] = field(default_factory=dict)
     errors: list[MappingError] = field(default_factory=list)
-    scopes: dict[str, SegmentSource] = field(default_factory=dict)  # field -> the order group it came from
+    # per ORC group: its segments and where each of its fields came from (resolved only when reported)
+    group_sources: list[tuple[SegmentSource, dict[str, str], dict[str, str]]] = field(default_factory=list)
 
-    def located(self, fld: str, path: str) -> str:
-        """A group-relative path as the occurrence in the whole message (computed only when reported)."""
-        scope = self.scopes.get(fld)
-        return scope.absolute(path) if scope is not None and path else path
+    def source_of(self, fld: str, group: int | None = None) -> str:
+        """The path a field's value came from, else the path its mapping names, as the segment's
+        occurrence in the whole message (ORC[2]-1), for ERR locations."""
+        if group is not None and 0 <= group < len(self.group_sources):
+            src, sources, declared = self.group_sources[group]
+            path = sources.get(fld) or declared.get(fld, "")
+            if path:
+                return src.absolute(path)
+        return self.sources.get(fld) or self.declared.get(fld, "")
 
 
 def map_message(msg: Message, mappings: list[Mapping], *, order_action: bool) -> MappedMessage:
@@ -140,6 +143,7 @@ def map_message(msg: Message, mappings: list[Mapping], *, order_action: bool) ->
     message_src = SegmentSource(msg)
     group_srcs = [SegmentSource(msg, g, scoped) for g in groups]
     out.groups = [{} for _ in groups]
+    out.group_sources = [(src, {}, {}) for src in group_srcs]
     for mapping in mappings:
         per_group = order_action and mapping.maps_orders
         res = mapping.apply(message_src, exclude=GROUP_FIELDS if per_group else ())
@@ -152,11 +156,13 @@ def map_message(msg: Message, mappings: list[Mapping], *, order_action: bool) ->
         for gi, src in enumerate(group_srcs):
             gres = mapping.apply(src, only=GROUP_FIELDS)
             out.groups[gi].update(gres.values)
-            out.sources.update(gres.sources)
-            out.declared.update(gres.declared)
-            out.scopes.update(dict.fromkeys(gres.declared, src))
+            out.group_sources[gi][1].update(gres.sources)
+            out.group_sources[gi][2].update(gres.declared)
             for e in gres.errors:
-                e.path = src.absolute(e.path)
+                located = src.absolute(e.path)
+                if located != e.path:
+                    e.message = e.message.replace(e.path, located)
+                    e.path = located
             out.errors.extend(gres.errors)
     if order_action and not groups:
         out.errors.append(MappingError("order.control", "ORC-1", "the message has no ORC segment", E.SEGMENT_SEQUENCE))
@@ -256,7 +262,7 @@ class HL7Inbound:
                 outcome = apply_action(conn, p.route.action, p.values, p.groups, self.channel.options,
                                        message_id)
         except DomainError as exc:
-            err = error_at(p.source_of(exc.field), exc.code, str(exc))
+            err = error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))
             return self._finish(session, message_id, row, p, "error", None, [err])
         except OperationalError:
             raise  # the database is in trouble: the whole batch fails, nothing is acknowledged
@@ -363,7 +369,7 @@ def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
             outcome = apply_action(conn, p.route.action, p.values, p.groups, inbound.channel.options, row.id)
     except DomainError as exc:
         row.status, row.ack_code = "error", "AE"
-        row.error = error_at(p.source_of(exc.field), exc.code, str(exc)).describe()
+        row.error = error_at(p.source_of(exc.field, exc.group), exc.code, str(exc)).describe()
         return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
     except OperationalError:
         raise
