@@ -61,7 +61,7 @@ def test_channel_problems_name_file_line_and_field(tmp_path: Path) -> None:
     text = "\n".join(str(p) for p in problems)
     f = str(tmp_path / "bad.yaml")
     assert f"{f}:2: connector.type: unknown connector type 'smoke-signal'" in text
-    assert f"{f}:4: options.max_message_bytes: expected int" in text
+    assert f"{f}:4: options.max_message_bytes: must be greater than 0" in text
     assert f"{f}:5: options.colour: unknown option" in text
     assert f"{f}:8: routes[1].action: unknown action 'patient.teleport'" in text
     assert f"{f}:9: routes[1].mappings: no mapping named 'nope'" in text
