@@ -109,6 +109,18 @@ class Engine:
         self.writer.start()
         self.metrics.gauge("radbridge_writer_backlog", "Messages waiting for the ingest writer",
                            lambda: float(self.writer.backlog))
+        self.metrics.gauge("radbridge_writer_batches_total", "Transactions the ingest writer committed",
+                           lambda: float(self.writer.stats.batches))
+        self.metrics.gauge("radbridge_writer_jobs_total", "Messages the ingest writer handled",
+                           lambda: float(self.writer.stats.jobs))
+        self.metrics.gauge("radbridge_writer_commit_failures_total",
+                           "Batches that could not be committed (nothing in them was acknowledged)",
+                           lambda: float(self.writer.stats.commit_failures))
+        self.metrics.gauge("radbridge_writer_integrity_retries_total",
+                           "Jobs retried after a conflict with another engine process",
+                           lambda: float(self.writer.stats.retried))
+        self.metrics.gauge("radbridge_mapping_reloads_total", "Mapping files reloaded after a change",
+                           lambda: float(self.mappings.reloads))
         try:
             for ch in channels:
                 self.channels[ch.name] = ch

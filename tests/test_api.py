@@ -84,3 +84,11 @@ def test_order_api_filters(running: RunningEngine) -> None:
                                   orm("CA", "F2", "ACCF2", "PF")])
     assert [o["accession"] for o in running.api("/api/orders?status=CA")[1]["orders"]] == ["ACCF2"]
     assert [o["accession"] for o in running.api("/api/orders?placer=F1")[1]["orders"]] == ["ACCF1"]
+
+
+def test_metrics_show_the_writer_and_mapping_reloads(running: RunningEngine) -> None:
+    send(running.mllp_port, adt("A01", "WM1", "Writer"))
+    status, text = running.api("/metrics", token=None)
+    jobs = next(line for line in text.splitlines() if line.startswith("radbridge_writer_jobs_total "))
+    assert float(jobs.split()[1]) >= 1
+    assert "radbridge_writer_commit_failures_total 0" in text and "radbridge_mapping_reloads_total 0" in text

@@ -211,9 +211,6 @@ class Message:
     def all(self, name: str) -> list[Segment]:
         return self._index.get(name, [])
 
-    def has(self, name: str) -> bool:
-        return name in self._index
-
     @property
     def msh(self) -> Segment:
         return self.segments[0]

@@ -131,8 +131,4 @@ class SegmentSource:
                 for r in self.repetitions(path)]
 
 
-def read_in_repetition(rep: str, comp: int | None, sub: int | None, msg: Message) -> Value:
-    return component(rep, comp, sub, msg.seps)
-
-
-__all__ = ["HL7Path", "NULL", "PathError", "SegmentSource", "parse_path", "parse_relative", "read_in_repetition"]
+__all__ = ["HL7Path", "NULL", "PathError", "SegmentSource", "parse_path", "parse_relative"]

@@ -8,7 +8,6 @@ mid-transaction); readers use plain ``BEGIN`` and never wait for writers.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,3 @@ def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms
         write_session=sessionmaker(writer, expire_on_commit=False),
         read_session=sessionmaker(reader, expire_on_commit=False),
     )
-
-
-def default_sqlite_url(storage_dir: str | os.PathLike[str]) -> str:
-    return f"sqlite:///{Path(storage_dir) / 'radbridge.db'}"
