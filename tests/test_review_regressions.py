@@ -211,3 +211,15 @@ def test_zero_message_size_says_greater_than_zero(tmp_path: Path) -> None:
                                      "routes:\n  - messages: [ADT^*]\n    action: ignore\n")
     _channels, problems = load_channels(tmp_path)
     assert [str(p).split(": ", 1)[1] for p in problems] == ["options.max_message_bytes: must be greater than 0"]
+
+
+def test_an_a01_overtaken_by_its_a08_still_adds_its_identifiers(running: RunningEngine) -> None:
+    port = running.mllp_port
+    assert ack_code(send(port, adt("A08", "OVT", "Newer", ts="20240320000000"))) == "AA"
+    assert ack_code(send(port, adt("A01", "OVT", "Older", ts="20240301000000",
+                                   pid_extra="~999-00-1111^^^SSA^SS"))) == "AA"
+    with running.db.read_session() as s:
+        ident = s.execute(select(PatientIdentifier).where(PatientIdentifier.value == "999-00-1111")).scalar_one()
+        owner = s.execute(select(PatientIdentifier).where(PatientIdentifier.value == "OVT")).scalar_one()
+        assert ident.patient_id == owner.patient_id
+        assert owner.patient.family_name == "Newer"  # the older demographics did not win

@@ -204,6 +204,10 @@ def update_patient(conn: Connection, p: Record, data: dict[str, Any], out: Outco
     if ignore_stale and is_older(event_time, p["source_time"]):
         out.notes.append(f"stale update: event time {event_time} is older than {p['source_time']} already "
                          "applied; demographics kept")
+        # Identifiers are not demographics: an A01 overtaken by its A08 still brings its SSN, MPI ID...
+        added = _add_identifiers(conn, p.id, data, out)
+        if added:
+            record(conn, p.id, out, "updated", {"fields": {}, "identifiers_added": added}, event_time)
         return
     diff = _demographics(data, p, out)
     for col, value in _columns(diff).items():
