@@ -98,22 +98,37 @@ def _compile(conn: Connection, key: tuple[Any, ...], build: Any) -> _Compiled:
 
 def _execute(conn: Connection, compiled: _Compiled, params: dict[str, Any]) -> Any:
     procs = compiled.processors
-    values = {k: (procs[k](v) if k in procs and v is not None else v)
-              for k, v in ({**compiled.literals, **params}).items()}
-    args: Any = tuple(values[n] for n in compiled.names) if compiled.names is not None else values
+    if compiled.literals:
+        params = {**compiled.literals, **params}
+    for k in procs.keys() & params.keys():
+        v = params[k]
+        if v is not None:
+            params[k] = procs[k](v)
+    args: Any = tuple(params[n] for n in compiled.names) if compiled.names is not None else params
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     cursor.execute(compiled.sql, args)
     return cursor
 
 
+_DEFAULTS: dict[tuple[str, bool], tuple[tuple[str, Any], ...]] = {}
+
+
 def _with_defaults(table: Table, values: dict[str, Any], *, on_update: bool = False) -> dict[str, Any]:
     """Column defaults (created_at, version ...) or, for an UPDATE, onupdate values (updated_at)
     that SQLAlchemy would have filled in at execution."""
+    key = (table.name, on_update)
+    defaults = _DEFAULTS.get(key)
+    if defaults is None:
+        found = []
+        for col in table.c:
+            default: Any = col.onupdate if on_update else col.default
+            if default is not None and not col.primary_key:
+                found.append((col.name, default))
+        defaults = _DEFAULTS[key] = tuple(found)
     out = dict(values)
-    for col in table.c:
-        default: Any = col.onupdate if on_update else col.default
-        if col.name not in out and default is not None and not col.primary_key:
-            out[col.name] = default.arg(None) if default.is_callable else default.arg
+    for name, default in defaults:
+        if name not in out:
+            out[name] = default.arg(None) if default.is_callable else default.arg
     return out
 
 

@@ -190,7 +190,7 @@ def component(rep: str, comp: int | None, sub: int | None, seps: Separators) -> 
 class Message:
     """A parsed HL7 v2 message. Construct with :func:`parse_message`."""
 
-    __slots__ = ("text", "seps", "segments", "charset", "_index")
+    __slots__ = ("text", "seps", "segments", "charset", "_index", "_header")
 
     def __init__(self, text: str, seps: Separators, segments: list[Segment], charset: str) -> None:
         self.text = text
@@ -198,6 +198,7 @@ class Message:
         self.segments = segments
         self.charset = charset  # the Python codec used to decode it
         self._index: dict[str, list[Segment]] = {}
+        self._header: dict[tuple[int, int | None], str] = {}
         for seg in segments:
             self._index.setdefault(seg.name, []).append(seg)
 
@@ -216,13 +217,21 @@ class Message:
         return self.segments[0]
 
     def msh_value(self, field: int, comp: int | None = None) -> str:
+        """A header value (first repetition), read once per message."""
+        key = (field, comp)
+        cached = self._header.get(key)
+        if cached is not None:
+            return cached
         reps = self.msh.repetitions(field)
         if not reps:
-            return ""
-        if field in (1, 2):
-            return reps[0]
-        v = component(reps[0], comp, None, self.seps)
-        return v if isinstance(v, str) else ""
+            value = ""
+        elif field in (1, 2):
+            value = reps[0]
+        else:
+            v = component(reps[0], comp, None, self.seps)
+            value = v if isinstance(v, str) else ""
+        self._header[key] = value
+        return value
 
     # --- header shortcuts -----------------------------------------------------------------------
     @property
