@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Table, bindparam, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError
 
 from engine.store.models import (
     Message,
@@ -105,8 +106,19 @@ def _execute(conn: Connection, compiled: _Compiled, params: dict[str, Any]) -> A
         if v is not None:
             params[k] = procs[k](v)
     args: Any = tuple(params[n] for n in compiled.names) if compiled.names is not None else params
+    return driver_execute(conn, compiled.sql, args)
+
+
+def driver_execute(conn: Connection, sql: str, args: Any = ()) -> Any:
+    """Run SQL on the DBAPI cursor, raising SQLAlchemy's exception classes as its own execution
+    would (IntegrityError for a unique violation, OperationalError for a lost connection ...), so
+    callers' error handling does not depend on which path ran the statement."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    cursor.execute(compiled.sql, args)
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        cursor.execute(sql, args)
+    except dbapi.Error as err:
+        raise DBAPIError.instance(sql, args, err, dbapi.Error, dialect=conn.dialect) from err
     return cursor
 
 
@@ -202,7 +214,7 @@ class savepoint:  # noqa: N801 - used as a context manager, like SQLAlchemy's be
         self.conn, self.name = conn, name
 
     def _run(self, sql: str) -> None:
-        self.conn.connection.driver_connection.cursor().execute(sql)  # type: ignore[union-attr]
+        driver_execute(self.conn, sql)
 
     def __enter__(self) -> savepoint:
         self._run(f"SAVEPOINT {self.name}")

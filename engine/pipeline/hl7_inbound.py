@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from engine.channels import Channel, Route
@@ -30,6 +30,7 @@ from engine.hl7.paths import PathError, SegmentSource, parse_path
 from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping, MappingError
 from engine.pipeline.actions import apply_action
+from engine.pipeline.writer import FINAL_ATTEMPT
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
 from engine.store.types import utcnow
@@ -266,6 +267,14 @@ class HL7Inbound:
             return self._finish(session, message_id, row, p, "error", None, [err])
         except OperationalError:
             raise  # the database is in trouble: the whole batch fails, nothing is acknowledged
+        except IntegrityError as exc:
+            # Another engine process created the same patient or order meanwhile: the writer retries
+            # the message, which then finds it. Only on its last attempt is the message kept as AE.
+            if not session.info.get(FINAL_ATTEMPT, True):
+                raise
+            log.error("channel %s: message %s conflicted on every attempt: %s", self.channel.name, message_id, exc)
+            err = HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))
+            return self._finish(session, message_id, row, p, "error", None, [err])
         except Exception as exc:
             # A bug or a database refusal while applying: keep the message (AE, reprocessable), never lose it.
             log.exception("channel %s: applying message %s failed", self.channel.name, message_id)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _STOP = object()
+# session.info key: True on a job's last attempt (a job may then give up on an integrity conflict)
+FINAL_ATTEMPT = "radbridge.final_attempt"
 
 
 class _SoloJobFailed(Exception):
@@ -125,6 +127,8 @@ class IngestWriter:
         (an integrity conflict, another engine process creating the same patient, is retried there)."""
         attempts = self._integrity_retries + 1 if isolate else 1
         for attempt in range(attempts):
+            if isolate:
+                session.info[FINAL_ATTEMPT] = attempt == attempts - 1
             try:
                 if isolate:
                     with session.begin_nested():
@@ -157,6 +161,7 @@ class IngestWriter:
                     # Jobs get a Session joined to this transaction (ORM jobs such as reprocess flush
                     # into it); the transaction commits when the block ends.
                     session = Session(bind=conn, expire_on_commit=False, autoflush=True)
+                    session.info[FINAL_ATTEMPT] = isolate or attempt == self._integrity_retries
                     try:
                         for job in batch:
                             self._run_job(session, job, isolate=isolate)
