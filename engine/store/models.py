@@ -59,7 +59,9 @@ class Message(Base):
     ack_code: Mapped[str | None] = mapped_column(String(2))
     error: Mapped[str | None] = mapped_column(Text)
     processed_at: Mapped[datetime | None]
-    duplicate_of: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    # indexed: deleting a message (retention) must find what refers to it without a scan
+    duplicate_of: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"),
+                                                     index=True)
     patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id", ondelete="SET NULL"))
     attempts: Mapped[int] = mapped_column(Integer, default=1)
     content_pruned: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -142,7 +144,8 @@ class PatientChange(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     patient_id: Mapped[int] = mapped_column(BigId, ForeignKey("patients.id", ondelete="CASCADE"), index=True)
-    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"),
+                                                   index=True)
     at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))
     changes: Mapped[dict[str, Any] | None]
@@ -217,7 +220,8 @@ class OrderStatusChange(Base):
     to_status: Mapped[str] = mapped_column(String(8))
     applied: Mapped[bool] = mapped_column(Boolean, default=True)
     note: Mapped[str | None] = mapped_column(Text)
-    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"))
+    message_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("messages.id", ondelete="SET NULL"),
+                                                   index=True)
     source_time: Mapped[str | None] = mapped_column(String(32))
 
     order: Mapped[Order] = relationship(back_populates="history")

@@ -49,11 +49,15 @@ def prune(db: Database, policy: RetentionSettings, *, stop: threading.Event | No
     def stopped() -> bool:
         return stop is not None and stop.is_set()
 
+    # Each pass pages by id (keyset): a batch starts where the last one ended instead of scanning
+    # past everything already pruned.
     content_cutoff = now - timedelta(days=policy.content_days)
+    after = 0
     for _ in range(MAX_BATCHES_PER_RUN):
         if stopped():
             break
-        q = select(Message.id).where(Message.received_at < content_cutoff, Message.content_pruned.is_(False))
+        q = select(Message.id).where(Message.id > after, Message.received_at < content_cutoff,
+                                     Message.content_pruned.is_(False))
         if policy.keep_errors:
             q = q.where(Message.status.not_in(KEPT_STATUSES))
         ids = _batch_ids(db, q.order_by(Message.id).limit(policy.batch_size))
@@ -62,6 +66,7 @@ def prune(db: Database, policy: RetentionSettings, *, stop: threading.Event | No
         with db.write_session() as s, s.begin():
             s.execute(delete(MessageContent).where(MessageContent.message_id.in_(ids)))
             s.execute(update(Message).where(Message.id.in_(ids)).values(content_pruned=True))
+        after = ids[-1]
         report.content += len(ids)
         report.batches += 1
         if len(ids) < policy.batch_size:
@@ -69,10 +74,11 @@ def prune(db: Database, policy: RetentionSettings, *, stop: threading.Event | No
         time.sleep(policy.pause_seconds)
 
     meta_cutoff = now - timedelta(days=policy.metadata_days)
+    after = 0
     for _ in range(MAX_BATCHES_PER_RUN):
         if stopped():
             break
-        q = select(Message.id).where(Message.received_at < meta_cutoff)
+        q = select(Message.id).where(Message.id > after, Message.received_at < meta_cutoff)
         if policy.keep_errors:
             q = q.where(Message.status.not_in(KEPT_STATUSES))
         ids = _batch_ids(db, q.order_by(Message.id).limit(policy.batch_size))
@@ -81,6 +87,7 @@ def prune(db: Database, policy: RetentionSettings, *, stop: threading.Event | No
         with db.write_session() as s, s.begin():
             s.execute(update(Message).where(Message.duplicate_of.in_(ids)).values(duplicate_of=None))
             s.execute(delete(Message).where(Message.id.in_(ids)))
+        after = ids[-1]
         report.messages += len(ids)
         report.batches += 1
         if len(ids) < policy.batch_size:

@@ -6,7 +6,7 @@ Create Date: ${create_date}
 """
 from __future__ import annotations
 
-import sqlalchemy as sa
+import sqlalchemy as sa  # noqa: F401 - used by most revisions
 from alembic import op
 from sqlalchemy import Text  # noqa: F401 - autogenerate renders JSONB(astext_type=Text())
 
