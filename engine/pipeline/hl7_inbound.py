@@ -251,37 +251,45 @@ class HL7Inbound:
         if p.route.action == "ignore":
             return self._finish(session, None, row, p, "filtered", None, [])
         if p.mapping_errors:
-            errs = [error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message)
-                    for e in p.mapping_errors]
-            return self._finish(session, None, row, p, "error", None, errs)
+            return self._finish(session, None, row, p, "error", None, self.mapping_errors(p))
         conn = session.connection()  # the hot path runs Core statements on the connection directly
         # Inserted as it will most likely end (nobody sees it before the commit) so that success needs
         # no second write of status; the domain's history rows point at it.
         message_id = add(conn, MESSAGES, **{**row, "status": "processed", "ack_code": "AA", "processed_at": utcnow()})
+        outcome, errors = self.apply(session, p, message_id)
+        if outcome is None:
+            return self._finish(session, message_id, row, p, "error", None, errors)
+        row["patient_id"] = outcome.patient_id
+        return self._finish(session, message_id, row, p, "processed", outcome, [])
+
+    @staticmethod
+    def mapping_errors(p: Prepared) -> list[HL7Error]:
+        return [error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message)
+                for e in p.mapping_errors]
+
+    def apply(self, session: Session, p: Prepared, message_id: int) -> tuple[Outcome | None, list[HL7Error]]:
+        """Apply a mapped message inside a SAVEPOINT: (outcome, []) or (None, the ERR detail).
+
+        A database in trouble (OperationalError) propagates: the batch fails, nothing is acknowledged.
+        A conflict with another engine process (IntegrityError) propagates so the writer retries,
+        except on its last attempt. Anything else keeps the message as AE (reprocessable)."""
+        assert p.route is not None
+        conn = session.connection()
         try:
             with savepoint(conn):
-                outcome = apply_action(conn, p.route.action, p.values, p.groups, self.channel.options,
-                                       message_id)
+                return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id), []
         except DomainError as exc:
-            err = error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))
-            return self._finish(session, message_id, row, p, "error", None, [err])
+            return None, [error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))]
         except OperationalError:
-            raise  # the database is in trouble: the whole batch fails, nothing is acknowledged
+            raise
         except IntegrityError as exc:
-            # Another engine process created the same patient or order meanwhile: the writer retries
-            # the message, which then finds it. Only on its last attempt is the message kept as AE.
             if not session.info.get(FINAL_ATTEMPT, True):
                 raise
             log.error("channel %s: message %s conflicted on every attempt: %s", self.channel.name, message_id, exc)
-            err = HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))
-            return self._finish(session, message_id, row, p, "error", None, [err])
+            return None, [HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))]
         except Exception as exc:
-            # A bug or a database refusal while applying: keep the message (AE, reprocessable), never lose it.
             log.exception("channel %s: applying message %s failed", self.channel.name, message_id)
-            err = HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))
-            return self._finish(session, message_id, row, p, "error", None, [err])
-        row["patient_id"] = outcome.patient_id
-        return self._finish(session, message_id, row, p, "processed", outcome, [])
+            return None, [HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))]
 
     def _finish(self, session: Session, message_id: int | None, row: dict[str, Any], p: Prepared, status: str,
                 outcome: Outcome | None, errors: list[HL7Error], *, ack_code: str | None = None,
@@ -367,25 +375,13 @@ def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
     if p.route.action == "ignore":
         row.status, row.ack_code, row.error = "filtered", "AA", None
         return Stored(row.id, "filtered", "AA", [], "utf-8")
-    if p.mapping_errors:
+    errors = inbound.mapping_errors(p)
+    outcome = None
+    if not errors:
+        outcome, errors = inbound.apply(session, p, row.id)
+    if outcome is None:
         row.status, row.ack_code = "error", "AE"
-        row.error = "; ".join(error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message).describe()
-                              for e in p.mapping_errors)
-        return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
-    try:
-        conn = session.connection()
-        with conn.begin_nested():
-            outcome = apply_action(conn, p.route.action, p.values, p.groups, inbound.channel.options, row.id)
-    except DomainError as exc:
-        row.status, row.ack_code = "error", "AE"
-        row.error = error_at(p.source_of(exc.field, exc.group), exc.code, str(exc)).describe()
-        return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
-    except OperationalError:
-        raise
-    except Exception as exc:
-        log.exception("reprocessing message %s failed", row.id)
-        row.status, row.ack_code = "error", "AE"
-        row.error = HL7Error(E.INTERNAL_ERROR, internal_error_text(exc)).describe()
+        row.error = "; ".join(e.describe() for e in errors)[:4000]
         return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
     row.status, row.ack_code, row.error, row.processed_at = "processed", "AA", None, utcnow()
     row.patient_id = outcome.patient_id
