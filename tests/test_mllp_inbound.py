@@ -212,10 +212,8 @@ def test_resent_control_id_is_acked_again_but_applied_once(running: RunningEngin
     assert ack_code(send(port, other_sender)) == "AA"
 
     def check(s: Session) -> None:
-        rows = s.execute(select(Message.status).where(Message.control_id == msh("x", "x") and Message.id > 0)
-                         .order_by(Message.id)).scalars().all()
         statuses = s.execute(select(Message.status).order_by(Message.id)).scalars().all()
-        assert statuses == ["processed", "duplicate", "processed"] and rows == []
+        assert statuses == ["processed", "duplicate", "processed"]
         dup = s.execute(select(Message).where(Message.status == "duplicate")).scalar_one()
         assert dup.duplicate_of is not None
     q(running, check)
