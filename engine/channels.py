@@ -29,7 +29,8 @@ ACTIONS = {
     "order": "create, update or cancel the imaging order by ORC-1 (ORM^O01, OMI^O23)",
     "ignore": "store and ACK, apply nothing",
 }
-CONNECTORS = ("mllp",)
+CONNECTORS = ("mllp", "dicom")
+DUPLICATE_POLICIES = ("ignore", "overwrite", "reject")
 
 
 @dataclass
@@ -45,6 +46,27 @@ class ChannelOptions:
     update_creates_patient: bool = True
     orders_update_patient: bool = False  # IHE: ADT owns demographics; ORM's PID only creates unknown patients
     ignore_stale_updates: bool = True
+
+
+@dataclass
+class DicomOptions:
+    """Options of a DICOM channel (connector type dicom); see docs/dicom.md."""
+
+    # the same SOP Instance UID again: ignore (keep the stored file, report success), overwrite
+    # (replace it), reject (refuse it with 0111 unless it is byte-identical to the stored one)
+    duplicates: str = "ignore"
+    allowed_calling_aets: list[str] = field(default_factory=list)  # empty: any calling AE title
+    require_called_aet: bool = True  # refuse associations addressed to another AE title
+    max_associations: int = 32
+    min_free_mb: int = 512  # refuse C-STORE (A700 out of resources) when storage has less free space
+    acse_timeout_seconds: float = 30.0
+    dimse_timeout_seconds: float = 60.0
+    network_timeout_seconds: float = 120.0  # an association idle this long is aborted
+    max_pdu_bytes: int = 0  # largest PDU we accept; 0: no limit (fewer, larger PDUs are faster)
+    worklist_statuses: list[str] = field(default_factory=lambda: ["SC", "IP"])  # order statuses on the MWL
+    worklist_max_results: int = 500
+    query_max_results: int = 1000
+    names_case_insensitive: bool = True  # C-FIND matching of person names ignores case
 
 
 @dataclass
@@ -71,6 +93,8 @@ class Channel:
     options: ChannelOptions
     enabled: bool = True
     description: str = ""
+    aet: str | None = None  # DICOM channels: the called AE title (default dicom.aet)
+    dicom: DicomOptions = field(default_factory=DicomOptions)
 
     def route_for(self, message_type: str) -> Route | None:
         for r in self.routes:
@@ -82,15 +106,15 @@ class Channel:
         return any(r.matches_code(code) for r in self.routes)
 
 
-def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> ChannelOptions:
-    opts = ChannelOptions()
+def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem], cls: type[Any] = ChannelOptions) -> Any:
+    opts = cls()
     if raw is None:
         return opts
     if not isinstance(raw, dict):
         problems.append(ConfigProblem(file, line, "options", "options must be a mapping"))
         return opts
-    hints = get_type_hints(ChannelOptions)
-    names = {f.name for f in fields(ChannelOptions)}
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
     for key, value in raw.items():
         kline = raw.line_of(key) if isinstance(raw, LineDict) else line
         if key not in names:
@@ -116,6 +140,9 @@ def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> C
                                           f"got {value!r}"))
             continue
         setattr(opts, key, value)
+    if isinstance(opts, DicomOptions):
+        _check_dicom_options(opts, raw, file, line, problems)
+        return opts
     for key in ("idle_timeout_seconds", "max_message_bytes"):
         if getattr(opts, key) <= 0:
             problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) else line,
@@ -131,6 +158,22 @@ def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> C
                     problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) else line,
                                                   f"options.{key}", f"unknown character set {name!r}"))
     return opts
+
+
+def _check_dicom_options(opts: DicomOptions, raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> None:
+    def where(key: str) -> int:
+        return raw.line_of(key) if isinstance(raw, LineDict) and key in raw else line
+
+    if opts.duplicates not in DUPLICATE_POLICIES:
+        problems.append(ConfigProblem(file, where("duplicates"), "options.duplicates",
+                                      f"must be one of {', '.join(DUPLICATE_POLICIES)}, got {opts.duplicates!r}"))
+    for key in ("max_associations", "worklist_max_results", "query_max_results"):
+        if getattr(opts, key) <= 0:
+            problems.append(ConfigProblem(file, where(key), f"options.{key}", "must be greater than 0"))
+    for aet in opts.allowed_calling_aets:
+        if not aet.strip() or len(aet) > 16:
+            problems.append(ConfigProblem(file, where("allowed_calling_aets"), "options.allowed_calling_aets",
+                                          f"{aet!r} is not an AE title (1 to 16 characters)"))
 
 
 def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) -> tuple[Channel | None,
@@ -152,7 +195,7 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
         problem(line_of("name") or 1, "name", "every channel needs a name")
         name = Path(file).stem
     conn = data.get("connector")
-    ctype, port = None, None
+    ctype, port, aet = None, None, None
     if not isinstance(conn, dict):
         problem(line_of("connector") or 1, "connector", "connector: {type: mllp, port: 2575} is required")
     else:
@@ -165,13 +208,23 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
             problem(conn.line_of("port") if isinstance(conn, LineDict) else 0, "connector.port",
                     f"port must be a number from 0 to 65535, got {port!r}")
             port = None
+        aet = conn.get("aet")
+        if aet is not None and (ctype != "dicom" or not isinstance(aet, str) or not 0 < len(aet.strip()) <= 16):
+            problem(conn.line_of("aet") if isinstance(conn, LineDict) else 0, "connector.aet",
+                    "aet (DICOM channels only) is an AE title of 1 to 16 characters")
+            aet = None
+        allowed = ("type", "port", "aet") if ctype == "dicom" else ("type", "port")
         for key in conn:
-            if key not in ("type", "port"):
+            if key not in allowed:
                 problem(conn.line_of(key) if isinstance(conn, LineDict) else 0, f"connector.{key}",
-                        "unknown key; expected type, port")
+                        f"unknown key; expected {', '.join(allowed)}")
     routes: list[Route] = []
     raw_routes = data.get("routes")
-    if not isinstance(raw_routes, list) or not raw_routes:
+    if ctype == "dicom":
+        if raw_routes is not None:  # a DICOM channel stores every instance it accepts
+            problem(line_of("routes"), "routes", "DICOM channels have no routes; use options")
+        raw_routes = []
+    elif not isinstance(raw_routes, list) or not raw_routes:
         problem(line_of("routes") or 1, "routes", "routes: must list at least one route")
         raw_routes = []
     for i, r in enumerate(raw_routes):
@@ -208,13 +261,19 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
                 problem(r.line_of(key) if isinstance(r, LineDict) else rline, f"{where}.{key}",
                         "unknown key; expected messages, action, mappings")
         routes.append(Route([m.upper() for m in msgs], str(action), [str(m) for m in maps], rline))
-    opts = _options(data.get("options"), file, line_of("options"), problems)
+    if ctype == "dicom":
+        opts = ChannelOptions()
+        dicom_opts = _options(data.get("options"), file, line_of("options"), problems, DicomOptions)
+    else:
+        opts = _options(data.get("options"), file, line_of("options"), problems)
+        dicom_opts = DicomOptions()
     enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
         problem(line_of("enabled"), "enabled", "enabled is true or false")
         enabled = True
     channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes, options=opts,
-                      enabled=enabled, description=str(data.get("description") or ""))
+                      enabled=enabled, description=str(data.get("description") or ""),
+                      aet=aet.strip() if isinstance(aet, str) else None, dicom=dicom_opts)
     return (None if problems else channel), problems
 
 

@@ -52,9 +52,22 @@ class HTTPSettings:
 
 @dataclass
 class DicomSettings:
-    port: int = 11112
-    aet: str = "RADBRIDGE"
-    stable_seconds: float = 30.0
+    port: int = 11112  # default port of DICOM channels that do not name one
+    aet: str = "RADBRIDGE"  # default AE title of DICOM channels that do not name one
+    stable_seconds: float = 30.0  # a study with no new instance for this long is stable
+    # C-MOVE destinations, "AET=host:port" each (RADBRIDGE_DICOM_DESTINATIONS: comma-separated)
+    destinations: list[str] = field(default_factory=list)
+    # fsync each received file and its directory before the C-STORE success is sent; false trades
+    # that promise for speed (what Orthanc and storescp do by default) and is for test rigs only
+    fsync: bool = True
+
+    def destination(self, aet: str) -> tuple[str, int] | None:
+        for entry in self.destinations:
+            name, _, addr = entry.partition("=")
+            if name.strip() == aet.strip():
+                host, _, port = addr.rpartition(":")
+                return host.strip(), int(port)
+        return None
 
 
 @dataclass
@@ -222,6 +235,12 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     if settings.database.writer not in ("auto", "inline", "thread"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "database.writer",
                                       "must be auto, inline or thread"))
+    for entry in settings.dicom.destinations:
+        name, eq, addr = entry.partition("=")
+        host, colon, port = addr.rpartition(":")
+        if not (eq and colon and name.strip() and host.strip() and port.strip().isdigit() and len(name.strip()) <= 16):
+            problems.append(ConfigProblem(settings.source or "environment", 0, "dicom.destinations",
+                                          f"{entry!r} is not AET=host:port"))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:

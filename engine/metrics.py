@@ -88,6 +88,15 @@ class Metrics:
         self.latency = Histogram("radbridge_ack_latency_seconds",
                                  "Time from a complete frame to its ACK being written, per channel")
         self.pruned = Counter("radbridge_retention_pruned_total", "Rows pruned by retention, per kind")
+        self.dicom_stored = Counter("radbridge_dicom_instances_total",
+                                    "C-STORE requests answered, per channel and outcome (stored, duplicate, failed ...)")
+        self.dicom_requests = Counter("radbridge_dicom_requests_total",
+                                      "DIMSE requests served, per channel and service (echo, find, mwl, move, get)")
+        self.dicom_associations = Counter("radbridge_dicom_associations_total",
+                                          "Associations, per channel and result (accepted, rejected, aborted)")
+        self.store_latency = Histogram("radbridge_dicom_store_seconds",
+                                       "Time from a complete C-STORE request to its response, per channel")
+        self.studies_stable = Counter("radbridge_studies_stable_total", "Studies that became stable")
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help: str, fn: Callable[[], float]) -> None:
@@ -96,7 +105,8 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.received, self.acked, self.failed, self.duplicates, self.connections, self.frame_errors,
-                  self.latency, self.pruned):
+                  self.latency, self.pruned, self.dicom_stored, self.dicom_requests, self.dicom_associations,
+                  self.store_latency, self.studies_stable):
             lines.extend(m.render())
         for name, (help, fn) in sorted(self._gauges.items()):
             try:

@@ -21,11 +21,14 @@ from sqlalchemy.orm import selectinload
 
 from engine.channels import Channel, load_channels
 from engine.config import Settings
+from engine.connectors.dicom.scp import DicomListener
 from engine.connectors.mllp.hl7_listener import HL7Listener
+from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
 from engine.pipeline.writer import IngestWriter, InlineWriter
+from engine.storage.local import LocalStorage
 from engine.store import migrate
 from engine.store.db import Database, open_database
 from engine.store.models import Message
@@ -33,6 +36,12 @@ from engine.store.retention import prune
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 log = logging.getLogger(__name__)
+
+
+def channel_port(ch: Channel, settings: Settings) -> int:
+    if ch.port is not None:
+        return ch.port
+    return settings.dicom.port if ch.connector == "dicom" else settings.mllp.port
 
 
 def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel], list[ConfigProblem]]:
@@ -43,15 +52,15 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
         problems.append(ConfigProblem(settings.mappings_dir, 0, "", "mappings directory not found"))
     channels, chan_problems = load_channels(Path(settings.channels_dir), set(registry.names()))
     problems.extend(chan_problems)
-    ports: dict[tuple[str, int], str] = {}
+    ports: dict[int, str] = {settings.http.port: "the HTTP server"} if settings.http.port else {}
     for ch in channels:
         if not ch.enabled:
             continue
-        port = ch.port if ch.port is not None else settings.mllp.port
-        if port and (ch.connector, port) in ports:
+        port = channel_port(ch, settings)
+        if port and port in ports:
             problems.append(ConfigProblem(ch.file, 0, "connector.port",
-                                          f"port {port} is also used by channel {ports[(ch.connector, port)]}"))
-        ports[(ch.connector, port)] = ch.name
+                                          f"port {port} is also used by {ports[port]}"))
+        ports[port] = f"channel {ch.name}"
     return registry, channels, problems
 
 
@@ -65,6 +74,8 @@ class Engine:
         self.channels: dict[str, Channel] = {}
         self.inbound: dict[str, HL7Inbound] = {}
         self.listeners: dict[str, HL7Listener] = {}
+        self.dicom_listeners: dict[str, DicomListener] = {}
+        self.storage: LocalStorage | None = None
         self.http_runner: web.AppRunner | None = None
         self.http_port: int = settings.http.port
         self._tasks: list[asyncio.Task[Any]] = []
@@ -127,9 +138,12 @@ class Engine:
                 if not ch.enabled:
                     log.info("channel %s is disabled", ch.name)
                     continue
+                port = channel_port(ch, s)
+                if ch.connector == "dicom":
+                    await self._start_dicom(ch, port)
+                    continue
                 inbound = HL7Inbound(ch, self.mappings, app_name=s.name, facility=s.facility)
                 self.inbound[ch.name] = inbound
-                port = ch.port if ch.port is not None else s.mllp.port
                 lst = HL7Listener(ch, inbound, self.writer, self.metrics, host=s.bind, port=port,
                                   max_connections=s.mllp.max_connections)
                 await lst.start()
@@ -151,6 +165,28 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._watch_mappings(), name="mapping-reload"))
         if s.retention.enabled:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        if self.dicom_listeners:
+            self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
+
+    async def _start_dicom(self, ch: Channel, port: int) -> None:
+        if self.storage is None:
+            self.storage = LocalStorage(Path(self.settings.storage.dir) / "studies", fsync=self.settings.dicom.fsync)
+            self._use_storage_tempdir()
+        lst = DicomListener(ch, self.settings, db=self.db, writer=self.writer, storage=self.storage,
+                            metrics=self.metrics, host=self.settings.bind, port=port)
+        await lst.start()
+        self.dicom_listeners[ch.name] = lst
+
+    def _use_storage_tempdir(self) -> None:
+        """pynetdicom writes received instances to the process's temporary directory; keeping that
+        on the storage file system makes storing a rename instead of a copy."""
+        import tempfile
+        tmp = Path(self.settings.storage.dir) / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for stale in tmp.glob("tmp*.dcm"):  # left by a crash mid-transfer: never acknowledged
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        tempfile.tempdir = str(tmp.resolve())
 
     async def stop(self) -> None:
         self._stop_event.set()
@@ -160,8 +196,10 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
-        await asyncio.gather(*(lst.stop() for lst in self.listeners.values()), return_exceptions=True)
+        await asyncio.gather(*(lst.stop() for lst in self.listeners.values()),
+                             *(d.stop() for d in self.dicom_listeners.values()), return_exceptions=True)
         self.listeners.clear()
+        self.dicom_listeners.clear()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None
@@ -189,6 +227,32 @@ class Engine:
                 log.exception("retention pass failed; will try again")
             await asyncio.sleep(self.settings.retention.interval_seconds)
 
+    async def _stability_loop(self) -> None:
+        stable = self.settings.dicom.stable_seconds
+        interval = min(5.0, max(0.2, stable / 4))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_stability()
+            except Exception:
+                log.exception("study stability check failed; will try again")
+
+    async def check_stability(self) -> int:
+        """Mark studies stable that had no new instance for dicom.stable_seconds; returns how many."""
+        cutoff = stability_cutoff(self.settings.dicom.stable_seconds)
+        def candidates_() -> list[int]:
+            with self.db.reader.connect() as conn:
+                return stability_candidates(conn, cutoff)
+        candidates = await asyncio.to_thread(candidates_)
+        marked = 0
+        for study_id in candidates:
+            def job(session: Any, sid: int = study_id) -> bool:
+                return mark_stable(session.connection(), sid, cutoff)
+            if await self.writer.run(job):
+                marked += 1
+                self.metrics.studies_stable.inc()
+        return marked
+
     # --- operations ------------------------------------------------------------------------------------
     async def reprocess(self, message_id: int) -> dict[str, Any]:
         def work(session: Any) -> dict[str, Any]:
@@ -203,11 +267,34 @@ class Engine:
                     "outcome": st.outcome.as_dict() if st.outcome else None}
         return await self.writer.run(work)
 
+    def _dicom_status(self, ch: Channel) -> dict[str, Any]:
+        d = self.dicom_listeners.get(ch.name)
+        m = self.metrics
+        outcomes = ("stored", "duplicate", "overwritten", "rejected_duplicate", "invalid", "out_of_resources",
+                    "not_stored", "failed")
+        return {
+            "name": ch.name, "connector": ch.connector, "enabled": ch.enabled, "description": ch.description,
+            "state": "listening" if d and d.running else ("disabled" if not ch.enabled else "stopped"),
+            "port": d.port if d else ch.port, "aet": d.aet if d else (ch.aet or self.settings.dicom.aet),
+            "associations": {"open": d.active_associations if d else 0, "total": d.associations_total if d else 0,
+                             "refused": d.refused_total if d else 0},
+            "counters": {"instances": {o: m.dicom_stored.value(channel=ch.name, outcome=o) for o in outcomes
+                                       if m.dicom_stored.value(channel=ch.name, outcome=o)},
+                         "requests": {sv: m.dicom_requests.value(channel=ch.name, service=sv)
+                                      for sv in ("echo", "find", "mwl", "move", "get")
+                                      if m.dicom_requests.value(channel=ch.name, service=sv)}},
+            "options": {"duplicates": ch.dicom.duplicates, "allowed_calling_aets": ch.dicom.allowed_calling_aets,
+                        "max_associations": ch.dicom.max_associations},
+        }
+
     def channel_status(self) -> list[dict[str, Any]]:
         out = []
         for name, ch in self.channels.items():
-            lst = self.listeners.get(name)
             m = self.metrics
+            if ch.connector == "dicom":
+                out.append(self._dicom_status(ch))
+                continue
+            lst = self.listeners.get(name)
             names = dict.fromkeys(m for r in ch.routes for m in r.mappings)  # each mapping once, in route order
             mapping_problems = [str(p) for mname in names for p in self.mappings.problems(mname)]
             out.append({

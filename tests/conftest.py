@@ -90,6 +90,8 @@ def make_settings(workdir: Path, db_url: str) -> Settings:
     s.channels_dir = str(workdir / "channels")
     s.mappings_dir = str(workdir / "mappings")
     s.mllp.port = 0
+    s.dicom.port = 0
+    s.dicom.fsync = True
     s.http.port = 0
     s.http.tokens = [TOKEN]
     s.retention.enabled = False
@@ -129,6 +131,10 @@ class RunningEngine:
     @property
     def mllp_port(self) -> int:
         return self.engine.listeners["hl7-inbound"].server.port
+
+    @property
+    def dicom_port(self) -> int:
+        return self.engine.dicom_listeners["dicom"].port
 
     @property
     def db(self) -> Any:

@@ -34,10 +34,10 @@ def adt(event: str, mrn: str, family: str, given: str = "Pat", *, dob: str = "19
 
 def orm(control: str, placer: str, accession: str, mrn: str, *, family: str = "Doe", status: str = "",
         ctrl: str | None = None, ts: str = "20240315083000", proc: str = "71020^Chest X-ray^C4",
-        modality: str = "CR", issuer: str = "GENHOSP") -> str:
+        modality: str = "CR", issuer: str = "GENHOSP", station: str = "") -> str:
     ctrl = ctrl or ctrl_id("ORM")
     obr = ["OBR", "1", f"{placer}^EPIC", f"F{placer}^RIS", proc] + [""] * 13 + [accession, f"RP{placer}",
-                                                                                 f"SPS{placer}", "", "", "",
+                                                                                 f"SPS{placer}", station, "", "",
                                                                                  modality]
     segs = [msh("ORM^O01", ctrl, version="2.3.1", ts=ts), f"PID|1||{mrn}^^^{issuer}^MR||{family}^Jane||19700101|F",
             f"ORC|{control}|{placer}^EPIC|F{placer}^RIS||{status}||^^^20240320140000^^R||{ts}",

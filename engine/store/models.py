@@ -225,3 +225,103 @@ class OrderStatusChange(Base):
     source_time: Mapped[str | None] = mapped_column(String(32))
 
     order: Mapped[Order] = relationship(back_populates="history")
+
+
+# --- studies (the DICOM index; the files themselves live in storage) ------------------------------
+
+class Study(Base):
+    """One study as received. Patient attributes are as the headers carry them (C-FIND answers
+    with them); ``patient_id`` / ``order_id`` link it to the domain once it is reconciled."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    dicom_patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    dicom_issuer: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))  # DICOM DA, as received
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    accession: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(String(255))
+    referring_physician: Mapped[str | None] = mapped_column(String(324))
+    modalities: Mapped[str | None] = mapped_column(String(64))  # backslash-separated, sorted
+    specific_charset: Mapped[str | None] = mapped_column(String(64))
+    num_series: Mapped[int] = mapped_column(Integer, default=0)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # receiving -> stable (no new instance for dicom.stable_seconds); a new instance reopens it
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    channel: Mapped[str | None] = mapped_column(String(64))
+    first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stable_at: Mapped[datetime | None]
+    times_stable: Mapped[int] = mapped_column(Integer, default=0)
+    patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id"), index=True)
+    order_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("orders.id"), index=True)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(BigId, ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(String(255))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    station_name: Mapped[str | None] = mapped_column(String(64))
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
+
+
+class Instance(Base):
+    """One stored file: where it is (storage key), what it is, and its checksum."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    series_id: Mapped[int] = mapped_column(BigId, ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(BigId, ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(400))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_aet: Mapped[str | None] = mapped_column(String(16))
+    remote: Mapped[str | None] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # how often the same SOP Instance UID came again (identical or not), and what was done
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class DomainEvent(Base):
+    """Something the reconciliation and outbound work act on (study.stable, study.reopened ...).
+
+    Written in the transaction that caused it; consumers keep their own position (id)."""
+
+    __tablename__ = "domain_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    study_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("studies.id", ondelete="SET NULL"), index=True)
+    patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id", ondelete="SET NULL"))
+    order_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("orders.id", ondelete="SET NULL"))
+    detail: Mapped[dict[str, Any] | None]
+
+    __table_args__ = (Index("ix_domain_events_kind", "kind", "id"),)

@@ -10,8 +10,8 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from engine.store.models import Message, Order, Patient, PatientIdentifier
-from engine.web.serialize import message_json, order_json, patient_json
+from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, Study
+from engine.web.serialize import message_json, order_json, patient_json, study_json
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
@@ -29,6 +29,15 @@ def _limit(request: web.Request) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
         raise _bad(f"limit must be a number from 1 to {MAX_LIMIT}")
     return int(raw)
+
+
+def _with_studies(s: Session, p: Patient) -> dict[str, Any]:
+    """The patient, with the studies linked to it and those whose headers carry one of its IDs."""
+    out = patient_json(p)
+    values = [i.value for i in p.identifiers]
+    stmt = select(Study).where((Study.patient_id == p.id) | Study.dicom_patient_id.in_(values)).order_by(Study.id)
+    out["studies"] = [study_json(st, series=False) for st in s.execute(stmt.limit(MAX_LIMIT)).scalars()]
+    return out
 
 
 def api_app(engine: Engine) -> web.Application:
@@ -57,7 +66,7 @@ def api_app(engine: Engine) -> web.Application:
                 stmt = stmt.where(Patient.id.in_(sub))
             if name:
                 stmt = stmt.where(Patient.family_name.ilike(name.replace("*", "%")))
-            return [patient_json(p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
+            return [_with_studies(s, p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
         return web.json_response({"patients": await read(run)})
 
     async def patient(request: web.Request) -> web.Response:
@@ -65,7 +74,7 @@ def api_app(engine: Engine) -> web.Application:
 
         def run(s: Session) -> dict[str, Any] | None:
             p = s.get(Patient, pid)
-            return patient_json(p) if p else None
+            return _with_studies(s, p) if p else None
         body = await read(run)
         if body is None:
             raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
@@ -126,6 +135,28 @@ def api_app(engine: Engine) -> web.Application:
             return web.json_response({"error": "cannot reprocess", "detail": str(exc)}, status=409)
         return web.json_response(result)
 
+    async def studies(request: web.Request) -> web.Response:
+        q = request.query
+        filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state") if k in q}
+        if not filters:
+            raise _bad("give accession=, study_uid=, patient_id= (as in the headers) or state=")
+        limit = _limit(request)
+
+        def run(s: Session) -> list[dict[str, Any]]:
+            stmt = select(Study).options(selectinload(Study.series))
+            cols = {"accession": Study.accession, "study_uid": Study.study_uid, "patient_id": Study.dicom_patient_id,
+                    "state": Study.state}
+            for k, v in filters.items():
+                stmt = stmt.where(cols[k] == v)
+            found = list(s.execute(stmt.order_by(Study.id).limit(limit)).scalars())
+            events: dict[int, list[DomainEvent]] = {st.id: [] for st in found}
+            if found:
+                for e in s.execute(select(DomainEvent).where(DomainEvent.study_id.in_(list(events)))
+                                   .order_by(DomainEvent.id)).scalars():
+                    events[e.study_id].append(e)  # type: ignore[index]
+            return [study_json(st, events=events[st.id]) for st in found]
+        return web.json_response({"studies": await read(run)})
+
     async def channels(_request: web.Request) -> web.Response:
         return web.json_response({"channels": engine.channel_status()})
 
@@ -135,5 +166,6 @@ def api_app(engine: Engine) -> web.Application:
     app.router.add_get("/messages", messages)
     app.router.add_get(r"/messages/{id:\d+}", message)
     app.router.add_post(r"/messages/{id:\d+}/reprocess", reprocess)
+    app.router.add_get("/studies", studies)
     app.router.add_get("/channels", channels)
     return app

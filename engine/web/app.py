@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from sqlalchemy import text
@@ -53,11 +53,21 @@ def build_app(engine: Engine) -> web.Application:
         except Exception as exc:
             ok = False
             checks["database"] = f"unavailable: {type(exc).__name__}"
-        listeners = {}
+        listeners: dict[str, dict[str, Any]] = {}
         for name, lst in engine.listeners.items():
             listeners[name] = {"listening": lst.server.running, "port": lst.server.port}
             ok = ok and lst.server.running
+        for name, dlst in engine.dicom_listeners.items():
+            listeners[name] = {"listening": dlst.running, "port": dlst.port, "aet": dlst.aet}
+            ok = ok and dlst.running
         checks["channels"] = listeners
+        if engine.storage is not None:
+            free = engine.storage.free_bytes()
+            floor = min((d.opts.min_free_mb for d in engine.dicom_listeners.values()), default=0)
+            checks["storage_free_mb"] = None if free is None else free // (1024 * 1024)
+            if free is not None and free < floor * 1024 * 1024:
+                ok = False
+                checks["storage"] = f"below the free-space floor of {floor} MB: C-STORE is refused"
         checks["writer_backlog"] = engine.writer.backlog
         body = {"status": "ok" if ok else "unavailable", "live": True, "ready": ok, "checks": checks}
         return web.json_response(body, status=200 if ok else 503)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from engine.store.models import Message, Order, OrderStatusChange, Patient
+from engine.store.models import DomainEvent, Message, Order, OrderStatusChange, Patient, Study
 
 
 def _ts(dt: datetime | None) -> str | None:
@@ -34,7 +34,7 @@ def patient_json(p: Patient, *, orders: bool = True) -> dict[str, Any]:
         out["orders"] = [order_json(o, history=False) for o in p.orders]
         out["history"] = [{"at": _ts(h.at), "kind": h.kind, "changes": h.changes, "message_id": h.message_id,
                            "source_time": h.source_time} for h in p.history]
-        out["studies"] = []  # filled once DICOM storage lands (issue 3)
+        out["studies"] = []  # filled by the API: studies linked to the patient or carrying its IDs
     return out
 
 
@@ -74,4 +74,26 @@ def message_json(m: Message, *, content: bool = False) -> dict[str, Any]:
         out["raw"] = c.raw.decode(m.charset or "utf-8", errors="replace")
         out["mapped"] = c.mapped
         out["ack"] = c.ack
+    return out
+
+
+def study_json(st: Study, *, series: bool = True, events: list[DomainEvent] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": st.id, "study_uid": st.study_uid, "accession": st.accession, "state": st.state,
+        "patient": {"id": st.dicom_patient_id, "issuer": st.dicom_issuer, "name": st.patient_name,
+                    "birth_date": st.patient_birth_date, "sex": st.patient_sex},
+        "study_date": st.study_date, "study_time": st.study_time, "study_id": st.study_id,
+        "description": st.description, "referring_physician": st.referring_physician,
+        "modalities": st.modalities.split("\\") if st.modalities else [],
+        "number_of_series": st.num_series, "number_of_instances": st.num_instances, "size_bytes": st.size_bytes,
+        "first_received_at": _ts(st.first_received_at), "last_received_at": _ts(st.last_received_at),
+        "stable_at": _ts(st.stable_at) if st.stable_at else None, "times_stable": st.times_stable,
+        "channel": st.channel, "patient_id": st.patient_id, "order_id": st.order_id,
+    }
+    if series:
+        out["series"] = [{"series_uid": se.series_uid, "modality": se.modality, "number": se.series_number,
+                          "description": se.description, "body_part": se.body_part,
+                          "number_of_instances": se.num_instances} for se in st.series]
+    if events is not None:
+        out["events"] = [{"id": e.id, "at": _ts(e.at), "kind": e.kind, "detail": e.detail} for e in events]
     return out

@@ -1,0 +1,1 @@
+"""The DICOM connector: a pynetdicom SCP for storage, query/retrieve and modality worklist."""

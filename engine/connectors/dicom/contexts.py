@@ -1,0 +1,50 @@
+"""Presentation contexts the SCP accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
+    ModalityWorklistInformationFind,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+FIND_MODELS = (PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
+MOVE_MODELS = (PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove)
+GET_MODELS = (PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet)
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def add_supported(ae: AE) -> None:
+    """Every storage SOP class pynetdicom knows, in every transfer syntax it knows (stored as
+    received, never transcoded); Verification, Q/R FIND/MOVE/GET and Modality Worklist FIND.
+
+    Storage contexts also accept the SCP role the requestor asks for in C-GET: there we are the
+    storage SCU on the requestor's association."""
+    ae.add_supported_context(Verification, UNCOMPRESSED)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS, ModalityWorklistInformationFind):
+        ae.add_supported_context(model, UNCOMPRESSED)
+
+
+def move_contexts(pairs: set[tuple[str, str]]) -> list[Any]:
+    """Contexts to propose to a C-MOVE destination: one per stored (SOP class, compressed transfer
+    syntax), so the destination accepts or refuses that syntax alone, and one uncompressed context
+    per SOP class."""
+    from pynetdicom.presentation import build_context
+    out = []
+    for sop_class in sorted({c for c, _ in pairs}):
+        out.append(build_context(sop_class, list(UNCOMPRESSED)))
+    for sop_class, ts in sorted(pairs):
+        if ts not in UNCOMPRESSED:
+            out.append(build_context(sop_class, [ts]))
+    return out[:128]

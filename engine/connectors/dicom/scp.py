@@ -1,0 +1,292 @@
+"""The DICOM SCP of one DICOM channel (pynetdicom), and what each DIMSE service does.
+
+Association lifecycle: pynetdicom runs every association in its own thread and calls the handlers
+bound here from it. A C-STORE is answered only after the file is durable in storage and its index
+row is committed by the writer (the same group-committing writer the MLLP listeners use), so a
+success status always means "stored". Anything that goes wrong becomes a specific failure status
+with an Error Comment; a handler never lets an exception reach pynetdicom (which would answer
+with a generic 0xC211).
+
+Received data is written by pynetdicom straight to a temporary file as it arrives
+(STORE_RECV_CHUNKED_DATASET): an instance is never held in memory, whatever its size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
+
+from engine.channels import Channel
+from engine.config import Settings
+from engine.connectors.dicom.contexts import add_supported, move_contexts
+from engine.dicom import status as S
+from engine.dicom.headers import HeaderError, read_header, storage_key
+from engine.dicom.query import QueryError, find, instances_for
+from engine.dicom.worklist import find_worklist
+from engine.domain.studies import StoreResult, record_instance
+from engine.metrics import Metrics
+from engine.pipeline.writer import IngestWriter
+from engine.storage.base import ObjectStorage, StorageFull
+from engine.store.db import Database
+
+log = logging.getLogger(__name__)
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
+
+
+def _status(code: int, comment: str = "") -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class DicomListener:
+    """One DICOM channel: its AE, its server thread and its handlers."""
+
+    def __init__(self, channel: Channel, settings: Settings, *, db: Database, writer: IngestWriter,
+                 storage: ObjectStorage, metrics: Metrics, host: str, port: int) -> None:
+        self.channel = channel
+        self.opts = channel.dicom
+        self.settings = settings
+        self.db = db
+        self.writer = writer
+        self.storage = storage
+        self.metrics = metrics
+        self.host, self.port = host, port
+        self.aet = channel.aet or settings.dicom.aet
+        self._server: Any = None
+        self._io = concurrent.futures.ThreadPoolExecutor(max(2, channel.dicom.max_associations),
+                                                         thread_name_prefix=f"dicom-io-{channel.name}")
+        self.associations_total = 0
+        self.refused_total = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.aet)
+        add_supported(ae)
+        ae.maximum_associations = self.opts.max_associations
+        ae.maximum_pdu_size = self.opts.max_pdu_bytes
+        ae.acse_timeout = self.opts.acse_timeout_seconds
+        ae.dimse_timeout = self.opts.dimse_timeout_seconds
+        ae.network_timeout = self.opts.network_timeout_seconds
+        ae.require_called_aet = self.opts.require_called_aet
+        if self.opts.allowed_calling_aets:
+            ae.require_calling_aet = list(self.opts.allowed_calling_aets)
+        return ae
+
+    async def start(self) -> None:
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        ae = self._build_ae()
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+        self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
+                                               evt_handlers=handlers)
+        self.port = self._server.server_address[1]
+        log.info("channel %s: DICOM SCP %s on %s:%d", self.channel.name, self.aet, self.host, self.port)
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            # stops accepting, then waits for the associations in hand (their responses are sent)
+            await asyncio.to_thread(server.shutdown)
+        self._io.shutdown(wait=True)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def active_associations(self) -> int:
+        server = self._server
+        return len(server.active_associations) if server is not None else 0
+
+    # --- association events ---------------------------------------------------------------------------
+    def _on_accepted(self, event: Any) -> None:
+        self.associations_total += 1
+        self.metrics.dicom_associations.inc(channel=self.channel.name, result="accepted")
+
+    def _on_rejected(self, event: Any) -> None:
+        self.refused_total += 1
+        self.metrics.dicom_associations.inc(channel=self.channel.name, result="rejected")
+        req = event.assoc.requestor
+        log.warning("channel %s: association from %s (%s:%s) to %s refused", self.channel.name,
+                    req.ae_title, req.address, req.port, event.assoc.acceptor.ae_title)
+
+    def _on_aborted(self, event: Any) -> None:
+        self.metrics.dicom_associations.inc(channel=self.channel.name, result="aborted")
+
+    # --- C-ECHO ---------------------------------------------------------------------------------------
+    def on_echo(self, event: Any) -> int:
+        self.metrics.dicom_requests.inc(channel=self.channel.name, service="echo")
+        return S.SUCCESS
+
+    # --- C-STORE --------------------------------------------------------------------------------------
+    def on_store(self, event: Any) -> Dataset:
+        t0 = time.perf_counter()
+        try:
+            result, status = self._store(event)
+        except Exception as exc:  # never let pynetdicom answer with a bare 0xC211
+            log.exception("channel %s: C-STORE failed unexpectedly", self.channel.name)
+            result, status = "failed", _status(S.PROCESSING_FAILURE, f"not stored: {type(exc).__name__}")
+        self.metrics.dicom_stored.inc(channel=self.channel.name, outcome=result)
+        self.metrics.store_latency.observe(time.perf_counter() - t0, channel=self.channel.name)
+        return status
+
+    def _store(self, event: Any) -> tuple[str, Dataset]:
+        req = event.request
+        path = Path(event.dataset_path)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        remote = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+        sop_uid = str(req.AffectedSOPInstanceUID)
+        free = self.storage.free_bytes()
+        if free is not None and free < self.opts.min_free_mb * 1024 * 1024:
+            log.error("channel %s: storage has %d MB free (floor %d MB): refusing %s from %s", self.channel.name,
+                      free // (1024 * 1024), self.opts.min_free_mb, sop_uid, calling)
+            return "out_of_resources", _status(S.OUT_OF_RESOURCES, "storage full: free space below the floor")
+        # checksum and flush the file (I/O, no GIL) while this thread parses the header (CPU)
+        prepared = self._io.submit(self.storage.prepare, path)
+        try:
+            hdr = read_header(path, command_sop_class=str(req.AffectedSOPClassUID), command_sop_instance=sop_uid,
+                              transfer_syntax=str(event.context.transfer_syntax))
+        except HeaderError as exc:
+            log.warning("channel %s: refused %s from %s: %04X %s", self.channel.name, sop_uid, calling, exc.status,
+                        exc.comment)
+            concurrent.futures.wait([prepared])
+            return "invalid", _status(exc.status, exc.comment)
+        try:
+            size, sha = prepared.result()
+            stored = self.storage.put_file(path, storage_key(hdr.study_uid, hdr.series_uid, hdr.sop_instance_uid,
+                                                             sha), size=size, sha256=sha)
+        except StorageFull as exc:
+            log.error("channel %s: storage full storing %s: %s", self.channel.name, sop_uid, exc)
+            return "out_of_resources", _status(S.OUT_OF_RESOURCES, "storage full")
+        except OSError as exc:
+            log.error("channel %s: cannot write %s: %s", self.channel.name, sop_uid, exc)
+            return "out_of_resources", _status(S.OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}")
+
+        def job(session: Any) -> StoreResult:
+            return record_instance(session.connection(), hdr, stored, policy=self.opts.duplicates,
+                                   channel=self.channel.name, calling_aet=calling, remote=remote)
+
+        try:
+            result = self.writer.submit(job).result(timeout=self.opts.dimse_timeout_seconds)
+        except Exception as exc:
+            # The file may be on disk, but without its index row it is not stored: the sender
+            # must send it again (the same bytes land on the same key, so nothing piles up).
+            log.error("channel %s: index not committed for %s: %s", self.channel.name, sop_uid, exc)
+            return "not_stored", _status(S.PROCESSING_FAILURE, "not stored: database unavailable")
+        if result.outcome in ("duplicate", "rejected") and result.stored_key != stored.key:
+            self.storage.delete(stored.key)  # the new bytes were not taken
+        if result.replaced_key and result.replaced_key != stored.key:
+            self.storage.delete(result.replaced_key)
+        if result.outcome == "rejected":
+            return "rejected_duplicate", _status(S.DUPLICATE_SOP_INSTANCE,
+                                                 "SOP Instance UID already stored with other content")
+        return result.outcome, _status(S.SUCCESS)
+
+    # --- C-FIND (Q/R and worklist) --------------------------------------------------------------------
+    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        is_mwl = str(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind
+        self.metrics.dicom_requests.inc(channel=self.channel.name, service="mwl" if is_mwl else "find")
+        try:
+            identifier = event.identifier
+        except Exception as exc:
+            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, f"identifier unreadable: {exc}")
+            return
+        try:
+            with self.db.reader.connect() as conn:
+                if is_mwl:
+                    answers = list(find_worklist(conn, identifier, statuses=self.opts.worklist_statuses,
+                                                 fold_names=self.opts.names_case_insensitive,
+                                                 limit=self.opts.worklist_max_results))
+                else:
+                    answers = list(find(conn, identifier, fold_names=self.opts.names_case_insensitive,
+                                        limit=self.opts.query_max_results, retrieve_aet=self.aet))
+        except QueryError as exc:
+            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, str(exc))
+            return
+        except Exception as exc:
+            log.exception("channel %s: C-FIND failed", self.channel.name)
+            yield S.UNABLE_TO_PROCESS, _status(S.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+            return
+        for ds in answers:
+            if event.is_cancelled:
+                yield S.CANCEL, None
+                return
+            yield S.PENDING, ds
+        yield S.SUCCESS, None
+
+    # --- C-MOVE / C-GET -------------------------------------------------------------------------------
+    def _select(self, event: Any) -> list[Any]:
+        with self.db.reader.connect() as conn:
+            return instances_for(conn, event.identifier)
+
+    def _load(self, key: str) -> Dataset:
+        path = self.storage.local_path(key)
+        if path is not None:
+            return dcmread(os.fspath(path))
+        with self.storage.open(key) as f:
+            return dcmread(f)
+
+    def on_move(self, event: Any) -> Iterator[Any]:
+        self.metrics.dicom_requests.inc(channel=self.channel.name, service="move")
+        dest_aet = str(event.move_destination).strip()
+        dest = self.settings.dicom.destination(dest_aet)
+        if dest is None:
+            log.warning("channel %s: C-MOVE to unknown destination %r", self.channel.name, dest_aet)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+            return
+        try:
+            refs = self._select(event)
+        except QueryError as exc:
+            log.warning("channel %s: C-MOVE refused: %s", self.channel.name, exc)
+            yield dest[0], dest[1]
+            yield 1
+            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, str(exc))
+            return
+        yield dest[0], dest[1], {"contexts": move_contexts({(r.sop_class_uid, r.transfer_syntax) for r in refs}),
+                                 "ae_title": dest_aet}
+        yield len(refs)
+        yield from self._send(event, refs)
+
+    def on_get(self, event: Any) -> Iterator[Any]:
+        self.metrics.dicom_requests.inc(channel=self.channel.name, service="get")
+        try:
+            refs = self._select(event)
+        except QueryError as exc:
+            log.warning("channel %s: C-GET refused: %s", self.channel.name, exc)
+            yield 1
+            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, str(exc))
+            return
+        yield len(refs)
+        yield from self._send(event, refs)
+
+    def _send(self, event: Any, refs: list[Any]) -> Iterator[tuple[int, Dataset | None]]:
+        for ref in refs:
+            if event.is_cancelled:
+                yield S.CANCEL, None
+                return
+            try:
+                ds = self._load(ref.storage_key)
+            except (OSError, ValueError) as exc:
+                log.error("channel %s: stored file of %s unreadable: %s", self.channel.name, ref.sop_instance_uid,
+                          exc)
+                yield 0xA702, None  # counted as a failed sub-operation
+                continue
+            yield S.PENDING, ds

@@ -1,0 +1,1 @@
+"""DICOM pieces independent of the network: headers, statuses, C-FIND matching."""

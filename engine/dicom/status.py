@@ -1,0 +1,17 @@
+"""DIMSE status codes the SCP answers with (PS3.4 Annex B, C, K; PS3.7 Annex C)."""
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+# C-STORE
+OUT_OF_RESOURCES = 0xA700  # storage full or below the free-space floor
+DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class (IOD): SOP UIDs differ from the command, Study/Series UID missing
+CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
+INVALID_UID = 0xC002  # a UID with characters or length DICOM does not allow
+PROCESSING_FAILURE = 0x0110  # the index could not be committed (database unavailable): nothing stored
+DUPLICATE_SOP_INSTANCE = 0x0111  # duplicates: reject and the content differs from the stored instance
+# C-FIND / C-MOVE / C-GET
+IDENTIFIER_MISMATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC001
+MOVE_DESTINATION_UNKNOWN = 0xA801
+SUBOPS_WARNING = 0xB000  # one or more sub-operations failed

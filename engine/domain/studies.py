@@ -1,0 +1,171 @@
+"""The DICOM index: record received instances, study stability, study events.
+
+A study is *receiving* while instances arrive and becomes *stable* when none arrived for
+``dicom.stable_seconds``; that raises a ``study.stable`` domain event (reconciliation and outbound
+act on it). An instance arriving for a stable study reopens it (``study.reopened``) and it becomes
+stable again later. Stability is claimed with a conditional UPDATE, so several engine processes
+sharing a database raise each event once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Table, bindparam, select
+
+from engine.dicom.headers import InstanceHeader
+from engine.domain.records import add, driver_execute, fetch, update_row
+from engine.storage.base import StoredObject
+from engine.store.models import DomainEvent, Instance, Series, Study
+from engine.store.types import utcnow
+
+STUDIES: Table = Study.__table__  # type: ignore[assignment]
+SERIES: Table = Series.__table__  # type: ignore[assignment]
+INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
+DOMAIN_EVENTS: Table = DomainEvent.__table__  # type: ignore[assignment]
+
+STUDY_BY_UID = select(STUDIES).where(STUDIES.c.study_uid == bindparam("uid"))
+SERIES_BY_UID = select(SERIES).where(SERIES.c.series_uid == bindparam("uid"))
+INSTANCE_BY_UID = select(INSTANCES).where(INSTANCES.c.sop_instance_uid == bindparam("uid"))
+STUDY_ATTRS = {  # header keyword -> studies column
+    "PatientID": "dicom_patient_id", "IssuerOfPatientID": "dicom_issuer", "PatientName": "patient_name",
+    "PatientBirthDate": "patient_birth_date", "PatientSex": "patient_sex", "AccessionNumber": "accession",
+    "StudyID": "study_id", "StudyDate": "study_date", "StudyTime": "study_time",
+    "StudyDescription": "description", "ReferringPhysicianName": "referring_physician",
+    "SpecificCharacterSet": "specific_charset",
+}
+SERIES_ATTRS = {"Modality": "modality", "SeriesNumber": "series_number", "SeriesDescription": "description",
+                "BodyPartExamined": "body_part", "StationName": "station_name"}
+LIMITS = {"patient_name": 324, "referring_physician": 324, "description": 255, "dicom_patient_id": 64,
+          "dicom_issuer": 64, "accession": 64, "study_id": 16, "study_date": 8, "study_time": 16,
+          "patient_birth_date": 8, "patient_sex": 16, "specific_charset": 64, "modality": 16, "body_part": 64,
+          "station_name": 64}
+
+
+@dataclass
+class StoreResult:
+    outcome: str  # stored | duplicate | overwritten | rejected
+    instance_id: int
+    study_id: int
+    stored_key: str  # the key the index points at now
+    replaced_key: str | None = None  # a file no longer referenced (overwrite): delete after commit
+    identical: bool = False
+
+
+def _clip(column: str, value: Any) -> Any:
+    limit = LIMITS.get(column)
+    if limit and isinstance(value, str) and len(value) > limit:
+        return value[:limit]
+    return value
+
+
+def add_event(conn: Connection, kind: str, *, study_id: int | None = None, patient_id: int | None = None,
+              order_id: int | None = None, detail: dict[str, Any] | None = None) -> int:
+    return add(conn, DOMAIN_EVENTS, kind=kind, study_id=study_id, patient_id=patient_id, order_id=order_id,
+               detail=detail)
+
+
+def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject, *, policy: str, channel: str,
+                    calling_aet: str | None, remote: str | None) -> StoreResult:
+    """Index one received file (already durable in storage). Runs inside the writer's transaction."""
+    now = utcnow()
+    existing = fetch(conn, INSTANCE_BY_UID, uid=hdr.sop_instance_uid)
+    if existing is not None:
+        return _duplicate(conn, existing, hdr, stored, policy=policy, now=now, calling_aet=calling_aet)
+    study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
+    if study is None:
+        values = {col: _clip(col, hdr.attrs.get(kw)) for kw, col in STUDY_ATTRS.items()}
+        study_id = add(conn, STUDIES, study_uid=hdr.study_uid, state="receiving", channel=channel,
+                       first_received_at=now, last_received_at=now, num_series=0, num_instances=0,
+                       size_bytes=0, times_stable=0, **values)
+        study = {"id": study_id, "state": "receiving", "num_series": 0, "num_instances": 0, "size_bytes": 0,
+                 "modalities": None}
+    study_changes: dict[str, Any] = {"last_received_at": now}
+    if study["state"] == "stable":
+        study_changes["state"] = "receiving"
+        add_event(conn, "study.reopened", study_id=study["id"],
+                  detail={"study_uid": hdr.study_uid, "sop_instance_uid": hdr.sop_instance_uid})
+    series = fetch(conn, SERIES_BY_UID, uid=hdr.series_uid)
+    if series is None:
+        values = {col: _clip(col, hdr.attrs.get(kw)) for kw, col in SERIES_ATTRS.items()}
+        series_id = add(conn, SERIES, study_id=study["id"], series_uid=hdr.series_uid, num_instances=1,
+                        created_at=now, **values)
+        study_changes["num_series"] = study["num_series"] + 1
+        modality = hdr.attrs.get("Modality")
+        if modality:
+            mods = set(filter(None, (study["modalities"] or "").split("\\"))) | {modality}
+            study_changes["modalities"] = _clip("modality", "\\".join(sorted(mods))) if len(mods) < 5 \
+                else "\\".join(sorted(mods))[:64]
+    else:
+        series_id = series["id"]
+        update_row(conn, SERIES, series_id, num_instances=series["num_instances"] + 1)
+    study_changes["num_instances"] = study["num_instances"] + 1
+    study_changes["size_bytes"] = study["size_bytes"] + stored.size
+    update_row(conn, STUDIES, study["id"], **study_changes)
+    instance_id = add(conn, INSTANCES, series_id=series_id, study_id=study["id"],
+                      sop_instance_uid=hdr.sop_instance_uid, sop_class_uid=hdr.sop_class_uid,
+                      instance_number=hdr.attrs.get("InstanceNumber"),
+                      number_of_frames=hdr.attrs.get("NumberOfFrames"), transfer_syntax=hdr.transfer_syntax,
+                      storage_key=stored.key, size_bytes=stored.size, sha256=stored.sha256,
+                      calling_aet=calling_aet, remote=remote, received_at=now, duplicates=0)
+    return StoreResult("stored", instance_id, study["id"], stored.key)
+
+
+def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, stored: StoredObject, *,
+               policy: str, now: datetime, calling_aet: str | None) -> StoreResult:
+    identical = existing["sha256"] == stored.sha256
+    detail = {"sop_instance_uid": hdr.sop_instance_uid, "identical": identical, "policy": policy,
+              "calling_aet": calling_aet, "sha256": stored.sha256, "stored_sha256": existing["sha256"]}
+    base = {"instance_id": existing["id"], "study_id": existing["study_id"], "identical": identical}
+    if identical or policy == "ignore":
+        update_row(conn, INSTANCES, existing["id"], duplicates=existing["duplicates"] + 1)
+        if not identical:
+            add_event(conn, "instance.duplicate_ignored", study_id=existing["study_id"], detail=detail)
+        return StoreResult("duplicate", stored_key=existing["storage_key"], **base)
+    if policy == "reject":
+        add_event(conn, "instance.duplicate_rejected", study_id=existing["study_id"], detail=detail)
+        return StoreResult("rejected", stored_key=existing["storage_key"], **base)
+    # overwrite: the new file takes the index row; the study's size follows; the old file goes
+    if existing["study_id"] is not None and hdr.study_uid and hdr.series_uid:
+        study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
+        if study is not None and study["id"] == existing["study_id"]:
+            update_row(conn, STUDIES, study["id"], last_received_at=now,
+                       size_bytes=study["size_bytes"] - existing["size_bytes"] + stored.size)
+    update_row(conn, INSTANCES, existing["id"], storage_key=stored.key, size_bytes=stored.size,
+               sha256=stored.sha256, transfer_syntax=hdr.transfer_syntax, received_at=now,
+               calling_aet=calling_aet, duplicates=existing["duplicates"] + 1)
+    add_event(conn, "instance.overwritten", study_id=existing["study_id"], detail=detail)
+    return StoreResult("overwritten", stored_key=stored.key, replaced_key=existing["storage_key"], **base)
+
+
+def stability_candidates(conn: Connection, cutoff: datetime, limit: int = 500) -> list[int]:
+    stmt = (select(STUDIES.c.id).where(STUDIES.c.state == "receiving", STUDIES.c.last_received_at < cutoff)
+            .order_by(STUDIES.c.last_received_at).limit(limit))
+    return [r[0] for r in conn.execute(stmt)]
+
+
+def mark_stable(conn: Connection, study_id: int, cutoff: datetime) -> bool:
+    """Claim one study's stability (once, whichever process gets there first) and raise the event."""
+    now = utcnow()
+    result = conn.execute(
+        STUDIES.update()
+        .where(STUDIES.c.id == study_id, STUDIES.c.state == "receiving", STUDIES.c.last_received_at < cutoff)
+        .values(state="stable", stable_at=now, times_stable=STUDIES.c.times_stable + 1))
+    if result.rowcount != 1:
+        return False
+    row = conn.execute(select(STUDIES.c.study_uid, STUDIES.c.accession, STUDIES.c.num_instances,
+                              STUDIES.c.times_stable).where(STUDIES.c.id == study_id)).one()
+    add_event(conn, "study.stable", study_id=study_id,
+              detail={"study_uid": row.study_uid, "accession": row.accession, "instances": row.num_instances,
+                      "times_stable": row.times_stable})
+    return True
+
+
+def stability_cutoff(stable_seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=stable_seconds)
+
+
+__all__ = ["StoreResult", "record_instance", "mark_stable", "stability_candidates", "stability_cutoff",
+           "add_event", "driver_execute"]

@@ -1,0 +1,1 @@
+"""Where DICOM files live. The index (database) knows them by storage key only."""

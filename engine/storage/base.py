@@ -1,0 +1,46 @@
+"""The one small interface every file store implements (local folders now, an object store later).
+
+Keys are relative, '/'-separated names chosen by the caller (see :func:`engine.dicom.headers.storage_key`).
+``put_file`` returns only when the object is durable: a C-STORE success is sent after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    sha256: str
+
+
+class StorageFull(OSError):
+    """Not enough free space to take the object (the sender is told: out of resources)."""
+
+
+class ObjectStorage(Protocol):
+    name: str
+
+    def prepare(self, source: Path) -> tuple[int, str]:
+        """Size and SHA-256 of a received local file (read in chunks), and the file flushed to
+        disk. Separate from put_file so it can run while the header is being parsed."""
+
+    def put_file(self, source: Path, key: str, *, size: int, sha256: str) -> StoredObject:
+        """Take a prepared ``source`` (consumed: moved, or copied then removed) as ``key``;
+        durable on return."""
+
+    def open(self, key: str) -> BinaryIO: ...
+
+    def local_path(self, key: str) -> Path | None:
+        """A path that can be read directly, when the store is a file system."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def free_bytes(self) -> int | None:
+        """Free space left, or None when the store cannot tell."""

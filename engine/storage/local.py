@@ -1,0 +1,119 @@
+"""Local folders: one file per object under a root directory.
+
+Durability: a file is fsynced before it is renamed into place, and the directory after, so a
+rename that returned survives a power cut. With ``fsync=False`` (test rigs) neither happens.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+from engine.storage.base import StorageFull, StoredObject
+
+CHUNK = 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStorage:
+    name = "local"
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"storage key {key!r} leaves the storage root")
+        return self.root / key
+
+    def prepare(self, source: Path) -> tuple[int, str]:
+        h = hashlib.sha256()
+        size = 0
+        with open(source, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+            if self.fsync:
+                os.fsync(f.fileno())
+        return size, h.hexdigest()
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        with self._lock:
+            missing = []
+            d = directory
+            while not d.exists() and d != self.root:
+                missing.append(d)
+                d = d.parent
+            for m in reversed(missing):
+                try:
+                    m.mkdir()
+                except FileExistsError:
+                    pass
+                if self.fsync:
+                    _fsync_dir(m.parent)  # the new directory entry itself must survive
+            self._known_dirs.add(directory)
+
+    def put_file(self, source: Path, key: str, *, size: int, sha256: str) -> StoredObject:
+        dest = self.path(key)
+        self._ensure_dir(dest.parent)
+        try:
+            try:
+                os.replace(source, dest)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                self._copy_in(source, dest)
+            if self.fsync:
+                _fsync_dir(dest.parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull(exc.errno, f"storage full: {exc.strerror}") from exc
+            raise
+        return StoredObject(key, size, sha256)
+
+    def _copy_in(self, source: Path, dest: Path) -> None:
+        """Another file system: copy next to the destination, make it durable, then rename."""
+        part = dest.with_name(dest.name + ".part")
+        with open(source, "rb") as src, open(part, "wb") as out:
+            shutil.copyfileobj(src, out, CHUNK)
+            out.flush()
+            if self.fsync:
+                os.fsync(out.fileno())
+        os.replace(part, dest)
+        os.unlink(source)
+
+    def open(self, key: str) -> BinaryIO:
+        return open(self.path(key), "rb")
+
+    def local_path(self, key: str) -> Path | None:
+        return self.path(key)
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).exists()
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self.path(key))
+        except FileNotFoundError:
+            pass
+
+    def free_bytes(self) -> int | None:
+        return shutil.disk_usage(self.root).free

@@ -1,0 +1,311 @@
+"""C-ECHO and C-STORE against the running engine with dcmtk's echoscu/storescu (and pynetdicom as
+an SCU where a test must craft what dcmtk will not send): files on disk, index, statuses."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE, _config
+from sqlalchemy import select
+
+from engine.store.models import DomainEvent, Instance, Series, Study
+from tests.conftest import RunningEngine, make_settings
+from tests.dicomutil import bundled, data_store_file, make_instance, propose, require_dcmtk, run, storescu
+
+
+@pytest.fixture(autouse=True)
+def _dcmtk() -> None:
+    require_dcmtk()
+
+
+def start(workdir: Path, db_url: str, **dicom_options: Any) -> RunningEngine:
+    settings = make_settings(workdir, db_url)
+    settings.dicom.stable_seconds = 3600
+    if dicom_options:
+        import yaml
+        path = workdir / "channels" / "dicom.yaml"
+        data = yaml.safe_load(path.read_text())
+        data.setdefault("options", {}).update(dicom_options)
+        path.write_text(yaml.safe_dump(data))
+    return RunningEngine(settings).start()
+
+
+@pytest.fixture
+def sqlite_engine(workdir: Path) -> Iterator[RunningEngine]:
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}")
+    try:
+        yield eng
+    finally:
+        eng.stop()
+
+
+def instances(eng: RunningEngine, sop_uid: str) -> list[Instance]:
+    with eng.db.read_session() as s:
+        return list(s.execute(select(Instance).where(Instance.sop_instance_uid == sop_uid)).scalars())
+
+
+def stored_path(eng: RunningEngine, inst: Instance) -> Path:
+    return Path(eng.settings.storage.dir) / "studies" / inst.storage_key
+
+
+def pynetdicom_store(port: int, path: Path, *, chunked: bool = False) -> int:
+    """Send one file with pynetdicom as the SCU; with ``chunked`` the command's UIDs come from the
+    file meta, not the dataset (how a mismatch between them reaches the SCP)."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = chunked
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(path if chunked else pydicom.dcmread(path))
+            return int(status.Status)
+        finally:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
+def test_echo_and_called_aet_check(sqlite_engine: RunningEngine) -> None:
+    port = sqlite_engine.dicom_port
+    assert run(["echoscu", "-aec", "RADBRIDGE", "127.0.0.1", str(port)]).returncode == 0
+    wrong = run(["echoscu", "-aec", "SOMEONE", "127.0.0.1", str(port)])
+    assert wrong.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
+
+
+def test_store_writes_file_as_received_and_indexes_it(workdir: Path, db_url: str, tmp_path: Path) -> None:
+    eng = start(workdir, db_url)
+    try:
+        study = generate_uid()
+        ct = make_instance(tmp_path / "in" / "ct1.dcm", study_uid=study, accession="ACC-1", name="Müller^Jörg",
+                           patient_id="MRN1", edit=lambda ds: setattr(ds, "SpecificCharacterSet", "ISO_IR 100"))
+        ct2 = make_instance(tmp_path / "in" / "ct2.dcm", study_uid=study, series_uid=ct.series_uid, accession="ACC-1",
+                            patient_id="MRN1", number=2)
+        mr = make_instance(tmp_path / "in" / "mr.dcm", source=bundled("MR_small.dcm"), study_uid=study,
+                           accession="ACC-1", patient_id="MRN1")
+        proc = storescu(eng.dicom_port, [ct.path, ct2.path, mr.path])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        [inst] = instances(eng, ct.sop_uid)
+        path = stored_path(eng, inst)
+        # layout derived from the UIDs, checksum recorded and true
+        assert path.parent.name == ct.series_uid and path.parent.parent.name == study
+        assert path.name.startswith(ct.sop_uid + ".") and path.suffix == ".dcm"
+        data = path.read_bytes()
+        assert inst.sha256 == hashlib.sha256(data).hexdigest() and inst.size_bytes == len(data)
+        assert data[128:132] == b"DICM"
+        back, sent = pydicom.dcmread(path), pydicom.dcmread(ct.path)
+        assert back.file_meta.MediaStorageSOPInstanceUID == ct.sop_uid
+        assert back.file_meta.TransferSyntaxUID == inst.transfer_syntax
+        assert back.PixelData == sent.PixelData and back.PatientName == "Müller^Jörg"
+        with eng.db.read_session() as s:
+            st = s.execute(select(Study).where(Study.study_uid == study)).scalar_one()
+            series = s.execute(select(Series).where(Series.study_id == st.id).order_by(Series.id)).scalars().all()
+        assert (st.num_series, st.num_instances, st.accession, st.state) == (2, 3, "ACC-1", "receiving")
+        assert st.patient_name == "Müller^Jörg" and st.dicom_patient_id == "MRN1"
+        assert st.modalities == "CT\\MR"
+        assert [x.num_instances for x in series] == [2, 1]
+        status, body = eng.api(f"/api/studies?study_uid={study}")
+        assert status == 200
+        [js] = body["studies"]
+        assert js["number_of_series"] == 2 and js["number_of_instances"] == 3
+        assert sorted(x["number_of_instances"] for x in js["series"]) == [1, 2]
+        status, body = eng.api("/api/studies?accession=ACC-1")
+        assert [x["study_uid"] for x in body["studies"]] == [study]
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("name", [
+    "693_J2KR.dcm",  # JPEG 2000 lossless
+    "MR2_J2KI.dcm",  # JPEG 2000
+    "JPEG-LL.dcm",  # JPEG lossless SV1
+    "color3d_jpeg_baseline.dcm",  # JPEG baseline, multi-frame
+    "emri_small_jpeg_ls_lossless.dcm",  # JPEG-LS
+    "OBXXXX1A_rle.dcm",  # RLE
+    "OBXXXX1A_expb.dcm",  # explicit VR big endian
+    "gdcm-US-ALOKA-16.dcm",  # implicit VR little endian
+])
+def test_compressed_and_other_syntaxes_are_stored_as_received(sqlite_engine: RunningEngine, tmp_path: Path,
+                                                              name: str) -> None:
+    src = data_store_file(name)
+    obj = make_instance(tmp_path / name, source=src)
+    sent_ts = pydicom.dcmread(obj.path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    proc = storescu(sqlite_engine.dicom_port, [obj.path], extra=propose(obj.path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [inst] = instances(sqlite_engine, obj.sop_uid)
+    assert inst.transfer_syntax == sent_ts
+    stored = pydicom.dcmread(stored_path(sqlite_engine, inst))
+    assert stored.file_meta.TransferSyntaxUID == sent_ts
+    assert stored.PixelData == pydicom.dcmread(obj.path).PixelData  # not transcoded
+
+
+def test_deflated_syntax(sqlite_engine: RunningEngine, tmp_path: Path) -> None:
+    obj = make_instance(tmp_path / "dfl.dcm", source=bundled("image_dfl.dcm"))
+    proc = storescu(sqlite_engine.dicom_port, [obj.path], extra=propose(obj.path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [inst] = instances(sqlite_engine, obj.sop_uid)
+    assert inst.transfer_syntax == "1.2.840.10008.1.2.1.99"
+
+
+@pytest.mark.parametrize("policy", ["ignore", "overwrite", "reject"])
+def test_duplicate_policies(workdir: Path, tmp_path: Path, policy: str) -> None:
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", duplicates=policy)
+    try:
+        port = eng.dicom_port
+        first = make_instance(tmp_path / "a.dcm", name="FIRST^VERSION")
+        assert pynetdicom_store(port, first.path) == 0
+        [orig] = instances(eng, first.sop_uid)
+        # the identical object again (a resend after a lost response) always succeeds, changes nothing
+        assert pynetdicom_store(port, first.path) == 0
+        [again] = instances(eng, first.sop_uid)
+        assert again.sha256 == orig.sha256 and again.duplicates == 1
+        changed = make_instance(tmp_path / "b.dcm", name="SECOND^VERSION", study_uid=first.study_uid,
+                                series_uid=first.series_uid, sop_uid=first.sop_uid)
+        status = pynetdicom_store(port, changed.path)
+        [now] = instances(eng, first.sop_uid)
+        files = sorted(p.name for p in stored_path(eng, now).parent.iterdir())
+        with eng.db.read_session() as s:
+            kinds = [e.kind for e in s.execute(select(DomainEvent).order_by(DomainEvent.id)).scalars()]
+            st = s.execute(select(Study).where(Study.study_uid == first.study_uid)).scalar_one()
+        assert st.num_instances == 1
+        if policy == "ignore":
+            assert status == 0 and now.sha256 == orig.sha256
+            assert pydicom.dcmread(stored_path(eng, now)).PatientName == "FIRST^VERSION"
+            assert "instance.duplicate_ignored" in kinds and len(files) == 1
+        elif policy == "overwrite":
+            assert status == 0 and now.sha256 != orig.sha256
+            assert pydicom.dcmread(stored_path(eng, now)).PatientName == "SECOND^VERSION"
+            assert "instance.overwritten" in kinds
+            assert files == [Path(now.storage_key).name]  # the replaced file is gone
+        else:
+            assert status == 0x0111 and now.sha256 == orig.sha256
+            assert "instance.duplicate_rejected" in kinds and len(files) == 1
+    finally:
+        eng.stop()
+
+
+def test_bad_datasets_get_specific_failure_statuses(sqlite_engine: RunningEngine, tmp_path: Path) -> None:
+    port = sqlite_engine.dicom_port
+    no_study = make_instance(tmp_path / "nostudy.dcm", edit=lambda ds: delattr(ds, "StudyInstanceUID"))
+    assert pynetdicom_store(port, no_study.path) == 0xA900
+    bad_uid = make_instance(tmp_path / "baduid.dcm", series_uid="1.2.3.abc")
+    assert pynetdicom_store(port, bad_uid.path) == 0xC002
+    # the SOP class in the dataset is not the one the command (and context) named
+    wrong_class = make_instance(tmp_path / "wrongclass.dcm")
+    ds = pydicom.dcmread(wrong_class.path)
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    ds.save_as(wrong_class.path)  # not enforce_file_format: that would put the dataset's class back
+    assert pydicom.dcmread(wrong_class.path).file_meta.MediaStorageSOPClassUID.endswith(".4")
+    assert pynetdicom_store(port, wrong_class.path, chunked=True) == 0xA900
+    for obj in (no_study, bad_uid, wrong_class):
+        assert instances(sqlite_engine, obj.sop_uid) == []
+    # the listener is still fine
+    ok = make_instance(tmp_path / "ok.dcm")
+    assert pynetdicom_store(port, ok.path) == 0
+    status, body = sqlite_engine.api("/api/channels")
+    dicom = next(c for c in body["channels"] if c["name"] == "dicom")
+    assert dicom["counters"]["instances"] == {"stored": 1.0, "invalid": 3.0}
+
+
+def test_storescu_reports_the_failure(sqlite_engine: RunningEngine, tmp_path: Path) -> None:
+    obj = make_instance(tmp_path / "baduid.dcm", series_uid="1.2.3.abc")
+    proc = storescu(sqlite_engine.dicom_port, [obj.path], extra=["-d"])  # -d: show the status and comment
+    out = proc.stdout + proc.stderr
+    assert "c002" in out.lower()  # the status, as storescu prints the response
+    assert "[SeriesInstanceUID '1.2.3.abc' is not a valid UID]" in out  # the Error Comment
+
+
+def test_below_free_space_floor_answers_out_of_resources(workdir: Path, tmp_path: Path) -> None:
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", min_free_mb=10**9)
+    try:
+        obj = make_instance(tmp_path / "x.dcm")
+        assert pynetdicom_store(eng.dicom_port, obj.path) == 0xA700
+        assert instances(eng, obj.sop_uid) == []
+        status, body = eng.api("/health", token=None)
+        assert status == 503 and "free-space floor" in body["checks"]["storage"]
+    finally:
+        eng.stop()
+
+
+def test_calling_aet_restriction(workdir: Path, tmp_path: Path) -> None:
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", allowed_calling_aets=["CT1"])
+    try:
+        obj = make_instance(tmp_path / "x.dcm")
+        refused = storescu(eng.dicom_port, [obj.path], calling="INTRUDER")
+        assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        assert instances(eng, obj.sop_uid) == []
+        assert storescu(eng.dicom_port, [obj.path], calling="CT1").returncode == 0
+        [inst] = instances(eng, obj.sop_uid)
+        assert inst.calling_aet == "CT1"
+    finally:
+        eng.stop()
+
+
+def test_database_outage_means_not_stored_then_resend_works(pg_url: str, workdir: Path, tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+    eng = start(workdir, pg_url)
+    try:
+        obj = make_instance(tmp_path / "x.dcm")
+        dbname = pg_url.rsplit("/", 1)[1]
+        admin = create_engine(pg_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false'))
+            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": dbname})
+        try:
+            assert pynetdicom_store(eng.dicom_port, obj.path) == 0x0110
+        finally:
+            with admin.connect() as c:
+                c.execute(text(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true'))
+            admin.dispose()
+        assert instances(eng, obj.sop_uid) == []
+        assert pynetdicom_store(eng.dicom_port, obj.path) == 0  # the modality's retry
+        [inst] = instances(eng, obj.sop_uid)
+        assert stored_path(eng, inst).exists()
+    finally:
+        eng.stop()
+
+
+def test_study_becomes_stable_and_reopens(workdir: Path, tmp_path: Path) -> None:
+    settings = make_settings(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}")
+    settings.dicom.stable_seconds = 0.5
+    eng = RunningEngine(settings).start()
+    try:
+        first = make_instance(tmp_path / "1.dcm", accession="STAB1")
+        assert storescu(eng.dicom_port, [first.path]).returncode == 0
+
+        def study() -> Study:
+            with eng.db.read_session() as s:
+                return s.execute(select(Study).where(Study.study_uid == first.study_uid)).scalar_one()
+
+        def events() -> list[str]:
+            with eng.db.read_session() as s:
+                return [e.kind for e in s.execute(select(DomainEvent).order_by(DomainEvent.id)).scalars()]
+
+        deadline = time.monotonic() + 20
+        while study().state != "stable" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert study().state == "stable" and study().times_stable == 1
+        assert events() == ["study.stable"]
+        late = make_instance(tmp_path / "2.dcm", study_uid=first.study_uid, series_uid=first.series_uid, number=2)
+        assert storescu(eng.dicom_port, [late.path]).returncode == 0
+        assert events()[:2] == ["study.stable", "study.reopened"]
+        deadline = time.monotonic() + 20
+        while study().times_stable < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        st = study()
+        assert st.state == "stable" and st.times_stable == 2 and st.num_instances == 2
+        assert events() == ["study.stable", "study.reopened", "study.stable"]
+        status, body = eng.api(f"/api/studies?study_uid={first.study_uid}")
+        assert [e["kind"] for e in body["studies"][0]["events"]] == events()
+    finally:
+        eng.stop()
