@@ -45,7 +45,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        listening = ", ".join(f"{n} on {settings.bind}:{lst.server.port}" for n, lst in engine.listeners.items())
+        listening = ", ".join([*(f"{n} on {settings.bind}:{lst.server.port}" for n, lst in engine.listeners.items()),
+                               *(f"{n} (DICOM {d.aet}) on {settings.bind}:{d.port}"
+                                 for n, d in engine.dicom_listeners.items())])
         print(f"radbridge running: {listening or 'no channels'}; HTTP on http://{settings.bind}:{engine.http_port}/ "
               "(Ctrl-C to stop)", flush=True)
         await stop.wait()

@@ -66,5 +66,5 @@ def test_a_changed_mapping_applies_to_the_next_message_without_restart(running: 
         time.sleep(0.1)
     assert "YAML syntax" in str(running.engine.mappings.problems("hl7-patient")[0])
     assert ack_code(send(port, adt("A01", "RL3", "Still"))) == "AA"
-    (ch,) = running.api("/api/channels")[1]["channels"]
+    ch = next(c for c in running.api("/api/channels")[1]["channels"] if c["name"] == "hl7-inbound")
     assert any("YAML syntax" in p for p in ch["mapping_problems"])

@@ -77,7 +77,7 @@ def test_a_concurrent_insert_of_the_same_identifier_is_retried_as_an_update(pg_u
     db = open_database(pg_url)
     migrate.upgrade(db)
     registry, channels, _ = load_definitions(settings)
-    inbound = HL7Inbound(channels[0], registry)
+    inbound = HL7Inbound(next(c for c in channels if c.name == "hl7-inbound"), registry)
     other = create_engine(pg_url)
     writer = IngestWriter(db.writer)
     writer.start()
