@@ -12,7 +12,16 @@ import pytest
 from pydicom.uid import generate_uid
 
 from tests.conftest import RunningEngine, make_settings
-from tests.dicomutil import DCMTK_ENV, bundled, findscu, free_port, make_instance, require_dcmtk, run, storescu
+from tests.dicomutil import (
+    DCMTK_ENV,
+    bundled,
+    findscu,
+    free_port,
+    make_instance,
+    require_dcmtk,
+    run,
+    storescu,
+)
 from tests.hl7util import ack_code, orm, send
 
 
