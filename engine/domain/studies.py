@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, bindparam, select
 
 from engine.dicom.headers import InstanceHeader
-from engine.domain.records import add, driver_execute, fetch, update_row
+from engine.domain.records import add, fetch, update_row
 from engine.storage.base import StoredObject
 from engine.store.models import DomainEvent, Instance, Series, Study
 from engine.store.types import utcnow
@@ -96,8 +96,7 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
         modality = hdr.attrs.get("Modality")
         if modality:
             mods = set(filter(None, (study["modalities"] or "").split("\\"))) | {modality}
-            study_changes["modalities"] = _clip("modality", "\\".join(sorted(mods))) if len(mods) < 5 \
-                else "\\".join(sorted(mods))[:64]
+            study_changes["modalities"] = "\\".join(sorted(mods))[:64]
     else:
         series_id = series["id"]
         update_row(conn, SERIES, series_id, num_instances=series["num_instances"] + 1)
@@ -166,6 +165,3 @@ def mark_stable(conn: Connection, study_id: int, cutoff: datetime) -> bool:
 def stability_cutoff(stable_seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=stable_seconds)
 
-
-__all__ = ["StoreResult", "record_instance", "mark_stable", "stability_candidates", "stability_cutoff",
-           "add_event", "driver_execute"]
