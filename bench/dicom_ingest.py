@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchutil import describe_source, die_with_parent, mib, proc_status
+
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 90.0  # seconds for a target to listen
@@ -103,16 +105,6 @@ def make_instances(directory: Path, count: int) -> InstanceSet:
 # Processes, ports, /proc
 # =====================================================================================================
 
-def proc_status(pid: int, key: str) -> int:
-    """A kB value (VmRSS, VmHWM) from /proc/<pid>/status; 0 when unavailable."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def listening(port: int) -> bool:
@@ -136,11 +128,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In a child before exec (Linux): SIGTERM when the benchmark dies, so no server outlives it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class Server:
@@ -153,7 +140,7 @@ class Server:
         self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in stop()
         self._err = open(self.err_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -204,16 +191,6 @@ def tool_version(argv: list[str]) -> str:
     return out.strip().splitlines()[0] if out.strip() else "?"
 
 
-def describe_source(src: Path) -> str:
-    """The commit the engine source is at, and whether engine/ or channels/ differ from it."""
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "engine", "channels"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return f"{src} (not a git checkout)"
-    return f"{src} at {head}{' with uncommitted changes' if dirty else ''}"
 
 
 # =====================================================================================================
@@ -317,7 +294,7 @@ def storescu(aet: str, port: int, files: Sequence[Path], *, timeout: float,
     tail: list[str] = []
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_die_with_parent)
+                            stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=die_with_parent)
 
     def read() -> None:  # storescu -v logs to stderr: one "Received Store Response (<status>)" per file
         assert proc.stderr is not None
@@ -487,7 +464,7 @@ def run_in_netns(spec: RunSpec) -> RunResult:
     argv = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
             sys.executable, str(Path(__file__).resolve()), "--run-target", json.dumps(asdict(spec))]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, preexec_fn=_die_with_parent,
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, preexec_fn=die_with_parent,
                               timeout=STARTUP_TIMEOUT + 2 * send_deadline(spec.instances) + 120)
     except subprocess.TimeoutExpired:
         return RunResult(spec.label, spec.kind, problems=["worker in the network namespace timed out"])
@@ -533,8 +510,6 @@ def drop_database(admin_url: str, name: str) -> None:
 # Output
 # =====================================================================================================
 
-def mib(kb: int) -> str:
-    return f"{kb / 1024:.1f}"
 
 
 def rss_text(r: RunResult) -> str:

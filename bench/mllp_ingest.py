@@ -52,6 +52,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from benchutil import describe_source, die_with_parent, mib, proc_status
+
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 SB, EB, CR = b"\x0b", b"\x1c", b"\r"
@@ -653,16 +655,6 @@ async def baseline_serve(target: str, synchronous: str) -> None:
 # Server processes, /proc sampling
 # =====================================================================================================
 
-def proc_status(pid: int, key: str) -> int:
-    """A kB value (VmRSS, VmHWM) from /proc/<pid>/status; 0 when unavailable."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -674,11 +666,6 @@ def proc_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def _die_with_parent() -> None:
-    """In a child before exec (Linux): SIGTERM when the benchmark dies, so no server outlives it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class ServerProcess:
@@ -691,7 +678,7 @@ class ServerProcess:
         self._out = open(self.out_path, "wb")  # noqa: SIM115 - closed in stop()
         self._err = open(self.err_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         try:
             self.port = self._wait_port(port_re)
         except BaseException:
@@ -742,7 +729,7 @@ class Profiler:
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         self.proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
                                       "--threads", "--function", "--nonblocking", "--output", str(out)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         time.sleep(1.0)  # py-spy needs a moment to attach
         if self.proc.poll() is not None:
             err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
@@ -871,16 +858,6 @@ class Workspace:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def describe_source(src: Path) -> str:
-    """The commit the engine source is at, and whether engine/, channels/ or mappings/ differ from it."""
-    try:
-        head = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "engine", "channels",
-                                "mappings"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return f"{src} (not a git checkout)"
-    return f"{src} at {head}{' with uncommitted changes' if dirty else ''}"
 
 
 def engine_env(storage: Path, database_url: str, synchronous: str, src: Path = REPO) -> dict[str, str]:
@@ -1048,8 +1025,6 @@ class Bench:
 # Output
 # =====================================================================================================
 
-def mib(kb: int) -> str:
-    return f"{kb / 1024:.1f}"
 
 
 def _median(values: list[float]) -> float:
