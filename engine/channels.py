@@ -31,6 +31,7 @@ ACTIONS = {
 }
 CONNECTORS = ("mllp", "dicom")
 DUPLICATE_POLICIES = ("ignore", "overwrite", "reject")
+RECONCILIATION_POLICIES = ("coerce", "flag", "reject", "off")
 
 
 @dataclass
@@ -67,6 +68,10 @@ class DicomOptions:
     worklist_max_results: int = 500
     query_max_results: int = 1000
     names_case_insensitive: bool = True  # C-FIND matching of person names ignores case
+    # what a stable study's header mismatches with its order/patient lead to (docs/reconciliation.md):
+    # coerce (rewrite the stored headers), flag (keep, record findings), reject (quarantine), off
+    reconciliation: str = "coerce"
+    reconciliation_rules: str = "reconciliation"  # a mappings/ file with source: reconciliation; "" built in
 
 
 @dataclass
@@ -167,6 +172,10 @@ def _check_dicom_options(opts: DicomOptions, raw: Any, file: str, line: int, pro
     if opts.duplicates not in DUPLICATE_POLICIES:
         problems.append(ConfigProblem(file, where("duplicates"), "options.duplicates",
                                       f"must be one of {', '.join(DUPLICATE_POLICIES)}, got {opts.duplicates!r}"))
+    if opts.reconciliation not in RECONCILIATION_POLICIES:
+        problems.append(ConfigProblem(file, where("reconciliation"), "options.reconciliation",
+                                      f"must be one of {', '.join(RECONCILIATION_POLICIES)}, "
+                                      f"got {opts.reconciliation!r}"))
     for key in ("max_associations", "worklist_max_results", "query_max_results"):
         if getattr(opts, key) <= 0:
             problems.append(ConfigProblem(file, where(key), f"options.{key}", "must be greater than 0"))

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import DEFAULT_CONFIG, Settings, load_settings
+from engine.reconciliation.rules import ReconciliationRules
+from engine.studies_cli import add_parser as add_studies_parser
 from engine.yamlfile import ConfigFileError
 
 
@@ -85,8 +87,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if errors:
         print(f"radbridge check: {len(errors)} error(s)", file=sys.stderr)
         return 1
-    print(f"radbridge check: OK ({len(channels)} channel(s), {len(registry.names())} mapping(s), "
-          f"{len(problems)} warning(s))")
+    n_rules = len(registry.rules_names())
+    print(f"radbridge check: OK ({len(channels)} channel(s), {len(registry.names()) - n_rules} mapping(s), "
+          f"{n_rules} reconciliation rule file(s), {len(problems)} warning(s))")
     return 0
 
 
@@ -106,6 +109,8 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
         print(str(p), file=sys.stderr)
     if mapping is None:
         return 1
+    if isinstance(mapping, ReconciliationRules):
+        return _try_rules(mapping, Path(args.sample), settings)
     try:
         raw = Path(args.sample).read_bytes()
     except OSError as exc:
@@ -124,6 +129,43 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
         out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in mapped.errors]
     print(json.dumps(out, indent=2, ensure_ascii=False))
     return 1 if mapped.errors else 0
+
+
+def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> int:
+    """Dry-run reconciliation rules on a DICOM file against the store: the match, what the order and
+    patient say, and what would be coerced or flagged. Nothing is written."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from engine.dicom.headers import text_value
+    from engine.domain.studies import STUDY_ATTRS
+    from engine.reconciliation.compare import authoritative, differences
+    from engine.reconciliation.matching import match_study
+
+    try:
+        ds = dcmread(sample, stop_before_pixels=True)
+    except (OSError, InvalidDicomError) as exc:
+        print(f"{sample}: not a DICOM file: {exc}", file=sys.stderr)
+        return 1
+    study: dict[str, Any] = {col: text_value(ds.get(kw)) for kw, col in STUDY_ATTRS.items()}
+    study.update(id=0, study_uid=text_value(ds.get("StudyInstanceUID")))
+    received = {r.keyword: text_value(ds.get(r.keyword)) for r in rules.attributes}
+    db = _open_db(settings)
+    try:
+        with db.reader.connect() as conn:
+            m = match_study(conn, study, rules)
+    finally:
+        db.dispose()
+    diffs = differences(rules, m.authority, received) if m.matched_by else {}
+    out = {"rules": rules.name, "matched_by": m.matched_by, "order_id": m.order_id, "patient_id": m.patient_id,
+           "held_as_exception": m.exception,
+           "authoritative": {r.keyword: authoritative(r, m.authority) for r in rules.attributes},
+           "header": received,
+           "differences": {k: {"header": v[0], "expected": v[1]} for k, v in diffs.items()},
+           "findings": [{"kind": f.kind, "severity": f.severity, "attribute": f.attribute, "detail": f.detail}
+                        for f in m.findings]}
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
 
 
 # --- messages -----------------------------------------------------------------------------------------
@@ -301,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(mg.add_parser("reprocess", help="apply stored messages again (after a mapping fix)"))
     p.add_argument("ids", type=int, nargs="+")
     p.set_defaults(fn=cmd_messages)
+
+    add_studies_parser(sub, with_config)
 
     sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)
     p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")

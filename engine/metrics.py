@@ -97,6 +97,10 @@ class Metrics:
         self.store_latency = Histogram("radbridge_dicom_store_seconds",
                                        "Time from a complete C-STORE request to its response, per channel")
         self.studies_stable = Counter("radbridge_studies_stable_total", "Studies that became stable")
+        self.reconciliations = Counter("radbridge_reconciliations_total",
+                                       "Reconciliation runs, per resulting state (reconciled, flagged, unmatched ...)")
+        self.coerced_instances = Counter("radbridge_coerced_instances_total",
+                                         "Stored instances rewritten to agree with their order and patient")
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help: str, fn: Callable[[], float]) -> None:
@@ -106,7 +110,7 @@ class Metrics:
         lines: list[str] = []
         for m in (self.received, self.acked, self.failed, self.duplicates, self.connections, self.frame_errors,
                   self.latency, self.pruned, self.dicom_stored, self.dicom_requests, self.dicom_associations,
-                  self.store_latency, self.studies_stable):
+                  self.store_latency, self.studies_stable, self.reconciliations, self.coerced_instances):
             lines.extend(m.render())
         for name, (help, fn) in sorted(self._gauges.items()):
             try:

@@ -28,6 +28,8 @@ from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
 from engine.pipeline.writer import IngestWriter, InlineWriter
+from engine.reconciliation.reconciler import Reconciler
+from engine.reconciliation.reconciler import Result as ReconcileResult
 from engine.storage.local import LocalStorage
 from engine.store import migrate
 from engine.store.db import Database, open_database
@@ -61,6 +63,11 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
             problems.append(ConfigProblem(ch.file, 0, "connector.port",
                                           f"port {port} is also used by {ports[port]}"))
         ports[port] = f"channel {ch.name}"
+        rules = ch.dicom.reconciliation_rules if ch.connector == "dicom" else ""
+        if rules and registry.rules(rules) is None:
+            problems.append(ConfigProblem(ch.file, 0, "options.reconciliation_rules",
+                                          f"no reconciliation rules named {rules!r} in the mappings directory "
+                                          "(a file with source: reconciliation; \"\" uses the built-in rules)"))
     return registry, channels, problems
 
 
@@ -81,6 +88,10 @@ class Engine:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop_event = threading.Event()
         self._generated_token: str | None = None
+        self.reconciler: Reconciler | None = None
+        self._reconciling: asyncio.Future[int] | None = None
+        self._reconcile_wakeup = asyncio.Event()
+        self._reconcile_lock = asyncio.Lock()
 
     # --- tokens ------------------------------------------------------------------------------------------
     def api_tokens(self) -> list[str]:
@@ -167,6 +178,8 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         if self.dicom_listeners:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
+            self.reconciler = self._make_reconciler()
+            self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
 
     async def _start_dicom(self, ch: Channel, port: int) -> None:
         if self.storage is None:
@@ -190,6 +203,11 @@ class Engine:
 
     async def stop(self) -> None:
         self._stop_event.set()
+        if self.reconciler is not None:  # finish the batch in hand (its files are committed or removed)
+            self.reconciler.stopping = True
+            if self._reconciling is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._reconciling), 60)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -237,6 +255,41 @@ class Engine:
             except Exception:
                 log.exception("study stability check failed; will try again")
 
+    def _make_reconciler(self) -> Reconciler:
+        def on_result(r: ReconcileResult) -> None:
+            if r.state:
+                self.metrics.reconciliations.inc(state=r.state)
+            if r.coerced:
+                self.metrics.coerced_instances.inc(r.coerced)
+        return Reconciler(self.db, self.writer, self.storage, channels=self.channels, rules=self.mappings.rules,
+                          modifying_system=self.settings.dicom.aet, tmp_dir=Path(self.settings.storage.dir) / "tmp",
+                          fsync=self.settings.dicom.fsync, on_result=on_result)
+
+    async def _reconcile_loop(self) -> None:
+        interval = min(1.0, max(0.1, self.settings.dicom.stable_seconds / 4))
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._reconcile_wakeup.wait(), interval)
+            self._reconcile_wakeup.clear()
+            try:
+                await self.reconcile_pending()
+            except Exception:
+                log.exception("reconciliation pass failed; will try again")
+
+    async def reconcile_pending(self) -> int:
+        """Work the reconciliation queue in a worker thread (file rewriting is blocking I/O)."""
+        if self.reconciler is None:
+            return 0
+        async with self._reconcile_lock:  # one pass at a time (the loop, the API, tests)
+            self._reconciling = asyncio.ensure_future(asyncio.to_thread(self.reconciler.run_pending))
+            try:
+                return await asyncio.shield(self._reconciling)
+            finally:
+                self._reconciling = None
+
+    def wake_reconciler(self) -> None:
+        self._reconcile_wakeup.set()
+
     async def check_stability(self) -> int:
         """Mark studies stable that had no new instance for dicom.stable_seconds; returns how many."""
         cutoff = stability_cutoff(self.settings.dicom.stable_seconds)
@@ -251,6 +304,8 @@ class Engine:
             if await self.writer.run(job):
                 marked += 1
                 self.metrics.studies_stable.inc()
+        if marked:
+            self.wake_reconciler()
         return marked
 
     # --- operations ------------------------------------------------------------------------------------

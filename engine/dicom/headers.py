@@ -53,7 +53,7 @@ def check_uid(keyword: str, value: Any) -> str:
     return text
 
 
-def _text(value: Any) -> str | None:
+def text_value(value: Any) -> str | None:
     if value is None:
         return None
     if hasattr(value, "original_string") and not isinstance(value, (str, bytes)):  # PersonName
@@ -93,9 +93,9 @@ def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str
         attrs: dict[str, Any] = {}
         for kw in HEADER_TAGS[5:]:
             value = ds.get(kw)
-            attrs[kw] = _int(value) if kw in ("SeriesNumber", "InstanceNumber", "NumberOfFrames") else _text(value)
+            attrs[kw] = _int(value) if kw in ("SeriesNumber", "InstanceNumber", "NumberOfFrames") else text_value(value)
         charset = ds.get("SpecificCharacterSet")
-        attrs["SpecificCharacterSet"] = _text(charset)
+        attrs["SpecificCharacterSet"] = text_value(charset)
     except HeaderError:
         raise
     except Exception as exc:  # a value that does not decode (bad VR, bad character set ...)

@@ -109,6 +109,8 @@ def _conditions(keys: dict[str, Any], level: str, dialect: str, fold_names: bool
         cond = sql_condition(SERIES.c.modality, m, "CS", dialect)
         if cond is not None:
             conds.append(exists().where(SERIES.c.study_id == STUDIES.c.id, cond))
+    # a quarantined study (reconciliation policy reject) is kept but neither found nor retrieved
+    conds.append(STUDIES.c.recon_state != "quarantined")
     return conds
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, bindparam, select
 
 from engine.domain.errors import DomainError
 from engine.domain.limits import check_length
@@ -37,6 +37,9 @@ CONTROL_STATUS = {"NW": "SC", "CA": "CA", "OC": "CA", "DC": "DC", "OD": "DC", "H
 KNOWN_STATUSES = {"A", "CA", "CM", "DC", "ER", "HD", "IP", "RP", "SC"}
 CANCELLED = {"CA", "DC"}
 ENDING_CONTROLS = {"CA", "OC", "DC", "OD"}
+# How far along an order is, for statuses the images may move it to (never back, never out of CA/DC).
+IMAGE_STATUS_RANK = {"SC": 0, "HD": 0, "A": 1, "IP": 1, "CM": 2}
+ORDER_BY_ID = select(ORDERS).where(ORDERS.c.id == bindparam("id"))
 
 
 def find_order(conn: Connection, data: dict[str, Any]) -> Record | None:
@@ -92,7 +95,7 @@ def _refusal(current: str, new: str) -> str | None:
     return None
 
 
-def _history(conn: Connection, order_id: int, control: str, from_status: str | None, to_status: str, applied: bool,
+def _history(conn: Connection, order_id: int, control: str | None, from_status: str | None, to_status: str, applied: bool,
              note: str | None, message_id: int | None, source_time: str | None) -> None:
     add(conn, ORDER_HISTORY, order_id=order_id, control=control, from_status=from_status, to_status=to_status,
         applied=applied, note=note, message_id=message_id, source_time=source_time)
@@ -188,3 +191,20 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
         order.set("source_time", event_time)
     order.save(conn)
     return order
+
+
+def advance_for_images(conn: Connection, order_id: int, target: str, note: str) -> tuple[str, str] | None:
+    """Move an order forward because images arrived (IP) or the study is complete (CM), as a RIS
+    expects without MPPS. Only forward; a cancelled or discontinued order keeps its status (the
+    reconciliation records a finding instead). Returns (from, to) when it moved."""
+    order = load(conn, ORDERS, ORDER_BY_ID, id=order_id)
+    if order is None or not target:
+        return None
+    current = order["status"]
+    if current not in IMAGE_STATUS_RANK or IMAGE_STATUS_RANK.get(target, -1) <= IMAGE_STATUS_RANK[current]:
+        return None
+    _history(conn, order.id, None, current, target, True, note, None, None)
+    order.set("status", target)
+    order.set("updated_at", utcnow())
+    order.save(conn)
+    return current, target

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection, select, update
 
 from engine.domain.errors import DomainError
 from engine.domain.limits import check_length
@@ -35,6 +35,7 @@ from engine.domain.records import (
     fetch,
     load,
 )
+from engine.domain.studies import STUDIES
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
 from engine.store.models import Patient, PatientIdentifier
@@ -292,15 +293,18 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
     moved = list(conn.execute(ORDER_IDS_OF_PATIENT, {"patient_id": prior.id}).scalars())  # merges are rare
     if moved:
         conn.execute(update(ORDERS).where(ORDERS.c.patient_id == prior.id).values(patient_id=survivor.id))
+    studies = list(conn.execute(select(STUDIES.c.id).where(STUDIES.c.patient_id == prior.id)).scalars())
+    if studies:  # reconciliation then coerces them to the survivor (triggers.after_message)
+        conn.execute(update(STUDIES).where(STUDIES.c.patient_id == prior.id).values(patient_id=survivor.id))
     prior.set("merged_into_id", survivor.id)
     prior.set("active", False)
     prior.set("updated_at", utcnow())
     prior.save(conn)
     survivor.set("version", survivor["version"] + 1)
     survivor.save(conn)
-    out.changes.append(f"patient {prior.id} merged into {survivor.id}: {len(moved)} order(s) moved, "
-                       f"identifiers kept as aliases")
+    out.changes.append(f"patient {prior.id} merged into {survivor.id}: {len(moved)} order(s) and "
+                       f"{len(studies)} study(ies) moved, identifiers kept as aliases")
     record(conn, survivor.id, out, "merged", {"prior_patient": prior.id, "alias": f"{prior_value}^{prior_issuer}",
-                                                 "orders_moved": moved})
-    record(conn, prior.id, out, "merged_away", {"into": survivor.id, "orders_moved": moved})
+                                                 "orders_moved": moved, "studies_moved": studies})
+    record(conn, prior.id, out, "merged_away", {"into": survivor.id, "orders_moved": moved, "studies_moved": studies})
     return survivor

@@ -17,14 +17,17 @@ from sqlalchemy import Connection, Table, bindparam, select
 
 from engine.dicom.headers import InstanceHeader
 from engine.domain.records import add, fetch, update_row
+from engine.reconciliation.queue import enqueue
 from engine.storage.base import StoredObject
-from engine.store.models import DomainEvent, Instance, Series, Study
+from engine.store.models import DomainEvent, Finding, Instance, InstanceRevision, Series, Study
 from engine.store.types import utcnow
 
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
 SERIES: Table = Series.__table__  # type: ignore[assignment]
 INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
 DOMAIN_EVENTS: Table = DomainEvent.__table__  # type: ignore[assignment]
+FINDINGS: Table = Finding.__table__  # type: ignore[assignment]
+REVISIONS: Table = InstanceRevision.__table__  # type: ignore[assignment]
 
 STUDY_BY_UID = select(STUDIES).where(STUDIES.c.study_uid == bindparam("uid"))
 SERIES_BY_UID = select(SERIES).where(SERIES.c.series_uid == bindparam("uid"))
@@ -54,7 +57,7 @@ class StoreResult:
     identical: bool = False
 
 
-def _clip(column: str, value: Any) -> Any:
+def clip(column: str, value: Any) -> Any:
     limit = LIMITS.get(column)
     if limit and isinstance(value, str) and len(value) > limit:
         return value[:limit]
@@ -76,12 +79,13 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
         return _duplicate(conn, existing, hdr, stored, policy=policy, now=now, calling_aet=calling_aet)
     study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
     if study is None:
-        values = {col: _clip(col, hdr.attrs.get(kw)) for kw, col in STUDY_ATTRS.items()}
+        values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in STUDY_ATTRS.items()}
         study_id = add(conn, STUDIES, study_uid=hdr.study_uid, state="receiving", channel=channel,
                        first_received_at=now, last_received_at=now, num_series=0, num_instances=0,
                        size_bytes=0, times_stable=0, **values)
         study = {"id": study_id, "state": "receiving", "num_series": 0, "num_instances": 0, "size_bytes": 0,
                  "modalities": None}
+        enqueue(conn, study_id, "received")  # images received: the order can move to in progress
     study_changes: dict[str, Any] = {"last_received_at": now}
     if study["state"] == "stable":
         study_changes["state"] = "receiving"
@@ -89,7 +93,7 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
                   detail={"study_uid": hdr.study_uid, "sop_instance_uid": hdr.sop_instance_uid})
     series = fetch(conn, SERIES_BY_UID, uid=hdr.series_uid)
     if series is None:
-        values = {col: _clip(col, hdr.attrs.get(kw)) for kw, col in SERIES_ATTRS.items()}
+        values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in SERIES_ATTRS.items()}
         series_id = add(conn, SERIES, study_id=study["id"], series_uid=hdr.series_uid, num_instances=1,
                         created_at=now, **values)
         study_changes["num_series"] = study["num_series"] + 1
@@ -159,6 +163,7 @@ def mark_stable(conn: Connection, study_id: int, cutoff: datetime) -> bool:
     add_event(conn, "study.stable", study_id=study_id,
               detail={"study_uid": row.study_uid, "accession": row.accession, "instances": row.num_instances,
                       "times_stable": row.times_stable})
+    enqueue(conn, study_id, "stable")
     return True
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.mappings.spec import Mapping, compile_mapping
+from engine.reconciliation.rules import ReconciliationRules, compile_rules
 from engine.yamlfile import ConfigFileError, ConfigProblem, load_yaml
 
 log = logging.getLogger(__name__)
@@ -19,19 +20,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Entry:
-    mapping: Mapping | None
+    mapping: Mapping | ReconciliationRules | None
     mtime_ns: int
     problems: list[ConfigProblem] = field(default_factory=list)
 
 
 def load_mapping_file(path: Path, name: str | None = None, *, structure_version: str = "2.5"
-                      ) -> tuple[Mapping | None, list[ConfigProblem]]:
-    """Compile one mapping file; problems include structure warnings (unknown segment, field too high)."""
+                      ) -> tuple[Mapping | ReconciliationRules | None, list[ConfigProblem]]:
+    """Compile one mapping file; problems include structure warnings (unknown segment, field too high).
+    A file with ``source: reconciliation`` holds reconciliation rules instead of field mappings."""
     name = name or path.stem
     try:
         data = load_yaml(path)
     except ConfigFileError as exc:
         return None, exc.problems
+    if isinstance(data, dict) and data.get("source") == "reconciliation":
+        return compile_rules(data, str(path), name)
     mapping, problems = compile_mapping(data, str(path), name)
     if mapping is not None:
         from engine.hl7.structure import check_paths
@@ -67,7 +71,15 @@ class MappingRegistry:
 
     def get(self, name: str) -> Mapping | None:
         entry = self._entries.get(name)
-        return entry.mapping if entry else None
+        return entry.mapping if entry and isinstance(entry.mapping, Mapping) else None
+
+    def rules(self, name: str) -> ReconciliationRules | None:
+        """Reconciliation rules by name (a file with source: reconciliation)."""
+        entry = self._entries.get(name)
+        return entry.mapping if entry and isinstance(entry.mapping, ReconciliationRules) else None
+
+    def rules_names(self) -> list[str]:
+        return sorted(n for n, e in self._entries.items() if isinstance(e.mapping, ReconciliationRules))
 
     def problems(self, name: str | None = None) -> list[ConfigProblem]:
         if name is not None:

@@ -10,6 +10,7 @@ from engine.channels import ChannelOptions
 from engine.domain.errors import DomainError
 from engine.domain.orders import apply_order
 from engine.domain.patients import Outcome, merge_patients, upsert_patient
+from engine.reconciliation.triggers import after_message
 
 
 def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: list[dict[str, Any]],
@@ -35,4 +36,5 @@ def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: 
                 raise
     elif action != "ignore":
         raise ValueError(f"unknown action {action!r}")
+    after_message(conn, action, out)
     return out

@@ -262,8 +262,17 @@ class Study(Base):
     times_stable: Mapped[int] = mapped_column(Integer, default=0)
     patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id"), index=True)
     order_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("orders.id"), index=True)
+    # reconciliation: pending -> reconciled | flagged | unmatched | quarantined (see docs/reconciliation.md)
+    recon_state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    matched_by: Mapped[str | None] = mapped_column(String(16))  # accession | patient_id | manual
+    reconciled_at: Mapped[datetime | None]
+    times_reconciled: Mapped[int] = mapped_column(Integer, default=0)
+    # an analyst's match (radbridge studies match): used instead of the headers until cleared
+    manual_order_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("orders.id"))
+    manual_patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id"))
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+    findings: Mapped[list[Finding]] = relationship(order_by="Finding.id", viewonly=True)
 
 
 class Series(Base):
@@ -325,3 +334,69 @@ class DomainEvent(Base):
     detail: Mapped[dict[str, Any] | None]
 
     __table_args__ = (Index("ix_domain_events_kind", "kind", "id"),)
+
+
+# --- reconciliation --------------------------------------------------------------------------------
+
+class Finding(Base):
+    """Something reconciliation found about a study, with its evidence and what was done about it.
+
+    action: coerced (headers rewritten), flagged (kept, needs a look), rejected (study quarantined),
+    noted (information). status: open until a later reconciliation no longer finds it, or an
+    analyst resolves it."""
+
+    __tablename__ = "study_findings"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(BigId, ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    severity: Mapped[str] = mapped_column(String(8))  # info | warning | error
+    attribute: Mapped[str | None] = mapped_column(String(64))
+    received: Mapped[str | None] = mapped_column(Text)  # what the headers said
+    expected: Mapped[str | None] = mapped_column(Text)  # what the order / patient says
+    action: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="open")  # open | resolved
+    resolved_at: Mapped[datetime | None]
+    resolution: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[dict[str, Any] | None]
+
+    __table_args__ = (Index("ix_study_findings_status", "status", "study_id"),)
+
+
+class InstanceRevision(Base):
+    """A stored file replaced by a rewritten one (coercion): both checksums, and why."""
+
+    __tablename__ = "instance_revisions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(BigId, ForeignKey("instances.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str] = mapped_column(String(16))  # COERCE | CORRECT (PS3.3 C.12.1.1.9.2)
+    old_key: Mapped[str] = mapped_column(String(400))
+    old_sha256: Mapped[str] = mapped_column(String(64))
+    old_size: Mapped[int] = mapped_column(BigInteger)
+    new_key: Mapped[str] = mapped_column(String(400))
+    new_sha256: Mapped[str] = mapped_column(String(64))
+    new_size: Mapped[int] = mapped_column(BigInteger)
+    changes: Mapped[dict[str, Any] | None]  # attribute: [old, new]
+
+
+class ReconcileJob(Base):
+    """A study waiting to be (re)reconciled: one row per study, written in the transaction that
+    caused it (stability, an order or ADT message, a manual match). Workers lease rows (SKIP
+    LOCKED on PostgreSQL); a trigger arriving while a row is leased bumps ``generation`` so the
+    worker runs it again instead of deleting it."""
+
+    __tablename__ = "reconcile_queue"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    study_id: Mapped[int] = mapped_column(BigId, ForeignKey("studies.id", ondelete="CASCADE"), unique=True)
+    reasons: Mapped[str] = mapped_column(String(255))
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    leased_until: Mapped[datetime | None]
+    leased_by: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -1,8 +1,10 @@
-"""Admin API (JSON): patients, orders, messages, channels; reprocess a message."""
+"""Admin API (JSON): patients, orders, messages, studies, channels; reprocess a message; match a study
+by hand, reconcile it again, accept a finding."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -10,7 +12,9 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, Study
+from engine.reconciliation import manual
+from engine.reconciliation.manual import ManualError
+from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
 if TYPE_CHECKING:
@@ -18,10 +22,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MAX_LIMIT = 500
+EXCEPTION_STATES = ("unmatched", "flagged", "quarantined")
 
 
 def _bad(detail: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(text=f'{{"error": "bad request", "detail": "{detail}"}}', content_type="application/json")
+    return web.HTTPBadRequest(text=json.dumps({"error": "bad request", "detail": detail}),
+                              content_type="application/json")
 
 
 def _limit(request: web.Request) -> int:
@@ -137,25 +143,75 @@ def api_app(engine: Engine) -> web.Application:
 
     async def studies(request: web.Request) -> web.Response:
         q = request.query
-        filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state") if k in q}
-        if not filters:
-            raise _bad("give accession=, study_uid=, patient_id= (as in the headers) or state=")
+        filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state", "reconciliation") if k in q}
+        exceptions = q.get("exceptions", "").lower() in ("1", "true", "yes")
+        if not filters and not exceptions:
+            raise _bad("give accession=, study_uid=, patient_id= (as in the headers), state=, reconciliation= "
+                       "or exceptions=true")
         limit = _limit(request)
 
         def run(s: Session) -> list[dict[str, Any]]:
-            stmt = select(Study).options(selectinload(Study.series))
+            stmt = select(Study).options(selectinload(Study.series), selectinload(Study.findings))
             cols = {"accession": Study.accession, "study_uid": Study.study_uid, "patient_id": Study.dicom_patient_id,
-                    "state": Study.state}
+                    "state": Study.state, "reconciliation": Study.recon_state}
             for k, v in filters.items():
                 stmt = stmt.where(cols[k] == v)
+            if exceptions:
+                stmt = stmt.where(Study.recon_state.in_(EXCEPTION_STATES))
             found = list(s.execute(stmt.order_by(Study.id).limit(limit)).scalars())
             events: dict[int, list[DomainEvent]] = {st.id: [] for st in found}
+            jobs: dict[int, ReconcileJob] = {}
             if found:
                 for e in s.execute(select(DomainEvent).where(DomainEvent.study_id.in_(list(events)))
                                    .order_by(DomainEvent.id)).scalars():
                     events[e.study_id].append(e)  # type: ignore[index]
-            return [study_json(st, events=events[st.id]) for st in found]
+                jobs = {j.study_id: j for j in s.execute(select(ReconcileJob).where(
+                    ReconcileJob.study_id.in_(list(events)))).scalars()}
+            return [study_json(st, events=events[st.id], findings=True, job=jobs.get(st.id)) for st in found]
         return web.json_response({"studies": await read(run)})
+
+    async def write(fn: Callable[[Any], T]) -> T:
+        try:
+            result = await engine.writer.run(lambda s: fn(s.connection()))
+        except ManualError as exc:
+            raise web.HTTPNotFound(text=json.dumps({"error": "not found", "detail": str(exc)}),
+                                   content_type="application/json") from None
+        engine.wake_reconciler()
+        return result
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json() if request.can_read_body else {}
+        except ValueError:
+            raise _bad("the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise _bad("the body is a JSON object")
+        return data
+
+    async def study_match(request: web.Request) -> web.Response:
+        data = await body(request)
+        accession, patient = data.get("accession"), data.get("patient")
+        if bool(accession) == bool(patient) or not isinstance(accession or patient, str):
+            raise _bad('give {"accession": "ACC"} or {"patient": "ID^ISSUER"}')
+        ref = request.match_info["ref"]
+        out = await write(lambda c: manual.match(c, ref, accession=accession, patient=patient, by="api",
+                                                 note=data.get("note")))
+        return web.json_response(out, status=202)
+
+    async def study_reconcile(request: web.Request) -> web.Response:
+        ref = request.match_info["ref"]
+        return web.json_response(await write(lambda c: manual.request(c, ref, by="api")), status=202)
+
+    async def finding_accept(request: web.Request) -> web.Response:
+        data = await body(request)
+        fid = int(request.match_info["id"])
+        try:
+            await write(lambda c: manual.accept_finding(c, fid, by="api", note=data.get("note")))
+        except web.HTTPNotFound as exc:
+            if "already" in (exc.text or ""):
+                raise web.HTTPConflict(text=exc.text, content_type="application/json") from None
+            raise
+        return web.json_response({"finding": fid, "status": "accepted"})
 
     async def channels(_request: web.Request) -> web.Response:
         return web.json_response({"channels": engine.channel_status()})
@@ -167,5 +223,8 @@ def api_app(engine: Engine) -> web.Application:
     app.router.add_get(r"/messages/{id:\d+}", message)
     app.router.add_post(r"/messages/{id:\d+}/reprocess", reprocess)
     app.router.add_get("/studies", studies)
+    app.router.add_post("/studies/{ref}/match", study_match)
+    app.router.add_post("/studies/{ref}/reconcile", study_reconcile)
+    app.router.add_post(r"/findings/{id:\d+}/accept", finding_accept)
     app.router.add_get("/channels", channels)
     return app

@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from engine.store.models import DomainEvent, Message, Order, OrderStatusChange, Patient, Study
+from engine.store.models import (
+    DomainEvent,
+    Finding,
+    Message,
+    Order,
+    OrderStatusChange,
+    Patient,
+    ReconcileJob,
+    Study,
+)
 
 
 def _ts(dt: datetime | None) -> str | None:
@@ -77,7 +86,29 @@ def message_json(m: Message, *, content: bool = False) -> dict[str, Any]:
     return out
 
 
-def study_json(st: Study, *, series: bool = True, events: list[DomainEvent] | None = None) -> dict[str, Any]:
+def finding_json(f: Finding) -> dict[str, Any]:
+    return {"id": f.id, "at": _ts(f.at), "kind": f.kind, "severity": f.severity, "attribute": f.attribute,
+            "received": f.received, "expected": f.expected, "action": f.action, "status": f.status,
+            "resolved_at": _ts(f.resolved_at), "resolution": f.resolution, "detail": f.detail}
+
+
+def reconciliation_json(st: Study, *, findings: bool = True, job: ReconcileJob | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "state": st.recon_state, "matched_by": st.matched_by, "reconciled_at": _ts(st.reconciled_at),
+        "times_reconciled": st.times_reconciled,
+        "manual": ({"order_id": st.manual_order_id, "patient_id": st.manual_patient_id}
+                   if st.manual_order_id or st.manual_patient_id else None),
+        "queued": ({"reasons": job.reasons.split(","), "attempts": job.attempts, "last_error": job.last_error,
+                    "next_at": _ts(job.next_at), "leased_by": job.leased_by} if job is not None else None),
+    }
+    if findings:
+        out["open_findings"] = sum(1 for f in st.findings if f.status == "open" and f.severity != "info")
+        out["findings"] = [finding_json(f) for f in st.findings]
+    return out
+
+
+def study_json(st: Study, *, series: bool = True, events: list[DomainEvent] | None = None,
+               findings: bool = False, job: ReconcileJob | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": st.id, "study_uid": st.study_uid, "accession": st.accession, "state": st.state,
         "patient": {"id": st.dicom_patient_id, "issuer": st.dicom_issuer, "name": st.patient_name,
@@ -89,6 +120,7 @@ def study_json(st: Study, *, series: bool = True, events: list[DomainEvent] | No
         "first_received_at": _ts(st.first_received_at), "last_received_at": _ts(st.last_received_at),
         "stable_at": _ts(st.stable_at) if st.stable_at else None, "times_stable": st.times_stable,
         "channel": st.channel, "patient_id": st.patient_id, "order_id": st.order_id,
+        "reconciliation": reconciliation_json(st, findings=findings, job=job),
     }
     if series:
         out["series"] = [{"series_uid": se.series_uid, "modality": se.modality, "number": se.series_number,

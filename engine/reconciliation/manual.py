@@ -1,0 +1,84 @@
+"""What an analyst does to a study by hand (CLI ``radbridge studies`` and the admin API).
+
+Each action is written in one transaction with a domain event naming who asked and why; the
+reconciler then does the work (coercion included) like for any other trigger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from engine.domain.patients import find_patient
+from engine.domain.records import ORDERS
+from engine.domain.studies import FINDINGS, STUDIES, add_event
+from engine.reconciliation.queue import enqueue
+from engine.store.types import utcnow
+
+
+class ManualError(ValueError):
+    """The request names something that is not there; the message says what."""
+
+
+def find_study(conn: Connection, ref: str) -> dict[str, Any]:
+    """A study by Study Instance UID, or by the index's numeric id."""
+    stmt = select(STUDIES.c.id, STUDIES.c.study_uid, STUDIES.c.recon_state)
+    row = conn.execute(stmt.where(STUDIES.c.study_uid == ref)).mappings().first()
+    if row is None and ref.isdigit():
+        row = conn.execute(stmt.where(STUDIES.c.id == int(ref))).mappings().first()
+    if row is None:
+        raise ManualError(f"no study {ref!r} (give its Study Instance UID or index id)")
+    return dict(row)
+
+
+def match(conn: Connection, ref: str, *, accession: str | None = None, patient: str | None = None,
+          by: str = "analyst", note: str | None = None) -> dict[str, Any]:
+    """Match a study to an order (by accession) or to a patient (``ID^ISSUER``) and queue it."""
+    if bool(accession) == bool(patient):
+        raise ManualError("give either an order (accession number) or a patient (ID^ISSUER)")
+    study = find_study(conn, ref)
+    values: dict[str, Any] = {"manual_order_id": None, "manual_patient_id": None}
+    detail: dict[str, Any] = {"by": by, "note": note, "study_uid": study["study_uid"]}
+    if accession:
+        order_id = conn.execute(select(ORDERS.c.id).where(ORDERS.c.accession == accession)
+                                .order_by(ORDERS.c.id.desc()).limit(1)).scalar()
+        if order_id is None:
+            raise ManualError(f"no order with accession number {accession!r}")
+        values["manual_order_id"] = order_id
+        detail.update(order=order_id, accession=accession)
+    else:
+        assert patient is not None
+        value, _, issuer = patient.partition("^")
+        found = find_patient(conn, value, issuer)
+        if found is None:
+            raise ManualError(f"no patient with identifier {value!r} and issuer {issuer!r}")
+        values["manual_patient_id"] = found.id
+        detail.update(patient=found.id, identifier=patient)
+    conn.execute(update(STUDIES).where(STUDIES.c.id == study["id"]).values(**values))
+    add_event(conn, "study.manual_match", study_id=study["id"], order_id=values["manual_order_id"],
+              patient_id=values["manual_patient_id"], detail=detail)
+    enqueue(conn, study["id"], "manual")
+    return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True, **detail}
+
+
+def request(conn: Connection, ref: str, *, by: str = "analyst") -> dict[str, Any]:
+    """Reconcile a study again (after a rules or policy change)."""
+    study = find_study(conn, ref)
+    enqueue(conn, study["id"], "requested")
+    add_event(conn, "study.reconcile_requested", study_id=study["id"], detail={"by": by})
+    return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True}
+
+
+def accept_finding(conn: Connection, finding_id: int, *, by: str = "analyst", note: str | None = None) -> None:
+    """An analyst accepts a finding as it is: it stops flagging (or quarantining) the study, and the
+    same finding is not raised again for it."""
+    row = conn.execute(select(FINDINGS.c.study_id, FINDINGS.c.status).where(FINDINGS.c.id == finding_id)).first()
+    if row is None:
+        raise ManualError(f"no finding {finding_id}")
+    if row.status != "open":
+        raise ManualError(f"finding {finding_id} is already {row.status}")
+    conn.execute(update(FINDINGS).where(FINDINGS.c.id == finding_id).values(
+        status="accepted", resolved_at=utcnow(), resolution=f"accepted by {by}" + (f": {note}" if note else "")))
+    add_event(conn, "finding.accepted", study_id=row.study_id, detail={"finding": finding_id, "by": by, "note": note})
+    enqueue(conn, row.study_id, "requested")  # the study's state follows its open findings

@@ -1,0 +1,387 @@
+"""Reconcile one study: match it, compare, coerce / flag / quarantine, record why, move the order.
+
+    lease a queued study (queue.py)
+    read it and match it to an order and patient (matching.py) on a read connection
+    receiving?  only "images received" moves the order (IP); the rest waits for stability
+    compare the headers with the authority (compare.py), per the channel's policy:
+      coerce      rewrite the files that differ (coerce.py), in batches, each batch's index
+                  update committed before the old files are deleted
+      flag        keep the files; the differences are open findings
+      reject      keep the files, quarantine the study (hidden from query/retrieve)
+    one transaction: links, state, index columns, findings, order status, domain event, queue row
+
+Runs in a worker thread; writes go through ``tx`` (the engine's writer, or a plain session for the
+CLI). A run that fails is retried with backoff; a run overtaken by a newer trigger runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import Connection, select, update
+from sqlalchemy.orm import Session
+
+from engine.channels import Channel, DicomOptions
+from engine.dicom.headers import text_value
+from engine.domain.orders import advance_for_images
+from engine.domain.records import add, update_row
+from engine.domain.studies import (
+    FINDINGS,
+    INSTANCES,
+    REVISIONS,
+    SERIES,
+    STUDIES,
+    STUDY_ATTRS,
+    add_event,
+    clip,
+)
+from engine.reconciliation import queue
+from engine.reconciliation.coerce import Rewritten, Target, rewrite_instance
+from engine.reconciliation.compare import FindingData, authoritative, differences
+from engine.reconciliation.matching import Match, match_study
+from engine.reconciliation.rules import ReconciliationRules, default_rules
+from engine.storage.base import ObjectStorage
+from engine.store.db import Database
+from engine.store.types import utcnow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+COLUMN_OF = {kw: col for kw, col in STUDY_ATTRS.items()}  # header keyword -> studies column
+OK_STATES = ("reconciled", "flagged")
+BATCH = 100
+
+
+class TxRunner(Protocol):
+    def run_sync(self, work: Callable[[Session], T], timeout: float | None = ...) -> T: ...
+
+
+class SessionRunner:
+    """Each job in its own write transaction (CLI commands, tools)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def run_sync(self, work: Callable[[Session], T], timeout: float | None = None) -> T:
+        with self.db.write_session() as s, s.begin():
+            return work(s)
+
+
+@dataclass
+class Result:
+    study_id: int
+    study_uid: str = ""
+    state: str = ""
+    matched_by: str | None = None
+    order_id: int | None = None
+    patient_id: int | None = None
+    coerced: int = 0
+    checked: int = 0
+    findings: list[str] = field(default_factory=list)
+    event: str | None = None
+    again: bool = False
+
+
+class Reconciler:
+    def __init__(self, db: Database, tx: TxRunner, storage: ObjectStorage | None, *,
+                 channels: dict[str, Channel], rules: Callable[[str], ReconciliationRules | None],
+                 modifying_system: str = "RADBRIDGE", tmp_dir: Path | None = None, fsync: bool = True,
+                 on_result: Callable[[Result], None] | None = None) -> None:
+        self.db = db
+        self.tx = tx
+        self.storage = storage
+        self.channels = channels
+        self.rules_by_name = rules
+        self.modifying_system = modifying_system
+        self.tmp_dir = tmp_dir
+        self.fsync = fsync
+        self.on_result = on_result
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.stopping = False
+
+    # --- configuration ---------------------------------------------------------------------------
+    def policy_for(self, channel: str | None) -> tuple[str, ReconciliationRules]:
+        ch = self.channels.get(channel or "")
+        if ch is None or ch.connector != "dicom":  # channel renamed or removed: the first DICOM one
+            ch = next((c for c in self.channels.values() if c.connector == "dicom"), None)
+        opts = ch.dicom if ch is not None else DicomOptions()
+        rules = self.rules_by_name(opts.reconciliation_rules) if opts.reconciliation_rules else None
+        return opts.reconciliation, rules or default_rules()
+
+    # --- the queue --------------------------------------------------------------------------------
+    def run_pending(self, max_jobs: int = 200) -> int:
+        """Work the queue until it is empty (or ``max_jobs``); returns how many runs were made."""
+        done = 0
+        while done < max_jobs and not self.stopping:
+            leases = self.tx.run_sync(lambda s: queue.lease(s.connection(), self.worker, limit=10))
+            if not leases:
+                break
+            for job in leases:
+                if self.stopping:
+                    break
+                self.process(job)
+                done += 1
+        return done
+
+    def process(self, job: queue.Lease) -> Result | None:
+        try:
+            result = self.reconcile(job)
+        except Exception as exc:
+            log.exception("reconciling study %s failed; will retry", job.study_id)
+            error = f"{type(exc).__name__}: {exc}"
+            try:
+                self.tx.run_sync(lambda s: queue.fail(s.connection(), job, error))
+            except Exception:
+                log.exception("could not record the failure of study %s", job.study_id)
+            return None
+        if self.on_result is not None:
+            self.on_result(result)
+        return result
+
+    # --- one study --------------------------------------------------------------------------------
+    def _read(self, fn: Callable[[Connection], T]) -> T:
+        with self.db.reader.connect() as conn:
+            return fn(conn)
+
+    def reconcile(self, job: queue.Lease) -> Result:
+        started = utcnow()
+        study = self._read(lambda c: _study(c, job.study_id))
+        res = Result(job.study_id)
+        if study is None:
+            self.tx.run_sync(lambda s: queue.finish(s.connection(), job))
+            return res
+        res.study_uid = study["study_uid"]
+        policy, rules = self.policy_for(study["channel"])
+        if policy == "off":
+            self.tx.run_sync(lambda s: queue.finish(s.connection(), job))
+            res.state = study["recon_state"]
+            return res
+        m = self._read(lambda c: match_study(c, study, rules))
+        res.matched_by, res.order_id, res.patient_id = m.matched_by, m.order_id, m.patient_id
+        if study["state"] == "receiving":
+            # still arriving: tell the RIS images came (IP); coercion and findings wait for stability
+            res.again = self.tx.run_sync(lambda s: self._images_received(s.connection(), study, m, rules, job))
+            res.state = study["recon_state"]
+            return res
+        received = self._received(study, rules)
+        diffs = differences(rules, m.authority, received) if m.matched_by and not m.exception else {}
+        findings = list(m.findings)
+        for kw, (got, expected) in diffs.items():
+            severity = next(r.severity for r in rules.attributes if r.keyword == kw)
+            action = {"coerce": "coerced", "flag": "flagged", "reject": "rejected"}[policy]
+            if action != "coerced" and severity == "info":
+                action = "noted"
+            findings.append(FindingData("mismatch", severity, kw, got, expected, {"policy": policy}, action))
+        for f in findings:
+            if f.kind != "mismatch":
+                f.action = "flagged" if f.severity != "info" else "noted"
+        coerced: list[tuple[dict[str, Any], Rewritten]] = []
+        if policy == "coerce" and m.matched_by and not m.exception and self.storage is not None:
+            reason = "COERCE" if study["times_reconciled"] == 0 else "CORRECT"
+            values = [(r, v) for r in rules.attributes if (v := authoritative(r, m.authority)) is not None]
+            target = Target(values, rules.names, reason, self.modifying_system)
+            since = None if (diffs or study["times_reconciled"] == 0) else study["reconciled_at"]
+            res.checked, coerced = self._coerce(study, target, since, job)
+        res.coerced = len(coerced)
+        res.findings = [f.describe() for f in findings]
+        changes = {}
+        if policy == "coerce" and m.matched_by and not m.exception:
+            for rule in rules.attributes:
+                col = COLUMN_OF.get(rule.keyword)
+                value = authoritative(rule, m.authority)
+                if col and value is not None and rule.keyword in diffs:
+                    changes[col] = clip(col, value)
+
+        def finish(s: Session) -> tuple[str, str | None, bool]:
+            conn = s.connection()
+            return self._finish(conn, study, m, rules, policy, findings, changes, coerced, started, job)
+        res.state, res.event, res.again = self.tx.run_sync(finish)
+        return res
+
+    def _received(self, study: dict[str, Any], rules: ReconciliationRules) -> dict[str, str | None]:
+        """Header values: the index's where it keeps them, else the first stored instance's."""
+        out: dict[str, str | None] = {}
+        missing = []
+        for rule in rules.attributes:
+            col = COLUMN_OF.get(rule.keyword)
+            if col:
+                out[rule.keyword] = study.get(col)
+            else:
+                missing.append(rule.keyword)
+        if missing and self.storage is not None:
+            key = self._read(lambda c: c.execute(select(INSTANCES.c.storage_key).where(
+                INSTANCES.c.study_id == study["id"]).order_by(INSTANCES.c.id).limit(1)).scalar())
+            if key:
+                from pydicom import dcmread
+                with self.storage.open(key) as f:
+                    ds = dcmread(f, stop_before_pixels=True, specific_tags=missing)
+                for kw in missing:
+                    out[kw] = text_value(ds.get(kw))
+        return out
+
+    def _images_received(self, conn: Connection, study: dict[str, Any], m: Match, rules: ReconciliationRules,
+                         job: queue.Lease) -> bool:
+        if m.order_id is not None and m.matched_by in ("accession", "manual"):
+            self._order_status(conn, m.order_id, rules.order_status.images_received,
+                               f"images received: study {study['study_uid']}", study["id"])
+        return queue.finish(conn, job)
+
+    def _order_status(self, conn: Connection, order_id: int, target: str, note: str, study_id: int) -> None:
+        moved = advance_for_images(conn, order_id, target, note)
+        if moved:
+            add_event(conn, "order.status", study_id=study_id, order_id=order_id,
+                      detail={"from": moved[0], "to": moved[1], "note": note})
+
+    # --- coercion --------------------------------------------------------------------------------
+    def _coerce(self, study: dict[str, Any], target: Target, since: datetime | None, job: queue.Lease
+                ) -> tuple[int, list[tuple[dict[str, Any], Rewritten]]]:
+        assert self.storage is not None
+        stmt = (select(INSTANCES.c.id, INSTANCES.c.sop_instance_uid, INSTANCES.c.storage_key, INSTANCES.c.sha256,
+                       INSTANCES.c.size_bytes, INSTANCES.c.calling_aet, INSTANCES.c.series_id)
+                .where(INSTANCES.c.study_id == study["id"]).order_by(INSTANCES.c.id))
+        if since is not None:
+            stmt = stmt.where(INSTANCES.c.received_at >= since)
+        series = dict(self._read(lambda c: list(c.execute(select(SERIES.c.id, SERIES.c.series_uid)
+                                                          .where(SERIES.c.study_id == study["id"])))))
+        instances = [dict(r) for r in self._read(lambda c: list(c.execute(stmt).mappings()))]
+        done: list[tuple[dict[str, Any], Rewritten]] = []
+        for start in range(0, len(instances), BATCH):
+            if self.stopping:
+                raise InterruptedError("engine stopping; the study will be reconciled again")
+            batch: list[tuple[dict[str, Any], Rewritten]] = []
+            for inst in instances[start:start + BATCH]:
+                rewritten = rewrite_instance(
+                    self.storage, inst["storage_key"], target, study_uid=study["study_uid"],
+                    series_uid=series.get(inst["series_id"], "unknown"), sop_instance_uid=inst["sop_instance_uid"],
+                    source=inst["calling_aet"], tmp_dir=self.tmp_dir, fsync=self.fsync)
+                if rewritten is not None:
+                    batch.append((inst, rewritten))
+            if batch:
+                done.extend(self._commit_batch(study["id"], batch, target.reason, job))
+        return len(instances), done
+
+    def _commit_batch(self, study_id: int, batch: list[tuple[dict[str, Any], Rewritten]], reason: str,
+                      job: queue.Lease) -> list[tuple[dict[str, Any], Rewritten]]:
+        assert self.storage is not None
+
+        def work(s: Session) -> list[bool]:
+            conn = s.connection()
+            kept, delta = [], 0
+            for inst, rw in batch:
+                moved = conn.execute(update(INSTANCES).where(INSTANCES.c.id == inst["id"],
+                                                             INSTANCES.c.sha256 == inst["sha256"])
+                                     .values(storage_key=rw.stored.key, sha256=rw.stored.sha256,
+                                             size_bytes=rw.stored.size)).rowcount == 1
+                kept.append(moved)
+                if moved:  # else the instance was replaced meanwhile (overwrite): ours is stale
+                    add(conn, REVISIONS, instance_id=inst["id"], reason=reason, old_key=inst["storage_key"],
+                        old_sha256=inst["sha256"], old_size=inst["size_bytes"], new_key=rw.stored.key,
+                        new_sha256=rw.stored.sha256, new_size=rw.stored.size, changes=rw.changes)
+                    delta += rw.stored.size - inst["size_bytes"]
+            if delta:
+                conn.execute(update(STUDIES).where(STUDIES.c.id == study_id)
+                             .values(size_bytes=STUDIES.c.size_bytes + delta))
+            conn.execute(update(queue.QUEUE).where(queue.QUEUE.c.id == job.job_id)
+                         .values(leased_until=utcnow() + timedelta(seconds=queue.LEASE_SECONDS)))
+            return kept
+        try:
+            kept = self.tx.run_sync(work)
+        except BaseException:
+            for _inst, rw in batch:
+                self.storage.delete(rw.stored.key)
+            raise
+        out = []
+        for (inst, rw), ok in zip(batch, kept, strict=True):
+            self.storage.delete(inst["storage_key"] if ok else rw.stored.key)
+            if ok:
+                out.append((inst, rw))
+        return out
+
+    # --- the closing transaction -----------------------------------------------------------------
+    def _finish(self, conn: Connection, study: dict[str, Any], m: Match, rules: ReconciliationRules, policy: str,
+                findings: list[FindingData], changes: dict[str, Any],
+                coerced: list[tuple[dict[str, Any], Rewritten]], started: datetime,
+                job: queue.Lease) -> tuple[str, str | None, bool]:
+        current = _study(conn, study["id"])
+        if current is None:
+            queue.finish(conn, job)
+            return "", None, False
+        accepted = {(r.kind, r.attribute, r.received, r.expected) for r in conn.execute(
+            select(FINDINGS.c.kind, FINDINGS.c.attribute, FINDINGS.c.received, FINDINGS.c.expected)
+            .where(FINDINGS.c.study_id == study["id"], FINDINGS.c.status == "accepted"))}
+        findings = [f for f in findings if f.key() not in accepted]  # an analyst said these are fine
+        state = _state(m, findings, policy)
+        links_changed = (current["patient_id"], current["order_id"]) != (m.patient_id, m.order_id)
+        update_row(conn, STUDIES, study["id"], patient_id=m.patient_id, order_id=m.order_id,
+                   matched_by=m.matched_by, recon_state=state, reconciled_at=started,
+                   times_reconciled=current["times_reconciled"] + 1, **changes)
+        ids = _sync_findings(conn, study["id"], findings)
+        if m.order_id is not None and state in OK_STATES and m.matched_by in ("accession", "manual"):
+            self._order_status(conn, m.order_id, rules.order_status.images_received,
+                               f"images received: study {study['study_uid']}", study["id"])
+            if current["state"] == "stable":
+                self._order_status(conn, m.order_id, rules.order_status.study_stable,
+                                   f"study {study['study_uid']} stable: {current['num_instances']} instance(s)",
+                                   study["id"])
+        prev = current["recon_state"]
+        kind: str | None = None
+        if state in OK_STATES:
+            if prev not in OK_STATES or "stable" in job.reasons:
+                kind = "study.reconciled"
+            elif coerced or links_changed or changes:
+                kind = "study.corrected"
+        elif state != prev:
+            kind = f"study.{state}"
+        if kind:
+            add_event(conn, kind, study_id=study["id"], patient_id=m.patient_id, order_id=m.order_id, detail={
+                "study_uid": study["study_uid"], "state": state, "matched_by": m.matched_by, "policy": policy,
+                "rules": rules.name, "accession": m.authority.order.get("accession") if m.authority.order else None,
+                "coerced_instances": len(coerced), "changes": {k: v for k, v in changes.items()},
+                "findings": ids, "reasons": list(job.reasons)})
+        return state, kind, queue.finish(conn, job)
+
+
+def _study(conn: Connection, study_id: int) -> dict[str, Any] | None:
+    row = conn.execute(select(STUDIES).where(STUDIES.c.id == study_id)).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def _state(m: Match, findings: list[FindingData], policy: str) -> str:
+    if m.matched_by is None or m.exception:
+        return "unmatched"
+    serious = [f for f in findings if f.severity != "info" and f.action != "coerced"]
+    if policy == "reject" and any(f.kind == "mismatch" for f in serious):
+        return "quarantined"
+    return "flagged" if serious else "reconciled"
+
+
+def _sync_findings(conn: Connection, study_id: int, findings: list[FindingData]) -> list[int]:
+    """Keep open findings that are still true, resolve those that are not, add the new ones.
+    Coerced differences are recorded already resolved: the history of what was rewritten."""
+    now = utcnow()
+    open_rows = {(r.kind, r.attribute, r.received, r.expected): r.id for r in conn.execute(
+        select(FINDINGS.c.id, FINDINGS.c.kind, FINDINGS.c.attribute, FINDINGS.c.received, FINDINGS.c.expected)
+        .where(FINDINGS.c.study_id == study_id, FINDINGS.c.status == "open"))}
+    wanted = {f.key() for f in findings if f.action != "coerced"}
+    for key, fid in open_rows.items():
+        if key not in wanted:
+            conn.execute(update(FINDINGS).where(FINDINGS.c.id == fid).values(
+                status="resolved", resolved_at=now, resolution="no longer found on reconciliation"))
+    ids = []
+    for f in findings:
+        if f.action != "coerced" and f.key() in open_rows:
+            ids.append(open_rows[f.key()])
+            continue
+        ids.append(add(conn, FINDINGS, study_id=study_id, at=now, kind=f.kind, severity=f.severity,
+                       attribute=f.attribute, received=f.received, expected=f.expected, action=f.action,
+                       status="resolved" if f.action == "coerced" else "open",
+                       resolved_at=now if f.action == "coerced" else None,
+                       resolution="headers coerced" if f.action == "coerced" else None, detail=f.detail or None))
+    return ids
