@@ -161,3 +161,17 @@ def running(settings: Settings) -> Iterator[RunningEngine]:
         yield eng
     finally:
         eng.stop()
+
+
+def start_dicom_engine(workdir: Path, db_url: str, **dicom_options: Any) -> RunningEngine:
+    """An engine whose studies only become stable when a test says so (stable_seconds 3600), with
+    the DICOM channel's options changed as given."""
+    settings = make_settings(workdir, db_url)
+    settings.dicom.stable_seconds = 3600
+    if dicom_options:
+        import yaml
+        path = workdir / "channels" / "dicom.yaml"
+        data = yaml.safe_load(path.read_text())
+        data.setdefault("options", {}).update(dicom_options)
+        path.write_text(yaml.safe_dump(data))
+    return RunningEngine(settings).start()

@@ -7,7 +7,6 @@ import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -16,7 +15,7 @@ from pynetdicom import AE, _config
 from sqlalchemy import select
 
 from engine.store.models import DomainEvent, Instance, Series, Study
-from tests.conftest import RunningEngine, make_settings
+from tests.conftest import RunningEngine, make_settings, start_dicom_engine
 from tests.dicomutil import bundled, data_store_file, make_instance, propose, require_dcmtk, run, storescu
 
 
@@ -25,16 +24,7 @@ def _dcmtk() -> None:
     require_dcmtk()
 
 
-def start(workdir: Path, db_url: str, **dicom_options: Any) -> RunningEngine:
-    settings = make_settings(workdir, db_url)
-    settings.dicom.stable_seconds = 3600
-    if dicom_options:
-        import yaml
-        path = workdir / "channels" / "dicom.yaml"
-        data = yaml.safe_load(path.read_text())
-        data.setdefault("options", {}).update(dicom_options)
-        path.write_text(yaml.safe_dump(data))
-    return RunningEngine(settings).start()
+start = start_dicom_engine
 
 
 @pytest.fixture

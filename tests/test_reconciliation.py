@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from engine.store.models import DomainEvent, Finding, Instance, InstanceRevision, Order, Study
-from tests.conftest import TOKEN, RunningEngine, make_settings
+from tests.conftest import TOKEN, RunningEngine, start_dicom_engine
 from tests.dicomutil import findscu, make_instance, require_dcmtk, storescu
 from tests.hl7util import ack_code, adt, orm, send
 
@@ -30,16 +30,7 @@ def _dcmtk() -> None:
     require_dcmtk()
 
 
-def start(workdir: Path, db_url: str, **dicom_options: Any) -> RunningEngine:
-    settings = make_settings(workdir, db_url)
-    settings.dicom.stable_seconds = 3600
-    if dicom_options:
-        import yaml
-        path = workdir / "channels" / "dicom.yaml"
-        data = yaml.safe_load(path.read_text())
-        data.setdefault("options", {}).update(dicom_options)
-        path.write_text(yaml.safe_dump(data))
-    return RunningEngine(settings).start()
+start = start_dicom_engine
 
 
 @pytest.fixture
