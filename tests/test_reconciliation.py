@@ -165,7 +165,10 @@ def test_order_then_images_match_and_complete_the_order(eng: RunningEngine, tmp_
 
 def test_images_before_order_are_unmatched_then_matched_by_the_late_order(eng: RunningEngine,
                                                                            tmp_path: Path) -> None:
-    obj = store(eng, tmp_path, accession="ACC2", patient_id="MRN2", name="DOE^JANE")
+    obj = store(eng, tmp_path, accession="ACC2", patient_id="MRN2", name="DOE^JANE", issuer="GENHOSP")
+    # a second series whose header disagrees where the index (filled from the first) does not
+    store(eng, tmp_path, accession="ACC2", patient_id="MRN2", name="DOE^JAEN", issuer="GENHOSP",
+          study_uid=obj.study_uid)
     settle(eng)
     st = study(eng, obj.study_uid)
     assert (st.recon_state, st.patient_id, st.order_id) == ("unmatched", None, None)
@@ -179,6 +182,10 @@ def test_images_before_order_are_unmatched_then_matched_by_the_late_order(eng: R
     assert (st.recon_state, st.matched_by, st.order_id) == ("reconciled", "accession", o.id)
     assert o.status == "CM"  # the study was already stable
     assert findings(eng, obj.study_uid, status="open") == []
+    # every file was checked once matched: the second series was corrected, the first left alone
+    first, second = sorted(files(eng, obj.study_uid), key=lambda ds: ds.SeriesInstanceUID != obj.series_uid)
+    assert str(first.PatientName) == "DOE^JANE" and "OriginalAttributesSequence" not in first
+    assert str(second.PatientName) == "Doe^Jane" and str(original(second)[0][1].PatientName) == "DOE^JAEN"
     assert {f.kind for f in findings(eng, obj.study_uid, status="resolved")} >= {"order_unknown", "patient_unknown"}
 
 

@@ -187,7 +187,11 @@ class Reconciler:
             reason = "COERCE" if study["times_reconciled"] == 0 else "CORRECT"
             values = [(r, v) for r in rules.attributes if (v := authoritative(r, m.authority)) is not None]
             target = Target(values, rules.names, reason, self.modifying_system)
-            since = None if (diffs or study["times_reconciled"] == 0) else study["reconciled_at"]
+            # files already verified against this authority need no second look: only those received
+            # since (a study that grew). Anything else (first run, a difference in the index, a study
+            # that was unmatched, flagged or quarantined before) checks every file.
+            verified = study["recon_state"] == "reconciled" and study["times_reconciled"] > 0 and not diffs
+            since = study["reconciled_at"] if verified else None
             res.checked, coerced = self._coerce(study, target, since, job)
         res.coerced = len(coerced)
         res.findings = [f.describe() for f in findings]
