@@ -150,6 +150,10 @@ class Reconciler:
         with self.db.reader.connect() as conn:
             return fn(conn)
 
+    def _rows(self, stmt: Any) -> list[dict[str, Any]]:
+        with self.db.reader.connect() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
     def reconcile(self, job: queue.Lease) -> Result:
         started = utcnow()
         study = self._read(lambda c: _study(c, job.study_id))
@@ -182,7 +186,7 @@ class Reconciler:
         for f in findings:
             if f.kind != "mismatch":
                 f.action = "flagged" if f.severity != "info" else "noted"
-        coerced: list[tuple[dict[str, Any], Rewritten]] = []
+        coerced = 0
         if policy == "coerce" and m.matched_by and not m.exception and self.storage is not None:
             reason = "COERCE" if study["times_reconciled"] == 0 else "CORRECT"
             values = [(r, v) for r in rules.attributes if (v := authoritative(r, m.authority)) is not None]
@@ -193,7 +197,7 @@ class Reconciler:
             verified = study["recon_state"] == "reconciled" and study["times_reconciled"] > 0 and not diffs
             since = study["reconciled_at"] if verified else None
             res.checked, coerced = self._coerce(study, target, since, job)
-        res.coerced = len(coerced)
+        res.coerced = coerced
         res.findings = [f.describe() for f in findings]
         changes = {}
         if policy == "coerce" and m.matched_by and not m.exception:
@@ -245,22 +249,30 @@ class Reconciler:
 
     # --- coercion --------------------------------------------------------------------------------
     def _coerce(self, study: dict[str, Any], target: Target, since: datetime | None, job: queue.Lease
-                ) -> tuple[int, list[tuple[dict[str, Any], Rewritten]]]:
+                ) -> tuple[int, int]:
+        """Rewrite the files that differ, a batch at a time; (files checked, files rewritten)."""
         assert self.storage is not None
         stmt = (select(INSTANCES.c.id, INSTANCES.c.sop_instance_uid, INSTANCES.c.storage_key, INSTANCES.c.sha256,
                        INSTANCES.c.size_bytes, INSTANCES.c.calling_aet, INSTANCES.c.series_id)
-                .where(INSTANCES.c.study_id == study["id"]).order_by(INSTANCES.c.id))
+                .where(INSTANCES.c.study_id == study["id"]).order_by(INSTANCES.c.id).limit(BATCH))
         if since is not None:
             stmt = stmt.where(INSTANCES.c.received_at >= since)
         series = dict(self._read(lambda c: list(c.execute(select(SERIES.c.id, SERIES.c.series_uid)
                                                           .where(SERIES.c.study_id == study["id"])))))
-        instances = [dict(r) for r in self._read(lambda c: list(c.execute(stmt).mappings()))]
-        done: list[tuple[dict[str, Any], Rewritten]] = []
-        for start in range(0, len(instances), BATCH):
+        checked = done = 0
+        last_id = 0
+        # a page of the index at a time, so memory does not grow with the study; bounded by the
+        # instances the study holds now (more may arrive meanwhile: their stability runs again)
+        for _page in range(study["num_instances"] // BATCH + 2):
             if self.stopping:
                 raise InterruptedError("engine stopping; the study will be reconciled again")
+            page = self._rows(stmt.where(INSTANCES.c.id > last_id))
+            if not page:
+                break
+            last_id = page[-1]["id"]
+            checked += len(page)
             batch: list[tuple[dict[str, Any], Rewritten]] = []
-            for inst in instances[start:start + BATCH]:
+            for inst in page:
                 rewritten = rewrite_instance(
                     self.storage, inst["storage_key"], target, study_uid=study["study_uid"],
                     series_uid=series.get(inst["series_id"], "unknown"), sop_instance_uid=inst["sop_instance_uid"],
@@ -268,11 +280,13 @@ class Reconciler:
                 if rewritten is not None:
                     batch.append((inst, rewritten))
             if batch:
-                done.extend(self._commit_batch(study["id"], batch, target.reason, job))
-        return len(instances), done
+                done += self._commit_batch(study["id"], batch, target.reason, job)
+        return checked, done
 
     def _commit_batch(self, study_id: int, batch: list[tuple[dict[str, Any], Rewritten]], reason: str,
-                      job: queue.Lease) -> list[tuple[dict[str, Any], Rewritten]]:
+                      job: queue.Lease) -> int:
+        """Point the index at the new files (unless an instance changed meanwhile) and record the
+        revisions in one transaction; then delete the files no longer referenced."""
         assert self.storage is not None
 
         def work(s: Session) -> list[bool]:
@@ -301,17 +315,14 @@ class Reconciler:
             for _inst, rw in batch:
                 self.storage.delete(rw.stored.key)
             raise
-        out = []
         for (inst, rw), ok in zip(batch, kept, strict=True):
             self.storage.delete(inst["storage_key"] if ok else rw.stored.key)
-            if ok:
-                out.append((inst, rw))
-        return out
+        return sum(kept)
 
     # --- the closing transaction -----------------------------------------------------------------
     def _finish(self, conn: Connection, study: dict[str, Any], m: Match, rules: ReconciliationRules, policy: str,
                 findings: list[FindingData], changes: dict[str, Any],
-                coerced: list[tuple[dict[str, Any], Rewritten]], started: datetime,
+                coerced: int, started: datetime,
                 job: queue.Lease) -> tuple[str, str | None, bool]:
         current = _study(conn, study["id"])
         if current is None:
@@ -347,7 +358,7 @@ class Reconciler:
             add_event(conn, kind, study_id=study["id"], patient_id=m.patient_id, order_id=m.order_id, detail={
                 "study_uid": study["study_uid"], "state": state, "matched_by": m.matched_by, "policy": policy,
                 "rules": rules.name, "accession": m.authority.order.get("accession") if m.authority.order else None,
-                "coerced_instances": len(coerced), "changes": {k: v for k, v in changes.items()},
+                "coerced_instances": coerced, "changes": {k: v for k, v in changes.items()},
                 "findings": ids, "reasons": list(job.reasons)})
         return state, kind, queue.finish(conn, job)
 
