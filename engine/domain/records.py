@@ -202,6 +202,14 @@ def fetch(conn: Connection, stmt: Any, **params: Any) -> dict[str, Any] | None:
                                                                                   strict=True)}
 
 
+def fetch_all(conn: Connection, stmt: Any, **params: Any) -> list[dict[str, Any]]:
+    """Every row of a prebuilt SELECT, typed as SQLAlchemy would."""
+    q = _query(conn, stmt)
+    return [{name: (proc(v) if proc is not None else v) for name, proc, v in zip(q.columns, q.results, row,
+                                                                                 strict=True)}
+            for row in _execute(conn, q.compiled, params).fetchall()]
+
+
 def load(conn: Connection, table: Table, stmt: Any, **params: Any) -> Record | None:
     row = fetch(conn, stmt, **params)
     return None if row is None else Record(table, row)

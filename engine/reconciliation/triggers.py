@@ -11,10 +11,10 @@ that caused them:
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from engine.domain.patients import Outcome
-from engine.domain.records import IDENTIFIERS, ORDERS
+from engine.domain.records import IDENTIFIERS, ORDERS, fetch_all
 from engine.domain.studies import STUDIES
 from engine.reconciliation.queue import enqueue_many
 
@@ -36,16 +36,24 @@ def after_message(conn: Connection, action: str, out: Outcome) -> None:
             _patient_changed(conn, out.patient_id, "patient.created")
 
 
+# Prebuilt (compiled once, run on the driver: these run for every ADT and order message).
+STUDIES_OF_PATIENT = select(STUDIES.c.id, STUDIES.c.patient_id, STUDIES.c.recon_state).where(
+    (STUDIES.c.patient_id == bindparam("patient_id"))
+    | STUDIES.c.dicom_patient_id.in_(select(IDENTIFIERS.c.value)
+                                     .where(IDENTIFIERS.c.patient_id == bindparam("patient_id")).scalar_subquery()))
+STUDIES_OF_ORDER = select(STUDIES.c.id).where(
+    (STUDIES.c.order_id == bindparam("order_id"))
+    | (STUDIES.c.accession == select(ORDERS.c.accession)
+       .where(ORDERS.c.id == bindparam("order_id")).scalar_subquery()))
+
+
 def _patient_changed(conn: Connection, patient_id: int, reason: str) -> None:
-    values = list(conn.execute(select(IDENTIFIERS.c.value).where(IDENTIFIERS.c.patient_id == patient_id)).scalars())
-    linked = select(STUDIES.c.id).where(STUDIES.c.patient_id == patient_id)
-    stmt = linked.union(select(STUDIES.c.id).where(STUDIES.c.dicom_patient_id.in_(values),
-                                                   STUDIES.c.recon_state.in_(WAITING))) if values else linked
-    enqueue_many(conn, list(conn.execute(stmt).scalars()), reason)
+    """The patient's studies, and those still waiting for a patient under one of its identifiers
+    (a study reconciled to someone else under the same ID value is left alone)."""
+    rows = fetch_all(conn, STUDIES_OF_PATIENT, patient_id=patient_id)
+    enqueue_many(conn, [r["id"] for r in rows if r["patient_id"] == patient_id or r["recon_state"] in WAITING],
+                 reason)
 
 
 def _order_changed(conn: Connection, order_id: int) -> None:
-    accession = conn.execute(select(ORDERS.c.accession).where(ORDERS.c.id == order_id)).scalar()
-    linked = select(STUDIES.c.id).where(STUDIES.c.order_id == order_id)
-    stmt = linked.union(select(STUDIES.c.id).where(STUDIES.c.accession == accession)) if accession else linked
-    enqueue_many(conn, list(conn.execute(stmt).scalars()), "order")
+    enqueue_many(conn, [r["id"] for r in fetch_all(conn, STUDIES_OF_ORDER, order_id=order_id)], "order")
