@@ -441,3 +441,47 @@ def test_cli_lists_exceptions_and_matches_by_hand(workdir: Path, db_url: str, tm
         assert manual == ["study.manual_match"]
     finally:
         e.stop()
+
+
+def test_two_engines_share_the_reconciliation_queue(pg_url: str, workdir: Path, tmp_path: Path) -> None:
+    """Two engine processes on one PostgreSQL database and one storage folder (DESIGN.md §6) work
+    the queue at the same time: each study is reconciled once and each file rewritten once."""
+    import threading
+    engines = [start(workdir, pg_url) for _ in range(2)]
+    try:
+        a, b = engines
+        hl7(a, adt("A04", "MRN20", "Hall", "Ben", sex="M"))
+        uids = []
+        for i in range(6):
+            hl7(a, orm("NW", f"PL2{i}", f"ACC2{i}", "MRN20"))
+            uids.append(store(a, tmp_path, 2, accession=f"ACC2{i}", patient_id="MRN20", name="HALL^BNE", sex="M",
+                              issuer="GENHOSP").study_uid)
+        for e in engines:
+            assert e.engine.reconciler is not None
+            e.engine.reconciler.stopping = True  # hold both loops while stability queues the studies
+        a.engine.settings.dicom.stable_seconds = 0
+        assert a.call(a.engine.check_stability()) == 6
+        for e in engines:
+            assert e.engine.reconciler is not None
+            e.engine.reconciler.stopping = False
+        barrier = threading.Barrier(2)
+
+        def run(e: RunningEngine) -> None:
+            barrier.wait(30)
+            work(e)
+        threads = [threading.Thread(target=run, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        with a.db.read_session() as s:
+            revisions = s.execute(select(InstanceRevision)).scalars().all()
+        assert len(revisions) == 12  # each of the 12 files rewritten once
+        for uid in uids:
+            st = study(a, uid)
+            assert (st.recon_state, st.times_reconciled, st.patient_name) == ("reconciled", 1, "Hall^Ben")
+            assert events(a, uid).count("study.reconciled") == 1
+            assert [str(ds.PatientName) for ds in files(a, uid)] == ["Hall^Ben", "Hall^Ben"]
+    finally:
+        for e in engines:
+            e.stop()
