@@ -34,6 +34,7 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--order", metavar="ACCESSION", help="the order's accession number")
     which.add_argument("--patient", metavar="ID^ISSUER", help="the patient's identifier and issuer")
+    which.add_argument("--clear", action="store_true", help="drop the manual match: match from the headers again")
     p.add_argument("--note", help="why (kept with the decision)")
     p.add_argument("--no-wait", action="store_true", help="only queue it for the running engine")
     p = with_config(st.add_parser("reconcile", help="reconcile a study again (after a rules or policy change)"))
@@ -60,7 +61,9 @@ def cmd_studies(args: argparse.Namespace) -> int:
         try:
             with db.write_session() as s, s.begin():
                 conn = s.connection()
-                if args.action == "match":
+                if args.action == "match" and args.clear:
+                    out = manual.clear_match(conn, args.study, by="cli", note=args.note)
+                elif args.action == "match":
                     out = manual.match(conn, args.study, accession=args.order, patient=args.patient, by="cli",
                                        note=args.note)
                 elif args.action == "reconcile":

@@ -299,6 +299,13 @@ def test_unknown_patient_and_accession_matched_by_hand(eng: RunningEngine, tmp_p
     [(reason, old)] = original(ds)
     assert reason == "CORRECT" and old.PatientID == "TMP123" and old.AccessionNumber == "WRONG6"
     assert "study.manual_match" in events(eng, obj.study_uid)
+    # dropping the manual match: the (coerced) headers now name the order themselves
+    status, _ = eng.api(f"/api/studies/{obj.study_uid}/match", method="DELETE")
+    assert status == 202
+    work(eng)
+    st = study(eng, obj.study_uid)
+    assert (st.recon_state, st.matched_by, st.manual_order_id) == ("reconciled", "accession", None)
+    assert events(eng, obj.study_uid)[-1] == "study.manual_match_cleared"  # nothing else changed: no correction
 
 
 def test_a08_after_reconciliation_recoerces_the_stored_files(eng: RunningEngine, tmp_path: Path) -> None:

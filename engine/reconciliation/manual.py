@@ -62,6 +62,17 @@ def match(conn: Connection, ref: str, *, accession: str | None = None, patient: 
     return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True, **detail}
 
 
+def clear_match(conn: Connection, ref: str, *, by: str = "analyst", note: str | None = None) -> dict[str, Any]:
+    """Drop an analyst's match: the study is matched from its headers again (which, once coerced,
+    carry the values the manual match wrote)."""
+    study = find_study(conn, ref)
+    conn.execute(update(STUDIES).where(STUDIES.c.id == study["id"]).values(manual_order_id=None,
+                                                                          manual_patient_id=None))
+    add_event(conn, "study.manual_match_cleared", study_id=study["id"], detail={"by": by, "note": note})
+    enqueue(conn, study["id"], "manual")
+    return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True}
+
+
 def request(conn: Connection, ref: str, *, by: str = "analyst") -> dict[str, Any]:
     """Reconcile a study again (after a rules or policy change)."""
     study = find_study(conn, ref)

@@ -198,6 +198,10 @@ def api_app(engine: Engine) -> web.Application:
                                                  note=data.get("note")))
         return web.json_response(out, status=202)
 
+    async def study_unmatch(request: web.Request) -> web.Response:
+        ref = request.match_info["ref"]
+        return web.json_response(await write(lambda c: manual.clear_match(c, ref, by="api")), status=202)
+
     async def study_reconcile(request: web.Request) -> web.Response:
         ref = request.match_info["ref"]
         return web.json_response(await write(lambda c: manual.request(c, ref, by="api")), status=202)
@@ -224,6 +228,7 @@ def api_app(engine: Engine) -> web.Application:
     app.router.add_post(r"/messages/{id:\d+}/reprocess", reprocess)
     app.router.add_get("/studies", studies)
     app.router.add_post("/studies/{ref}/match", study_match)
+    app.router.add_delete("/studies/{ref}/match", study_unmatch)
     app.router.add_post("/studies/{ref}/reconcile", study_reconcile)
     app.router.add_post(r"/findings/{id:\d+}/accept", finding_accept)
     app.router.add_get("/channels", channels)
