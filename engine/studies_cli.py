@@ -17,8 +17,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-EXCEPTION_STATES = ("unmatched", "flagged", "quarantined")
-
 
 def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
     st = sub.add_parser("studies", help="studies and their reconciliation").add_subparsers(dest="action",
@@ -99,6 +97,7 @@ def _work_queue(db: Any, settings: Any) -> None:
 
 
 def _list(db: Any, args: argparse.Namespace) -> int:
+    from engine.reconciliation.reconciler import EXCEPTION_STATES
     from engine.store.models import Study
     with db.read_session() as s:
         stmt = select(Study).options(selectinload(Study.findings)).order_by(Study.id.desc()).limit(args.limit)

@@ -54,8 +54,8 @@ from engine.store.types import utcnow
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-COLUMN_OF = {kw: col for kw, col in STUDY_ATTRS.items()}  # header keyword -> studies column
-OK_STATES = ("reconciled", "flagged")
+OK_STATES = ("reconciled", "flagged")  # placed: outbound acts on them
+EXCEPTION_STATES = ("unmatched", "flagged", "quarantined")  # need an analyst's look
 BATCH = 100
 
 
@@ -176,16 +176,7 @@ class Reconciler:
             return res
         received = self._received(study, rules)
         diffs = differences(rules, m.authority, received) if m.matched_by and not m.exception else {}
-        findings = list(m.findings)
-        for kw, (got, expected) in diffs.items():
-            severity = next(r.severity for r in rules.attributes if r.keyword == kw)
-            action = {"coerce": "coerced", "flag": "flagged", "reject": "rejected"}[policy]
-            if action != "coerced" and severity == "info":
-                action = "noted"
-            findings.append(FindingData("mismatch", severity, kw, got, expected, {"policy": policy}, action))
-        for f in findings:
-            if f.kind != "mismatch":
-                f.action = "flagged" if f.severity != "info" else "noted"
+        findings = _findings(m, diffs, rules, policy)
         coerced = 0
         if policy == "coerce" and m.matched_by and not m.exception and self.storage is not None:
             reason = "COERCE" if study["times_reconciled"] == 0 else "CORRECT"
@@ -199,13 +190,9 @@ class Reconciler:
             res.checked, coerced = self._coerce(study, target, since, job)
         res.coerced = coerced
         res.findings = [f.describe() for f in findings]
-        changes = {}
-        if policy == "coerce" and m.matched_by and not m.exception:
-            for rule in rules.attributes:
-                col = COLUMN_OF.get(rule.keyword)
-                value = authoritative(rule, m.authority)
-                if col and value is not None and rule.keyword in diffs:
-                    changes[col] = clip(col, value)
+        # the index follows the coerced headers (C-FIND answers with them)
+        changes = {STUDY_ATTRS[kw]: clip(STUDY_ATTRS[kw], expected) for kw, (_got, expected) in diffs.items()
+                   if kw in STUDY_ATTRS} if policy == "coerce" else {}
 
         def finish(s: Session) -> tuple[str, str | None, bool]:
             conn = s.connection()
@@ -218,7 +205,7 @@ class Reconciler:
         out: dict[str, str | None] = {}
         missing = []
         for rule in rules.attributes:
-            col = COLUMN_OF.get(rule.keyword)
+            col = STUDY_ATTRS.get(rule.keyword)
             if col:
                 out[rule.keyword] = study.get(col)
             else:
@@ -366,6 +353,23 @@ class Reconciler:
 def _study(conn: Connection, study_id: int) -> dict[str, Any] | None:
     row = conn.execute(select(STUDIES).where(STUDIES.c.id == study_id)).mappings().first()
     return dict(row) if row is not None else None
+
+
+def _findings(m: Match, diffs: dict[str, tuple[str | None, str]], rules: ReconciliationRules,
+              policy: str) -> list[FindingData]:
+    """The match's findings and one ``mismatch`` per differing attribute, each with what the policy
+    does about it."""
+    severity = {r.keyword: r.severity for r in rules.attributes}
+    out = []
+    for f in m.findings:
+        f.action = "flagged" if f.severity != "info" else "noted"
+        out.append(f)
+    for kw, (got, expected) in diffs.items():
+        action = {"coerce": "coerced", "flag": "flagged", "reject": "rejected"}[policy]
+        if action != "coerced" and severity[kw] == "info":
+            action = "noted"
+        out.append(FindingData("mismatch", severity[kw], kw, got, expected, {"policy": policy}, action))
+    return out
 
 
 def _state(m: Match, findings: list[FindingData], policy: str) -> str:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
+from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MAX_LIMIT = 500
-EXCEPTION_STATES = ("unmatched", "flagged", "quarantined")
 
 
 def _bad(detail: str) -> web.HTTPBadRequest:
