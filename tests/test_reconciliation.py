@@ -250,6 +250,10 @@ def test_wrong_birth_date_under_reject_quarantines_until_accepted(workdir: Path,
         assert proc.returncode == 0 and found == []  # hidden from query/retrieve
         status, _ = e.api(f"/api/findings/{f.id}/accept", method="POST")
         assert status == 200
+        status, body = e.api(f"/api/findings/{f.id}/accept", method="POST")
+        assert status == 409 and "already accepted" in body["detail"]
+        status, body = e.api("/api/findings/999999/accept", method="POST")
+        assert status == 404 and "no finding 999999" in body["detail"]
         work(e)
         assert study(e, obj.study_uid).recon_state == "reconciled"
         assert order(e, "ACC4").status == "CM"

@@ -20,6 +20,14 @@ from engine.store.types import utcnow
 class ManualError(ValueError):
     """The request names something that is not there; the message says what."""
 
+    status = 404
+
+
+class ManualConflict(ManualError):
+    """The request contradicts the current state (a finding no longer open)."""
+
+    status = 409
+
 
 def find_study(conn: Connection, ref: str) -> dict[str, Any]:
     """A study by Study Instance UID, or by the index's numeric id."""
@@ -88,7 +96,7 @@ def accept_finding(conn: Connection, finding_id: int, *, by: str = "analyst", no
     if row is None:
         raise ManualError(f"no finding {finding_id}")
     if row.status != "open":
-        raise ManualError(f"finding {finding_id} is already {row.status}")
+        raise ManualConflict(f"finding {finding_id} is already {row.status}")
     conn.execute(update(FINDINGS).where(FINDINGS.c.id == finding_id).values(
         status="accepted", resolved_at=utcnow(), resolution=f"accepted by {by}" + (f": {note}" if note else "")))
     add_event(conn, "finding.accepted", study_id=row.study_id, detail={"finding": finding_id, "by": by, "note": note})

@@ -315,16 +315,23 @@ class Reconciler:
         if current is None:
             queue.finish(conn, job)
             return "", None, False
-        accepted = {(r.kind, r.attribute, r.received, r.expected) for r in conn.execute(
-            select(FINDINGS.c.kind, FINDINGS.c.attribute, FINDINGS.c.received, FINDINGS.c.expected)
-            .where(FINDINGS.c.study_id == study["id"], FINDINGS.c.status == "accepted"))}
+        open_rows: dict[tuple[Any, ...], int] = {}
+        accepted: set[tuple[Any, ...]] = set()
+        for r in conn.execute(select(FINDINGS.c.id, FINDINGS.c.status, FINDINGS.c.kind, FINDINGS.c.attribute,
+                                     FINDINGS.c.received, FINDINGS.c.expected)
+                              .where(FINDINGS.c.study_id == study["id"], FINDINGS.c.status != "resolved")):
+            key = (r.kind, r.attribute, r.received, r.expected)
+            if r.status == "accepted":
+                accepted.add(key)
+            else:
+                open_rows[key] = r.id
         findings = [f for f in findings if f.key() not in accepted]  # an analyst said these are fine
         state = _state(m, findings, policy)
         links_changed = (current["patient_id"], current["order_id"]) != (m.patient_id, m.order_id)
         update_row(conn, STUDIES, study["id"], patient_id=m.patient_id, order_id=m.order_id,
                    matched_by=m.matched_by, recon_state=state, reconciled_at=started,
                    times_reconciled=current["times_reconciled"] + 1, **changes)
-        ids = _sync_findings(conn, study["id"], findings)
+        ids = _sync_findings(conn, study["id"], findings, open_rows)
         if m.order_id is not None and state in OK_STATES and m.matched_by in ("accession", "manual"):
             self._order_status(conn, m.order_id, rules.order_status.images_received,
                                f"images received: study {study['study_uid']}", study["id"])
@@ -381,13 +388,12 @@ def _state(m: Match, findings: list[FindingData], policy: str) -> str:
     return "flagged" if serious else "reconciled"
 
 
-def _sync_findings(conn: Connection, study_id: int, findings: list[FindingData]) -> list[int]:
+def _sync_findings(conn: Connection, study_id: int, findings: list[FindingData],
+                   open_rows: dict[tuple[Any, ...], int]) -> list[int]:
     """Keep open findings that are still true, resolve those that are not, add the new ones.
-    Coerced differences are recorded already resolved: the history of what was rewritten."""
+    Coerced differences are recorded already resolved: the history of what was rewritten.
+    ``open_rows``: the study's open findings by key, as the caller read them."""
     now = utcnow()
-    open_rows = {(r.kind, r.attribute, r.received, r.expected): r.id for r in conn.execute(
-        select(FINDINGS.c.id, FINDINGS.c.kind, FINDINGS.c.attribute, FINDINGS.c.received, FINDINGS.c.expected)
-        .where(FINDINGS.c.study_id == study_id, FINDINGS.c.status == "open"))}
     wanted = {f.key() for f in findings if f.action != "coerced"}
     for key, fid in open_rows.items():
         if key not in wanted:

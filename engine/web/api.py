@@ -174,8 +174,10 @@ def api_app(engine: Engine) -> web.Application:
         try:
             result = await engine.writer.run(lambda s: fn(s.connection()))
         except ManualError as exc:
-            raise web.HTTPNotFound(text=json.dumps({"error": "not found", "detail": str(exc)}),
-                                   content_type="application/json") from None
+            conflict = exc.status == 409
+            raise (web.HTTPConflict if conflict else web.HTTPNotFound)(
+                text=json.dumps({"error": "conflict" if conflict else "not found", "detail": str(exc)}),
+                content_type="application/json") from None
         engine.wake_reconciler()
         return result
 
@@ -209,12 +211,7 @@ def api_app(engine: Engine) -> web.Application:
     async def finding_accept(request: web.Request) -> web.Response:
         data = await body(request)
         fid = int(request.match_info["id"])
-        try:
-            await write(lambda c: manual.accept_finding(c, fid, by="api", note=data.get("note")))
-        except web.HTTPNotFound as exc:
-            if "already" in (exc.text or ""):
-                raise web.HTTPConflict(text=exc.text, content_type="application/json") from None
-            raise
+        await write(lambda c: manual.accept_finding(c, fid, by="api", note=data.get("note")))
         return web.json_response({"finding": fid, "status": "accepted"})
 
     async def channels(_request: web.Request) -> web.Response:
