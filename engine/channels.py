@@ -29,7 +29,13 @@ ACTIONS = {
     "order": "create, update or cancel the imaging order by ORC-1 (ORM^O01, OMI^O23)",
     "ignore": "store and ACK, apply nothing",
 }
-CONNECTORS = ("mllp", "dicom")
+CONNECTORS = ("mllp", "dicom", "outbound")
+OUTBOUND_EVENTS = {
+    "study.reconciled": "a stable study was placed with its order/patient (first time, or stable again after growing)",
+    "study.corrected": "a placed study changed later: coerced again after an A08 or merge, or re-matched",
+    "report.received": "a placed study holds a report (DICOM SR or encapsulated PDF) not sent before",
+}
+DESTINATION_TYPES = ("fhir", "mllp")
 DUPLICATE_POLICIES = ("ignore", "overwrite", "reject")
 RECONCILIATION_POLICIES = ("coerce", "flag", "reject", "off")
 
@@ -75,6 +81,32 @@ class DicomOptions:
 
 
 @dataclass
+class Destination:
+    """Where an outbound channel sends (the address comes from [ehr] in config) and its retry rule."""
+
+    name: str
+    type: str  # fhir | mllp
+    max_attempts: int = 12  # then the delivery is dead-lettered (radbridge deliveries retry)
+    backoff_initial_seconds: float = 2.0
+    backoff_max_seconds: float = 600.0
+    timeout_seconds: float = 30.0  # connect + answer (HTTP response, MLLP ACK)
+    concurrency: int = 4  # FHIR: requests in flight at once (MLLP sends one at a time)
+    retry_codes: list[str] = field(default_factory=lambda: ["AR", "CR"])  # MLLP: NAK codes worth retrying
+    retry_statuses: list[int] = field(default_factory=lambda: [408, 425, 429, 500, 502, 503, 504])
+    resolve_references: bool = True  # FHIR: turn Patient?identifier=... into Patient/id by a search
+    line: int = 0
+
+
+@dataclass
+class OutboundRoute:
+    events: list[str]
+    to: str  # a destination name
+    mapping: str
+    enabled: bool = True
+    line: int = 0
+
+
+@dataclass
 class Route:
     messages: list[str]
     action: str
@@ -100,6 +132,8 @@ class Channel:
     description: str = ""
     aet: str | None = None  # DICOM channels: the called AE title (default dicom.aet)
     dicom: DicomOptions = field(default_factory=DicomOptions)
+    destinations: dict[str, Destination] = field(default_factory=dict)  # outbound channels
+    outbound_routes: list[OutboundRoute] = field(default_factory=list)
 
     def route_for(self, message_type: str) -> Route | None:
         for r in self.routes:
@@ -197,8 +231,9 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
         return None, problems
     line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
     for key in data:
-        if key not in ("name", "description", "enabled", "connector", "routes", "options"):
-            problem(line_of(key), str(key), "unknown key; expected name, description, enabled, connector, routes, options")
+        if key not in ("name", "description", "enabled", "connector", "routes", "options", "destinations"):
+            problem(line_of(key), str(key),
+                    "unknown key; expected name, description, enabled, connector, routes, options, destinations")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         problem(line_of("name") or 1, "name", "every channel needs a name")
@@ -229,14 +264,21 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
                         f"unknown key; expected {', '.join(allowed)}")
     routes: list[Route] = []
     raw_routes = data.get("routes")
+    destinations: dict[str, Destination] = {}
+    outbound: list[OutboundRoute] = []
+    if ctype == "outbound":
+        destinations, outbound = _parse_outbound(data, file, known_mappings, problem)
+        raw_routes = []
+    elif "destinations" in data:
+        problem(line_of("destinations"), "destinations", "only outbound channels have destinations")
     if ctype == "dicom":
         if raw_routes is not None:  # a DICOM channel stores every instance it accepts
             problem(line_of("routes"), "routes", "DICOM channels have no routes; use options")
         raw_routes = []
-    elif not isinstance(raw_routes, list) or not raw_routes:
+    elif ctype != "outbound" and (not isinstance(raw_routes, list) or not raw_routes):
         problem(line_of("routes") or 1, "routes", "routes: must list at least one route")
         raw_routes = []
-    for i, r in enumerate(raw_routes):
+    for i, r in enumerate(raw_routes or []):
         rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
         where = f"routes[{i + 1}]"
         if not isinstance(r, dict):
@@ -282,8 +324,101 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
         enabled = True
     channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes, options=opts,
                       enabled=enabled, description=str(data.get("description") or ""),
-                      aet=aet.strip() if isinstance(aet, str) else None, dicom=dicom_opts)
+                      aet=aet.strip() if isinstance(aet, str) else None, dicom=dicom_opts,
+                      destinations=destinations, outbound_routes=outbound)
     return (None if problems else channel), problems
+
+
+def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, problem: Any
+                    ) -> tuple[dict[str, Destination], list[OutboundRoute]]:
+    """destinations: {name: {type: fhir|mllp, retry settings}}; routes: [{events, to, mapping}]."""
+    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
+    destinations: dict[str, Destination] = {}
+    raw = data.get("destinations")
+    if not isinstance(raw, dict) or not raw:
+        problem(line_of("destinations") or 1, "destinations",
+                "an outbound channel needs destinations: {NAME: {type: fhir|mllp}}")
+        raw = {}
+    hints = get_type_hints(Destination)
+    settable = [f.name for f in fields(Destination) if f.name not in ("name", "line")]
+    for name, body in raw.items():
+        dline = raw.line_of(name) if isinstance(raw, LineDict) else 0
+        where = f"destinations.{name}"
+        if not isinstance(body, dict):
+            problem(dline, where, "a destination is {type: fhir|mllp, max_attempts: N, ...}")
+            continue
+        dest = Destination(name=str(name), type=str(body.get("type")), line=dline)
+        if dest.type not in DESTINATION_TYPES:
+            problem(dline, f"{where}.type", f"type must be one of {', '.join(DESTINATION_TYPES)}, got {body.get('type')!r}")
+        for key, value in body.items():
+            kline = body.line_of(key) if isinstance(body, LineDict) else dline
+            if key == "type":
+                continue
+            if key not in settable:
+                problem(kline, f"{where}.{key}", f"unknown key; expected type, {', '.join(settable)}")
+                continue
+            typ = hints[key]
+            if typ is bool:
+                ok = isinstance(value, bool)
+            elif typ is int:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            elif typ is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+                value = float(value) if ok else value
+            else:  # lists
+                ok = isinstance(value, list)
+                if ok and key == "retry_statuses":
+                    ok = all(isinstance(v, int) and 100 <= v < 600 for v in value)
+                elif ok:
+                    value = [str(v).upper() for v in value]
+            if not ok:
+                problem(kline, f"{where}.{key}", f"expected {getattr(typ, '__name__', str(typ))} (positive), got {value!r}")
+                continue
+            setattr(dest, key, value)
+        if dest.backoff_max_seconds < dest.backoff_initial_seconds:
+            problem(dline, f"{where}.backoff_max_seconds", "must not be smaller than backoff_initial_seconds")
+        destinations[dest.name] = dest
+    routes: list[OutboundRoute] = []
+    raw_routes = data.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        problem(line_of("routes") or 1, "routes", "routes: must list at least one {events: [...], to: DEST, mapping: M}")
+        raw_routes = []
+    for i, r in enumerate(raw_routes):
+        rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
+        where = f"routes[{i + 1}]"
+        if not isinstance(r, dict):
+            problem(rline, where, "a route is {events: [study.reconciled], to: DESTINATION, mapping: MAPPING}")
+            continue
+        for key in r:
+            if key not in ("events", "to", "mapping", "enabled"):
+                problem(r.line_of(key) if isinstance(r, LineDict) else rline, f"{where}.{key}",
+                        "unknown key; expected events, to, mapping, enabled")
+        events = r.get("events")
+        if isinstance(events, str):
+            events = [events]
+        if not isinstance(events, list) or not events:
+            problem(rline, f"{where}.events", f"events: lists one or more of {', '.join(OUTBOUND_EVENTS)}")
+            events = []
+        for ev in events:
+            if ev not in OUTBOUND_EVENTS:
+                problem(rline, f"{where}.events", f"unknown event {ev!r}; expected one of {', '.join(OUTBOUND_EVENTS)}")
+        to = r.get("to")
+        if to not in destinations:
+            problem(r.line_of("to") if isinstance(r, LineDict) and "to" in r else rline, f"{where}.to",
+                    f"no destination named {to!r} (destinations: {', '.join(destinations) or 'none'})")
+        mapping = r.get("mapping")
+        if not isinstance(mapping, str) or not mapping:
+            problem(rline, f"{where}.mapping", "mapping: names the outbound mapping file (mappings/NAME.yaml)")
+            mapping = ""
+        elif known_mappings is not None and mapping not in known_mappings:
+            problem(r.line_of("mapping") if isinstance(r, LineDict) else rline, f"{where}.mapping",
+                    f"no mapping named {mapping!r} in the mappings directory")
+        enabled = r.get("enabled", True)
+        if not isinstance(enabled, bool):
+            problem(rline, f"{where}.enabled", "enabled is true or false")
+            enabled = True
+        routes.append(OutboundRoute([str(e) for e in events], str(to), mapping, enabled, rline))
+    return destinations, routes
 
 
 def load_channels(directory: Path, known_mappings: set[str] | None = None) -> tuple[list[Channel], list[ConfigProblem]]:

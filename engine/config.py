@@ -72,8 +72,16 @@ class DicomSettings:
 
 @dataclass
 class EHRSettings:
-    mllp: str = ""
-    fhir_base: str = ""
+    """Where results go (channels/ehr-outbound.yaml says what is sent; docs/outbound.md)."""
+
+    mllp: str = ""  # host:port of the EHR's results inbox (ORU^R01); empty: no HL7 results
+    fhir_base: str = ""  # base URL of the EHR's FHIR R4 server (ImagingStudy); empty: no FHIR
+    fhir_token: str = ""  # bearer token for the FHIR server (RADBRIDGE_EHR_FHIR_TOKEN)
+    fhir_username: str = ""  # or HTTP basic authentication
+    fhir_password: str = ""
+    fhir_verify_tls: bool = True  # never switch off outside a test rig
+    fhir_ca_file: str = ""  # a CA bundle for a hospital-internal certificate authority
+    dicomweb_base: str = ""  # a DICOMweb (WADO-RS) base URL for ImagingStudy.endpoint; empty: none
 
 
 @dataclass
@@ -207,6 +215,21 @@ def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem
         s.http.tokens = [*s.http.tokens, env["RADBRIDGE_API_TOKEN"]]
 
 
+def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
+    where = settings.source or "environment"
+    ehr = settings.ehr
+    if ehr.mllp:
+        host, colon, port = ehr.mllp.rpartition(":")
+        if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+            problems.append(ConfigProblem(where, 0, "ehr.mllp", f"{ehr.mllp!r} is not host:port"))
+    for key in ("fhir_base", "dicomweb_base"):
+        url = getattr(ehr, key)
+        if url and not url.startswith(("http://", "https://")):
+            problems.append(ConfigProblem(where, 0, f"ehr.{key}", f"{url!r} is not an http(s):// URL"))
+    if ehr.fhir_token and ehr.fhir_username:
+        problems.append(ConfigProblem(where, 0, "ehr.fhir_token", "give a bearer token or a username, not both"))
+
+
 def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file (when it exists, or when named explicitly) and apply the environment."""
     env = os.environ if env is None else env
@@ -241,6 +264,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         if not (eq and colon and name.strip() and host.strip() and port.strip().isdigit() and len(name.strip()) <= 16):
             problems.append(ConfigProblem(settings.source or "environment", 0, "dicom.destinations",
                                           f"{entry!r} is not AET=host:port"))
+    _check_ehr(settings, problems)
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:

@@ -101,6 +101,10 @@ class Metrics:
                                        "Reconciliation runs, per resulting state (reconciled, flagged, unmatched ...)")
         self.coerced_instances = Counter("radbridge_coerced_instances_total",
                                          "Stored instances rewritten to agree with their order and patient")
+        self.deliveries = Counter("radbridge_deliveries_total",
+                                  "Delivery attempts to the EHR, per destination and outcome (delivered, retry, dead)")
+        self.delivery_latency = Histogram("radbridge_delivery_seconds",
+                                          "Time of one delivery attempt (send and answer), per destination")
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help: str, fn: Callable[[], float]) -> None:
@@ -110,7 +114,8 @@ class Metrics:
         lines: list[str] = []
         for m in (self.received, self.acked, self.failed, self.duplicates, self.connections, self.frame_errors,
                   self.latency, self.pruned, self.dicom_stored, self.dicom_requests, self.dicom_associations,
-                  self.store_latency, self.studies_stable, self.reconciliations, self.coerced_instances):
+                  self.store_latency, self.studies_stable, self.reconciliations, self.coerced_instances,
+                  self.deliveries, self.delivery_latency):
             lines.extend(m.render())
         for name, (help, fn) in sorted(self._gauges.items()):
             try:

@@ -27,6 +27,7 @@ from engine.connectors.mllp.hl7_listener import HL7Listener
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
+from engine.outbound.worker import OutboundService
 from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
 from engine.pipeline.writer import IngestWriter, InlineWriter
 from engine.reconciliation.reconciler import Reconciler
@@ -59,6 +60,9 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
     for ch in channels:
         if not ch.enabled:
             continue
+        if ch.connector == "outbound":
+            problems.extend(_check_outbound(ch, registry, settings))
+            continue
         port = channel_port(ch, settings)
         if port and port in ports:
             problems.append(ConfigProblem(ch.file, 0, "connector.port",
@@ -70,6 +74,32 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
                                           f"no reconciliation rules named {rules!r} in the mappings directory "
                                           "(a file with source: reconciliation; \"\" uses the built-in rules)"))
     return registry, channels, problems
+
+
+def _check_outbound(ch: Channel, registry: MappingRegistry, settings: Settings) -> list[ConfigProblem]:
+    """Each route's mapping builds what its destination speaks; a destination without an address is
+    a warning (nothing is queued for it), not an error: a site may take only HL7 or only FHIR."""
+    problems = []
+    for i, r in enumerate(ch.outbound_routes):
+        dest = ch.destinations.get(r.to)
+        m = registry.outbound(r.mapping)
+        where = f"routes[{i + 1}].mapping"
+        if m is None:
+            problems.append(ConfigProblem(ch.file, r.line, where, f"{r.mapping!r} is not an outbound mapping "
+                                          "(a mappings/ file with source: store)"))
+        elif dest is not None and m.target != ("fhir" if dest.type == "fhir" else "hl7v2"):
+            problems.append(ConfigProblem(ch.file, r.line, where, f"{r.mapping!r} builds {m.target} but destination "
+                                          f"{dest.name!r} is {dest.type}"))
+        elif "report.received" in r.events and len(r.events) > 1:
+            problems.append(ConfigProblem(ch.file, r.line, f"routes[{i + 1}].events",
+                                          "report.received builds from the report: give it a route of its own"))
+    for dest in ch.destinations.values():
+        if not (settings.ehr.fhir_base if dest.type == "fhir" else settings.ehr.mllp):
+            key = "fhir_base" if dest.type == "fhir" else "mllp"
+            problems.append(ConfigProblem(ch.file, dest.line, f"destinations.{dest.name}",
+                                          f"[ehr] {key} is empty (RADBRIDGE_EHR_{key.upper()}): nothing is sent here",
+                                          "warning"))
+    return problems
 
 
 class Engine:
@@ -93,6 +123,7 @@ class Engine:
         self._reconciling: asyncio.Future[int] | None = None
         self._reconcile_wakeup = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
+        self.outbound: OutboundService | None = None
 
     # --- tokens ------------------------------------------------------------------------------------------
     def api_tokens(self) -> list[str]:
@@ -150,6 +181,8 @@ class Engine:
                 if not ch.enabled:
                     log.info("channel %s is disabled", ch.name)
                     continue
+                if ch.connector == "outbound":
+                    continue  # started below, with the outbound service
                 port = channel_port(ch, s)
                 if ch.connector == "dicom":
                     await self._start_dicom(ch, port)
@@ -182,6 +215,9 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._watch_mappings(), name="mapping-reload"))
         if s.retention.enabled:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        self.outbound = OutboundService(s, self.db, self.writer, self.mappings, list(self.channels.values()),
+                                        self.storage, self.metrics)
+        self.outbound.start()
         if self.dicom_listeners:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
             self.reconciler = self._make_reconciler()
@@ -214,6 +250,8 @@ class Engine:
             if self._reconciling is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(self._reconciling), 60)
+        if self.outbound is not None:  # a batch being sent finishes and is recorded
+            await self.outbound.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -270,7 +308,8 @@ class Engine:
                 self.metrics.coerced_instances.inc(r.coerced)
         return Reconciler(self.db, self.writer, self.storage, channels=self.channels, rules=self.mappings.rules,
                           modifying_system=self.settings.dicom.aet, tmp_dir=Path(self.settings.storage.dir) / "tmp",
-                          fsync=self.settings.dicom.fsync, on_result=on_result)
+                          fsync=self.settings.dicom.fsync, on_result=on_result,
+                          outbox=self.outbound.outbox if self.outbound else None)
 
     async def _reconcile_loop(self) -> None:
         interval = min(1.0, max(0.1, self.settings.dicom.stable_seconds / 4))
@@ -282,6 +321,7 @@ class Engine:
                 await self.reconcile_pending()
             except Exception:
                 log.exception("reconciliation pass failed; will try again")
+            self.wake_outbound()
 
     async def reconcile_pending(self) -> int:
         """Work the reconciliation queue in a worker thread (file rewriting is blocking I/O)."""
@@ -296,6 +336,12 @@ class Engine:
 
     def wake_reconciler(self) -> None:
         self._reconcile_wakeup.set()
+
+    def wake_outbound(self) -> None:
+        """Deliveries were queued or put back: send now rather than at the next poll."""
+        if self.outbound is not None and self.reconciler is not None and self.reconciler.deliveries_queued:
+            self.reconciler.deliveries_queued = 0
+            self.outbound.wake()
 
     async def check_stability(self) -> int:
         """Mark studies stable that had no new instance for dicom.stable_seconds; returns how many."""

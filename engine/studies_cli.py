@@ -91,8 +91,11 @@ def _work_queue(db: Any, settings: Any) -> None:
     storage = LocalStorage(Path(settings.storage.dir) / "studies", fsync=settings.dicom.fsync)
     tmp = Path(settings.storage.dir) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
+    from engine.outbound.worker import build_outbox
+    # deliveries the run owes the EHR are queued here too; the running engine sends them
     rec = Reconciler(db, SessionRunner(db), storage, channels={c.name: c for c in channels}, rules=registry.rules,
-                     modifying_system=settings.dicom.aet, tmp_dir=tmp, fsync=settings.dicom.fsync)
+                     modifying_system=settings.dicom.aet, tmp_dir=tmp, fsync=settings.dicom.fsync,
+                     outbox=build_outbox(settings, registry, channels))
     rec.run_pending()
 
 

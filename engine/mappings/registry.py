@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.mappings.spec import Mapping, compile_mapping
+from engine.outbound.mapping import OutboundMapping, compile_outbound
 from engine.reconciliation.rules import ReconciliationRules, compile_rules
 from engine.yamlfile import ConfigFileError, ConfigProblem, load_yaml
 
@@ -20,15 +21,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Entry:
-    mapping: Mapping | ReconciliationRules | None
+    mapping: Mapping | ReconciliationRules | OutboundMapping | None
     mtime_ns: int
     problems: list[ConfigProblem] = field(default_factory=list)
 
 
 def load_mapping_file(path: Path, name: str | None = None, *, structure_version: str = "2.5"
-                      ) -> tuple[Mapping | ReconciliationRules | None, list[ConfigProblem]]:
+                      ) -> tuple[Mapping | ReconciliationRules | OutboundMapping | None, list[ConfigProblem]]:
     """Compile one mapping file; problems include structure warnings (unknown segment, field too high).
-    A file with ``source: reconciliation`` holds reconciliation rules instead of field mappings."""
+    A file with ``source: reconciliation`` holds reconciliation rules instead of field mappings;
+    one with ``source: store`` builds an outbound message (ORU^R01, ImagingStudy)."""
     name = name or path.stem
     try:
         data = load_yaml(path)
@@ -36,6 +38,8 @@ def load_mapping_file(path: Path, name: str | None = None, *, structure_version:
         return None, exc.problems
     if isinstance(data, dict) and data.get("source") == "reconciliation":
         return compile_rules(data, str(path), name)
+    if isinstance(data, dict) and data.get("source") == "store":
+        return compile_outbound(data, str(path), name)
     mapping, problems = compile_mapping(data, str(path), name)
     if mapping is not None:
         from engine.hl7.structure import check_paths
@@ -77,6 +81,11 @@ class MappingRegistry:
         """Reconciliation rules by name (a file with source: reconciliation)."""
         entry = self._entries.get(name)
         return entry.mapping if entry and isinstance(entry.mapping, ReconciliationRules) else None
+
+    def outbound(self, name: str) -> OutboundMapping | None:
+        """An outbound mapping by name (a file with source: store)."""
+        entry = self._entries.get(name)
+        return entry.mapping if entry and isinstance(entry.mapping, OutboundMapping) else None
 
     def rules_names(self) -> list[str]:
         return sorted(n for n, e in self._entries.items() if isinstance(e.mapping, ReconciliationRules))

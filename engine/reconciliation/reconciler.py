@@ -8,7 +8,8 @@
                   update committed before the old files are deleted
       flag        keep the files; the differences are open findings
       reject      keep the files, quarantine the study (hidden from query/retrieve)
-    one transaction: links, state, index columns, findings, order status, domain event, queue row
+    one transaction: links, state, index columns, findings, order status, domain event, the
+                  deliveries it owes the EHR (outbound/outbox.py), queue row
 
 Runs in a worker thread; writes go through ``tx`` (the engine's writer, or a plain session for the
 CLI). A run that fails is retried with backoff; a run overtaken by a newer trigger runs again.
@@ -46,6 +47,7 @@ from engine.reconciliation import queue
 from engine.reconciliation.coerce import Rewritten, Target, rewrite_instance
 from engine.reconciliation.compare import FindingData, authoritative, differences
 from engine.reconciliation.matching import Match, match_study
+from engine.outbound.outbox import Outbox
 from engine.reconciliation.rules import ReconciliationRules, default_rules
 from engine.storage.base import ObjectStorage
 from engine.store.db import Database
@@ -93,7 +95,7 @@ class Reconciler:
     def __init__(self, db: Database, tx: TxRunner, storage: ObjectStorage | None, *,
                  channels: dict[str, Channel], rules: Callable[[str], ReconciliationRules | None],
                  modifying_system: str = "RADBRIDGE", tmp_dir: Path | None = None, fsync: bool = True,
-                 on_result: Callable[[Result], None] | None = None) -> None:
+                 on_result: Callable[[Result], None] | None = None, outbox: Outbox | None = None) -> None:
         self.db = db
         self.tx = tx
         self.storage = storage
@@ -103,8 +105,10 @@ class Reconciler:
         self.tmp_dir = tmp_dir
         self.fsync = fsync
         self.on_result = on_result
+        self.outbox = outbox  # outbound deliveries, written in the closing transaction
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = False
+        self.deliveries_queued = 0
 
     # --- configuration ---------------------------------------------------------------------------
     def policy_for(self, channel: str | None) -> tuple[str, ReconciliationRules]:
@@ -354,6 +358,10 @@ class Reconciler:
                 "rules": rules.name, "accession": m.authority.order.get("accession") if m.authority.order else None,
                 "coerced_instances": coerced, "changes": {k: v for k, v in changes.items()},
                 "findings": ids, "reasons": list(job.reasons)})
+            if self.outbox and kind in ("study.reconciled", "study.corrected"):
+                res_ids = self.outbox.on_study(conn, kind, study_id=study["id"], patient_id=m.patient_id,
+                                               order_id=m.order_id)
+                self.deliveries_queued += len(res_ids)
         return state, kind, queue.finish(conn, job)
 
 

@@ -400,3 +400,65 @@ class ReconcileJob(Base):
     leased_by: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+# --- outbound (transactional outbox) ---------------------------------------------------------------
+
+class Delivery(Base):
+    """One message owed to a destination (an ImagingStudy to the EHR's FHIR server, an ORU^R01 to its
+    results inbox), written in the transaction of the domain change that causes it.
+
+    state: pending (waiting, being sent or backing off) -> delivered | dead (attempts exhausted or a
+    permanent refusal; ``radbridge deliveries retry`` puts it back) | discarded (by an operator) |
+    superseded (a newer ImagingStudy for the same study replaced it before it was sent).
+    Deliveries with the same ``order_key`` (the patient) for one destination go out in id order."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    channel: Mapped[str] = mapped_column(String(64))
+    destination: Mapped[str] = mapped_column(String(64))
+    mapping: Mapped[str] = mapped_column(String(64))
+    event: Mapped[str] = mapped_column(String(32))  # study.reconciled | study.corrected | report.received
+    study_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("studies.id", ondelete="SET NULL"), index=True)
+    instance_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("instances.id", ondelete="SET NULL"))
+    patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id", ondelete="SET NULL"))
+    order_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("orders.id", ondelete="SET NULL"))
+    order_key: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime] = mapped_column(default=utcnow)
+    leased_until: Mapped[datetime | None]
+    leased_by: Mapped[str | None] = mapped_column(String(64))
+    # what is sent: rendered from the store at the first attempt and kept, so every retry sends the
+    # same bytes (the same MSH-10); `deliveries retry --rebuild` renders it again
+    payload: Mapped[str | None] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(String(64))
+    control_id: Mapped[str | None] = mapped_column(String(64))  # MSH-10 / request id, from the id
+    target: Mapped[str | None] = mapped_column(String(512))  # the URL or host:port it went to
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None]
+    detail: Mapped[dict[str, Any] | None]
+
+    __table_args__ = (
+        Index("ix_deliveries_due", "destination", "state", "next_at"),
+        Index("ix_deliveries_order", "destination", "order_key", "state", "id"),
+        Index("ix_deliveries_state", "state", "id"),
+    )
+
+
+class DeliveryAttempt(Base):
+    """One try at sending a delivery, with what came back."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[int] = mapped_column(BigId, ForeignKey("deliveries.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    outcome: Mapped[str] = mapped_column(String(16))  # delivered | retry | dead
+    status: Mapped[str | None] = mapped_column(String(32))  # ACK code, HTTP status, timeout, refused ...
+    response: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(64))

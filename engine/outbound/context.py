@@ -1,0 +1,233 @@
+"""What an outbound mapping can read: one study with its patient, order, series, instances and report.
+
+Built from the store when a delivery is rendered (not when it is queued), so a delivery that waited
+through an EHR outage carries the study as it is now. Paths are listed in mapping.CONTEXT_FIELDS
+and documented in docs/outbound.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+from sqlalchemy import Connection, select
+
+from engine.dicom.headers import text_value
+from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS
+from engine.domain.studies import INSTANCES, SERIES, STUDIES
+from engine.storage.base import ObjectStorage
+from engine.store.types import utcnow
+
+SR_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR",
+    "1.2.840.10008.5.1.4.1.1.88.22": "Enhanced SR",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR",
+}
+PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
+REPORT_CLASSES = (*SR_CLASSES, PDF_CLASS)
+RESULT_STATUS = {"study.reconciled": "F", "study.corrected": "C", "report.received": "F"}
+MAX_REPORT_LINES = 2000  # a runaway SR tree cannot make an unbounded message
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str = "RADBRIDGE"
+    facility: str = ""
+    aet: str = "RADBRIDGE"
+    dicomweb_base: str = ""
+
+
+def control_id(delivery_id: int) -> str:
+    """MSH-10 of a delivery: the same for every attempt, so the EHR can drop a resend it already has."""
+    return f"RB{delivery_id:010d}"
+
+
+def _system(issuer: str | None) -> str | None:
+    if not issuer:
+        return None
+    if re.fullmatch(r"[0-2](\.\d+)+", issuer):
+        return f"urn:oid:{issuer}"
+    return issuer
+
+
+def _started(date: str | None, time: str | None) -> str | None:
+    if not date or not re.fullmatch(r"\d{8}", date):
+        return None
+    t = re.sub(r"[^0-9.]", "", time or "")
+    return date + t.split(".")[0][:6] if t else date
+
+
+def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: int = 0,
+                  instance_id: int | None = None, storage: ObjectStorage | None = None,
+                  engine: EngineInfo = EngineInfo()) -> dict[str, Any]:
+    study = conn.execute(select(STUDIES).where(STUDIES.c.id == study_id)).mappings().first()
+    if study is None:
+        raise LookupError(f"study {study_id} is no longer in the store")
+    series_rows = list(conn.execute(select(SERIES).where(SERIES.c.study_id == study_id)
+                                    .order_by(SERIES.c.series_number, SERIES.c.id)).mappings())
+    inst_rows = list(conn.execute(
+        select(INSTANCES.c.id, INSTANCES.c.series_id, INSTANCES.c.sop_instance_uid, INSTANCES.c.sop_class_uid,
+               INSTANCES.c.instance_number, INSTANCES.c.number_of_frames, INSTANCES.c.storage_key)
+        .where(INSTANCES.c.study_id == study_id).order_by(INSTANCES.c.instance_number, INSTANCES.c.id)).mappings())
+    by_series: dict[int, list[dict[str, Any]]] = {}
+    for r in inst_rows:
+        by_series.setdefault(r["series_id"], []).append(
+            {"uid": r["sop_instance_uid"], "sop_class": r["sop_class_uid"], "number": r["instance_number"],
+             "frames": r["number_of_frames"]})
+    started = _started(study["study_date"], study["study_time"])
+    series = [{"uid": s["series_uid"], "number": s["series_number"], "modality": s["modality"],
+               "description": s["description"], "body_part": s["body_part"], "station_name": s["station_name"],
+               "num_instances": len(by_series.get(s["id"], [])), "instances": by_series.get(s["id"], []),
+               "started": started} for s in series_rows]
+    modalities = [m for m in (study["modalities"] or "").split("\\") if m]
+    ctx: dict[str, Any] = {
+        "study": {"uid": study["study_uid"], "accession": study["accession"], "id": study["study_id"],
+                  "date": study["study_date"], "time": study["study_time"], "started": started,
+                  "description": study["description"], "modalities": modalities,
+                  "num_series": len(series), "num_instances": len(inst_rows),
+                  "referring_physician": study["referring_physician"], "series": series, "state": study["state"],
+                  "reconciliation": study["recon_state"], "times_reconciled": study["times_reconciled"],
+                  "matched_by": study["matched_by"], "size_bytes": study["size_bytes"]},
+        "patient": _patient(conn, study["patient_id"]),
+        "order": _order(conn, study["order_id"]),
+        "event": {"kind": event, "at": utcnow().isoformat(), "result_status": RESULT_STATUS.get(event, "F"),
+                  "corrected": event == "study.corrected"},
+        "engine": {"name": engine.name, "facility": engine.facility, "aet": engine.aet,
+                   "dicomweb_base": engine.dicomweb_base or None},
+        "delivery": {"id": delivery_id, "control_id": control_id(delivery_id),
+                     "now": utcnow().strftime("%Y%m%d%H%M%S")},
+        "report": {},
+    }
+    if instance_id is not None:
+        row = next((r for r in inst_rows if r["id"] == instance_id), None)
+        if row is None:
+            raise LookupError(f"report instance {instance_id} is no longer in study {study['study_uid']}")
+        if storage is None:
+            raise LookupError("no DICOM storage configured to read the report from")
+        series_uid = next((s["series_uid"] for s in series_rows if s["id"] == row["series_id"]), None)
+        ctx["report"] = read_report(storage, row["storage_key"], row["sop_class_uid"]) | {"series_uid": series_uid}
+    return ctx
+
+
+def _patient(conn: Connection, patient_id: int | None) -> dict[str, Any]:
+    if patient_id is None:
+        return {}
+    p = conn.execute(select(PATIENTS).where(PATIENTS.c.id == patient_id)).mappings().first()
+    if p is None:
+        return {}
+    ids = [dict(r) for r in conn.execute(
+        select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code, IDENTIFIERS.c.kind)
+        .where(IDENTIFIERS.c.patient_id == patient_id).order_by(IDENTIFIERS.c.id)).mappings()]
+    live = [i for i in ids if i["kind"] != "alias"]
+    primary = next((i for i in live if i["kind"] == "primary"), live[0] if live else None)
+    for i in ids:
+        i["system"] = _system(i["issuer"])
+    name = "^".join(x or "" for x in (p["family_name"], p["given_name"], p["middle_name"])).rstrip("^")
+    return {"id": primary["value"] if primary else None, "issuer": primary["issuer"] if primary else None,
+            "system": _system(primary["issuer"]) if primary else None,
+            "type_code": primary["type_code"] if primary else None,
+            "family_name": p["family_name"], "given_name": p["given_name"], "middle_name": p["middle_name"],
+            "prefix": p["prefix"], "suffix": p["suffix"], "name": name or None, "birth_date": p["birth_date"],
+            "sex": p["sex"], "identifiers": ids, "extra": p["extra"] or {}}
+
+
+def _order(conn: Connection, order_id: int | None) -> dict[str, Any]:
+    if order_id is None:
+        return {}
+    o = conn.execute(select(ORDERS).where(ORDERS.c.id == order_id)).mappings().first()
+    if o is None:
+        return {}
+    keys = ("accession", "placer_number", "placer_issuer", "filler_number", "status", "procedure_code",
+            "procedure_text", "procedure_scheme", "modality", "requested_procedure_id", "sps_id",
+            "ordering_provider", "reason", "priority")
+    out = {k: o[k] for k in keys}
+    out["scheduled_at"] = o["scheduled_at"].isoformat() if o["scheduled_at"] else None
+    out["extra"] = o["extra"] or {}
+    return out
+
+
+# --- reports ------------------------------------------------------------------------------------------
+
+def read_report(storage: ObjectStorage, key: str, sop_class: str) -> dict[str, Any]:
+    """The text of a structured report (its content tree, one line per item) or a PDF's bytes."""
+    with storage.open(key) as f:
+        ds = dcmread(f)
+    title = _title(ds)
+    out: dict[str, Any] = {
+        "instance_uid": str(ds.SOPInstanceUID), "sop_class": sop_class, "title": title,
+        "completion": text_value(ds.get("CompletionFlag")), "verification": text_value(ds.get("VerificationFlag")),
+        "content_datetime": (text_value(ds.get("ContentDate")) or "") + (text_value(ds.get("ContentTime")) or "")
+        or None, "observer": _observer(ds), "text": None, "lines": [], "pdf_base64": None,
+    }
+    if sop_class == PDF_CLASS:
+        out["kind"] = "pdf"
+        data = bytes(ds.EncapsulatedDocument)
+        length = ds.get("EncapsulatedDocumentLength")
+        if length and int(length) <= len(data):  # the element is padded to an even length
+            data = data[: int(length)]
+        out["pdf_base64"] = base64.b64encode(data).decode("ascii")
+        return out
+    out["kind"] = "sr"
+    lines: list[str] = []
+    _walk(ds.get("ContentSequence") or [], 0, lines)
+    out["lines"] = [{"index": i + 1, "text": t} for i, t in enumerate(lines)]
+    out["text"] = "\n".join(lines)
+    return out
+
+
+def _title(ds: Any) -> str | None:
+    seq = ds.get("ConceptNameCodeSequence")
+    if seq:
+        return text_value(seq[0].get("CodeMeaning"))
+    return text_value(ds.get("DocumentTitle"))
+
+
+def _observer(ds: Any) -> str | None:
+    for seq_name in ("VerifyingObserverSequence", "AuthorObserverSequence"):
+        seq = ds.get(seq_name)
+        if seq:
+            name = seq[0].get("VerifyingObserverName") or seq[0].get("PersonName")
+            if name:
+                return str(name.value)
+    return None
+
+
+def _walk(items: Any, depth: int, lines: list[str]) -> None:
+    """Content items in document order: a container's heading, then its children, indented."""
+    for item in items:
+        if len(lines) >= MAX_REPORT_LINES or depth > 16:
+            return
+        name_seq = item.get("ConceptNameCodeSequence")
+        concept = text_value(name_seq[0].get("CodeMeaning")) if name_seq else None
+        vtype = text_value(item.get("ValueType"))
+        value: str | None = None
+        if vtype == "TEXT":
+            value = text_value(item.get("TextValue"))
+        elif vtype == "CODE":
+            cs = item.get("ConceptCodeSequence")
+            value = text_value(cs[0].get("CodeMeaning")) if cs else None
+        elif vtype == "NUM":
+            mv = item.get("MeasuredValueSequence")
+            if mv:
+                units = mv[0].get("MeasurementUnitsCodeSequence")
+                unit = text_value(units[0].get("CodeValue")) if units else ""
+                value = f"{text_value(mv[0].get('NumericValue'))} {unit}".strip()
+        elif vtype in ("DATE", "TIME", "DATETIME", "PNAME", "UIDREF"):
+            kw = {"DATE": "Date", "TIME": "Time", "DATETIME": "DateTime", "PNAME": "PersonName",
+                  "UIDREF": "UID"}[vtype]
+            value = text_value(item.get(kw))
+        indent = "  " * depth
+        if vtype == "CONTAINER":
+            if concept:
+                lines.append(f"{indent}{concept}")
+        elif value is not None:
+            for k, part in enumerate(value.splitlines() or [""]):
+                label = f"{concept}: " if concept and k == 0 else ""
+                lines.append(f"{indent}{label}{part}")
+        children = item.get("ContentSequence")
+        if children:
+            _walk(children, depth + 1 if vtype == "CONTAINER" else depth, lines)

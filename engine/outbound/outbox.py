@@ -1,0 +1,232 @@
+"""The transactional outbox: delivery rows, written with the domain change that causes them.
+
+    Outbox.on_study(conn, event, ...)     in the reconciler's closing transaction: one row per
+                                          enabled route that takes the event (and one report row
+                                          per SR/PDF instance not reported before)
+    claim(conn, destination, ...)         a worker leases due rows: FOR UPDATE SKIP LOCKED on
+                                          PostgreSQL, and never a row whose patient has an older
+                                          row still pending for that destination (per-patient order)
+    settle(conn, claimed, outcome)        the attempt is recorded; delivered, retried later, or dead
+    retry / discard                       an operator's hand (CLI, API)
+
+A row is leased while it is being sent; a process that dies mid-send leaves a lease that expires,
+and the row is sent again (at least once: the MSH-10 and the conditional-update key are stable, so
+the EHR sees a resend, not a second result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Table, and_, exists, func, select, update
+from sqlalchemy.orm import aliased
+
+from engine.channels import Channel, Destination, OutboundRoute
+from engine.domain.records import add
+from engine.domain.studies import INSTANCES
+from engine.outbound.context import REPORT_CLASSES
+from engine.outbound.render import Rendered
+from engine.store.models import Delivery, DeliveryAttempt
+from engine.store.types import utcnow
+
+DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
+ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
+STATES = ("pending", "delivered", "dead", "discarded", "superseded")
+LEASE_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    destination: str
+    mapping: str
+    event: str
+    study_id: int | None
+    instance_id: int | None
+    attempts: int
+    payload: str | None
+    content_type: str | None
+    created_at: datetime
+    detail: dict[str, Any] | None = None
+
+    def kept(self) -> Rendered | None:
+        """The message built at the first attempt, which every retry sends again."""
+        if self.payload is None:
+            return None
+        d = self.detail or {}
+        return Rendered(self.payload, self.content_type or "", d.get("resource"), d.get("conditional"),
+                        d.get("control_id"))
+
+
+@dataclass
+class Outcome:
+    """What one attempt came to: delivered, retry (with the earliest next try), or dead."""
+
+    outcome: str  # delivered | retry | dead
+    status: str | None = None  # AA, AE, 201, 503, timeout, refused ...
+    response: str | None = None
+    error: str | None = None
+    duration_ms: int = 0
+    retry_after: float | None = None  # seconds the destination asked us to wait (Retry-After)
+    target: str | None = None
+
+
+class Outbox:
+    """The outbound channels' routes, for writing deliveries in the transaction that causes them."""
+
+    def __init__(self, channels: list[Channel], enabled: set[str], supersede: set[str] | None = None) -> None:
+        """``enabled``: destination names that have an address configured ([ehr] mllp / fhir_base);
+        ``supersede``: mappings whose messages carry state (FHIR resources), so a newer one replaces an
+        older one not yet sent."""
+        self.supersede = supersede or set()
+        self.routes: list[tuple[Channel, OutboundRoute]] = [
+            (ch, r) for ch in channels if ch.connector == "outbound" and ch.enabled
+            for r in ch.outbound_routes if r.enabled and r.to in enabled]
+
+    def __bool__(self) -> bool:
+        return bool(self.routes)
+
+    def on_study(self, conn: Connection, event: str, *, study_id: int, patient_id: int | None,
+                 order_id: int | None) -> list[int]:
+        """Queue what a study event owes the EHR; then a report row per SR/PDF not reported yet."""
+        ids: list[int] = []
+        now = utcnow()
+        order_key = f"patient:{patient_id}" if patient_id is not None else f"study:{study_id}"
+        for ch, route in self.routes:
+            if event not in route.events:
+                continue
+            if route.mapping in self.supersede:  # a state resource: a newer one replaces an unsent older one
+                conn.execute(update(DELIVERIES).where(
+                    DELIVERIES.c.study_id == study_id, DELIVERIES.c.destination == route.to,
+                    DELIVERIES.c.mapping == route.mapping, DELIVERIES.c.state == "pending",
+                    DELIVERIES.c.instance_id.is_(None), DELIVERIES.c.attempts == 0,
+                    DELIVERIES.c.leased_until.is_(None)).values(state="superseded"))
+            ids.append(_add(conn, ch.name, route, event, study_id, None, patient_id, order_id, order_key, now))
+        report_routes = [(ch, r) for ch, r in self.routes if "report.received" in r.events]
+        if report_routes and event in ("study.reconciled", "study.corrected"):
+            reports = [r[0] for r in conn.execute(
+                select(INSTANCES.c.id).where(INSTANCES.c.study_id == study_id,
+                                             INSTANCES.c.sop_class_uid.in_(REPORT_CLASSES))
+                .order_by(INSTANCES.c.id))]
+            for inst in reports:
+                for ch, route in report_routes:
+                    sent = conn.execute(select(DELIVERIES.c.id).where(
+                        DELIVERIES.c.instance_id == inst, DELIVERIES.c.destination == route.to,
+                        DELIVERIES.c.mapping == route.mapping).limit(1)).first()
+                    if sent is None:
+                        ids.append(_add(conn, ch.name, route, "report.received", study_id, inst, patient_id,
+                                        order_id, order_key, now))
+        return ids
+
+
+def _add(conn: Connection, channel: str, route: OutboundRoute, event: str, study_id: int, instance_id: int | None,
+         patient_id: int | None, order_id: int | None, order_key: str, now: datetime) -> int:
+    return add(conn, DELIVERIES, created_at=now, channel=channel, destination=route.to, mapping=route.mapping,
+               event=event, study_id=study_id, instance_id=instance_id, patient_id=patient_id, order_id=order_id,
+               order_key=order_key, state="pending", attempts=0, next_at=now)
+
+
+# --- workers ------------------------------------------------------------------------------------------
+
+def claim(conn: Connection, destination: str, worker: str, limit: int = 20,
+          lease_seconds: float = LEASE_SECONDS) -> list[Claimed]:
+    """Lease due deliveries of one destination, oldest first, at most one per patient, and never
+    one whose patient has an older delivery still pending there (it waits its turn)."""
+    now = utcnow()
+    d = DELIVERIES
+    older = aliased(d)
+    blocked = exists().where(older.c.destination == d.c.destination, older.c.order_key == d.c.order_key,
+                             older.c.state == "pending", older.c.id < d.c.id)
+    stmt = (select(d.c.id, d.c.destination, d.c.mapping, d.c.event, d.c.study_id, d.c.instance_id, d.c.attempts,
+                   d.c.payload, d.c.content_type, d.c.created_at, d.c.detail)
+            .where(d.c.destination == destination, d.c.state == "pending", d.c.next_at <= now,
+                   (d.c.leased_until.is_(None)) | (d.c.leased_until < now), ~blocked)
+            .order_by(d.c.next_at, d.c.id).limit(limit))
+    if conn.dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=d, skip_locked=True)
+    rows = list(conn.execute(stmt))
+    if not rows:
+        return []
+    conn.execute(update(d).where(d.c.id.in_([r.id for r in rows]))
+                 .values(leased_until=now + timedelta(seconds=lease_seconds), leased_by=worker[:64]))
+    return [Claimed(r.id, r.destination, r.mapping, r.event, r.study_id, r.instance_id, r.attempts, r.payload,
+                    r.content_type, r.created_at, r.detail) for r in rows]
+
+
+def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worker: str,
+           rendered: Rendered | None = None, next_delay: float = 0.0) -> str:
+    """Record one attempt and move the delivery on; returns its new state.
+
+    ``rendered``: the message built for this attempt, kept for the next ones.
+    ``next_delay``: the backoff before the next try (the worker computes it with tenacity)."""
+    now = utcnow()
+    attempts = c.attempts + 1
+    outcome = o.outcome
+    if outcome == "retry" and attempts >= dest.max_attempts:
+        outcome = "dead"
+        o.error = f"{o.error or o.status or 'failed'}; gave up after {attempts} attempts"
+    add(conn, ATTEMPTS, delivery_id=c.id, at=now, duration_ms=o.duration_ms, outcome=outcome, status=o.status,
+        response=(o.response or "")[:4000] or None, error=(o.error or "")[:2000] or None, worker=worker[:64])
+    values: dict[str, Any] = {"attempts": attempts, "leased_until": None, "leased_by": None}
+    if rendered is not None:
+        values.update(payload=rendered.payload, content_type=rendered.content_type, control_id=rendered.control_id,
+                      detail={"resource": rendered.resource, "conditional": rendered.conditional,
+                              "control_id": rendered.control_id})
+    if o.target:
+        values["target"] = o.target[:512]
+    if outcome == "delivered":
+        values.update(state="delivered", delivered_at=now, last_error=None)
+    elif outcome == "dead":
+        values.update(state="dead", last_error=(o.error or o.status or "")[:2000])
+    else:
+        delay = max(next_delay, o.retry_after or 0.0)
+        values.update(next_at=now + timedelta(seconds=delay), last_error=(o.error or o.status or "")[:2000])
+    conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id).values(**values))
+    return str(values.get("state", "pending"))
+
+
+def release(conn: Connection, ids: list[int]) -> None:
+    """Give back leases not worked (engine stopping)."""
+    if ids:
+        conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(ids), DELIVERIES.c.state == "pending")
+                     .values(leased_until=None, leased_by=None))
+
+
+# --- operators ------------------------------------------------------------------------------------------
+
+def retry(conn: Connection, ids: list[int] | None = None, *, destination: str | None = None,
+          rebuild: bool = False, states: tuple[str, ...] = ("dead",)) -> int:
+    """Put deliveries back in the queue (dead ones, or the ids given, which may be pending in
+    backoff: they go now). ``rebuild`` renders the message again (a mapping was fixed)."""
+    cond: list[Any] = [DELIVERIES.c.state.in_(states if ids is None else ("dead", "pending", "discarded"))]
+    if ids is not None:
+        cond.append(DELIVERIES.c.id.in_(ids))
+    if destination:
+        cond.append(DELIVERIES.c.destination == destination)
+    values: dict[str, Any] = {"state": "pending", "attempts": 0, "next_at": utcnow(), "leased_until": None,
+                              "leased_by": None}
+    if rebuild:
+        values.update(payload=None, content_type=None, detail=None)
+    return int(conn.execute(update(DELIVERIES).where(and_(*cond)).values(**values)).rowcount or 0)
+
+
+def discard(conn: Connection, ids: list[int], note: str = "") -> int:
+    now = utcnow()
+    n = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(ids), DELIVERIES.c.state.in_(("pending", "dead")))
+                     .values(state="discarded", leased_until=None, leased_by=None,
+                             last_error=("discarded" + (f": {note}" if note else ""))[:2000])).rowcount or 0
+    for i in ids:
+        add(conn, ATTEMPTS, delivery_id=i, at=now, duration_ms=0, outcome="discarded", status=None, response=None,
+            error=note or "discarded by an operator", worker="operator")
+    return int(n)
+
+
+def counts(conn: Connection) -> dict[str, dict[str, int]]:
+    """Deliveries per destination and state."""
+    out: dict[str, dict[str, int]] = {}
+    for dest, state, n in conn.execute(select(DELIVERIES.c.destination, DELIVERIES.c.state, func.count())
+                                       .group_by(DELIVERIES.c.destination, DELIVERIES.c.state)):
+        out.setdefault(dest, {})[state] = n
+    return out

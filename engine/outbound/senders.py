@@ -1,0 +1,279 @@
+"""Connections to the EHR: an MLLP sender for its results inbox and a FHIR client for its server.
+
+Each ``send`` returns an Outcome and never raises for what the network or the EHR does: a refused
+connection, a timeout or a 503 is ``retry``; an answer that says the message itself is wrong (AE,
+HTTP 400/422) is ``dead``, because sending the same bytes again cannot help. Which codes count as
+worth retrying is the destination's setting (channels/ehr-outbound.yaml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
+
+from engine.channels import Destination
+from engine.config import EHRSettings
+from engine.outbound.outbox import Outcome
+
+log = logging.getLogger(__name__)
+SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
+MAX_ACK_BYTES = 1024 * 1024
+
+
+class _StaleConnection(ConnectionError):
+    """The kept-open connection was closed by the other side before we wrote: reconnect and resend."""
+
+
+class MLLPSender:
+    """One persistent connection to an MLLP receiver; messages go one at a time, each waits for its ACK."""
+
+    def __init__(self, address: str, dest: Destination) -> None:
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host, int(port)
+        self.dest = dest
+        self.address = address
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def close(self) -> None:
+        w, self._reader, self._writer = self._writer, None, None
+        if w is not None:
+            w.close()
+            try:
+                await asyncio.wait_for(w.wait_closed(), 2)
+            except (TimeoutError, OSError):
+                pass
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._writer is None or self._writer.is_closing() or self._reader is None or self._reader.at_eof():
+            await self.close()
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.dest.timeout_seconds)
+        assert self._reader is not None and self._writer is not None
+        return self._reader, self._writer
+
+    async def _exchange(self, frame: bytes) -> bytes:
+        reused = self._writer is not None and not self._writer.is_closing()
+        reader, writer = await self._connect()
+        try:
+            writer.write(frame)
+            await writer.drain()
+            return await asyncio.wait_for(reader.readuntil(EB + CR), self.dest.timeout_seconds)
+        except asyncio.IncompleteReadError as exc:
+            await self.close()
+            if reused and not exc.partial:  # closed while idle: the peer never saw this message
+                raise _StaleConnection("connection closed by the receiver") from None
+            raise ConnectionError("connection closed before an ACK came") from None
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            await self.close()
+            if reused:
+                raise _StaleConnection(str(exc)) from None
+            raise
+
+    async def send(self, payload: str, control_id: str | None) -> Outcome:
+        frame = SB + payload.encode("utf-8") + EB + CR
+        started = time.monotonic()
+        try:
+            # a kept-open connection the EHR closed while idle is reconnected once, at once
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(2), wait=wait_none(),
+                                               retry=retry_if_exception_type(_StaleConnection), reraise=True):
+                with attempt:
+                    reply = await self._exchange(frame)
+        except TimeoutError:
+            await self.close()  # the stream is out of step now: a late ACK must not answer the next message
+            return Outcome("retry", "timeout", error=f"no ACK within {self.dest.timeout_seconds:g} s",
+                           duration_ms=_ms(started), target=self.address)
+        except (OSError, ConnectionError) as exc:
+            await self.close()
+            status = "refused" if isinstance(exc, ConnectionRefusedError) else "connection"
+            return Outcome("retry", status, error=f"{type(exc).__name__}: {exc}".strip(": "),
+                           duration_ms=_ms(started), target=self.address)
+        return self._judge(reply[reply.find(SB) + 1: -2].decode("utf-8", "replace"), control_id, started)
+
+    def _judge(self, ack: str, control_id: str | None, started: float) -> Outcome:
+        segments = [s for s in ack.replace("\n", "\r").split("\r") if s]
+        msa = next((s for s in segments if s.startswith("MSA")), None)
+        if msa is None or len(msa) < 4:
+            return Outcome("retry", "no MSA", response=ack, error="the answer has no MSA segment",
+                           duration_ms=_ms(started), target=self.address)
+        fields = msa.split(msa[3])
+        code = fields[1] if len(fields) > 1 else ""
+        acked = fields[2] if len(fields) > 2 else ""
+        err = next((s for s in segments if s.startswith("ERR")), None)
+        if control_id and acked and acked != control_id:
+            return Outcome("retry", code, response=ack, error=f"ACK is for message {acked!r}, not {control_id!r}",
+                           duration_ms=_ms(started), target=self.address)
+        if code in ("AA", "CA"):
+            return Outcome("delivered", code, response=ack, duration_ms=_ms(started), target=self.address)
+        text = (fields[3] if len(fields) > 3 and fields[3] else "") or (err or "")
+        outcome = "retry" if code in self.dest.retry_codes else "dead"
+        return Outcome(outcome, code or "?", response=ack, error=f"{code or 'no code'}: {text}".strip(": "),
+                       duration_ms=_ms(started), target=self.address)
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+class FHIRSender:
+    """Conditional updates (PUT Type?identifier=...) to the EHR's FHIR server, with its auth and TLS."""
+
+    def __init__(self, ehr: EHRSettings, dest: Destination) -> None:
+        self.base = ehr.fhir_base.rstrip("/")
+        self.dest = dest
+        self.headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+        self.auth: aiohttp.BasicAuth | None = None
+        if ehr.fhir_token:
+            self.headers["Authorization"] = f"Bearer {ehr.fhir_token}"
+        elif ehr.fhir_username:
+            self.auth = aiohttp.BasicAuth(ehr.fhir_username, ehr.fhir_password)
+        self.ssl: ssl.SSLContext | bool = True
+        if not ehr.fhir_verify_tls:
+            self.ssl = False
+        elif ehr.fhir_ca_file:
+            self.ssl = ssl.create_default_context(cafile=ehr.fhir_ca_file)
+        self._session: aiohttp.ClientSession | None = None
+        self._refs: dict[str, tuple[float, str | None]] = {}  # search -> (when, Type/id or None)
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=self.dest.timeout_seconds)
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, headers=self.headers, auth=self.auth,
+                connector=aiohttp.TCPConnector(limit=max(1, self.dest.concurrency), ssl=self.ssl))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, payload: str, resource: str, conditional: str | None) -> Outcome:
+        started = time.monotonic()
+        url = f"{self.base}/{resource}" + (f"?{conditional}" if conditional else "")
+        try:
+            body = json.loads(payload)
+            if self.dest.resolve_references:
+                await self._resolve(body)
+            method = "PUT" if conditional else "POST"
+            async with self.session().request(method, url, data=json.dumps(body, ensure_ascii=False).encode()) as r:
+                text = await r.text(errors="replace")
+                status = r.status
+                retry_after = _retry_after(r.headers.get("Retry-After"))
+                where = r.headers.get("Location") or r.headers.get("Content-Location")
+        except _Unresolved as exc:
+            return Outcome("retry", exc.status, error=str(exc), duration_ms=_ms(started), target=url)
+        except TimeoutError:
+            return Outcome("retry", "timeout", error=f"no answer within {self.dest.timeout_seconds:g} s",
+                           duration_ms=_ms(started), target=url)
+        except aiohttp.ClientConnectorError as exc:
+            return Outcome("retry", "refused", error=str(exc), duration_ms=_ms(started), target=url)
+        except aiohttp.ClientError as exc:
+            return Outcome("retry", "connection", error=f"{type(exc).__name__}: {exc}", duration_ms=_ms(started),
+                           target=url)
+        response = (f"{status} {where}\n" if where else f"{status}\n") + text[:3000]
+        if 200 <= status < 300:
+            return Outcome("delivered", str(status), response=response, duration_ms=_ms(started), target=url)
+        outcome = "retry" if status in self.dest.retry_statuses else "dead"
+        return Outcome(outcome, str(status), response=response, error=f"HTTP {status}: {_diagnostics(text)}",
+                       duration_ms=_ms(started), retry_after=retry_after, target=url)
+
+    async def _resolve(self, node: Any) -> None:
+        """Replace each reference written as ``Type?search`` by ``Type/id`` found on the server; with no
+        match, by a logical reference (Reference.identifier) from the search's identifier."""
+        if isinstance(node, list):
+            for x in node:
+                await self._resolve(x)
+            return
+        if not isinstance(node, dict):
+            return
+        ref = node.get("reference")
+        if isinstance(ref, str) and "?" in ref and not ref.startswith("#"):
+            found = await self._search(ref)
+            if found:
+                node["reference"] = found
+            else:
+                del node["reference"]
+                ident = _identifier_of(ref)
+                if ident:
+                    node["identifier"] = ident
+                elif not node:
+                    node["display"] = ref
+        for _k, v in node.items():
+            if isinstance(v, (dict, list)):
+                await self._resolve(v)
+
+    async def _search(self, ref: str) -> str | None:
+        cached = self._refs.get(ref)
+        if cached and time.monotonic() - cached[0] < 60:
+            return cached[1]
+        rtype, _, query = ref.partition("?")
+        url = f"{self.base}/{rtype}?{query}"
+        try:
+            async with self.session().get(url) as r:
+                if r.status >= 500 or r.status == 429:
+                    raise _Unresolved(str(r.status), f"searching {ref}: HTTP {r.status}")
+                if r.status != 200:  # the server does not search that way: use the identifier
+                    self._refs[ref] = (time.monotonic(), None)
+                    return None
+                bundle = await r.json(content_type=None)
+        except TimeoutError:
+            raise _Unresolved("timeout", f"searching {ref}: no answer") from None
+        except aiohttp.ClientError as exc:
+            raise _Unresolved("refused", f"searching {ref}: {exc}") from None
+        entries = [e.get("resource", {}) for e in bundle.get("entry", []) or []]
+        hits = [e for e in entries if e.get("resourceType") == rtype and e.get("id")]
+        found = f"{rtype}/{hits[0]['id']}" if len(hits) == 1 else None
+        self._refs[ref] = (time.monotonic(), found)
+        return found
+
+
+class _Unresolved(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _identifier_of(ref: str) -> dict[str, str] | None:
+    _rtype, _, query = ref.partition("?")
+    for key, value in parse_qsl(query):
+        if key == "identifier" and value:
+            system, bar, val = value.rpartition("|")
+            if not bar:
+                return {"value": value}
+            return {"system": system, "value": val} if system else {"value": val}
+    return None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return min(3600.0, max(0.0, float(value)))
+    except ValueError:
+        return None
+
+
+def _diagnostics(text: str) -> str:
+    """The OperationOutcome's first issue, or the start of the body."""
+    try:
+        body = json.loads(text)
+        issues = body.get("issue") or []
+        if issues:
+            i = issues[0]
+            return str(i.get("diagnostics") or i.get("details", {}).get("text") or i.get("code"))[:500]
+    except (ValueError, AttributeError):
+        pass
+    return text[:300]
+
+
+def conditional_url(base: str, resource: str, conditional: str) -> str:
+    return f"{base.rstrip('/')}/{resource}?{quote(conditional, safe='=&|:')}"

@@ -1,0 +1,255 @@
+"""Delivery workers: one per destination, so an EHR interface that is down stalls only itself.
+
+    claim a batch (outbox.claim: due, oldest first, one per patient, SKIP LOCKED)
+    render what was never rendered (from the store, in a thread), keep it for the retries
+    send: MLLP one at a time on one connection; FHIR up to ``concurrency`` requests at once
+    settle the batch in one transaction: delivered, retry at now + backoff, or dead
+
+Backoff per delivery is tenacity's exponential wait with jitter (``backoff_initial_seconds`` doubling
+up to ``backoff_max_seconds``). When the destination itself fails (refused, timeout, 5xx, 429) the
+worker also pauses as a whole for that delivery's backoff and gives back the rest of its batch, so
+an outage costs one probe per backoff step instead of one failed attempt per queued message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tenacity import RetryCallState, wait_exponential_jitter
+
+from engine.channels import Channel, Destination
+from engine.config import Settings
+from engine.mappings.registry import MappingRegistry
+from engine.metrics import Metrics
+from engine.outbound import outbox
+from engine.outbound.context import EngineInfo, build_context
+from engine.outbound.mapping import OutboundMapping, RenderError
+from engine.outbound.outbox import Claimed, Outbox, Outcome
+from engine.outbound.render import Rendered, render
+from engine.outbound.senders import FHIRSender, MLLPSender
+from engine.storage.base import ObjectStorage
+from engine.store.db import Database
+
+log = logging.getLogger(__name__)
+DESTINATION_FAILURES = ("refused", "connection", "timeout", "no MSA", "429", "500", "502", "503", "504")
+
+
+def backoff_seconds(dest: Destination, attempts: int) -> float:
+    """The wait before try ``attempts + 1``: tenacity's exponential backoff with jitter."""
+    wait = wait_exponential_jitter(initial=dest.backoff_initial_seconds, max=dest.backoff_max_seconds,
+                                   jitter=dest.backoff_initial_seconds)
+    state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+    state.attempt_number = max(1, attempts)
+    return float(wait(state))
+
+
+def address_of(dest: Destination, settings: Settings) -> str:
+    return settings.ehr.fhir_base if dest.type == "fhir" else settings.ehr.mllp
+
+
+@dataclass
+class Renderer:
+    """Builds a delivery's message from the store (a blocking call: run it in a thread)."""
+
+    db: Database
+    mappings: MappingRegistry
+    storage: ObjectStorage | None
+    info: EngineInfo
+
+    def mapping(self, name: str) -> OutboundMapping:
+        m = self.mappings.outbound(name)
+        if m is None:
+            raise RenderError(f"no outbound mapping named {name!r} (a mappings/ file with source: store)")
+        return m
+
+    def render(self, c: Claimed) -> Rendered:
+        if c.study_id is None:
+            raise RenderError("the study of this delivery was deleted")
+        mapping = self.mapping(c.mapping)
+        with self.db.reader.connect() as conn:
+            try:
+                ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
+                                    storage=self.storage, engine=self.info)
+            except LookupError as exc:
+                raise RenderError(str(exc)) from None
+        return render(mapping, ctx)
+
+
+@dataclass
+class DestinationWorker:
+    dest: Destination
+    address: str
+    renderer: Renderer
+    writer: Any  # the engine's IngestWriter / InlineWriter: run(job(Session))
+    metrics: Metrics
+    worker_id: str
+    batch: int = 20
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    paused_for: float = 0.0
+    sender: MLLPSender | FHIRSender | None = None
+    on_settled: Callable[[Claimed, str], None] | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                worked = await self.pass_once()
+            except Exception:
+                log.exception("delivery pass to %s failed; will try again", self.dest.name)
+                worked = 0
+            if worked and not self.paused_for:
+                continue
+            delay = self.paused_for or 1.0
+            self.paused_for = 0.0
+            self.wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wait(stop), delay)
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        waits = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def pass_once(self) -> int:
+        """Claim, send and settle one batch; returns how many deliveries were attempted."""
+        claimed: list[Claimed] = await self.writer.run(
+            lambda s: outbox.claim(s.connection(), self.dest.name, self.worker_id, limit=self.batch))
+        if not claimed:
+            return 0
+        results: list[tuple[Claimed, Outcome, Rendered | None]] = []
+        unsent: list[int] = []
+        if self.dest.type == "mllp":
+            for i, c in enumerate(claimed):
+                res = await self._attempt(c)
+                results.append(res)
+                if res[1].outcome == "retry" and res[1].status in DESTINATION_FAILURES:
+                    unsent = [x.id for x in claimed[i + 1:]]
+                    break
+        else:
+            sem = asyncio.Semaphore(max(1, self.dest.concurrency))
+
+            async def one(c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
+                async with sem:
+                    return await self._attempt(c)
+            results = list(await asyncio.gather(*(one(c) for c in claimed)))
+        delays = {c.id: backoff_seconds(self.dest, c.attempts + 1) for c, o, _r in results if o.outcome == "retry"}
+
+        def settle_all(s: Any) -> list[str]:
+            conn = s.connection()
+            states = [outbox.settle(conn, c, o, self.dest, worker=self.worker_id, rendered=r,
+                                    next_delay=delays.get(c.id, 0.0)) for c, o, r in results]
+            outbox.release(conn, unsent)
+            return states
+        states = await self.writer.run(settle_all)
+        for (c, o, _r), state in zip(results, states, strict=True):
+            self.metrics.deliveries.inc(destination=self.dest.name, outcome=state if state != "pending" else "retry")
+            self.metrics.delivery_latency.observe(o.duration_ms / 1000, destination=self.dest.name)
+            if self.on_settled is not None:
+                self.on_settled(c, state)
+            if state == "dead":
+                log.warning("delivery %d to %s is dead-lettered: %s", c.id, self.dest.name, o.error or o.status)
+        failures = [delays[c.id] for c, o, _r in results
+                    if o.outcome == "retry" and o.status in DESTINATION_FAILURES and c.id in delays]
+        if failures:  # the destination is down or overloaded: wait before probing it again
+            self.paused_for = max(min(failures), max((o.retry_after or 0.0) for _c, o, _r in results))
+            log.warning("destination %s (%s) failing (%s); next try in %.1f s", self.dest.name, self.address,
+                        results[-1][1].error or results[-1][1].status, self.paused_for)
+        return len(results)
+
+    async def _attempt(self, c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
+        assert self.sender is not None
+        fresh: Rendered | None = None
+        msg = c.kept()
+        if msg is None:
+            try:
+                msg = fresh = await asyncio.to_thread(self.renderer.render, c)
+            except RenderError as exc:
+                return c, Outcome("dead", "render", error=f"cannot build the message: {exc}"), None
+        if isinstance(self.sender, MLLPSender):
+            return c, await self.sender.send(msg.payload, msg.control_id or _msh10(msg.payload)), fresh
+        if not msg.resource:
+            return c, Outcome("dead", "render", error="the kept message names no FHIR resource type"), fresh
+        return c, await self.sender.send(msg.payload, msg.resource, msg.conditional), fresh
+
+
+def _msh10(payload: str) -> str | None:
+    first = payload.split("\r", 1)[0]
+    if not first.startswith("MSH") or len(first) < 4:
+        return None
+    fields = first.split(first[3])
+    return fields[9] if len(fields) > 9 else None
+
+
+def build_outbox(settings: Settings, mappings: MappingRegistry, channels: list[Channel]) -> Outbox:
+    """The routes of the enabled outbound channels whose destinations have an address."""
+    enabled = {d.name for ch in channels if ch.connector == "outbound" and ch.enabled
+               for d in ch.destinations.values() if address_of(d, settings)}
+    supersede = set()
+    for ch in channels:
+        for r in ch.outbound_routes:
+            m = mappings.outbound(r.mapping)
+            if m is not None and m.target == "fhir":
+                supersede.add(r.mapping)
+    return Outbox(channels, enabled, supersede)
+
+
+class OutboundService:
+    """The engine's outbound side: the outbox it hands the reconciler, and a worker per destination."""
+
+    def __init__(self, settings: Settings, db: Database, writer: Any, mappings: MappingRegistry,
+                 channels: list[Channel], storage: ObjectStorage | None, metrics: Metrics) -> None:
+        self.settings = settings
+        self.workers: dict[str, DestinationWorker] = {}
+        worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        info = EngineInfo(settings.name, settings.facility, settings.dicom.aet, settings.ehr.dicomweb_base)
+        self.renderer = Renderer(db, mappings, storage, info)
+        for ch in channels:
+            if ch.connector != "outbound" or not ch.enabled:
+                continue
+            for dest in ch.destinations.values():
+                address = address_of(dest, settings)
+                if not address:
+                    log.warning("channel %s: destination %s has no address ([ehr] %s); nothing is sent there",
+                                ch.name, dest.name, "fhir_base" if dest.type == "fhir" else "mllp")
+                    continue
+                if dest.name in self.workers:
+                    continue
+                w = DestinationWorker(dest, address, self.renderer, writer, metrics, worker_id)
+                w.sender = FHIRSender(settings.ehr, dest) if dest.type == "fhir" else MLLPSender(address, dest)
+                self.workers[dest.name] = w
+        self.outbox = build_outbox(settings, mappings, channels)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        for name, w in self.workers.items():
+            self._tasks.append(asyncio.create_task(w.run(self._stop), name=f"deliver-{name}"))
+
+    def wake(self) -> None:
+        for w in self.workers.values():
+            w.wakeup.set()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming; a batch in hand finishes (its results are recorded) within ``grace``."""
+        self._stop.set()
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            for t in pending:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        self._tasks.clear()
+        for w in self.workers.values():
+            if w.sender is not None:
+                with contextlib.suppress(Exception):
+                    await w.sender.close()
