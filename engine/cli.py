@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import DEFAULT_CONFIG, Settings, load_settings
+from engine.deliveries_cli import add_parser as add_deliveries_parser
 from engine.reconciliation.rules import ReconciliationRules
 from engine.studies_cli import add_parser as add_studies_parser
 from engine.yamlfile import ConfigFileError
@@ -111,6 +112,10 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
         return 1
     if isinstance(mapping, ReconciliationRules):
         return _try_rules(mapping, Path(args.sample), settings)
+    from engine.outbound.mapping import OutboundMapping
+    if isinstance(mapping, OutboundMapping):
+        from engine.deliveries_cli import try_outbound
+        return try_outbound(mapping, args.sample, settings)
     try:
         raw = Path(args.sample).read_bytes()
     except OSError as exc:
@@ -326,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("mappings", help="work with mapping files").add_subparsers(dest="sub", required=True)
     p = with_config(mp.add_parser("try", help="dry-run a mapping on a sample message"))
     p.add_argument("mapping", help="mapping name (file in mappings/ without .yaml) or a path")
-    p.add_argument("sample", help="a file holding one HL7 message")
+    p.add_argument("sample", help="an HL7 message file (inbound mappings), a DICOM file (reconciliation rules), or "
+                   "a stored study's UID or accession (outbound mappings: the message it would produce)")
     p.set_defaults(fn=cmd_mappings_try)
 
     mg = sub.add_parser("messages", help="browse and reprocess stored messages").add_subparsers(dest="action",
@@ -345,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_messages)
 
     add_studies_parser(sub, with_config)
+    add_deliveries_parser(sub, with_config)
 
     sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)
     p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")

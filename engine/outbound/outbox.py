@@ -213,11 +213,14 @@ def retry(conn: Connection, ids: list[int] | None = None, *, destination: str | 
 
 
 def discard(conn: Connection, ids: list[int], note: str = "") -> int:
+    """Give up on deliveries an operator knows the EHR does not need (pending or dead ones)."""
     now = utcnow()
-    n = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(ids), DELIVERIES.c.state.in_(("pending", "dead")))
+    found = [r[0] for r in conn.execute(select(DELIVERIES.c.id).where(
+        DELIVERIES.c.id.in_(ids), DELIVERIES.c.state.in_(("pending", "dead"))))]
+    n = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(found))
                      .values(state="discarded", leased_until=None, leased_by=None,
                              last_error=("discarded" + (f": {note}" if note else ""))[:2000])).rowcount or 0
-    for i in ids:
+    for i in found:
         add(conn, ATTEMPTS, delivery_id=i, at=now, duration_ms=0, outcome="discarded", status=None, response=None,
             error=note or "discarded by an operator", worker="operator")
     return int(n)

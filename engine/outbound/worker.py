@@ -43,7 +43,7 @@ DESTINATION_FAILURES = ("refused", "connection", "timeout", "no MSA", "429", "50
 
 def backoff_seconds(dest: Destination, attempts: int) -> float:
     """The wait before try ``attempts + 1``: tenacity's exponential backoff with jitter."""
-    wait = wait_exponential_jitter(initial=dest.backoff_initial_seconds, max=dest.backoff_max_seconds,
+    wait = wait_exponential_jitter(multiplier=dest.backoff_initial_seconds, max=dest.backoff_max_seconds,
                                    jitter=dest.backoff_initial_seconds)
     state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
     state.attempt_number = max(1, attempts)

@@ -43,11 +43,11 @@ from engine.domain.studies import (
     add_event,
     clip,
 )
+from engine.outbound.outbox import Outbox
 from engine.reconciliation import queue
 from engine.reconciliation.coerce import Rewritten, Target, rewrite_instance
 from engine.reconciliation.compare import FindingData, authoritative, differences
 from engine.reconciliation.matching import Match, match_study
-from engine.outbound.outbox import Outbox
 from engine.reconciliation.rules import ReconciliationRules, default_rules
 from engine.storage.base import ObjectStorage
 from engine.store.db import Database

@@ -16,6 +16,7 @@ from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
+from engine.web.deliveries import add_delivery_routes
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
 if TYPE_CHECKING:
@@ -229,4 +230,5 @@ def api_app(engine: Engine) -> web.Application:
     app.router.add_post("/studies/{ref}/reconcile", study_reconcile)
     app.router.add_post(r"/findings/{id:\d+}/accept", finding_accept)
     app.router.add_get("/channels", channels)
+    add_delivery_routes(app, engine)
     return app

@@ -1,0 +1,151 @@
+"""``radbridge deliveries``: what was sent to the EHR, what is waiting, what is dead; send it again.
+
+retry / discard change the store only; a running engine picks retried deliveries up within a
+second (its workers poll). ``radbridge mappings try OUTBOUND_MAPPING STUDY`` (in cli.py) shows the
+message a stored study would produce, through ``try_outbound`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.config import Settings
+
+
+def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+    from engine.outbound.outbox import STATES
+    dp = sub.add_parser("deliveries", help="outbound deliveries to the EHR: list, show, retry, discard"
+                        ).add_subparsers(dest="action", required=True)
+    p = with_config(dp.add_parser("list", help="deliveries, newest first, with counts per destination and state"))
+    p.add_argument("--state", choices=STATES)
+    p.add_argument("--destination", help="destination name in the outbound channel (fhir, mllp)")
+    p.add_argument("--study", help="Study Instance UID")
+    p.add_argument("--limit", type=int, default=50)
+    p = with_config(dp.add_parser("show", help="one delivery: the message sent and every attempt with its answer"))
+    p.add_argument("id", type=int)
+    p = with_config(dp.add_parser("retry", help="send dead (or given) deliveries again"))
+    p.add_argument("ids", type=int, nargs="*", metavar="ID")
+    p.add_argument("--dead", action="store_true", help="every dead delivery (of --destination)")
+    p.add_argument("--destination")
+    p.add_argument("--rebuild", action="store_true", help="build the message again from the store and mappings "
+                   "(after a mapping fix) instead of resending the kept one")
+    p = with_config(dp.add_parser("discard", help="give up on pending or dead deliveries"))
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.add_argument("--note", default="", help="why (kept with the delivery)")
+    for name in ("list", "show", "retry", "discard"):
+        dp.choices[name].set_defaults(fn=cmd_deliveries)
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from engine.cli import _settings
+    from engine.outbound import admin, outbox
+    from engine.store import migrate
+    from engine.store.db import open_database
+    settings = _settings(args)
+    db = open_database(settings.database_url, sqlite_synchronous=settings.database.sqlite_synchronous)
+    try:
+        migrate.upgrade(db)
+        if args.action == "list":
+            with db.reader.connect() as conn:
+                rows = admin.list_deliveries(conn, state=args.state, destination=args.destination,
+                                             study_uid=args.study, limit=max(1, min(args.limit, 1000)))
+                counts = admin.summary(conn)
+            for dest, by_state in sorted(counts.items()):
+                print(f"{dest}: " + ", ".join(f"{n} {st}" for st, n in sorted(by_state.items())))
+            if not rows:
+                print("no deliveries" + (f" in state {args.state}" if args.state else ""))
+            for r in rows:
+                err = f"  {r['last_error'][:80]}" if r.get("last_error") and r["state"] != "delivered" else ""
+                print(f"{r['id']:>7} {r['created_at'][:19]} {r['destination']:<8} {r['state']:<10} "
+                      f"{r['attempts']:>2}x {r['mapping']:<22} {r['event']:<17} {r.get('accession') or '-':<12} "
+                      f"{r.get('study_uid') or '-'}{err}")
+            return 0
+        if args.action == "show":
+            with db.reader.connect() as conn:
+                d = admin.show_delivery(conn, args.id)
+            if d is None:
+                print(f"no delivery {args.id}", file=sys.stderr)
+                return 1
+            payload = d.pop("payload", None)
+            attempts = d.pop("attempts_made")
+            print(json.dumps(d, indent=2, ensure_ascii=False, default=str))
+            print("\nmessage" + (" (not built yet: it is built at the first attempt)" if payload is None else ":"))
+            if payload is not None:
+                print(payload.replace("\r", "\n") if payload.startswith("MSH") else
+                      json.dumps(json.loads(payload), indent=2, ensure_ascii=False))
+            print(f"\n{len(attempts)} attempt(s):")
+            for a in attempts:
+                print(f"  {a['at'][:23]} {a['outcome']:<9} {a.get('status') or '':<8} {a['duration_ms']} ms "
+                      f"{a.get('error') or ''}")
+                if a.get("response"):
+                    print("    " + a["response"][:500].replace("\r", "\n    "))
+            return 0
+        if args.action == "retry":
+            if not args.ids and not args.dead:
+                print("give delivery ids, or --dead for every dead delivery", file=sys.stderr)
+                return 2
+            with db.writer.begin() as conn:
+                n = outbox.retry(conn, args.ids or None, destination=args.destination, rebuild=args.rebuild)
+            print(f"{n} deliver{'y' if n == 1 else 'ies'} queued again"
+                  + (" (to be built again)" if args.rebuild else "") + "; a running engine sends within a second")
+            return 0 if n or args.dead else 1
+        with db.writer.begin() as conn:
+            n = outbox.discard(conn, args.ids, args.note)
+        print(f"{n} deliver{'y' if n == 1 else 'ies'} discarded")
+        return 0 if n else 1
+    finally:
+        db.dispose()
+
+
+def try_outbound(mapping: Any, sample: str, settings: Settings) -> int:
+    """Build the message ``mapping`` makes for a stored study (by Study Instance UID, accession or
+    index id), validate it, print it. Nothing is written or sent."""
+    from sqlalchemy import or_, select
+
+    from engine.domain.studies import INSTANCES, STUDIES
+    from engine.outbound.context import REPORT_CLASSES, EngineInfo, build_context
+    from engine.outbound.mapping import RenderError
+    from engine.outbound.render import render
+    from engine.storage.local import LocalStorage
+    from engine.store.db import open_database
+    db = open_database(settings.database_url)
+    try:
+        with db.reader.connect() as conn:
+            cond = or_(STUDIES.c.study_uid == sample, STUDIES.c.accession == sample)
+            if sample.isdigit():
+                cond = or_(cond, STUDIES.c.id == int(sample))
+            row = conn.execute(select(STUDIES.c.id, STUDIES.c.study_uid).where(cond).order_by(STUDIES.c.id.desc())
+                               ).first()
+            if row is None:
+                print(f"{sample}: no stored study with that Study Instance UID, accession or id", file=sys.stderr)
+                return 1
+            report = None
+            uses_report = any("report." in repr(x) for x in (mapping.segments or mapping.elements))
+            if uses_report:
+                report = conn.execute(select(INSTANCES.c.id).where(
+                    INSTANCES.c.study_id == row.id, INSTANCES.c.sop_class_uid.in_(REPORT_CLASSES))
+                    .order_by(INSTANCES.c.id.desc())).scalar()
+            event = "report.received" if report is not None else "study.reconciled"
+            storage = LocalStorage(Path(settings.storage.dir) / "studies", fsync=False)
+            info = EngineInfo(settings.name, settings.facility, settings.dicom.aet, settings.ehr.dicomweb_base)
+            ctx = build_context(conn, row.id, event=event, delivery_id=0, instance_id=report, storage=storage,
+                                engine=info)
+        try:
+            out = render(mapping, ctx)
+        except RenderError as exc:
+            print(f"{mapping.name}: study {row.study_uid}: {exc}", file=sys.stderr)
+            return 1
+        print(f"# {mapping.name} ({mapping.kind}) for study {row.study_uid}, as event {event}"
+              + (f"; conditional update: {out.resource}?{out.conditional}" if out.conditional else ""))
+        if mapping.target == "hl7v2":
+            print(out.payload.replace("\r", "\n"))
+        else:
+            print(json.dumps(json.loads(out.payload), indent=2, ensure_ascii=False))
+        return 0
+    finally:
+        db.dispose()

@@ -1,0 +1,58 @@
+"""Deliveries as operators see them (admin API and `radbridge deliveries`): list, show, retry, discard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from engine.domain.studies import STUDIES
+from engine.outbound import outbox
+from engine.outbound.outbox import ATTEMPTS, DELIVERIES
+
+SUMMARY = (DELIVERIES.c.id, DELIVERIES.c.created_at, DELIVERIES.c.channel, DELIVERIES.c.destination,
+           DELIVERIES.c.mapping, DELIVERIES.c.event, DELIVERIES.c.state, DELIVERIES.c.attempts, DELIVERIES.c.next_at,
+           DELIVERIES.c.delivered_at, DELIVERIES.c.last_error, DELIVERIES.c.control_id, DELIVERIES.c.target,
+           DELIVERIES.c.patient_id, DELIVERIES.c.order_id, DELIVERIES.c.instance_id, DELIVERIES.c.order_key,
+           STUDIES.c.study_uid, STUDIES.c.accession)
+
+
+def _json(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    for k in ("created_at", "next_at", "delivered_at", "at"):
+        if out.get(k) is not None:
+            out[k] = out[k].isoformat()
+    if out.get("state") != "pending":
+        out.pop("next_at", None)
+    return out
+
+
+def list_deliveries(conn: Connection, *, state: str | None = None, destination: str | None = None,
+                    study_uid: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    stmt = (select(*SUMMARY).select_from(DELIVERIES.outerjoin(STUDIES, STUDIES.c.id == DELIVERIES.c.study_id))
+            .order_by(DELIVERIES.c.id.desc()).limit(limit))
+    if state:
+        stmt = stmt.where(DELIVERIES.c.state == state)
+    if destination:
+        stmt = stmt.where(DELIVERIES.c.destination == destination)
+    if study_uid:
+        stmt = stmt.where(STUDIES.c.study_uid == study_uid)
+    return [_json(r) for r in conn.execute(stmt).mappings()]
+
+
+def show_delivery(conn: Connection, delivery_id: int) -> dict[str, Any] | None:
+    row = conn.execute(select(*SUMMARY, DELIVERIES.c.payload, DELIVERIES.c.content_type, DELIVERIES.c.detail)
+                       .select_from(DELIVERIES.outerjoin(STUDIES, STUDIES.c.id == DELIVERIES.c.study_id))
+                       .where(DELIVERIES.c.id == delivery_id)).mappings().first()
+    if row is None:
+        return None
+    out = _json(row)
+    out["attempts_made"] = [_json(a) for a in conn.execute(
+        select(ATTEMPTS.c.at, ATTEMPTS.c.duration_ms, ATTEMPTS.c.outcome, ATTEMPTS.c.status, ATTEMPTS.c.response,
+               ATTEMPTS.c.error, ATTEMPTS.c.worker).where(ATTEMPTS.c.delivery_id == delivery_id)
+        .order_by(ATTEMPTS.c.id)).mappings()]
+    return out
+
+
+def summary(conn: Connection) -> dict[str, dict[str, int]]:
+    return outbox.counts(conn)

@@ -1,0 +1,419 @@
+"""Outbound to the EHR over real sockets: ADT/ORM in over MLLP, images with dcmtk's storescu, and a
+stand-in EHR (engine/standin_ehr.py: an MLLP results inbox and an aiohttp FHIR server that validates
+what it gets with fhir.resources R4B) recording what arrives.
+
+Stability is driven by the test (settle), the delivery workers run as in production; waits are
+bounded polls on what the stand-in EHR received.
+"""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select
+
+from engine.standin_ehr import StandInEHR
+from engine.store.models import Delivery, DeliveryAttempt
+from tests.conftest import REPO, TOKEN, RunningEngine, make_settings
+from tests.dicomutil import require_dcmtk, storescu
+from tests.hl7util import adt, orm
+from tests.test_reconciliation import hl7, settle, store
+
+EHR_TOKEN = "ehr-secret"
+WAIT = 30.0
+
+
+@pytest.fixture(autouse=True)
+def _dcmtk() -> None:
+    require_dcmtk()
+
+
+@pytest.fixture
+def ehr() -> Iterator[StandInEHR]:
+    with StandInEHR(token=EHR_TOKEN) as e:
+        yield e
+
+
+def fast_retries(workdir: Path, **dest: Any) -> None:
+    """Short backoff so outages in a test last a second, not minutes."""
+    path = workdir / "channels" / "ehr-outbound.yaml"
+    data = yaml.safe_load(path.read_text())
+    for d in data["destinations"].values():
+        d.update({"backoff_initial_seconds": 0.1, "backoff_max_seconds": 0.3, "timeout_seconds": 3,
+                  "max_attempts": 1000}, **dest)
+    path.write_text(yaml.safe_dump(data))
+
+
+def start(workdir: Path, db_url: str, ehr: StandInEHR, **dest: Any) -> RunningEngine:
+    fast_retries(workdir, **dest)
+    s = make_settings(workdir, db_url)
+    s.dicom.stable_seconds = 3600
+    s.ehr.mllp, s.ehr.fhir_base, s.ehr.fhir_token = ehr.mllp_address, ehr.fhir_base, EHR_TOKEN
+    return RunningEngine(s).start()
+
+
+@pytest.fixture
+def eng(workdir: Path, db_url: str, ehr: StandInEHR) -> Iterator[RunningEngine]:
+    e = start(workdir, db_url, ehr)
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+def deliveries(e: RunningEngine) -> list[Delivery]:
+    with e.db.read_session() as s:
+        return list(s.execute(select(Delivery).order_by(Delivery.id)).scalars())
+
+
+def attempts(e: RunningEngine, delivery_id: int) -> list[DeliveryAttempt]:
+    with e.db.read_session() as s:
+        return list(s.execute(select(DeliveryAttempt).where(DeliveryAttempt.delivery_id == delivery_id)
+                              .order_by(DeliveryAttempt.id)).scalars())
+
+
+def seg(msg: str, name: str, n: int = 1) -> list[str]:
+    found = [s.split("|") for s in msg.split("\r") if s.startswith(name + "|")]
+    return found[n - 1] if len(found) >= n else []
+
+
+def studies_at_ehr(ehr: StandInEHR, uid: str) -> list[dict[str, Any]]:
+    return ehr.find("ImagingStudy", "urn:dicom:uid", f"urn:oid:{uid}")
+
+
+def order_and_images(e: RunningEngine, tmp: Path, mrn: str, acc: str, family: str = "Smith", n: int = 2) -> Any:
+    hl7(e, adt("A04", mrn, family, "John", dob="19800202", sex="M"), orm("NW", f"PL{acc}", acc, mrn, modality="CT"))
+    return store(e, tmp, n, accession=acc, patient_id=mrn, name=f"{family.upper()}^JOHN", birth_date="19800202",
+                 sex="M")
+
+
+def wake(e: RunningEngine) -> None:
+    assert e.engine.outbound is not None
+    e.loop.call_soon_threadsafe(e.engine.outbound.wake)
+
+
+def test_reconciled_study_reaches_the_ehr_as_imagingstudy_and_oru(eng: RunningEngine, ehr: StandInEHR,
+                                                                  tmp_path: Path) -> None:
+    obj = order_and_images(eng, tmp_path, "MRN1", "ACC1")
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 1 and len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+    [oru] = ehr.oru_messages()
+    msh, pid, orc, obr, obx = (seg(oru, n) for n in ("MSH", "PID", "ORC", "OBR", "OBX"))
+    [d_fhir, d_mllp] = sorted(deliveries(eng), key=lambda d: d.destination)
+    assert msh[8] == "ORU^R01^ORU_R01" and msh[9] == d_mllp.control_id == f"RB{d_mllp.id:010d}"
+    assert pid[3] == "MRN1^^^GENHOSP^MR" and pid[5] == "Smith^John" and pid[7] == "19800202"
+    assert orc[1] == "RE" and orc[2] == "PLACC1^EPIC" and orc[3] == "FPLACC1"
+    assert obr[18] == "ACC1" and obr[25] == "F" and obr[4].startswith("71020^Chest X-ray")
+    assert obx[2] == "RP" and obx[5] == f"{obj.study_uid}^RADBRIDGE^Application^DICOM" and obx[11] == "F"
+    [res] = studies_at_ehr(ehr, obj.study_uid)
+    assert res["status"] == "available" and res["numberOfSeries"] == 1 and res["numberOfInstances"] == 2
+    assert {"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+            "value": "ACC1"} in res["identifier"]
+    # no Patient on the EHR to point at: a logical reference by identifier
+    assert res["subject"]["identifier"] == {"system": "GENHOSP", "value": "MRN1"}
+    assert [i["uid"] for i in res["series"][0]["instance"]] and res["series"][0]["modality"]["code"] == "CT"
+    assert all(r["authorization"] == f"Bearer {EHR_TOKEN}" for r in ehr.fhir_requests)
+    put = [r for r in ehr.fhir_requests if r["method"] == "PUT"]
+    assert put[0]["query"] == {"identifier": f"urn:dicom:uid|urn:oid:{obj.study_uid}"} and put[0]["status"] == 201
+    for d in (d_fhir, d_mllp):
+        assert d.state == "delivered" and d.attempts == 1 and d.payload
+        [a] = attempts(eng, d.id)
+        assert a.outcome == "delivered" and a.status in ("AA", "201")
+    status, body = eng.api("/api/deliveries?state=delivered")
+    assert status == 200 and {d["destination"] for d in body["deliveries"]} == {"fhir", "mllp"}
+    assert body["counts"] == {"fhir": {"delivered": 1}, "mllp": {"delivered": 1}}
+    status, one = eng.api(f"/api/deliveries/{d_mllp.id}")
+    assert one["attempts_made"][0]["status"] == "AA" and one["payload"].startswith("MSH|")
+
+
+def test_subject_resolves_to_the_ehrs_patient(eng: RunningEngine, ehr: StandInEHR, tmp_path: Path) -> None:
+    import json
+    import urllib.request
+    body = {"resourceType": "Patient", "identifier": [{"system": "GENHOSP", "value": "MRN7"}]}
+    req = urllib.request.Request(f"{ehr.fhir_base}/Patient", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/fhir+json",
+                                          "Authorization": f"Bearer {EHR_TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+        patient_id = json.loads(resp.read())["id"]
+    obj = order_and_images(eng, tmp_path, "MRN7", "ACC7")
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+    assert studies_at_ehr(ehr, obj.study_uid)[0]["subject"]["reference"] == f"Patient/{patient_id}"
+
+
+def test_ehr_down_then_back_everything_arrives_once_in_patient_order(eng: RunningEngine, ehr: StandInEHR,
+                                                                     tmp_path: Path) -> None:
+    ehr.set_mllp_down(True)
+    ehr.set_fhir_down(True)
+    a1 = order_and_images(eng, tmp_path / "a1", "MRNA", "ACCA1", n=1)
+    b1 = order_and_images(eng, tmp_path / "b1", "MRNB", "ACCB1", family="Jones", n=1)
+    settle(eng)
+    a2 = order_and_images(eng, tmp_path / "a2", "MRNA", "ACCA2", n=1)
+    settle(eng)
+    wake(eng)
+    # each patient's first result is tried (and fails); patient A's second waits its turn untried
+    def first_tried() -> bool:
+        return all(d.attempts >= 1 for d in deliveries(eng) if d.order_id is not None and d.id <= 4)
+    assert ehr.wait_for(first_tried, WAIT)
+    ds = deliveries(eng)
+    assert len(ds) == 6 and all(d.state == "pending" for d in ds)
+    assert [d.attempts for d in ds[4:]] == [0, 0]
+    assert {a.status for a in attempts(eng, ds[0].id)} <= {"refused", "connection"}
+    ehr.set_mllp_down(False)
+    ehr.set_fhir_down(False)
+    wake(eng)
+    assert ehr.wait_for(lambda: all(d.state == "delivered" for d in deliveries(eng)), WAIT)
+    orus = ehr.oru_messages()
+    assert len(orus) == 3 and len({seg(m, "MSH")[9] for m in orus}) == 3  # each once
+    accs = [seg(m, "OBR")[18] for m in orus]
+    assert accs.index("ACCA1") < accs.index("ACCA2")  # patient A's results in the order they happened
+    for obj in (a1, b1, a2):
+        assert len(studies_at_ehr(ehr, obj.study_uid)) == 1
+
+
+def test_ae_on_one_message_dead_letters_it_others_continue_then_replay(eng: RunningEngine, ehr: StandInEHR,
+                                                                       tmp_path: Path) -> None:
+    ehr.nak = lambda msg: "AE" if "|ACCBAD|" in msg else None
+    bad = order_and_images(eng, tmp_path / "bad", "MRNX", "ACCBAD", n=1)
+    good = order_and_images(eng, tmp_path / "good", "MRNY", "ACCOK", family="Jones", n=1)
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: any(seg(m, "OBR")[18] == "ACCOK" for m in ehr.oru_messages()), WAIT)
+    assert ehr.wait_for(lambda: any(d.state == "dead" for d in deliveries(eng)), WAIT)
+    [dead] = [d for d in deliveries(eng) if d.state == "dead"]
+    assert dead.destination == "mllp" and dead.attempts == 1 and "AE" in (dead.last_error or "")
+    assert len(studies_at_ehr(ehr, bad.study_uid)) == 1 and len(studies_at_ehr(ehr, good.study_uid)) == 1
+    # the EHR is fixed; the operator replays the dead letter from the CLI
+    ehr.nak = None
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "deliveries", "list", "--state", "dead"],
+                          capture_output=True, text=True, timeout=60, env=_cli_env(eng))
+    assert proc.returncode == 0 and f"{dead.id:>7}" in proc.stdout and "ACCBAD" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "deliveries", "retry", str(dead.id)],
+                          capture_output=True, text=True, timeout=60, env=_cli_env(eng))
+    assert proc.returncode == 0 and "1 delivery queued again" in proc.stdout, proc.stderr
+    wake(eng)
+    assert ehr.wait_for(lambda: any(seg(m, "OBR")[18] == "ACCBAD" for m in ehr.oru_messages()), WAIT)
+    again = next(d for d in deliveries(eng) if d.id == dead.id)
+    assert again.state == "delivered"
+    assert [a.outcome for a in attempts(eng, dead.id)] == ["dead", "delivered"]
+    # the resend is the same message (same MSH-10), so the EHR could recognise it
+    sent = [m for m in ehr.oru_messages() if seg(m, "OBR")[18] == "ACCBAD"]
+    assert seg(sent[0], "MSH")[9] == dead.control_id
+
+
+def _cli_env(e: RunningEngine) -> dict[str, str]:
+    import os
+    s = e.settings
+    return {**os.environ, "RADBRIDGE_DATABASE_URL": s.database_url, "RADBRIDGE_STORAGE_DIR": s.storage.dir,
+            "RADBRIDGE_CHANNELS_DIR": s.channels_dir, "RADBRIDGE_MAPPINGS_DIR": s.mappings_dir,
+            "PYTHONPATH": str(REPO)}
+
+
+def test_fhir_server_errors_are_retried_and_bad_resources_dead_lettered(eng: RunningEngine, ehr: StandInEHR,
+                                                                        tmp_path: Path) -> None:
+    ehr.fhir_mode = "500"
+    obj = order_and_images(eng, tmp_path, "MRN5", "ACC5", n=1)
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: sum(1 for r in ehr.fhir_requests if r["status"] == 500) >= 2, WAIT)
+    ehr.fhir_mode = "429"
+    assert ehr.wait_for(lambda: any(r["status"] == 429 for r in ehr.fhir_requests), WAIT)
+    ehr.fhir_mode = "ok"
+    wake(eng)
+    assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+    d = next(d for d in deliveries(eng) if d.destination == "fhir")
+    statuses = [a.status for a in attempts(eng, d.id)]
+    assert statuses[-1] in ("200", "201") and "500" in statuses and "429" in statuses
+    assert d.state == "delivered"
+    # the HL7 side never waited for the FHIR outage
+    assert next(x for x in deliveries(eng) if x.destination == "mllp").state == "delivered"
+
+
+def test_correction_after_a08_updates_the_imagingstudy_and_sends_a_corrected_oru(eng: RunningEngine,
+                                                                                 ehr: StandInEHR,
+                                                                                 tmp_path: Path) -> None:
+    obj = order_and_images(eng, tmp_path, "MRN8", "ACC8")
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 1 and len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+    hl7(eng, adt("A08", "MRN8", "Smythe", "John", dob="19800203", sex="M"))
+    settle(eng)  # the A08 queued the patient's studies: they are coerced again
+    wake(eng)
+    assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 2, WAIT)
+    corrected = ehr.oru_messages()[1]
+    assert seg(corrected, "PID")[5] == "Smythe^John" and seg(corrected, "PID")[7] == "19800203"
+    assert seg(corrected, "OBR")[25] == "C" and seg(corrected, "OBX")[11] == "C"
+    assert ehr.wait_for(lambda: studies_at_ehr(ehr, obj.study_uid)[0]["meta"]["versionId"] == "2", WAIT)
+    [res] = studies_at_ehr(ehr, obj.study_uid)  # updated in place, not a second resource
+    assert res["subject"]["display"] == "Smythe, John"
+    assert sorted(d.event for d in deliveries(eng)) == ["study.corrected"] * 2 + ["study.reconciled"] * 2
+
+
+def test_deliveries_pending_survive_an_engine_restart(workdir: Path, db_url: str, ehr: StandInEHR,
+                                                      tmp_path: Path) -> None:
+    ehr.set_mllp_down(True)
+    ehr.set_fhir_down(True)
+    e = start(workdir, db_url, ehr)
+    try:
+        obj = order_and_images(e, tmp_path, "MRN9", "ACC9", n=1)
+        settle(e)
+        assert len(deliveries(e)) == 2
+    finally:
+        e.stop()
+    ehr.set_mllp_down(False)
+    ehr.set_fhir_down(False)
+    assert not ehr.oru_messages()
+    e = start(workdir, db_url, ehr)
+    try:
+        assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 1 and len(studies_at_ehr(ehr, obj.study_uid)) == 1,
+                            WAIT)
+        assert ehr.wait_for(lambda: all(d.state == "delivered" for d in deliveries(e)), WAIT)
+    finally:
+        e.stop()
+
+
+def _report_instances(tmp: Path, obj: Any, pdf: bytes) -> list[Path]:
+    """A Basic Text SR and an Encapsulated PDF in the study of ``obj``."""
+    out = []
+    for kind in ("sr", "pdf"):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        sop = generate_uid()
+        cls = "1.2.840.10008.5.1.4.1.1.88.11" if kind == "sr" else "1.2.840.10008.5.1.4.1.1.104.1"
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = cls, sop
+        ds.SOPClassUID, ds.SOPInstanceUID = cls, sop
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = obj.study_uid, generate_uid()
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "MRN6", "SMITH^JOHN", "19800202", "M"
+        ds.AccessionNumber, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "ACC6", kind.upper()[:2], 9, 1
+        ds.StudyDate, ds.StudyTime, ds.ContentDate, ds.ContentTime = "20260101", "101500", "20260101", "120000"
+        if kind == "sr":
+            ds.Modality = "SR"
+            ds.ValueType, ds.CompletionFlag, ds.VerificationFlag = "CONTAINER", "COMPLETE", "VERIFIED"
+            ds.ContinuityOfContent = "SEPARATE"
+            title = Dataset()
+            title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning = "18748-4", "LN", "Imaging report"
+            ds.ConceptNameCodeSequence = [title]
+            items = []
+            for meaning, text in (("Findings", "No focal consolidation.\nHeart size normal."),
+                                  ("Impression", "Normal chest & lungs.")):
+                it = Dataset()
+                it.RelationshipType, it.ValueType, it.TextValue = "CONTAINS", "TEXT", text
+                name = Dataset()
+                name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning = "121071", "DCM", meaning
+                it.ConceptNameCodeSequence = [name]
+                items.append(it)
+            ds.ContentSequence = items
+        else:
+            ds.Modality = "DOC"
+            ds.MIMETypeOfEncapsulatedDocument, ds.DocumentTitle = "application/pdf", "Signed report"
+            ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")
+            ds.EncapsulatedDocumentLength = len(pdf)
+        path = tmp / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out.append(path)
+    return out
+
+
+def test_reports_from_sr_and_pdf_go_out_as_oru(eng: RunningEngine, ehr: StandInEHR, tmp_path: Path) -> None:
+    obj = order_and_images(eng, tmp_path, "MRN6", "ACC6", n=1)
+    pdf = b"%PDF-1.4\n% a report \xe2\x80\x94 signed\n%%EOF\n"
+    paths = _report_instances(tmp_path, obj, pdf)
+    proc = storescu(eng.dicom_port, paths)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 3, WAIT)
+    reports = [m for m in ehr.oru_messages() if seg(m, "OBX")[2] in ("TX", "ED")]
+    assert len(reports) == 2
+    sr = next(m for m in reports if seg(m, "OBX")[2] == "TX")
+    lines = [s.split("|")[5] for s in sr.split("\r") if s.startswith("OBX|")]
+    assert lines == ["Findings: No focal consolidation.", "Heart size normal.", "Impression: Normal chest \\T\\ lungs."]
+    assert seg(sr, "OBR")[18] == "ACC6" and seg(sr, "PID")[3].startswith("MRN6^")
+    ed = next(m for m in reports if seg(m, "OBX")[2] == "ED")
+    parts = seg(ed, "OBX")[5].split("^")
+    assert parts[1:4] == ["application", "pdf", "Base64"] and base64.b64decode(parts[4]) == pdf
+    # a later correction resends the images result, not the reports again
+    assert len([d for d in deliveries(eng) if d.event == "report.received"]) == 2
+
+
+def test_outbound_mapping_errors_name_file_and_line(workdir: Path, tmp_path: Path) -> None:
+    path = workdir / "mappings" / "hl7-oru-images.yaml"
+    text = path.read_text().replace("OBR-18: [order.accession, study.accession]", "OBR-18: order.acession")
+    path.write_text(text)
+    line = next(i for i, x in enumerate(text.splitlines(), 1) if "OBR-18: order.acession" in x)
+    ch = workdir / "channels" / "ehr-outbound.yaml"
+    ch.write_text(ch.read_text().replace("mapping: hl7-oru-report", "mapping: fhir-imagingstudy"))
+    env = {"RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"), "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings"),
+           "RADBRIDGE_STORAGE_DIR": str(tmp_path / "var"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "check"], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert proc.returncode == 1
+    assert f"hl7-oru-images.yaml:{line}: OBR-18: 'order.acession': order has" in proc.stdout + proc.stderr
+    assert "'fhir-imagingstudy' builds fhir but destination 'mllp' is mllp" in proc.stdout + proc.stderr
+
+
+def test_mappings_try_shows_the_message_a_stored_study_makes(eng: RunningEngine, ehr: StandInEHR,
+                                                             tmp_path: Path) -> None:
+    obj = order_and_images(eng, tmp_path, "MRN3", "ACC3", n=1)
+    settle(eng)
+    for mapping, expect in (("hl7-oru-images", "OBR|1|PLACC3^EPIC|FPLACC3|"),
+                            ("fhir-imagingstudy", f'"value": "urn:oid:{obj.study_uid}"')):
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", "mappings", "try", mapping, "ACC3"],
+                              capture_output=True, text=True, timeout=60, env=_cli_env(eng))
+        assert proc.returncode == 0, proc.stderr
+        assert expect in proc.stdout
+
+
+def test_two_engines_share_the_outbox_each_delivery_sent_once(workdir: Path, pg_url: str, ehr: StandInEHR,
+                                                              tmp_path: Path) -> None:
+    ehr.set_mllp_down(True)
+    ehr.set_fhir_down(True)
+    e1 = start(workdir, pg_url, ehr)
+    objs = [order_and_images(e1, tmp_path / str(i), f"MRN2{i}", f"ACC2{i}", n=1) for i in range(6)]
+    settle(e1)
+    e1.stop()
+    ehr.set_mllp_down(False)
+    ehr.set_fhir_down(False)
+    engines = [start(workdir, pg_url, ehr), start(workdir, pg_url, ehr)]  # two processes' worth
+    try:
+        assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 6 and all(
+            len(studies_at_ehr(ehr, o.study_uid)) == 1 for o in objs), WAIT)
+        assert ehr.wait_for(lambda: all(d.state == "delivered" for d in deliveries(engines[0])), WAIT)
+        assert len({seg(m, "MSH")[9] for m in ehr.oru_messages()}) == 6
+        assert len([r for r in ehr.fhir_requests if r["method"] == "PUT"]) == 6
+        for d in deliveries(engines[0]):  # sent by one engine or the other, never both
+            assert [a.outcome for a in attempts(engines[0], d.id)].count("delivered") == 1
+    finally:
+        for e in engines:
+            e.stop()
+
+
+def test_ehr_settings_are_checked() -> None:
+    from engine.config import load_settings
+    from engine.yamlfile import ConfigFileError
+    with pytest.raises(ConfigFileError) as exc:
+        load_settings(env={"RADBRIDGE_EHR_MLLP": "ehr-no-port", "RADBRIDGE_EHR_FHIR_BASE": "ftp://x"})
+    text = str(exc.value)
+    assert "'ehr-no-port' is not host:port" in text and "'ftp://x' is not an http(s):// URL" in text
+
+
+def test_standin_payloads_parse_with_pydicom_roundtrip(tmp_path: Path) -> None:
+    """The SR built for the report test is a DICOM file pydicom reads back (guards the fixture itself)."""
+    class O:
+        study_uid = generate_uid()
+    sr, pdf = _report_instances(tmp_path, O(), b"%PDF-1.4\n")
+    assert pydicom.dcmread(sr).ContentSequence[1].TextValue == "Normal chest & lungs."
+    assert pydicom.dcmread(pdf).EncapsulatedDocumentLength == 9
