@@ -1,8 +1,9 @@
 """`radbridge demo`: the engine on loopback, fed by a sender, with a readable account.
 
-Today it shows the inbound HL7 half: ADT and orders over MLLP into the store, a merge, a resend
-that is recognised as a duplicate, and what the admin API answers. The DICOM, reconciliation and
-EHR-delivery steps join it as those parts land.
+The whole flow on loopback: ADT and orders over MLLP into the store, a resend recognised as a
+duplicate, images in with C-STORE (pynetdicom as the modality) whose patient name is misspelt,
+reconciliation coercing it, and the ImagingStudy and ORU^R01 arriving at a stand-in EHR the demo
+starts (engine/standin_ehr.py), with where to look in the admin API.
 """
 
 from __future__ import annotations
@@ -59,8 +60,18 @@ async def _demo(work: Path) -> int:
     s.http.port = 0
     s.http.tokens = ["demo-token"]
     s.retention.enabled = False
+    s.dicom.port = 0
+    s.dicom.stable_seconds = 2
+    s.dicom.fsync = False  # a demo on a laptop; production keeps fsync on
+    from engine.standin_ehr import StandInEHR
+    ehr = StandInEHR(token="ehr-token").start()
+    s.ehr.mllp, s.ehr.fhir_base, s.ehr.fhir_token = ehr.mllp_address, ehr.fhir_base, "ehr-token"
     engine = Engine(s)
-    await engine.start()
+    try:
+        await engine.start()
+    except BaseException:
+        ehr.stop()
+        raise
     try:
         port = engine.listeners["hl7-inbound"].server.port
         print(f"RadBridge demo: engine on 127.0.0.1, MLLP port {port}, HTTP port {engine.http_port}, "
@@ -92,8 +103,70 @@ async def _demo(work: Path) -> int:
             for m in msgs:
                 print(f"     #{m['id']} {m['type']:8} {m['control_id']:8} {m['status']:10} ACK {m['ack_code']}")
         await asyncio.to_thread(show)
-        print("\nWhere to look next: /api/channels, /metrics, `radbridge messages list`. "
-              "(DICOM, reconciliation and delivery to the EHR are not in this demo yet.)")
+        ok = await _images_and_results(engine, ehr, work, base)
+        print(f"\nWhere to look next: {base}/channels, {base}/deliveries, /metrics; `radbridge messages list`, "
+              "`radbridge studies list`, `radbridge deliveries list` (token: demo-token).")
+        return 0 if ok else 1
     finally:
         await engine.stop()
-    return 0
+        ehr.stop()
+
+
+async def _images_and_results(engine: Any, ehr: Any, work: Path, base: str) -> bool:
+    """C-STORE two CT images for ACC2002 with the patient's name misspelt, then wait (bounded) for the
+    study to become stable, be reconciled and reach the stand-in EHR."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE
+
+    port = next(iter(engine.dicom_listeners.values())).port
+    study_uid, series_uid = generate_uid(), generate_uid()
+
+    def send_images() -> list[int]:
+        ae = AE(ae_title="DEMO_CT")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+        assoc = ae.associate("127.0.0.1", port, ae_title=engine.settings.dicom.aet)
+        if not assoc.is_established:
+            return []
+        statuses = []
+        try:
+            for n in (1, 2):
+                ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+                ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "200002", "MULLER^ZOE", "19800101", "F"
+                ds.AccessionNumber, ds.StudyInstanceUID, ds.SeriesInstanceUID = "ACC2002", study_uid, series_uid
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                ds.InstanceNumber = n
+                status = assoc.send_c_store(ds)
+                statuses.append(int(getattr(status, "Status", 0xFFFF)))
+        finally:
+            assoc.release()
+        return statuses
+    print("\n5. A CT modality (pynetdicom) sends two images for ACC2002 with the name typed as MULLER^ZOE")
+    statuses = await asyncio.to_thread(send_images)
+    print(f"     C-STORE statuses: {', '.join(f'0x{x:04X}' for x in statuses) or 'association refused'}")
+    print(f"     waiting for the study to be stable ({engine.settings.dicom.stable_seconds:g} s without new "
+          "images), reconciled and delivered ...")
+
+    def delivered() -> bool:
+        found = ehr.find("ImagingStudy", "urn:dicom:uid", f"urn:oid:{study_uid}")
+        return bool(found) and any(study_uid in m for m in ehr.oru_messages())
+    ok = await asyncio.to_thread(ehr.wait_for, delivered, 30.0)
+    st = (await asyncio.to_thread(_get, f"{base}/studies?study_uid={study_uid}", "demo-token"))["studies"]
+    if st:
+        rec = st[0].get("reconciliation", {})
+        print(f"\n6. GET /api/studies?study_uid=...: state {rec.get('state')}, matched by {rec.get('matched_by')}; "
+              f"name in the stored headers now {st[0].get('patient', {}).get('name') or st[0].get('patient_name')}")
+    if not ok:
+        print("\n   The EHR did not receive the study within 30 s: see `radbridge deliveries list`.")
+        return False
+    [res] = ehr.find("ImagingStudy", "urn:dicom:uid", f"urn:oid:{study_uid}")
+    oru = next(m for m in ehr.oru_messages() if study_uid in m)
+    print(f"\n7. The stand-in EHR (FHIR at {ehr.fhir_base}, MLLP at {ehr.mllp_address}) received:")
+    print(f"     ImagingStudy/{res['id']}: {res['status']}, {res['numberOfSeries']} series, "
+          f"{res['numberOfInstances']} instances, subject {res['subject'].get('reference') or res['subject'].get('identifier')}, "
+          f"accession {next((i['value'] for i in res['identifier'] if i.get('type')), '-')}")
+    print("     ORU^R01:")
+    for segment in oru.split("\r"):
+        print(f"       {segment[:110]}")
+    return True

@@ -87,8 +87,12 @@ def test_send_reports_an_unreachable_peer(tmp_path: Path) -> None:
     assert out.returncode == 1 and "cannot send to 127.0.0.1:1" in out.stderr
 
 
-def test_demo_runs_the_inbound_scenario() -> None:
+def test_demo_runs_the_whole_flow_to_the_standin_ehr() -> None:
     out = radbridge("demo")
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
     assert "ACK: MSA|AA|ADT0002|duplicate of message" in out.stdout
     assert "status CA; history: NW:SC -> CA:CA" in out.stdout
+    assert "C-STORE statuses: 0x0000, 0x0000" in out.stdout
+    assert "state reconciled, matched by accession; name in the stored headers now Müller^Zoë" in out.stdout
+    assert "available, 1 series, 2 instances" in out.stdout and "accession ACC2002" in out.stdout
+    assert "PID|1||200002^^^GENHOSP^MR||Müller^Zoë||19800101|F" in out.stdout
