@@ -89,8 +89,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"radbridge check: {len(errors)} error(s)", file=sys.stderr)
         return 1
     n_rules = len(registry.rules_names())
-    print(f"radbridge check: OK ({len(channels)} channel(s), {len(registry.names()) - n_rules} mapping(s), "
-          f"{n_rules} reconciliation rule file(s), {len(problems)} warning(s))")
+    n_out = sum(1 for n in registry.names() if registry.outbound(n) is not None)
+    print(f"radbridge check: OK ({len(channels)} channel(s), {len(registry.names()) - n_rules - n_out} mapping(s), "
+          f"{n_out} outbound mapping(s), {n_rules} reconciliation rule file(s), {len(problems)} warning(s))")
     return 0
 
 

@@ -596,3 +596,34 @@ class StandInEHR:
             return self._fail(400, f"body id {checked['id']!r} differs from the URL id {rid!r}", "invalid")
         stored, created = self._store(rtype, rid, checked)
         return self._saved(rtype, stored, created)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stand-in EHR on fixed loopback ports until Ctrl-C (the README walk-through uses it)."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m engine.standin_ehr", description=main.__doc__)
+    p.add_argument("--mllp-port", type=int, default=2576)
+    p.add_argument("--fhir-port", type=int, default=8081)
+    p.add_argument("--token", default=None, help="bearer token the FHIR server requires (default: none)")
+    args = p.parse_args(argv)
+    ehr = StandInEHR(token=args.token)
+    ehr.mllp_port, ehr.fhir_port = args.mllp_port, args.fhir_port
+    ehr.start()
+    print(f"stand-in EHR: MLLP results inbox on {ehr.mllp_address}, FHIR R4 at {ehr.fhir_base}", flush=True)
+    seen = 0
+    try:
+        while True:  # until Ctrl-C: report what arrives
+            time.sleep(0.5)
+            got = list(ehr.received_hl7)[seen:]
+            seen += len(got)
+            for m in got:
+                print("ORU received:\n  " + m.replace("\r", "\n  "), flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ehr.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
