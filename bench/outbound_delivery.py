@@ -57,11 +57,11 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import pydicom  # noqa: E402
+from benchutil import describe_source  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import create_engine, func, select, text, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
-from benchutil import describe_source  # noqa: E402
 from engine.domain.studies import STUDIES  # noqa: E402
 from engine.outbound import outbox  # noqa: E402
 from engine.outbound.outbox import ATTEMPTS, DELIVERIES  # noqa: E402
@@ -123,6 +123,10 @@ class TimedEHR(StandInEHR):
     def wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
         with self.cond:
             return self.cond.wait_for(predicate, timeout)
+
+    def delivered(self, key: str, accession: str, since: int) -> Callable[[], bool]:
+        """Both arrived: the ImagingStudy ``key`` ("urn:oid:UID") and an ORU for ``accession``."""
+        return lambda: key in self.study_at and self.oru_for(accession, since) is not None
 
     def oru_for(self, accession: str, since: int = 0) -> tuple[float, float, str] | None:
         needle = f"|{accession}|"
@@ -337,6 +341,12 @@ def delivery_counts(e: RunningEngine) -> dict[str, dict[str, int]]:
     return db_read(e, outbox.counts)
 
 
+def study_states(e: RunningEngine) -> dict[str, int]:
+    """Studies per (state, reconciliation state)."""
+    return db_read(e, lambda c: {f"{st}/{rs}": k for st, rs, k in c.execute(
+        select(STUDIES.c.state, STUDIES.c.recon_state, func.count()).group_by(STUDIES.c.state, STUDIES.c.recon_state))})
+
+
 # =====================================================================================================
 # Figures
 # =====================================================================================================
@@ -454,6 +464,14 @@ def mllp_plain(address: str, messages: list[str], deadline_s: float) -> list[tup
     return out
 
 
+async def plain_both(ehr: StandInEHR, groups: list[list[Req]], orus: list[str], deadline_s: float
+                     ) -> tuple[list[tuple[float, float, list[int]]], list[tuple[float, float]]]:
+    """The FHIR requests (CONCURRENCY at once) and the ORUs (one connection) at the same time."""
+    fhir = asyncio.ensure_future(replay(base_root(ehr), groups, CONCURRENCY, deadline_s))
+    mllp = asyncio.ensure_future(asyncio.to_thread(mllp_plain, ehr.mllp_address, orus, deadline_s))
+    return await fhir, await mllp
+
+
 def base_root(ehr: StandInEHR) -> str:
     return ehr.fhir_base[: -len("/fhir")]
 
@@ -487,8 +505,7 @@ def phase_latency(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
             t_stable = time.monotonic()
             if marked != 1:
                 raise RuntimeError(f"study {i}: {marked} studies marked stable, expected 1")
-            ok = ehr.wait(lambda: key in ehr.study_at and ehr.oru_for(sp.accession, n_oru) is not None,
-                          DELIVERY_TIMEOUT)
+            ok = ehr.wait(ehr.delivered(key, sp.accession, n_oru), DELIVERY_TIMEOUT)
             if not ok:
                 raise RuntimeError(f"study {i} ({sp.accession}) not delivered within {DELIVERY_TIMEOUT:.0f} s: "
                                    f"ImagingStudy {'yes' if key in ehr.study_at else 'no'}, deliveries "
@@ -499,14 +516,14 @@ def phase_latency(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
                 continue
             s_is.ms.append((ehr.study_at[key][0] - t_stable) * 1000)
             s_oru.ms.append((oru[0] - t_stable) * 1000)
-            # let the FHIR worker settle (its requests are all in); the group is this study's requests
-            e.call(asyncio.sleep(0.05))
-            groups.append(fhir_log(ehr, n_req, len(ehr.fhir_requests)))
+            # this study's FHIR requests (the stand-in records a request once it has answered it)
+            t_end = time.monotonic() + 5
+            while not any(is_put(r) for r in fhir_log(ehr, n_req)) and time.monotonic() < t_end:
+                time.sleep(0.005)
+            groups.append(fhir_log(ehr, n_req))
             orus.append(oru[2])
-        counts = delivery_counts(e)
-        coerced = db_read(e, lambda c: c.execute(text(
-            "SELECT count(*) FROM domain_events WHERE kind = 'study.reconciled'")).scalar())
-        rnd.info.append(f"latency engine: deliveries {counts}; study.reconciled events {coerced}")
+        rnd.info.append(f"latency engine: deliveries {delivery_counts(e)}; studies {study_states(e)}; "
+                        f"instances coerced {e.engine.metrics.coerced_instances.value():g}")
     finally:
         rig.stop()
     per_study = Counter(len(g) for g in groups)
@@ -515,22 +532,15 @@ def phase_latency(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
                     f"ImagingStudy's subject and basedOn references are searched on the EHR before the PUT")
     rnd.latency["is"], rnd.latency["oru"] = s_is, s_oru
 
-    # baselines: a fresh stand-in, the same requests one study at a time
-    ehr2 = TimedEHR().start()
-    try:
-        root_url = base_root(ehr2)
-        puts = [[r for r in g if is_put(r)][-1:] for g in groups]
-        res_put = asyncio.run(replay(root_url, puts, 1, 60 + 5 * len(puts)))
-        check_statuses(res_put, "baseline PUT")
-        ehr2.set_fhir_down(True)  # a second fresh FHIR server state for the replay: drop what the PUTs made
-        ehr2.set_fhir_down(False)
-        with ehr2._lock:  # noqa: SLF001 - the bench empties the stand-in between the two baselines
-            ehr2._resources.clear()  # noqa: SLF001
-        res_all = asyncio.run(replay(root_url, groups, 1, 60 + 5 * len(groups)))
-        check_statuses(res_all, "baseline replay")
+    # baselines: fresh stand-ins, the same requests one study at a time
+    puts = [[r for r in g if is_put(r)][-1:] for g in groups]
+    with TimedEHR() as ehr2:
+        res_put = asyncio.run(replay(base_root(ehr2), puts, 1, 60 + 5 * len(puts)))
+    check_statuses(res_put, "baseline PUT")
+    with TimedEHR() as ehr2:
+        res_all = asyncio.run(replay(base_root(ehr2), groups, 1, 60 + 5 * len(groups)))
         res_oru = mllp_plain(ehr2.mllp_address, orus, 60 + 5 * len(orus))
-    finally:
-        ehr2.stop()
+    check_statuses(res_all, "baseline replay")
     rnd.latency["b_put"] = Series("baseline: ImagingStudy PUT", [(b - a) * 1000 for a, b, _s in res_put])
     rnd.latency["b_all"] = Series("baseline: the engine's requests (GET, GET, PUT)",
                                   [(b - a) * 1000 for a, b, _s in res_all])
@@ -546,8 +556,8 @@ def phase_natural(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
     rig = start_rig(dbs, root / "natural", stable)
     e, ehr = rig.e, rig.ehr
     specs = make_specs(Maker(rig.work / "dicom"), "N", args.warmup + args.natural_studies, lambda i: 1 + i % 2)
-    s_is = Series(f"natural: stable_seconds elapsed -> ImagingStudy stored")
-    s_oru = Series(f"natural: stable_seconds elapsed -> ORU accepted")
+    s_is = Series("natural: stable_seconds elapsed -> ImagingStudy stored")
+    s_oru = Series("natural: stable_seconds elapsed -> ORU accepted")
     s_det = Series("natural: stable_seconds elapsed -> marked stable (stable_at)")
     s_from = Series("natural: marked stable (stable_at) -> ImagingStudy stored")
     try:
@@ -556,15 +566,14 @@ def phase_natural(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
             send_hl7(e, hl7_for([sp]))
             send_images(e, sp.files)
             key = f"urn:oid:{sp.study_uid}"
-            ok = ehr.wait(lambda: key in ehr.study_at and ehr.oru_for(sp.accession, n_oru) is not None,
-                          stable + 10 + DELIVERY_TIMEOUT)
+            ok = ehr.wait(ehr.delivered(key, sp.accession, n_oru), stable + 10 + DELIVERY_TIMEOUT)
             if not ok:
                 raise RuntimeError(f"natural study {i} not delivered within {stable + 10 + DELIVERY_TIMEOUT:.0f} s; "
                                    f"deliveries {delivery_counts(e)}")
             if i < args.warmup:
                 continue
-            row = db_read(e, lambda c: c.execute(select(STUDIES.c.last_received_at, STUDIES.c.stable_at)
-                                                 .where(STUDIES.c.study_uid == sp.study_uid)).one())
+            query = select(STUDIES.c.last_received_at, STUDIES.c.stable_at).where(STUDIES.c.study_uid == sp.study_uid)
+            row = db_read(e, lambda c, q=query: c.execute(q).one())
             t_ref = row.last_received_at.timestamp() + stable
             oru = ehr.oru_for(sp.accession, n_oru)
             assert oru is not None
@@ -647,7 +656,6 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
 
         ehr.set_fhir_down(False)
         ehr.set_mllp_down(False)
-        e.call(asyncio.sleep(0.2))  # let pauses that end now find nothing due
 
         def release(conn: Any) -> int:
             ids = [r[0] for r in conn.execute(select(DELIVERIES.c.id).where(DELIVERIES.c.state == "pending"))]
@@ -667,6 +675,8 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
         spans = db_read(e, lambda c: {d: (lo, hi) for d, lo, hi in c.execute(
             select(DELIVERIES.c.destination, func.min(DELIVERIES.c.delivered_at), func.max(DELIVERIES.c.delivered_at))
             .group_by(DELIVERIES.c.destination))})
+        rnd.info.append(f"throughput engine: studies {study_states(e)}; instances coerced "
+                        f"{e.engine.metrics.coerced_instances.value():g}")
         reqs = fhir_log(ehr)
         orus = [o[2] for o in ehr.oru]
         is_times, oru_times = list(ehr.study_times), [o[0] for o in ehr.oru]
@@ -692,18 +702,9 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
     all_groups = [[r] for r in reqs]
     for tag, groups, label in (("b", put_groups, "ImagingStudy PUTs"),
                                ("r", all_groups, "the engine's FHIR requests (GETs + PUTs)")):
-        ehr2 = TimedEHR().start()
-        try:
-            deadline = 120 + 0.5 * len(groups)
-
-            async def both() -> tuple[list[tuple[float, float, list[int]]], list[tuple[float, float]]]:
-                fhir = asyncio.ensure_future(replay(base_root(ehr2), groups, CONCURRENCY, deadline))
-                mllp = asyncio.ensure_future(asyncio.to_thread(mllp_plain, ehr2.mllp_address, orus, deadline))
-                return await fhir, await mllp
-            res_f, res_m = asyncio.run(both())
-            check_statuses(res_f, f"baseline {label}")
-        finally:
-            ehr2.stop()
+        with TimedEHR() as ehr2:
+            res_f, res_m = asyncio.run(plain_both(ehr2, groups, orus, 120 + 0.5 * len(groups)))
+        check_statuses(res_f, f"baseline {label}")
         f_lo, f_hi = min(a for a, _b, _s in res_f), max(b for _a, b, _s in res_f)
         m_lo, m_hi = min(a for a, _b in res_m), max(b for _a, b in res_m)
         rnd.rates[f"{tag}_fhir"] = Rate(f"plain fhir c={CONCURRENCY}: {label}", len(put_groups), f_hi - f_lo)

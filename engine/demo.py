@@ -132,7 +132,7 @@ async def _images_and_results(engine: Any, ehr: Any, work: Path, base: str) -> b
         statuses = []
         try:
             for n in (1, 2):
-                ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+                ds = pydicom.dcmread(str(get_testdata_file("CT_small.dcm")))
                 ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "200002", "MULLER^ZOE", "19800101", "F"
                 ds.AccessionNumber, ds.StudyInstanceUID, ds.SeriesInstanceUID = "ACC2002", study_uid, series_uid
                 ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

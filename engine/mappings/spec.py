@@ -271,6 +271,8 @@ class Mapping:
 # --- compilation ------------------------------------------------------------------------------------
 
 class _Compiler:
+    extra_transforms: tuple[str, ...] = ()  # more names a subclass handles (outbound output formats)
+
     def __init__(self, file: str) -> None:
         self.file = file
         self.problems: list[ConfigProblem] = []
@@ -348,7 +350,8 @@ class _Compiler:
                 continue
             if name not in TRANSFORM_ARGS:
                 self.problem(iline, f"{fld}.transform",
-                             f"unknown transform {name!r}; known: {', '.join(sorted(TRANSFORM_ARGS))}")
+                             f"unknown transform {name!r}; known: "
+                             f"{', '.join(sorted([*TRANSFORM_ARGS, *self.extra_transforms]))}")
                 continue
             expected = TRANSFORM_ARGS[name]
             if expected is None and arg is not None:

@@ -36,14 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from engine.hl7.paths import HL7Path, PathError, parse_path
-from engine.mappings.transforms import (
-    TRANSFORM_ARGS,
-    TRANSFORMS,
-    Table,
-    TransformError,
-    make_replace,
-    make_table,
-)
+from engine.mappings.spec import _Compiler as InboundCompiler
+from engine.mappings.transforms import Table, TransformError
 from engine.yamlfile import ConfigProblem, LineDict, LineList
 
 TARGETS = ("hl7v2", "fhir")
@@ -301,14 +295,11 @@ class OutboundMapping:
 
 # --- compilation ------------------------------------------------------------------------------------
 
-class _Compiler:
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.problems: list[ConfigProblem] = []
-        self.tables: dict[str, Table] = {}
+class _Compiler(InboundCompiler):
+    """Tables, transforms and problem reporting as inbound mappings have them; store paths instead
+    of HL7 paths as sources."""
 
-    def problem(self, line: int, where: str, message: str) -> None:
-        self.problems.append(ConfigProblem(self.file, line, where, message))
+    extra_transforms = tuple(OUT_TRANSFORMS)
 
     def check_path(self, path: Any, line: int, where: str, items: dict[str, str]) -> str | None:
         """A store path: a known top-level field, or a field of a list item in scope."""
@@ -336,28 +327,6 @@ class _Compiler:
             return None
         return path
 
-    def tables_(self, raw: Any, line: int) -> None:
-        if raw is None:
-            return
-        if not isinstance(raw, dict):
-            self.problem(line, "tables", "must be a mapping of table name to {code: value}")
-            return
-        for name, body in raw.items():
-            tline = raw.line_of(name) if isinstance(raw, LineDict) else line
-            if not isinstance(body, dict):
-                self.problem(tline, f"tables.{name}", "a table is a mapping of code to value, or {values:, default:}")
-                continue
-            if "values" in body:
-                values = body["values"]
-                if not isinstance(values, dict):
-                    self.problem(tline, f"tables.{name}.values", "must be a mapping of code to value")
-                    continue
-                default = body.get("default")
-                self.tables[str(name)] = Table(str(name), {str(k).upper(): str(v) for k, v in values.items()},
-                                               None if default is None else str(default), bool(body.get("strict")))
-            else:
-                self.tables[str(name)] = Table(str(name), {str(k).upper(): str(v) for k, v in body.items()})
-
     def when(self, raw: Any, line: int, where: str, items: dict[str, str]) -> list[Condition]:
         out = []
         for item in raw if isinstance(raw, list) else [raw]:
@@ -378,43 +347,18 @@ class _Compiler:
         return out
 
     def transforms(self, spec: ValueSpec, raw: Any, line: int, where: str) -> None:
+        """The inbound transforms (mappings/spec.py), plus the output formats of OUT_TRANSFORMS."""
         items = raw if isinstance(raw, list) else [raw]
         for i, item in enumerate(items):
-            iline = raw.line_of(i) if isinstance(raw, LineList) else line
-            if isinstance(item, str):
-                name, arg = item, None
-            elif isinstance(item, dict) and len(item) == 1:
-                name, arg = next(iter(item.items()))
-            else:
-                self.problem(iline, f"{where}.transform", f"each transform is a name or {{name: argument}}, got {item!r}")
-                continue
+            name = item if isinstance(item, str) else None
             if name in OUT_TRANSFORMS:
                 spec.transforms.append((name, OUT_TRANSFORMS[name], None))
-                continue
-            if name not in TRANSFORM_ARGS:
-                known = sorted({*TRANSFORM_ARGS, *OUT_TRANSFORMS})
-                self.problem(iline, f"{where}.transform", f"unknown transform {name!r}; known: {', '.join(known)}")
-                continue
-            if name == "table":
-                table = self.tables.get(str(arg))
-                if table is None:
-                    self.problem(iline, f"{where}.transform", f"table {arg!r} is not defined under tables:")
-                    continue
-                spec.transforms.append((name, make_table(table), arg))
-            elif name == "replace":
-                if not isinstance(arg, dict) or "pattern" not in arg:
-                    self.problem(iline, f"{where}.transform", "replace needs {pattern: REGEX, with: TEXT}")
-                    continue
-                try:
-                    spec.transforms.append((name, make_replace(arg), arg))
-                except re.error as exc:
-                    self.problem(iline, f"{where}.transform", f"bad regular expression: {exc}")
+            elif name is None and isinstance(item, dict) and len(item) == 1 and next(iter(item)) in OUT_TRANSFORMS:
+                self.problem(raw.line_of(i) if isinstance(raw, LineList) else line, f"{where}.transform",
+                             f"{next(iter(item))} takes no argument")
             else:
-                expected = TRANSFORM_ARGS[name]
-                if (expected is None) != (arg is None) and name not in ("date", "datetime"):
-                    self.problem(iline, f"{where}.transform", f"{name} {'takes no' if expected is None else 'needs an'} argument")
-                    continue
-                spec.transforms.append((name, TRANSFORMS[name], arg))
+                iline = raw.line_of(i) if isinstance(raw, LineList) else line
+                self.compile_transforms(spec, [item], iline, where)  # type: ignore[arg-type]
 
     def template(self, raw: Any, line: int, where: str, items: dict[str, str]) -> list[tuple[str, str | None]] | None:
         if not isinstance(raw, str):
@@ -600,7 +544,7 @@ def compile_outbound(data: Any, file: str, name: str) -> tuple[OutboundMapping |
     if target not in TARGETS:
         c.problem(line_of("target") or 1, "target", f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         return None, c.problems
-    c.tables_(data.get("tables"), line_of("tables"))
+    c.compile_tables(data.get("tables"), line_of("tables"))
     m = OutboundMapping(name=name, path=Path(file), target=str(target), description=str(data.get("description") or ""),
                         tables=c.tables)
     if target == "hl7v2":
