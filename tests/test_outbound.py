@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from engine.standin_ehr import StandInEHR
 from engine.store.models import Delivery, DeliveryAttempt
-from tests.conftest import REPO, TOKEN, RunningEngine, make_settings
+from tests.conftest import REPO, RunningEngine, make_settings
 from tests.dicomutil import require_dcmtk, storescu
 from tests.hl7util import adt, orm
 from tests.test_reconciliation import hl7, settle, store
@@ -412,8 +412,8 @@ def test_ehr_settings_are_checked() -> None:
 
 def test_standin_payloads_parse_with_pydicom_roundtrip(tmp_path: Path) -> None:
     """The SR built for the report test is a DICOM file pydicom reads back (guards the fixture itself)."""
-    class O:
+    class Study:
         study_uid = generate_uid()
-    sr, pdf = _report_instances(tmp_path, O(), b"%PDF-1.4\n")
+    sr, pdf = _report_instances(tmp_path, Study(), b"%PDF-1.4\n")
     assert pydicom.dcmread(sr).ContentSequence[1].TextValue == "Normal chest & lungs."
     assert pydicom.dcmread(pdf).EncapsulatedDocumentLength == 9
