@@ -345,7 +345,7 @@ def test_reports_from_sr_and_pdf_go_out_as_oru(eng: RunningEngine, ehr: StandInE
     ed = next(m for m in reports if seg(m, "OBX")[2] == "ED")
     parts = seg(ed, "OBX")[5].split("^")
     assert parts[1:4] == ["application", "pdf", "Base64"] and base64.b64decode(parts[4]) == pdf
-    # a later correction resends the images result, not the reports again
+    # each report instance is sent once (a later correction does not send the reports again)
     assert len([d for d in deliveries(eng) if d.event == "report.received"]) == 2
 
 
