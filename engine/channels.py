@@ -92,7 +92,8 @@ class Destination:
     timeout_seconds: float = 30.0  # connect + answer (HTTP response, MLLP ACK)
     concurrency: int = 4  # FHIR: requests in flight at once (MLLP sends one at a time)
     retry_codes: list[str] = field(default_factory=lambda: ["AR", "CR"])  # MLLP: NAK codes worth retrying
-    retry_statuses: list[int] = field(default_factory=lambda: [408, 425, 429, 500, 502, 503, 504])
+    # 401/403 too: an expired token is fixed in config, and nothing should be dead-lettered meanwhile
+    retry_statuses: list[int] = field(default_factory=lambda: [401, 403, 408, 425, 429, 500, 502, 503, 504])
     resolve_references: bool = True  # FHIR: turn Patient?identifier=... into Patient/id by a search
     line: int = 0
 
@@ -355,7 +356,7 @@ def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, probl
             if key == "type":
                 continue
             if key not in settable:
-                problem(kline, f"{where}.{key}", f"unknown key; expected type, {', '.join(settable)}")
+                problem(kline, f"{where}.{key}", f"unknown key; expected {', '.join(settable)}")
                 continue
             typ = hints[key]
             if typ is bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydicom import dcmread
@@ -99,7 +100,7 @@ def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: i
         "engine": {"name": engine.name, "facility": engine.facility, "aet": engine.aet,
                    "dicomweb_base": engine.dicomweb_base or None},
         "delivery": {"id": delivery_id, "control_id": control_id(delivery_id),
-                     "now": utcnow().strftime("%Y%m%d%H%M%S")},
+                     "now": datetime.now().astimezone().strftime("%Y%m%d%H%M%S%z")},  # local, with its offset
         "report": {},
     }
     if instance_id is not None:

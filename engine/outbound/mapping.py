@@ -190,7 +190,7 @@ class ValueSpec:
                 if path is None:
                     parts.append(literal)
                     continue
-                v = ctx.get(path)
+                v = _single(ctx.get(path))
                 if v not in (None, ""):
                     any_value = True
                     parts.append(escape(str(v)) if escape else str(v))
@@ -202,6 +202,8 @@ class ValueSpec:
                 value = ctx.get(p)
                 if value not in (None, "", []):
                     break
+            if escape is not None:  # one HL7 field: a list (study.modalities) gives its first item
+                value = _single(value)
         try:
             for _name, fn, arg in self.transforms:
                 value = fn(value, arg)
@@ -213,6 +215,12 @@ class ValueSpec:
             source = self.paths[0] if self.paths else "its template"
             raise RenderError(f"{self.target} (line {self.line}) is required but {source} is empty")
         return value
+
+
+def _single(value: Any) -> Any:
+    if isinstance(value, list):
+        return value[0] if value and not isinstance(value[0], (dict, list)) else None
+    return value
 
 
 class Scope:

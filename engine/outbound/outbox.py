@@ -183,8 +183,10 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
     else:
         delay = max(next_delay, o.retry_after or 0.0)
         values.update(next_at=now + timedelta(seconds=delay), last_error=(o.error or o.status or "")[:2000])
-    conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id).values(**values))
-    return str(values.get("state", "pending"))
+    # an operator may have discarded it while it was in flight: that decision stands
+    moved = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id, DELIVERIES.c.state == "pending")
+                         .values(**values)).rowcount
+    return str(values.get("state", "pending")) if moved else "discarded"
 
 
 def release(conn: Connection, ids: list[int]) -> None:
@@ -200,12 +202,16 @@ def retry(conn: Connection, ids: list[int] | None = None, *, destination: str | 
           rebuild: bool = False, states: tuple[str, ...] = ("dead",)) -> int:
     """Put deliveries back in the queue (dead ones, or the ids given, which may be pending in
     backoff: they go now). ``rebuild`` renders the message again (a mapping was fixed)."""
-    cond: list[Any] = [DELIVERIES.c.state.in_(states if ids is None else ("dead", "pending", "discarded"))]
+    now = utcnow()
+    in_flight = (DELIVERIES.c.state == "pending") & DELIVERIES.c.leased_until.is_not(None) \
+        & (DELIVERIES.c.leased_until >= now)
+    cond: list[Any] = [DELIVERIES.c.state.in_(states if ids is None else ("dead", "pending", "discarded")),
+                       ~in_flight]  # one being sent now is not sent twice
     if ids is not None:
         cond.append(DELIVERIES.c.id.in_(ids))
     if destination:
         cond.append(DELIVERIES.c.destination == destination)
-    values: dict[str, Any] = {"state": "pending", "attempts": 0, "next_at": utcnow(), "leased_until": None,
+    values: dict[str, Any] = {"state": "pending", "attempts": 0, "next_at": now, "leased_until": None,
                               "leased_by": None}
     if rebuild:
         values.update(payload=None, content_type=None, detail=None)

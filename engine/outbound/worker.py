@@ -7,8 +7,9 @@
 
 Backoff per delivery is tenacity's exponential wait with jitter (``backoff_initial_seconds`` doubling
 up to ``backoff_max_seconds``). When the destination itself fails (refused, timeout, 5xx, 429) the
-worker also pauses as a whole for that delivery's backoff and gives back the rest of its batch, so
-an outage costs one probe per backoff step instead of one failed attempt per queued message.
+worker also pauses as a whole, for a backoff that grows with each failed pass, gives back the rest
+of its batch, and then probes with a single delivery until one succeeds; so an outage costs one
+probe per backoff step instead of one failed attempt per queued message.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from engine.storage.base import ObjectStorage
 from engine.store.db import Database
 
 log = logging.getLogger(__name__)
-DESTINATION_FAILURES = ("refused", "connection", "timeout", "no MSA", "429", "500", "502", "503", "504")
+DESTINATION_FAILURES = ("refused", "connection", "timeout", "no MSA", "401", "403", "429", "500", "502", "503", "504")
 
 
 def backoff_seconds(dest: Destination, attempts: int) -> float:
@@ -93,6 +94,7 @@ class DestinationWorker:
     batch: int = 20
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     paused_for: float = 0.0
+    failures: int = 0  # passes in a row in which the destination itself failed
     sender: MLLPSender | FHIRSender | None = None
     on_settled: Callable[[Claimed, str], None] | None = None
 
@@ -121,8 +123,12 @@ class DestinationWorker:
 
     async def pass_once(self) -> int:
         """Claim, send and settle one batch; returns how many deliveries were attempted."""
+        # after a destination failure, probe with one delivery before sending a batch again
+        limit = 1 if self.failures else self.batch
+        # the lease outlives the slowest batch (MLLP: one after another, each up to its timeout)
+        lease = max(outbox.LEASE_SECONDS, 2 * limit * self.dest.timeout_seconds)
         claimed: list[Claimed] = await self.writer.run(
-            lambda s: outbox.claim(s.connection(), self.dest.name, self.worker_id, limit=self.batch))
+            lambda s: outbox.claim(s.connection(), self.dest.name, self.worker_id, limit=limit, lease_seconds=lease))
         if not claimed:
             return 0
         results: list[tuple[Claimed, Outcome, Rendered | None]] = []
@@ -157,10 +163,13 @@ class DestinationWorker:
                 self.on_settled(c, state)
             if state == "dead":
                 log.warning("delivery %d to %s is dead-lettered: %s", c.id, self.dest.name, o.error or o.status)
-        failures = [delays[c.id] for c, o, _r in results
-                    if o.outcome == "retry" and o.status in DESTINATION_FAILURES and c.id in delays]
-        if failures:  # the destination is down or overloaded: wait before probing it again
-            self.paused_for = max(min(failures), max((o.retry_after or 0.0) for _c, o, _r in results))
+        failed = any(o.outcome == "retry" and o.status in DESTINATION_FAILURES for _c, o, _r in results)
+        if not failed:
+            self.failures = 0
+        else:  # the destination is down or overloaded: wait longer each time before probing it again
+            self.failures += 1
+            self.paused_for = max(backoff_seconds(self.dest, self.failures),
+                                  max((o.retry_after or 0.0) for _c, o, _r in results))
             log.warning("destination %s (%s) failing (%s); next try in %.1f s", self.dest.name, self.address,
                         results[-1][1].error or results[-1][1].status, self.paused_for)
         return len(results)
@@ -175,7 +184,8 @@ class DestinationWorker:
             except RenderError as exc:
                 return c, Outcome("dead", "render", error=f"cannot build the message: {exc}"), None
         if isinstance(self.sender, MLLPSender):
-            return c, await self.sender.send(msg.payload, msg.control_id or _msh10(msg.payload)), fresh
+            # the ACK must answer the MSH-10 actually sent (a mapping may set its own)
+            return c, await self.sender.send(msg.payload, _msh10(msg.payload) or msg.control_id), fresh
         if not msg.resource:
             return c, Outcome("dead", "render", error="the kept message names no FHIR resource type"), fresh
         return c, await self.sender.send(msg.payload, msg.resource, msg.conditional), fresh
