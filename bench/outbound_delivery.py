@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -68,8 +69,8 @@ from engine.outbound.outbox import ATTEMPTS, DELIVERIES  # noqa: E402
 from engine.standin_ehr import FS, VT, StandInEHR, msh_fields  # noqa: E402
 from engine.store.types import utcnow  # noqa: E402
 from tests.conftest import PG_ADMIN_URL, RunningEngine, make_settings  # noqa: E402
-from tests.dicomutil import DCMTK_ENV, bundled  # noqa: E402
-from tests.dicomutil import run as run_dcmtk  # noqa: E402
+from tests.dicomutil import bundled  # noqa: E402
+from tests.dicomutil import run as run_dcmtk  # noqa: E402  (storescu with TCP_NODELAY=1)
 from tests.hl7util import ack_code, adt, orm, send_many  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -222,7 +223,8 @@ def start_rig(dbs: Databases, work: Path, stable_seconds: float) -> Rig:
     work.mkdir(parents=True)
     shutil.copytree(REPO / "channels", work / "channels")
     shutil.copytree(REPO / "mappings", work / "mappings")
-    ehr = TimedEHR().start()
+    ehr = TimedEHR()
+    ehr.start()
     try:
         s = make_settings(work, dbs.url(work))
         s.dicom.stable_seconds = stable_seconds
@@ -522,6 +524,8 @@ def phase_latency(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
                 time.sleep(0.005)
             groups.append(fhir_log(ehr, n_req))
             orus.append(oru[2])
+        wait_db(e, "deliveries still pending", lambda c: c.execute(select(func.count()).select_from(DELIVERIES)
+                                                                   .where(DELIVERIES.c.state == "pending")).scalar() == 0, 10)
         rnd.info.append(f"latency engine: deliveries {delivery_counts(e)}; studies {study_states(e)}; "
                         f"instances coerced {e.engine.metrics.coerced_instances.value():g}")
     finally:
@@ -560,8 +564,13 @@ def phase_natural(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
     s_oru = Series("natural: stable_seconds elapsed -> ORU accepted")
     s_det = Series("natural: stable_seconds elapsed -> marked stable (stable_at)")
     s_from = Series("natural: marked stable (stable_at) -> ImagingStudy stored")
+    poll = min(5.0, max(0.2, stable / 4))
+    rng = random.Random(1)
     try:
         for i, sp in enumerate(specs):
+            # sent one at a time right after the previous delivery, every study would end at the same
+            # phase of the engine's stability poll: a random pause spreads them over its interval
+            time.sleep(rng.uniform(0, poll))
             n_oru = len(ehr.oru)
             send_hl7(e, hl7_for([sp]))
             send_images(e, sp.files)
@@ -572,8 +581,7 @@ def phase_natural(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
                                    f"deliveries {delivery_counts(e)}")
             if i < args.warmup:
                 continue
-            query = select(STUDIES.c.last_received_at, STUDIES.c.stable_at).where(STUDIES.c.study_uid == sp.study_uid)
-            row = db_read(e, lambda c, q=query: c.execute(q).one())
+            row = db_read(e, study_times_of(sp.study_uid))
             t_ref = row.last_received_at.timestamp() + stable
             oru = ehr.oru_for(sp.accession, n_oru)
             assert oru is not None
@@ -583,7 +591,6 @@ def phase_natural(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
             s_from.ms.append((ehr.study_at[key][1] - row.stable_at.timestamp()) * 1000)
     finally:
         rig.stop()
-    poll = min(5.0, max(0.2, stable / 4))
     rnd.info.append(f"natural: stable_seconds {stable:g}: the engine polls stability every {poll:g} s and its "
                     f"reconcile loop every {min(1.0, max(0.1, stable / 4)):g} s (both from stable_seconds)")
     rnd.natural.update(is_=s_is, oru=s_oru, det=s_det, frm=s_from)
@@ -592,6 +599,11 @@ def phase_natural(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
 # =====================================================================================================
 # Phase 3: throughput with a backlog
 # =====================================================================================================
+
+def study_times_of(study_uid: str) -> Callable[[Any], Any]:
+    query = select(STUDIES.c.last_received_at, STUDIES.c.stable_at).where(STUDIES.c.study_uid == study_uid)
+    return lambda conn: conn.execute(query).one()
+
 
 def wait_db(e: RunningEngine, what: str, check: Callable[[Any], bool], deadline_s: float, every: float = 0.1) -> None:
     t_end = time.monotonic() + deadline_s
@@ -663,7 +675,8 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
         released = db_write(e, release)
         t_wake_wall = time.time()
         t_wake = time.monotonic()
-        e.engine.outbound.wake()
+        assert e.engine.outbound is not None
+        e.loop.call_soon_threadsafe(e.engine.outbound.wake)  # asyncio.Event.set is for the loop's own thread
         deadline = 120 + 0.5 * n
         wait_db(e, f"not all {2 * n} deliveries delivered", lambda c: c.execute(
             select(func.count()).select_from(DELIVERIES).where(DELIVERIES.c.state != "pending")).scalar() >= 2 * n,
@@ -677,6 +690,12 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
             .group_by(DELIVERIES.c.destination))})
         rnd.info.append(f"throughput engine: studies {study_states(e)}; instances coerced "
                         f"{e.engine.metrics.coerced_instances.value():g}")
+        sends = db_read(e, lambda c: c.execute(
+            select(DELIVERIES.c.destination, func.count(), func.avg(ATTEMPTS.c.duration_ms))
+            .join(ATTEMPTS, ATTEMPTS.c.delivery_id == DELIVERIES.c.id)
+            .where(ATTEMPTS.c.outcome == "delivered").group_by(DELIVERIES.c.destination)).all())
+        rnd.info.append("throughput engine: mean send time per delivered attempt (delivery_attempts.duration_ms): "
+                        + ", ".join(f"{d} {float(avg):.1f} ms over {k}" for d, k, avg in sends))
         reqs = fhir_log(ehr)
         orus = [o[2] for o in ehr.oru]
         is_times, oru_times = list(ehr.study_times), [o[0] for o in ehr.oru]
@@ -745,9 +764,9 @@ def flatten(rnd: Round) -> None:
     for key, r in rnd.rates.items():
         f[f"rate.{key}"] = r.per_s
         f[f"secs.{key}"] = r.seconds
-    for name, a, b in RATIOS_RATE:
-        if a in rnd.rates and b in rnd.rates:
-            f[f"rratio.{name}"] = rnd.rates[a].per_s / rnd.rates[b].per_s
+    for label, ka, kb in RATIOS_RATE:
+        if ka in rnd.rates and kb in rnd.rates:
+            f[f"rratio.{label}"] = rnd.rates[ka].per_s / rnd.rates[kb].per_s
 
 
 def print_latency(rows: list[tuple[str, dict[str, float]]], title: str) -> None:
@@ -784,9 +803,9 @@ def print_round(rnd: Round, i: int, total: int) -> None:
     if rnd.rates:
         print_rates([(r.label, r.n, r.seconds, r.per_s) for k in RATE_ORDER if (r := rnd.rates.get(k))],
                     f"throughput{what}")
-        for name, _a, _b in RATIOS_RATE:
-            if f"rratio.{name}" in rnd.figures:
-                print(f"  ratio of deliveries/s, {name:<48} {rnd.figures[f'rratio.{name}']:6.2f}")
+        for label, _ka, _kb in RATIOS_RATE:
+            if f"rratio.{label}" in rnd.figures:
+                print(f"  ratio of deliveries/s, {label:<48} {rnd.figures[f'rratio.{label}']:6.2f}")
     for line in rnd.info:
         print(f"  {line}")
 
@@ -813,9 +832,9 @@ def print_medians(rounds: list[Round]) -> None:
     if first.rates:
         print_rates([(r.label, r.n, med(f"secs.{k}"), med(f"rate.{k}")) for k in RATE_ORDER
                      if (r := first.rates.get(k))], f"throughput, medians of {len(rounds)} rounds")
-        for name, _a, _b in RATIOS_RATE:
-            if f"rratio.{name}" in first.figures:
-                print(f"  ratio of deliveries/s, {name:<48} {med(f'rratio.{name}'):6.2f} ({rng(f'rratio.{name}')})")
+        for label, _ka, _kb in RATIOS_RATE:
+            if f"rratio.{label}" in first.figures:
+                print(f"  ratio of deliveries/s, {label:<48} {med(f'rratio.{label}'):6.2f} ({rng(f'rratio.{label}')})")
 
 
 def print_logs(tally: LogTally, limit: int = 12) -> None:
@@ -876,7 +895,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"aiohttp {aiohttp.__version__}; engine from {describe_source(REPO)}; database "
           f"{'PostgreSQL (throwaway database per engine)' if args.db == 'postgresql' else 'SQLite (fsync on)'}")
     print(f"engine, stand-in EHR and clients in this process (one GIL), 127.0.0.1; work dir {root}", flush=True)
-    _ = DCMTK_ENV  # storescu runs with TCP_NODELAY=1 (tests.dicomutil.run)
     rounds: list[Round] = []
     try:
         for i in range(1, args.repeat + 1):
