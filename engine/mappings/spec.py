@@ -74,20 +74,24 @@ class Condition:
 
     def holds(self, src: SegmentSource) -> bool:
         v = src.read(self.path)
-        text = v if isinstance(v, str) else ""
-        if self.op == "exists":
-            return bool(text) == bool(self.arg)
-        if self.op == "equals":
-            return text == str(self.arg)
-        if self.op == "not_equals":
-            return text != str(self.arg)
-        if self.op == "in":
-            return text in self.arg
-        if self.op == "not_in":
-            return text not in self.arg
-        if self.op == "matches":
-            return bool(self.arg.search(text))
-        return False
+        return condition_holds(self.op, self.arg, v if isinstance(v, str) else "")
+
+
+def condition_holds(op: str, arg: Any, text: str) -> bool:
+    """A ``when:`` test on a value as text ("" when there is none); outbound mappings use it too."""
+    if op == "exists":
+        return bool(text) == bool(arg)
+    if op == "equals":
+        return text == str(arg)
+    if op == "not_equals":
+        return text != str(arg)
+    if op == "in":
+        return text in arg
+    if op == "not_in":
+        return text not in arg
+    if op == "matches":
+        return bool(arg.search(text))
+    return False
 
 
 @dataclass

@@ -37,6 +37,7 @@ from typing import Any
 
 from engine.hl7.paths import HL7Path, PathError, parse_path
 from engine.mappings.spec import _Compiler as InboundCompiler
+from engine.mappings.spec import condition_holds
 from engine.mappings.transforms import Table, TransformError
 from engine.yamlfile import ConfigProblem, LineDict, LineList
 
@@ -151,18 +152,7 @@ class Condition:
 
     def holds(self, ctx: Scope) -> bool:
         v = ctx.get(self.path)
-        text = "" if v is None else str(v)
-        if self.op == "exists":
-            return bool(v not in (None, "", [])) == bool(self.arg)
-        if self.op == "equals":
-            return text == str(self.arg)
-        if self.op == "not_equals":
-            return text != str(self.arg)
-        if self.op == "in":
-            return text in self.arg
-        if self.op == "not_in":
-            return text not in self.arg
-        return False
+        return condition_holds(self.op, self.arg, "" if v in (None, []) else str(v))
 
 
 @dataclass
