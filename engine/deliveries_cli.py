@@ -54,7 +54,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             with db.reader.connect() as conn:
                 rows = admin.list_deliveries(conn, state=args.state, destination=args.destination,
                                              study_uid=args.study, limit=max(1, min(args.limit, 1000)))
-                counts = admin.summary(conn)
+                counts = outbox.counts(conn)
             for dest, by_state in sorted(counts.items()):
                 print(f"{dest}: " + ", ".join(f"{n} {st}" for st, n in sorted(by_state.items())))
             if not rows:
@@ -132,9 +132,8 @@ def try_outbound(mapping: Any, sample: str, settings: Settings) -> int:
                     .order_by(INSTANCES.c.id.desc())).scalar()
             event = "report.received" if report is not None else "study.reconciled"
             storage = LocalStorage(Path(settings.storage.dir) / "studies", fsync=False)
-            info = EngineInfo(settings.name, settings.facility, settings.dicom.aet, settings.ehr.dicomweb_base)
             ctx = build_context(conn, row.id, event=event, delivery_id=0, instance_id=report, storage=storage,
-                                engine=info)
+                                engine=EngineInfo.of(settings))
         try:
             out = render(mapping, ctx)
         except RenderError as exc:

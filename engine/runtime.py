@@ -27,7 +27,7 @@ from engine.connectors.mllp.hl7_listener import HL7Listener
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
-from engine.outbound.worker import OutboundService
+from engine.outbound.worker import OutboundService, address_of
 from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
 from engine.pipeline.writer import IngestWriter, InlineWriter
 from engine.reconciliation.reconciler import Reconciler
@@ -94,7 +94,7 @@ def _check_outbound(ch: Channel, registry: MappingRegistry, settings: Settings) 
             problems.append(ConfigProblem(ch.file, r.line, f"routes[{i + 1}].events",
                                           "report.received builds from the report: give it a route of its own"))
     for dest in ch.destinations.values():
-        if not (settings.ehr.fhir_base if dest.type == "fhir" else settings.ehr.mllp):
+        if not address_of(dest, settings):
             key = "fhir_base" if dest.type == "fhir" else "mllp"
             problems.append(ConfigProblem(ch.file, dest.line, f"destinations.{dest.name}",
                                           f"[ehr] {key} is empty (RADBRIDGE_EHR_{key.upper()}): nothing is sent here",

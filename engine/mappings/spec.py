@@ -17,10 +17,11 @@ Field specs are described in docs/mapping-reference.md.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.domain.fields import LIST_FIELDS, is_known_field
 from engine.hl7 import errors as E
@@ -37,6 +38,7 @@ from engine.mappings.transforms import (
 )
 from engine.yamlfile import ConfigProblem, LineDict, LineList
 
+P = TypeVar("P")
 SOURCES = ("hl7v2",)
 SPEC_KEYS = {"from", "select", "fallback", "each", "template", "value", "when", "transform", "required",
              "first_of", "description"}
@@ -496,22 +498,29 @@ class _Compiler:
         return out
 
     def compile_template(self, raw: Any, line: int, target: str) -> list[tuple[str, HL7Path | None]] | None:
+        return self.split_template(raw, line, f"{target}.template",
+                                   lambda text: self.path(text, line, f"{target}.template"))
+
+    def split_template(self, raw: Any, line: int, where: str, resolve: Callable[[str], P | None]
+                       ) -> list[tuple[str, P | None]] | None:
+        """Text with {placeholders} as (literal, None) and ("", resolved placeholder) parts; ``resolve``
+        reads a placeholder (an HL7 path here, a store path in outbound mappings) or reports it."""
         if not isinstance(raw, str):
-            self.problem(line, f"{target}.template", "a template is text with {PATH} placeholders")
+            self.problem(line, where, "a template is text with {PATH} placeholders")
             return None
-        parts: list[tuple[str, HL7Path | None]] = []
+        parts: list[tuple[str, P | None]] = []
         pos = 0
         for m in _PLACEHOLDER.finditer(raw):
             if m.start() > pos:
                 parts.append((raw[pos:m.start()], None))
-            p = self.path(m.group(1), line, f"{target}.template")
+            p = resolve(m.group(1))
             if p is not None:
                 parts.append(("", p))
             pos = m.end()
         if pos < len(raw):
             parts.append((raw[pos:], None))
         if not any(p for _l, p in parts):
-            self.problem(line, f"{target}.template", "a template needs at least one {PATH} placeholder")
+            self.problem(line, where, "a template needs at least one {PATH} placeholder")
         return parts
 
 

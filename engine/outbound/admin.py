@@ -7,7 +7,6 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from engine.domain.studies import STUDIES
-from engine.outbound import outbox
 from engine.outbound.outbox import ATTEMPTS, DELIVERIES
 
 SUMMARY = (DELIVERIES.c.id, DELIVERIES.c.created_at, DELIVERIES.c.channel, DELIVERIES.c.destination,
@@ -53,6 +52,3 @@ def show_delivery(conn: Connection, delivery_id: int) -> dict[str, Any] | None:
         .order_by(ATTEMPTS.c.id)).mappings()]
     return out
 
-
-def summary(conn: Connection) -> dict[str, dict[str, int]]:
-    return outbox.counts(conn)

@@ -41,6 +41,11 @@ class EngineInfo:
     aet: str = "RADBRIDGE"
     dicomweb_base: str = ""
 
+    @classmethod
+    def of(cls, settings: Any) -> EngineInfo:
+        """What the engine says about itself in outbound messages, from its settings."""
+        return cls(settings.name, settings.facility, settings.dicom.aet, settings.ehr.dicomweb_base)
+
 
 def control_id(delivery_id: int) -> str:
     """MSH-10 of a delivery: the same for every attempt, so the EHR can drop a resend it already has."""

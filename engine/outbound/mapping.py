@@ -43,7 +43,6 @@ from engine.yamlfile import ConfigProblem, LineDict, LineList
 
 TARGETS = ("hl7v2", "fhir")
 FHIR_RESOURCES = ("ImagingStudy", "DiagnosticReport")
-_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _ELEMENT = re.compile(r"^[a-z][A-Za-z0-9]*(\[\d+\])?$")
 
 # What a store path can name (docs/outbound.md lists them with examples). ``extra.NAME`` reaches
@@ -359,21 +358,7 @@ class _Compiler(InboundCompiler):
                 self.compile_transforms(spec, [item], iline, where)  # type: ignore[arg-type]
 
     def template(self, raw: Any, line: int, where: str, items: dict[str, str]) -> list[tuple[str, str | None]] | None:
-        if not isinstance(raw, str):
-            self.problem(line, where, "a template is text with {store.path} placeholders")
-            return None
-        parts: list[tuple[str, str | None]] = []
-        pos = 0
-        for m in _PLACEHOLDER.finditer(raw):
-            if m.start() > pos:
-                parts.append((raw[pos:m.start()], None))
-            p = self.check_path(m.group(1), line, where, items)
-            if p is not None:
-                parts.append(("", p))
-            pos = m.end()
-        if pos < len(raw):
-            parts.append((raw[pos:], None))
-        return parts
+        return self.split_template(raw, line, where, lambda text: self.check_path(text, line, where, items))
 
     def value(self, target: str, raw: Any, line: int, items: dict[str, str]) -> ValueSpec | None:
         spec = ValueSpec(target, line)

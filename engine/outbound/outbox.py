@@ -50,6 +50,7 @@ class Claimed:
     content_type: str | None
     created_at: datetime
     detail: dict[str, Any] | None = None
+    control_id: str | None = None
 
     def kept(self) -> Rendered | None:
         """The message built at the first attempt, which every retry sends again."""
@@ -57,7 +58,7 @@ class Claimed:
             return None
         d = self.detail or {}
         return Rendered(self.payload, self.content_type or "", d.get("resource"), d.get("conditional"),
-                        d.get("control_id"))
+                        self.control_id)
 
 
 @dataclass
@@ -110,12 +111,12 @@ class Outbox:
                 select(INSTANCES.c.id).where(INSTANCES.c.study_id == study_id,
                                              INSTANCES.c.sop_class_uid.in_(REPORT_CLASSES))
                 .order_by(INSTANCES.c.id))]
+            sent = set(conn.execute(select(DELIVERIES.c.instance_id, DELIVERIES.c.destination, DELIVERIES.c.mapping)
+                                    .where(DELIVERIES.c.study_id == study_id, DELIVERIES.c.instance_id.is_not(None)))
+                       .tuples()) if reports else set()
             for inst in reports:
                 for ch, route in report_routes:
-                    sent = conn.execute(select(DELIVERIES.c.id).where(
-                        DELIVERIES.c.instance_id == inst, DELIVERIES.c.destination == route.to,
-                        DELIVERIES.c.mapping == route.mapping).limit(1)).first()
-                    if sent is None:
+                    if (inst, route.to, route.mapping) not in sent:
                         ids.append(_add(conn, ch.name, route, "report.received", study_id, inst, patient_id,
                                         order_id, order_key, now))
         return ids
@@ -140,7 +141,7 @@ def claim(conn: Connection, destination: str, worker: str, limit: int = 20,
     blocked = exists().where(older.c.destination == d.c.destination, older.c.order_key == d.c.order_key,
                              older.c.state == "pending", older.c.id < d.c.id)
     stmt = (select(d.c.id, d.c.destination, d.c.mapping, d.c.event, d.c.study_id, d.c.instance_id, d.c.attempts,
-                   d.c.payload, d.c.content_type, d.c.created_at, d.c.detail)
+                   d.c.payload, d.c.content_type, d.c.created_at, d.c.detail, d.c.control_id)
             .where(d.c.destination == destination, d.c.state == "pending", d.c.next_at <= now,
                    (d.c.leased_until.is_(None)) | (d.c.leased_until < now), ~blocked)
             .order_by(d.c.next_at, d.c.id).limit(limit))
@@ -152,7 +153,7 @@ def claim(conn: Connection, destination: str, worker: str, limit: int = 20,
     conn.execute(update(d).where(d.c.id.in_([r.id for r in rows]))
                  .values(leased_until=now + timedelta(seconds=lease_seconds), leased_by=worker[:64]))
     return [Claimed(r.id, r.destination, r.mapping, r.event, r.study_id, r.instance_id, r.attempts, r.payload,
-                    r.content_type, r.created_at, r.detail) for r in rows]
+                    r.content_type, r.created_at, r.detail, r.control_id) for r in rows]
 
 
 def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worker: str,
@@ -172,8 +173,7 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
     values: dict[str, Any] = {"attempts": attempts, "leased_until": None, "leased_by": None}
     if rendered is not None:
         values.update(payload=rendered.payload, content_type=rendered.content_type, control_id=rendered.control_id,
-                      detail={"resource": rendered.resource, "conditional": rendered.conditional,
-                              "control_id": rendered.control_id})
+                      detail={"resource": rendered.resource, "conditional": rendered.conditional})
     if o.target:
         values["target"] = o.target[:512]
     if outcome == "delivered":

@@ -14,7 +14,7 @@ import logging
 import ssl
 import time
 from typing import Any
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
@@ -219,7 +219,7 @@ class FHIRSender:
         url = f"{self.base}/{rtype}?{query}"
         try:
             async with self.session().get(url) as r:
-                if r.status >= 500 or r.status == 429:
+                if r.status >= 500 or r.status in (401, 403, 429):  # the server's trouble, not "no such search"
                     raise _Unresolved(str(r.status), f"searching {ref}: HTTP {r.status}")
                 if r.status != 200:  # the server does not search that way: use the identifier
                     self._refs[ref] = (time.monotonic(), None)
@@ -274,6 +274,3 @@ def _diagnostics(text: str) -> str:
         pass
     return text[:300]
 
-
-def conditional_url(base: str, resource: str, conditional: str) -> str:
-    return f"{base.rstrip('/')}/{resource}?{quote(conditional, safe='=&|:')}"

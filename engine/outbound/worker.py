@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +95,6 @@ class DestinationWorker:
     paused_for: float = 0.0
     failures: int = 0  # passes in a row in which the destination itself failed
     sender: MLLPSender | FHIRSender | None = None
-    on_settled: Callable[[Claimed, str], None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -159,8 +157,6 @@ class DestinationWorker:
         for (c, o, _r), state in zip(results, states, strict=True):
             self.metrics.deliveries.inc(destination=self.dest.name, outcome=state if state != "pending" else "retry")
             self.metrics.delivery_latency.observe(o.duration_ms / 1000, destination=self.dest.name)
-            if self.on_settled is not None:
-                self.on_settled(c, state)
             if state == "dead":
                 log.warning("delivery %d to %s is dead-lettered: %s", c.id, self.dest.name, o.error or o.status)
         failed = any(o.outcome == "retry" and o.status in DESTINATION_FAILURES for _c, o, _r in results)
@@ -220,8 +216,7 @@ class OutboundService:
         self.settings = settings
         self.workers: dict[str, DestinationWorker] = {}
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        info = EngineInfo(settings.name, settings.facility, settings.dicom.aet, settings.ehr.dicomweb_base)
-        self.renderer = Renderer(db, mappings, storage, info)
+        self.renderer = Renderer(db, mappings, storage, EngineInfo.of(settings))
         for ch in channels:
             if ch.connector != "outbound" or not ch.enabled:
                 continue

@@ -44,7 +44,7 @@ def add_delivery_routes(app: web.Application, engine: Engine) -> None:
             raise _error(web.HTTPBadRequest, f"limit must be a number from 1 to {MAX_LIMIT}")
         rows = await read(lambda c: admin.list_deliveries(c, state=state, destination=q.get("destination"),
                                                           study_uid=q.get("study_uid"), limit=int(raw)))
-        counts = await read(admin.summary)
+        counts = await read(outbox.counts)
         return web.json_response({"deliveries": rows, "counts": counts})
 
     def _id(request: web.Request) -> int:
