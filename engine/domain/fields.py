@@ -45,6 +45,9 @@ ORDER_FIELDS: dict[str, str] = {
 MERGE_FIELDS: dict[str, str] = {
     "merge.prior_id": "the identifier being merged away (MRG-1) (required for merges)",
     "merge.prior_issuer": "its assigning authority",
+    "merge.survivor_id": "FHIR Patient.link replaced-by: the identifier this patient is merged into (the "
+                         "resource's own identifier is then the one merged away)",
+    "merge.survivor_issuer": "its assigning authority",
 }
 
 MESSAGE_FIELDS: dict[str, str] = {

@@ -41,7 +41,7 @@ def load_mapping_file(path: Path, name: str | None = None, *, structure_version:
     if isinstance(data, dict) and data.get("source") == "store":
         return compile_outbound(data, str(path), name)
     mapping, problems = compile_mapping(data, str(path), name)
-    if mapping is not None:
+    if mapping is not None and mapping.source == "hl7v2":
         from engine.hl7.structure import check_paths
         problems = problems + check_paths(mapping, str(path), structure_version)
     return mapping, problems

@@ -39,7 +39,10 @@ from engine.mappings.transforms import (
 from engine.yamlfile import ConfigProblem, LineDict, LineList
 
 P = TypeVar("P")
-SOURCES = ("hl7v2",)
+# What a mapping reads: an HL7 message (SegmentSource) or a FHIR resource (engine.fhir.paths.FhirSource);
+# both answer read(path), and FhirSpec overrides the HL7-only parts (select:, each: components).
+Source = Any
+SOURCES = ("hl7v2", "fhir")
 SPEC_KEYS = {"from", "select", "fallback", "each", "template", "value", "when", "transform", "required",
              "first_of", "description"}
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
@@ -103,7 +106,7 @@ class Spec:
     paths: list[HL7Path] = field(default_factory=list)
     select: Any = None  # "first" | "last" | int | list[(comp, sub, allowed values)]
     fallback: str | None = None
-    each: dict[str, list[tuple[int, int | None]]] | None = None
+    each: dict[str, list[Any]] | None = None  # item key -> relative paths (HL7: (component, sub))
     template: list[tuple[str, HL7Path | None]] | None = None
     constant: Any = None
     has_constant: bool = False
@@ -162,7 +165,7 @@ class Spec:
             return None
         return component(reps[0], path.component, path.subcomponent, src.message.seps)
 
-    def raw_value(self, src: SegmentSource) -> tuple[Any, str]:
+    def raw_value(self, src: Source) -> tuple[Any, str]:
         """The value before transforms, and the path it came from (for error locations)."""
         if self.first_of is not None:
             for sub in self.first_of:
@@ -216,7 +219,7 @@ class Spec:
         text = " ".join("".join(parts).split())
         return text.strip(" ,;/-") or None
 
-    def evaluate(self, src: SegmentSource) -> tuple[Any, str]:
+    def evaluate(self, src: Source) -> tuple[Any, str]:
         """(value, source path); raises TransformError carrying the source path as ``where``."""
         if self.when and not all(c.holds(src) for c in self.when):
             return None, self.source_path
@@ -238,8 +241,9 @@ class Mapping:
     description: str
     specs: list[Spec]
     tables: dict[str, Table]
+    resource: str = ""  # source: fhir - the resource type the mapping reads (Patient, ServiceRequest)
 
-    def apply(self, src: SegmentSource, only: tuple[str, ...] | None = None,
+    def apply(self, src: Source, only: tuple[str, ...] | None = None,
               exclude: tuple[str, ...] = ()) -> MappingResult:
         """Evaluate every field, or those whose target starts with one of ``only`` and none of ``exclude``."""
         result = MappingResult()
@@ -278,6 +282,7 @@ class Mapping:
 
 class _Compiler:
     extra_transforms: tuple[str, ...] = ()  # more names a subclass handles (outbound output formats)
+    spec_class: type[Spec] = Spec  # FHIR mappings read with FhirSpec (mappings/fhir.py)
 
     def __init__(self, file: str) -> None:
         self.file = file
@@ -411,7 +416,7 @@ class _Compiler:
                 spec.when.append(Condition(p, op, arg))
 
     def compile_spec(self, target: str, raw: Any, line: int) -> Spec | None:
-        spec = Spec(target=target, line=line)
+        spec = self.spec_class(target=target, line=line)
         if target in LIST_FIELDS and not (isinstance(raw, dict) and "each" in raw):
             self.problem(line, target, f"{target} is a list: write {{from: PATH, each: "
                          f"{{{', '.join(f'{k}: N' for k in LIST_FIELDS[target])}}}}}")
@@ -478,24 +483,31 @@ class _Compiler:
         spec.required = bool(raw.get("required", False))
         return spec
 
-    def compile_each(self, raw: Any, line: int, target: str) -> dict[str, list[tuple[int, int | None]]] | None:
+    def compile_each(self, raw: Any, line: int, target: str) -> dict[str, list[Any]] | None:
         if not isinstance(raw, dict):
             self.problem(line, f"{target}.each", "each is a mapping of item key to component path (e.g. value: 1)")
             return None
-        out: dict[str, list[tuple[int, int | None]]] = {}
+        out: dict[str, list[Any]] = {}
         allowed = LIST_FIELDS.get(target)
         for key, rel in raw.items():
             if allowed and key not in allowed:
                 self.problem(line, f"{target}.each.{key}", f"unknown item key; expected {', '.join(allowed)}")
             rels = rel if isinstance(rel, list) else [rel]
-            parsed: list[tuple[int, int | None]] = []
+            parsed: list[Any] = []
             for r in rels:
-                try:
-                    parsed.append(parse_relative(str(r)))
-                except PathError as exc:
-                    self.problem(line, f"{target}.each.{key}", str(exc))
+                item = self.relative_path(r, line, f"{target}.each.{key}")
+                if item is not None:
+                    parsed.append(item)
             out[str(key)] = parsed
         return out
+
+    def relative_path(self, raw: Any, line: int, where: str) -> Any:
+        """A path inside one item of an each: list (HL7: component[.subcomponent])."""
+        try:
+            return parse_relative(str(raw))
+        except PathError as exc:
+            self.problem(line, where, str(exc))
+            return None
 
     def compile_template(self, raw: Any, line: int, target: str) -> list[tuple[str, HL7Path | None]] | None:
         return self.split_template(raw, line, f"{target}.template",
@@ -525,17 +537,29 @@ class _Compiler:
 
 
 def compile_mapping(data: Any, file: str, name: str) -> tuple[Mapping | None, list[ConfigProblem]]:
-    c = _Compiler(file)
+    source = data.get("source") if isinstance(data, dict) else None
+    top_keys: tuple[str, ...] = ("source", "description", "tables", "fields")
+    c: _Compiler
+    if source == "fhir":
+        from engine.mappings.fhir import RESOURCES, FhirCompiler
+        c, top_keys = FhirCompiler(file), (*top_keys, "resource")
+    else:
+        c = _Compiler(file)
     if not isinstance(data, dict):
         c.problem(1, "", "a mapping file is a YAML mapping with source: and fields:")
         return None, c.problems
     line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
     for key in data:
-        if key not in ("source", "description", "tables", "fields"):
-            c.problem(line_of(key), str(key), "unknown top-level key; expected source, description, tables, fields")
-    source = data.get("source")
+        if key not in top_keys:
+            c.problem(line_of(key), str(key), f"unknown top-level key; expected {', '.join(top_keys)}")
     if source not in SOURCES:
         c.problem(line_of("source") or 1, "source", f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+    resource = ""
+    if source == "fhir":
+        resource = str(data.get("resource") or "")
+        if resource not in RESOURCES:
+            c.problem(line_of("resource") or line_of("source") or 1, "resource",
+                      f"a FHIR mapping names the resource it reads: resource: {' or '.join(RESOURCES)}")
     c.compile_tables(data.get("tables"), line_of("tables"))
     fields = data.get("fields")
     specs: list[Spec] = []
@@ -552,6 +576,6 @@ def compile_mapping(data: Any, file: str, name: str) -> tuple[Mapping | None, li
             if spec is not None:
                 specs.append(spec)
     mapping = Mapping(name=name, path=Path(file), source=str(source), description=str(data.get("description") or ""),
-                      specs=specs, tables=c.tables)
+                      specs=specs, tables=c.tables, resource=resource)
     errors = [p for p in c.problems if p.severity == "error"]
     return (None if errors else mapping), c.problems
