@@ -59,7 +59,8 @@ def _column_value(name: str, value: Any) -> Any:
         except ValueError:
             raise DomainError(f"scheduled time {value!r} is not ISO date/time", code=E.DATA_TYPE_ERROR,
                               field="order.scheduled_at") from None
-        return dt.replace(tzinfo=None)
+        # kept as wall-clock time in the engine's zone (the worklist's); an offset is honoured, not dropped
+        return (dt.astimezone() if dt.tzinfo is not None else dt).replace(tzinfo=None)
     return value
 
 
@@ -138,7 +139,7 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
         cols["extra"] = None
         cols.update(_fields(data, None))
         order_id = add(conn, ORDERS, patient_id=patient.id, status=status, last_control=control,
-                       source_time=event_time, **cols)
+                       source_time=event_time, version=1, **cols)
         note = None
         if control in ENDING_CONTROLS:
             note = f"{control} for an unknown order: kept as {status} so a late NW does not schedule it"
@@ -149,7 +150,7 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
         _history(conn, order_id, control, None, status, True, note, message_id, event_time)
         out.changes.append(f"order {order_id} created ({status})")
         out.order_ids.append(order_id)
-        return Record(ORDERS, {"id": order_id, "patient_id": patient.id, "status": status, **cols})
+        return Record(ORDERS, {"id": order_id, "patient_id": patient.id, "status": status, "version": 1, **cols})
 
     out.order_ids.append(order.id)
     if ignore_stale and is_older(event_time, order["source_time"]):
@@ -186,6 +187,7 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
     if changed:
         out.changes.append(f"order {order.id} updated")
         order.set("updated_at", utcnow())
+        order.set("version", (order["version"] or 1) + 1)
     order.set("last_control", control)
     if event_time and not is_older(event_time, order["source_time"]):
         order.set("source_time", event_time)
@@ -206,5 +208,6 @@ def advance_for_images(conn: Connection, order_id: int, target: str, note: str) 
     _history(conn, order.id, None, current, target, True, note, None, None)
     order.set("status", target)
     order.set("updated_at", utcnow())
+    order.set("version", (order["version"] or 1) + 1)
     order.save(conn)
     return current, target

@@ -189,7 +189,7 @@ class Order(Base):
     procedure_text: Mapped[str | None] = mapped_column(String(255))
     procedure_scheme: Mapped[str | None] = mapped_column(String(32))
     modality: Mapped[str | None] = mapped_column(String(16))
-    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime)  # as sent (local time of the RIS)
+    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime)  # wall-clock, the engine's zone
     station_aet: Mapped[str | None] = mapped_column(String(16))
     priority: Mapped[str | None] = mapped_column(String(16))
     requested_procedure_id: Mapped[str | None] = mapped_column(String(64))
@@ -201,6 +201,7 @@ class Order(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     source_time: Mapped[str | None] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer, default=1)  # FHIR meta.versionId / ETag
 
     patient: Mapped[Patient] = relationship(back_populates="orders")
     history: Mapped[list[OrderStatusChange]] = relationship(
@@ -462,3 +463,23 @@ class DeliveryAttempt(Base):
     response: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(64))
+
+
+# --- audit ------------------------------------------------------------------------------------------
+
+class AuditEvent(Base):
+    """One read of patient data (a FHIR read or search, an admin API lookup): who, from where, what,
+    and which patients it returned. Written before the data is sent."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    agent: Mapped[str] = mapped_column(String(64))  # "token:<first 12 hex of its SHA-256>" or "anonymous"
+    remote: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16))  # read | search | vread
+    resource_type: Mapped[str] = mapped_column(String(32))
+    query: Mapped[str | None] = mapped_column(Text)  # the request path and query string
+    status: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer, default=0)  # resources returned
+    patient_ids: Mapped[list[int] | None] = mapped_column(JSONType)  # whose data was returned
