@@ -29,7 +29,10 @@ ACTIONS = {
     "order": "create, update or cancel the imaging order by ORC-1 (ORM^O01, OMI^O23)",
     "ignore": "store and ACK, apply nothing",
 }
-CONNECTORS = ("mllp", "dicom", "outbound")
+CONNECTORS = ("mllp", "dicom", "outbound", "fhir")
+# what a fhir channel's routes take (messages: resource types) and the actions that apply to them
+FHIR_ROUTE_RESOURCES = ("Patient", "ServiceRequest")
+FHIR_ACTIONS = {"Patient": ("patient.upsert", "patient.update"), "ServiceRequest": ("order",)}
 OUTBOUND_EVENTS = {
     "study.reconciled": "a stable study was placed with its order/patient (first time, or stable again after growing)",
     "study.corrected": "a placed study changed later: coerced again after an A08 or merge, or re-matched",
@@ -53,6 +56,21 @@ class ChannelOptions:
     update_creates_patient: bool = True
     orders_update_patient: bool = False  # IHE: ADT owns demographics; ORM's PID only creates unknown patients
     ignore_stale_updates: bool = True
+
+
+@dataclass
+class FhirOptions:
+    """Options of the FHIR channel (connector type fhir, served at /fhir/ on the HTTP port); docs/fhir.md."""
+
+    max_body_bytes: int = 5 * 1024 * 1024  # a larger request body is refused with 413
+    max_bundle_entries: int = 1000  # a transaction or batch with more entries is refused with 413
+    default_page_size: int = 50  # search results per page (_count)
+    max_page_size: int = 500
+    imagingstudy_mapping: str = "fhir-imagingstudy"  # how ImagingStudy reads look (the outbound mapping)
+    audit_reads: bool = True  # every read or search of PHI is recorded (radbridge audit, /api/audit)
+    update_creates_patient: bool = True
+    orders_update_patient: bool = False  # a ServiceRequest's subject only creates unknown patients
+    ignore_stale_updates: bool = True  # meta.lastUpdated older than the last change applied: no change
 
 
 @dataclass
@@ -130,6 +148,7 @@ class Channel:
     routes: list[Route]
     options: ChannelOptions
     enabled: bool = True
+    fhir: FhirOptions = field(default_factory=FhirOptions)  # the fhir channel
     description: str = ""
     aet: str | None = None  # DICOM channels: the called AE title (default dicom.aet)
     dicom: DicomOptions = field(default_factory=DicomOptions)
@@ -182,6 +201,12 @@ def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem], cls:
         setattr(opts, key, value)
     if isinstance(opts, DicomOptions):
         _check_dicom_options(opts, raw, file, line, problems)
+        return opts
+    if isinstance(opts, FhirOptions):
+        for key in ("max_body_bytes", "max_bundle_entries", "default_page_size", "max_page_size"):
+            if getattr(opts, key) <= 0:
+                problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) and key in raw
+                                              else line, f"options.{key}", "must be greater than 0"))
         return opts
     for key in ("idle_timeout_seconds", "max_message_bytes"):
         if getattr(opts, key) <= 0:
@@ -258,7 +283,7 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
             problem(conn.line_of("aet") if isinstance(conn, LineDict) else 0, "connector.aet",
                     "aet (DICOM channels only) is an AE title of 1 to 16 characters")
             aet = None
-        allowed = ("type", "port", "aet") if ctype == "dicom" else ("type", "port")
+        allowed = ("type", "port", "aet") if ctype == "dicom" else ("type",) if ctype == "fhir" else ("type", "port")
         for key in conn:
             if key not in allowed:
                 problem(conn.line_of(key) if isinstance(conn, LineDict) else 0, f"connector.{key}",
@@ -292,9 +317,16 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
             problem(rline, f"{where}.messages", "messages: lists message types like ADT^A08 (wildcards: ADT^*)")
             msgs = []
         action = r.get("action")
+        aline = r.line_of("action") if isinstance(r, LineDict) and "action" in r else rline
         if action not in ACTIONS:
-            problem(r.line_of("action") if isinstance(r, LineDict) and "action" in r else rline, f"{where}.action",
-                    f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+            problem(aline, f"{where}.action", f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+        if ctype == "fhir":
+            for m in msgs:
+                if m not in FHIR_ROUTE_RESOURCES:
+                    problem(rline, f"{where}.messages", f"{m!r}: a FHIR channel takes "
+                            f"{', '.join(FHIR_ROUTE_RESOURCES)} (Bundles are split into their entries)")
+                elif action in ACTIONS and action not in FHIR_ACTIONS[m]:
+                    problem(aline, f"{where}.action", f"{m} takes action {' or '.join(FHIR_ACTIONS[m])}")
         maps = r.get("mappings", [])
         if isinstance(maps, str):
             maps = [maps]
@@ -312,20 +344,22 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
             if key not in ("messages", "action", "mappings"):
                 problem(r.line_of(key) if isinstance(r, LineDict) else rline, f"{where}.{key}",
                         "unknown key; expected messages, action, mappings")
-        routes.append(Route([m.upper() for m in msgs], str(action), [str(m) for m in maps], rline))
+        names = msgs if ctype == "fhir" else [m.upper() for m in msgs]
+        routes.append(Route(names, str(action), [str(m) for m in maps], rline))
+    opts, dicom_opts, fhir_opts = ChannelOptions(), DicomOptions(), FhirOptions()
     if ctype == "dicom":
-        opts = ChannelOptions()
         dicom_opts = _options(data.get("options"), file, line_of("options"), problems, DicomOptions)
+    elif ctype == "fhir":
+        fhir_opts = _options(data.get("options"), file, line_of("options"), problems, FhirOptions)
     else:
         opts = _options(data.get("options"), file, line_of("options"), problems)
-        dicom_opts = DicomOptions()
     enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
         problem(line_of("enabled"), "enabled", "enabled is true or false")
         enabled = True
     channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes, options=opts,
                       enabled=enabled, description=str(data.get("description") or ""),
-                      aet=aet.strip() if isinstance(aet, str) else None, dicom=dicom_opts,
+                      aet=aet.strip() if isinstance(aet, str) else None, dicom=dicom_opts, fhir=fhir_opts,
                       destinations=destinations, outbound_routes=outbound)
     return (None if problems else channel), problems
 

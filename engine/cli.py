@@ -122,6 +122,8 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{args.sample}: cannot read: {exc.strerror}", file=sys.stderr)
         return 1
+    if mapping.source == "fhir":
+        return _try_fhir(mapping, args.sample, raw)
     try:
         msg = parse_message(raw.replace(b"\n", b"\r"))
     except HL7ParseError as exc:
@@ -135,6 +137,44 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
         out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in mapped.errors]
     print(json.dumps(out, indent=2, ensure_ascii=False))
     return 1 if mapped.errors else 0
+
+
+def _try_fhir(mapping: Any, sample: str, raw: bytes) -> int:
+    """A FHIR mapping on a JSON resource (or on each entry of a Bundle it reads), validated as R4.
+    References are shown as sent: the endpoint resolves Patient/<id> and urn:uuid ones first."""
+    from engine.fhir.outcome import FhirError
+    from engine.fhir.paths import FhirSource
+    from engine.fhir.validate import check_resource, parse_json
+
+    try:
+        data = parse_json(raw)
+        found: list[Any]
+        if isinstance(data, dict) and data.get("resourceType") == "Bundle":
+            found = [e.get("resource") for e in data.get("entry") or []
+                     if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+                     and e["resource"].get("resourceType") == mapping.resource]
+        else:
+            found = [data]
+        resources = [check_resource(r, mapping.resource) for r in found]
+    except FhirError as exc:
+        print(f"{sample}: {exc.diagnostics}", file=sys.stderr)
+        return 1
+    failed = False
+    for r in resources:
+        res = mapping.apply(FhirSource(r))
+        out: dict[str, Any] = {"resource": f"{r['resourceType']}/{r.get('id', '(no id)')}", "fields": res.values}
+        if res.errors:
+            failed = True
+            out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in res.errors]
+        subject: dict[str, Any] = r["subject"] if isinstance(r.get("subject"), dict) else {}
+        if subject.get("reference") and not subject.get("identifier"):
+            out["note"] = (f"subject is a reference ({subject['reference']}): the endpoint reads it as that "
+                           "patient's identifier before mapping; here it is not resolved")
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    if not resources:
+        print(f"{sample}: no {mapping.resource} in it", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
 
 
 def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> int:

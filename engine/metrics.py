@@ -105,6 +105,10 @@ class Metrics:
                                   "Delivery attempts to the EHR, per destination and outcome (delivered, retry, dead)")
         self.delivery_latency = Histogram("radbridge_delivery_seconds",
                                           "Time of one delivery attempt (send and answer), per destination")
+        self.fhir_requests = Counter("radbridge_fhir_requests_total",
+                                     "FHIR writes (create, update, Bundle), per kind and outcome (ok, error)")
+        self.fhir_latency = Histogram("radbridge_fhir_write_seconds",
+                                      "Time from a FHIR write's body read to its commit, per kind")
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help: str, fn: Callable[[], float]) -> None:
@@ -115,7 +119,7 @@ class Metrics:
         for m in (self.received, self.acked, self.failed, self.duplicates, self.connections, self.frame_errors,
                   self.latency, self.pruned, self.dicom_stored, self.dicom_requests, self.dicom_associations,
                   self.store_latency, self.studies_stable, self.reconciliations, self.coerced_instances,
-                  self.deliveries, self.delivery_latency):
+                  self.deliveries, self.delivery_latency, self.fhir_requests, self.fhir_latency):
             lines.extend(m.render())
         for name, (help, fn) in sorted(self._gauges.items()):
             try:

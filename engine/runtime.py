@@ -25,6 +25,7 @@ from engine.config import Settings
 from engine.connectors.dicom.scp import DicomListener
 from engine.connectors.mllp.hl7_listener import HL7Listener
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
+from engine.fhir.inbound import FhirInbound
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.outbound.worker import OutboundService, address_of
@@ -57,11 +58,16 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
     channels, chan_problems = load_channels(Path(settings.channels_dir), set(registry.names()))
     problems.extend(chan_problems)
     ports: dict[int, str] = {settings.http.port: "the HTTP server"} if settings.http.port else {}
+    fhir_channels: list[str] = []
     for ch in channels:
         if not ch.enabled:
             continue
         if ch.connector == "outbound":
             problems.extend(_check_outbound(ch, registry, settings))
+            continue
+        if ch.connector == "fhir":
+            problems.extend(_check_fhir(ch, registry, fhir_channels))
+            fhir_channels.append(ch.name)
             continue
         port = channel_port(ch, settings)
         if port and port in ports:
@@ -102,6 +108,29 @@ def _check_outbound(ch: Channel, registry: MappingRegistry, settings: Settings) 
     return problems
 
 
+def _check_fhir(ch: Channel, registry: MappingRegistry, others: list[str]) -> list[ConfigProblem]:
+    """One fhir channel (it owns /fhir/); each route's mappings read the resource it routes."""
+    problems = []
+    if others:
+        problems.append(ConfigProblem(ch.file, 0, "connector.type", f"channel {others[0]} already serves /fhir/; "
+                                      "only one fhir channel can be enabled"))
+    for i, r in enumerate(ch.routes):
+        for name in r.mappings:
+            m = registry.get(name)
+            if m is None:
+                continue  # reported with the mapping file's own problems
+            if m.source != "fhir" or m.resource not in r.messages:
+                problems.append(ConfigProblem(ch.file, r.line, f"routes[{i + 1}].mappings",
+                                              f"{name!r} reads {m.source} {m.resource or ''}".rstrip() +
+                                              f"; this route takes {', '.join(r.messages)} (source: fhir, "
+                                              f"resource: {r.messages[0]})"))
+    if registry.outbound(ch.fhir.imagingstudy_mapping) is None:
+        problems.append(ConfigProblem(ch.file, 0, "options.imagingstudy_mapping",
+                                      f"no outbound mapping named {ch.fhir.imagingstudy_mapping!r} (source: store, "
+                                      "resource: ImagingStudy) for ImagingStudy reads"))
+    return problems
+
+
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -124,6 +153,7 @@ class Engine:
         self._reconcile_wakeup = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self.outbound: OutboundService | None = None
+        self.fhir: FhirInbound | None = None  # the fhir channel (served at /fhir/ on the HTTP port)
 
     # --- tokens ------------------------------------------------------------------------------------------
     def api_tokens(self) -> list[str]:
@@ -183,6 +213,9 @@ class Engine:
                     continue
                 if ch.connector == "outbound":
                     continue  # started below, with the outbound service
+                if ch.connector == "fhir":
+                    self.fhir = FhirInbound(ch, self.mappings)
+                    continue
                 port = channel_port(ch, s)
                 if ch.connector == "dicom":
                     await self._start_dicom(ch, port)
@@ -202,7 +235,7 @@ class Engine:
             server = getattr(site, "_server", None)
             if server is not None and server.sockets:
                 self.http_port = server.sockets[0].getsockname()[1]
-            log.info("HTTP on http://%s:%d (/health, /metrics, /api/)", s.bind, self.http_port)
+            log.info("HTTP on http://%s:%d (/health, /metrics, /api/, /fhir/)", s.bind, self.http_port)
         except BaseException:
             await self.stop()
             raise

@@ -52,7 +52,7 @@ def control_id(delivery_id: int) -> str:
     return f"RB{delivery_id:010d}"
 
 
-def _system(issuer: str | None) -> str | None:
+def system_of(issuer: str | None) -> str | None:
     if not issuer:
         return None
     if re.fullmatch(r"[0-2](\.\d+)+", issuer):
@@ -131,10 +131,10 @@ def _patient(conn: Connection, patient_id: int | None) -> dict[str, Any]:
     live = [i for i in ids if i["kind"] != "alias"]
     primary = next((i for i in live if i["kind"] == "primary"), live[0] if live else None)
     for i in ids:
-        i["system"] = _system(i["issuer"])
+        i["system"] = system_of(i["issuer"])
     name = "^".join(x or "" for x in (p["family_name"], p["given_name"], p["middle_name"])).rstrip("^")
     return {"id": primary["value"] if primary else None, "issuer": primary["issuer"] if primary else None,
-            "system": _system(primary["issuer"]) if primary else None,
+            "system": system_of(primary["issuer"]) if primary else None,
             "type_code": primary["type_code"] if primary else None,
             "family_name": p["family_name"], "given_name": p["given_name"], "middle_name": p["middle_name"],
             "prefix": p["prefix"], "suffix": p["suffix"], "name": name or None, "birth_date": p["birth_date"],

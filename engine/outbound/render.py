@@ -176,7 +176,7 @@ def validate_resource(resource: dict[str, Any]) -> None:
 
     Empty objects left by fields that had no value (an identifier whose value was empty) are
     removed first: FHIR forbids empty elements."""
-    _prune(resource)
+    prune_empty(resource)
     try:
         from fhir.resources.R4B import get_fhir_model_class
         cls = get_fhir_model_class(resource["resourceType"])
@@ -186,14 +186,14 @@ def validate_resource(resource: dict[str, Any]) -> None:
         raise RenderError(f"not a valid R4 {resource.get('resourceType')}: " + " ".join(lines[:6])) from None
 
 
-def _prune(node: Any) -> bool:
+def prune_empty(node: Any) -> bool:
     """Drop empty dicts and lists in place; True when ``node`` itself is empty."""
     if isinstance(node, dict):
         for k in list(node):
-            if _prune(node[k]):
+            if prune_empty(node[k]):
                 del node[k]
         return not node
     if isinstance(node, list):
-        node[:] = [x for x in node if not _prune(x)]
+        node[:] = [x for x in node if not prune_empty(x)]
         return not node
     return node in (None, "")

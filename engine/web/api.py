@@ -16,6 +16,7 @@ from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
+from engine.web.audit import add_audit_routes, record_read
 from engine.web.deliveries import add_delivery_routes
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
@@ -74,7 +75,9 @@ def api_app(engine: Engine) -> web.Application:
             if name:
                 stmt = stmt.where(Patient.family_name.ilike(name.replace("*", "%")))
             return [_with_studies(s, p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
-        return web.json_response({"patients": await read(run)})
+        found = await read(run)
+        await record_read(engine, request, "search", "Patient", 200, found, [p["id"] for p in found])
+        return web.json_response({"patients": found})
 
     async def patient(request: web.Request) -> web.Response:
         pid = int(request.match_info["id"])
@@ -83,6 +86,8 @@ def api_app(engine: Engine) -> web.Application:
             p = s.get(Patient, pid)
             return _with_studies(s, p) if p else None
         body = await read(run)
+        await record_read(engine, request, "read", "Patient", 200 if body else 404, [body] if body else [],
+                          [pid] if body else [])
         if body is None:
             raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
         return web.json_response(body)
@@ -101,7 +106,9 @@ def api_app(engine: Engine) -> web.Application:
             for k, v in filters.items():
                 stmt = stmt.where(cols[k] == (int(v) if k == "patient_id" and v.isdigit() else v))
             return [order_json(o) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
-        return web.json_response({"orders": await read(run)})
+        found = await read(run)
+        await record_read(engine, request, "search", "Order", 200, found, sorted({o["patient_id"] for o in found}))
+        return web.json_response({"orders": found})
 
     async def messages(request: web.Request) -> web.Response:
         q = request.query
@@ -169,7 +176,10 @@ def api_app(engine: Engine) -> web.Application:
                 jobs = {j.study_id: j for j in s.execute(select(ReconcileJob).where(
                     ReconcileJob.study_id.in_(list(events)))).scalars()}
             return [study_json(st, events=events[st.id], findings=True, job=jobs.get(st.id)) for st in found]
-        return web.json_response({"studies": await read(run)})
+        listed = await read(run)
+        await record_read(engine, request, "search", "Study", 200, listed,
+                          sorted({st["patient_id"] for st in listed if st["patient_id"] is not None}))
+        return web.json_response({"studies": listed})
 
     async def write(fn: Callable[[Any], T]) -> T:
         try:
@@ -218,6 +228,7 @@ def api_app(engine: Engine) -> web.Application:
     async def channels(_request: web.Request) -> web.Response:
         return web.json_response({"channels": engine.channel_status()})
 
+    add_audit_routes(app, read)
     app.router.add_get("/patients", patients)
     app.router.add_get(r"/patients/{id:\d+}", patient)
     app.router.add_get("/orders", orders)

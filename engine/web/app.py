@@ -1,4 +1,5 @@
-"""The HTTP root app: /health (open), /metrics, and the token-protected /api/ sub-app."""
+"""The HTTP root app: /health (open), /metrics, and the token-protected /api/ and /fhir/ sub-apps
+(/fhir/metadata is open: a client reads it to learn how to authenticate)."""
 
 from __future__ import annotations
 
@@ -11,25 +12,35 @@ from aiohttp import web
 from sqlalchemy import text
 
 from engine.web.api import api_app
+from engine.web.audit import AGENT, fingerprint
+from engine.web.fhir import FHIR_JSON, fhir_app
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROTECTED = ("/api/", "/fhir/")
+OPEN = ("/fhir/metadata",)
 
 
 def token_middleware(tokens: Callable[[], list[str]], enabled: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not enabled or not request.path.startswith(PROTECTED):
+        if not enabled or not request.path.startswith(PROTECTED) or request.path in OPEN:
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() == "bearer" and given:
             for t in tokens():
                 if hmac.compare_digest(t.encode(), given.strip().encode()):
+                    request[AGENT] = fingerprint(t)  # who, in the audit trail
                     return await handler(request)
+        if request.path.startswith("/fhir/"):
+            from engine.fhir.outcome import FhirError
+            body = FhirError(401, "send Authorization: Bearer <token> (http.tokens in the engine's config)",
+                             "login").outcome()
+            return web.json_response(body, status=401, content_type=FHIR_JSON,
+                                     headers={"WWW-Authenticate": 'Bearer realm="radbridge"'})
         return web.json_response(
             {"error": "unauthorized", "detail": "send Authorization: Bearer <token> (see http.tokens in the config, "
                                                 "RADBRIDGE_API_TOKEN, or <storage dir>/api-token)"},
@@ -79,4 +90,5 @@ def build_app(engine: Engine) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.add_subapp("/api/", api_app(engine))
+    app.add_subapp("/fhir/", fhir_app(engine))
     return app

@@ -1,0 +1,417 @@
+"""FHIR create, update, conditional create/update and transaction/batch Bundles, applied to the store.
+
+The web layer (engine/web/fhir.py) reads and validates the body, then hands ``FhirInbound.store``
+to the ingest writer. In one transaction the raw request is kept as a message (protocol fhir,
+``radbridge messages list``), then each interaction is resolved, mapped through the channel's
+mapping files and applied by the same domain code as HL7 (patients.py, orders.py) inside a
+SAVEPOINT. The HTTP answer goes out after the COMMIT, so a 2xx means the data is on disk.
+
+Rules (docs/fhir.md):
+* Identity is the business identifier, as for HL7: a Patient by its identifier (fhir-patient
+  mapping), a ServiceRequest by accession, placer or filler number. A plain POST of something the
+  store already has is 409 (use PUT, a conditional update, or If-None-Exist).
+* PUT Type/id updates that resource; the body's identifiers must not belong to another one (409).
+  If-Match with an ETag other than the current version is 412. Ids are ours: PUT to an id that
+  does not exist is 405 (no client-assigned ids).
+* Conditional update (PUT Type?identifier=...) and conditional create (If-None-Exist): more than
+  one match is 412; conditional create with one match answers 200 with that resource, unchanged.
+* References: Patient/<id>, a bundle entry's fullUrl (urn:uuid) and Patient?identifier=... are
+  read as the patient's identifier before mapping; a logical reference (identifier) is taken as is.
+* Patient.link replaces / replaced-by is a merge, as A40.
+* A transaction applies every entry or none (Patients first, so ServiceRequests can refer to
+  them); a batch applies each entry on its own and answers each.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from engine.channels import Channel, Route
+from engine.domain.errors import DomainError
+from engine.domain.orders import find_order
+from engine.domain.patients import find_patient
+from engine.domain.records import (
+    CONTENT,
+    EVENTS,
+    IDENTIFIERS,
+    MESSAGES,
+    ORDERS,
+    PATIENTS,
+    add,
+    savepoint,
+    update_row,
+)
+from engine.fhir import search
+from engine.fhir.outcome import FhirError, issue
+from engine.fhir.paths import FhirSource
+from engine.fhir.validate import FHIR_VERSION
+from engine.mappings.registry import MappingRegistry
+from engine.mappings.spec import Mapping
+from engine.outbound.context import system_of
+from engine.pipeline.actions import apply_action
+from engine.pipeline.hl7_inbound import internal_error_text
+from engine.pipeline.writer import FINAL_ATTEMPT
+from engine.store.types import utcnow
+
+log = logging.getLogger(__name__)
+_LOCAL = re.compile(r"^(Patient|ServiceRequest)/([0-9]{1,18})(?:/_history/[^/]+)?$")
+_ETAG = re.compile(r'^(?:W/)?"?([^"]+)"?$')
+
+
+@dataclass
+class Interaction:
+    method: str  # POST | PUT
+    resource_type: str
+    resource: dict[str, Any]
+    id: str | None = None  # PUT Type/id
+    condition: str | None = None  # PUT Type?query, or a POST's If-None-Exist
+    if_match: str | None = None
+    full_url: str | None = None  # a bundle entry's fullUrl (urn:uuid:...)
+    where: str = ""  # "Bundle.entry[2]: " in error texts
+
+    def located(self, err: FhirError) -> FhirError:
+        if self.where:
+            for i in err.issues:
+                i["diagnostics"] = f"{self.where}{i['diagnostics']}"
+        return err
+
+
+@dataclass
+class Done:
+    """What one interaction did (an entry of the response)."""
+
+    status: int  # 200 | 201
+    resource_type: str
+    id: int
+    version: int
+    last_updated: datetime | None
+    notes: list[str] = field(default_factory=list)
+    mapped: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def location(self) -> str:
+        return f"{self.resource_type}/{self.id}/_history/{self.version}"
+
+
+@dataclass
+class Stored:
+    """The writer job's answer: results in entry order (a FhirError in place of a failed batch entry),
+    or ``error`` when the request as a whole failed (single interaction or transaction)."""
+
+    message_id: int | None
+    results: list[Done | FhirError] = field(default_factory=list)
+    error: FhirError | None = None
+
+
+class FhirInbound:
+    """The fhir channel: routes resource types to actions and mapping files."""
+
+    def __init__(self, channel: Channel, mappings: MappingRegistry) -> None:
+        self.channel = channel
+        self.mappings = mappings
+
+    # --- routing and mapping ------------------------------------------------------------------------
+    def route(self, resource_type: str) -> Route:
+        r = self.channel.route_for(resource_type)
+        if r is None:
+            raise FhirError(405, f"{resource_type} is not accepted by channel {self.channel.name} "
+                                 f"(routes take {', '.join(m for r in self.channel.routes for m in r.messages)})",
+                            "not-supported")
+        return r
+
+    def _mappings(self, route: Route) -> list[Mapping]:
+        out = []
+        for name in route.mappings:
+            m = self.mappings.get(name)
+            if m is None:
+                raise FhirError(500, f"mapping {name!r} is not loaded (see radbridge check)", "exception")
+            out.append(m)
+        return out
+
+    def map(self, route: Route, resource: dict[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        problems = []
+        src = FhirSource(resource)
+        for m in self._mappings(route):
+            res = m.apply(src)
+            values.update(res.values)
+            for e in res.errors:
+                expr = f"{resource.get('resourceType')}.{e.path}" if e.path else None
+                problems.append(issue(f"{e.field}: {e.message}", "required" if "required" in e.message
+                                      else "value", expression=expr))
+        if problems:
+            first = problems[0]
+            raise FhirError(422, str(first["diagnostics"]), str(first["code"]),
+                            (first.get("expression") or [None])[0], more=problems[1:])
+        return values
+
+    def issuers(self, system: str) -> set[str]:
+        """The assigning authorities an identifier system stands for, as the Patient mapping maps it."""
+        out = {system, system.removeprefix("urn:oid:")}
+        route = self.channel.route_for("Patient")
+        if route is not None:
+            probe = {"resourceType": "Patient", "identifier": [{"system": system, "value": "x"}]}
+            for m in (self.mappings.get(n) for n in route.mappings):
+                if m is not None:
+                    v = m.apply(FhirSource(probe), only=("patient.issuer",)).values.get("patient.issuer")
+                    if isinstance(v, str):
+                        out.add(v)
+        return out
+
+    # --- the writer job -----------------------------------------------------------------------------
+    def store(self, session: Session, raw: bytes, kind: str, interactions: list[Interaction], *,
+              mode: str = "single", remote: str | None = None, request_id: str | None = None,
+              agent: str | None = None) -> Stored:
+        """Keep the request, then apply it: ``mode`` single | transaction | batch."""
+        conn = session.connection()
+        row = {"channel": self.channel.name, "protocol": "fhir", "remote": remote, "size": len(raw),
+               "received_at": utcnow(), "attempts": 1, "control_id": (request_id or "")[:64] or None,
+               "sending_app": (agent or "")[:64] or None, "message_type": kind[:32], "version": FHIR_VERSION,
+               "charset": "utf-8", "status": "processed", "ack_code": "AA", "processed_at": utcnow()}
+        message_id = add(conn, MESSAGES, **row)
+        out = Stored(message_id)
+        refs: dict[str, tuple[str, int]] = {}
+        order = sorted(range(len(interactions)), key=lambda i: interactions[i].resource_type != "Patient")
+        results: dict[int, Done | FhirError] = {}
+        try:
+            if mode == "batch":
+                for i in order:
+                    results[i] = self._guarded(conn, session, interactions[i], message_id, refs)
+            else:
+                with savepoint(conn, "rb_fhir"):
+                    for i in order:
+                        r = self._guarded(conn, session, interactions[i], message_id, refs)
+                        if isinstance(r, FhirError):
+                            raise r
+                        results[i] = r
+        except FhirError as exc:
+            out.error = exc
+        out.results = [results[i] for i in range(len(interactions))] if out.error is None else []
+        self._finish(conn, message_id, raw, out)
+        return out
+
+    def _guarded(self, conn: Connection, session: Session, it: Interaction, message_id: int,
+                 refs: dict[str, tuple[str, int]]) -> Done | FhirError:
+        """One interaction in its own SAVEPOINT: a refusal or failure leaves the rest untouched."""
+        try:
+            with savepoint(conn, "rb_entry"):
+                done = self.apply(conn, it, message_id, refs)
+        except FhirError as exc:
+            return it.located(exc)
+        except DomainError as exc:
+            return it.located(FhirError(422, str(exc), "business-rule", exc.field or None))
+        except OperationalError:
+            raise
+        except IntegrityError as exc:
+            if not session.info.get(FINAL_ATTEMPT, True):
+                raise  # another engine process created the same patient: the writer retries
+            return it.located(FhirError(409, internal_error_text(exc), "conflict"))
+        except Exception as exc:
+            log.exception("channel %s: applying FHIR request %s failed", self.channel.name, message_id)
+            return it.located(FhirError(500, internal_error_text(exc), "exception"))
+        if it.full_url:
+            refs[it.full_url] = (done.resource_type, done.id)
+        return done
+
+    def _finish(self, conn: Connection, message_id: int, raw: bytes, out: Stored) -> None:
+        failures = [r for r in out.results if isinstance(r, FhirError)]
+        if out.error is not None:
+            failures = [out.error]
+        mapped = [r.mapped for r in out.results if isinstance(r, Done)]
+        done = [r for r in out.results if isinstance(r, Done)]
+        patient_id = next((r.id for r in done if r.resource_type == "Patient"), None)
+        if failures:
+            update_row(conn, MESSAGES, message_id, status="error" if not done else "processed",
+                       ack_code="AE", error="; ".join(f.diagnostics for f in failures)[:4000])
+            add(conn, EVENTS, message_id=message_id, kind="error",
+                detail={"errors": [{"status": f.status, "issues": f.issues} for f in failures]})
+        if patient_id is not None:
+            update_row(conn, MESSAGES, message_id, patient_id=patient_id)
+        notes = [n for r in done for n in r.notes]
+        if notes:
+            add(conn, EVENTS, message_id=message_id, kind="notes", detail={"notes": notes})
+        add(conn, CONTENT, message_id=message_id, raw=raw, mapped={"entries": mapped} if mapped else None, ack=None)
+
+    # --- one interaction ------------------------------------------------------------------------------
+    def apply(self, conn: Connection, it: Interaction, message_id: int, refs: dict[str, tuple[str, int]]) -> Done:
+        route = self.route(it.resource_type)
+        resource = self._resolve_references(conn, it, refs)
+        existing: int | None = None
+        if it.id is not None:
+            existing = self._target_by_id(conn, it)
+        elif it.condition is not None:
+            matches = search.matching_ids(conn, it.resource_type, it.condition, self.issuers)
+            if len(matches) > 1:
+                raise FhirError(412, f"{it.resource_type}?{it.condition} matches more than one resource "
+                                     f"({', '.join(f'{it.resource_type}/{m}' for m in matches)}...)", "multiple-matches")
+            if matches and it.method == "POST":  # If-None-Exist: it is there already
+                return self._done(conn, it.resource_type, matches[0], 200, ["conditional create: already exists"])
+            existing = matches[0] if matches else None
+            body_id = resource.get("id")
+            if existing is not None and body_id is not None and str(body_id) != str(existing):
+                raise FhirError(409, f"the body's id {body_id} is not the resource the condition found "
+                                     f"({it.resource_type}/{existing})", "conflict", f"{it.resource_type}.id")
+        values = self.map(route, resource)
+        action = route.action
+        retired = bool(values.get("merge.survivor_id"))  # this Patient is the one merged away
+        if it.resource_type == "Patient":
+            action, values = _patient_action(action, values)
+            found = self._patient_for(conn, values, action)
+        else:
+            order = find_order(conn, values)
+            found = int(order.id) if order is not None else None
+            if order is not None and values.get("order.control") == "NW":
+                values["order.control"] = "XO"  # FHIR says update; the order history should too
+        if existing is not None and found is not None and found != existing and action != "patient.merge":
+            raise FhirError(409, f"the identifiers in the body belong to {it.resource_type}/{found}, not to "
+                                 f"{it.resource_type}/{existing}", "conflict", f"{it.resource_type}.identifier")
+        if existing is not None and found is None and action != "patient.merge":
+            raise FhirError(409, f"none of the body's identifiers is one of {it.resource_type}/{existing}'s; an "
+                                 "identifier change is a merge (Patient.link replaces) or a new resource", "conflict",
+                            f"{it.resource_type}.identifier")
+        if existing is None and found is not None and it.method == "POST":
+            raise FhirError(409, f"{it.resource_type}/{found} already has these identifiers; update it with PUT "
+                                 f"{it.resource_type}/{found}, a conditional update, or send If-None-Exist",
+                            "duplicate", f"{it.resource_type}.identifier")
+        out = apply_action(conn, action, values, [], self.channel.fhir, message_id)
+        rid = out.patient_id if it.resource_type == "Patient" else (out.order_ids[0] if out.order_ids else None)
+        if retired and existing is not None:
+            rid = existing  # the answer is about the resource sent: now inactive, replaced-by the survivor
+        if rid is None:
+            raise FhirError(500, "the store applied the resource but returned no id", "exception")
+        done = self._done(conn, it.resource_type, rid, 200 if found is not None else 201, out.notes)
+        done.mapped = values
+        return done
+
+    def _patient_for(self, conn: Connection, values: dict[str, Any], action: str) -> int | None:
+        if not values.get("patient.id"):
+            return None
+        p = find_patient(conn, str(values["patient.id"]), str(values.get("patient.issuer") or ""))
+        return int(p.id) if p is not None else None
+
+    def _target_by_id(self, conn: Connection, it: Interaction) -> int:
+        assert it.id is not None
+        body_id = it.resource.get("id")
+        if body_id is None or str(body_id) != it.id:
+            raise FhirError(400, f"the body's id ({body_id!r}) must equal the id in the URL ({it.id})", "invalid",
+                            f"{it.resource_type}.id")
+        table = PATIENTS if it.resource_type == "Patient" else ORDERS
+        cols = [table.c.id, table.c.version] + ([PATIENTS.c.merged_into_id] if table is PATIENTS else [])
+        row = conn.execute(select(*cols).where(table.c.id == int(it.id))).first() if it.id.isdigit() else None
+        if row is None:
+            raise FhirError(405, f"{it.resource_type}/{it.id} does not exist, and ids are assigned here: create it "
+                                 f"with POST {it.resource_type} or a conditional update", "not-supported")
+        if it.if_match is not None:
+            m = _ETAG.match(it.if_match.strip())
+            if m is None or m.group(1) != str(row.version):
+                raise FhirError(412, f"If-Match {it.if_match} is not the current version of {it.resource_type}/{it.id} "
+                                     f"(W/\"{row.version}\"): read it again and reapply the change", "conflict")
+        if table is PATIENTS and row.merged_into_id is not None:
+            raise FhirError(409, f"Patient/{it.id} was merged into Patient/{row.merged_into_id}; update that one",
+                            "conflict")
+        return int(row.id)
+
+    def _done(self, conn: Connection, rtype: str, rid: int, status: int, notes: list[str]) -> Done:
+        table = PATIENTS if rtype == "Patient" else ORDERS
+        row = conn.execute(select(table.c.version, table.c.updated_at).where(table.c.id == rid)).first()
+        return Done(status, rtype, rid, int(row.version) if row else 1, row.updated_at if row else None, list(notes))
+
+    # --- references -----------------------------------------------------------------------------------
+    def _resolve_references(self, conn: Connection, it: Interaction, refs: dict[str, tuple[str, int]]
+                            ) -> dict[str, Any]:
+        """A copy of the resource whose patient references carry the patient's identifier."""
+        resource = it.resource
+        if it.resource_type == "ServiceRequest" and isinstance(resource.get("subject"), dict):
+            resource = copy.copy(resource)
+            resource["subject"] = self._with_identifier(conn, resource["subject"], refs, "ServiceRequest.subject")
+        elif it.resource_type == "Patient" and resource.get("link"):
+            resource = copy.copy(resource)
+            resource["link"] = [
+                {**link, "other": self._with_identifier(conn, link.get("other") or {}, refs,
+                                                        f"Patient.link[{i}].other")}
+                if link.get("type") in ("replaces", "replaced-by") else link
+                for i, link in enumerate(resource["link"])]
+        return resource
+
+    def _with_identifier(self, conn: Connection, ref: dict[str, Any], refs: dict[str, tuple[str, int]],
+                         where: str) -> dict[str, Any]:
+        text = ref.get("reference")
+        if not text:
+            if ref.get("identifier"):
+                return ref  # a logical reference: the identifier is what the mapping reads
+            raise FhirError(422, f"{where} has neither a reference nor an identifier", "required", where)
+        text = str(text)
+        patient_id: int | None = None
+        if text in refs:
+            rtype, patient_id = refs[text]
+            if rtype != "Patient":
+                raise FhirError(422, f"{where} refers to a {rtype} entry, not a Patient", "invalid", where)
+        elif text.startswith("urn:uuid:") or text.startswith("urn:oid:"):
+            raise FhirError(422, f"{where}: {text} is not the fullUrl of a Patient entry in this Bundle", "not-found",
+                            where)
+        elif text.startswith("Patient?"):
+            matches = search.matching_ids(conn, "Patient", text[len("Patient?"):], self.issuers)
+            if len(matches) != 1:
+                raise FhirError(422 if not matches else 412, f"{where}: {text} matches "
+                                f"{'no patient' if not matches else 'more than one patient'}", "not-found", where)
+            patient_id = matches[0]
+        else:
+            m = _LOCAL.match(text)
+            if m is None or m.group(1) != "Patient":
+                if ref.get("identifier"):
+                    return {k: v for k, v in ref.items() if k != "reference"}
+                raise FhirError(422, f"{where}: {text!r} is not a patient here; send Patient/<id> of this server, a "
+                                     "bundle entry's fullUrl, Patient?identifier=system|value, or an identifier",
+                                "invalid", where)
+            patient_id = int(m.group(2))
+        ident = primary_identifier(conn, patient_id)
+        if ident is None:
+            missing = conn.execute(select(PATIENTS.c.id).where(PATIENTS.c.id == patient_id)).first() is None
+            raise FhirError(404 if missing else 422, f"{where}: Patient/{patient_id} "
+                            f"{'does not exist' if missing else 'has no identifier'}", "not-found", where)
+        return {**ref, "identifier": ident}
+
+
+def primary_identifier(conn: Connection, patient_id: int) -> dict[str, Any] | None:
+    """The patient's identifier (following a merge to the survivor) as a FHIR Identifier."""
+    pid: int | None = patient_id
+    for _ in range(32):
+        row = conn.execute(select(PATIENTS.c.merged_into_id).where(PATIENTS.c.id == pid)).first()
+        if row is None or row.merged_into_id is None:
+            break
+        pid = int(row.merged_into_id)
+    ident = conn.execute(select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer)
+                         .where(IDENTIFIERS.c.patient_id == pid, IDENTIFIERS.c.kind != "alias")
+                         .order_by(IDENTIFIERS.c.kind != "primary", IDENTIFIERS.c.id).limit(1)).first()
+    if ident is None:
+        return None
+    out = {"value": ident.value}
+    system = system_of(ident.issuer)
+    if system:
+        out["system"] = system
+    return out
+
+
+def _patient_action(action: str, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Patient.link: replaces -> merge the named record into this one; replaced-by -> merge this
+    record into the named one (its demographics are the retired record's and are not applied)."""
+    if values.get("merge.survivor_id"):
+        if values.get("merge.prior_id"):
+            raise FhirError(422, "Patient.link has both replaces and replaced-by", "business-rule", "Patient.link")
+        merged = {"patient.id": values["merge.survivor_id"], "patient.issuer": values.get("merge.survivor_issuer", ""),
+                  "merge.prior_id": values.get("patient.id"), "merge.prior_issuer": values.get("patient.issuer", "")}
+        if "message.event_time" in values:
+            merged["message.event_time"] = values["message.event_time"]
+        return "patient.merge", merged
+    if values.get("merge.prior_id"):
+        return "patient.merge", values
+    return action, {k: v for k, v in values.items() if not k.startswith("merge.")}

@@ -1,0 +1,91 @@
+"""Reading a request body as an R4 resource: JSON, resourceType, and fhir.resources (R4B classes,
+which have R4's shape for the resources served here) with errors an EHR developer can act on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pydantic
+from fhir.resources.R4B import get_fhir_model_class
+
+from engine.fhir.outcome import FhirError, issue
+
+FHIR_VERSION = "4.0.1"
+# Elements a FHIR R5 sender uses where R4 has others: named in the error so the sender knows why.
+R5_ELEMENTS: dict[str, dict[str, str]] = {
+    "ServiceRequest": {"reason": "reasonCode / reasonReference", "focus": "(nothing)",
+                       "bodyStructure": "bodySite", "location": "locationCode / locationReference"},
+    "ImagingStudy": {"procedure": "procedureCode / procedureReference", "reason": "reasonCode / reasonReference"},
+    "Bundle": {"issues": "(nothing)"},
+    "Patient": {},
+}
+MAX_ISSUES = 20
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise FhirError(400, f"the body is not UTF-8 text: {exc}", "structure") from None
+    except json.JSONDecodeError as exc:
+        raise FhirError(400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                        "structure") from None
+
+
+def expression(resource_type: str, loc: tuple[Any, ...]) -> str:
+    out = resource_type
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _r5_hint(resource_type: str, loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return ""
+    head = str(loc[0])
+    r4 = R5_ELEMENTS.get(resource_type, {}).get(head)
+    if r4 is not None:
+        return f" ({head} is FHIR R5; R4 has {r4})"
+    if "concept" in loc or "reference" in loc and loc[-1] == "concept":
+        return " (a CodeableReference {concept: ...} is FHIR R5; R4 has a CodeableConcept here)"
+    return ""
+
+
+def check_resource(data: Any, expected: str | tuple[str, ...] | None = None, where: str = "") -> dict[str, Any]:
+    """The resource as a dict, validated; FhirError 400 naming every element that is wrong."""
+    if not isinstance(data, dict):
+        raise FhirError(400, f"{where}expected a JSON object (a FHIR resource), got {type(data).__name__}", "structure")
+    rtype = data.get("resourceType")
+    if not isinstance(rtype, str) or not rtype:
+        raise FhirError(400, f"{where}the resource has no resourceType", "required", "resourceType")
+    wanted = (expected,) if isinstance(expected, str) else expected
+    if wanted and rtype not in wanted:
+        raise FhirError(400, f"{where}resourceType is {rtype!r}, expected {' or '.join(wanted)}", "structure",
+                        "resourceType")
+    try:
+        model = get_fhir_model_class(rtype)
+    except (KeyError, ValueError):
+        raise FhirError(400, f"{where}{rtype!r} is not a FHIR R4 resource type", "not-supported",
+                        "resourceType") from None
+    try:
+        model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        issues = []
+        for err in exc.errors()[:MAX_ISSUES]:
+            loc = tuple(err.get("loc") or ())
+            expr = expression(rtype, loc)
+            kind = err.get("type", "")
+            if kind == "extra_forbidden":
+                text = f"{where}{expr}: unknown element (not in FHIR R4 {rtype}){_r5_hint(rtype, loc)}"
+            elif kind == "missing":
+                text = f"{where}{expr}: required element is missing"
+            else:
+                text = f"{where}{expr}: {err.get('msg', 'invalid')}{_r5_hint(rtype, loc)}"
+            issues.append(issue(text, "required" if kind == "missing" else "structure", expression=expr))
+        first = issues[0]
+        raise FhirError(400, str(first["diagnostics"]), str(first["code"]), first["expression"][0],
+                        more=issues[1:]) from None
+    except Exception as exc:  # a model that cannot even be built from this (odd nesting)
+        raise FhirError(400, f"{where}{rtype} could not be read: {type(exc).__name__}: {exc}", "structure") from None
+    return data

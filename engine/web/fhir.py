@@ -1,0 +1,390 @@
+"""The FHIR R4 REST endpoint at /fhir/ (JSON): a small aiohttp app over engine/fhir/.
+
+    GET  /fhir/metadata                      CapabilityStatement (open, no token: clients discover auth)
+    POST /fhir/                              transaction or batch Bundle
+    POST /fhir/{type}                        create (If-None-Exist: conditional create)
+    PUT  /fhir/{type}/{id}                   update (If-Match: version check)
+    PUT  /fhir/{type}?identifier=...         conditional update
+    GET  /fhir/{type}/{id}[/_history/{vid}]  read (vread of the current version)
+    GET  /fhir/{type}?...  POST /fhir/{type}/_search    search
+
+Writes go through the ingest writer (stored raw and applied in one transaction, answered after the
+commit); reads run on the reader pool and are recorded in the audit trail before they are answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
+
+from aiohttp import web
+
+from engine.fhir import search, views
+from engine.fhir.capability import capability_statement
+from engine.fhir.inbound import Done, FhirInbound, Interaction, Stored
+from engine.fhir.outcome import FhirError, issue, operation_outcome
+from engine.fhir.validate import check_resource, parse_json
+from engine.outbound.context import EngineInfo
+from engine.pipeline.writer import StorageUnavailable
+from engine.web.audit import agent_of, record_read
+
+if TYPE_CHECKING:
+    from engine.runtime import Engine
+
+log = logging.getLogger(__name__)
+FHIR_JSON = "application/fhir+json"
+WRITABLE = ("Patient", "ServiceRequest")
+READABLE = ("Patient", "ServiceRequest", "ImagingStudy")
+REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+           409: "Conflict", 412: "Precondition Failed", 413: "Payload Too Large", 422: "Unprocessable Entity",
+           500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
+                        content_type=FHIR_JSON, charset="utf-8", headers=headers)
+
+
+def error_response(err: FhirError) -> web.Response:
+    return fhir_response(err.outcome(), err.status)
+
+
+@web.middleware
+async def outcome_middleware(request: web.Request,
+                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every refusal is an OperationOutcome, including aiohttp's own (404 route, 405 method)."""
+    try:
+        return await handler(request)
+    except FhirError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(FhirError(exc.status, f"{request.method} {request.path}: {exc.reason}"))
+    except StorageUnavailable as exc:
+        return error_response(FhirError(503, f"{exc}; nothing was stored, send it again", "transient"))
+    except Exception as exc:  # a bug must still answer in FHIR, and never take the listener down
+        log.exception("FHIR %s %s failed", request.method, request.path)
+        return error_response(FhirError(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}",
+                                        "exception"))
+
+
+def fhir_app(engine: Engine) -> web.Application:
+    app = web.Application(middlewares=[outcome_middleware])
+
+    def inbound() -> FhirInbound:
+        fi = engine.fhir
+        if fi is None:
+            raise FhirError(405, "no channel with connector type fhir is enabled (channels/fhir-inbound.yaml): "
+                                 "this server only answers reads", "not-supported")
+        return fi
+
+    def options() -> Any:
+        fi = engine.fhir
+        return fi.channel.fhir if fi is not None else None
+
+    def base(request: web.Request) -> str:
+        return f"{request.url.origin()}/fhir"
+
+    async def body_of(request: web.Request) -> bytes:
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype not in (FHIR_JSON, "application/json", "application/json+fhir"):
+            raise FhirError(415, f"Content-Type {ctype or '(none)'} is not supported: send {FHIR_JSON}",
+                            "not-supported")
+        limit = inbound().channel.fhir.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise FhirError(413, f"the body is {request.content_length} bytes; this endpoint takes at most {limit} "
+                                 "(options.max_body_bytes of the fhir channel)", "too-costly")
+        chunks, size = [], 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise FhirError(413, f"the body is larger than {limit} bytes (options.max_body_bytes of the fhir "
+                                     "channel)", "too-costly")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def write(request: web.Request, raw: bytes, kind: str, interactions: list[Interaction],
+                    mode: str = "single") -> Stored:
+        fi = inbound()
+        remote = request.remote
+        request_id = request.headers.get("X-Request-ID") or str(uuid.uuid4())
+        agent = agent_of(request)
+        t0 = time.perf_counter()
+        stored: Stored = await engine.writer.run(
+            lambda s: fi.store(s, raw, kind, interactions, mode=mode, remote=remote, request_id=request_id,
+                               agent=agent))
+        engine.metrics.fhir_latency.observe(time.perf_counter() - t0, kind=kind)
+        failed = stored.error is not None or any(isinstance(r, FhirError) for r in stored.results)
+        engine.metrics.fhir_requests.inc(kind=kind, outcome="error" if failed else "ok")
+        return stored
+
+    async def read_resources(rtype: str, ids: list[int]) -> dict[int, dict[str, Any]]:
+        mapping_name = options().imagingstudy_mapping if options() else "fhir-imagingstudy"
+        mapping = engine.mappings.outbound(mapping_name) if rtype == "ImagingStudy" else None
+        if rtype == "ImagingStudy" and mapping is None:
+            raise FhirError(500, f"the ImagingStudy mapping {mapping_name!r} is not loaded (see radbridge check)",
+                            "exception")
+        info = EngineInfo.of(engine.settings)
+
+        def run() -> dict[int, dict[str, Any]]:
+            with engine.db.reader.connect() as conn:
+                if rtype == "Patient":
+                    return views.patients(conn, ids)
+                if rtype == "ServiceRequest":
+                    return views.service_requests(conn, ids)
+                assert mapping is not None
+                return views.imaging_studies(conn, ids, mapping, info)
+        return await asyncio.to_thread(run)
+
+    def entry_headers(done: Done) -> dict[str, str]:
+        headers = {"ETag": f'W/"{done.version}"', "Location": f"{done.location}"}
+        if done.last_updated is not None:
+            headers["Last-Modified"] = views.instant(done.last_updated) or ""
+        return headers
+
+    async def answer_write(request: web.Request, stored: Stored) -> web.Response:
+        if stored.error is not None:
+            return error_response(stored.error)
+        result = stored.results[0]
+        if isinstance(result, FhirError):
+            return error_response(result)
+        headers = entry_headers(result)
+        headers["Location"] = f"{base(request)}/{result.location}"
+        prefer = request.headers.get("Prefer", "")
+        if "return=minimal" in prefer:
+            return web.Response(status=result.status, headers=headers)
+        if "return=OperationOutcome" in prefer:
+            return fhir_response(_notes_outcome(result), result.status, headers)
+        res = (await read_resources(result.resource_type, [result.id])).get(result.id)
+        return fhir_response(res or _notes_outcome(result), result.status, headers)
+
+    # --- writes ------------------------------------------------------------------------------------------
+    async def create(request: web.Request) -> web.Response:
+        rtype = _writable(request.match_info["type"], "POST")
+        raw = await body_of(request)
+        resource = check_resource(parse_json(raw), rtype)
+        it = Interaction("POST", rtype, resource, condition=request.headers.get("If-None-Exist") or None)
+        return await answer_write(request, await write(request, raw, rtype, [it]))
+
+    async def update(request: web.Request) -> web.Response:
+        rtype = _writable(request.match_info["type"], "PUT")
+        raw = await body_of(request)
+        resource = check_resource(parse_json(raw), rtype)
+        it = Interaction("PUT", rtype, resource, id=request.match_info["id"],
+                         if_match=request.headers.get("If-Match"))
+        return await answer_write(request, await write(request, raw, rtype, [it]))
+
+    async def conditional_update(request: web.Request) -> web.Response:
+        rtype = _writable(request.match_info["type"], "PUT")
+        if not request.query_string:
+            raise FhirError(405, f"PUT {rtype} needs an id (PUT {rtype}/ID) or a condition "
+                                 f"(PUT {rtype}?identifier=system|value)", "not-supported")
+        raw = await body_of(request)
+        resource = check_resource(parse_json(raw), rtype)
+        it = Interaction("PUT", rtype, resource, condition=request.query_string)
+        return await answer_write(request, await write(request, raw, rtype, [it]))
+
+    async def bundle(request: web.Request) -> web.Response:
+        raw = await body_of(request)
+        data = parse_json(raw)
+        if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+            got = data.get("resourceType") if isinstance(data, dict) else type(data).__name__
+            raise FhirError(400, f"POST /fhir/ takes a Bundle (transaction or batch), got {got!r}", "structure",
+                            "resourceType")
+        btype = data.get("type")
+        if btype not in ("transaction", "batch"):
+            raise FhirError(400, f"Bundle.type is {btype!r}: this endpoint processes transaction and batch "
+                                 "Bundles", "not-supported", "Bundle.type")
+        entries = data.get("entry") or []
+        limit = inbound().channel.fhir.max_bundle_entries
+        if not isinstance(entries, list):
+            raise FhirError(400, "Bundle.entry must be a list", "structure", "Bundle.entry")
+        if len(entries) > limit:
+            raise FhirError(413, f"the Bundle has {len(entries)} entries; at most {limit} are taken at once "
+                                 "(options.max_bundle_entries of the fhir channel)", "too-costly", "Bundle.entry")
+        shell = {k: v for k, v in data.items() if k != "entry"}
+        check_resource(shell, "Bundle")
+        interactions: list[Interaction | FhirError] = [_entry(i, e) for i, e in enumerate(entries)]
+        errors = [x for x in interactions if isinstance(x, FhirError)]
+        if btype == "transaction" and errors:
+            raise errors[0] if len(errors) == 1 else FhirError(
+                errors[0].status, errors[0].diagnostics, more=[i for e in errors[1:] for i in e.issues])
+        good = [x for x in interactions if isinstance(x, Interaction)]
+        stored = await write(request, raw, f"Bundle^{btype}", good, mode=btype)
+        if stored.error is not None:
+            return error_response(stored.error)
+        results = iter(stored.results)
+        out_entries = []
+        for x in interactions:
+            r: Done | FhirError = x if isinstance(x, FhirError) else next(results)
+            out_entries.append(_response_entry(r, base(request)))
+        return fhir_response({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": f"{btype}-response",
+                              "link": [{"relation": "self", "url": base(request)}], "entry": out_entries})
+
+    # --- reads -------------------------------------------------------------------------------------------
+    async def read(request: web.Request) -> web.Response:
+        rtype = _readable(request.match_info["type"])
+        rid = request.match_info["id"]
+        vid = request.match_info.get("vid")
+        found = (await read_resources(rtype, [int(rid)])).get(int(rid)) if rid.isdigit() else None
+        status = 200 if found is not None else 404
+        if found is not None and vid is not None and vid != views.version_of(found):
+            status, found = 404, None
+        await record_read(engine, request, "vread" if vid else "read", rtype, status, [found] if found else [])
+        if found is None:
+            why = f"{rtype}/{rid} is not known here"
+            if vid is not None:
+                why = f"{rtype}/{rid} version {vid} is not available (only the current version is kept)"
+            elif rtype == "ImagingStudy":
+                why += " (a study becomes an ImagingStudy once it is placed with a patient)"
+            raise FhirError(404, why, "not-found")
+        return fhir_response(found, headers={"ETag": f'W/"{views.version_of(found)}"',
+                                             "Last-Modified": str(found.get("meta", {}).get("lastUpdated", ""))})
+
+    async def do_search(request: web.Request, params: list[tuple[str, str]]) -> web.Response:
+        rtype = _readable(request.match_info["type"])
+        opts = options()
+        fi = engine.fhir
+        q = search.parse(rtype, params, issuers=fi.issuers if fi else search._plain_issuers,
+                         default_count=opts.default_page_size if opts else 50,
+                         max_count=opts.max_page_size if opts else 500)
+
+        def run() -> tuple[list[int], int | None]:
+            with engine.db.reader.connect() as conn:
+                return search.run(conn, q)
+        ids, total = await asyncio.to_thread(run)
+        found = await read_resources(rtype, ids)
+        resources = [found[i] for i in ids if i in found]
+        await record_read(engine, request, "search", rtype, 200, resources)
+        b = base(request)
+        kept = [(k, v) for k, v in params if k not in ("_offset",)]
+        links = [{"relation": "self", "url": f"{b}/{rtype}?{urlencode(params)}"}]
+        if len(ids) == q.count:
+            links.append({"relation": "next", "url": f"{b}/{rtype}?{urlencode([*kept, ('_offset', q.offset + q.count)])}"})
+        if q.offset > 0:
+            links.append({"relation": "previous",
+                          "url": f"{b}/{rtype}?{urlencode([*kept, ('_offset', max(0, q.offset - q.count))])}"})
+        body: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "searchset",
+                                "link": links,
+                                "entry": [{"fullUrl": f"{b}/{rtype}/{r['id']}", "resource": r,
+                                           "search": {"mode": "match"}} for r in resources]}
+        if total is not None:
+            body["total"] = total
+        return fhir_response(body)
+
+    async def search_get(request: web.Request) -> web.Response:
+        return await do_search(request, list(parse_qsl(request.query_string, keep_blank_values=True)))
+
+    async def search_post(request: web.Request) -> web.Response:
+        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if ctype != "application/x-www-form-urlencoded":
+            raise FhirError(415, "POST _search takes application/x-www-form-urlencoded parameters", "not-supported")
+        form = (await request.read()).decode("utf-8", "replace")
+        params = list(parse_qsl(request.query_string, keep_blank_values=True)) + \
+            list(parse_qsl(form, keep_blank_values=True))
+        return await do_search(request, params)
+
+    async def metadata(request: web.Request) -> web.Response:
+        return fhir_response(capability_statement(engine, base(request)))
+
+    async def not_allowed(request: web.Request) -> web.Response:
+        raise FhirError(405, f"{request.method} is not supported here (no deletes, patches or history: "
+                             "see GET /fhir/metadata)", "not-supported")
+
+    app.router.add_get("/metadata", metadata)
+    app.router.add_post("/", bundle)
+    app.router.add_post("", bundle)
+    app.router.add_post("/{type}/_search", search_post)
+    app.router.add_post("/{type}", create)
+    app.router.add_put("/{type}/{id}", update)
+    app.router.add_put("/{type}", conditional_update)
+    app.router.add_get("/{type}/{id}/_history/{vid}", read)
+    app.router.add_get("/{type}/{id}", read)
+    app.router.add_get("/{type}", search_get)
+    for method in ("DELETE", "PATCH"):
+        app.router.add_route(method, "/{tail:.*}", not_allowed)
+    return app
+
+
+def _writable(rtype: str, method: str) -> str:
+    if rtype in WRITABLE:
+        return rtype
+    if rtype in READABLE:
+        raise FhirError(405, f"{rtype} is read-only here: it is built from the DICOM images the engine received",
+                        "not-supported")
+    raise FhirError(404, f"{rtype!r} is not a resource type this server supports for {method} "
+                         f"({', '.join(WRITABLE)})", "not-supported")
+
+
+def _readable(rtype: str) -> str:
+    if rtype not in READABLE:
+        raise FhirError(404, f"{rtype!r} is not a resource type this server serves ({', '.join(READABLE)})",
+                        "not-supported")
+    return rtype
+
+
+def _entry(index: int, entry: Any) -> Interaction | FhirError:
+    """A Bundle entry as an interaction, or the reason it cannot be one."""
+    where = f"Bundle.entry[{index}]"
+    try:
+        if not isinstance(entry, dict):
+            raise FhirError(400, "an entry must be an object", "structure", where)
+        req = entry.get("request")
+        if not isinstance(req, dict) or not req.get("method") or not req.get("url"):
+            raise FhirError(400, "entry.request with method and url is required in a transaction or batch",
+                            "required", f"{where}.request")
+        method, url = str(req["method"]).upper(), str(req["url"]).lstrip("/")
+        path, _, query = url.partition("?")
+        parts = path.split("/")
+        if method not in ("POST", "PUT"):
+            raise FhirError(405, f"entry.request.method {method} is not supported in a Bundle (POST, PUT)",
+                            "not-supported", f"{where}.request.method")
+        rtype = _writable(parts[0], method)
+        resource = check_resource(entry.get("resource"), rtype, f"{where}.resource: ")
+        full_url = entry.get("fullUrl")
+        if method == "POST":
+            if len(parts) != 1 or query:
+                raise FhirError(400, f"POST url must be the type ({rtype}), got {url!r}", "invalid",
+                                f"{where}.request.url")
+            return Interaction("POST", rtype, resource, condition=req.get("ifNoneExist") or None,
+                               full_url=full_url, where=f"{where}: ")
+        if len(parts) == 2 and not query:
+            return Interaction("PUT", rtype, resource, id=parts[1], if_match=req.get("ifMatch"), full_url=full_url,
+                               where=f"{where}: ")
+        if len(parts) == 1 and query:
+            return Interaction("PUT", rtype, resource, condition=query, full_url=full_url, where=f"{where}: ")
+        raise FhirError(400, f"PUT url must be {rtype}/ID or {rtype}?search, got {url!r}", "invalid",
+                        f"{where}.request.url")
+    except FhirError as err:
+        if not err.issues[0]["diagnostics"].startswith(where):
+            err.issues[0]["diagnostics"] = f"{where}: {err.issues[0]['diagnostics']}"
+        return err
+
+
+def _response_entry(r: Done | FhirError, base: str) -> dict[str, Any]:
+    if isinstance(r, FhirError):
+        return {"response": {"status": f"{r.status} {REASONS.get(r.status, '')}".strip(), "outcome": r.outcome()}}
+    resp: dict[str, Any] = {"status": f"{r.status} {REASONS[r.status]}", "location": r.location,
+                            "etag": f'W/"{r.version}"'}
+    if r.last_updated is not None:
+        resp["lastModified"] = views.instant(r.last_updated)
+    if r.notes:
+        resp["outcome"] = _notes_outcome(r)
+    return {"fullUrl": f"{base}/{r.resource_type}/{r.id}", "response": resp}
+
+
+def _notes_outcome(r: Done) -> dict[str, Any]:
+    return operation_outcome(*(issue(n, "informational", "information") for n in r.notes))
+
+
+__all__ = ["fhir_app", "FHIR_JSON"]
