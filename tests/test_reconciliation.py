@@ -485,6 +485,8 @@ def test_two_engines_share_the_reconciliation_queue(pg_url: str, workdir: Path, 
             t.start()
         for t in threads:
             t.join(120)
+        for e in engines:  # a pass each engine's own loop started meanwhile holds its lock: wait for it
+            work(e)
         with a.db.read_session() as s:
             revisions = s.execute(select(InstanceRevision)).scalars().all()
         assert len(revisions) == 12  # each of the 12 files rewritten once
