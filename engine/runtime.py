@@ -29,7 +29,7 @@ from engine.fhir.inbound import FhirInbound
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.outbound.worker import OutboundService, address_of
-from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
+from engine.pipeline.hl7_inbound import HL7Inbound, check_reprocessable, reprocess
 from engine.pipeline.writer import IngestWriter, InlineWriter
 from engine.reconciliation.reconciler import Reconciler
 from engine.reconciliation.reconciler import Result as ReconcileResult
@@ -400,6 +400,7 @@ class Engine:
             row = session.get(Message, message_id, options=[selectinload(Message.content)])
             if row is None:
                 raise LookupError(f"no message {message_id}")
+            check_reprocessable(row)
             inbound = self.inbound.get(row.channel)
             if inbound is None:
                 raise ValueError(f"channel {row.channel!r} is not running")

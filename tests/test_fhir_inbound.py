@@ -207,6 +207,9 @@ def test_transaction_resolves_urn_uuid_and_is_all_or_nothing(running: RunningEng
         msg = s.execute(select(Message).order_by(Message.id.desc())).scalars().first()
         assert msg is not None and msg.message_type == "Bundle^transaction" and msg.status == "error"
         assert "accession" in (msg.error or "")
+        failed_id = msg.id
+    status, answer = running.api(f"/api/messages/{failed_id}/reprocess", method="POST")
+    assert status == 409 and "FHIR request" in answer["detail"]
 
 
 def test_batch_answers_each_entry(running: RunningEngine) -> None:

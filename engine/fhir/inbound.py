@@ -30,8 +30,9 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -42,11 +43,13 @@ from engine.domain.patients import find_patient
 from engine.domain.records import (
     CONTENT,
     EVENTS,
+    IDENTIFIER_OWNER,
     IDENTIFIERS,
     MESSAGES,
     ORDERS,
     PATIENTS,
     add,
+    fetch,
     savepoint,
     update_row,
 )
@@ -63,6 +66,12 @@ from engine.pipeline.writer import FINAL_ATTEMPT
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
+# prebuilt, so the hot path (a Bundle per order) compiles each once (records.fetch)
+_VERSION = {t.name: select(t.c.version, t.c.updated_at).where(t.c.id == bindparam("id")) for t in (PATIENTS, ORDERS)}
+_MERGED_INTO = select(PATIENTS.c.merged_into_id).where(PATIENTS.c.id == bindparam("id"))
+_LIVE_IDENTIFIER = (select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer)
+                    .where(IDENTIFIERS.c.patient_id == bindparam("id"), IDENTIFIERS.c.kind != "alias")
+                    .order_by(IDENTIFIERS.c.kind != "primary", IDENTIFIERS.c.id).limit(1))
 _LOCAL = re.compile(r"^(Patient|ServiceRequest)/([0-9]{1,18})(?:/_history/[^/]+)?$")
 _ETAG = re.compile(r'^(?:W/)?"?([^"]+)"?$')
 
@@ -118,6 +127,7 @@ class FhirInbound:
     def __init__(self, channel: Channel, mappings: MappingRegistry) -> None:
         self.channel = channel
         self.mappings = mappings
+        self._issuers: dict[tuple[str, tuple[int, ...]], set[str]] = {}
 
     # --- routing and mapping ------------------------------------------------------------------------
     def route(self, resource_type: str) -> Route:
@@ -155,17 +165,36 @@ class FhirInbound:
         return values
 
     def issuers(self, system: str) -> set[str]:
-        """The assigning authorities an identifier system stands for, as the Patient mapping maps it."""
-        out = {system, system.removeprefix("urn:oid:")}
+        """The assigning authorities an identifier system stands for, as the Patient mapping maps it
+        (remembered per system until the mapping file is reloaded)."""
         route = self.channel.route_for("Patient")
-        if route is not None:
-            probe = {"resourceType": "Patient", "identifier": [{"system": system, "value": "x"}]}
-            for m in (self.mappings.get(n) for n in route.mappings):
-                if m is not None:
-                    v = m.apply(FhirSource(probe), only=("patient.issuer",)).values.get("patient.issuer")
-                    if isinstance(v, str):
-                        out.add(v)
+        mappings = [m for m in (self.mappings.get(n) for n in route.mappings) if m is not None] if route else []
+        key = (system, tuple(id(m) for m in mappings))
+        found = self._issuers.get(key)
+        if found is not None:
+            return found
+        out = {system, system.removeprefix("urn:oid:")}
+        probe = {"resourceType": "Patient", "identifier": [{"system": system, "value": "x"}]}
+        for m in mappings:
+            v = m.apply(FhirSource(probe), only=("patient.issuer",)).values.get("patient.issuer")
+            if isinstance(v, str):
+                out.add(v)
+        if len(self._issuers) > 1000:
+            self._issuers.clear()
+        self._issuers[key] = out
         return out
+
+    def matching(self, conn: Connection, resource_type: str, query: str) -> list[int]:
+        """The ids a conditional query matches; identifier=system|value on Patient, what EHRs send with
+        nearly every order, by the prebuilt identifier lookup, anything else through search."""
+        name, eq, value = query.partition("=")
+        if resource_type == "Patient" and name == "identifier" and eq and "&" not in value and "," not in value:
+            system, code = search.split_token(unquote(value))
+            if system and code:
+                owners = {row["patient_id"] for issuer in sorted(self.issuers(system))
+                          if (row := fetch(conn, IDENTIFIER_OWNER, value=code, issuer=issuer)) is not None}
+                return sorted(owners)[:2]
+        return search.matching_ids(conn, resource_type, query, self.issuers)
 
     # --- the writer job -----------------------------------------------------------------------------
     def store(self, session: Session, raw: bytes, kind: str, interactions: list[Interaction], *,
@@ -249,7 +278,7 @@ class FhirInbound:
         if it.id is not None:
             existing = self._target_by_id(conn, it)
         elif it.condition is not None:
-            matches = search.matching_ids(conn, it.resource_type, it.condition, self.issuers)
+            matches = self.matching(conn, it.resource_type, it.condition)
             if len(matches) > 1:
                 raise FhirError(412, f"{it.resource_type}?{it.condition} matches more than one resource "
                                      f"({', '.join(f'{it.resource_type}/{m}' for m in matches)}...)", "multiple-matches")
@@ -321,9 +350,9 @@ class FhirInbound:
         return int(row.id)
 
     def _done(self, conn: Connection, rtype: str, rid: int, status: int, notes: list[str]) -> Done:
-        table = PATIENTS if rtype == "Patient" else ORDERS
-        row = conn.execute(select(table.c.version, table.c.updated_at).where(table.c.id == rid)).first()
-        return Done(status, rtype, rid, int(row.version) if row else 1, row.updated_at if row else None, list(notes))
+        row = fetch(conn, _VERSION["patients" if rtype == "Patient" else "orders"], id=rid)
+        return Done(status, rtype, rid, int(row["version"]) if row else 1, row["updated_at"] if row else None,
+                    list(notes))
 
     # --- references -----------------------------------------------------------------------------------
     def _resolve_references(self, conn: Connection, it: Interaction, refs: dict[str, tuple[str, int]]
@@ -359,7 +388,7 @@ class FhirInbound:
             raise FhirError(422, f"{where}: {text} is not the fullUrl of a Patient entry in this Bundle", "not-found",
                             where)
         elif text.startswith("Patient?"):
-            matches = search.matching_ids(conn, "Patient", text[len("Patient?"):], self.issuers)
+            matches = self.matching(conn, "Patient", text[len("Patient?"):])
             if len(matches) != 1:
                 raise FhirError(422 if not matches else 412, f"{where}: {text} matches "
                                 f"{'no patient' if not matches else 'more than one patient'}", "not-found", where)
@@ -383,19 +412,17 @@ class FhirInbound:
 
 def primary_identifier(conn: Connection, patient_id: int) -> dict[str, Any] | None:
     """The patient's identifier (following a merge to the survivor) as a FHIR Identifier."""
-    pid: int | None = patient_id
+    pid = patient_id
     for _ in range(32):
-        row = conn.execute(select(PATIENTS.c.merged_into_id).where(PATIENTS.c.id == pid)).first()
-        if row is None or row.merged_into_id is None:
+        row = fetch(conn, _MERGED_INTO, id=pid)
+        if row is None or row["merged_into_id"] is None:
             break
-        pid = int(row.merged_into_id)
-    ident = conn.execute(select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer)
-                         .where(IDENTIFIERS.c.patient_id == pid, IDENTIFIERS.c.kind != "alias")
-                         .order_by(IDENTIFIERS.c.kind != "primary", IDENTIFIERS.c.id).limit(1)).first()
+        pid = int(row["merged_into_id"])
+    ident = fetch(conn, _LIVE_IDENTIFIER, id=pid)
     if ident is None:
         return None
-    out = {"value": ident.value}
-    system = system_of(ident.issuer)
+    out = {"value": ident["value"]}
+    system = system_of(ident["issuer"])
     if system:
         out["system"] = system
     return out

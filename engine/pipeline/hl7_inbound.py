@@ -359,8 +359,15 @@ def _wanted(condition: str, success: bool) -> bool:
     return True
 
 
+def check_reprocessable(row: MessageRow) -> None:
+    if row.protocol == "fhir":
+        raise ValueError(f"message {row.id} is a FHIR request: its sender got the answer (and the error) when it "
+                         "was sent, and resends it; it is not applied again from here")
+
+
 def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
     """Run a stored message through routing, mapping and the domain again (e.g. after a mapping fix)."""
+    check_reprocessable(row)
     if row.content is None or row.content_pruned:
         raise ValueError(f"message {row.id} has no stored content (pruned by retention)")
     p = inbound.prepare(row.content.raw, row.remote)
