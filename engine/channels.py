@@ -67,7 +67,7 @@ class FhirOptions:
     default_page_size: int = 50  # search results per page (_count)
     max_page_size: int = 500
     imagingstudy_mapping: str = "fhir-imagingstudy"  # how ImagingStudy reads look (the outbound mapping)
-    audit_reads: bool = True  # every read or search of PHI is recorded (radbridge audit, /api/audit)
+    audit_reads: bool = True  # every read or search of PHI is recorded (GET /api/audit)
     update_creates_patient: bool = True
     orders_update_patient: bool = False  # a ServiceRequest's subject only creates unknown patients
     ignore_stale_updates: bool = True  # meta.lastUpdated older than the last change applied: no change

@@ -5,6 +5,8 @@ Patient.link, bad input of every kind, search, and the audit trail of reads."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,16 @@ def test_a_token_is_needed_except_for_metadata(running: RunningEngine) -> None:
         assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
         assert r.body["resourceType"] == "OperationOutcome" and "Bearer" in r.issues()[0]
         assert call(running, "POST", "Patient", patient("1"), token=token).status == 401
+        # the base URL without its slash is the same endpoint: no way around the token
+        assert call(running, "POST", "", _txn(_post(patient("NOAUTH"))), token=token).status == 401
+    req = urllib.request.Request(f"http://127.0.0.1:{running.engine.http_port}/fhir", method="POST",
+                                 data=json.dumps(_txn(_post(patient("NOAUTH")))).encode(),
+                                 headers={"Content-Type": "application/fhir+json"})
+    try:
+        status = urllib.request.urlopen(req, timeout=10).status  # noqa: S310 - loopback
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    assert status == 401
     with running.db.read_session() as s:
         assert s.execute(select(Message)).first() is None  # nothing was stored for them
 
@@ -154,6 +166,12 @@ def test_servicerequest_and_orm_for_one_accession_are_one_order(running: Running
     assert ack_code(send(running.mllp_port, orm("XO", "PL7002", "ACC7002", "7002", issuer="HOSP", status="IP"))) == "AA"
     (o3,) = orders(running, "ACC7002")
     assert str(o3["id"]) == created.body["id"] and o3["status"] == "IP"
+    # "active" covers in progress: an update does not move the order back to scheduled
+    kept = call(running, "PUT", f"ServiceRequest/{o3['id']}", dict(created.body, status="active"),
+                headers={"X-Request-ID": "ehr-4711"})
+    assert kept.status == 200 and kept.headers["X-Request-ID"] == "ehr-4711"
+    assert kept.headers["Last-Modified"].endswith(" GMT")
+    assert orders(running, "ACC7002")[0]["status"] == "IP"
     assert o3["patient_id"] == int(pat.body["id"])
     assert call(running, "GET", f"ServiceRequest?patient={ref(pat)}&status=active").body["total"] == 1
 
@@ -275,6 +293,10 @@ def test_patient_link_merges_like_a40(running: RunningEngine) -> None:
     new = call(running, "GET", ref(keep)).body
     assert {"other": {"reference": ref(gone)}, "type": "replaces"} in new["link"]
     assert any(i["value"] == "M2" and i["use"] == "old" for i in new["identifier"])
+    assert old["meta"]["versionId"] == "2"  # the retired record changed: a new version
+    # the survivor read back and PUT unchanged (its link says replaces Patient/M2's record): harmless
+    again = call(running, "PUT", ref(keep), {k: v for k, v in new.items() if k != "meta"})
+    assert again.status == 200, again.body
     found = call(running, "GET", "Patient?identifier=urn:oid:1.2.36.146.595.217.0.1|M2").body
     assert [p["id"] for p in entries(found)] == [keep.body["id"]]  # the old MRN finds the survivor
     # the retired record says it is replaced by another one, named by identifier
@@ -371,8 +393,10 @@ def test_search_parameters_paging_and_audit(running: RunningEngine) -> None:
     assert any(a.patient_ids == [int(made[0].body["id"])] and a.count == 2 for a in searches)
     reads = [a for a in trail if a.resource_type == "Patient" and a.action == "search"]
     assert any(a.count == 2 and "_count=2" in (a.query or "") for a in reads)
+    # a create or update answers with the resource: that is a read too
+    assert any(a.action == "read" and a.status == 201 and a.resource_type == "ServiceRequest" for a in trail)
     listed = running.api("/api/audit?resource_type=ServiceRequest")[1]["events"]
-    assert len(listed) == len(searches)
+    assert len(listed) == len([a for a in trail if a.resource_type == "ServiceRequest"])
 
 
 def test_stale_updates_and_hot_reloaded_mapping(workdir: Path, db_url: str) -> None:

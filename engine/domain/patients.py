@@ -298,6 +298,7 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
         conn.execute(update(STUDIES).where(STUDIES.c.patient_id == prior.id).values(patient_id=survivor.id))
     prior.set("merged_into_id", survivor.id)
     prior.set("active", False)
+    prior.set("version", prior["version"] + 1)
     prior.set("updated_at", utcnow())
     prior.save(conn)
     survivor.set("version", survivor["version"] + 1)

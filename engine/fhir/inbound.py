@@ -300,6 +300,8 @@ class FhirInbound:
             found = int(order.id) if order is not None else None
             if order is not None and values.get("order.control") == "NW":
                 values["order.control"] = "XO"  # FHIR says update; the order history should too
+            if order is not None and values.get("order.status") == "SC" and order["status"] in ("IP", "A"):
+                del values["order.status"]  # "active" covers in progress: images moved it on, keep that
         if existing is not None and found is not None and found != existing and action != "patient.merge":
             raise FhirError(409, f"the identifiers in the body belong to {it.resource_type}/{found}, not to "
                                  f"{it.resource_type}/{existing}", "conflict", f"{it.resource_type}.identifier")
@@ -307,7 +309,7 @@ class FhirInbound:
             raise FhirError(409, f"none of the body's identifiers is one of {it.resource_type}/{existing}'s; an "
                                  "identifier change is a merge (Patient.link replaces) or a new resource", "conflict",
                             f"{it.resource_type}.identifier")
-        if existing is None and found is not None and it.method == "POST":
+        if existing is None and found is not None and it.method == "POST" and action != "patient.merge":
             raise FhirError(409, f"{it.resource_type}/{found} already has these identifiers; update it with PUT "
                                  f"{it.resource_type}/{found}, a conditional update, or send If-None-Exist",
                             "duplicate", f"{it.resource_type}.identifier")
@@ -440,5 +442,11 @@ def _patient_action(action: str, values: dict[str, Any]) -> tuple[str, dict[str,
             merged["message.event_time"] = values["message.event_time"]
         return "patient.merge", merged
     if values.get("merge.prior_id"):
-        return "patient.merge", values
+        same = (str(values["merge.prior_id"]), str(values.get("merge.prior_issuer") or "")) == \
+            (str(values.get("patient.id")), str(values.get("patient.issuer") or ""))
+        if not same:
+            return "patient.merge", values
+        # link.other names a record already merged into this one (its reference now resolves here):
+        # a resend, or a read-modify-write of the survivor; nothing more to merge
+    return action, {k: v for k, v in values.items() if not k.startswith("merge.")}
     return action, {k: v for k, v in values.items() if not k.startswith("merge.")}

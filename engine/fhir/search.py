@@ -145,7 +145,7 @@ def parse(resource_type: str, params: list[tuple[str, str]], *, issuers: IssuerO
     known = SEARCH_PARAMS.get(resource_type)
     if known is None:
         raise FhirError(404, f"{resource_type} cannot be searched here", "not-supported")
-    q = Query(resource_type, count=default_count)
+    q = Query(resource_type, count=min(default_count, max_count))
     for raw_name, value in params:
         name, _, modifier = raw_name.partition(":")
         if name in CONTROL_PARAMS:
@@ -213,12 +213,15 @@ def _patient_clause(name: str, modifier: str, value: str, issuers: IssuerOf) -> 
                                             _string_clause(c.middle_name, v, modifier)))
     if name == "birthdate":
         prefix, start, _end = date_range(value, name)
-        if prefix != "eq":
-            raise _bad("birthdate: only exact dates (YYYY, YYYY-MM, YYYY-MM-DD) are supported", name)
-        return c.birth_date.startswith(value)
+        if prefix != "eq" or "T" in value:
+            raise _bad("birthdate: only dates (YYYY, YYYY-MM, YYYY-MM-DD, optionally eq) are supported", name)
+        return c.birth_date.startswith(value.removeprefix("eq"))
     if name == "gender":
-        codes = {k for k, v in GENDER.items() if v in {g.split("|")[-1] for g in value.split(",")}}
-        return c.sex.in_(codes)
+        wanted = {g.split("|")[-1] for g in value.split(",")}
+        unknown = wanted - set(GENDER.values())
+        if unknown:
+            raise _bad(f"gender={value}: expected male, female, other or unknown", name)
+        return c.sex.in_({k for k, v in GENDER.items() if v in wanted})
     return _date_clause(c.updated_at, value, name)
 
 

@@ -151,7 +151,7 @@ def imaging_studies(conn: Connection, ids: list[int], mapping: OutboundMapping, 
             res = {"resourceType": "ImagingStudy", "status": "unknown",
                    "note": [{"text": f"the ImagingStudy mapping could not build this study: {exc}"}]}
         res["id"] = str(st["id"])
-        updated = max(t for t in (st["last_received_at"], st["reconciled_at"]) if t is not None)
+        updated = st["reconciled_at"] or st["last_received_at"]  # as _lastUpdated searches it
         res["meta"] = _meta((st["times_reconciled"] or 0) + 1, updated)
         if st["state"] == "receiving":
             res["status"] = "registered"  # images still arriving

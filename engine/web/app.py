@@ -26,7 +26,8 @@ OPEN = ("/fhir/metadata",)
 def token_middleware(tokens: Callable[[], list[str]], enabled: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not enabled or not request.path.startswith(PROTECTED) or request.path in OPEN:
+        protected = request.path.startswith(PROTECTED) or request.path in ("/api", "/fhir")
+        if not enabled or not protected or request.path in OPEN:
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
@@ -35,7 +36,7 @@ def token_middleware(tokens: Callable[[], list[str]], enabled: bool) -> Callable
                 if hmac.compare_digest(t.encode(), given.strip().encode()):
                     request[AGENT] = fingerprint(t)  # who, in the audit trail
                     return await handler(request)
-        if request.path.startswith("/fhir/"):
+        if request.path.startswith("/fhir"):
             from engine.fhir.outcome import FhirError
             body = FhirError(401, "send Authorization: Bearer <token> (http.tokens in the engine's config)",
                              "login").outcome()

@@ -2,7 +2,7 @@
 
 Every FHIR read, vread and search, and every admin API lookup of patients, orders or studies, writes
 one ``audit_events`` row through the ingest writer before the answer is sent: a read that cannot be
-recorded is not answered (503). ``radbridge audit`` and ``GET /api/audit`` list them.
+recorded is not answered (503). ``GET /api/audit`` lists them.
 """
 
 from __future__ import annotations

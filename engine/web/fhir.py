@@ -20,6 +20,8 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from engine.runtime import Engine
 
 log = logging.getLogger(__name__)
+REQUEST_ID = web.RequestKey("radbridge_request_id", str)  # kept as the message's control_id, echoed back
 FHIR_JSON = "application/fhir+json"
 WRITABLE = ("Patient", "ServiceRequest")
 READABLE = ("Patient", "ServiceRequest", "ImagingStudy")
@@ -118,6 +121,7 @@ def fhir_app(engine: Engine) -> web.Application:
         fi = inbound()
         remote = request.remote
         request_id = request.headers.get("X-Request-ID") or str(uuid.uuid4())
+        request[REQUEST_ID] = request_id
         agent = agent_of(request)
         t0 = time.perf_counter()
         stored: Stored = await engine.writer.run(
@@ -149,7 +153,7 @@ def fhir_app(engine: Engine) -> web.Application:
     def entry_headers(done: Done) -> dict[str, str]:
         headers = {"ETag": f'W/"{done.version}"', "Location": f"{done.location}"}
         if done.last_updated is not None:
-            headers["Last-Modified"] = views.instant(done.last_updated) or ""
+            headers["Last-Modified"] = http_date(done.last_updated)
         return headers
 
     async def answer_write(request: web.Request, stored: Stored) -> web.Response:
@@ -160,12 +164,16 @@ def fhir_app(engine: Engine) -> web.Application:
             return error_response(result)
         headers = entry_headers(result)
         headers["Location"] = f"{base(request)}/{result.location}"
+        if request.get(REQUEST_ID):
+            headers["X-Request-ID"] = request[REQUEST_ID]
         prefer = request.headers.get("Prefer", "")
         if "return=minimal" in prefer:
             return web.Response(status=result.status, headers=headers)
         if "return=OperationOutcome" in prefer:
             return fhir_response(_notes_outcome(result), result.status, headers)
         res = (await read_resources(result.resource_type, [result.id])).get(result.id)
+        if res is not None:  # what comes back is patient data too (a conditional create's match)
+            await record_read(engine, request, "read", result.resource_type, result.status, [res])
         return fhir_response(res or _notes_outcome(result), result.status, headers)
 
     # --- writes ------------------------------------------------------------------------------------------
@@ -248,8 +256,11 @@ def fhir_app(engine: Engine) -> web.Application:
             elif rtype == "ImagingStudy":
                 why += " (a study becomes an ImagingStudy once it is placed with a patient)"
             raise FhirError(404, why, "not-found")
-        return fhir_response(found, headers={"ETag": f'W/"{views.version_of(found)}"',
-                                             "Last-Modified": str(found.get("meta", {}).get("lastUpdated", ""))})
+        headers = {"ETag": f'W/"{views.version_of(found)}"'}
+        updated = found.get("meta", {}).get("lastUpdated")
+        if updated:
+            headers["Last-Modified"] = http_date(datetime.fromisoformat(str(updated).replace("Z", "+00:00")))
+        return fhir_response(found, headers=headers)
 
     async def do_search(request: web.Request, params: list[tuple[str, str]]) -> web.Response:
         rtype = _readable(request.match_info["type"])
@@ -269,7 +280,7 @@ def fhir_app(engine: Engine) -> web.Application:
         b = base(request)
         kept = [(k, v) for k, v in params if k not in ("_offset",)]
         links = [{"relation": "self", "url": f"{b}/{rtype}?{urlencode(params)}"}]
-        if len(ids) == q.count:
+        if q.count and len(ids) == q.count and (total is None or q.offset + q.count < total):
             links.append({"relation": "next", "url": f"{b}/{rtype}?{urlencode([*kept, ('_offset', q.offset + q.count)])}"})
         if q.offset > 0:
             links.append({"relation": "previous",
@@ -314,6 +325,10 @@ def fhir_app(engine: Engine) -> web.Application:
     for method in ("DELETE", "PATCH"):
         app.router.add_route(method, "/{tail:.*}", not_allowed)
     return app
+
+
+def http_date(dt: datetime) -> str:
+    return format_datetime((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).astimezone(UTC), usegmt=True)
 
 
 def _writable(rtype: str, method: str) -> str:
