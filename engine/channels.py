@@ -44,7 +44,16 @@ RECONCILIATION_POLICIES = ("coerce", "flag", "reject", "off")
 
 
 @dataclass
-class ChannelOptions:
+class DomainOptions:
+    """How a channel's messages apply to patients and orders: shared by HL7 (mllp) and FHIR channels."""
+
+    update_creates_patient: bool = True  # an update (A08/A31, FHIR update) for an unknown patient creates it
+    orders_update_patient: bool = False  # IHE: ADT owns demographics; an order's patient only creates unknown ones
+    ignore_stale_updates: bool = True  # older than the last change applied (EVN-2, meta.lastUpdated): no change
+
+
+@dataclass
+class ChannelOptions(DomainOptions):
     dedup_window_seconds: float = 3600.0  # same MSH-10 from the same sender within this: re-ACK, not re-apply
     max_message_bytes: int = 10 * 1024 * 1024
     idle_timeout_seconds: float = 600.0  # a connection that sends nothing for this long is closed
@@ -53,13 +62,10 @@ class ChannelOptions:
     processing_ids: list[str] = field(default_factory=lambda: ["P", "T", "D"])
     versions: list[str] = field(default_factory=lambda: ["2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1",
                                                          "2.6", "2.7", "2.7.1", "2.8", "2.8.1", "2.8.2"])
-    update_creates_patient: bool = True
-    orders_update_patient: bool = False  # IHE: ADT owns demographics; ORM's PID only creates unknown patients
-    ignore_stale_updates: bool = True
 
 
 @dataclass
-class FhirOptions:
+class FhirOptions(DomainOptions):
     """Options of the FHIR channel (connector type fhir, served at /fhir/ on the HTTP port); docs/fhir.md."""
 
     max_body_bytes: int = 5 * 1024 * 1024  # a larger request body is refused with 413
@@ -68,9 +74,6 @@ class FhirOptions:
     max_page_size: int = 500
     imagingstudy_mapping: str = "fhir-imagingstudy"  # how ImagingStudy reads look (the outbound mapping)
     audit_reads: bool = True  # every read or search of PHI is recorded (GET /api/audit)
-    update_creates_patient: bool = True
-    orders_update_patient: bool = False  # a ServiceRequest's subject only creates unknown patients
-    ignore_stale_updates: bool = True  # meta.lastUpdated older than the last change applied: no change
 
 
 @dataclass

@@ -294,7 +294,7 @@ class FhirInbound:
         retired = bool(values.get("merge.survivor_id"))  # this Patient is the one merged away
         if it.resource_type == "Patient":
             action, values = _patient_action(action, values)
-            found = self._patient_for(conn, values, action)
+            found = self._patient_for(conn, values)
         else:
             order = find_order(conn, values)
             found = int(order.id) if order is not None else None
@@ -323,7 +323,7 @@ class FhirInbound:
         done.mapped = values
         return done
 
-    def _patient_for(self, conn: Connection, values: dict[str, Any], action: str) -> int | None:
+    def _patient_for(self, conn: Connection, values: dict[str, Any]) -> int | None:
         if not values.get("patient.id"):
             return None
         p = find_patient(conn, str(values["patient.id"]), str(values.get("patient.issuer") or ""))

@@ -47,7 +47,7 @@ def _r5_hint(resource_type: str, loc: tuple[Any, ...]) -> str:
     r4 = R5_ELEMENTS.get(resource_type, {}).get(head)
     if r4 is not None:
         return f" ({head} is FHIR R5; R4 has {r4})"
-    if "concept" in loc or "reference" in loc and loc[-1] == "concept":
+    if "concept" in loc:
         return " (a CodeableReference {concept: ...} is FHIR R5; R4 has a CodeableConcept here)"
     return ""
 

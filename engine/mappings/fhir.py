@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.channels import FHIR_ROUTE_RESOURCES
 from engine.fhir.paths import FhirPath, FhirPathError, FhirSource, first_text, parse_fhir_path, walk
 from engine.mappings.spec import Spec, _Compiler
 from engine.yamlfile import LineDict
 
-RESOURCES = ("Patient", "ServiceRequest")
+RESOURCES = FHIR_ROUTE_RESOURCES
 
 
 class FhirSpec(Spec):

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from engine.channels import ChannelOptions, FhirOptions
+from engine.channels import DomainOptions
 from engine.domain.errors import DomainError
 from engine.domain.orders import apply_order
 from engine.domain.patients import Outcome, merge_patients, upsert_patient
@@ -14,7 +14,7 @@ from engine.reconciliation.triggers import after_message
 
 
 def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: list[dict[str, Any]],
-                 options: ChannelOptions | FhirOptions, message_id: int | None) -> Outcome:
+                 options: DomainOptions, message_id: int | None) -> Outcome:
     """Apply one message. ``values`` are the message-level fields, ``groups`` one dict per order group."""
     out = Outcome(message_id=message_id)
     stale = options.ignore_stale_updates

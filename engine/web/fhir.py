@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
+from engine.channels import FHIR_ROUTE_RESOURCES
 from engine.fhir import search, views
 from engine.fhir.capability import capability_statement
 from engine.fhir.inbound import Done, FhirInbound, Interaction, Stored
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 REQUEST_ID = web.RequestKey("radbridge_request_id", str)  # kept as the message's control_id, echoed back
 FHIR_JSON = "application/fhir+json"
-WRITABLE = ("Patient", "ServiceRequest")
-READABLE = ("Patient", "ServiceRequest", "ImagingStudy")
+WRITABLE = FHIR_ROUTE_RESOURCES  # what a fhir channel's routes can take
+READABLE = tuple(search.SEARCH_PARAMS)  # what can be read and searched
 REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 412: "Precondition Failed", 413: "Payload Too Large", 422: "Unprocessable Entity",
            500: "Internal Server Error", 503: "Service Unavailable"}
