@@ -63,6 +63,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import create_engine, func, select, text, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from engine.connectors.outbound import OutboundConnector  # noqa: E402
 from engine.domain.studies import STUDIES  # noqa: E402
 from engine.outbound import outbox  # noqa: E402
 from engine.outbound.outbox import ATTEMPTS, DELIVERIES  # noqa: E402
@@ -234,7 +235,7 @@ def start_rig(dbs: Databases, work: Path, stable_seconds: float) -> Rig:
     except BaseException:
         ehr.stop()
         raise
-    if e.engine.outbound is None or set(e.engine.outbound.workers) != {"fhir", "mllp"}:
+    if {d for c in e.engine.connectors_of(OutboundConnector) for d in c.service.workers} != {"fhir", "mllp"}:
         e.stop()
         ehr.stop()
         raise RuntimeError("the engine started without both delivery workers (fhir, mllp)")
@@ -675,8 +676,7 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
         released = db_write(e, release)
         t_wake_wall = time.time()
         t_wake = time.monotonic()
-        assert e.engine.outbound is not None
-        e.loop.call_soon_threadsafe(e.engine.outbound.wake)  # asyncio.Event.set is for the loop's own thread
+        e.loop.call_soon_threadsafe(e.engine.wake_outbound)  # asyncio.Event.set is for the loop's own thread
         deadline = 120 + 0.5 * n
         wait_db(e, f"not all {2 * n} deliveries delivered", lambda c: c.execute(
             select(func.count()).select_from(DELIVERIES).where(DELIVERIES.c.state != "pending")).scalar() >= 2 * n,

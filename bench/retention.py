@@ -33,10 +33,12 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import create_engine, func, insert, select, text  # noqa: E402
 
 from engine.config import Settings  # noqa: E402
+from engine.connectors.mllp.channel import MllpConnector  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
 from engine.store.models import Message, MessageContent  # noqa: E402
 from engine.store.retention import prune  # noqa: E402
 from engine.store.types import utcnow  # noqa: E402
+from engine.web.app import build_app  # noqa: E402
 
 RAW = (b"MSH|^~\\&|EPIC|GENHOSP|RADBRIDGE|RAD|20240101000000||ADT^A08^ADT_A01|OLD|P|2.5.1\r"
        b"EVN|A08|20240101000000\rPID|1||OLD^^^GENHOSP^MR||Old^Message||19700101|F\r" + b"NTE|1||" + b"x" * 300 + b"\r")
@@ -124,14 +126,14 @@ def main() -> int:
         loop = asyncio.new_event_loop()
         runner = threading.Thread(target=loop.run_forever, daemon=True)
         runner.start()
-        engine = Engine(s)
+        engine = Engine(s, http_app=build_app)
         asyncio.run_coroutine_threadsafe(engine.start(), loop).result(60)
         try:
             print(f"seeding {args.old:,} old messages into {url.split('://')[0]} ...", flush=True)
             t = time.perf_counter()
             seed_old(url, args.old)
             print(f"  seeded in {time.perf_counter() - t:.1f}s")
-            port = engine.listeners["hl7-inbound"].server.port
+            port = engine.connector("hl7-inbound", MllpConnector).port
             send_stream(port, 0, 200)  # warm-up
             print("  warm-up done; ingest without pruning ...", flush=True)
 

@@ -15,8 +15,11 @@ rejected with AR (200 unsupported message type, or 201 unsupported event).
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -29,7 +32,6 @@ ACTIONS = {
     "order": "create, update or cancel the imaging order by ORC-1 (ORM^O01, OMI^O23)",
     "ignore": "store and ACK, apply nothing",
 }
-CONNECTORS = ("mllp", "dicom", "outbound", "fhir")
 # what a fhir channel's routes take (messages: resource types) and the actions that apply to them
 FHIR_ROUTE_RESOURCES = ("Patient", "ServiceRequest")
 FHIR_ACTIONS = {"Patient": ("patient.upsert", "patient.update"), "ServiceRequest": ("order",)}
@@ -41,6 +43,28 @@ OUTBOUND_EVENTS = {
 DESTINATION_TYPES = ("fhir", "mllp")
 DUPLICATE_POLICIES = ("ignore", "overwrite", "reject")
 RECONCILIATION_POLICIES = ("coerce", "flag", "reject", "off")
+
+
+class RoutesKind(StrEnum):
+    """What a connector type's channel file says under ``routes:``."""
+
+    MESSAGES = "messages"  # inbound routes: messages -> action -> mappings (mllp, file, fhir)
+    OUTBOUND = "outbound"  # outbound routes: events -> destination with a mapping
+    NONE = "none"  # no routes (dicom: every accepted instance is stored)
+
+
+@dataclass(frozen=True)
+class ConnectorSpec:
+    """How a channel file of one connector type reads: the part of a connector class that the
+    channel parser needs (engine/connectors/ registers one per type; the parser takes them as an
+    argument, so this module knows no connector by name)."""
+
+    name: str
+    options_type: type[Any]  # the dataclass that options: fills (checked key by key, with lines)
+    connector_keys: tuple[str, ...] = ("type",)  # keys allowed under connector:
+    routes: RoutesKind = RoutesKind.MESSAGES
+    route_resources: tuple[str, ...] = ()  # MESSAGES routes of resources (fhir) instead of HL7 types
+    check_options: Callable[[Any, Any, str, int, list[ConfigProblem]], None] | None = None
 
 
 @dataclass
@@ -102,6 +126,11 @@ class DicomOptions:
 
 
 @dataclass
+class OutboundOptions:
+    """An outbound channel's settings live on its destinations; options: takes nothing yet."""
+
+
+@dataclass
 class Destination:
     """Where an outbound channel sends (the address comes from [ehr] in config) and its retry rule."""
 
@@ -149,7 +178,7 @@ class Channel:
     connector: str
     port: int | None
     routes: list[Route]
-    options: ChannelOptions
+    options: ChannelOptions = field(default_factory=ChannelOptions)  # channels that take HL7 v2 (mllp, file)
     enabled: bool = True
     fhir: FhirOptions = field(default_factory=FhirOptions)  # the fhir channel
     description: str = ""
@@ -157,6 +186,18 @@ class Channel:
     dicom: DicomOptions = field(default_factory=DicomOptions)
     destinations: dict[str, Destination] = field(default_factory=dict)  # outbound channels
     outbound_routes: list[OutboundRoute] = field(default_factory=list)
+    extra: Any = None  # the options of a connector type that has a dataclass of its own (not HL7, DICOM, FHIR)
+
+    def set_options(self, opts: Any) -> None:
+        """Keep parsed options where the code that reads them looks (the HL7, DICOM or FHIR ones)."""
+        if isinstance(opts, ChannelOptions):
+            self.options = opts
+        elif isinstance(opts, DicomOptions):
+            self.dicom = opts
+        elif isinstance(opts, FhirOptions):
+            self.fhir = opts
+        else:
+            self.extra = opts
 
     def route_for(self, message_type: str) -> Route | None:
         for r in self.routes:
@@ -168,7 +209,13 @@ class Channel:
         return any(r.matches_code(code) for r in self.routes)
 
 
-def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem], cls: type[Any] = ChannelOptions) -> Any:
+def _line(raw: Any, key: str, default: int) -> int:
+    return raw.line_of(key) if isinstance(raw, LineDict) and key in raw else default
+
+
+def parse_options(raw: Any, file: str, line: int, problems: list[ConfigProblem], cls: type[Any]) -> Any:
+    """Fill the options dataclass ``cls`` from ``options:``, key by key: an unknown key or a value of
+    the wrong type is a problem at its own line, and the default stays."""
     opts = cls()
     if raw is None:
         return opts
@@ -178,7 +225,7 @@ def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem], cls:
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     for key, value in raw.items():
-        kline = raw.line_of(key) if isinstance(raw, LineDict) else line
+        kline = _line(raw, key, line)
         if key not in names:
             problems.append(ConfigProblem(file, kline, f"options.{key}",
                                           f"unknown option; expected one of {', '.join(sorted(names))}"))
@@ -202,54 +249,52 @@ def _options(raw: Any, file: str, line: int, problems: list[ConfigProblem], cls:
                                           f"got {value!r}"))
             continue
         setattr(opts, key, value)
-    if isinstance(opts, DicomOptions):
-        _check_dicom_options(opts, raw, file, line, problems)
-        return opts
-    if isinstance(opts, FhirOptions):
-        for key in ("max_body_bytes", "max_bundle_entries", "default_page_size", "max_page_size"):
-            if getattr(opts, key) <= 0:
-                problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) and key in raw
-                                              else line, f"options.{key}", "must be greater than 0"))
-        return opts
-    for key in ("idle_timeout_seconds", "max_message_bytes"):
-        if getattr(opts, key) <= 0:
-            problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) else line,
-                                          f"options.{key}", "must be greater than 0"))
-    if opts.default_charset:
-        import codecs
-        for key in ("default_charset", "fallback_charset"):
-            name = getattr(opts, key)
-            if name:
-                try:
-                    codecs.lookup(name)
-                except LookupError:
-                    problems.append(ConfigProblem(file, raw.line_of(key) if isinstance(raw, LineDict) else line,
-                                                  f"options.{key}", f"unknown character set {name!r}"))
     return opts
 
 
-def _check_dicom_options(opts: DicomOptions, raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> None:
-    def where(key: str) -> int:
-        return raw.line_of(key) if isinstance(raw, LineDict) and key in raw else line
+def check_positive(opts: Any, raw: Any, file: str, line: int, problems: list[ConfigProblem],
+                   keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(opts, key) <= 0:
+            problems.append(ConfigProblem(file, _line(raw, key, line), f"options.{key}", "must be greater than 0"))
 
+
+def check_hl7_options(opts: ChannelOptions, raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> None:
+    """What every channel that takes HL7 v2 (mllp, file) checks beyond types."""
+    check_positive(opts, raw, file, line, problems, ("idle_timeout_seconds", "max_message_bytes"))
+    for key in ("default_charset", "fallback_charset"):
+        name = getattr(opts, key)
+        if name:
+            try:
+                codecs.lookup(name)
+            except LookupError:
+                problems.append(ConfigProblem(file, _line(raw, key, line), f"options.{key}",
+                                              f"unknown character set {name!r}"))
+
+
+def check_fhir_options(opts: FhirOptions, raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> None:
+    check_positive(opts, raw, file, line, problems,
+                   ("max_body_bytes", "max_bundle_entries", "default_page_size", "max_page_size"))
+
+
+def check_dicom_options(opts: DicomOptions, raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> None:
     if opts.duplicates not in DUPLICATE_POLICIES:
-        problems.append(ConfigProblem(file, where("duplicates"), "options.duplicates",
+        problems.append(ConfigProblem(file, _line(raw, "duplicates", line), "options.duplicates",
                                       f"must be one of {', '.join(DUPLICATE_POLICIES)}, got {opts.duplicates!r}"))
     if opts.reconciliation not in RECONCILIATION_POLICIES:
-        problems.append(ConfigProblem(file, where("reconciliation"), "options.reconciliation",
+        problems.append(ConfigProblem(file, _line(raw, "reconciliation", line), "options.reconciliation",
                                       f"must be one of {', '.join(RECONCILIATION_POLICIES)}, "
                                       f"got {opts.reconciliation!r}"))
-    for key in ("max_associations", "worklist_max_results", "query_max_results"):
-        if getattr(opts, key) <= 0:
-            problems.append(ConfigProblem(file, where(key), f"options.{key}", "must be greater than 0"))
+    check_positive(opts, raw, file, line, problems, ("max_associations", "worklist_max_results", "query_max_results"))
     for aet in opts.allowed_calling_aets:
         if not aet.strip() or len(aet) > 16:
-            problems.append(ConfigProblem(file, where("allowed_calling_aets"), "options.allowed_calling_aets",
+            problems.append(ConfigProblem(file, _line(raw, "allowed_calling_aets", line), "options.allowed_calling_aets",
                                           f"{aet!r} is not an AE title (1 to 16 characters)"))
 
 
-def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) -> tuple[Channel | None,
-                                                                                         list[ConfigProblem]]:
+def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
+                  known_mappings: set[str] | None = None) -> tuple[Channel | None, list[ConfigProblem]]:
+    """One channel file, read by the spec of its connector type (``types``: the registered ones)."""
     problems: list[ConfigProblem] = []
 
     def problem(line: int, fld: str, msg: str) -> None:
@@ -268,103 +313,108 @@ def parse_channel(data: Any, file: str, known_mappings: set[str] | None = None) 
         problem(line_of("name") or 1, "name", "every channel needs a name")
         name = Path(file).stem
     conn = data.get("connector")
+    spec: ConnectorSpec | None = None
     ctype, port, aet = None, None, None
     if not isinstance(conn, dict):
         problem(line_of("connector") or 1, "connector", "connector: {type: mllp, port: 2575} is required")
     else:
         ctype = conn.get("type")
-        if ctype not in CONNECTORS:
-            problem(conn.line_of("type") if isinstance(conn, LineDict) else 0, "connector.type",
-                    f"unknown connector type {ctype!r}; expected one of {', '.join(CONNECTORS)}")
+        spec = types.get(ctype) if isinstance(ctype, str) else None
+        if spec is None:
+            problem(_line(conn, "type", 0), "connector.type",
+                    f"unknown connector type {ctype!r}; expected one of {', '.join(types)}")
+        allowed = spec.connector_keys if spec is not None else tuple(conn)
         port = conn.get("port")
-        if port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
-            problem(conn.line_of("port") if isinstance(conn, LineDict) else 0, "connector.port",
-                    f"port must be a number from 0 to 65535, got {port!r}")
+        if "port" in allowed and port is not None and (not isinstance(port, int) or not 0 <= port < 65536):
+            problem(_line(conn, "port", 0), "connector.port", f"port must be a number from 0 to 65535, got {port!r}")
             port = None
         aet = conn.get("aet")
-        if aet is not None and (ctype != "dicom" or not isinstance(aet, str) or not 0 < len(aet.strip()) <= 16):
-            problem(conn.line_of("aet") if isinstance(conn, LineDict) else 0, "connector.aet",
-                    "aet (DICOM channels only) is an AE title of 1 to 16 characters")
+        if "aet" in allowed and aet is not None and (not isinstance(aet, str) or not 0 < len(aet.strip()) <= 16):
+            problem(_line(conn, "aet", 0), "connector.aet", "aet is an AE title of 1 to 16 characters")
             aet = None
-        allowed = ("type", "port", "aet") if ctype == "dicom" else ("type",) if ctype == "fhir" else ("type", "port")
         for key in conn:
             if key not in allowed:
-                problem(conn.line_of(key) if isinstance(conn, LineDict) else 0, f"connector.{key}",
-                        f"unknown key; expected {', '.join(allowed)}")
+                problem(_line(conn, key, 0), f"connector.{key}", f"unknown key; expected {', '.join(allowed)}")
     routes: list[Route] = []
     raw_routes = data.get("routes")
     destinations: dict[str, Destination] = {}
     outbound: list[OutboundRoute] = []
-    if ctype == "outbound":
+    routes_kind = spec.routes if spec is not None else RoutesKind.MESSAGES
+    if routes_kind is RoutesKind.OUTBOUND:
         destinations, outbound = _parse_outbound(data, file, known_mappings, problem)
         raw_routes = []
     elif "destinations" in data:
         problem(line_of("destinations"), "destinations", "only outbound channels have destinations")
-    if ctype == "dicom":
-        if raw_routes is not None:  # a DICOM channel stores every instance it accepts
-            problem(line_of("routes"), "routes", "DICOM channels have no routes; use options")
+    if routes_kind is RoutesKind.NONE:
+        if raw_routes is not None:
+            problem(line_of("routes"), "routes", f"{ctype} channels have no routes; use options")
         raw_routes = []
-    elif ctype != "outbound" and (not isinstance(raw_routes, list) or not raw_routes):
+    elif routes_kind is RoutesKind.MESSAGES and (not isinstance(raw_routes, list) or not raw_routes):
         problem(line_of("routes") or 1, "routes", "routes: must list at least one route")
         raw_routes = []
+    resources = spec.route_resources if spec is not None else ()
     for i, r in enumerate(raw_routes or []):
-        rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
-        where = f"routes[{i + 1}]"
-        if not isinstance(r, dict):
-            problem(rline, where, "a route is {messages: [...], action: ..., mappings: [...]}")
-            continue
-        msgs = r.get("messages")
-        if isinstance(msgs, str):
-            msgs = [msgs]
-        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, str) for m in msgs):
-            problem(rline, f"{where}.messages", "messages: lists message types like ADT^A08 (wildcards: ADT^*)")
-            msgs = []
-        action = r.get("action")
-        aline = r.line_of("action") if isinstance(r, LineDict) and "action" in r else rline
-        if action not in ACTIONS:
-            problem(aline, f"{where}.action", f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
-        if ctype == "fhir":
-            for m in msgs:
-                if m not in FHIR_ROUTE_RESOURCES:
-                    problem(rline, f"{where}.messages", f"{m!r}: a FHIR channel takes "
-                            f"{', '.join(FHIR_ROUTE_RESOURCES)} (Bundles are split into their entries)")
-                elif action in ACTIONS and action not in FHIR_ACTIONS[m]:
-                    problem(aline, f"{where}.action", f"{m} takes action {' or '.join(FHIR_ACTIONS[m])}")
-        maps = r.get("mappings", [])
-        if isinstance(maps, str):
-            maps = [maps]
-        if not isinstance(maps, list):
-            problem(rline, f"{where}.mappings", "mappings: lists mapping names (files in mappings/ without .yaml)")
-            maps = []
-        if action not in (None, "ignore") and not maps:
-            problem(rline, f"{where}.mappings", f"action {action} needs at least one mapping")
-        if known_mappings is not None:
-            for m in maps:
-                if m not in known_mappings:
-                    mline = r.line_of("mappings") if isinstance(r, LineDict) else rline
-                    problem(mline, f"{where}.mappings", f"no mapping named {m!r} in the mappings directory")
-        for key in r:
-            if key not in ("messages", "action", "mappings"):
-                problem(r.line_of(key) if isinstance(r, LineDict) else rline, f"{where}.{key}",
-                        "unknown key; expected messages, action, mappings")
-        names = msgs if ctype == "fhir" else [m.upper() for m in msgs]
-        routes.append(Route(names, str(action), [str(m) for m in maps], rline))
-    opts, dicom_opts, fhir_opts = ChannelOptions(), DicomOptions(), FhirOptions()
-    if ctype == "dicom":
-        dicom_opts = _options(data.get("options"), file, line_of("options"), problems, DicomOptions)
-    elif ctype == "fhir":
-        fhir_opts = _options(data.get("options"), file, line_of("options"), problems, FhirOptions)
-    else:
-        opts = _options(data.get("options"), file, line_of("options"), problems)
+        route = _parse_route(r, i, raw_routes, resources, known_mappings, problem)
+        if route is not None:
+            routes.append(route)
+    opts_type = spec.options_type if spec is not None else ChannelOptions
+    opts = parse_options(data.get("options"), file, line_of("options"), problems, opts_type)
+    check = spec.check_options if spec is not None else check_hl7_options  # unknown type: read as HL7 options
+    if check is not None and isinstance(data.get("options"), dict | None):
+        check(opts, data.get("options"), file, line_of("options"), problems)
     enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
         problem(line_of("enabled"), "enabled", "enabled is true or false")
         enabled = True
-    channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes, options=opts,
+    channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes,
                       enabled=enabled, description=str(data.get("description") or ""),
-                      aet=aet.strip() if isinstance(aet, str) else None, dicom=dicom_opts, fhir=fhir_opts,
+                      aet=aet.strip() if isinstance(aet, str) else None,
                       destinations=destinations, outbound_routes=outbound)
+    channel.set_options(opts)
     return (None if problems else channel), problems
+
+
+def _parse_route(r: Any, i: int, raw_routes: Any, resources: tuple[str, ...], known_mappings: set[str] | None,
+                 problem: Callable[[int, str, str], None]) -> Route | None:
+    rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
+    where = f"routes[{i + 1}]"
+    if not isinstance(r, dict):
+        problem(rline, where, "a route is {messages: [...], action: ..., mappings: [...]}")
+        return None
+    msgs = r.get("messages")
+    if isinstance(msgs, str):
+        msgs = [msgs]
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, str) for m in msgs):
+        problem(rline, f"{where}.messages", "messages: lists message types like ADT^A08 (wildcards: ADT^*)")
+        msgs = []
+    action = r.get("action")
+    aline = _line(r, "action", rline)
+    if action not in ACTIONS:
+        problem(aline, f"{where}.action", f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
+    if resources:
+        for m in msgs:
+            if m not in resources:
+                problem(rline, f"{where}.messages", f"{m!r}: this channel takes "
+                        f"{', '.join(resources)} (Bundles are split into their entries)")
+            elif action in ACTIONS and m in FHIR_ACTIONS and action not in FHIR_ACTIONS[m]:
+                problem(aline, f"{where}.action", f"{m} takes action {' or '.join(FHIR_ACTIONS[m])}")
+    maps = r.get("mappings", [])
+    if isinstance(maps, str):
+        maps = [maps]
+    if not isinstance(maps, list):
+        problem(rline, f"{where}.mappings", "mappings: lists mapping names (files in mappings/ without .yaml)")
+        maps = []
+    if action not in (None, "ignore") and not maps:
+        problem(rline, f"{where}.mappings", f"action {action} needs at least one mapping")
+    if known_mappings is not None:
+        for m in maps:
+            if m not in known_mappings:
+                problem(_line(r, "mappings", rline), f"{where}.mappings", f"no mapping named {m!r} in the mappings directory")
+    for key in r:
+        if key not in ("messages", "action", "mappings"):
+            problem(_line(r, key, rline), f"{where}.{key}", "unknown key; expected messages, action, mappings")
+    names = msgs if resources else [m.upper() for m in msgs]
+    return Route(names, str(action), [str(m) for m in maps], rline)
 
 
 def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, problem: Any
@@ -459,7 +509,9 @@ def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, probl
     return destinations, routes
 
 
-def load_channels(directory: Path, known_mappings: set[str] | None = None) -> tuple[list[Channel], list[ConfigProblem]]:
+def load_channels(directory: Path, types: Mapping[str, ConnectorSpec], known_mappings: set[str] | None = None
+                  ) -> tuple[list[Channel], list[ConfigProblem]]:
+    """Every channels/*.yaml, each read by its connector type's spec; names are unique."""
     channels: list[Channel] = []
     problems: list[ConfigProblem] = []
     if not directory.is_dir():
@@ -471,7 +523,7 @@ def load_channels(directory: Path, known_mappings: set[str] | None = None) -> tu
         except ConfigFileError as exc:
             problems.extend(exc.problems)
             continue
-        ch, probs = parse_channel(data, str(path), known_mappings)
+        ch, probs = parse_channel(data, str(path), types, known_mappings)
         problems.extend(probs)
         if ch is None:
             continue

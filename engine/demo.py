@@ -49,7 +49,9 @@ def run_demo(keep: bool = False) -> int:
 
 
 async def _demo(work: Path) -> int:
+    from engine.connectors.mllp.channel import MllpConnector
     from engine.runtime import Engine
+    from engine.web.app import build_app
     if not (REPO / "channels").is_dir() or not SAMPLES.is_dir():
         print("radbridge demo needs the repository checkout (channels/, mappings/, tests/samples/)")
         return 1
@@ -66,14 +68,14 @@ async def _demo(work: Path) -> int:
     from engine.standin_ehr import StandInEHR
     ehr = StandInEHR(token="ehr-token").start()
     s.ehr.mllp, s.ehr.fhir_base, s.ehr.fhir_token = ehr.mllp_address, ehr.fhir_base, "ehr-token"
-    engine = Engine(s)
+    engine = Engine(s, http_app=build_app)
     try:
         await engine.start()
     except BaseException:
         ehr.stop()
         raise
     try:
-        port = engine.listeners["hl7-inbound"].server.port
+        port = engine.connector("hl7-inbound", MllpConnector).port
         print(f"RadBridge demo: engine on 127.0.0.1, MLLP port {port}, HTTP port {engine.http_port}, "
               f"store {s.database_url}\n")
 
@@ -120,7 +122,8 @@ async def _images_and_results(engine: Any, ehr: Any, work: Path, base: str) -> b
     from pydicom.uid import generate_uid
     from pynetdicom import AE
 
-    port = next(iter(engine.dicom_listeners.values())).port
+    from engine.connectors.dicom.channel import DicomConnector
+    port = engine.connectors_of(DicomConnector)[0].port
     study_uid, series_uid = generate_uid(), generate_uid()
 
     def send_images() -> list[int]:

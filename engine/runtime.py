@@ -1,9 +1,14 @@
-"""The running engine: store, writer, channels' listeners, HTTP and background tasks.
+"""The running engine: store, writer, one connector per enabled channel, HTTP and background tasks.
 
 Start order: configuration is checked (a broken channel or mapping stops the start with every
-problem listed), the database is migrated, the writer starts, then listeners, then HTTP. Stop is
-the reverse: listeners stop accepting and finish the messages in hand (their ACKs are written),
-the writer drains its queue, then the database is closed.
+problem listed), the database is migrated, the writer starts, then each channel's connector (in
+channel file order), then HTTP. Stop is the reverse: connectors stop taking work and finish what
+they hold (ACKs and C-STORE answers are written, a delivery batch is recorded), the writer drains
+its queue, then the database is closed.
+
+The runtime knows connectors only through ``engine.connectors.base.Connector`` and the registry
+of types; the HTTP application is handed in by the caller (``http_app``), so this layer does not
+import the web layer above it.
 """
 
 from __future__ import annotations
@@ -13,26 +18,33 @@ import contextlib
 import gc
 import logging
 import secrets
+import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from sqlalchemy.orm import selectinload
 
 from engine.channels import Channel, load_channels
 from engine.config import Settings
-from engine.connectors.dicom.scp import DicomListener
-from engine.connectors.mllp.hl7_listener import HL7Listener
+from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
+from engine.connectors.fhir import FhirConnector
+from engine.connectors.hl7channel import HL7Channel
+from engine.connectors.outbound import OutboundConnector
+from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
-from engine.fhir.inbound import FhirInbound
-from engine.mappings.registry import MappingRegistry
+from engine.mappings.registry import MappingRegistry, SourceCompiler
 from engine.metrics import Metrics
-from engine.outbound.worker import OutboundService, address_of
-from engine.pipeline.hl7_inbound import HL7Inbound, check_reprocessable, reprocess
+from engine.outbound.mapping import compile_outbound
+from engine.pipeline.fhir_inbound import FhirInbound
+from engine.pipeline.hl7_inbound import check_reprocessable
 from engine.pipeline.writer import IngestWriter, InlineWriter
 from engine.reconciliation.reconciler import Reconciler
 from engine.reconciliation.reconciler import Result as ReconcileResult
+from engine.reconciliation.rules import ReconciliationRules, compile_rules
+from engine.storage.base import ObjectStorage
 from engine.storage.local import LocalStorage
 from engine.store import migrate
 from engine.store.db import Database, open_database
@@ -41,108 +53,46 @@ from engine.store.retention import prune
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 log = logging.getLogger(__name__)
+C = TypeVar("C", bound=Connector)
+HttpAppFactory = Callable[["Engine"], web.Application]
+
+# mapping files whose ``source:`` is compiled by a layer above the mapping core
+MAPPING_SOURCES: dict[str, SourceCompiler] = {"reconciliation": compile_rules, "store": compile_outbound}
 
 
-def channel_port(ch: Channel, settings: Settings) -> int:
-    if ch.port is not None:
-        return ch.port
-    return settings.dicom.port if ch.connector == "dicom" else settings.mllp.port
+def open_mappings(settings: Settings) -> MappingRegistry:
+    return MappingRegistry(Path(settings.mappings_dir), structure_version=settings.mappings.hl7_version,
+                           sources=MAPPING_SOURCES)
 
 
 def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel], list[ConfigProblem]]:
-    """Mappings and channels as configured, with every problem found (errors and warnings)."""
-    registry = MappingRegistry(Path(settings.mappings_dir), structure_version=settings.mappings.hl7_version)
+    """Mappings and channels as configured, with every problem found (errors and warnings): each
+    file's own, then what each enabled channel's connector type checks against the whole."""
+    registry = open_mappings(settings)
     problems = registry.load_all()
     if not Path(settings.mappings_dir).is_dir():
         problems.append(ConfigProblem(settings.mappings_dir, 0, "", "mappings directory not found"))
-    channels, chan_problems = load_channels(Path(settings.channels_dir), set(registry.names()))
+    channels, chan_problems = load_channels(Path(settings.channels_dir), connector_specs(), set(registry.names()))
     problems.extend(chan_problems)
-    ports: dict[int, str] = {settings.http.port: "the HTTP server"} if settings.http.port else {}
-    fhir_channels: list[str] = []
+    defs = Definitions(settings, registry, channels,
+                       ports={settings.http.port: "the HTTP server"} if settings.http.port else {})
     for ch in channels:
-        if not ch.enabled:
-            continue
-        if ch.connector == "outbound":
-            problems.extend(_check_outbound(ch, registry, settings))
-            continue
-        if ch.connector == "fhir":
-            problems.extend(_check_fhir(ch, registry, fhir_channels))
-            fhir_channels.append(ch.name)
-            continue
-        port = channel_port(ch, settings)
-        if port and port in ports:
-            problems.append(ConfigProblem(ch.file, 0, "connector.port",
-                                          f"port {port} is also used by {ports[port]}"))
-        ports[port] = f"channel {ch.name}"
-        rules = ch.dicom.reconciliation_rules if ch.connector == "dicom" else ""
-        if rules and registry.rules(rules) is None:
-            problems.append(ConfigProblem(ch.file, 0, "options.reconciliation_rules",
-                                          f"no reconciliation rules named {rules!r} in the mappings directory "
-                                          "(a file with source: reconciliation; \"\" uses the built-in rules)"))
+        if ch.enabled:
+            problems.extend(CONNECTOR_TYPES[ch.connector].check(ch, defs))
     return registry, channels, problems
 
 
-def _check_outbound(ch: Channel, registry: MappingRegistry, settings: Settings) -> list[ConfigProblem]:
-    """Each route's mapping builds what its destination speaks; a destination without an address is
-    a warning (nothing is queued for it), not an error: a site may take only HL7 or only FHIR."""
-    problems = []
-    for i, r in enumerate(ch.outbound_routes):
-        dest = ch.destinations.get(r.to)
-        m = registry.outbound(r.mapping)
-        where = f"routes[{i + 1}].mapping"
-        if m is None:
-            problems.append(ConfigProblem(ch.file, r.line, where, f"{r.mapping!r} is not an outbound mapping "
-                                          "(a mappings/ file with source: store)"))
-        elif dest is not None and m.target != ("fhir" if dest.type == "fhir" else "hl7v2"):
-            problems.append(ConfigProblem(ch.file, r.line, where, f"{r.mapping!r} builds {m.target} but destination "
-                                          f"{dest.name!r} is {dest.type}"))
-        elif "report.received" in r.events and len(r.events) > 1:
-            problems.append(ConfigProblem(ch.file, r.line, f"routes[{i + 1}].events",
-                                          "report.received builds from the report: give it a route of its own"))
-    for dest in ch.destinations.values():
-        if not address_of(dest, settings):
-            key = "fhir_base" if dest.type == "fhir" else "mllp"
-            problems.append(ConfigProblem(ch.file, dest.line, f"destinations.{dest.name}",
-                                          f"[ehr] {key} is empty (RADBRIDGE_EHR_{key.upper()}): nothing is sent here",
-                                          "warning"))
-    return problems
-
-
-def _check_fhir(ch: Channel, registry: MappingRegistry, others: list[str]) -> list[ConfigProblem]:
-    """One fhir channel (it owns /fhir/); each route's mappings read the resource it routes."""
-    problems = []
-    if others:
-        problems.append(ConfigProblem(ch.file, 0, "connector.type", f"channel {others[0]} already serves /fhir/; "
-                                      "only one fhir channel can be enabled"))
-    for i, r in enumerate(ch.routes):
-        for name in r.mappings:
-            m = registry.get(name)
-            if m is None:
-                continue  # reported with the mapping file's own problems
-            if m.source != "fhir" or m.resource not in r.messages:
-                problems.append(ConfigProblem(ch.file, r.line, f"routes[{i + 1}].mappings",
-                                              f"{name!r} reads {m.source} {m.resource or ''}".rstrip() +
-                                              f"; this route takes {', '.join(r.messages)} (source: fhir, "
-                                              f"resource: {r.messages[0]})"))
-    if registry.outbound(ch.fhir.imagingstudy_mapping) is None:
-        problems.append(ConfigProblem(ch.file, 0, "options.imagingstudy_mapping",
-                                      f"no outbound mapping named {ch.fhir.imagingstudy_mapping!r} (source: store, "
-                                      "resource: ImagingStudy) for ImagingStudy reads"))
-    return problems
-
-
 class Engine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, http_app: HttpAppFactory | None = None) -> None:
         self.settings = settings
+        self.http_app = http_app  # builds the HTTP application (engine.web.app.build_app); None: no HTTP
         self.metrics = Metrics()
         self.db: Database = None  # type: ignore[assignment]
         self.writer: IngestWriter = None  # type: ignore[assignment]
         self.mappings: MappingRegistry = None  # type: ignore[assignment]
         self.channels: dict[str, Channel] = {}
-        self.inbound: dict[str, HL7Inbound] = {}
-        self.listeners: dict[str, HL7Listener] = {}
-        self.dicom_listeners: dict[str, DicomListener] = {}
-        self.storage: LocalStorage | None = None
+        self.connectors: dict[str, Connector] = {}  # enabled channels, by name
+        self._storage: LocalStorage | None = None
         self.http_runner: web.AppRunner | None = None
         self.http_port: int = settings.http.port
         self._tasks: list[asyncio.Task[Any]] = []
@@ -152,8 +102,34 @@ class Engine:
         self._reconciling: asyncio.Future[int] | None = None
         self._reconcile_wakeup = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
-        self.outbound: OutboundService | None = None
-        self.fhir: FhirInbound | None = None  # the fhir channel (served at /fhir/ on the HTTP port)
+
+    # --- connectors --------------------------------------------------------------------------------------
+    def connectors_of(self, kind: type[C]) -> list[C]:
+        return [c for c in self.connectors.values() if isinstance(c, kind)]
+
+    def connector(self, name: str, kind: type[C]) -> C:
+        """The running connector of channel ``name``; LookupError when there is none of that type."""
+        found = self.connectors.get(name)
+        if not isinstance(found, kind):
+            raise LookupError(f"no running {kind.spec.name} channel named {name!r}")
+        return found
+
+    @property
+    def fhir(self) -> FhirInbound | None:
+        """The fhir channel's inbound stage (served at /fhir/ on the HTTP port), if one is enabled."""
+        found = self.connectors_of(FhirConnector)
+        return found[0].inbound if found else None
+
+    @property
+    def storage(self) -> ObjectStorage | None:
+        """The study storage, once a connector asked for it."""
+        return self._storage
+
+    def _study_storage(self) -> ObjectStorage:
+        if self._storage is None:
+            self._storage = LocalStorage(Path(self.settings.storage.dir) / "studies", fsync=self.settings.dicom.fsync)
+            self._use_storage_tempdir()
+        return self._storage
 
     # --- tokens ------------------------------------------------------------------------------------------
     def api_tokens(self) -> list[str]:
@@ -191,51 +167,24 @@ class Engine:
         inline = s.database.writer == "inline" or (s.database.writer == "auto" and self.db.is_sqlite)
         self.writer = InlineWriter(self.db.writer) if inline else IngestWriter(self.db.writer)
         self.writer.start()
-        self.metrics.gauge("radbridge_writer_backlog", "Messages waiting for the ingest writer",
-                           lambda: float(self.writer.backlog))
-        self.metrics.gauge("radbridge_writer_batches_total", "Transactions the ingest writer committed",
-                           lambda: float(self.writer.stats.batches))
-        self.metrics.gauge("radbridge_writer_jobs_total", "Messages the ingest writer handled",
-                           lambda: float(self.writer.stats.jobs))
-        self.metrics.gauge("radbridge_writer_commit_failures_total",
-                           "Batches that could not be committed (nothing in them was acknowledged)",
-                           lambda: float(self.writer.stats.commit_failures))
-        self.metrics.gauge("radbridge_writer_integrity_retries_total",
-                           "Jobs retried after a conflict with another engine process",
-                           lambda: float(self.writer.stats.retried))
-        self.metrics.gauge("radbridge_mapping_reloads_total", "Mapping files reloaded after a change",
-                           lambda: float(self.mappings.reloads))
+        self._register_gauges()
+        ctx = ConnectorContext(settings=s, db=self.db, writer=self.writer, mappings=self.mappings,
+                               metrics=self.metrics, storage=self._study_storage)
         try:
             for ch in channels:
                 self.channels[ch.name] = ch
                 if not ch.enabled:
                     log.info("channel %s is disabled", ch.name)
                     continue
-                if ch.connector == "outbound":
-                    continue  # started below, with the outbound service
-                if ch.connector == "fhir":
-                    self.fhir = FhirInbound(ch, self.mappings)
-                    continue
-                port = channel_port(ch, s)
-                if ch.connector == "dicom":
-                    await self._start_dicom(ch, port)
-                    continue
-                inbound = HL7Inbound(ch, self.mappings, app_name=s.name, facility=s.facility)
-                self.inbound[ch.name] = inbound
-                lst = HL7Listener(ch, inbound, self.writer, self.metrics, host=s.bind, port=port,
-                                  max_connections=s.mllp.max_connections)
-                await lst.start()
-                self.listeners[ch.name] = lst
+                conn = CONNECTOR_TYPES[ch.connector](ch, ctx)
+                self.connectors[ch.name] = conn
+            if any(c.stores_studies for c in self.connectors.values()):
+                self.reconciler = self._make_reconciler()
+            for conn in self.connectors.values():
+                await conn.start()
             self._ensure_token()
-            from engine.web.app import build_app
-            self.http_runner = web.AppRunner(build_app(self), access_log=None)
-            await self.http_runner.setup()
-            site = web.TCPSite(self.http_runner, s.bind, s.http.port, reuse_address=True)
-            await site.start()
-            server = getattr(site, "_server", None)
-            if server is not None and server.sockets:
-                self.http_port = server.sockets[0].getsockname()[1]
-            log.info("HTTP on http://%s:%d (/health, /metrics, /api/, /fhir/)", s.bind, self.http_port)
+            if self.http_app is not None:
+                await self._start_http()
         except BaseException:
             await self.stop()
             raise
@@ -248,27 +197,40 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._watch_mappings(), name="mapping-reload"))
         if s.retention.enabled:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
-        self.outbound = OutboundService(s, self.db, self.writer, self.mappings, list(self.channels.values()),
-                                        self.storage, self.metrics)
-        self.outbound.start()
-        if self.dicom_listeners:
+        if self.reconciler is not None:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
-            self.reconciler = self._make_reconciler()
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
 
-    async def _start_dicom(self, ch: Channel, port: int) -> None:
-        if self.storage is None:
-            self.storage = LocalStorage(Path(self.settings.storage.dir) / "studies", fsync=self.settings.dicom.fsync)
-            self._use_storage_tempdir()
-        lst = DicomListener(ch, self.settings, db=self.db, writer=self.writer, storage=self.storage,
-                            metrics=self.metrics, host=self.settings.bind, port=port)
-        await lst.start()
-        self.dicom_listeners[ch.name] = lst
+    async def _start_http(self) -> None:
+        assert self.http_app is not None
+        s = self.settings
+        self.http_runner = web.AppRunner(self.http_app(self), access_log=None)
+        await self.http_runner.setup()
+        site = web.TCPSite(self.http_runner, s.bind, s.http.port, reuse_address=True)
+        await site.start()
+        addresses = self.http_runner.addresses
+        if addresses:
+            self.http_port = int(addresses[0][1])
+        log.info("HTTP on http://%s:%d (/health, /metrics, /api/, /fhir/)", s.bind, self.http_port)
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("radbridge_writer_backlog", "Messages waiting for the ingest writer", lambda: float(self.writer.backlog))
+        m.gauge("radbridge_writer_batches_total", "Transactions the ingest writer committed",
+                lambda: float(self.writer.stats.batches))
+        m.gauge("radbridge_writer_jobs_total", "Messages the ingest writer handled",
+                lambda: float(self.writer.stats.jobs))
+        m.gauge("radbridge_writer_commit_failures_total",
+                "Batches that could not be committed (nothing in them was acknowledged)",
+                lambda: float(self.writer.stats.commit_failures))
+        m.gauge("radbridge_writer_integrity_retries_total", "Jobs retried after a conflict with another engine process",
+                lambda: float(self.writer.stats.retried))
+        m.gauge("radbridge_mapping_reloads_total", "Mapping files reloaded after a change",
+                lambda: float(self.mappings.reloads))
 
     def _use_storage_tempdir(self) -> None:
         """pynetdicom writes received instances to the process's temporary directory; keeping that
         on the storage file system makes storing a rename instead of a copy."""
-        import tempfile
         tmp = Path(self.settings.storage.dir) / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         for stale in tmp.glob("tmp*.dcm"):  # left by a crash mid-transfer: never acknowledged
@@ -283,18 +245,19 @@ class Engine:
             if self._reconciling is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(self._reconciling), 60)
-        if self.outbound is not None:  # a batch being sent finishes and is recorded
-            await self.outbound.stop()
+        for out in self.connectors_of(OutboundConnector):  # a batch being sent finishes and is recorded
+            with contextlib.suppress(Exception):
+                await out.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
-        await asyncio.gather(*(lst.stop() for lst in self.listeners.values()),
-                             *(d.stop() for d in self.dicom_listeners.values()), return_exceptions=True)
-        self.listeners.clear()
-        self.dicom_listeners.clear()
+        results = await asyncio.gather(*(c.stop() for c in self.connectors.values()), return_exceptions=True)
+        for conn, res in zip(list(self.connectors.values()), results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("channel %s did not stop cleanly: %s", conn.name, res)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None
@@ -339,10 +302,12 @@ class Engine:
                 self.metrics.reconciliations.inc(state=r.state)
             if r.coerced:
                 self.metrics.coerced_instances.inc(r.coerced)
-        return Reconciler(self.db, self.writer, self.storage, channels=self.channels, rules=self.mappings.rules,
-                          modifying_system=self.settings.dicom.aet, tmp_dir=Path(self.settings.storage.dir) / "tmp",
-                          fsync=self.settings.dicom.fsync, on_result=on_result,
-                          outbox=self.outbound.outbox if self.outbound else None)
+        outbound = self.connectors_of(OutboundConnector)
+        return Reconciler(self.db, self.writer, self._study_storage(), channels=self.channels,
+                          rules=lambda name: self.mappings.get_as(name, ReconciliationRules),
+                          modifying_system=self.settings.dicom.aet,
+                          tmp_dir=Path(self.settings.storage.dir) / "tmp", fsync=self.settings.dicom.fsync,
+                          on_result=on_result, outbox=outbound[0].service.outbox if outbound else None)
 
     async def _reconcile_loop(self) -> None:
         interval = min(1.0, max(0.1, self.settings.dicom.stable_seconds / 4))
@@ -354,7 +319,9 @@ class Engine:
                 await self.reconcile_pending()
             except Exception:
                 log.exception("reconciliation pass failed; will try again")
-            self.wake_outbound()
+            if self.reconciler is not None and self.reconciler.deliveries_queued:
+                self.reconciler.deliveries_queued = 0
+                self.wake_outbound()
 
     async def reconcile_pending(self) -> int:
         """Work the reconciliation queue in a worker thread (file rewriting is blocking I/O)."""
@@ -372,13 +339,13 @@ class Engine:
 
     def wake_outbound(self) -> None:
         """Deliveries were queued or put back: send now rather than at the next poll."""
-        if self.outbound is not None and self.reconciler is not None and self.reconciler.deliveries_queued:
-            self.reconciler.deliveries_queued = 0
-            self.outbound.wake()
+        for out in self.connectors_of(OutboundConnector):
+            out.wake()
 
     async def check_stability(self) -> int:
         """Mark studies stable that had no new instance for dicom.stable_seconds; returns how many."""
         cutoff = stability_cutoff(self.settings.dicom.stable_seconds)
+
         def candidates_() -> list[int]:
             with self.db.reader.connect() as conn:
                 return stability_candidates(conn, cutoff)
@@ -401,61 +368,31 @@ class Engine:
             if row is None:
                 raise LookupError(f"no message {message_id}")
             check_reprocessable(row)
-            inbound = self.inbound.get(row.channel)
-            if inbound is None:
+            conn = self.connectors.get(row.channel)
+            if not isinstance(conn, HL7Channel):
                 raise ValueError(f"channel {row.channel!r} is not running")
-            st = reprocess(session, inbound, row)
-            return {"message_id": st.message_id, "status": st.status, "error": st.error,
-                    "outcome": st.outcome.as_dict() if st.outcome else None}
+            return conn.reprocess(session, row)
         return await self.writer.run(work)
 
-    def _dicom_status(self, ch: Channel) -> dict[str, Any]:
-        d = self.dicom_listeners.get(ch.name)
-        m = self.metrics
-        outcomes = ("stored", "duplicate", "overwritten", "rejected_duplicate", "invalid", "out_of_resources",
-                    "not_stored", "failed")
-        return {
-            "name": ch.name, "connector": ch.connector, "enabled": ch.enabled, "description": ch.description,
-            "state": "listening" if d and d.running else ("disabled" if not ch.enabled else "stopped"),
-            "port": d.port if d else ch.port, "aet": d.aet if d else (ch.aet or self.settings.dicom.aet),
-            "associations": {"open": d.active_associations if d else 0, "total": d.associations_total if d else 0,
-                             "refused": d.refused_total if d else 0},
-            "counters": {"instances": {o: m.dicom_stored.value(channel=ch.name, outcome=o) for o in outcomes
-                                       if m.dicom_stored.value(channel=ch.name, outcome=o)},
-                         "requests": {sv: m.dicom_requests.value(channel=ch.name, service=sv)
-                                      for sv in ("echo", "find", "mwl", "move", "get")
-                                      if m.dicom_requests.value(channel=ch.name, service=sv)}},
-            "options": {"duplicates": ch.dicom.duplicates, "allowed_calling_aets": ch.dicom.allowed_calling_aets,
-                        "max_associations": ch.dicom.max_associations},
-        }
-
     def channel_status(self) -> list[dict[str, Any]]:
+        """Every configured channel as its connector reports it (disabled ones say so)."""
         out = []
         for name, ch in self.channels.items():
-            m = self.metrics
-            if ch.connector == "dicom":
-                out.append(self._dicom_status(ch))
-                continue
-            lst = self.listeners.get(name)
-            names = dict.fromkeys(m for r in ch.routes for m in r.mappings)  # each mapping once, in route order
-            mapping_problems = [str(p) for mname in names for p in self.mappings.problems(mname)]
-            out.append({
-                "name": name, "connector": ch.connector, "enabled": ch.enabled, "description": ch.description,
-                "state": "listening" if lst and lst.server.running else ("disabled" if not ch.enabled else "stopped"),
-                "port": lst.server.port if lst else ch.port,
-                "connections": {"open": lst.server.active_connections if lst else 0,
-                                "total": lst.server.connections_total if lst else 0,
-                                "refused": lst.server.refused_total if lst else 0},
-                "counters": {
-                    "received": m.received.value(channel=name),
-                    "acked": {c: m.acked.value(channel=name, code=c)
-                              for c in ("AA", "AE", "AR", "CA", "CE", "CR") if m.acked.value(channel=name, code=c)},
-                    "duplicates": m.duplicates.value(channel=name),
-                    "errors": m.failed.value(channel=name, reason="error"),
-                    "rejected": m.failed.value(channel=name, reason="rejected"),
-                    "not_stored": m.failed.value(channel=name, reason="not_stored"),
-                },
-                "routes": [{"messages": r.messages, "action": r.action, "mappings": r.mappings} for r in ch.routes],
-                "mapping_problems": mapping_problems,
-            })
+            conn = self.connectors.get(name)
+            out.append(conn.status() if conn is not None else disabled_status(ch))
         return out
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Each connector's own health (listening, port); False when any is not ok."""
+        ok, found = True, {}
+        for name, conn in self.connectors.items():
+            h = conn.health()
+            if h is not None:
+                found[name] = {k: v for k, v in h.items() if k not in ("ok", "min_free_mb")}
+                ok = ok and bool(h.get("ok"))
+        return ok, found
+
+    def storage_floor_mb(self) -> int:
+        """The lowest free-space floor of the channels that store studies (they refuse C-STORE below it)."""
+        floors = [int((c.health() or {}).get("min_free_mb", 0)) for c in self.connectors.values() if c.stores_studies]
+        return min(floors, default=0)

@@ -20,7 +20,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from engine.config import Settings
+from engine.connectors.dicom.channel import DicomConnector
+from engine.connectors.mllp.channel import MllpConnector
 from engine.runtime import Engine
+from engine.web.app import build_app
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "tests" / "samples"
@@ -109,7 +112,7 @@ class RunningEngine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = Engine(settings)
+        self.engine = Engine(settings, http_app=build_app)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -130,11 +133,11 @@ class RunningEngine:
 
     @property
     def mllp_port(self) -> int:
-        return self.engine.listeners["hl7-inbound"].server.port
+        return self.engine.connector("hl7-inbound", MllpConnector).port
 
     @property
     def dicom_port(self) -> int:
-        return self.engine.dicom_listeners["dicom"].port
+        return self.engine.connector("dicom", DicomConnector).port
 
     @property
     def db(self) -> Any:

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from engine.config import Settings
+from engine.connectors.mllp.channel import MllpConnector
 from engine.store.models import Message
 from tests.conftest import RunningEngine, make_settings
 from tests.hl7util import ack_code, adt, frames, raw_exchange, segment, send
@@ -125,7 +126,7 @@ def test_many_bad_clients_at_once_do_not_stop_the_listener(eng: RunningEngine) -
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         list(pool.map(attack, range(30)))
     still_serving(eng, "S1")
-    assert eng.engine.listeners["hl7-inbound"].server.running
+    assert eng.engine.connector("hl7-inbound", MllpConnector).server.running
 
 
 def test_mllp_send_from_python_hl7_as_a_separate_process(eng: RunningEngine, tmp_path: Path) -> None:
@@ -145,7 +146,7 @@ def test_connections_over_the_limit_are_refused_and_the_others_kept(workdir: Pat
         a = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
         b = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
         deadline = time.monotonic() + 5
-        while e.engine.listeners["hl7-inbound"].server.active_connections < 2 and time.monotonic() < deadline:
+        while e.engine.connector("hl7-inbound", MllpConnector).server.active_connections < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         with socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5) as c:
             c.settimeout(5)
@@ -155,6 +156,6 @@ def test_connections_over_the_limit_are_refused_and_the_others_kept(workdir: Pat
         assert b"MSA|AA" in a.recv(65536)
         a.close()
         b.close()
-        assert e.engine.listeners["hl7-inbound"].server.refused_total == 1
+        assert e.engine.connector("hl7-inbound", MllpConnector).server.refused_total == 1
     finally:
         e.stop()

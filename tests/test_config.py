@@ -10,6 +10,7 @@ from alembic.migration import MigrationContext
 
 from engine.channels import load_channels
 from engine.config import load_settings
+from engine.connectors.registry import connector_specs
 from engine.store import migrate
 from engine.store.db import open_database
 from engine.store.models import Base
@@ -56,7 +57,7 @@ def test_channel_problems_name_file_line_and_field(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(
         "name: bad\nconnector: {type: smoke-signal}\noptions:\n  max_message_bytes: -5\n  colour: red\n"
         "routes:\n  - messages: [ADT^A01]\n    action: patient.teleport\n    mappings: [nope]\n")
-    channels, problems = load_channels(tmp_path, {"hl7-patient"})
+    channels, problems = load_channels(tmp_path, connector_specs(), {"hl7-patient"})
     assert channels == []
     text = "\n".join(str(p) for p in problems)
     f = str(tmp_path / "bad.yaml")

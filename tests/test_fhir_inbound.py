@@ -15,7 +15,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from sqlalchemy import select
 
-from engine.fhir.search import SEARCH_PARAMS
+from engine.pipeline.fhir_search import SEARCH_PARAMS
 from engine.store.models import AuditEvent, Message, MessageContent, Order
 from tests.conftest import RunningEngine, make_settings
 from tests.fhirutil import acsn, call, mrn, patient, placer, sample, service_request

@@ -12,6 +12,7 @@ from engine.hl7.message import parse_message
 from engine.hl7.paths import SegmentSource
 from engine.mappings.registry import MappingRegistry, load_mapping_file
 from engine.mappings.spec import MappingResult
+from engine.runtime import MAPPING_SOURCES
 from tests.conftest import REPO, SAMPLES
 
 
@@ -29,14 +30,14 @@ def apply(tmp_path: Path, body: str, sample: str | bytes) -> MappingResult:
 
 
 def test_shipped_mappings_compile_without_problems() -> None:
-    reg = MappingRegistry(REPO / "mappings")
+    reg = MappingRegistry(REPO / "mappings", sources=MAPPING_SOURCES)
     problems = reg.load_all()
     assert [str(p) for p in problems] == []
     assert {"hl7-patient", "hl7-merge", "hl7-orm", "hl7-omi"} <= set(reg.names())
 
 
 def test_patient_mapping_on_a_standard_a01() -> None:
-    reg = MappingRegistry(REPO / "mappings")
+    reg = MappingRegistry(REPO / "mappings", sources=MAPPING_SOURCES)
     reg.load_all()
     m = reg.get("hl7-patient")
     assert m is not None

@@ -98,8 +98,7 @@ def order_and_images(e: RunningEngine, tmp: Path, mrn: str, acc: str, family: st
 
 
 def wake(e: RunningEngine) -> None:
-    assert e.engine.outbound is not None
-    e.loop.call_soon_threadsafe(e.engine.outbound.wake)
+    e.loop.call_soon_threadsafe(e.engine.wake_outbound)
 
 
 def test_reconciled_study_reaches_the_ehr_as_imagingstudy_and_oru(eng: RunningEngine, ehr: StandInEHR,

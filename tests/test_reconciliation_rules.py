@@ -13,6 +13,7 @@ from engine.mappings.registry import load_mapping_file
 from engine.reconciliation.coerce import Target, rewrite_instance
 from engine.reconciliation.compare import Authority, authoritative, differences, names_agree
 from engine.reconciliation.rules import NameRules, ReconciliationRules, default_rules
+from engine.runtime import MAPPING_SOURCES
 from engine.storage.local import LocalStorage
 from tests.conftest import REPO
 from tests.dicomutil import bundled, data_store_file
@@ -20,7 +21,7 @@ from tests.test_cli import radbridge
 
 
 def test_shipped_rules_compile_and_equal_the_built_in_defaults() -> None:
-    rules, problems = load_mapping_file(REPO / "mappings" / "reconciliation.yaml")
+    rules, problems = load_mapping_file(REPO / "mappings" / "reconciliation.yaml", sources=MAPPING_SOURCES)
     assert problems == [] and isinstance(rules, ReconciliationRules)
     assert [(a.keyword, a.source, a.severity, a.table) for a in rules.attributes] == \
         [(a.keyword, a.source, a.severity, a.table) for a in default_rules().attributes]

@@ -8,6 +8,8 @@ import pytest
 from sqlalchemy import select
 
 from engine.channels import load_channels
+from engine.connectors.mllp.channel import MllpConnector
+from engine.connectors.registry import connector_specs
 from engine.mappings.registry import load_mapping_file
 from engine.store.models import Message, Order, Patient, PatientIdentifier
 from tests.conftest import RunningEngine
@@ -95,7 +97,7 @@ def test_resend_after_ae_is_applied_once_the_data_is_good(running: RunningEngine
 
 def test_storage_failure_in_enhanced_mode_is_ce(running: RunningEngine) -> None:
     from engine.pipeline.hl7_inbound import HL7Inbound
-    inbound: HL7Inbound = running.engine.inbound["hl7-inbound"]
+    inbound: HL7Inbound = running.engine.connector("hl7-inbound", MllpConnector).inbound
     p = inbound.prepare(adt("A01", "CE1", "X", msh_extra="|||AL|NE").encode())
     (reply,) = inbound.storage_failure_acks(p, "disk full")
     assert ack_code(reply) == "CE" and "disk full" in reply
@@ -137,11 +139,11 @@ def test_list_and_single_fields_cannot_be_confused(tmp_path: Path, body: str, me
 def test_zero_idle_timeout_and_wildcard_codes(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("name: c\nconnector: {type: mllp}\noptions:\n  idle_timeout_seconds: 0\n"
                                      "routes:\n  - messages: [O*^O01]\n    action: ignore\n")
-    channels, problems = load_channels(tmp_path)
+    channels, problems = load_channels(tmp_path, connector_specs())
     assert any("options.idle_timeout_seconds: must be greater than 0" in str(p) for p in problems)
     (tmp_path / "c.yaml").write_text("name: c\nconnector: {type: mllp}\n"
                                      "routes:\n  - messages: [O*^O01]\n    action: ignore\n")
-    (ch,), _ = load_channels(tmp_path)
+    (ch,), _ = load_channels(tmp_path, connector_specs())
     assert ch.knows_code("ORM") and not ch.knows_code("ADT")
 
 
@@ -209,7 +211,7 @@ def test_overlong_merge_ids_and_identifier_types_are_ae_104(running: RunningEngi
 def test_zero_message_size_says_greater_than_zero(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("name: c\nconnector: {type: mllp}\noptions:\n  max_message_bytes: 0\n"
                                      "routes:\n  - messages: [ADT^*]\n    action: ignore\n")
-    _channels, problems = load_channels(tmp_path)
+    _channels, problems = load_channels(tmp_path, connector_specs())
     assert [str(p).split(": ", 1)[1] for p in problems] == ["options.max_message_bytes: must be greater than 0"]
 
 

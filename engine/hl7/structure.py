@@ -7,12 +7,6 @@ to validate a stored message in depth on demand (`radbridge messages show --vali
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
-
-from engine.yamlfile import ConfigProblem
-
-if TYPE_CHECKING:
-    from engine.mappings.spec import Mapping
 
 
 @lru_cache(maxsize=256)
@@ -28,30 +22,6 @@ def segment_field_count(name: str, version: str = "2.5") -> int | None:
     children = ref[1] if isinstance(ref, tuple) and len(ref) > 1 else ()
     count = len(children)
     return count + 1 if name == "MSH" else count
-
-
-def check_paths(mapping: Mapping, file: str, version: str = "2.5") -> list[ConfigProblem]:
-    problems: list[ConfigProblem] = []
-    for spec in mapping.specs:
-        paths = list(spec.paths)
-        for sub in spec.first_of or []:
-            paths.extend(sub.paths)
-        for cond in spec.when:
-            paths.append(cond.path)
-        for _lit, p in spec.template or []:
-            if p is not None:
-                paths.append(p)
-        for p in paths:
-            if p.segment.startswith("Z"):
-                continue
-            count = segment_field_count(p.segment, version)
-            if count is None:
-                problems.append(ConfigProblem(file, spec.line, spec.target,
-                                              f"{p}: segment {p.segment} is not defined in HL7 v{version}", "warning"))
-            elif p.field > count:
-                problems.append(ConfigProblem(file, spec.line, spec.target,
-                                              f"{p}: {p.segment} has {count} fields in HL7 v{version}", "warning"))
-    return problems
 
 
 def validate_message(text: str) -> list[str]:

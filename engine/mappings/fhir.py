@@ -21,7 +21,7 @@ from typing import Any
 
 from engine.channels import FHIR_ROUTE_RESOURCES
 from engine.fhir.paths import FhirPath, FhirPathError, FhirSource, first_text, parse_fhir_path, walk
-from engine.mappings.spec import Spec, _Compiler
+from engine.mappings.spec import Compiler, Spec
 from engine.yamlfile import LineDict
 
 RESOURCES = FHIR_ROUTE_RESOURCES
@@ -53,7 +53,7 @@ class FhirSpec(Spec):
         return out or None
 
 
-class FhirCompiler(_Compiler):
+class FhirCompiler(Compiler):
     spec_class = FhirSpec
 
     def path(self, text: Any, line: int, fld: str) -> Any:

@@ -8,41 +8,43 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from collections.abc import Mapping as MappingOf
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
-from engine.mappings.spec import Mapping, compile_mapping
-from engine.outbound.mapping import OutboundMapping, compile_outbound
-from engine.reconciliation.rules import ReconciliationRules, compile_rules
+from engine.mappings.spec import Mapping, check_paths, compile_mapping
 from engine.yamlfile import ConfigFileError, ConfigProblem, load_yaml
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# compiles a parsed file of one ``source:`` (data, file, name) into what its users run
+SourceCompiler = Callable[[Any, str, str], tuple[Any, list[ConfigProblem]]]
 
 
 @dataclass
 class _Entry:
-    mapping: Mapping | ReconciliationRules | OutboundMapping | None
+    mapping: Any  # a Mapping (hl7v2, fhir) or what a registered source compiles to; None: unusable
     mtime_ns: int
     problems: list[ConfigProblem] = field(default_factory=list)
 
 
-def load_mapping_file(path: Path, name: str | None = None, *, structure_version: str = "2.5"
-                      ) -> tuple[Mapping | ReconciliationRules | OutboundMapping | None, list[ConfigProblem]]:
+def load_mapping_file(path: Path, name: str | None = None, *, structure_version: str = "2.5",
+                      sources: MappingOf[str, SourceCompiler] | None = None) -> tuple[Any, list[ConfigProblem]]:
     """Compile one mapping file; problems include structure warnings (unknown segment, field too high).
-    A file with ``source: reconciliation`` holds reconciliation rules instead of field mappings;
-    one with ``source: store`` builds an outbound message (ORU^R01, ImagingStudy)."""
+    Inbound mappings (``source: hl7v2`` or ``fhir``) are compiled here; other sources by the compiler
+    their layer registers (``sources``: reconciliation rules, outbound ``store`` mappings)."""
     name = name or path.stem
     try:
         data = load_yaml(path)
     except ConfigFileError as exc:
         return None, exc.problems
-    if isinstance(data, dict) and data.get("source") == "reconciliation":
-        return compile_rules(data, str(path), name)
-    if isinstance(data, dict) and data.get("source") == "store":
-        return compile_outbound(data, str(path), name)
-    mapping, problems = compile_mapping(data, str(path), name)
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, str) and sources and source in sources:
+        return sources[source](data, str(path), name)
+    mapping, problems = compile_mapping(data, str(path), name, other_sources=tuple(sources or ()))
     if mapping is not None and mapping.source == "hl7v2":
-        from engine.hl7.structure import check_paths
         problems = problems + check_paths(mapping, str(path), structure_version)
     return mapping, problems
 
@@ -50,9 +52,11 @@ def load_mapping_file(path: Path, name: str | None = None, *, structure_version:
 class MappingRegistry:
     """The mappings of one directory, by name (file name without .yaml)."""
 
-    def __init__(self, directory: Path, *, structure_version: str = "2.5") -> None:
+    def __init__(self, directory: Path, *, structure_version: str = "2.5",
+                 sources: MappingOf[str, SourceCompiler] | None = None) -> None:
         self.directory = directory
         self.structure_version = structure_version
+        self.sources = dict(sources or {})
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
         self.reloads = 0
@@ -65,7 +69,8 @@ class MappingRegistry:
     def load_all(self) -> list[ConfigProblem]:
         problems: list[ConfigProblem] = []
         for name, path in self._files().items():
-            mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version)
+            mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version,
+                                                sources=self.sources)
             self._entries[name] = _Entry(mapping, path.stat().st_mtime_ns, probs)
             problems.extend(probs)
         return problems
@@ -77,18 +82,13 @@ class MappingRegistry:
         entry = self._entries.get(name)
         return entry.mapping if entry and isinstance(entry.mapping, Mapping) else None
 
-    def rules(self, name: str) -> ReconciliationRules | None:
-        """Reconciliation rules by name (a file with source: reconciliation)."""
+    def get_as(self, name: str, kind: type[T]) -> T | None:
+        """The compiled file ``name`` when it is a ``kind`` (e.g. ReconciliationRules), else None."""
         entry = self._entries.get(name)
-        return entry.mapping if entry and isinstance(entry.mapping, ReconciliationRules) else None
+        return entry.mapping if entry and isinstance(entry.mapping, kind) else None
 
-    def outbound(self, name: str) -> OutboundMapping | None:
-        """An outbound mapping by name (a file with source: store)."""
-        entry = self._entries.get(name)
-        return entry.mapping if entry and isinstance(entry.mapping, OutboundMapping) else None
-
-    def rules_names(self) -> list[str]:
-        return sorted(n for n, e in self._entries.items() if isinstance(e.mapping, ReconciliationRules))
+    def names_of(self, kind: type[Any]) -> list[str]:
+        return sorted(n for n, e in self._entries.items() if isinstance(e.mapping, kind))
 
     def problems(self, name: str | None = None) -> list[ConfigProblem]:
         if name is not None:
@@ -108,7 +108,8 @@ class MappingRegistry:
                 entry = self._entries.get(name)
                 if entry is not None and entry.mtime_ns == mtime:
                     continue
-                mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version)
+                mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version,
+                                                sources=self.sources)
                 errors = [p for p in probs if p.severity == "error"]
                 if mapping is None or errors:
                     for p in errors:

@@ -23,10 +23,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.domain.fields import LIST_FIELDS, is_known_field
 from engine.hl7 import errors as E
 from engine.hl7.message import NULL, Value, component
 from engine.hl7.paths import HL7Path, PathError, SegmentSource, parse_path, parse_relative
+from engine.hl7.structure import segment_field_count
+from engine.mappings.fields import LIST_FIELDS, is_known_field
 from engine.mappings.transforms import (
     TRANSFORM_ARGS,
     TRANSFORMS,
@@ -280,7 +281,7 @@ class Mapping:
 
 # --- compilation ------------------------------------------------------------------------------------
 
-class _Compiler:
+class Compiler:
     extra_transforms: tuple[str, ...] = ()  # more names a subclass handles (outbound output formats)
     spec_class: type[Spec] = Spec  # FHIR mappings read with FhirSpec (mappings/fhir.py)
 
@@ -536,15 +537,18 @@ class _Compiler:
         return parts
 
 
-def compile_mapping(data: Any, file: str, name: str) -> tuple[Mapping | None, list[ConfigProblem]]:
+def compile_mapping(data: Any, file: str, name: str, *, other_sources: tuple[str, ...] = ()
+                    ) -> tuple[Mapping | None, list[ConfigProblem]]:
+    """An inbound mapping (source: hl7v2 or fhir); ``other_sources`` are only named in the error for an
+    unknown source (the registry compiles those itself)."""
     source = data.get("source") if isinstance(data, dict) else None
     top_keys: tuple[str, ...] = ("source", "description", "tables", "fields")
-    c: _Compiler
+    c: Compiler
     if source == "fhir":
         from engine.mappings.fhir import RESOURCES, FhirCompiler
         c, top_keys = FhirCompiler(file), (*top_keys, "resource")
     else:
-        c = _Compiler(file)
+        c = Compiler(file)
     if not isinstance(data, dict):
         c.problem(1, "", "a mapping file is a YAML mapping with source: and fields:")
         return None, c.problems
@@ -553,7 +557,7 @@ def compile_mapping(data: Any, file: str, name: str) -> tuple[Mapping | None, li
         if key not in top_keys:
             c.problem(line_of(key), str(key), f"unknown top-level key; expected {', '.join(top_keys)}")
     if source not in SOURCES:
-        c.problem(line_of("source") or 1, "source", f"source must be one of {', '.join(SOURCES)}, got {source!r}")
+        c.problem(line_of("source") or 1, "source", f"source must be one of {', '.join((*SOURCES, *other_sources))}, got {source!r}")
     resource = ""
     if source == "fhir":
         resource = str(data.get("resource") or "")
@@ -579,3 +583,28 @@ def compile_mapping(data: Any, file: str, name: str) -> tuple[Mapping | None, li
                       specs=specs, tables=c.tables, resource=resource)
     errors = [p for p in c.problems if p.severity == "error"]
     return (None if errors else mapping), c.problems
+
+
+def check_paths(mapping: Mapping, file: str, version: str = "2.5") -> list[ConfigProblem]:
+    """Warnings for HL7 paths past a segment's defined fields or in an unknown segment (hl7apy's tables)."""
+    problems: list[ConfigProblem] = []
+    for spec in mapping.specs:
+        paths = list(spec.paths)
+        for sub in spec.first_of or []:
+            paths.extend(sub.paths)
+        for cond in spec.when:
+            paths.append(cond.path)
+        for _lit, p in spec.template or []:
+            if p is not None:
+                paths.append(p)
+        for p in paths:
+            if p.segment.startswith("Z"):
+                continue
+            count = segment_field_count(p.segment, version)
+            if count is None:
+                problems.append(ConfigProblem(file, spec.line, spec.target,
+                                              f"{p}: segment {p.segment} is not defined in HL7 v{version}", "warning"))
+            elif p.field > count:
+                problems.append(ConfigProblem(file, spec.line, spec.target,
+                                              f"{p}: {p.segment} has {count} fields in HL7 v{version}", "warning"))
+    return problems

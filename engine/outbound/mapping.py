@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.hl7.paths import HL7Path, PathError, parse_path
-from engine.mappings.spec import _Compiler as InboundCompiler
+from engine.mappings.spec import Compiler as InboundCompiler
 from engine.mappings.spec import condition_holds
 from engine.mappings.transforms import Table, TransformError
 from engine.yamlfile import ConfigProblem, LineDict, LineList
@@ -292,7 +292,7 @@ class OutboundMapping:
 
 # --- compilation ------------------------------------------------------------------------------------
 
-class _Compiler(InboundCompiler):
+class OutboundCompiler(InboundCompiler):
     """Tables, transforms and problem reporting as inbound mappings have them; store paths instead
     of HL7 paths as sources."""
 
@@ -516,7 +516,7 @@ class _Compiler(InboundCompiler):
 
 
 def compile_outbound(data: Any, file: str, name: str) -> tuple[OutboundMapping | None, list[ConfigProblem]]:
-    c = _Compiler(file)
+    c = OutboundCompiler(file)
     line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
     target = data.get("target")
     allowed = {"source", "target", "description", "tables", "message", "version", "segments", "resource",

@@ -64,7 +64,7 @@ class Renderer:
     info: EngineInfo
 
     def mapping(self, name: str) -> OutboundMapping:
-        m = self.mappings.outbound(name)
+        m = self.mappings.get_as(name, OutboundMapping)
         if m is None:
             raise RenderError(f"no outbound mapping named {name!r} (a mappings/ file with source: store)")
         return m
@@ -202,7 +202,7 @@ def build_outbox(settings: Settings, mappings: MappingRegistry, channels: list[C
     supersede = set()
     for ch in channels:
         for r in ch.outbound_routes:
-            m = mappings.outbound(r.mapping)
+            m = mappings.get_as(r.mapping, OutboundMapping)
             if m is not None and m.target == "fhir":
                 supersede.add(r.mapping)
     return Outbox(channels, enabled, supersede)

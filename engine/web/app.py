@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from sqlalchemy import text
@@ -65,17 +65,12 @@ def build_app(engine: Engine) -> web.Application:
         except Exception as exc:
             ok = False
             checks["database"] = f"unavailable: {type(exc).__name__}"
-        listeners: dict[str, dict[str, Any]] = {}
-        for name, lst in engine.listeners.items():
-            listeners[name] = {"listening": lst.server.running, "port": lst.server.port}
-            ok = ok and lst.server.running
-        for name, dlst in engine.dicom_listeners.items():
-            listeners[name] = {"listening": dlst.running, "port": dlst.port, "aet": dlst.aet}
-            ok = ok and dlst.running
+        channels_ok, listeners = engine.health()
+        ok = ok and channels_ok
         checks["channels"] = listeners
         if engine.storage is not None:
             free = engine.storage.free_bytes()
-            floor = min((d.opts.min_free_mb for d in engine.dicom_listeners.values()), default=0)
+            floor = engine.storage_floor_mb()
             checks["storage_free_mb"] = None if free is None else free // (1024 * 1024)
             if free is not None and free < floor * 1024 * 1024:
                 ok = False

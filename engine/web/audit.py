@@ -16,8 +16,8 @@ from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from engine.domain.records import add
-from engine.fhir.views import patient_ids_of
 from engine.store.models import AuditEvent
+from engine.web.fhir_views import patient_ids_of
 
 if TYPE_CHECKING:
     from engine.runtime import Engine

@@ -30,8 +30,7 @@ def add_delivery_routes(app: web.Application, engine: Engine) -> None:
 
     async def write(fn: Any) -> Any:
         result = await engine.writer.run(lambda s: fn(s.connection()))
-        if engine.outbound is not None:
-            engine.outbound.wake()
+        engine.wake_outbound()
         return result
 
     async def deliveries(request: web.Request) -> web.Response:

@@ -28,14 +28,16 @@ from urllib.parse import parse_qsl, urlencode
 from aiohttp import web
 
 from engine.channels import FHIR_ROUTE_RESOURCES
-from engine.fhir import search, views
-from engine.fhir.capability import capability_statement
-from engine.fhir.inbound import Done, FhirInbound, Interaction, Stored
 from engine.fhir.outcome import FhirError, issue, operation_outcome
 from engine.fhir.validate import check_resource, parse_json
 from engine.outbound.context import EngineInfo
+from engine.outbound.mapping import OutboundMapping
+from engine.pipeline import fhir_search as search
+from engine.pipeline.fhir_inbound import Done, FhirInbound, Interaction, Stored
 from engine.pipeline.writer import StorageUnavailable
+from engine.web import fhir_views as views
 from engine.web.audit import agent_of, record_read
+from engine.web.fhir_capability import capability_statement
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
@@ -135,7 +137,7 @@ def fhir_app(engine: Engine) -> web.Application:
 
     async def read_resources(rtype: str, ids: list[int]) -> dict[int, dict[str, Any]]:
         mapping_name = options().imagingstudy_mapping if options() else "fhir-imagingstudy"
-        mapping = engine.mappings.outbound(mapping_name) if rtype == "ImagingStudy" else None
+        mapping = engine.mappings.get_as(mapping_name, OutboundMapping) if rtype == "ImagingStudy" else None
         if rtype == "ImagingStudy" and mapping is None:
             raise FhirError(500, f"the ImagingStudy mapping {mapping_name!r} is not loaded (see radbridge check)",
                             "exception")

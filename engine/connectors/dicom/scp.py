@@ -30,10 +30,10 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 from engine.channels import Channel
 from engine.config import Settings
 from engine.connectors.dicom.contexts import add_supported, move_contexts
+from engine.connectors.dicom.query import QueryError, find, instances_for
+from engine.connectors.dicom.worklist import find_worklist
 from engine.dicom import status as S
 from engine.dicom.headers import HeaderError, read_header, storage_key
-from engine.dicom.query import QueryError, find, instances_for
-from engine.dicom.worklist import find_worklist
 from engine.domain.studies import StoreResult, record_instance
 from engine.metrics import Metrics
 from engine.pipeline.writer import IngestWriter

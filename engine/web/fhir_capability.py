@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
-from engine.fhir.search import SEARCH_PARAMS
 from engine.fhir.validate import FHIR_VERSION
+from engine.pipeline.fhir_search import SEARCH_PARAMS
 
 if TYPE_CHECKING:
     from engine.runtime import Engine

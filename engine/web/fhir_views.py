@@ -16,10 +16,10 @@ from sqlalchemy import Connection, select
 
 from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS
 from engine.domain.studies import STUDIES
-from engine.fhir.search import GENDER, SR_STATUS, V2_0203
 from engine.outbound.context import EngineInfo, build_context, system_of
 from engine.outbound.mapping import OutboundMapping, RenderError, Scope
 from engine.outbound.render import build_resource, prune_empty
+from engine.pipeline.fhir_search import GENDER, SR_STATUS, V2_0203
 
 CODE_SYSTEMS = {"LN": "http://loinc.org", "SCT": "http://snomed.info/sct", "RADLEX": "http://www.radlex.org"}
 PRIORITY = {"STAT": "stat", "ASAP": "asap", "ROUTINE": "routine", "PREOP": "urgent", "CALLBACK": "routine",

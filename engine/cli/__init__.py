@@ -11,15 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.config import DEFAULT_CONFIG, Settings, load_settings
-from engine.deliveries_cli import add_parser as add_deliveries_parser
+from engine.cli.common import open_db, settings_of
+from engine.cli.deliveries import add_parser as add_deliveries_parser
+from engine.cli.studies import add_parser as add_studies_parser
+from engine.config import DEFAULT_CONFIG, Settings
 from engine.reconciliation.rules import ReconciliationRules
-from engine.studies_cli import add_parser as add_studies_parser
 from engine.yamlfile import ConfigFileError
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(Path(args.config) if args.config else None)
 
 
 def _print_problems(exc: ConfigFileError) -> None:
@@ -29,12 +26,13 @@ def _print_problems(exc: ConfigFileError) -> None:
 
 # --- run ----------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_of(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.runtime import Engine
+    from engine.web.app import build_app
 
     async def main() -> int:
-        engine = Engine(settings)
+        engine = Engine(settings, http_app=build_app)
         try:
             await engine.start()
         except ConfigFileError as exc:
@@ -48,9 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        listening = ", ".join([*(f"{n} on {settings.bind}:{lst.server.port}" for n, lst in engine.listeners.items()),
-                               *(f"{n} (DICOM {d.aet}) on {settings.bind}:{d.port}"
-                                 for n, d in engine.dicom_listeners.items())])
+        listening = ", ".join(f"{n} on {ep}" for n, c in engine.connectors.items() if (ep := c.endpoint()))
         print(f"radbridge running: {listening or 'no channels'}; HTTP on http://{settings.bind}:{engine.http_port}/ "
               "(Ctrl-C to stop)", flush=True)
         await stop.wait()
@@ -64,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 # --- check --------------------------------------------------------------------------------------------
 def cmd_check(args: argparse.Namespace) -> int:
     try:
-        settings = _settings(args)
+        settings = settings_of(args)
     except ConfigFileError as exc:
         _print_problems(exc)
         return 1
@@ -88,8 +84,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if errors:
         print(f"radbridge check: {len(errors)} error(s)", file=sys.stderr)
         return 1
-    n_rules = len(registry.rules_names())
-    n_out = sum(1 for n in registry.names() if registry.outbound(n) is not None)
+    from engine.outbound.mapping import OutboundMapping
+    n_rules = len(registry.names_of(ReconciliationRules))
+    n_out = len(registry.names_of(OutboundMapping))
     print(f"radbridge check: OK ({len(channels)} channel(s), {len(registry.names()) - n_rules - n_out} mapping(s), "
           f"{n_out} outbound mapping(s), {n_rules} reconciliation rule file(s), {len(problems)} warning(s))")
     return 0
@@ -100,13 +97,15 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
     from engine.hl7.errors import HL7ParseError
     from engine.hl7.message import parse_message
     from engine.mappings.registry import load_mapping_file
+    from engine.runtime import MAPPING_SOURCES
     from engine.pipeline.hl7_inbound import map_message
 
-    settings = _settings(args)
+    settings = settings_of(args)
     path = Path(args.mapping)
     if not path.exists():
         path = Path(settings.mappings_dir) / f"{args.mapping}.yaml"
-    mapping, problems = load_mapping_file(path, structure_version=settings.mappings.hl7_version)
+    mapping, problems = load_mapping_file(path, structure_version=settings.mappings.hl7_version,
+                                          sources=MAPPING_SOURCES)
     for p in problems:
         print(str(p), file=sys.stderr)
     if mapping is None:
@@ -115,7 +114,7 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
         return _try_rules(mapping, Path(args.sample), settings)
     from engine.outbound.mapping import OutboundMapping
     if isinstance(mapping, OutboundMapping):
-        from engine.deliveries_cli import try_outbound
+        from engine.cli.deliveries import try_outbound
         return try_outbound(mapping, args.sample, settings)
     try:
         raw = Path(args.sample).read_bytes()
@@ -196,7 +195,7 @@ def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> 
     study: dict[str, Any] = {col: text_value(ds.get(kw)) for kw, col in STUDY_ATTRS.items()}
     study.update(id=0, study_uid=text_value(ds.get("StudyInstanceUID")))
     received = {r.keyword: text_value(ds.get(r.keyword)) for r in rules.attributes}
-    db = _open_db(settings)
+    db = open_db(settings)
     try:
         with db.reader.connect() as conn:
             m = match_study(conn, study, rules)
@@ -215,14 +214,6 @@ def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> 
 
 
 # --- messages -----------------------------------------------------------------------------------------
-def _open_db(settings: Settings) -> Any:
-    from engine.store import migrate
-    from engine.store.db import open_database
-    db = open_database(settings.database_url)
-    migrate.upgrade(db)
-    return db
-
-
 def cmd_messages(args: argparse.Namespace) -> int:
     from sqlalchemy import select
     from sqlalchemy.orm import selectinload
@@ -230,8 +221,8 @@ def cmd_messages(args: argparse.Namespace) -> int:
     from engine.store.models import Message
     from engine.web.serialize import message_json
 
-    settings = _settings(args)
-    db = _open_db(settings)
+    settings = settings_of(args)
+    db = open_db(settings)
     try:
         if args.action == "list":
             with db.read_session() as s:
@@ -243,10 +234,10 @@ def cmd_messages(args: argparse.Namespace) -> int:
                 rows = list(s.execute(stmt).scalars())
                 print(f"{'id':>8}  {'received (UTC)':19}  {'channel':14} {'type':10} {'control id':22} "
                       f"{'status':10} ack  error")
-                for m in rows:
-                    print(f"{m.id:>8}  {m.received_at:%Y-%m-%d %H:%M:%S}  {m.channel[:14]:14} "
-                          f"{(m.message_type or '-')[:10]:10} {(m.control_id or '-')[:22]:22} {m.status:10} "
-                          f"{m.ack_code or '-':3}  {(m.error or '')[:60]}")
+                for row in rows:
+                    print(f"{row.id:>8}  {row.received_at:%Y-%m-%d %H:%M:%S}  {row.channel[:14]:14} "
+                          f"{(row.message_type or '-')[:10]:10} {(row.control_id or '-')[:22]:22} {row.status:10} "
+                          f"{row.ack_code or '-':3}  {(row.error or '')[:60]}")
             return 0
         if args.action == "show":
             with db.read_session() as s:
@@ -413,6 +404,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

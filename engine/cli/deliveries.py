@@ -42,11 +42,11 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    from engine.cli import _settings
+    from engine.cli.common import settings_of
     from engine.outbound import admin, outbox
     from engine.store import migrate
     from engine.store.db import open_database
-    settings = _settings(args)
+    settings = settings_of(args)
     db = open_database(settings.database_url, sqlite_synchronous=settings.database.sqlite_synchronous)
     try:
         migrate.upgrade(db)

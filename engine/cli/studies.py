@@ -47,9 +47,9 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
 
 
 def cmd_studies(args: argparse.Namespace) -> int:
-    from engine.cli import _open_db, _settings
-    settings = _settings(args)
-    db = _open_db(settings)
+    from engine.cli.common import open_db, settings_of
+    settings = settings_of(args)
+    db = open_db(settings)
     try:
         if args.action == "list":
             return _list(db, args)
@@ -85,6 +85,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 def _work_queue(db: Any, settings: Any) -> None:
     from engine.reconciliation.reconciler import Reconciler, SessionRunner
+    from engine.reconciliation.rules import ReconciliationRules
     from engine.runtime import load_definitions
     from engine.storage.local import LocalStorage
     registry, channels, _problems = load_definitions(settings)
@@ -93,7 +94,8 @@ def _work_queue(db: Any, settings: Any) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     from engine.outbound.worker import build_outbox
     # deliveries the run owes the EHR are queued here too; the running engine sends them
-    rec = Reconciler(db, SessionRunner(db), storage, channels={c.name: c for c in channels}, rules=registry.rules,
+    rec = Reconciler(db, SessionRunner(db), storage, channels={c.name: c for c in channels},
+                     rules=lambda name: registry.get_as(name, ReconciliationRules),
                      modifying_system=settings.dicom.aet, tmp_dir=tmp, fsync=settings.dicom.fsync,
                      outbox=build_outbox(settings, registry, channels))
     rec.run_pending()

@@ -53,13 +53,13 @@ from engine.domain.records import (
     savepoint,
     update_row,
 )
-from engine.fhir import search
 from engine.fhir.outcome import FhirError, issue
 from engine.fhir.paths import FhirSource
 from engine.fhir.validate import FHIR_VERSION
 from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping
 from engine.outbound.context import system_of
+from engine.pipeline import fhir_search as search
 from engine.pipeline.actions import apply_action
 from engine.pipeline.hl7_inbound import internal_error_text
 from engine.pipeline.writer import FINAL_ATTEMPT
