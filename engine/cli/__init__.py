@@ -97,8 +97,8 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
     from engine.hl7.errors import HL7ParseError
     from engine.hl7.message import parse_message
     from engine.mappings.registry import load_mapping_file
-    from engine.runtime import MAPPING_SOURCES
     from engine.pipeline.hl7_inbound import map_message
+    from engine.runtime import MAPPING_SOURCES
 
     settings = settings_of(args)
     path = Path(args.mapping)

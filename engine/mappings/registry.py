@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engine.mappings.spec import Mapping, check_paths, compile_mapping
-from engine.yamlfile import ConfigFileError, ConfigProblem, load_yaml
+from engine.mappings.fhir import RESOURCES, FhirCompiler
+from engine.mappings.fields import is_known_field
+from engine.mappings.spec import SOURCES, Compiler, Mapping, Spec, check_paths
+from engine.yamlfile import ConfigFileError, ConfigProblem, LineDict, load_yaml
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -28,6 +30,53 @@ class _Entry:
     mapping: Any  # a Mapping (hl7v2, fhir) or what a registered source compiles to; None: unusable
     mtime_ns: int
     problems: list[ConfigProblem] = field(default_factory=list)
+
+
+def compile_mapping(data: Any, file: str, name: str, *, other_sources: tuple[str, ...] = ()
+                    ) -> tuple[Mapping | None, list[ConfigProblem]]:
+    """An inbound mapping (source: hl7v2 or fhir); ``other_sources`` are only named in the error for an
+    unknown source (the registry compiles those itself)."""
+    source = data.get("source") if isinstance(data, dict) else None
+    top_keys: tuple[str, ...] = ("source", "description", "tables", "fields")
+    c: Compiler
+    if source == "fhir":
+        c, top_keys = FhirCompiler(file), (*top_keys, "resource")
+    else:
+        c = Compiler(file)
+    if not isinstance(data, dict):
+        c.problem(1, "", "a mapping file is a YAML mapping with source: and fields:")
+        return None, c.problems
+    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
+    for key in data:
+        if key not in top_keys:
+            c.problem(line_of(key), str(key), f"unknown top-level key; expected {', '.join(top_keys)}")
+    if source not in SOURCES:
+        c.problem(line_of("source") or 1, "source", f"source must be one of {', '.join((*SOURCES, *other_sources))}, got {source!r}")
+    resource = ""
+    if source == "fhir":
+        resource = str(data.get("resource") or "")
+        if resource not in RESOURCES:
+            c.problem(line_of("resource") or line_of("source") or 1, "resource",
+                      f"a FHIR mapping names the resource it reads: resource: {' or '.join(RESOURCES)}")
+    c.compile_tables(data.get("tables"), line_of("tables"))
+    fields = data.get("fields")
+    specs: list[Spec] = []
+    if not isinstance(fields, dict) or not fields:
+        c.problem(line_of("fields") or 1, "fields", "fields: must map domain fields to sources")
+    else:
+        for target, raw in fields.items():
+            fline = fields.line_of(target) if isinstance(fields, LineDict) else 0
+            if not is_known_field(str(target)):
+                c.problem(fline, str(target), "unknown domain field; see docs/mapping-reference.md for the list "
+                          "(site-specific fields go under patient.extra.NAME or order.extra.NAME)")
+                continue
+            spec = c.compile_spec(str(target), raw, fline)
+            if spec is not None:
+                specs.append(spec)
+    mapping = Mapping(name=name, path=Path(file), source=str(source), description=str(data.get("description") or ""),
+                      specs=specs, tables=c.tables, resource=resource)
+    errors = [p for p in c.problems if p.severity == "error"]
+    return (None if errors else mapping), c.problems
 
 
 def load_mapping_file(path: Path, name: str | None = None, *, structure_version: str = "2.5",

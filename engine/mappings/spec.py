@@ -27,7 +27,7 @@ from engine.hl7 import errors as E
 from engine.hl7.message import NULL, Value, component
 from engine.hl7.paths import HL7Path, PathError, SegmentSource, parse_path, parse_relative
 from engine.hl7.structure import segment_field_count
-from engine.mappings.fields import LIST_FIELDS, is_known_field
+from engine.mappings.fields import LIST_FIELDS
 from engine.mappings.transforms import (
     TRANSFORM_ARGS,
     TRANSFORMS,
@@ -535,54 +535,6 @@ class Compiler:
         if not any(p for _l, p in parts):
             self.problem(line, where, "a template needs at least one {PATH} placeholder")
         return parts
-
-
-def compile_mapping(data: Any, file: str, name: str, *, other_sources: tuple[str, ...] = ()
-                    ) -> tuple[Mapping | None, list[ConfigProblem]]:
-    """An inbound mapping (source: hl7v2 or fhir); ``other_sources`` are only named in the error for an
-    unknown source (the registry compiles those itself)."""
-    source = data.get("source") if isinstance(data, dict) else None
-    top_keys: tuple[str, ...] = ("source", "description", "tables", "fields")
-    c: Compiler
-    if source == "fhir":
-        from engine.mappings.fhir import RESOURCES, FhirCompiler
-        c, top_keys = FhirCompiler(file), (*top_keys, "resource")
-    else:
-        c = Compiler(file)
-    if not isinstance(data, dict):
-        c.problem(1, "", "a mapping file is a YAML mapping with source: and fields:")
-        return None, c.problems
-    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
-    for key in data:
-        if key not in top_keys:
-            c.problem(line_of(key), str(key), f"unknown top-level key; expected {', '.join(top_keys)}")
-    if source not in SOURCES:
-        c.problem(line_of("source") or 1, "source", f"source must be one of {', '.join((*SOURCES, *other_sources))}, got {source!r}")
-    resource = ""
-    if source == "fhir":
-        resource = str(data.get("resource") or "")
-        if resource not in RESOURCES:
-            c.problem(line_of("resource") or line_of("source") or 1, "resource",
-                      f"a FHIR mapping names the resource it reads: resource: {' or '.join(RESOURCES)}")
-    c.compile_tables(data.get("tables"), line_of("tables"))
-    fields = data.get("fields")
-    specs: list[Spec] = []
-    if not isinstance(fields, dict) or not fields:
-        c.problem(line_of("fields") or 1, "fields", "fields: must map domain fields to sources")
-    else:
-        for target, raw in fields.items():
-            fline = fields.line_of(target) if isinstance(fields, LineDict) else 0
-            if not is_known_field(str(target)):
-                c.problem(fline, str(target), "unknown domain field; see docs/mapping-reference.md for the list "
-                          "(site-specific fields go under patient.extra.NAME or order.extra.NAME)")
-                continue
-            spec = c.compile_spec(str(target), raw, fline)
-            if spec is not None:
-                specs.append(spec)
-    mapping = Mapping(name=name, path=Path(file), source=str(source), description=str(data.get("description") or ""),
-                      specs=specs, tables=c.tables, resource=resource)
-    errors = [p for p in c.problems if p.severity == "error"]
-    return (None if errors else mapping), c.problems
 
 
 def check_paths(mapping: Mapping, file: str, version: str = "2.5") -> list[ConfigProblem]:

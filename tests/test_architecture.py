@@ -1,0 +1,47 @@
+"""The layer rules that import-linter cannot express: no private name crosses a package boundary.
+
+(The layers themselves and the absence of package cycles are import-linter contracts in
+.importlinter, run by .ci/run.)"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ENGINE = Path(__file__).resolve().parents[1] / "engine"
+
+
+def package_of(module: str) -> str:
+    """engine.a.b.c -> engine.a; a module directly under engine is its own package."""
+    return ".".join(module.split(".")[:2])
+
+
+def private_imports_across_packages(root: Path) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or not node.module or not node.module.startswith("engine"):
+                continue
+            if package_of(node.module) == package_of(module) and node.module != "engine":
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.endswith("__"):  # __version__ is public
+                    found.append(f"{path}:{node.lineno}: {module} imports {node.module}.{alias.name}")
+    return found
+
+
+def test_no_private_name_is_imported_across_packages() -> None:
+    assert private_imports_across_packages(ENGINE) == []
+
+
+def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
+    pkg = tmp_path / "engine"
+    (pkg / "a").mkdir(parents=True)
+    (pkg / "b").mkdir()
+    (pkg / "a" / "x.py").write_text("def _hidden() -> None: ...\n")
+    (pkg / "b" / "y.py").write_text("from engine.a.x import _hidden\n")
+    (pkg / "a" / "z.py").write_text("from engine.a.x import _hidden\n")  # same package: allowed
+    assert [line.split(": ", 1)[1] for line in private_imports_across_packages(pkg)] == [
+        "engine.b.y imports engine.a.x._hidden"]
