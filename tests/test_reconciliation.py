@@ -455,7 +455,7 @@ def test_cli_lists_exceptions_and_matches_by_hand(workdir: Path, db_url: str, tm
 
 
 def test_two_engines_share_the_reconciliation_queue(pg_url: str, workdir: Path, tmp_path: Path) -> None:
-    """Two engine processes on one PostgreSQL database and one storage folder (DESIGN.md §6) work
+    """Two engine processes on one PostgreSQL database and one storage folder work
     the queue at the same time: each study is reconciled once and each file rewritten once."""
     import threading
     engines = [start(workdir, pg_url) for _ in range(2)]

@@ -1,4 +1,4 @@
-"""Two engine processes on one PostgreSQL database (DESIGN.md §6): the same patients arrive through
+"""Two engine processes on one PostgreSQL database: the same patients arrive through
 both at once; each patient and identifier must exist once, and every message must end up applied.
 
 Whether the two actually collide depends on timing; the collision itself is forced, deterministically,
