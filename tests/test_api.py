@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.conftest import SAMPLES, RunningEngine
 from tests.hl7util import ack_code, adt, orm, send, send_many
 
@@ -92,3 +94,12 @@ def test_metrics_show_the_writer_and_mapping_reloads(running: RunningEngine) -> 
     jobs = next(line for line in text.splitlines() if line.startswith("radbridge_writer_jobs_total "))
     assert float(jobs.split()[1]) >= 1
     assert "radbridge_writer_commit_failures_total 0" in text and "radbridge_mapping_reloads_total 0" in text
+
+
+def test_channel_lists_each_mapping_problem_once(running: RunningEngine) -> None:
+    """Review regression: /api/channels lists each problem of a channel's mapping once."""
+    f = Path(running.settings.mappings_dir) / "hl7-patient.yaml"
+    f.write_text(f.read_text() + "  patient.extra.beyond: PID-99\n")
+    running.engine.mappings.reload_changed()
+    ch = next(c for c in running.api("/api/channels")[1]["channels"] if c["name"] == "hl7-inbound")
+    assert sum("PID-99" in p for p in ch["mapping_problems"]) == 1

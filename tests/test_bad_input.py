@@ -18,6 +18,7 @@ from engine.connectors.mllp.channel import MllpConnector
 from engine.store.models import Message
 from tests.conftest import RunningEngine, make_settings
 from tests.hl7util import ack_code, adt, frames, raw_exchange, segment, send
+from tests.waiting import wait_until
 
 SB, EB = b"\x0b", b"\x1c\r"
 
@@ -73,10 +74,8 @@ def test_wrong_encoding_characters_are_rejected_at_msh2(eng: RunningEngine) -> N
 
 def test_truncated_frame_is_recorded_when_the_sender_hangs_up(eng: RunningEngine) -> None:
     raw_exchange(eng.mllp_port, SB + adt("A01", "T1", "Cut").encode()[:60], close_write=True, timeout=3)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not rows(eng, "rejected"):
-        time.sleep(0.05)
-    (row,) = rows(eng, "rejected")
+    (row,) = wait_until(lambda: rows(eng, "rejected"), timeout=10,
+                        message="the truncated frame to be recorded as a rejected message")
     assert "truncated" in (row.error or "") and row.content is not None and row.content.raw.startswith(b"MSH|")
     still_serving(eng, "T2")
 
@@ -145,9 +144,8 @@ def test_connections_over_the_limit_are_refused_and_the_others_kept(workdir: Pat
     try:
         a = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
         b = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
-        deadline = time.monotonic() + 5
-        while e.engine.connector("hl7-inbound", MllpConnector).server.active_connections < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: e.engine.connector("hl7-inbound", MllpConnector).server.active_connections >= 2,
+                   timeout=5, interval=0.02, message="the listener to count both connections as active")
         with socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5) as c:
             c.settimeout(5)
             assert c.recv(10) == b""  # closed at once

@@ -82,6 +82,16 @@ def test_send_messages_list_show_and_reprocess(running: RunningEngine, tmp_path:
     assert radbridge("messages", "show", "999999", env=env).returncode == 1
 
 
+
+def test_send_shows_both_acks_in_enhanced_mode(running: RunningEngine, tmp_path: Path) -> None:
+    """Review regression: with MSH-15/16 AL/AL, `radbridge send` shows both replies to each
+    message, the commit ACK (CA) and then the application ACK (AA)."""
+    f = tmp_path / "alal.hl7"
+    f.write_text(adt("A01", "AL1", "Both", msh_extra="|||AL|AL") + adt("A01", "AL2", "Both", msh_extra="|||AL|AL"))
+    out = radbridge("send", "hl7", str(f), "--to", f"127.0.0.1:{running.mllp_port}")
+    lines = [line.split("  ")[0] for line in out.stdout.splitlines()]
+    assert lines == ["message 1/2: CA", "message 1/2: AA", "message 2/2: CA", "message 2/2: AA"], out.stdout
+
 def test_send_reports_an_unreachable_peer(tmp_path: Path) -> None:
     f = tmp_path / "a.hl7"
     f.write_text(adt("A01", "X", "Y"))

@@ -68,6 +68,28 @@ def test_channel_problems_name_file_line_and_field(tmp_path: Path) -> None:
     assert f"{f}:9: routes[1].mappings: no mapping named 'nope'" in text
 
 
+
+def test_zero_idle_timeout_and_wildcard_codes(tmp_path: Path) -> None:
+    """Review regression: idle_timeout_seconds 0 is refused (must be greater than 0), and a
+    route's wildcard message code (O*^O01) makes the channel know ORM but not ADT."""
+    (tmp_path / "c.yaml").write_text("name: c\nconnector: {type: mllp}\noptions:\n  idle_timeout_seconds: 0\n"
+                                     "routes:\n  - messages: [O*^O01]\n    action: ignore\n")
+    channels, problems = load_channels(tmp_path, connector_specs())
+    assert any("options.idle_timeout_seconds: must be greater than 0" in str(p) for p in problems)
+    (tmp_path / "c.yaml").write_text("name: c\nconnector: {type: mllp}\n"
+                                     "routes:\n  - messages: [O*^O01]\n    action: ignore\n")
+    (ch,), _ = load_channels(tmp_path, connector_specs())
+    assert ch.knows_code("ORM") and not ch.knows_code("ADT")
+
+
+def test_zero_message_size_says_greater_than_zero(tmp_path: Path) -> None:
+    """Review regression: max_message_bytes 0 gets exactly one problem, which says the value must
+    be greater than 0."""
+    (tmp_path / "c.yaml").write_text("name: c\nconnector: {type: mllp}\noptions:\n  max_message_bytes: 0\n"
+                                     "routes:\n  - messages: [ADT^*]\n    action: ignore\n")
+    _channels, problems = load_channels(tmp_path, connector_specs())
+    assert [str(p).split(": ", 1)[1] for p in problems] == ["options.max_message_bytes: must be greater than 0"]
+
 def test_migrations_build_exactly_the_models_schema(db_url: str) -> None:
     db = open_database(db_url)
     try:

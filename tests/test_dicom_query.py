@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.dicomutil import (
     storescu,
 )
 from tests.hl7util import ack_code, orm, send
+from tests.waiting import wait_for_listener, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -124,14 +124,13 @@ def test_move_to_configured_destination_and_get(archive: Archive, tmp_path: Path
     scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(received), str(dest_port)], env=DCMTK_ENV,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        time.sleep(0.5)
+        wait_for_listener(dest_port, scp, what="storescp (the C-MOVE destination)")
         proc = run(["movescu", "-v", "-S", "-aet", "TESTSCU", "-aec", "RADBRIDGE", "-aem", "DEST",
                     "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={archive.study_a}",
                     "127.0.0.1", str(port)])
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        deadline = time.monotonic() + 10
-        while len(list(received.iterdir())) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: len(list(received.iterdir())) >= 2, timeout=10, interval=0.1,
+                   message="storescp to have written the two moved instances")
         got = sorted(p.name.split(".", 1)[1] for p in received.iterdir())
         assert got == sorted([archive.ct.sop_uid, archive.ct2.sop_uid])
         unknown = run(["movescu", "-v", "-S", "-aet", "TESTSCU", "-aec", "RADBRIDGE", "-aem", "NOBODY",

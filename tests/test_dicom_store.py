@@ -4,7 +4,6 @@ an SCU where a test must craft what dcmtk will not send): files on disk, index, 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from sqlalchemy import select
 from engine.store.models import DomainEvent, Instance, Series, Study
 from tests.conftest import RunningEngine, make_settings, start_dicom_engine
 from tests.dicomutil import bundled, data_store_file, make_instance, propose, require_dcmtk, run, storescu
+from tests.waiting import wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -282,17 +282,15 @@ def test_study_becomes_stable_and_reopens(workdir: Path, tmp_path: Path) -> None
                 return [e.kind for e in s.execute(select(DomainEvent).where(
                     DomainEvent.kind.in_(["study.stable", "study.reopened"])).order_by(DomainEvent.id)).scalars()]
 
-        deadline = time.monotonic() + 20
-        while study().state != "stable" and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: study().state == "stable", timeout=20, interval=0.1,
+                   message="the study to become stable (stable_seconds 0.5)")
         assert study().state == "stable" and study().times_stable == 1
         assert events() == ["study.stable"]
         late = make_instance(tmp_path / "2.dcm", study_uid=first.study_uid, series_uid=first.series_uid, number=2)
         assert storescu(eng.dicom_port, [late.path]).returncode == 0
         assert events()[:2] == ["study.stable", "study.reopened"]
-        deadline = time.monotonic() + 20
-        while study().times_stable < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: study().times_stable >= 2, timeout=20, interval=0.1,
+                   message="the reopened study to become stable again")
         st = study()
         assert st.state == "stable" and st.times_stable == 2 and st.num_instances == 2
         assert events() == ["study.stable", "study.reopened", "study.stable"]

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, func, select, text
@@ -16,24 +15,13 @@ from sqlalchemy.orm import Session
 from engine.store.models import Message, Patient
 from tests.conftest import REPO, RunningEngine
 from tests.hl7util import ack_code, adt, segment, send
+from tests.waiting import wait_for_listener
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 60) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "engine exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"engine did not listen on {port}")
 
 
 def test_every_acked_message_survives_sigkill(db_url: str, workdir: Path) -> None:
@@ -47,7 +35,7 @@ def test_every_acked_message_survives_sigkill(db_url: str, workdir: Path) -> Non
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     acked: list[str] = []
     try:
-        wait_for_port(mllp, proc)
+        wait_for_listener(mllp, proc, what="the engine", timeout=60)
         with socket.create_connection(("127.0.0.1", mllp), timeout=10) as s:
             for i in range(300):
                 msg = adt("A01", f"K{i}", "Kill", ctrl=f"KILL{i:04d}")
@@ -56,7 +44,9 @@ def test_every_acked_message_survives_sigkill(db_url: str, workdir: Path) -> Non
                     break  # the last one is in flight when the engine dies
                 buf = b""
                 while not buf.endswith(b"\x1c\r"):
-                    buf += s.recv(4096)
+                    chunk = s.recv(4096)
+                    assert chunk, "the engine closed the connection without a reply"
+                    buf += chunk
                 reply = buf.decode()
                 assert ack_code(reply) == "AA"
                 acked.append(segment(reply, "MSA")[2])
@@ -114,7 +104,7 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path, workdir: Path) -> None
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run"], env=env, cwd=workdir,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for_port(mllp, proc)
+        wait_for_listener(mllp, proc, what="the engine", timeout=60)
         assert ack_code(send(mllp, adt("A01", "TERM1", "Term"))) == "AA"
         idle = socket.create_connection(("127.0.0.1", mllp), timeout=10)  # an idle sender must not block stop
         proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ from engine.store.models import AuditEvent, Message, MessageContent, Order
 from tests.conftest import RunningEngine, make_settings
 from tests.fhirutil import acsn, call, mrn, patient, placer, sample, service_request
 from tests.hl7util import ack_code, adt, orm, send
+from tests.waiting import wait_until
 
 HOSP_MRN = "http://hospital.example.org/mrn"  # the shipped mappings' issuer table: HOSP
 
@@ -411,11 +412,9 @@ def test_stale_updates_and_hot_reloaded_mapping(workdir: Path, db_url: str) -> N
         path = workdir / "mappings" / "fhir-patient.yaml"
         path.write_text(path.read_text().replace('{"http://hospital.example.org/mrn": HOSP}',
                                                  '{"http://hospital.example.org/mrn": HOSP, "urn:site:mrn": HOSP}'))
-        import time
-        for _ in range(100):
-            time.sleep(0.1)
-            if "urn:site:mrn" in str(eng.engine.mappings.get("fhir-patient").tables["issuer"].values).lower():
-                break
+        wait_until(lambda: "urn:site:mrn" in str(eng.engine.mappings.get("fhir-patient").tables["issuer"].values
+                                                 ).lower(),
+                   timeout=10, interval=0.1, message="the edited fhir-patient mapping to be reloaded")
         assert ack_code(send(eng.mllp_port, adt("A01", "H2", "Tau"))) == "AA"  # issuer GENHOSP
         made = call(eng, "POST", "Patient", patient("H3", "Upsilon", identifier=[mrn("H3", "urn:site:mrn")]))
         assert made.status == 201

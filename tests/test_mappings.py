@@ -220,3 +220,32 @@ def test_yes_no_and_country_codes_stay_text_in_tables(tmp_path: Path) -> None:
     """
     v = apply(tmp_path, body, raw).values
     assert v["patient.extra.country"] == "Norway" and v["patient.extra.flag"] == "N"
+
+
+@pytest.mark.parametrize("body,message", [
+    ("patient.identifiers: PID-3", "patient.identifiers is a list"),
+    ("patient.family_name: {from: PID-5, each: {value: 1}}", "each: makes a list"),
+])
+def test_list_and_single_fields_cannot_be_confused(tmp_path: Path, body: str, message: str) -> None:
+    """Review regression: a list field (patient.identifiers) mapped as one value, or a single
+    field mapped with each:, is a problem reported at its line (4)."""
+    f = tmp_path / "m.yaml"
+    f.write_text(f"source: hl7v2\nfields:\n  patient.id: PID-3.1\n  {body}\n")
+    mapping, problems = load_mapping_file(f)
+    assert mapping is None and any(message in str(p) and ":4:" in str(p) for p in problems)
+
+
+def test_each_honours_select_matches_and_repetition(tmp_path: Path) -> None:
+    """Review regression: each: lists only the repetitions select: matches (PID-3.5 MR here), and
+    only the one repetition a path names (PID-3(2))."""
+    f = tmp_path / "m.yaml"
+    f.write_text("source: hl7v2\nfields:\n  patient.identifiers: {from: PID-3, select: {5: MR}, each: {value: 1}}\n")
+    mapping, _ = load_mapping_file(f)
+    raw = b"MSH|^~\\&|A|B|C|D|2024||ADT^A08|1|P|2.5\rPID|1||1^^^H^MR~2^^^H^SS~3^^^K^MR\r"
+    assert mapping is not None
+    assert mapping.apply(SegmentSource(parse_message(raw))).values["patient.identifiers"] == [
+        {"value": "1"}, {"value": "3"}]
+    f.write_text("source: hl7v2\nfields:\n  patient.identifiers: {from: PID-3(2), each: {value: 1}}\n")
+    mapping, _ = load_mapping_file(f)
+    assert mapping is not None
+    assert mapping.apply(SegmentSource(parse_message(raw))).values["patient.identifiers"] == [{"value": "2"}]

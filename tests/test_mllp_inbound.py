@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, selectinload
 
+from engine.connectors.mllp.channel import MllpConnector
 from engine.store.models import Message, MessageEvent, Order, OrderStatusChange, Patient, PatientIdentifier
 from tests.conftest import SAMPLES, RunningEngine
 from tests.hl7util import ack_code, adt, ctrl_id, msh, orm, segment, send, send_many
@@ -23,6 +25,25 @@ def patient_by(session: Session, value: str, issuer: str = "GENHOSP") -> Patient
 def q(running: RunningEngine, fn: Any) -> Any:
     with running.db.read_session() as s:
         return fn(s)
+
+
+def orders_by_accession(running: RunningEngine) -> dict[str, Order]:
+    with running.db.read_session() as s:
+        return {o.accession: o for o in s.execute(select(Order)).scalars()}
+
+
+def two_orders(second_has_tq1: bool = False, z_between: bool = True) -> str:
+    """An OMI^O23 with two order groups; only the first has a TQ1 and an IPC-3 study UID."""
+    segs = [msh("OMI^O23^OMI_O23", "TWO1"), "PID|1||TW1^^^GENHOSP^MR||Two^Orders||19700101|F",
+            "ORC|NW|PA^EPIC|FA^RIS||SC||||20240301080000", "TQ1|1||||||20240320090000",
+            "OBR|1|PA^EPIC|FA^RIS|A^Exam A", "IPC|ACCA^RIS|RPA|1.2.3.1|SPSA|CT"]
+    if z_between:
+        segs.append("ZOB|site data")
+    segs += ["ORC|NW|PB^EPIC|FB^RIS||SC||||20240302080000"]
+    if second_has_tq1:
+        segs.append("TQ1|1||||||20240322090000")
+    segs += ["OBR|1|PB^EPIC|FB^RIS|B^Exam B", "IPC|ACCB^RIS|RPB||SPSB|MR"]
+    return "\r".join(segs) + "\r"
 
 
 def test_a01_is_acked_after_commit_and_visible_to_another_connection(running: RunningEngine) -> None:
@@ -277,3 +298,175 @@ def test_concurrent_senders_are_all_applied(running: RunningEngine) -> None:
         codes = [c for batch in pool.map(sender, range(8)) for c in batch]
     assert codes == ["AA"] * 200
     assert q(running, lambda s: s.execute(select(func.count()).select_from(Patient)).scalar()) == 200
+
+
+# --- regressions found in review: patients ------------------------------------------------------------
+
+
+def test_phone_is_cleared_by_double_quotes(running: RunningEngine) -> None:
+    """Review regression: the sample A08's PID-13 "" removes the patient.extra.phone its A01 set."""
+    send(running.mllp_port, (SAMPLES / "adt_a01.hl7").read_bytes())
+    with running.db.read_session() as s:
+        p = s.execute(select(Patient)).scalar_one()
+        assert (p.extra or {}).get("phone") == "(217)555-0100"
+    send(running.mllp_port, (SAMPLES / "adt_a08.hl7").read_bytes())
+    with running.db.read_session() as s:
+        assert "phone" not in (s.execute(select(Patient)).scalar_one().extra or {})
+
+
+def test_an_a01_overtaken_by_its_a08_still_adds_its_identifiers(running: RunningEngine) -> None:
+    """Review regression: an A01 arriving after its A08 (older event time) is stale for the
+    demographics, but the identifiers it brings (an SSN here) are still added to the patient."""
+    port = running.mllp_port
+    assert ack_code(send(port, adt("A08", "OVT", "Newer", ts="20240320000000"))) == "AA"
+    assert ack_code(send(port, adt("A01", "OVT", "Older", ts="20240301000000",
+                                   pid_extra="~999-00-1111^^^SSA^SS"))) == "AA"
+    with running.db.read_session() as s:
+        ident = s.execute(select(PatientIdentifier).where(PatientIdentifier.value == "999-00-1111")).scalar_one()
+        owner = s.execute(select(PatientIdentifier).where(PatientIdentifier.value == "OVT")).scalar_one()
+        assert ident.patient_id == owner.patient_id
+        assert owner.patient.family_name == "Newer"  # the older demographics did not win
+
+
+def test_patient_created_by_an_order_still_takes_an_earlier_adt(running: RunningEngine) -> None:
+    """Review regression: a patient created from an order's PID does not take the order's event
+    time, so an ADT that arrives later with an earlier EVN-2 is applied, not dropped as stale."""
+    port = running.mllp_port
+    assert ack_code(send(port, orm("NW", "PE1", "ACCE1", "EARLY", family="FromOrder", ts="20240320000000"))) == "AA"
+    assert ack_code(send(port, adt("A04", "EARLY", "FromAdt", ts="20240310000000"))) == "AA"
+    with running.db.read_session() as s:
+        ident = s.execute(select(PatientIdentifier).where(PatientIdentifier.value == "EARLY")).scalar_one()
+        assert ident.patient.family_name == "FromAdt"
+
+
+# --- regressions found in review: orders --------------------------------------------------------------
+
+
+def test_second_order_does_not_inherit_the_first_orders_segments(running: RunningEngine) -> None:
+    """Review regression: an order group reads only its own segments: the second order, without
+    a TQ1 or an IPC-3 of its own (and after a Z segment), takes neither the first order's scheduled
+    time nor its study UID, and each order keeps its own ORC-9 event time."""
+    assert ack_code(send(running.mllp_port, two_orders())) == "AA"
+    o = orders_by_accession(running)
+    assert o["ACCA"].scheduled_at is not None and o["ACCA"].study_uid == "1.2.3.1"
+    assert o["ACCB"].scheduled_at is None  # no TQ1 in its group: not the first order's time
+    assert o["ACCB"].study_uid is None  # no IPC-3: not the first order's UID
+    assert (o["ACCA"].source_time, o["ACCB"].source_time) == ("2024-03-01T08:00:00", "2024-03-02T08:00:00")
+
+
+def test_hold_holds_whatever_orc5_says(running: RunningEngine) -> None:
+    """Review regression: an HD whose ORC-5 still says IP puts the order on hold (HD): for a hold
+    the control code decides the status, not ORC-5."""
+    send(running.mllp_port, orm("NW", "PH1", "ACCH1", "HOLD"))
+    assert ack_code(send(running.mllp_port, orm("HD", "PH1", "ACCH1", "HOLD", status="IP"))) == "AA"
+    assert orders_by_accession(running)["ACCH1"].status == "HD"
+
+
+def test_a_cancel_with_another_patients_pid_does_not_move_the_order(running: RunningEngine) -> None:
+    """Review regression: a CA whose PID names another patient cancels the order without moving
+    it to that patient (a cancel identifies the order; it does not re-attach it)."""
+    send(running.mllp_port, orm("NW", "PMV1", "ACCMV1", "OWNER"))
+    assert ack_code(send(running.mllp_port, orm("CA", "PMV1", "ACCMV1", "STRANGER"))) == "AA"
+    with running.db.read_session() as s:
+        o = s.execute(select(Order).where(Order.accession == "ACCMV1")).scalar_one()
+        owner = s.execute(select(PatientIdentifier).where(PatientIdentifier.value == "OWNER")).scalar_one()
+        assert o.status == "CA" and o.patient_id == owner.patient_id
+
+
+def test_null_order_control_is_refused(running: RunningEngine) -> None:
+    """Review regression: ORC-1 sent as "" (null) is refused, AE 101 at ORC-1, instead of being
+    applied with a default control; no order is made."""
+    reply = send(running.mllp_port, orm('""', "PN1", "ACCN1", "NULLCTL"))
+    assert ack_code(reply) == "AE" and segment(reply, "ERR")[1].startswith("ORC^1^1^101&")
+    assert "ACCN1" not in orders_by_accession(running)
+
+
+# --- regressions found in review: where an error is reported (ERR) --------------------------------------
+
+
+def test_errors_in_the_second_group_name_its_occurrence(running: RunningEngine) -> None:
+    """Review regression: a bad value in the second order group's TQ1 is reported at TQ1^2 (the
+    occurrence it is in), not at the first group's TQ1."""
+    msg = two_orders(second_has_tq1=True).replace("20240322090000", "2024-03-22")
+    reply = send(running.mllp_port, msg)
+    assert ack_code(reply) == "AE"
+    assert segment(reply, "ERR")[2].startswith("TQ1^2^7"), reply
+
+
+def test_a_refusal_in_the_first_order_names_the_first_orders_segment(running: RunningEngine) -> None:
+    """Review regression: an unsupported control code (SN) in the first of two order groups is
+    reported at the first ORC (ORC^1), not at the last one."""
+    one = orm("SN", "PR1", "ACCR1", "REF").rstrip("\r").split("\r")  # SN: a control we do not support
+    two = orm("NW", "PR2", "ACCR2", "REF").rstrip("\r").split("\r")
+    reply = send(running.mllp_port, "\r".join(one + two[2:]) + "\r")
+    assert ack_code(reply) == "AE"
+    assert segment(reply, "ERR")[1].startswith("ORC^1^1^103&"), reply  # not ORC^2
+
+
+def test_required_error_text_names_the_groups_occurrence(running: RunningEngine) -> None:
+    """Review regression: a required field missing in the second order group is named with its
+    occurrence both in the error text (ORC[2]-1) and in ERR-1 (ORC^2)."""
+    one = orm("NW", "PQ1", "ACCQ1", "REQ").rstrip("\r").split("\r")
+    two = orm("", "PQ2", "ACCQ2", "REQ").rstrip("\r").split("\r")
+    reply = send(running.mllp_port, "\r".join(one + two[2:]) + "\r")
+    assert ack_code(reply) == "AE"
+    assert "ORC[2]-1" in reply and segment(reply, "ERR")[1].startswith("ORC^2^1^101&"), reply
+
+
+def test_missing_order_numbers_error_points_at_the_mapped_field(running: RunningEngine) -> None:
+    """Review regression: an order without placer, filler or accession number is AE 101 at ORC-2,
+    the field order.placer_number is mapped from."""
+    reply = send(running.mllp_port, orm("NW", "", "", "NONUM").replace("^EPIC|F^RIS", "|"))
+    assert ack_code(reply) == "AE"
+    assert segment(reply, "ERR")[1].startswith("ORC^1^2^101&"), reply
+
+
+# --- regressions found in review: limits ------------------------------------------------------------
+
+
+def test_overlong_value_is_ae_104_and_the_message_kept(running: RunningEngine) -> None:
+    """Review regression: a value longer than its column (a 200-character family name) is AE 104
+    at its field (not truncated, not a database error), and the message is kept as an error."""
+    reply = send(running.mllp_port, adt("A01", "LONG1", "X" * 200))
+    assert ack_code(reply) == "AE"
+    assert segment(reply, "ERR")[3].startswith("104^") and segment(reply, "ERR")[2].startswith("PID^1^5")
+    with running.db.read_session() as s:
+        assert s.execute(select(Message.status).where(Message.ack_code == "AE")).scalar_one() == "error"
+
+
+@pytest.mark.parametrize("message,field", [
+    (adt("A40", "M1", "Merge", mrg="X" * 70), "MRG^1^1"),
+    (adt("A01", "T1", "Type", pid_extra="").replace("^MR|", "^" + "T" * 20 + "|"), "PID^1^3"),
+])
+def test_overlong_merge_ids_and_identifier_types_are_ae_104(running: RunningEngine, message: str, field: str) -> None:
+    """Review regression: an overlong prior identifier (MRG-1) or identifier type code (PID-3.5)
+    is AE 104 at its field, like any other value longer than its column."""
+    reply = send(running.mllp_port, message)
+    assert ack_code(reply) == "AE"
+    err = segment(reply, "ERR")
+    assert err[3].startswith("104^") and err[2].startswith(field), reply
+
+
+# --- regressions found in review: resends and ACK modes ---------------------------------------------
+
+
+def test_resend_after_ae_is_applied_once_the_data_is_good(running: RunningEngine) -> None:
+    """Review regression: a resend (same control ID) of a message that got AE is processed again,
+    not re-ACKed as a duplicate, so once its data is fixed it is applied."""
+    bad = adt("A01", "RS1", "Resend", dob="notadate", ctrl="RESEND1")
+    assert ack_code(send(running.mllp_port, bad)) == "AE"
+    good = bad.replace("notadate", "19700101")
+    assert ack_code(send(running.mllp_port, good)) == "AA"
+    with running.db.read_session() as s:
+        assert s.execute(select(Patient).join(PatientIdentifier).where(PatientIdentifier.value == "RS1")
+                         ).scalar_one() is not None
+
+
+def test_storage_failure_in_enhanced_mode_is_ce(running: RunningEngine) -> None:
+    """Review regression: in enhanced mode (MSH-15 AL) a storage failure is answered with a
+    commit reject, CE, that carries the reason."""
+    from engine.pipeline.hl7_inbound import HL7Inbound
+    inbound: HL7Inbound = running.engine.connector("hl7-inbound", MllpConnector).inbound
+    p = inbound.prepare(adt("A01", "CE1", "X", msh_extra="|||AL|NE").encode())
+    (reply,) = inbound.storage_failure_acks(p, "disk full")
+    assert ack_code(reply) == "CE" and "disk full" in reply

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-import time
+import itertools
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from engine.store.retention import prune
 from engine.store.types import utcnow
 from tests.conftest import RunningEngine
 from tests.hl7util import ack_code, adt, send, send_many
+from tests.waiting import wait_until
 
 
 def test_pruning_during_ingest_drops_old_content_then_rows_and_keeps_errors(running: RunningEngine) -> None:
@@ -49,21 +50,18 @@ def test_a_changed_mapping_applies_to_the_next_message_without_restart(running: 
     mapping.write_text(mapping.read_text().replace("patient.family_name: PID-5.1.1",
                                                    "patient.family_name:\n    from: PID-5.1.1\n"
                                                    "    transform: [upper]"))
-    deadline = time.monotonic() + 15
-    family = None
-    i = 0
-    while time.monotonic() < deadline and family != "AFTER":
-        i += 1
-        send(port, adt("A01", f"RL2-{i}", "After"))
+    sent = itertools.count(1)
+
+    def next_a01_upper_cased() -> bool:  # each try is a new A01: the reload happens between two of them
+        send(port, adt("A01", f"RL2-{next(sent)}", "After"))
         with running.db.read_session() as s:
-            family = s.execute(select(Patient.family_name).order_by(Patient.id.desc()).limit(1)).scalar()
-        time.sleep(0.1)
-    assert family == "AFTER"
+            return s.execute(select(Patient.family_name).order_by(Patient.id.desc()).limit(1)).scalar() == "AFTER"
+    wait_until(next_a01_upper_cased, timeout=15, interval=0.1,
+               message="a new A01 to be mapped with the edited hl7-patient mapping (family name upper-cased)")
     # a broken edit is refused and the last good version stays in use
     mapping.write_text("source: hl7v2\nfields:\n  patient.id: [\n")
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not running.engine.mappings.problems("hl7-patient"):
-        time.sleep(0.1)
+    wait_until(lambda: running.engine.mappings.problems("hl7-patient"), timeout=15, interval=0.1,
+               message="the broken hl7-patient mapping to be reported")
     assert "YAML syntax" in str(running.engine.mappings.problems("hl7-patient")[0])
     assert ack_code(send(port, adt("A01", "RL3", "Still"))) == "AA"
     ch = next(c for c in running.api("/api/channels")[1]["channels"] if c["name"] == "hl7-inbound")
