@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from engine.errors import RadBridgeError
+
 
 class LineDict(dict[str, Any]):
     """A mapping that knows the line of each key (1-based) and of itself."""
@@ -85,7 +87,7 @@ class ConfigProblem:
         return f"{where}:{field} {self.message}" + (" (warning)" if self.severity == "warning" else "")
 
 
-class ConfigFileError(Exception):
+class ConfigFileError(RadBridgeError):
     def __init__(self, problems: list[ConfigProblem]) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems

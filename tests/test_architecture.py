@@ -45,3 +45,32 @@ def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
     (pkg / "a" / "z.py").write_text("from engine.a.x import _hidden\n")  # same package: allowed
     assert [line.split(": ", 1)[1] for line in private_imports_across_packages(pkg)] == [
         "engine.b.y imports engine.a.x._hidden"]
+
+
+def test_every_error_the_engine_raises_on_purpose_derives_from_radbridgeerror() -> None:
+    """One hierarchy: the error classes defined under engine/ (not private helpers) are RadBridgeErrors,
+    and the ERR and mapping records that used to be plain dataclasses are exceptions too."""
+    import importlib
+    import inspect
+
+    from engine.errors import RadBridgeError
+    from engine.hl7.errors import HL7Error
+    from engine.mappings.spec import MappingError
+
+    outside = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        if "migrations" in path.parts or path.name == "__main__.py":
+            continue
+        rel = path.relative_to(ENGINE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        module = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != name or cls_name.startswith("_"):
+                continue
+            if issubclass(cls, Exception) and not issubclass(cls, RadBridgeError):
+                outside.append(f"{name}.{cls_name}")
+    assert outside == []
+    err = HL7Error(102, "bad date", "PID", field=7)
+    assert isinstance(err, RadBridgeError) and err == HL7Error(102, "bad date", "PID", field=7)
+    assert str(err) == "102 Data type error at PID-7: bad date"
+    assert isinstance(MappingError("patient.birth_date", "PID-7", "not a date"), RadBridgeError)

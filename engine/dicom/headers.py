@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from engine.dicom import status as S
+from engine.errors import RadBridgeError
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -25,7 +26,7 @@ HEADER_TAGS = [
 ]
 
 
-class HeaderError(Exception):
+class HeaderError(RadBridgeError):
     """The instance cannot be stored; ``status`` is the C-STORE failure status to answer with."""
 
     def __init__(self, status: int, comment: str) -> None:

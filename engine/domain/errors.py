@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from engine.errors import RadBridgeError
 from engine.hl7 import errors as E
 
 
-class DomainError(Exception):
+class DomainError(RadBridgeError):
     """A message that parsed and mapped but cannot be applied to the store."""
 
     def __init__(self, message: str, *, code: int = E.INTERNAL_ERROR, field: str | None = None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.errors import RadBridgeError
+
 # HTTP status -> the issue-type code (http://hl7.org/fhir/issue-type) that usually goes with it
 _DEFAULT_CODE = {400: "structure", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
                  409: "conflict", 410: "deleted", 412: "conflict", 413: "too-costly", 415: "not-supported",
@@ -23,7 +25,7 @@ def operation_outcome(*issues: dict[str, Any]) -> dict[str, Any]:
                                                                                  "information")]}
 
 
-class FhirError(Exception):
+class FhirError(RadBridgeError):
     """A request the endpoint refuses: an HTTP status and the OperationOutcome that explains it."""
 
     def __init__(self, status: int, diagnostics: str, code: str | None = None, expression: str | None = None,

@@ -20,11 +20,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.errors import RadBridgeError
+
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _INDEX = re.compile(r"\[(\d+)\]")
 
 
-class FhirPathError(ValueError):
+class FhirPathError(RadBridgeError, ValueError):
     """A path that does not parse; the message says where."""
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from engine.errors import RadBridgeError
 
 # HL7 table 0357, message error condition codes.
 ERROR_CODES: dict[int, str] = {
@@ -37,19 +37,41 @@ RECORD_LOCKED = 206
 INTERNAL_ERROR = 207
 
 
-@dataclass(frozen=True)
-class HL7Error:
-    """One error to report in an ERR segment: a table 0357 code, a text and where it is."""
+class HL7Error(RadBridgeError):
+    """One error to report in an ERR segment: a table 0357 code, a text and where it is.
 
-    code: int
-    text: str
-    segment: str | None = None
-    sequence: int | None = None  # which occurrence of the segment, 1-based
-    field: int | None = None
-    repetition: int | None = None
-    component: int | None = None
-    subcomponent: int | None = None
-    severity: str = "E"  # E error, W warning, I information
+    Raised where the problem is found, or collected (several per message) for the ACK; equal when
+    every part is equal, like the value it describes."""
+
+    def __init__(self, code: int, text: str, segment: str | None = None, sequence: int | None = None,
+                 field: int | None = None, repetition: int | None = None, component: int | None = None,
+                 subcomponent: int | None = None, severity: str = "E") -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+        self.segment = segment
+        self.sequence = sequence  # which occurrence of the segment, 1-based
+        self.field = field
+        self.repetition = repetition
+        self.component = component
+        self.subcomponent = subcomponent
+        self.severity = severity  # E error, W warning, I information
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.code, self.text, self.segment, self.sequence, self.field, self.repetition, self.component,
+                self.subcomponent, self.severity)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HL7Error) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"HL7Error({self.describe()!r})"
+
+    def __str__(self) -> str:
+        return self.describe()
 
     @property
     def code_text(self) -> str:
@@ -81,7 +103,7 @@ class HL7Error:
                 "severity": self.severity}
 
 
-class HL7ParseError(ValueError):
+class HL7ParseError(RadBridgeError, ValueError):
     """The bytes are not an HL7 v2 message we can read; carries the ERR detail for the NAK."""
 
     def __init__(self, error: HL7Error) -> None:

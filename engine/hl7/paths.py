@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from engine.errors import RadBridgeError
 from engine.hl7.message import NULL, Message, Segment, Value, component
 
 _PATH = re.compile(
@@ -18,7 +19,7 @@ _PATH = re.compile(
 _RELATIVE = re.compile(r"^(?P<comp>\d+)(?:\.(?P<sub>\d+))?$")
 
 
-class PathError(ValueError):
+class PathError(RadBridgeError, ValueError):
     pass
 
 

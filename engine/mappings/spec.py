@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar
 
+from engine.errors import RadBridgeError
 from engine.hl7 import errors as E
 from engine.hl7.message import NULL, Value, component
 from engine.hl7.paths import HL7Path, PathError, SegmentSource, parse_path, parse_relative
@@ -49,14 +50,26 @@ SPEC_KEYS = {"from", "select", "fallback", "each", "template", "value", "when", 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
 
-@dataclass
-class MappingError:
-    """A value in the message that the mapping cannot accept (becomes AE with ERR)."""
+class MappingError(RadBridgeError):
+    """A value in the message that the mapping cannot accept (becomes AE with ERR). Collected per
+    field while mapping (all of a message's problems are reported at once), or raised."""
 
-    field: str
-    path: str
-    message: str
-    code: int = E.DATA_TYPE_ERROR
+    def __init__(self, field: str, path: str, message: str, code: int = E.DATA_TYPE_ERROR) -> None:
+        super().__init__(message)
+        self.field = field
+        self.path = path
+        self.message = message
+        self.code = code
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MappingError) and (self.field, self.path, self.message, self.code) == (
+            other.field, other.path, other.message, other.code)
+
+    def __hash__(self) -> int:
+        return hash((self.field, self.path, self.message, self.code))
+
+    def __repr__(self) -> str:
+        return f"MappingError({self.field!r}, {self.path!r}, {self.message!r}, {self.code})"
 
 
 @dataclass

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from engine.errors import RadBridgeError
 from engine.hl7 import errors as E
 from engine.hl7.message import NULL, Value
 
 
-class TransformError(ValueError):
+class TransformError(RadBridgeError, ValueError):
     """A value the transform cannot accept; ``code`` is the HL7 table 0357 condition it maps to."""
 
     def __init__(self, message: str, code: int = E.DATA_TYPE_ERROR) -> None:

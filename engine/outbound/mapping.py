@@ -35,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from engine.errors import RadBridgeError
 from engine.hl7.paths import HL7Path, PathError, parse_path
 from engine.mappings.spec import Compiler as InboundCompiler
 from engine.mappings.spec import condition_holds
@@ -72,7 +73,7 @@ ITEM_FIELDS: dict[str, tuple[str, ...]] = {  # what the items of a list hold (ea
 }
 
 
-class RenderError(ValueError):
+class RenderError(RadBridgeError, ValueError):
     """The store lacks what the mapping requires, or the result is not a valid message."""
 
 

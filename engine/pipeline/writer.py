@@ -25,6 +25,8 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from engine.errors import RadBridgeError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -37,7 +39,7 @@ class _SoloJobFailed(Exception):
     """Leaves the transaction of a one-job batch so that it rolls back."""
 
 
-class StorageUnavailable(RuntimeError):
+class StorageUnavailable(RadBridgeError, RuntimeError):
     """The batch could not be committed; nothing in it was stored."""
 
 

@@ -13,11 +13,12 @@ from sqlalchemy import Connection, select, update
 from engine.domain.patients import find_patient
 from engine.domain.records import ORDERS
 from engine.domain.studies import FINDINGS, STUDIES, add_event
+from engine.errors import RadBridgeError
 from engine.reconciliation.queue import enqueue
 from engine.store.types import utcnow
 
 
-class ManualError(ValueError):
+class ManualError(RadBridgeError, ValueError):
     """The request names something that is not there; the message says what."""
 
     status = 404

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from engine.errors import RadBridgeError
+
 
 @dataclass(frozen=True)
 class StoredObject:
@@ -18,7 +20,7 @@ class StoredObject:
     sha256: str
 
 
-class StorageFull(OSError):
+class StorageFull(RadBridgeError, OSError):
     """Not enough free space to take the object (the sender is told: out of resources)."""
 
 

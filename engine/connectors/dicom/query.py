@@ -18,6 +18,7 @@ from sqlalchemy import Connection, exists, func, select
 
 from engine.dicom.matching import Match, parse, sql_condition
 from engine.domain.studies import INSTANCES, SERIES, STUDIES
+from engine.errors import RadBridgeError
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -49,7 +50,7 @@ COUNTS = {
 }
 
 
-class QueryError(Exception):
+class QueryError(RadBridgeError):
     """The identifier cannot be answered (status 0xA900 / 0xC001 with this comment)."""
 
 
