@@ -33,6 +33,7 @@ from engine.pipeline.actions import apply_action
 from engine.pipeline.writer import FINAL_ATTEMPT
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
+from engine.store.states import MessageStatus
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class HL7Inbound:
     def store(self, session: Session, p: Prepared) -> Stored:
         msg = p.message
         row: dict[str, Any] = {"channel": self.channel.name, "remote": p.remote, "size": p.size or len(p.raw),
-                               "status": "received", "received_at": utcnow(), "attempts": 1}
+                               "status": MessageStatus.RECEIVED, "received_at": utcnow(), "attempts": 1}
         if msg is not None:
             row.update(control_id=msg.control_id[:64], sending_app=msg.sending_application[:64],
                        sending_facility=msg.sending_facility[:64], message_type=msg.message_type[:32],
@@ -237,7 +238,7 @@ class HL7Inbound:
         else:
             row["control_id"] = guess_control_id(p.raw) or None
         if p.reject is not None:
-            return self._finish(session, None, row, p, "rejected", None, [p.reject])
+            return self._finish(session, None, row, p, MessageStatus.REJECTED, None, [p.reject])
         assert msg is not None and p.route is not None
         window = self.channel.options.dedup_window_seconds
         if window > 0:
@@ -246,21 +247,21 @@ class HL7Inbound:
                         since=row["received_at"] - timedelta(seconds=window))
             if dup is not None:
                 row["duplicate_of"] = dup["id"]
-                return self._finish(session, None, row, p, "duplicate", None, [], ack_code=dup["ack_code"] or "AA",
+                return self._finish(session, None, row, p, MessageStatus.DUPLICATE, None, [], ack_code=dup["ack_code"] or "AA",
                                     text=f"duplicate of message {dup['id']}; not applied again")
         if p.route.action == "ignore":
-            return self._finish(session, None, row, p, "filtered", None, [])
+            return self._finish(session, None, row, p, MessageStatus.FILTERED, None, [])
         if p.mapping_errors:
-            return self._finish(session, None, row, p, "error", None, self.mapping_errors(p))
+            return self._finish(session, None, row, p, MessageStatus.ERROR, None, self.mapping_errors(p))
         conn = session.connection()  # the hot path runs Core statements on the connection directly
         # Inserted as it will most likely end (nobody sees it before the commit) so that success needs
         # no second write of status; the domain's history rows point at it.
-        message_id = add(conn, MESSAGES, **{**row, "status": "processed", "ack_code": "AA", "processed_at": utcnow()})
+        message_id = add(conn, MESSAGES, **{**row, "status": MessageStatus.PROCESSED, "ack_code": "AA", "processed_at": utcnow()})
         outcome, errors = self.apply(session, p, message_id)
         if outcome is None:
-            return self._finish(session, message_id, row, p, "error", None, errors)
+            return self._finish(session, message_id, row, p, MessageStatus.ERROR, None, errors)
         row["patient_id"] = outcome.patient_id
-        return self._finish(session, message_id, row, p, "processed", outcome, [])
+        return self._finish(session, message_id, row, p, MessageStatus.PROCESSED, outcome, [])
 
     @staticmethod
     def mapping_errors(p: Prepared) -> list[HL7Error]:
@@ -298,7 +299,8 @@ class HL7Inbound:
         and events; build the replies that go out once the batch is committed."""
         msg = p.message
         if ack_code is None:
-            ack_code = {"processed": "AA", "filtered": "AA", "error": "AE", "rejected": "AR"}[status]
+            ack_code = {MessageStatus.PROCESSED: "AA", MessageStatus.FILTERED: "AA", MessageStatus.ERROR: "AE",
+                        MessageStatus.REJECTED: "AR"}[MessageStatus(status)]
         final: dict[str, Any] = {"status": status, "ack_code": ack_code, "processed_at": utcnow()}
         if errors:
             final["error"] = "; ".join(e.describe() for e in errors)[:4000]
@@ -308,7 +310,7 @@ class HL7Inbound:
         conn = session.connection()
         if message_id is None:
             message_id = add(conn, MESSAGES, **{**row, **final})
-        elif status == "processed" and ack_code == "AA":
+        elif status == MessageStatus.PROCESSED and ack_code == "AA":
             if final.get("patient_id") is not None:
                 update_row(conn, MESSAGES, message_id, patient_id=final["patient_id"])
         else:
@@ -376,20 +378,20 @@ def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
     session.add(MessageEvent(message_id=row.id, kind="reprocess", detail={"previous_status": previous,
                                                                           "previous_error": row.error}))
     if p.reject is not None:
-        row.status, row.ack_code, row.error = "rejected", "AR", p.reject.describe()
-        return Stored(row.id, "rejected", "AR", [], "latin-1", error=row.error)
+        row.status, row.ack_code, row.error = MessageStatus.REJECTED, "AR", p.reject.describe()
+        return Stored(row.id, MessageStatus.REJECTED, "AR", [], "latin-1", error=row.error)
     assert p.route is not None
     if p.route.action == "ignore":
-        row.status, row.ack_code, row.error = "filtered", "AA", None
-        return Stored(row.id, "filtered", "AA", [], "utf-8")
+        row.status, row.ack_code, row.error = MessageStatus.FILTERED, "AA", None
+        return Stored(row.id, MessageStatus.FILTERED, "AA", [], "utf-8")
     errors = inbound.mapping_errors(p)
     outcome = None
     if not errors:
         outcome, errors = inbound.apply(session, p, row.id)
     if outcome is None:
-        row.status, row.ack_code = "error", "AE"
+        row.status, row.ack_code = MessageStatus.ERROR, "AE"
         row.error = "; ".join(e.describe() for e in errors)[:4000]
-        return Stored(row.id, "error", "AE", [], "utf-8", error=row.error)
+        return Stored(row.id, MessageStatus.ERROR, "AE", [], "utf-8", error=row.error)
     row.status, row.ack_code, row.error, row.processed_at = "processed", "AA", None, utcnow()
     row.patient_id = outcome.patient_id
     if row.content is not None:

@@ -24,6 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from engine.store.states import DeliveryState, FindingStatus, ReconState, StudyState
 from engine.store.types import JSONType, UTCDateTime, utcnow
 
 # Auto-increment BIGINT on PostgreSQL, INTEGER PRIMARY KEY (the rowid) on SQLite.
@@ -54,7 +55,7 @@ class Message(Base):
     version: Mapped[str | None] = mapped_column(String(16))
     charset: Mapped[str | None] = mapped_column(String(32))
     size: Mapped[int] = mapped_column(Integer, default=0)
-    # received -> processed | error (AE) | rejected (AR) | duplicate (re-ACKed, not applied)
+    # MessageStatus: received -> processed | filtered | error (AE) | rejected (AR) | duplicate (re-ACKed)
     status: Mapped[str] = mapped_column(String(16))
     ack_code: Mapped[str | None] = mapped_column(String(2))
     error: Mapped[str | None] = mapped_column(Text)
@@ -255,7 +256,7 @@ class Study(Base):
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     # receiving -> stable (no new instance for dicom.stable_seconds); a new instance reopens it
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[str] = mapped_column(String(16), default=StudyState.RECEIVING, index=True)
     channel: Mapped[str | None] = mapped_column(String(64))
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -264,7 +265,7 @@ class Study(Base):
     patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id"), index=True)
     order_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("orders.id"), index=True)
     # reconciliation: pending -> reconciled | flagged | unmatched | quarantined (see docs/reconciliation.md)
-    recon_state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    recon_state: Mapped[str] = mapped_column(String(16), default=ReconState.PENDING, index=True)
     matched_by: Mapped[str | None] = mapped_column(String(16))  # accession | patient_id | manual
     reconciled_at: Mapped[datetime | None]
     times_reconciled: Mapped[int] = mapped_column(Integer, default=0)
@@ -357,7 +358,7 @@ class Finding(Base):
     received: Mapped[str | None] = mapped_column(Text)  # what the headers said
     expected: Mapped[str | None] = mapped_column(Text)  # what the order / patient says
     action: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16), default="open")  # open | resolved
+    status: Mapped[str] = mapped_column(String(16), default=FindingStatus.OPEN)  # FindingStatus
     resolved_at: Mapped[datetime | None]
     resolution: Mapped[str | None] = mapped_column(Text)
     detail: Mapped[dict[str, Any] | None]
@@ -427,7 +428,7 @@ class Delivery(Base):
     patient_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id", ondelete="SET NULL"))
     order_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("orders.id", ondelete="SET NULL"))
     order_key: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_at: Mapped[datetime] = mapped_column(default=utcnow)
     leased_until: Mapped[datetime | None]

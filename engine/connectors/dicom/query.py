@@ -19,6 +19,7 @@ from sqlalchemy import Connection, exists, func, select
 from engine.dicom.matching import Match, parse, sql_condition
 from engine.domain.studies import INSTANCES, SERIES, STUDIES
 from engine.errors import RadBridgeError
+from engine.store.states import ReconState
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
@@ -111,7 +112,7 @@ def _conditions(keys: dict[str, Any], level: str, dialect: str, fold_names: bool
         if cond is not None:
             conds.append(exists().where(SERIES.c.study_id == STUDIES.c.id, cond))
     # a quarantined study (reconciliation policy reject) is kept but neither found nor retrieved
-    conds.append(STUDIES.c.recon_state != "quarantined")
+    conds.append(STUDIES.c.recon_state != ReconState.QUARANTINED)
     return conds
 
 
