@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import SAMPLES, RunningEngine
+from tests.conftest import SAMPLES, RunningEngine, make_settings
 from tests.hl7util import ack_code, adt, orm, send, send_many
 
 
@@ -103,3 +103,26 @@ def test_channel_lists_each_mapping_problem_once(running: RunningEngine) -> None
     running.engine.mappings.reload_changed()
     ch = next(c for c in running.api("/api/channels")[1]["channels"] if c["name"] == "hl7-inbound")
     assert sum("PID-99" in p for p in ch["mapping_problems"]) == 1
+
+
+def test_channels_report_the_state_of_their_running_connector(workdir: Path, db_url: str) -> None:
+    """Each channel's state comes from its connector: listeners listen, the fhir and outbound channels
+    run (they used to show as "stopped" while working), a disabled channel says so, and after the
+    engine stops every channel is stopped."""
+    spare = (workdir / "channels" / "hl7-inbound.yaml").read_text()
+    spare = spare.replace("name: hl7-inbound", "name: hl7-spare", 1).replace("enabled: true", "enabled: false", 1)
+    (workdir / "channels" / "hl7-spare.yaml").write_text(spare)
+    e = RunningEngine(make_settings(workdir, db_url)).start()
+    try:
+        states = {c["name"]: (c["connector"], c["state"]) for c in e.api("/api/channels")[1]["channels"]}
+        assert states == {"hl7-inbound": ("mllp", "listening"), "hl7-spare": ("mllp", "disabled"),
+                          "dicom": ("dicom", "listening"), "fhir-inbound": ("fhir", "running"),
+                          "ehr-outbound": ("outbound", "running")}
+        outbound = next(c for c in e.api("/api/channels")[1]["channels"] if c["name"] == "ehr-outbound")
+        assert outbound["destinations"] == {}  # [ehr] has no addresses in this test: nothing is sent
+        assert [r["to"] for r in outbound["routes"]] == ["fhir", "mllp", "mllp", "fhir"]
+    finally:
+        e.stop()
+    assert {c["name"]: c["state"] for c in e.engine.channel_status()} == {
+        "hl7-inbound": "stopped", "hl7-spare": "disabled", "dicom": "stopped", "fhir-inbound": "stopped",
+        "ehr-outbound": "stopped"}
