@@ -24,13 +24,16 @@ from engine.channels import Channel, load_channels
 from engine.config import Settings
 from engine.connectors.dicom.scp import DicomListener
 from engine.connectors.mllp.hl7_listener import HL7Listener
+from engine.domain.events import EventBus
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
 from engine.fhir.inbound import FhirInbound
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
-from engine.outbound.worker import OutboundService, address_of
+from engine.outbound.outbox import Outbox
+from engine.outbound.worker import OutboundService, address_of, build_outbox
 from engine.pipeline.hl7_inbound import HL7Inbound, check_reprocessable, reprocess
 from engine.pipeline.writer import IngestWriter, InlineWriter
+from engine.reconciliation import triggers
 from engine.reconciliation.reconciler import Reconciler
 from engine.reconciliation.reconciler import Result as ReconcileResult
 from engine.storage.local import LocalStorage
@@ -154,6 +157,8 @@ class Engine:
         self._reconcile_lock = asyncio.Lock()
         self.outbound: OutboundService | None = None
         self.fhir: FhirInbound | None = None  # the fhir channel (served at /fhir/ on the HTTP port)
+        self.bus = EventBus()  # domain events: who reacts is wired in _wire_events
+        self.outbox: Outbox | None = None
 
     # --- tokens ------------------------------------------------------------------------------------------
     def api_tokens(self) -> list[str]:
@@ -191,6 +196,7 @@ class Engine:
         inline = s.database.writer == "inline" or (s.database.writer == "auto" and self.db.is_sqlite)
         self.writer = InlineWriter(self.db.writer) if inline else IngestWriter(self.db.writer)
         self.writer.start()
+        self._wire_events(channels)
         self.metrics.gauge("radbridge_writer_backlog", "Messages waiting for the ingest writer",
                            lambda: float(self.writer.backlog))
         self.metrics.gauge("radbridge_writer_batches_total", "Transactions the ingest writer committed",
@@ -214,13 +220,13 @@ class Engine:
                 if ch.connector == "outbound":
                     continue  # started below, with the outbound service
                 if ch.connector == "fhir":
-                    self.fhir = FhirInbound(ch, self.mappings)
+                    self.fhir = FhirInbound(ch, self.mappings, bus=self.bus)
                     continue
                 port = channel_port(ch, s)
                 if ch.connector == "dicom":
                     await self._start_dicom(ch, port)
                     continue
-                inbound = HL7Inbound(ch, self.mappings, app_name=s.name, facility=s.facility)
+                inbound = HL7Inbound(ch, self.mappings, app_name=s.name, facility=s.facility, bus=self.bus)
                 self.inbound[ch.name] = inbound
                 lst = HL7Listener(ch, inbound, self.writer, self.metrics, host=s.bind, port=port,
                                   max_connections=s.mllp.max_connections)
@@ -256,12 +262,20 @@ class Engine:
             self.reconciler = self._make_reconciler()
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
 
+    def _wire_events(self, channels: list[Channel]) -> None:
+        """Who reacts to domain events, in the transaction that raises them; wired before anything
+        can publish: reconciliation's triggers (patient, order and study events queue studies) and
+        the outbox (reconciled and corrected studies, reports: deliveries to the EHR)."""
+        triggers.subscribe(self.bus)
+        self.outbox = build_outbox(self.settings, self.mappings, channels)
+        self.outbox.subscribe(self.bus)
+
     async def _start_dicom(self, ch: Channel, port: int) -> None:
         if self.storage is None:
             self.storage = LocalStorage(Path(self.settings.storage.dir) / "studies", fsync=self.settings.dicom.fsync)
             self._use_storage_tempdir()
         lst = DicomListener(ch, self.settings, db=self.db, writer=self.writer, storage=self.storage,
-                            metrics=self.metrics, host=self.settings.bind, port=port)
+                            metrics=self.metrics, host=self.settings.bind, port=port, bus=self.bus)
         await lst.start()
         self.dicom_listeners[ch.name] = lst
 
@@ -341,8 +355,7 @@ class Engine:
                 self.metrics.coerced_instances.inc(r.coerced)
         return Reconciler(self.db, self.writer, self.storage, channels=self.channels, rules=self.mappings.rules,
                           modifying_system=self.settings.dicom.aet, tmp_dir=Path(self.settings.storage.dir) / "tmp",
-                          fsync=self.settings.dicom.fsync, on_result=on_result,
-                          outbox=self.outbound.outbox if self.outbound else None)
+                          fsync=self.settings.dicom.fsync, on_result=on_result, bus=self.bus)
 
     async def _reconcile_loop(self) -> None:
         interval = min(1.0, max(0.1, self.settings.dicom.stable_seconds / 4))
@@ -372,8 +385,7 @@ class Engine:
 
     def wake_outbound(self) -> None:
         """Deliveries were queued or put back: send now rather than at the next poll."""
-        if self.outbound is not None and self.reconciler is not None and self.reconciler.deliveries_queued:
-            self.reconciler.deliveries_queued = 0
+        if self.outbound is not None and self.outbox is not None and self.outbox.take_queued():
             self.outbound.wake()
 
     async def check_stability(self) -> int:
@@ -386,7 +398,11 @@ class Engine:
         marked = 0
         for study_id in candidates:
             def job(session: Any, sid: int = study_id) -> bool:
-                return mark_stable(session.connection(), sid, cutoff)
+                conn = session.connection()
+                event = mark_stable(conn, sid, cutoff)
+                if event is not None:
+                    self.bus.publish(conn, event)
+                return event is not None
             if await self.writer.run(job):
                 marked += 1
                 self.metrics.studies_stable.inc()
