@@ -377,8 +377,8 @@ MAX_ROWS = 32  # events per INSERT statement (a message raises a handful)
 @dataclass(frozen=True)
 class _Insert:
     sql: str
-    names: tuple[str, ...] | None  # positional parameter order (qmark), None for named styles
-    processors: tuple[Callable[[Any], Any] | None, ...]  # per _ROW column
+    keys: tuple[str, ...] | None  # parameter names for named styles (pyformat), None for positional (qmark)
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (column index in _ROW, bind processor)
 
 
 _INSERTS: dict[tuple[str, str, int], _Insert] = {}
@@ -392,28 +392,32 @@ def _insert(conn: Connection, n: int) -> _Insert:
     key = (dialect.name, dialect.driver, n)
     found = _INSERTS.get(key)
     if found is None:
+        names = [f"{c}_{i}" for i in range(n) for c in _ROW]  # row by row, columns in _ROW order
         stmt = insert(DOMAIN_EVENTS).values([{c: bindparam(f"{c}_{i}") for c in _ROW} for i in range(n)])
         compiled = stmt.compile(dialect=dialect)
-        names = tuple(compiled.positiontup) if compiled.positiontup else None
-        procs = tuple(DOMAIN_EVENTS.c[c].type.dialect_impl(dialect).bind_processor(dialect) for c in _ROW)
-        found = _INSERTS[key] = _Insert(compiled.string, names, procs)
+        if compiled.positiontup is not None and list(compiled.positiontup) != names:
+            raise RuntimeError(f"unexpected parameter order for domain_events on {dialect.name}")
+        procs = ((i, DOMAIN_EVENTS.c[c].type.dialect_impl(dialect).bind_processor(dialect)) for i, c in enumerate(_ROW))
+        found = _INSERTS[key] = _Insert(compiled.string, None if compiled.positiontup is not None else tuple(names),
+                                        tuple((i, p) for i, p in procs if p is not None))
     return found
 
 
 def record_events(conn: Connection, events: Sequence[Event]) -> None:
     """Write events to ``domain_events`` without telling anyone (EventBus.publish does both)."""
     now = utcnow()
+    width = len(_ROW)
     for start in range(0, len(events), MAX_ROWS):
         chunk = events[start:start + MAX_ROWS]
         stmt = _insert(conn, len(chunk))
-        params: dict[str, Any] = {}
-        for i, ev in enumerate(chunk):
-            study_id, patient_id, order_id = ev.columns()
-            for c, proc, value in zip(_ROW, stmt.processors,
-                                      (now, str(ev.kind), study_id, patient_id, order_id, ev.detail()), strict=True):
-                params[f"{c}_{i}"] = proc(value) if proc is not None and value is not None else value
-        args: Any = tuple(params[n] for n in stmt.names) if stmt.names is not None else params
-        driver_execute(conn, stmt.sql, args)
+        values: list[Any] = []
+        for ev in chunk:
+            values.extend((now, ev.kind.value, *ev.columns(), ev.detail()))
+        for col, proc in stmt.processors:
+            for k in range(col, len(values), width):
+                if values[k] is not None:
+                    values[k] = proc(values[k])
+        driver_execute(conn, stmt.sql, tuple(values) if stmt.keys is None else dict(zip(stmt.keys, values, strict=True)))
 
 
 # --- the bus ------------------------------------------------------------------------------------------------
