@@ -34,6 +34,7 @@ from engine.connectors.fhir import FhirConnector
 from engine.connectors.hl7channel import HL7Channel
 from engine.connectors.outbound import OutboundConnector
 from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
+from engine.domain.events import EventBus
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
 from engine.mappings.registry import MappingRegistry, SourceCompiler
 from engine.metrics import Metrics
@@ -41,6 +42,7 @@ from engine.outbound.mapping import compile_outbound
 from engine.pipeline.fhir_inbound import FhirInbound
 from engine.pipeline.hl7_inbound import check_reprocessable
 from engine.pipeline.writer import IngestWriter, InlineWriter
+from engine.reconciliation import triggers
 from engine.reconciliation.reconciler import Reconciler
 from engine.reconciliation.reconciler import Result as ReconcileResult
 from engine.reconciliation.rules import ReconciliationRules, compile_rules
@@ -102,6 +104,8 @@ class Engine:
         self._reconciling: asyncio.Future[int] | None = None
         self._reconcile_wakeup = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
+        self.bus = EventBus()  # domain events; reconciliation subscribes here, each outbound channel's outbox too
+        triggers.subscribe(self.bus)
 
     # --- connectors --------------------------------------------------------------------------------------
     def connectors_of(self, kind: type[C]) -> list[C]:
@@ -169,7 +173,7 @@ class Engine:
         self.writer.start()
         self._register_gauges()
         ctx = ConnectorContext(settings=s, db=self.db, writer=self.writer, mappings=self.mappings,
-                               metrics=self.metrics, storage=self._study_storage)
+                               metrics=self.metrics, storage=self._study_storage, events=self.bus)
         try:
             for ch in channels:
                 self.channels[ch.name] = ch
@@ -302,12 +306,11 @@ class Engine:
                 self.metrics.reconciliations.inc(state=r.state)
             if r.coerced:
                 self.metrics.coerced_instances.inc(r.coerced)
-        outbound = self.connectors_of(OutboundConnector)
         return Reconciler(self.db, self.writer, self._study_storage(), channels=self.channels,
                           rules=lambda name: self.mappings.get_as(name, ReconciliationRules),
                           modifying_system=self.settings.dicom.aet,
                           tmp_dir=Path(self.settings.storage.dir) / "tmp", fsync=self.settings.dicom.fsync,
-                          on_result=on_result, outbox=outbound[0].service.outbox if outbound else None)
+                          on_result=on_result, bus=self.bus)
 
     async def _reconcile_loop(self) -> None:
         interval = min(1.0, max(0.1, self.settings.dicom.stable_seconds / 4))
@@ -319,9 +322,9 @@ class Engine:
                 await self.reconcile_pending()
             except Exception:
                 log.exception("reconciliation pass failed; will try again")
-            if self.reconciler is not None and self.reconciler.deliveries_queued:
-                self.reconciler.deliveries_queued = 0
-                self.wake_outbound()
+            for out in self.connectors_of(OutboundConnector):
+                if out.service.outbox.take_queued():  # this pass queued deliveries: send now, not at the next poll
+                    out.wake()
 
     async def reconcile_pending(self) -> int:
         """Work the reconciliation queue in a worker thread (file rewriting is blocking I/O)."""
@@ -353,7 +356,11 @@ class Engine:
         marked = 0
         for study_id in candidates:
             def job(session: Any, sid: int = study_id) -> bool:
-                return mark_stable(session.connection(), sid, cutoff)
+                conn = session.connection()
+                event = mark_stable(conn, sid, cutoff)
+                if event is not None:
+                    self.bus.publish(conn, event)
+                return event is not None
             if await self.writer.run(job):
                 marked += 1
                 self.metrics.studies_stable.inc()

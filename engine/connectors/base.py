@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from engine.channels import Channel, ConnectorSpec
 from engine.config import Settings
+from engine.domain.events import EventBus
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.storage.base import ObjectStorage
@@ -60,7 +61,7 @@ class ConnectorContext:
     mappings: MappingRegistry
     metrics: Metrics
     storage: Callable[[], ObjectStorage]  # the study storage, created on first use
-    events: Any = None  # the domain event bus, for connectors that subscribe or publish
+    events: EventBus  # the domain event bus: what connectors apply publishes here, outboxes subscribe
 
 
 class Connector(ABC):

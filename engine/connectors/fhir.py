@@ -27,7 +27,7 @@ class FhirConnector(Connector):
 
     def __init__(self, channel: Channel, ctx: ConnectorContext) -> None:
         super().__init__(channel, ctx)
-        self.inbound = FhirInbound(channel, ctx.mappings)
+        self.inbound = FhirInbound(channel, ctx.mappings, bus=ctx.events)
 
     @classmethod
     def check(cls, channel: Channel, defs: Definitions) -> list[ConfigProblem]:

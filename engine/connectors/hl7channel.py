@@ -21,7 +21,7 @@ class HL7Channel(Connector):
     def __init__(self, channel: Channel, ctx: ConnectorContext) -> None:
         super().__init__(channel, ctx)
         s = ctx.settings
-        self.inbound = HL7Inbound(channel, ctx.mappings, app_name=s.name, facility=s.facility)
+        self.inbound = HL7Inbound(channel, ctx.mappings, app_name=s.name, facility=s.facility, bus=ctx.events)
 
     def reprocess(self, session: Session, row: Message) -> dict[str, Any]:
         """Run a stored message through prepare and apply again (after a mapping fix)."""

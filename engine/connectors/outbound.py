@@ -19,6 +19,7 @@ class OutboundConnector(Connector):
         super().__init__(channel, ctx)
         self.service = OutboundService(ctx.settings, ctx.db, ctx.writer, ctx.mappings, [channel], ctx.storage(),
                                        ctx.metrics)
+        self.service.outbox.subscribe(ctx.events)  # deliveries are written in the transaction of their event
 
     @classmethod
     def check(cls, channel: Channel, defs: Definitions) -> list[ConfigProblem]:

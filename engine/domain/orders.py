@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select
 
 from engine.domain.errors import DomainError
+from engine.domain.events import OrderCancelled, OrderChanged, OrderPlaced
 from engine.domain.limits import check_length
 from engine.domain.patients import Outcome, upsert_patient
 from engine.domain.records import ORDER_BY, ORDER_HISTORY, ORDERS, Record, add, load
@@ -150,6 +151,8 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
         _history(conn, order_id, control, None, status, True, note, message_id, event_time)
         out.changes.append(f"order {order_id} created ({status})")
         out.order_ids.append(order_id)
+        out.events.append(OrderPlaced(order_id=order_id, patient_id=patient.id, accession=cols.get("accession"),
+                                      status=status, control=control))
         return Record(ORDERS, {"id": order_id, "patient_id": patient.id, "status": status, "version": 1, **cols})
 
     out.order_ids.append(order.id)
@@ -165,14 +168,20 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
         _history(conn, order.id, control, order["status"], target, False, refusal, message_id, event_time)
         out.notes.append(f"order {order.id}: {refusal}")
         return order
+    previous = order["status"]
+    moved_from = None
     if order["patient_id"] != patient.id and control not in ENDING_CONTROLS:
         out.notes.append(f"order {order.id} moved from patient {order['patient_id']} to {patient.id}")
+        moved_from = order["patient_id"]
         order.set("patient_id", patient.id)
     # A cancel or discontinue identifies the order; its OBR does not rewrite it.
     changed = False
+    fields: list[str] = []
     if control not in ENDING_CONTROLS:
         for name, value in _fields(data, order).items():
-            changed = order.set(name, value) or changed
+            if order.set(name, value):
+                changed = True
+                fields.append(name)
     note = "NW for a known order: treated as an update" if control == "NW" else None
     if order["status"] == "CM" and target in CANCELLED:
         note = f"{control} after completion"
@@ -192,6 +201,14 @@ def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message
     if event_time and not is_older(event_time, order["source_time"]):
         order.set("source_time", event_time)
     order.save(conn)
+    if target != previous and target in CANCELLED:
+        out.events.append(OrderCancelled(order_id=order.id, patient_id=order["patient_id"],
+                                         accession=order["accession"], from_status=previous, status=target,
+                                         control=control))
+    elif changed or moved_from is not None:
+        out.events.append(OrderChanged(order_id=order.id, patient_id=order["patient_id"], accession=order["accession"],
+                                       from_status=previous, status=target, fields=tuple(fields),
+                                       moved_from_patient=moved_from, control=control))
     return order
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from engine.domain.errors import DomainError
+from engine.domain.events import Event, IdentifierAdded, PatientCreated, PatientMerged, PatientUpdated
 from engine.domain.limits import check_length
 from engine.domain.records import (
     IDENTIFIER,
@@ -47,13 +48,17 @@ MAX_MERGE_CHAIN = 32
 
 @dataclass
 class Outcome:
-    """What applying one message did: kept on the message, and read by later stages."""
+    """What applying one message did: kept on the message, and read by later stages.
+
+    ``changes`` and ``notes`` are prose for people (the message history); ``events`` are what
+    the domain raised, typed, for the caller to publish on the bus (nothing reads the prose)."""
 
     patient_id: int | None = None
     order_ids: list[int] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     message_id: int | None = None  # the message being applied, for the history rows
+    events: list[Event] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"patient_id": self.patient_id, "order_ids": self.order_ids, "changes": self.changes,
@@ -191,10 +196,12 @@ def create_patient(conn: Connection, data: dict[str, Any], out: Outcome) -> Reco
         type_code=data.get("patient.identifier_type"), kind="primary")
     out.changes.append(f"patient {pid} created")
     added = _add_identifiers(conn, pid, data, out)
-    record(conn, pid, out, "created", {"identifier": f"{value}^{issuer}",
-                                          "fields": {k: v[1] for k, v in _public(diff).items()},
+    fields = {k: v[1] for k, v in _public(diff).items()}
+    record(conn, pid, out, "created", {"identifier": f"{value}^{issuer}", "fields": fields,
                                           **({"identifiers_added": added} if added else {})},
            data.get("message.event_time"))
+    out.events.append(PatientCreated(patient_id=pid, identifier=f"{value}^{issuer}", fields=fields,
+                                     identifiers_added=tuple(added)))
     return Record(PATIENTS, {"id": pid, **values, "source_time": data.get("message.event_time"),
                              "merged_into_id": None, "version": 1, "active": True})
 
@@ -209,6 +216,7 @@ def update_patient(conn: Connection, p: Record, data: dict[str, Any], out: Outco
         added = _add_identifiers(conn, p.id, data, out)
         if added:
             record(conn, p.id, out, "updated", {"fields": {}, "identifiers_added": added}, event_time)
+            out.events.append(IdentifierAdded(patient_id=p.id, identifiers=tuple(added)))
         return
     diff = _demographics(data, p, out)
     for col, value in _columns(diff).items():
@@ -223,6 +231,10 @@ def update_patient(conn: Connection, p: Record, data: dict[str, Any], out: Outco
     if diff or added:
         record(conn, p.id, out, "updated", {"fields": _public(diff),
                                                 **({"identifiers_added": added} if added else {})}, event_time)
+    if diff:
+        out.events.append(PatientUpdated(patient_id=p.id, fields=_public(diff)))
+    if added:
+        out.events.append(IdentifierAdded(patient_id=p.id, identifiers=tuple(added)))
 
 
 def upsert_patient(conn: Connection, data: dict[str, Any], out: Outcome, *, create: bool = True,
@@ -270,6 +282,8 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
                            f"{prior_value}^{prior_issuer} kept as alias")
         record(conn, prior.id, out, "identifier", {"new": f"{value}^{issuer}",
                                                       "alias": f"{prior_value}^{prior_issuer}"})
+        out.events.append(IdentifierAdded(patient_id=prior.id, identifiers=(f"{value}^{issuer}",),
+                                          replaces=f"{prior_value}^{prior_issuer}"))
         update_patient(conn, prior, data, out, ignore_stale=ignore_stale)
         out.patient_id = prior.id
         return prior
@@ -281,6 +295,8 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
     if prior is None:
         add(conn, IDENTIFIERS, patient_id=survivor.id, value=prior_value, issuer=prior_issuer, kind="alias")
         record(conn, survivor.id, out, "merged", {"alias": f"{prior_value}^{prior_issuer}", "prior_known": False})
+        out.events.append(PatientMerged(patient_id=survivor.id, merged_patient_id=None,
+                                        alias=f"{prior_value}^{prior_issuer}"))
         out.notes.append(f"prior patient {prior_value}^{prior_issuer} was not known; kept as an alias of patient "
                          f"{survivor.id} so later messages under it resolve")
         return survivor
@@ -294,7 +310,7 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
     if moved:
         conn.execute(update(ORDERS).where(ORDERS.c.patient_id == prior.id).values(patient_id=survivor.id))
     studies = list(conn.execute(select(STUDIES.c.id).where(STUDIES.c.patient_id == prior.id)).scalars())
-    if studies:  # reconciliation then coerces them to the survivor (triggers.after_message)
+    if studies:  # reconciliation then coerces them to the survivor (on the patient.merged event)
         conn.execute(update(STUDIES).where(STUDIES.c.patient_id == prior.id).values(patient_id=survivor.id))
     prior.set("merged_into_id", survivor.id)
     prior.set("active", False)
@@ -308,4 +324,7 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
     record(conn, survivor.id, out, "merged", {"prior_patient": prior.id, "alias": f"{prior_value}^{prior_issuer}",
                                                  "orders_moved": moved, "studies_moved": studies})
     record(conn, prior.id, out, "merged_away", {"into": survivor.id, "orders_moved": moved, "studies_moved": studies})
+    out.events.append(PatientMerged(patient_id=survivor.id, merged_patient_id=prior.id,
+                                    alias=f"{prior_value}^{prior_issuer}", orders_moved=tuple(moved),
+                                    studies_moved=tuple(studies)))
     return survivor

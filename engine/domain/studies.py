@@ -5,27 +5,37 @@ A study is *receiving* while instances arrive and becomes *stable* when none arr
 act on it). An instance arriving for a stable study reopens it (``study.reopened``) and it becomes
 stable again later. Stability is claimed with a conditional UPDATE, so several engine processes
 sharing a database raise each event once.
+
+The functions here return the events they raise (``StoreResult.events``, ``mark_stable``); the
+caller publishes them on the bus in the same transaction.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, select
+from sqlalchemy import Connection, Table, bindparam, or_, select
 
 from engine.dicom.headers import InstanceHeader
-from engine.domain.records import add, fetch, update_row
-from engine.reconciliation.queue import enqueue
+from engine.domain.events import (
+    DuplicateIgnored,
+    DuplicateRejected,
+    Event,
+    InstanceOverwritten,
+    StudyReceived,
+    StudyReopened,
+    StudyStable,
+)
+from engine.domain.records import add, fetch, fetch_all, update_row
 from engine.storage.base import StoredObject
-from engine.store.models import DomainEvent, Finding, Instance, InstanceRevision, Series, Study
+from engine.store.models import Finding, Instance, InstanceRevision, Series, Study
 from engine.store.types import utcnow
 
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
 SERIES: Table = Series.__table__  # type: ignore[assignment]
 INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
-DOMAIN_EVENTS: Table = DomainEvent.__table__  # type: ignore[assignment]
 FINDINGS: Table = Finding.__table__  # type: ignore[assignment]
 REVISIONS: Table = InstanceRevision.__table__  # type: ignore[assignment]
 
@@ -55,6 +65,7 @@ class StoreResult:
     stored_key: str  # the key the index points at now
     replaced_key: str | None = None  # a file no longer referenced (overwrite): delete after commit
     identical: bool = False
+    events: list[Event] = field(default_factory=list)  # for the caller to publish
 
 
 def clip(column: str, value: Any) -> Any:
@@ -64,19 +75,15 @@ def clip(column: str, value: Any) -> Any:
     return value
 
 
-def add_event(conn: Connection, kind: str, *, study_id: int | None = None, patient_id: int | None = None,
-              order_id: int | None = None, detail: dict[str, Any] | None = None) -> int:
-    return add(conn, DOMAIN_EVENTS, kind=kind, study_id=study_id, patient_id=patient_id, order_id=order_id,
-               detail=detail)
-
-
 def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject, *, policy: str, channel: str,
                     calling_aet: str | None, remote: str | None) -> StoreResult:
-    """Index one received file (already durable in storage). Runs inside the writer's transaction."""
+    """Index one received file (already durable in storage). Runs inside the writer's transaction;
+    the caller publishes ``events`` of the result in it."""
     now = utcnow()
     existing = fetch(conn, INSTANCE_BY_UID, uid=hdr.sop_instance_uid)
     if existing is not None:
         return _duplicate(conn, existing, hdr, stored, policy=policy, now=now, calling_aet=calling_aet)
+    events: list[Event] = []
     study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
     if study is None:
         values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in STUDY_ATTRS.items()}
@@ -85,12 +92,14 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
                        size_bytes=0, times_stable=0, **values)
         study = {"id": study_id, "state": "receiving", "num_series": 0, "num_instances": 0, "size_bytes": 0,
                  "modalities": None}
-        enqueue(conn, study_id, "received")  # images received: the order can move to in progress
+        # images received: the order can move to in progress
+        events.append(StudyReceived(study_id=study_id, study_uid=hdr.study_uid, accession=values["accession"],
+                                    channel=channel, calling_aet=calling_aet))
     study_changes: dict[str, Any] = {"last_received_at": now}
     if study["state"] == "stable":
         study_changes["state"] = "receiving"
-        add_event(conn, "study.reopened", study_id=study["id"],
-                  detail={"study_uid": hdr.study_uid, "sop_instance_uid": hdr.sop_instance_uid})
+        events.append(StudyReopened(study_id=study["id"], study_uid=hdr.study_uid,
+                                    sop_instance_uid=hdr.sop_instance_uid))
     series = fetch(conn, SERIES_BY_UID, uid=hdr.series_uid)
     if series is None:
         values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in SERIES_ATTRS.items()}
@@ -113,23 +122,23 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
                       number_of_frames=hdr.attrs.get("NumberOfFrames"), transfer_syntax=hdr.transfer_syntax,
                       storage_key=stored.key, size_bytes=stored.size, sha256=stored.sha256,
                       calling_aet=calling_aet, remote=remote, received_at=now, duplicates=0)
-    return StoreResult("stored", instance_id, study["id"], stored.key)
+    return StoreResult("stored", instance_id, study["id"], stored.key, events=events)
 
 
 def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, stored: StoredObject, *,
                policy: str, now: datetime, calling_aet: str | None) -> StoreResult:
     identical = existing["sha256"] == stored.sha256
-    detail = {"sop_instance_uid": hdr.sop_instance_uid, "identical": identical, "policy": policy,
-              "calling_aet": calling_aet, "sha256": stored.sha256, "stored_sha256": existing["sha256"]}
+    detail = {"study_id": existing["study_id"], "sop_instance_uid": hdr.sop_instance_uid, "identical": identical,
+              "policy": policy, "calling_aet": calling_aet, "sha256": stored.sha256,
+              "stored_sha256": existing["sha256"]}
     base = {"instance_id": existing["id"], "study_id": existing["study_id"], "identical": identical}
     if identical or policy == "ignore":
         update_row(conn, INSTANCES, existing["id"], duplicates=existing["duplicates"] + 1)
-        if not identical:
-            add_event(conn, "instance.duplicate_ignored", study_id=existing["study_id"], detail=detail)
-        return StoreResult("duplicate", stored_key=existing["storage_key"], **base)
+        events: list[Event] = [] if identical else [DuplicateIgnored(**detail)]
+        return StoreResult("duplicate", stored_key=existing["storage_key"], events=events, **base)
     if policy == "reject":
-        add_event(conn, "instance.duplicate_rejected", study_id=existing["study_id"], detail=detail)
-        return StoreResult("rejected", stored_key=existing["storage_key"], **base)
+        return StoreResult("rejected", stored_key=existing["storage_key"], events=[DuplicateRejected(**detail)],
+                           **base)
     # overwrite: the new file takes the index row; the study's size follows; the old file goes
     if existing["study_id"] is not None and hdr.study_uid and hdr.series_uid:
         study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
@@ -139,8 +148,8 @@ def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, 
     update_row(conn, INSTANCES, existing["id"], storage_key=stored.key, size_bytes=stored.size,
                sha256=stored.sha256, transfer_syntax=hdr.transfer_syntax, received_at=now,
                calling_aet=calling_aet, duplicates=existing["duplicates"] + 1)
-    add_event(conn, "instance.overwritten", study_id=existing["study_id"], detail=detail)
-    return StoreResult("overwritten", stored_key=stored.key, replaced_key=existing["storage_key"], **base)
+    return StoreResult("overwritten", stored_key=stored.key, replaced_key=existing["storage_key"],
+                       events=[InstanceOverwritten(**detail)], **base)
 
 
 def stability_candidates(conn: Connection, cutoff: datetime, limit: int = 500) -> list[int]:
@@ -149,24 +158,43 @@ def stability_candidates(conn: Connection, cutoff: datetime, limit: int = 500) -
     return [r[0] for r in conn.execute(stmt)]
 
 
-def mark_stable(conn: Connection, study_id: int, cutoff: datetime) -> bool:
-    """Claim one study's stability (once, whichever process gets there first) and raise the event."""
+def mark_stable(conn: Connection, study_id: int, cutoff: datetime) -> StudyStable | None:
+    """Claim one study's stability (once, whichever process gets there first): the event, for the
+    caller to publish in this transaction, or None when the study was not (or no longer) due."""
     now = utcnow()
     result = conn.execute(
         STUDIES.update()
         .where(STUDIES.c.id == study_id, STUDIES.c.state == "receiving", STUDIES.c.last_received_at < cutoff)
         .values(state="stable", stable_at=now, times_stable=STUDIES.c.times_stable + 1))
     if result.rowcount != 1:
-        return False
+        return None
     row = conn.execute(select(STUDIES.c.study_uid, STUDIES.c.accession, STUDIES.c.num_instances,
                               STUDIES.c.times_stable).where(STUDIES.c.id == study_id)).one()
-    add_event(conn, "study.stable", study_id=study_id,
-              detail={"study_uid": row.study_uid, "accession": row.accession, "instances": row.num_instances,
-                      "times_stable": row.times_stable})
-    enqueue(conn, study_id, "stable")
-    return True
+    return StudyStable(study_id=study_id, study_uid=row.study_uid, accession=row.accession,
+                       instances=row.num_instances, times_stable=row.times_stable)
 
 
 def stability_cutoff(stable_seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=stable_seconds)
 
+
+
+# Instances that are reports (structured reports, encapsulated PDF): a reconciled study's reports are
+# delivered on their own (report.received). The same list as engine/outbound/context.py
+# REPORT_CLASSES, which renders them (tests/test_domain_events.py checks they agree).
+REPORT_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+)
+REPORTS_OF_STUDY = (select(INSTANCES.c.id, INSTANCES.c.sop_class_uid)
+                    .where(INSTANCES.c.study_id == bindparam("study_id"),
+                           or_(*(INSTANCES.c.sop_class_uid == c for c in REPORT_SOP_CLASSES)))
+                    .order_by(INSTANCES.c.id))
+
+
+def report_instances(conn: Connection, study_id: int) -> list[tuple[int, str]]:
+    """(instance id, SOP class) of the study's reports, in the order they were received."""
+    return [(r["id"], r["sop_class_uid"]) for r in fetch_all(conn, REPORTS_OF_STUDY, study_id=study_id)]

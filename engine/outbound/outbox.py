@@ -1,8 +1,10 @@
 """The transactional outbox: delivery rows, written with the domain change that causes them.
 
-    Outbox.on_study(conn, event, ...)     in the reconciler's closing transaction: one row per
-                                          enabled route that takes the event (and one report row
-                                          per SR/PDF instance not reported before)
+    Outbox.subscribe(bus)                 handlers on the domain event bus, called in the
+                                          reconciler's closing transaction: for study.reconciled /
+                                          study.corrected one row per enabled route that takes the
+                                          event; for report.received (one per SR/PDF instance of
+                                          such a study) a row per report route not sent it before
     claim(conn, destination, ...)         a worker leases due rows: FOR UPDATE SKIP LOCKED on
                                           PostgreSQL, and never a row whose patient has an older
                                           row still pending for that destination (per-patient order)
@@ -16,6 +18,7 @@ the EHR sees a resend, not a second result).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,9 +27,8 @@ from sqlalchemy import Connection, Table, and_, exists, func, select, update
 from sqlalchemy.orm import aliased
 
 from engine.channels import Channel, Destination, OutboundRoute
+from engine.domain.events import Event, EventBus, EventKind, ReportReceived, StudyCorrected, StudyReconciled
 from engine.domain.records import add
-from engine.domain.studies import INSTANCES
-from engine.outbound.context import REPORT_CLASSES
 from engine.outbound.render import Rendered
 from engine.store.models import Delivery, DeliveryAttempt
 from engine.store.types import utcnow
@@ -75,7 +77,8 @@ class Outcome:
 
 
 class Outbox:
-    """The outbound channels' routes, for writing deliveries in the transaction that causes them."""
+    """The outbound channels' routes, for writing deliveries in the transaction that causes them
+    (subscribed to the domain event bus)."""
 
     def __init__(self, channels: list[Channel], enabled: set[str], supersede: set[str] | None = None) -> None:
         """``enabled``: destination names that have an address configured ([ehr] mllp / fhir_base);
@@ -85,16 +88,46 @@ class Outbox:
         self.routes: list[tuple[Channel, OutboundRoute]] = [
             (ch, r) for ch in channels if ch.connector == "outbound" and ch.enabled
             for r in ch.outbound_routes if r.enabled and r.to in enabled]
+        self.report_routes = [(ch, r) for ch, r in self.routes if EventKind.REPORT_RECEIVED in r.events]
+        self._queued = 0
+        self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
         return bool(self.routes)
 
+    # --- subscribers -----------------------------------------------------------------------------------
+    def subscribe(self, bus: EventBus) -> None:
+        bus.subscribe(EventKind.STUDY_RECONCILED, self.on_event)
+        bus.subscribe(EventKind.STUDY_CORRECTED, self.on_event)
+        bus.subscribe(EventKind.REPORT_RECEIVED, self.on_event)
+
+    def on_event(self, conn: Connection, event: Event) -> None:
+        if isinstance(event, StudyReconciled | StudyCorrected):
+            ids = self.on_study(conn, str(event.kind), study_id=event.study_id, patient_id=event.patient_id,
+                                order_id=event.order_id)
+        elif isinstance(event, ReportReceived):
+            ids = self.on_report(conn, study_id=event.study_id, instance_id=event.instance_id,
+                                 patient_id=event.patient_id, order_id=event.order_id)
+        else:
+            return
+        if ids:
+            with self._lock:
+                self._queued += len(ids)
+
+    def take_queued(self) -> int:
+        """Deliveries queued since the last call (to wake the workers). Counted when written: a
+        transaction that rolled back afterwards makes a wake-up that finds nothing, no harm."""
+        with self._lock:
+            n, self._queued = self._queued, 0
+        return n
+
+    # --- rows -----------------------------------------------------------------------------------------------
     def on_study(self, conn: Connection, event: str, *, study_id: int, patient_id: int | None,
                  order_id: int | None) -> list[int]:
-        """Queue what a study event owes the EHR; then a report row per SR/PDF not reported yet."""
+        """Queue what a study event owes the EHR: a row per route that takes it."""
         ids: list[int] = []
         now = utcnow()
-        order_key = f"patient:{patient_id}" if patient_id is not None else f"study:{study_id}"
+        order_key = _order_key(study_id, patient_id)
         for ch, route in self.routes:
             if event not in route.events:
                 continue
@@ -105,21 +138,25 @@ class Outbox:
                     DELIVERIES.c.instance_id.is_(None), DELIVERIES.c.attempts == 0,
                     DELIVERIES.c.leased_until.is_(None)).values(state="superseded"))
             ids.append(_add(conn, ch.name, route, event, study_id, None, patient_id, order_id, order_key, now))
-        report_routes = [(ch, r) for ch, r in self.routes if "report.received" in r.events]
-        if report_routes and event in ("study.reconciled", "study.corrected"):
-            reports = [r[0] for r in conn.execute(
-                select(INSTANCES.c.id).where(INSTANCES.c.study_id == study_id,
-                                             INSTANCES.c.sop_class_uid.in_(REPORT_CLASSES))
-                .order_by(INSTANCES.c.id))]
-            sent = set(conn.execute(select(DELIVERIES.c.instance_id, DELIVERIES.c.destination, DELIVERIES.c.mapping)
-                                    .where(DELIVERIES.c.study_id == study_id, DELIVERIES.c.instance_id.is_not(None)))
-                       .tuples()) if reports else set()
-            for inst in reports:
-                for ch, route in report_routes:
-                    if (inst, route.to, route.mapping) not in sent:
-                        ids.append(_add(conn, ch.name, route, "report.received", study_id, inst, patient_id,
-                                        order_id, order_key, now))
         return ids
+
+    def on_report(self, conn: Connection, *, study_id: int, instance_id: int, patient_id: int | None,
+                  order_id: int | None) -> list[int]:
+        """A report of a placed study: a row per report route that has not had this instance."""
+        if not self.report_routes:
+            return []
+        sent = {(r.destination, r.mapping) for r in conn.execute(
+            select(DELIVERIES.c.destination, DELIVERIES.c.mapping)
+            .where(DELIVERIES.c.instance_id == instance_id, DELIVERIES.c.study_id == study_id))}
+        now = utcnow()
+        order_key = _order_key(study_id, patient_id)
+        return [_add(conn, ch.name, route, str(EventKind.REPORT_RECEIVED), study_id, instance_id, patient_id, order_id,
+                     order_key, now)
+                for ch, route in self.report_routes if (route.to, route.mapping) not in sent]
+
+
+def _order_key(study_id: int, patient_id: int | None) -> str:
+    return f"patient:{patient_id}" if patient_id is not None else f"study:{study_id}"
 
 
 def _add(conn: Connection, channel: str, route: OutboundRoute, event: str, study_id: int, instance_id: int | None,

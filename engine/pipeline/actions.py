@@ -8,14 +8,17 @@ from sqlalchemy import Connection
 
 from engine.channels import DomainOptions
 from engine.domain.errors import DomainError
+from engine.domain.events import EventBus
 from engine.domain.orders import apply_order
 from engine.domain.patients import Outcome, merge_patients, upsert_patient
-from engine.reconciliation.triggers import after_message
 
 
 def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: list[dict[str, Any]],
-                 options: DomainOptions, message_id: int | None) -> Outcome:
-    """Apply one message. ``values`` are the message-level fields, ``groups`` one dict per order group."""
+                 options: DomainOptions, message_id: int | None, *, bus: EventBus) -> Outcome:
+    """Apply one message. ``values`` are the message-level fields, ``groups`` one dict per order group.
+
+    The events the domain raised are published on ``bus`` last, in the caller's transaction (one
+    INSERT for all of them; the subscribers' writes commit or roll back with the message)."""
     out = Outcome(message_id=message_id)
     stale = options.ignore_stale_updates
     if action == "patient.upsert":
@@ -36,5 +39,5 @@ def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: 
                 raise
     elif action != "ignore":
         raise ValueError(f"unknown action {action!r}")
-    after_message(conn, action, out)
+    bus.publish_all(conn, out.events)
     return out

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
+from engine.domain.events import EventBus
 from engine.domain.orders import find_order
 from engine.domain.patients import find_patient
 from engine.domain.records import (
@@ -124,9 +125,10 @@ class Stored:
 class FhirInbound:
     """The fhir channel: routes resource types to actions and mapping files."""
 
-    def __init__(self, channel: Channel, mappings: MappingRegistry) -> None:
+    def __init__(self, channel: Channel, mappings: MappingRegistry, *, bus: EventBus) -> None:
         self.channel = channel
         self.mappings = mappings
+        self.bus = bus  # the domain events of what it applies are published here
         self._issuers: dict[tuple[str, tuple[int, ...]], set[str]] = {}
 
     # --- routing and mapping ------------------------------------------------------------------------
@@ -313,7 +315,7 @@ class FhirInbound:
             raise FhirError(409, f"{it.resource_type}/{found} already has these identifiers; update it with PUT "
                                  f"{it.resource_type}/{found}, a conditional update, or send If-None-Exist",
                             "duplicate", f"{it.resource_type}.identifier")
-        out = apply_action(conn, action, values, [], self.channel.fhir, message_id)
+        out = apply_action(conn, action, values, [], self.channel.fhir, message_id, bus=self.bus)
         rid = out.patient_id if it.resource_type == "Patient" else (out.order_ids[0] if out.order_ids else None)
         if retired and existing is not None:
             rid = existing  # the answer is about the resource sent: now inactive, replaced-by the survivor

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
+from engine.domain.events import EventBus
 from engine.domain.patients import Outcome
 from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, add, fetch, savepoint, update_row
 from engine.hl7 import errors as E
@@ -31,6 +32,7 @@ from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping, MappingError
 from engine.pipeline.actions import apply_action
 from engine.pipeline.writer import FINAL_ATTEMPT
+from engine.reconciliation import triggers
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
 from engine.store.states import MessageStatus
@@ -175,11 +177,15 @@ class HL7Inbound:
     """One channel's inbound HL7 handling (shared by every connection of its listener)."""
 
     def __init__(self, channel: Channel, mappings: MappingRegistry, *, app_name: str = "RADBRIDGE",
-                 facility: str = "") -> None:
+                 facility: str = "", bus: EventBus | None = None) -> None:
         self.channel = channel
         self.mappings = mappings
         self.app_name = app_name
         self.facility = facility
+        if bus is None:  # a tool without the engine's bus (radbridge reprocess): reconciliation still hears
+            bus = EventBus()
+            triggers.subscribe(bus)
+        self.bus = bus
 
     # --- step 1: no I/O ---------------------------------------------------------------------------
     def prepare(self, raw: bytes, remote: str | None = None) -> Prepared:
@@ -278,7 +284,8 @@ class HL7Inbound:
         conn = session.connection()
         try:
             with savepoint(conn):
-                return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id), []
+                return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
+                                    bus=self.bus), []
         except DomainError as exc:
             return None, [error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))]
         except OperationalError:

@@ -1,7 +1,9 @@
 """What an analyst does to a study by hand (CLI ``radbridge studies`` and the admin API).
 
 Each action is written in one transaction with a domain event naming who asked and why; the
-reconciler then does the work (coercion included) like for any other trigger.
+reconciler then does the work (coercion included) like for any other trigger. The API and the CLI
+that call these hold no event bus: the events are recorded, and queue the study themselves
+(nobody can subscribe to them: engine/domain/events.py RECORDED_ONLY).
 """
 
 from __future__ import annotations
@@ -10,9 +12,16 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
+from engine.domain.events import (
+    FindingAccepted,
+    ManualMatchCleared,
+    ManualMatchSet,
+    ReconcileRequested,
+    record_events,
+)
 from engine.domain.patients import find_patient
 from engine.domain.records import ORDERS
-from engine.domain.studies import FINDINGS, STUDIES, add_event
+from engine.domain.studies import FINDINGS, STUDIES
 from engine.errors import RadBridgeError
 from engine.reconciliation.queue import enqueue
 from engine.store.types import utcnow
@@ -65,8 +74,10 @@ def match(conn: Connection, ref: str, *, accession: str | None = None, patient: 
         values["manual_patient_id"] = found.id
         detail.update(patient=found.id, identifier=patient)
     conn.execute(update(STUDIES).where(STUDIES.c.id == study["id"]).values(**values))
-    add_event(conn, "study.manual_match", study_id=study["id"], order_id=values["manual_order_id"],
-              patient_id=values["manual_patient_id"], detail=detail)
+    record_events(conn, [ManualMatchSet(study_id=study["id"], order_id=values["manual_order_id"],
+                                        patient_id=values["manual_patient_id"], study_uid=study["study_uid"], by=by,
+                                        note=note, accession=accession or None,
+                                        identifier=patient if not accession else None)])
     enqueue(conn, study["id"], "manual")
     return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True, **detail}
 
@@ -77,7 +88,7 @@ def clear_match(conn: Connection, ref: str, *, by: str = "analyst", note: str | 
     study = find_study(conn, ref)
     conn.execute(update(STUDIES).where(STUDIES.c.id == study["id"]).values(manual_order_id=None,
                                                                           manual_patient_id=None))
-    add_event(conn, "study.manual_match_cleared", study_id=study["id"], detail={"by": by, "note": note})
+    record_events(conn, [ManualMatchCleared(study_id=study["id"], by=by, note=note)])
     enqueue(conn, study["id"], "manual")
     return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True}
 
@@ -86,7 +97,7 @@ def request(conn: Connection, ref: str, *, by: str = "analyst") -> dict[str, Any
     """Reconcile a study again (after a rules or policy change)."""
     study = find_study(conn, ref)
     enqueue(conn, study["id"], "requested")
-    add_event(conn, "study.reconcile_requested", study_id=study["id"], detail={"by": by})
+    record_events(conn, [ReconcileRequested(study_id=study["id"], by=by)])
     return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True}
 
 
@@ -100,5 +111,5 @@ def accept_finding(conn: Connection, finding_id: int, *, by: str = "analyst", no
         raise ManualConflict(f"finding {finding_id} is already {row.status}")
     conn.execute(update(FINDINGS).where(FINDINGS.c.id == finding_id).values(
         status="accepted", resolved_at=utcnow(), resolution=f"accepted by {by}" + (f": {note}" if note else "")))
-    add_event(conn, "finding.accepted", study_id=row.study_id, detail={"finding": finding_id, "by": by, "note": note})
+    record_events(conn, [FindingAccepted(study_id=row.study_id, finding_id=finding_id, by=by, note=note)])
     enqueue(conn, row.study_id, "requested")  # the study's state follows its open findings

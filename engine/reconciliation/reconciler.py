@@ -8,8 +8,9 @@
                   update committed before the old files are deleted
       flag        keep the files; the differences are open findings
       reject      keep the files, quarantine the study (hidden from query/retrieve)
-    one transaction: links, state, index columns, findings, order status, domain event, the
-                  deliveries it owes the EHR (outbound/outbox.py), queue row
+    one transaction: links, state, index columns, findings, order status, queue row, and the
+                  domain events published on the bus (study.reconciled ... and a report.received
+                  per report), whose subscribers (the outbox) write in it too
 
 Runs in a worker thread; writes go through ``tx`` (the engine's writer, or a plain session for the
 CLI). A run that fails is retried with backoff; a run overtaken by a newer trigger runs again.
@@ -31,6 +32,18 @@ from sqlalchemy.orm import Session
 
 from engine.channels import Channel, DicomOptions
 from engine.dicom.headers import text_value
+from engine.domain.events import (
+    Event,
+    EventBus,
+    OrderStatusAdvanced,
+    ReconcileOutcome,
+    ReportReceived,
+    StudyCorrected,
+    StudyQuarantined,
+    StudyReconciled,
+    StudyUnmatched,
+    Subscriber,
+)
 from engine.domain.orders import advance_for_images
 from engine.domain.records import add, update_row
 from engine.domain.studies import (
@@ -40,10 +53,9 @@ from engine.domain.studies import (
     SERIES,
     STUDIES,
     STUDY_ATTRS,
-    add_event,
     clip,
+    report_instances,
 )
-from engine.outbound.outbox import Outbox
 from engine.reconciliation import queue
 from engine.reconciliation.coerce import Rewritten, Target, rewrite_instance
 from engine.reconciliation.compare import FindingData, authoritative, differences
@@ -57,6 +69,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OK_STATES = ("reconciled", "flagged")  # placed: outbound acts on them
+OUTCOMES: dict[str, type[ReconcileOutcome]] = {  # the event a run raises
+    "study.reconciled": StudyReconciled, "study.corrected": StudyCorrected, "study.unmatched": StudyUnmatched,
+    "study.quarantined": StudyQuarantined}
 EXCEPTION_STATES = ("unmatched", "flagged", "quarantined")  # need an analyst's look
 BATCH = 100
 
@@ -95,7 +110,11 @@ class Reconciler:
     def __init__(self, db: Database, tx: TxRunner, storage: ObjectStorage | None, *,
                  channels: dict[str, Channel], rules: Callable[[str], ReconciliationRules | None],
                  modifying_system: str = "RADBRIDGE", tmp_dir: Path | None = None, fsync: bool = True,
-                 on_result: Callable[[Result], None] | None = None, outbox: Outbox | None = None) -> None:
+                 on_result: Callable[[Result], None] | None = None, bus: EventBus | None = None,
+                 outbox: Subscriber | None = None) -> None:
+        """``bus``: where the runs' events are published (the engine's, with the outbox subscribed);
+        without one, a bus of its own, to which ``outbox`` (tools: radbridge studies reconcile)
+        subscribes."""
         self.db = db
         self.tx = tx
         self.storage = storage
@@ -105,10 +124,11 @@ class Reconciler:
         self.tmp_dir = tmp_dir
         self.fsync = fsync
         self.on_result = on_result
-        self.outbox = outbox  # outbound deliveries, written in the closing transaction
+        self.bus = bus if bus is not None else EventBus()
+        if outbox is not None:
+            outbox.subscribe(self.bus)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.stopping = False
-        self.deliveries_queued = 0
 
     # --- configuration ---------------------------------------------------------------------------
     def policy_for(self, channel: str | None) -> tuple[str, ReconciliationRules]:
@@ -227,16 +247,20 @@ class Reconciler:
 
     def _images_received(self, conn: Connection, study: dict[str, Any], m: Match, rules: ReconciliationRules,
                          job: queue.Lease) -> bool:
+        events: list[Event] = []
         if m.order_id is not None and m.matched_by in ("accession", "manual"):
             self._order_status(conn, m.order_id, rules.order_status.images_received,
-                               f"images received: study {study['study_uid']}", study["id"])
+                               f"images received: study {study['study_uid']}", study["id"], events)
+        self.bus.publish_all(conn, events)
         return queue.finish(conn, job)
 
-    def _order_status(self, conn: Connection, order_id: int, target: str, note: str, study_id: int) -> None:
+    @staticmethod
+    def _order_status(conn: Connection, order_id: int, target: str, note: str, study_id: int,
+                      events: list[Event]) -> None:
         moved = advance_for_images(conn, order_id, target, note)
         if moved:
-            add_event(conn, "order.status", study_id=study_id, order_id=order_id,
-                      detail={"from": moved[0], "to": moved[1], "note": note})
+            events.append(OrderStatusAdvanced(order_id=order_id, study_id=study_id, from_status=moved[0],
+                                              status=moved[1], note=note))
 
     # --- coercion --------------------------------------------------------------------------------
     def _coerce(self, study: dict[str, Any], target: Target, since: datetime | None, job: queue.Lease
@@ -336,13 +360,14 @@ class Reconciler:
                    matched_by=m.matched_by, recon_state=state, reconciled_at=started,
                    times_reconciled=current["times_reconciled"] + 1, **changes)
         ids = _sync_findings(conn, study["id"], findings, open_rows)
+        events: list[Event] = []
         if m.order_id is not None and state in OK_STATES and m.matched_by in ("accession", "manual"):
             self._order_status(conn, m.order_id, rules.order_status.images_received,
-                               f"images received: study {study['study_uid']}", study["id"])
+                               f"images received: study {study['study_uid']}", study["id"], events)
             if current["state"] == "stable":
                 self._order_status(conn, m.order_id, rules.order_status.study_stable,
                                    f"study {study['study_uid']} stable: {current['num_instances']} instance(s)",
-                                   study["id"])
+                                   study["id"], events)
         prev = current["recon_state"]
         kind: str | None = None
         if state in OK_STATES:
@@ -353,15 +378,16 @@ class Reconciler:
         elif state != prev:
             kind = f"study.{state}"
         if kind:
-            add_event(conn, kind, study_id=study["id"], patient_id=m.patient_id, order_id=m.order_id, detail={
-                "study_uid": study["study_uid"], "state": state, "matched_by": m.matched_by, "policy": policy,
-                "rules": rules.name, "accession": m.authority.order.get("accession") if m.authority.order else None,
-                "coerced_instances": coerced, "changes": {k: v for k, v in changes.items()},
-                "findings": ids, "reasons": list(job.reasons)})
-            if self.outbox and kind in ("study.reconciled", "study.corrected"):
-                res_ids = self.outbox.on_study(conn, kind, study_id=study["id"], patient_id=m.patient_id,
-                                               order_id=m.order_id)
-                self.deliveries_queued += len(res_ids)
+            events.append(OUTCOMES[kind](
+                study_id=study["id"], patient_id=m.patient_id, order_id=m.order_id, study_uid=study["study_uid"],
+                state=state, matched_by=m.matched_by, policy=policy, rules=rules.name,
+                accession=m.authority.order.get("accession") if m.authority.order else None,
+                coerced_instances=coerced, changes=dict(changes), findings=tuple(ids), reasons=tuple(job.reasons)))
+            if kind in ("study.reconciled", "study.corrected"):  # placed: its reports go out with it
+                events.extend(ReportReceived(study_id=study["id"], instance_id=iid, patient_id=m.patient_id,
+                                             order_id=m.order_id, sop_class_uid=cls)
+                              for iid, cls in report_instances(conn, study["id"]))
+        self.bus.publish_all(conn, events)
         return state, kind, queue.finish(conn, job)
 
 

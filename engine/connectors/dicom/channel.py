@@ -26,7 +26,8 @@ class DicomConnector(Connector):
         super().__init__(channel, ctx)
         s = ctx.settings
         self.listener = DicomListener(channel, s, db=ctx.db, writer=ctx.writer, storage=ctx.storage(),
-                                      metrics=ctx.metrics, host=s.bind, port=self.configured_port(channel, s))
+                                      metrics=ctx.metrics, host=s.bind, port=self.configured_port(channel, s),
+                                      bus=ctx.events)
 
     @staticmethod
     def configured_port(channel: Channel, settings: Settings) -> int:

@@ -34,6 +34,7 @@ from engine.connectors.dicom.query import QueryError, find, instances_for
 from engine.connectors.dicom.worklist import find_worklist
 from engine.dicom import status as S
 from engine.dicom.headers import HeaderError, read_header, storage_key
+from engine.domain.events import EventBus
 from engine.domain.studies import StoreResult, record_instance
 from engine.metrics import Metrics
 from engine.pipeline.writer import IngestWriter
@@ -56,8 +57,9 @@ class DicomListener:
     """One DICOM channel: its AE, its server thread and its handlers."""
 
     def __init__(self, channel: Channel, settings: Settings, *, db: Database, writer: IngestWriter,
-                 storage: ObjectStorage, metrics: Metrics, host: str, port: int) -> None:
+                 storage: ObjectStorage, metrics: Metrics, host: str, port: int, bus: EventBus) -> None:
         self.channel = channel
+        self.bus = bus  # the index's domain events (study.received, study.reopened ...) are published here
         self.opts = channel.dicom
         self.settings = settings
         self.db = db
@@ -181,8 +183,11 @@ class DicomListener:
             return "out_of_resources", _status(S.OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}")
 
         def job(session: Any) -> StoreResult:
-            return record_instance(session.connection(), hdr, stored, policy=self.opts.duplicates,
-                                   channel=self.channel.name, calling_aet=calling, remote=remote)
+            conn = session.connection()
+            result = record_instance(conn, hdr, stored, policy=self.opts.duplicates,
+                                     channel=self.channel.name, calling_aet=calling, remote=remote)
+            self.bus.publish_all(conn, result.events)
+            return result
 
         try:
             result = self.writer.submit(job).result(timeout=self.opts.dimse_timeout_seconds)
