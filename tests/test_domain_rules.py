@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from engine.domain.errors import DomainError
 from engine.domain.orders import apply_order
@@ -299,12 +298,9 @@ def test_a_stale_merge_still_merges_but_keeps_the_newer_demographics(db: Databas
     assert identifiers(db)["GONE"] == (out.patient_id, "alias")
 
 
-@pytest.mark.xfail(strict=True, raises=IntegrityError, reason=(
-    "engine bug: a merge whose prior identifier (MRG-1) is not known but is also among "
-    "patient.identifiers (e.g. PID-3 repeats it; the shipped mapping lists every PID-3 repetition) "
-    "adds it as an 'other' identifier first and then inserts it again as the alias: IntegrityError "
-    "on uq_patient_identifier, so the A40 ends as AE 207 instead of merging"))
 def test_an_unknown_prior_also_listed_among_the_identifiers_becomes_an_alias(db: Database) -> None:
+    """Regression: PID-3 repeating the unknown MRG-1 made the A40 fail on the unique identifier index
+    (the identifier was added from PID-3, then inserted again as the alias) and end as AE 207."""
     survivor = admit(db, "SURV")
     data = {**pid("SURV", identifiers=[{"value": "SURV", "issuer": ISSUER, "type": "MR"},
                                        {"value": "OLD", "issuer": ISSUER, "type": "MR"}]),

@@ -293,7 +293,13 @@ def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, igno
         update_patient(conn, survivor, data, out, ignore_stale=ignore_stale)
     out.patient_id = survivor.id
     if prior is None:
-        add(conn, IDENTIFIERS, patient_id=survivor.id, value=prior_value, issuer=prior_issuer, kind="alias")
+        # PID-3 may list the prior identifier too: the create/update above then added it to the
+        # survivor as one of its identifiers; it becomes the alias instead of a second row
+        listed = load(conn, IDENTIFIERS, IDENTIFIER, value=prior_value, issuer=prior_issuer)
+        if listed is None:
+            add(conn, IDENTIFIERS, patient_id=survivor.id, value=prior_value, issuer=prior_issuer, kind="alias")
+        else:
+            conn.execute(update(IDENTIFIERS).where(IDENTIFIERS.c.id == listed.id).values(kind="alias"))
         record(conn, survivor.id, out, "merged", {"alias": f"{prior_value}^{prior_issuer}", "prior_known": False})
         out.events.append(PatientMerged(patient_id=survivor.id, merged_patient_id=None,
                                         alias=f"{prior_value}^{prior_issuer}"))
