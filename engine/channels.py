@@ -65,6 +65,9 @@ class ConnectorSpec:
     routes: RoutesKind = RoutesKind.MESSAGES
     route_resources: tuple[str, ...] = ()  # MESSAGES routes of resources (fhir) instead of HL7 types
     check_options: Callable[[Any, Any, str, int, list[ConfigProblem]], None] | None = None
+    # checks the keys under connector: beyond type, port and aet (required ones, their values):
+    # (the connector mapping, file, line of connector:, problems)
+    check_connector: Callable[[Any, str, int, list[ConfigProblem]], None] | None = None
 
 
 @dataclass
@@ -187,6 +190,7 @@ class Channel:
     destinations: dict[str, Destination] = field(default_factory=dict)  # outbound channels
     outbound_routes: list[OutboundRoute] = field(default_factory=list)
     extra: Any = None  # the options of a connector type that has a dataclass of its own (not HL7, DICOM, FHIR)
+    connector_args: dict[str, Any] = field(default_factory=dict)  # connector: keys beyond type, port, aet
 
     def set_options(self, opts: Any) -> None:
         """Keep parsed options where the code that reads them looks (the HL7, DICOM or FHIR ones)."""
@@ -315,6 +319,7 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
     conn = data.get("connector")
     spec: ConnectorSpec | None = None
     ctype, port, aet = None, None, None
+    connector_args: dict[str, Any] = {}
     if not isinstance(conn, dict):
         problem(line_of("connector") or 1, "connector", "connector: {type: mllp, port: 2575} is required")
     else:
@@ -335,6 +340,10 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
         for key in conn:
             if key not in allowed:
                 problem(_line(conn, key, 0), f"connector.{key}", f"unknown key; expected {', '.join(allowed)}")
+            elif key not in ("type", "port", "aet"):
+                connector_args[key] = conn[key]
+        if spec is not None and spec.check_connector is not None:
+            spec.check_connector(conn, file, line_of("connector") or 1, problems)
     routes: list[Route] = []
     raw_routes = data.get("routes")
     destinations: dict[str, Destination] = {}
@@ -369,7 +378,7 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
     channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes,
                       enabled=enabled, description=str(data.get("description") or ""),
                       aet=aet.strip() if isinstance(aet, str) else None,
-                      destinations=destinations, outbound_routes=outbound)
+                      destinations=destinations, outbound_routes=outbound, connector_args=connector_args)
     channel.set_options(opts)
     return (None if problems else channel), problems
 

@@ -10,6 +10,7 @@ from engine.channels import ConnectorSpec
 from engine.connectors.base import Connector
 from engine.connectors.dicom.channel import DicomConnector
 from engine.connectors.fhir import FhirConnector
+from engine.connectors.file import FileConnector
 from engine.connectors.mllp.channel import MllpConnector
 from engine.connectors.outbound import OutboundConnector
 
@@ -24,7 +25,7 @@ def register(cls: type[Connector]) -> type[Connector]:
     return cls
 
 
-for _cls in (MllpConnector, DicomConnector, FhirConnector, OutboundConnector):
+for _cls in (MllpConnector, DicomConnector, FhirConnector, OutboundConnector, FileConnector):
     register(_cls)
 
 

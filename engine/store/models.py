@@ -484,3 +484,25 @@ class AuditEvent(Base):
     status: Mapped[int] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(Integer, default=0)  # resources returned
     patient_ids: Mapped[list[int] | None] = mapped_column(JSONType)  # whose data was returned
+
+
+# --- file connector ---------------------------------------------------------------------------------
+
+class FileProgress(Base):
+    """How far a file channel got with one file's content: written in the same transaction as each of
+    its messages, so a restart resumes after the last committed message (engine/connectors/file.py)."""
+
+    __tablename__ = "file_progress"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(64))
+    file_name: Mapped[str] = mapped_column(String(512))  # the name it had when it was read
+    sha256: Mapped[str] = mapped_column(String(64))  # of the whole content: the same bytes are read once
+    messages_done: Mapped[int] = mapped_column(Integer, default=0)  # messages committed, in file order
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16))  # reading | done | error (some message was AE/AR)
+    failures: Mapped[list[Any] | None] = mapped_column(JSONType)  # [{index, control_id, status, error}]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("channel", "sha256", name="uq_file_progress"),)
