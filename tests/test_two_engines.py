@@ -87,7 +87,7 @@ def test_a_concurrent_insert_of_the_same_identifier_is_retried_as_an_update(pg_u
             pid = add(conn, PATIENT_TABLE, family_name="OtherProcess")
             add(conn, IDENTIFIERS, patient_id=pid, value="RACE1", issuer="GENHOSP", kind="primary")
             prepared = inbound.prepare(adt("A01", "RACE1", "Ours").encode())
-            future = writer.submit(lambda s: inbound.store(s, prepared))
+            future = writer.submit(lambda s: inbound.apply(s, prepared))
             threading.Timer(0.5, tx.commit).start()  # the other process commits while we wait on the index
             stored = future.result(30)
         assert stored.status == "processed" and writer.stats.retried >= 1

@@ -44,6 +44,7 @@ from engine.channels import (
 )
 from engine.connectors.base import ConnectorContext
 from engine.connectors.hl7channel import HL7Channel
+from engine.errors import RadBridgeError
 from engine.hl7 import errors as E
 from engine.hl7.errors import HL7Error
 from engine.pipeline.hl7_inbound import Prepared, Stored, guess_control_id
@@ -102,7 +103,7 @@ def check_file_connector(conn: Any, file: str, line: int, problems: list[ConfigP
                                       f"got {directory!r}"))
 
 
-class NotHL7(ValueError):
+class NotHL7(RadBridgeError, ValueError):
     """The file's content is not HL7 v2 messages (or a batch of them)."""
 
 
@@ -327,7 +328,7 @@ class FileConnector(HL7Channel):
     # --- the writer's side: the message and the file's progress in one transaction -----------------------
     def _store(self, session: Session, p: Prepared, file_name: str, sha: str, index: int, total: int,
                failures: list[dict[str, Any]]) -> Stored:
-        stored = self.inbound.store(session, p)
+        stored = self.inbound.apply(session, p)
         failed = stored.status in FAILED_STATUSES
         done_failures = failures + ([self._failure_of(p, index, stored)] if failed else [])
         row = session.execute(select(FileProgress).where(FileProgress.channel == self.channel.name,

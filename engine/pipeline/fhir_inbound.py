@@ -122,6 +122,19 @@ class Stored:
     error: FhirError | None = None
 
 
+@dataclass(frozen=True)
+class FhirRequest:
+    """One HTTP request's interactions, prepared for the writer."""
+
+    raw: bytes
+    kind: str  # what the request was (create, update, transaction ...), for the message store
+    interactions: list[Interaction]
+    mode: str = "single"  # single | transaction | batch
+    remote: str | None = None
+    request_id: str | None = None
+    agent: str | None = None
+
+
 class FhirInbound:
     """The fhir channel: routes resource types to actions and mapping files."""
 
@@ -198,11 +211,16 @@ class FhirInbound:
                 return sorted(owners)[:2]
         return search.matching_ids(conn, resource_type, query, self.issuers)
 
-    # --- the writer job -----------------------------------------------------------------------------
-    def store(self, session: Session, raw: bytes, kind: str, interactions: list[Interaction], *,
-              mode: str = "single", remote: str | None = None, request_id: str | None = None,
-              agent: str | None = None) -> Stored:
-        """Keep the request, then apply it: ``mode`` single | transaction | batch."""
+    # --- the inbound stage (engine/pipeline/stage.py) ---------------------------------------------------
+    def prepare(self, raw: bytes, kind: str, interactions: list[Interaction], *, mode: str = "single",
+                remote: str | None = None, request_id: str | None = None, agent: str | None = None) -> FhirRequest:
+        """The validated request (the web layer parsed and checked the body into ``interactions``)."""
+        return FhirRequest(raw, kind, interactions, mode, remote, request_id, agent)
+
+    def apply(self, session: Session, req: FhirRequest) -> Stored:
+        """Keep the request, then apply it (in the writer's transaction): ``mode`` single | transaction | batch."""
+        raw, kind, interactions, mode = req.raw, req.kind, req.interactions, req.mode
+        remote, request_id, agent = req.remote, req.request_id, req.agent
         conn = session.connection()
         row = {"channel": self.channel.name, "protocol": "fhir", "remote": remote, "size": len(raw),
                "received_at": utcnow(), "attempts": 1, "control_id": (request_id or "")[:64] or None,
@@ -235,7 +253,7 @@ class FhirInbound:
         """One interaction in its own SAVEPOINT: a refusal or failure leaves the rest untouched."""
         try:
             with savepoint(conn, "rb_entry"):
-                done = self.apply(conn, it, message_id, refs)
+                done = self.apply_interaction(conn, it, message_id, refs)
         except FhirError as exc:
             return it.located(exc)
         except DomainError as exc:
@@ -273,7 +291,8 @@ class FhirInbound:
         add(conn, CONTENT, message_id=message_id, raw=raw, mapped={"entries": mapped} if mapped else None, ack=None)
 
     # --- one interaction ------------------------------------------------------------------------------
-    def apply(self, conn: Connection, it: Interaction, message_id: int, refs: dict[str, tuple[str, int]]) -> Done:
+    def apply_interaction(self, conn: Connection, it: Interaction, message_id: int,
+                          refs: dict[str, tuple[str, int]]) -> Done:
         route = self.route(it.resource_type)
         resource = self._resolve_references(conn, it, refs)
         existing: int | None = None

@@ -1,7 +1,7 @@
 """An inbound HL7 v2 message, from bytes to ACK.
 
     prepare()  parse, check MSH, route, map         (event loop thread, no I/O)
-    store()    dedup, store raw, apply, build ACK   (writer thread, one SAVEPOINT, group commit)
+    apply()    dedup, store raw, apply, build ACK   (writer thread, one SAVEPOINT, group commit)
     the ACK goes back only after the writer's COMMIT returned.
 
 ``reprocess()`` runs a stored message through the same steps again (after a mapping fix).
@@ -233,7 +233,7 @@ class HL7Inbound:
         p.mapping_errors.extend(mapped.errors)
 
     # --- step 2: in the writer thread -----------------------------------------------------------------
-    def store(self, session: Session, p: Prepared) -> Stored:
+    def apply(self, session: Session, p: Prepared) -> Stored:
         msg = p.message
         row: dict[str, Any] = {"channel": self.channel.name, "remote": p.remote, "size": p.size or len(p.raw),
                                "status": MessageStatus.RECEIVED, "received_at": utcnow(), "attempts": 1}
@@ -263,7 +263,7 @@ class HL7Inbound:
         # Inserted as it will most likely end (nobody sees it before the commit) so that success needs
         # no second write of status; the domain's history rows point at it.
         message_id = add(conn, MESSAGES, **{**row, "status": MessageStatus.PROCESSED, "ack_code": "AA", "processed_at": utcnow()})
-        outcome, errors = self.apply(session, p, message_id)
+        outcome, errors = self.apply_mapped(session, p, message_id)
         if outcome is None:
             return self._finish(session, message_id, row, p, MessageStatus.ERROR, None, errors)
         row["patient_id"] = outcome.patient_id
@@ -274,7 +274,7 @@ class HL7Inbound:
         return [error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message)
                 for e in p.mapping_errors]
 
-    def apply(self, session: Session, p: Prepared, message_id: int) -> tuple[Outcome | None, list[HL7Error]]:
+    def apply_mapped(self, session: Session, p: Prepared, message_id: int) -> tuple[Outcome | None, list[HL7Error]]:
         """Apply a mapped message inside a SAVEPOINT: (outcome, []) or (None, the ERR detail).
 
         A database in trouble (OperationalError) propagates: the batch fails, nothing is acknowledged.
@@ -394,7 +394,7 @@ def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
     errors = inbound.mapping_errors(p)
     outcome = None
     if not errors:
-        outcome, errors = inbound.apply(session, p, row.id)
+        outcome, errors = inbound.apply_mapped(session, p, row.id)
     if outcome is None:
         row.status, row.ack_code = MessageStatus.ERROR, "AE"
         row.error = "; ".join(e.describe() for e in errors)[:4000]

@@ -34,6 +34,7 @@ from engine.outbound.context import EngineInfo
 from engine.outbound.mapping import OutboundMapping
 from engine.pipeline import fhir_search as search
 from engine.pipeline.fhir_inbound import Done, FhirInbound, Interaction, Stored
+from engine.pipeline.stage import ingest
 from engine.pipeline.writer import StorageUnavailable
 from engine.web import fhir_views as views
 from engine.web.audit import agent_of, record_read
@@ -127,9 +128,8 @@ def fhir_app(engine: Engine) -> web.Application:
         request[REQUEST_ID] = request_id
         agent = agent_of(request)
         t0 = time.perf_counter()
-        stored: Stored = await engine.writer.run(
-            lambda s: fi.store(s, raw, kind, interactions, mode=mode, remote=remote, request_id=request_id,
-                               agent=agent))
+        prepared = fi.prepare(raw, kind, interactions, mode=mode, remote=remote, request_id=request_id, agent=agent)
+        stored: Stored = await ingest(engine.writer, fi, prepared)
         engine.metrics.fhir_latency.observe(time.perf_counter() - t0, kind=kind)
         failed = stored.error is not None or any(isinstance(r, FhirError) for r in stored.results)
         engine.metrics.fhir_requests.inc(kind=kind, outcome="error" if failed else "ok")

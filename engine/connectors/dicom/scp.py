@@ -35,8 +35,9 @@ from engine.connectors.dicom.worklist import find_worklist
 from engine.dicom import status as S
 from engine.dicom.headers import HeaderError, read_header, storage_key
 from engine.domain.events import EventBus
-from engine.domain.studies import StoreResult, record_instance
 from engine.metrics import Metrics
+from engine.pipeline.dicom_index import DicomIndex
+from engine.pipeline.stage import ingest_blocking
 from engine.pipeline.writer import IngestWriter
 from engine.storage.base import ObjectStorage, StorageFull
 from engine.store.db import Database
@@ -59,7 +60,7 @@ class DicomListener:
     def __init__(self, channel: Channel, settings: Settings, *, db: Database, writer: IngestWriter,
                  storage: ObjectStorage, metrics: Metrics, host: str, port: int, bus: EventBus) -> None:
         self.channel = channel
-        self.bus = bus  # the index's domain events (study.received, study.reopened ...) are published here
+        self.index = DicomIndex(channel.name, channel.dicom.duplicates, bus)  # the inbound stage of C-STORE
         self.opts = channel.dicom
         self.settings = settings
         self.db = db
@@ -182,15 +183,9 @@ class DicomListener:
             log.error("channel %s: cannot write %s: %s", self.channel.name, sop_uid, exc)
             return "out_of_resources", _status(S.OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}")
 
-        def job(session: Any) -> StoreResult:
-            conn = session.connection()
-            result = record_instance(conn, hdr, stored, policy=self.opts.duplicates,
-                                     channel=self.channel.name, calling_aet=calling, remote=remote)
-            self.bus.publish_all(conn, result.events)
-            return result
-
+        received = self.index.prepare(hdr, stored, calling_aet=calling, remote=remote)
         try:
-            result = self.writer.submit(job).result(timeout=self.opts.dimse_timeout_seconds)
+            result = ingest_blocking(self.writer, self.index, received, timeout=self.opts.dimse_timeout_seconds)
         except Exception as exc:
             # The file may be on disk, but without its index row it is not stored: the sender
             # must send it again (the same bytes land on the same key, so nothing piles up).

@@ -13,6 +13,7 @@ from engine.hl7.errors import HL7Error, HL7ParseError
 from engine.hl7.message import parse_text
 from engine.metrics import Metrics
 from engine.pipeline.hl7_inbound import HL7Inbound, Prepared
+from engine.pipeline.stage import ingest
 from engine.pipeline.writer import IngestWriter, StorageUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class HL7Listener:
         p = self._oversized(fr, remote) if fr.oversized else self.inbound.prepare(fr.data, remote)
         charset = p.message.charset if p.message is not None else "latin-1"
         try:
-            stored = await self.writer.run(lambda s: self.inbound.store(s, p))
+            stored = await ingest(self.writer, self.inbound, p)
             replies, code, status = stored.replies, stored.ack_code, stored.status
         except StorageUnavailable as exc:
             replies, code, status = self.inbound.storage_failure_acks(p, str(exc)), "AR", "not_stored"
@@ -78,6 +79,6 @@ class HL7Listener:
         p = Prepared(raw=problem.data, remote=remote, received_at=time.time())
         p.reject = HL7Error(E.SEGMENT_SEQUENCE, f"truncated MLLP frame: {problem.detail}")
         try:
-            await self.writer.run(lambda s: self.inbound.store(s, p))
+            await ingest(self.writer, self.inbound, p)
         except Exception as exc:
             log.warning("channel %s: truncated frame from %s not recorded: %s", self.channel.name, remote, exc)
