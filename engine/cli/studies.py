@@ -104,6 +104,7 @@ def _work_queue(db: Any, settings: Any) -> None:
 def _list(db: Any, args: argparse.Namespace) -> int:
     from engine.reconciliation.reconciler import EXCEPTION_STATES
     from engine.store.models import Study
+    from engine.store.states import FindingStatus
     with db.read_session() as s:
         stmt = select(Study).options(selectinload(Study.findings)).order_by(Study.id.desc()).limit(args.limit)
         if args.exceptions:
@@ -115,7 +116,7 @@ def _list(db: Any, args: argparse.Namespace) -> int:
               f"{'study instance uid':44}  open findings")
         for st in rows:
             open_ = [f"{f.kind}{':' + f.attribute if f.attribute else ''}" for f in st.findings
-                     if f.status == "open" and f.severity != "info"]
+                     if f.status == FindingStatus.OPEN and f.severity != "info"]
             print(f"{st.id:>6}  {st.state:9} {st.recon_state:14} {(st.accession or '-')[:12]:12} "
                   f"{(st.dicom_patient_id or '-')[:12]:12} {st.num_instances:>6}  {st.study_uid:44}  "
                   f"{', '.join(open_)}")

@@ -31,6 +31,7 @@ from engine.domain.events import (
 from engine.domain.records import add, fetch, fetch_all, update_row
 from engine.storage.base import StoredObject
 from engine.store.models import Finding, Instance, InstanceRevision, Series, Study
+from engine.store.states import StudyState
 from engine.store.types import utcnow
 
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
@@ -87,17 +88,17 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
     study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
     if study is None:
         values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in STUDY_ATTRS.items()}
-        study_id = add(conn, STUDIES, study_uid=hdr.study_uid, state="receiving", channel=channel,
+        study_id = add(conn, STUDIES, study_uid=hdr.study_uid, state=StudyState.RECEIVING, channel=channel,
                        first_received_at=now, last_received_at=now, num_series=0, num_instances=0,
                        size_bytes=0, times_stable=0, **values)
-        study = {"id": study_id, "state": "receiving", "num_series": 0, "num_instances": 0, "size_bytes": 0,
+        study = {"id": study_id, "state": StudyState.RECEIVING, "num_series": 0, "num_instances": 0, "size_bytes": 0,
                  "modalities": None}
         # images received: the order can move to in progress
         events.append(StudyReceived(study_id=study_id, study_uid=hdr.study_uid, accession=values["accession"],
                                     channel=channel, calling_aet=calling_aet))
     study_changes: dict[str, Any] = {"last_received_at": now}
-    if study["state"] == "stable":
-        study_changes["state"] = "receiving"
+    if study["state"] == StudyState.STABLE:
+        study_changes["state"] = StudyState.RECEIVING
         events.append(StudyReopened(study_id=study["id"], study_uid=hdr.study_uid,
                                     sop_instance_uid=hdr.sop_instance_uid))
     series = fetch(conn, SERIES_BY_UID, uid=hdr.series_uid)
@@ -153,7 +154,7 @@ def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, 
 
 
 def stability_candidates(conn: Connection, cutoff: datetime, limit: int = 500) -> list[int]:
-    stmt = (select(STUDIES.c.id).where(STUDIES.c.state == "receiving", STUDIES.c.last_received_at < cutoff)
+    stmt = (select(STUDIES.c.id).where(STUDIES.c.state == StudyState.RECEIVING, STUDIES.c.last_received_at < cutoff)
             .order_by(STUDIES.c.last_received_at).limit(limit))
     return [r[0] for r in conn.execute(stmt)]
 
@@ -164,8 +165,8 @@ def mark_stable(conn: Connection, study_id: int, cutoff: datetime) -> StudyStabl
     now = utcnow()
     result = conn.execute(
         STUDIES.update()
-        .where(STUDIES.c.id == study_id, STUDIES.c.state == "receiving", STUDIES.c.last_received_at < cutoff)
-        .values(state="stable", stable_at=now, times_stable=STUDIES.c.times_stable + 1))
+        .where(STUDIES.c.id == study_id, STUDIES.c.state == StudyState.RECEIVING, STUDIES.c.last_received_at < cutoff)
+        .values(state=StudyState.STABLE, stable_at=now, times_stable=STUDIES.c.times_stable + 1))
     if result.rowcount != 1:
         return None
     row = conn.execute(select(STUDIES.c.study_uid, STUDIES.c.accession, STUDIES.c.num_instances,

@@ -8,6 +8,7 @@ from sqlalchemy import Connection, select
 
 from engine.domain.studies import STUDIES
 from engine.outbound.outbox import ATTEMPTS, DELIVERIES
+from engine.store.states import DeliveryState
 
 SUMMARY = (DELIVERIES.c.id, DELIVERIES.c.created_at, DELIVERIES.c.channel, DELIVERIES.c.destination,
            DELIVERIES.c.mapping, DELIVERIES.c.event, DELIVERIES.c.state, DELIVERIES.c.attempts, DELIVERIES.c.next_at,
@@ -21,7 +22,7 @@ def _json(row: Any) -> dict[str, Any]:
     for k in ("created_at", "next_at", "delivered_at", "at"):
         if out.get(k) is not None:
             out[k] = out[k].isoformat()
-    if out.get("state") != "pending":
+    if out.get("state") != DeliveryState.PENDING:
         out.pop("next_at", None)
     return out
 

@@ -31,11 +31,12 @@ from engine.domain.events import Event, EventBus, EventKind, ReportReceived, Stu
 from engine.domain.records import add
 from engine.outbound.render import Rendered
 from engine.store.models import Delivery, DeliveryAttempt
+from engine.store.states import DeliveryState
 from engine.store.types import utcnow
 
 DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
-STATES = ("pending", "delivered", "dead", "discarded", "superseded")
+STATES = tuple(DeliveryState)
 LEASE_SECONDS = 120.0
 
 
@@ -134,9 +135,9 @@ class Outbox:
             if route.mapping in self.supersede:  # a state resource: a newer one replaces an unsent older one
                 conn.execute(update(DELIVERIES).where(
                     DELIVERIES.c.study_id == study_id, DELIVERIES.c.destination == route.to,
-                    DELIVERIES.c.mapping == route.mapping, DELIVERIES.c.state == "pending",
+                    DELIVERIES.c.mapping == route.mapping, DELIVERIES.c.state == DeliveryState.PENDING,
                     DELIVERIES.c.instance_id.is_(None), DELIVERIES.c.attempts == 0,
-                    DELIVERIES.c.leased_until.is_(None)).values(state="superseded"))
+                    DELIVERIES.c.leased_until.is_(None)).values(state=DeliveryState.SUPERSEDED))
             ids.append(_add(conn, ch.name, route, event, study_id, None, patient_id, order_id, order_key, now))
         return ids
 
@@ -163,7 +164,7 @@ def _add(conn: Connection, channel: str, route: OutboundRoute, event: str, study
          patient_id: int | None, order_id: int | None, order_key: str, now: datetime) -> int:
     return add(conn, DELIVERIES, created_at=now, channel=channel, destination=route.to, mapping=route.mapping,
                event=event, study_id=study_id, instance_id=instance_id, patient_id=patient_id, order_id=order_id,
-               order_key=order_key, state="pending", attempts=0, next_at=now)
+               order_key=order_key, state=DeliveryState.PENDING, attempts=0, next_at=now)
 
 
 # --- workers ------------------------------------------------------------------------------------------
@@ -176,10 +177,10 @@ def claim(conn: Connection, destination: str, worker: str, limit: int = 20,
     d = DELIVERIES
     older = aliased(d)
     blocked = exists().where(older.c.destination == d.c.destination, older.c.order_key == d.c.order_key,
-                             older.c.state == "pending", older.c.id < d.c.id)
+                             older.c.state == DeliveryState.PENDING, older.c.id < d.c.id)
     stmt = (select(d.c.id, d.c.destination, d.c.mapping, d.c.event, d.c.study_id, d.c.instance_id, d.c.attempts,
                    d.c.payload, d.c.content_type, d.c.created_at, d.c.detail, d.c.control_id)
-            .where(d.c.destination == destination, d.c.state == "pending", d.c.next_at <= now,
+            .where(d.c.destination == destination, d.c.state == DeliveryState.PENDING, d.c.next_at <= now,
                    (d.c.leased_until.is_(None)) | (d.c.leased_until < now), ~blocked)
             .order_by(d.c.next_at, d.c.id).limit(limit))
     if conn.dialect.name == "postgresql":
@@ -214,41 +215,42 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
     if o.target:
         values["target"] = o.target[:512]
     if outcome == "delivered":
-        values.update(state="delivered", delivered_at=now, last_error=None)
+        values.update(state=DeliveryState.DELIVERED, delivered_at=now, last_error=None)
     elif outcome == "dead":
-        values.update(state="dead", last_error=(o.error or o.status or "")[:2000])
+        values.update(state=DeliveryState.DEAD, last_error=(o.error or o.status or "")[:2000])
     else:
         delay = max(next_delay, o.retry_after or 0.0)
         values.update(next_at=now + timedelta(seconds=delay), last_error=(o.error or o.status or "")[:2000])
     # an operator may have discarded it while it was in flight: that decision stands
-    moved = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id, DELIVERIES.c.state == "pending")
+    moved = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id, DELIVERIES.c.state == DeliveryState.PENDING)
                          .values(**values)).rowcount
-    return str(values.get("state", "pending")) if moved else "discarded"
+    return str(values.get("state", DeliveryState.PENDING)) if moved else DeliveryState.DISCARDED
 
 
 def release(conn: Connection, ids: list[int]) -> None:
     """Give back leases not worked (engine stopping)."""
     if ids:
-        conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(ids), DELIVERIES.c.state == "pending")
+        conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(ids), DELIVERIES.c.state == DeliveryState.PENDING)
                      .values(leased_until=None, leased_by=None))
 
 
 # --- operators ------------------------------------------------------------------------------------------
 
 def retry(conn: Connection, ids: list[int] | None = None, *, destination: str | None = None,
-          rebuild: bool = False, states: tuple[str, ...] = ("dead",)) -> int:
+          rebuild: bool = False, states: tuple[str, ...] = (DeliveryState.DEAD,)) -> int:
     """Put deliveries back in the queue (dead ones, or the ids given, which may be pending in
     backoff: they go now). ``rebuild`` renders the message again (a mapping was fixed)."""
     now = utcnow()
-    in_flight = (DELIVERIES.c.state == "pending") & DELIVERIES.c.leased_until.is_not(None) \
+    in_flight = (DELIVERIES.c.state == DeliveryState.PENDING) & DELIVERIES.c.leased_until.is_not(None) \
         & (DELIVERIES.c.leased_until >= now)
-    cond: list[Any] = [DELIVERIES.c.state.in_(states if ids is None else ("dead", "pending", "discarded")),
+    cond: list[Any] = [DELIVERIES.c.state.in_(states if ids is None else (DeliveryState.DEAD, DeliveryState.PENDING,
+                                                                        DeliveryState.DISCARDED)),
                        ~in_flight]  # one being sent now is not sent twice
     if ids is not None:
         cond.append(DELIVERIES.c.id.in_(ids))
     if destination:
         cond.append(DELIVERIES.c.destination == destination)
-    values: dict[str, Any] = {"state": "pending", "attempts": 0, "next_at": now, "leased_until": None,
+    values: dict[str, Any] = {"state": DeliveryState.PENDING, "attempts": 0, "next_at": now, "leased_until": None,
                               "leased_by": None}
     if rebuild:
         values.update(payload=None, content_type=None, detail=None)
@@ -259,9 +261,9 @@ def discard(conn: Connection, ids: list[int], note: str = "") -> int:
     """Give up on deliveries an operator knows the EHR does not need (pending or dead ones)."""
     now = utcnow()
     found = [r[0] for r in conn.execute(select(DELIVERIES.c.id).where(
-        DELIVERIES.c.id.in_(ids), DELIVERIES.c.state.in_(("pending", "dead"))))]
+        DELIVERIES.c.id.in_(ids), DELIVERIES.c.state.in_((DeliveryState.PENDING, DeliveryState.DEAD))))]
     n = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id.in_(found))
-                     .values(state="discarded", leased_until=None, leased_by=None,
+                     .values(state=DeliveryState.DISCARDED, leased_until=None, leased_by=None,
                              last_error=("discarded" + (f": {note}" if note else ""))[:2000])).rowcount or 0
     for i in found:
         add(conn, ATTEMPTS, delivery_id=i, at=now, duration_ms=0, outcome="discarded", status=None, response=None,

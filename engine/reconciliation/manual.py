@@ -24,6 +24,7 @@ from engine.domain.records import ORDERS
 from engine.domain.studies import FINDINGS, STUDIES
 from engine.errors import RadBridgeError
 from engine.reconciliation.queue import enqueue
+from engine.store.states import FindingStatus
 from engine.store.types import utcnow
 
 
@@ -107,9 +108,9 @@ def accept_finding(conn: Connection, finding_id: int, *, by: str = "analyst", no
     row = conn.execute(select(FINDINGS.c.study_id, FINDINGS.c.status).where(FINDINGS.c.id == finding_id)).first()
     if row is None:
         raise ManualError(f"no finding {finding_id}")
-    if row.status != "open":
+    if row.status != FindingStatus.OPEN:
         raise ManualConflict(f"finding {finding_id} is already {row.status}")
     conn.execute(update(FINDINGS).where(FINDINGS.c.id == finding_id).values(
-        status="accepted", resolved_at=utcnow(), resolution=f"accepted by {by}" + (f": {note}" if note else "")))
+        status=FindingStatus.ACCEPTED, resolved_at=utcnow(), resolution=f"accepted by {by}" + (f": {note}" if note else "")))
     record_events(conn, [FindingAccepted(study_id=row.study_id, finding_id=finding_id, by=by, note=note)])
     enqueue(conn, row.study_id, "requested")  # the study's state follows its open findings

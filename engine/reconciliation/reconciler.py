@@ -63,16 +63,17 @@ from engine.reconciliation.matching import Match, match_study
 from engine.reconciliation.rules import ReconciliationRules, default_rules
 from engine.storage.base import ObjectStorage
 from engine.store.db import Database
+from engine.store.states import FindingStatus, ReconState, StudyState
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-OK_STATES = ("reconciled", "flagged")  # placed: outbound acts on them
+OK_STATES = (ReconState.RECONCILED, ReconState.FLAGGED)  # placed: outbound acts on them
 OUTCOMES: dict[str, type[ReconcileOutcome]] = {  # the event a run raises
     "study.reconciled": StudyReconciled, "study.corrected": StudyCorrected, "study.unmatched": StudyUnmatched,
     "study.quarantined": StudyQuarantined}
-EXCEPTION_STATES = ("unmatched", "flagged", "quarantined")  # need an analyst's look
+EXCEPTION_STATES = (ReconState.UNMATCHED, ReconState.FLAGGED, ReconState.QUARANTINED)  # need an analyst's look
 BATCH = 100
 
 
@@ -193,7 +194,7 @@ class Reconciler:
             return res
         m = self._read(lambda c: match_study(c, study, rules))
         res.matched_by, res.order_id, res.patient_id = m.matched_by, m.order_id, m.patient_id
-        if study["state"] == "receiving":
+        if study["state"] == StudyState.RECEIVING:
             # still arriving: tell the RIS images came (IP); coercion and findings wait for stability
             res.again = self.tx.run_sync(lambda s: self._images_received(s.connection(), study, m, rules, job))
             res.state = study["recon_state"]
@@ -209,7 +210,7 @@ class Reconciler:
             # files already verified against this authority need no second look: only those received
             # since (a study that grew). Anything else (first run, a difference in the index, a study
             # that was unmatched, flagged or quarantined before) checks every file.
-            verified = study["recon_state"] == "reconciled" and study["times_reconciled"] > 0 and not diffs
+            verified = study["recon_state"] == ReconState.RECONCILED and study["times_reconciled"] > 0 and not diffs
             since = study["reconciled_at"] if verified else None
             res.checked, coerced = self._coerce(study, target, since, job)
         res.coerced = coerced
@@ -347,9 +348,9 @@ class Reconciler:
         accepted: set[tuple[Any, ...]] = set()
         for r in conn.execute(select(FINDINGS.c.id, FINDINGS.c.status, FINDINGS.c.kind, FINDINGS.c.attribute,
                                      FINDINGS.c.received, FINDINGS.c.expected)
-                              .where(FINDINGS.c.study_id == study["id"], FINDINGS.c.status != "resolved")):
+                              .where(FINDINGS.c.study_id == study["id"], FINDINGS.c.status != FindingStatus.RESOLVED)):
             key = (r.kind, r.attribute, r.received, r.expected)
-            if r.status == "accepted":
+            if r.status == FindingStatus.ACCEPTED:
                 accepted.add(key)
             else:
                 open_rows[key] = r.id
@@ -364,7 +365,7 @@ class Reconciler:
         if m.order_id is not None and state in OK_STATES and m.matched_by in ("accession", "manual"):
             self._order_status(conn, m.order_id, rules.order_status.images_received,
                                f"images received: study {study['study_uid']}", study["id"], events)
-            if current["state"] == "stable":
+            if current["state"] == StudyState.STABLE:
                 self._order_status(conn, m.order_id, rules.order_status.study_stable,
                                    f"study {study['study_uid']} stable: {current['num_instances']} instance(s)",
                                    study["id"], events)
@@ -415,11 +416,11 @@ def _findings(m: Match, diffs: dict[str, tuple[str | None, str]], rules: Reconci
 
 def _state(m: Match, findings: list[FindingData], policy: str) -> str:
     if m.matched_by is None or m.exception:
-        return "unmatched"
+        return ReconState.UNMATCHED
     serious = [f for f in findings if f.severity != "info" and f.action != "coerced"]
     if policy == "reject" and any(f.kind == "mismatch" for f in serious):
-        return "quarantined"
-    return "flagged" if serious else "reconciled"
+        return ReconState.QUARANTINED
+    return ReconState.FLAGGED if serious else ReconState.RECONCILED
 
 
 def _sync_findings(conn: Connection, study_id: int, findings: list[FindingData],
@@ -432,7 +433,7 @@ def _sync_findings(conn: Connection, study_id: int, findings: list[FindingData],
     for key, fid in open_rows.items():
         if key not in wanted:
             conn.execute(update(FINDINGS).where(FINDINGS.c.id == fid).values(
-                status="resolved", resolved_at=now, resolution="no longer found on reconciliation"))
+                status=FindingStatus.RESOLVED, resolved_at=now, resolution="no longer found on reconciliation"))
     ids = []
     for f in findings:
         if f.action != "coerced" and f.key() in open_rows:
@@ -440,7 +441,7 @@ def _sync_findings(conn: Connection, study_id: int, findings: list[FindingData],
             continue
         ids.append(add(conn, FINDINGS, study_id=study_id, at=now, kind=f.kind, severity=f.severity,
                        attribute=f.attribute, received=f.received, expected=f.expected, action=f.action,
-                       status="resolved" if f.action == "coerced" else "open",
+                       status=FindingStatus.RESOLVED if f.action == "coerced" else FindingStatus.OPEN,
                        resolved_at=now if f.action == "coerced" else None,
                        resolution="headers coerced" if f.action == "coerced" else None, detail=f.detail or None))
     return ids

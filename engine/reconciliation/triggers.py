@@ -28,8 +28,9 @@ from engine.domain.events import (
 from engine.domain.records import IDENTIFIERS, ORDERS, fetch_all
 from engine.domain.studies import STUDIES
 from engine.reconciliation.queue import enqueue, enqueue_many
+from engine.store.states import ReconState
 
-WAITING = ("pending", "unmatched", "flagged", "quarantined")
+WAITING = (ReconState.PENDING, ReconState.UNMATCHED, ReconState.FLAGGED, ReconState.QUARANTINED)
 # the queue row's reasons (reconcile_queue.reasons, shown in /api/studies)
 PATIENT_REASONS = {EventKind.PATIENT_CREATED: "patient.created", EventKind.PATIENT_UPDATED: "patient.updated",
                    EventKind.IDENTIFIER_ADDED: "patient.updated", EventKind.PATIENT_MERGED: "patient.merged"}

@@ -15,6 +15,7 @@ from engine.store.models import (
     ReconcileJob,
     Study,
 )
+from engine.store.states import FindingStatus
 
 
 def _ts(dt: datetime | None) -> str | None:
@@ -102,7 +103,7 @@ def reconciliation_json(st: Study, *, findings: bool = True, job: ReconcileJob |
                     "next_at": _ts(job.next_at), "leased_by": job.leased_by} if job is not None else None),
     }
     if findings:
-        out["open_findings"] = sum(1 for f in st.findings if f.status == "open" and f.severity != "info")
+        out["open_findings"] = sum(1 for f in st.findings if f.status == FindingStatus.OPEN and f.severity != "info")
         out["findings"] = [finding_json(f) for f in st.findings]
     return out
 
