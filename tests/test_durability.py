@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -115,4 +116,8 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path, workdir: Path) -> None
             proc.kill()
     assert proc.returncode == 0, err.decode()
     assert b"stopping" in out
+    # scripts (bench/mllp_ingest.py) read the ports from this line: its shape is an interface
+    first = out.decode().splitlines()[0]
+    assert re.match(rf"radbridge running: dicom \(DICOM RADBRIDGE\) on 127\.0\.0\.1:\d+, hl7-inbound on 127\.0\.0\.1:{mllp}; "
+                    rf"HTTP on http://127\.0\.0\.1:{http}/ ", first), first
     assert (workdir / "var" / "api-token").exists()  # no token configured: one was generated for the API

@@ -46,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        listening = ", ".join(f"{n} on {ep}" for n, c in engine.connectors.items() if (ep := c.endpoint()))
+        listening = ", ".join(f"{n} {ep}" for n, c in engine.connectors.items() if (ep := c.endpoint()))
         print(f"radbridge running: {listening or 'no channels'}; HTTP on http://{settings.bind}:{engine.http_port}/ "
               "(Ctrl-C to stop)", flush=True)
         await stop.wait()

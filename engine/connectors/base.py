@@ -125,7 +125,8 @@ class Connector(ABC):
         return out
 
     def endpoint(self) -> str | None:
-        """Where peers reach this channel, for the start-up line (None: nowhere of its own)."""
+        """Where peers reach this channel, for the start-up line "NAME ENDPOINT" (None: nowhere of its own).
+        Scripts read that line (e.g. "hl7-inbound on 127.0.0.1:2575"): keep its shape."""
         return None
 
     def health(self) -> dict[str, Any] | None:

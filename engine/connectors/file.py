@@ -394,7 +394,7 @@ class FileConnector(HL7Channel):
         return out
 
     def endpoint(self) -> str:
-        return f"file {self.directory}"
+        return f"(file) reading {self.directory}"
 
     def health(self) -> dict[str, Any]:
         readable = self.directory.is_dir() and os.access(self.directory, os.R_OK | os.X_OK)

@@ -81,7 +81,7 @@ class DicomConnector(Connector):
         return out
 
     def endpoint(self) -> str:
-        return f"DICOM {self.aet} {self.ctx.settings.bind}:{self.port}"
+        return f"(DICOM {self.aet}) on {self.ctx.settings.bind}:{self.port}"
 
     def health(self) -> dict[str, Any]:
         d = self.listener

@@ -69,7 +69,7 @@ class MllpConnector(HL7Channel):
         return out
 
     def endpoint(self) -> str:
-        return f"MLLP {self.ctx.settings.bind}:{self.port}"
+        return f"on {self.ctx.settings.bind}:{self.port}"
 
     def health(self) -> dict[str, Any]:
         return {"ok": self.server.running, "listening": self.server.running, "port": self.server.port}
