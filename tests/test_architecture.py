@@ -47,6 +47,32 @@ def test_the_check_sees_a_private_import(tmp_path: Path) -> None:
         "engine.b.y imports engine.a.x._hidden"]
 
 
+def private_attributes_of_others(root: Path) -> list[str]:
+    """``x._name`` where x is not self/cls: a private attribute of another object or module, such as
+    a library's internals (SQLAlchemy's ``compiled._bind_processors``), which a new release of that
+    library may change silently. Comparing with another instance of the same class is allowed."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+                continue
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "other"):
+                continue
+            found.append(f"{path.relative_to(root.parent)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_code_reads_a_private_attribute_of_another_object_or_library() -> None:
+    assert private_attributes_of_others(ENGINE) == []
+
+
+def test_the_check_sees_a_library_internal(tmp_path: Path) -> None:
+    pkg = tmp_path / "engine"
+    pkg.mkdir()
+    (pkg / "x.py").write_text("def f(compiled, self):\n    return compiled._bind_processors, self._mine\n")
+    assert [line.split(": ", 1)[1] for line in private_attributes_of_others(pkg)] == ["compiled._bind_processors"]
+
+
 def test_every_error_the_engine_raises_on_purpose_derives_from_radbridgeerror() -> None:
     """One hierarchy: the error classes defined under engine/ (not private helpers) are RadBridgeErrors,
     and the ERR and mapping records that used to be plain dataclasses are exceptions too."""

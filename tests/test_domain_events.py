@@ -30,7 +30,7 @@ from engine.domain.events import (
     from_row,
 )
 from engine.domain.patients import Outcome, find_patient
-from engine.domain.records import add, savepoint
+from engine.domain.records import add
 from engine.domain.studies import REPORT_SOP_CLASSES, STUDIES, mark_stable
 from engine.outbound.context import REPORT_CLASSES
 from engine.pipeline.actions import apply_action
@@ -41,6 +41,7 @@ from engine.runtime import load_definitions
 from engine.store import migrate
 from engine.store.db import Database, open_database
 from engine.store.models import DomainEvent
+from engine.store.prepared import savepoint
 from engine.store.types import utcnow
 from tests.conftest import make_settings
 from tests.hl7util import adt, orm

@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Protocol
 
 from sqlalchemy import Connection, Table, bindparam, insert
 
-from engine.domain.records import driver_execute
 from engine.store.models import DomainEvent
+from engine.store.prepared import execute_driver
 from engine.store.types import utcnow
 
 DOMAIN_EVENTS: Table = DomainEvent.__table__  # type: ignore[assignment]
@@ -417,7 +417,7 @@ def record_events(conn: Connection, events: Sequence[Event]) -> None:
             for k in range(col, len(values), width):
                 if values[k] is not None:
                     values[k] = proc(values[k])
-        driver_execute(conn, stmt.sql, tuple(values) if stmt.keys is None else dict(zip(stmt.keys, values, strict=True)))
+        execute_driver(conn, stmt.sql, tuple(values) if stmt.keys is None else dict(zip(stmt.keys, values, strict=True)))
 
 
 # --- the bus ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Rows for the hot path: loaded with prebuilt Core statements, changed in Python, written back as
-one UPDATE of the columns that changed.
+one UPDATE of the columns that changed. Statements run through the store's prepared-statement
+fast path (engine/store/prepared.py: SQLAlchemy's public compile API, the driver's cursor).
 
 The ORM unit of work costs several times a durable commit per message (flush bookkeeping, and
 building the same WHERE clauses again for every message). The domain rules read and write these
@@ -8,11 +9,9 @@ records instead; the ORM models stay the schema and the read side (admin API).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, insert, or_, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Select, Table, bindparam, insert, or_, select, update
 
 from engine.store.models import (
     Message,
@@ -24,6 +23,7 @@ from engine.store.models import (
     PatientChange,
     PatientIdentifier,
 )
+from engine.store.prepared import PreparedCache, column_defaults
 
 PATIENTS: Table = Patient.__table__  # type: ignore[assignment]
 IDENTIFIERS: Table = PatientIdentifier.__table__  # type: ignore[assignment]
@@ -69,59 +69,7 @@ class Record:
             self.changed = {}
 
 
-@dataclass(frozen=True)
-class _Compiled:
-    sql: str
-    names: tuple[str, ...] | None  # positional parameter order (qmark), or None for named styles
-    processors: dict[str, Any]  # the column types' bind processors (JSON, UTCDateTime, Boolean ...)
-    literals: dict[str, Any]  # values the statement carries itself (e.g. an IN list)
-
-
-_COMPILED: dict[tuple[Any, ...], _Compiled] = {}
-
-
-def _compile(conn: Connection, key: tuple[Any, ...], build: Any) -> _Compiled:
-    """Compile a statement once per dialect with SQLAlchemy, then run it on the DBAPI cursor.
-
-    SQLAlchemy's per-execution layer costs ~50 us a statement here against ~6 us in the driver;
-    the hot path runs ~10 inserts and updates a message. Type handling stays SQLAlchemy's: the
-    compiled statement's bind processors are applied to the parameters."""
-    full = (conn.dialect.name, *key)
-    found = _COMPILED.get(full)
-    if found is None:
-        stmt = build()
-        compiled = stmt.compile(dialect=conn.dialect)
-        names = tuple(compiled.positiontup) if compiled.positiontup else None
-        found = _COMPILED[full] = _Compiled(compiled.string, names, dict(compiled._bind_processors),
-                                            dict(compiled.params))
-    return found
-
-
-def _execute(conn: Connection, compiled: _Compiled, params: dict[str, Any]) -> Any:
-    procs = compiled.processors
-    if compiled.literals:
-        params = {**compiled.literals, **params}
-    for k in procs.keys() & params.keys():
-        v = params[k]
-        if v is not None:
-            params[k] = procs[k](v)
-    args: Any = tuple(params[n] for n in compiled.names) if compiled.names is not None else params
-    return driver_execute(conn, compiled.sql, args)
-
-
-def driver_execute(conn: Connection, sql: str, args: Any = ()) -> Any:
-    """Run SQL on the DBAPI cursor, raising SQLAlchemy's exception classes as its own execution
-    would (IntegrityError for a unique violation, OperationalError for a lost connection ...), so
-    callers' error handling does not depend on which path ran the statement."""
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    dbapi = conn.dialect.loaded_dbapi
-    try:
-        cursor.execute(sql, args)
-    except dbapi.Error as err:
-        raise DBAPIError.instance(sql, args, err, dbapi.Error, dialect=conn.dialect) from err
-    return cursor
-
-
+_PREPARED = PreparedCache()
 _DEFAULTS: dict[tuple[str, bool], tuple[tuple[str, Any], ...]] = {}
 
 
@@ -131,12 +79,7 @@ def _with_defaults(table: Table, values: dict[str, Any], *, on_update: bool = Fa
     key = (table.name, on_update)
     defaults = _DEFAULTS.get(key)
     if defaults is None:
-        found = []
-        for col in table.c:
-            default: Any = col.onupdate if on_update else col.default
-            if default is not None and not col.primary_key:
-                found.append((col.name, default))
-        defaults = _DEFAULTS[key] = tuple(found)
+        defaults = _DEFAULTS[key] = column_defaults(table, on_update=on_update)
     out = dict(values)
     for name, default in defaults:
         if name not in out:
@@ -153,8 +96,7 @@ def add(conn: Connection, table: Table, **values: Any) -> int:
     def build() -> Any:
         stmt = insert(table).values({k: bindparam(k) for k in keys})
         return stmt.returning(*table.primary_key.columns) if returning else stmt
-    compiled = _compile(conn, ("insert", table.name, keys), build)
-    cursor = _execute(conn, compiled, values)
+    cursor = _PREPARED.statement(conn, ("insert", table.name, keys), build).execute(conn, values)
     if returning:
         return int(cursor.fetchone()[0])
     pk = table.primary_key.columns[0].name  # INTEGER PRIMARY KEY is the rowid, unless given
@@ -165,75 +107,25 @@ def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> No
     """UPDATE one row by primary key: the columns given (and onupdate columns)."""
     values = _with_defaults(table, values, on_update=True)
     keys = tuple(sorted(values))
-    compiled = _compile(conn, ("update", table.name, keys),
-                        lambda: update(table).where(table.c.id == bindparam("row_id_"))
-                        .values({k: bindparam(k) for k in keys}))
-    _execute(conn, compiled, {**values, "row_id_": row_id})
+    prepared = _PREPARED.statement(conn, ("update", table.name, keys),
+                                   lambda: update(table).where(table.c.id == bindparam("row_id_"))
+                                   .values({k: bindparam(k) for k in keys}))
+    prepared.execute(conn, {**values, "row_id_": row_id})
 
 
-@dataclass(frozen=True)
-class _Query:
-    compiled: _Compiled
-    columns: tuple[str, ...]
-    results: tuple[Any, ...]  # each column type's result processor (or None)
-
-
-_QUERIES: dict[tuple[str, int], _Query] = {}
-
-
-def _query(conn: Connection, stmt: Any) -> _Query:
-    key = (conn.dialect.name, id(stmt))
-    found = _QUERIES.get(key)
-    if found is None:
-        compiled = _compile(conn, ("select", id(stmt)), lambda: stmt)
-        cols = tuple(c.key for c in stmt.selected_columns)
-        procs = tuple(c.type._cached_result_processor(conn.dialect, None) for c in stmt.selected_columns)
-        found = _QUERIES[key] = _Query(compiled, cols, procs)
-    return found
-
-
-def fetch(conn: Connection, stmt: Any, **params: Any) -> dict[str, Any] | None:
+def fetch(conn: Connection, stmt: Select[Any], **params: Any) -> dict[str, Any] | None:
     """The first row of a prebuilt SELECT (module-level, so compiled once), typed as SQLAlchemy would."""
-    q = _query(conn, stmt)
-    row = _execute(conn, q.compiled, params).fetchone()
-    if row is None:
-        return None
-    return {name: (proc(v) if proc is not None else v) for name, proc, v in zip(q.columns, q.results, row,
-                                                                                  strict=True)}
+    return _PREPARED.query(conn, stmt).first(conn, params)
 
 
-def fetch_all(conn: Connection, stmt: Any, **params: Any) -> list[dict[str, Any]]:
+def fetch_all(conn: Connection, stmt: Select[Any], **params: Any) -> list[dict[str, Any]]:
     """Every row of a prebuilt SELECT, typed as SQLAlchemy would."""
-    q = _query(conn, stmt)
-    return [{name: (proc(v) if proc is not None else v) for name, proc, v in zip(q.columns, q.results, row,
-                                                                                 strict=True)}
-            for row in _execute(conn, q.compiled, params).fetchall()]
+    return _PREPARED.query(conn, stmt).all(conn, params)
 
 
-def load(conn: Connection, table: Table, stmt: Any, **params: Any) -> Record | None:
+def load(conn: Connection, table: Table, stmt: Select[Any], **params: Any) -> Record | None:
     row = fetch(conn, stmt, **params)
     return None if row is None else Record(table, row)
-
-
-class savepoint:  # noqa: N801 - used as a context manager, like SQLAlchemy's begin_nested()
-    """SAVEPOINT / RELEASE / ROLLBACK TO on the driver: SQLAlchemy recompiles these clauses each time."""
-
-    def __init__(self, conn: Connection, name: str = "rb_apply") -> None:
-        self.conn, self.name = conn, name
-
-    def _run(self, sql: str) -> None:
-        driver_execute(self.conn, sql)
-
-    def __enter__(self) -> savepoint:
-        self._run(f"SAVEPOINT {self.name}")
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self._run(f"RELEASE SAVEPOINT {self.name}")
-        else:
-            self._run(f"ROLLBACK TO SAVEPOINT {self.name}")
-            self._run(f"RELEASE SAVEPOINT {self.name}")
 
 
 # --- prebuilt statements ---------------------------------------------------------------------------

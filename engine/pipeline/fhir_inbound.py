@@ -51,7 +51,6 @@ from engine.domain.records import (
     PATIENTS,
     add,
     fetch,
-    savepoint,
     update_row,
 )
 from engine.fhir.outcome import FhirError, issue
@@ -64,6 +63,7 @@ from engine.pipeline import fhir_search as search
 from engine.pipeline.actions import apply_action
 from engine.pipeline.hl7_inbound import internal_error_text
 from engine.pipeline.writer import FINAL_ATTEMPT
+from engine.store.prepared import savepoint
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)

@@ -135,11 +135,11 @@ def _string_clause(col: Any, value: str, modifier: str) -> ColumnElement[bool]:
 IssuerOf = Callable[[str], set[str]]
 
 
-def _plain_issuers(system: str) -> set[str]:
+def plain_issuers(system: str) -> set[str]:
     return {system, system.removeprefix("urn:oid:")}
 
 
-def parse(resource_type: str, params: list[tuple[str, str]], *, issuers: IssuerOf = _plain_issuers,
+def parse(resource_type: str, params: list[tuple[str, str]], *, issuers: IssuerOf = plain_issuers,
           default_count: int = 50, max_count: int = 500) -> Query:
     """Search parameters -> a Query; FhirError 400 naming a parameter that is unknown or malformed."""
     known = SEARCH_PARAMS.get(resource_type)
@@ -303,7 +303,7 @@ def run(conn: Connection, q: Query) -> tuple[list[int], int | None]:
     return ids, total
 
 
-def matching_ids(conn: Connection, resource_type: str, query: str, issuers: IssuerOf = _plain_issuers,
+def matching_ids(conn: Connection, resource_type: str, query: str, issuers: IssuerOf = plain_issuers,
                  limit: int = 2) -> list[int]:
     """Conditional create/update/reference: the ids a query string (identifier=sys|val) matches."""
     from urllib.parse import parse_qsl

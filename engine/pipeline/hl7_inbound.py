@@ -22,7 +22,7 @@ from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
 from engine.domain.events import EventBus
 from engine.domain.patients import Outcome
-from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, add, fetch, savepoint, update_row
+from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, add, fetch, update_row
 from engine.hl7 import errors as E
 from engine.hl7.ack import build_ack
 from engine.hl7.errors import HL7Error, HL7ParseError
@@ -35,6 +35,7 @@ from engine.pipeline.writer import FINAL_ATTEMPT
 from engine.reconciliation import triggers
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
+from engine.store.prepared import savepoint
 from engine.store.states import MessageStatus
 from engine.store.types import utcnow
 

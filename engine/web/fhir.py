@@ -269,7 +269,7 @@ def fhir_app(engine: Engine) -> web.Application:
         rtype = _readable(request.match_info["type"])
         opts = options()
         fi = engine.fhir
-        q = search.parse(rtype, params, issuers=fi.issuers if fi else search._plain_issuers,
+        q = search.parse(rtype, params, issuers=fi.issuers if fi else search.plain_issuers,
                          default_count=opts.default_page_size if opts else 50,
                          max_count=opts.max_page_size if opts else 500)
 

@@ -1,0 +1,74 @@
+"""The store's prepared-statement fast path (engine/store/prepared.py), on SQLite and PostgreSQL:
+what it writes and reads is what SQLAlchemy Core writes and reads (types converted the same way),
+driver errors surface as SQLAlchemy's exception classes, statements it cannot run faithfully are
+refused when prepared, and its SAVEPOINT rolls back only its own work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import bindparam, select
+from sqlalchemy.exc import IntegrityError
+
+from engine.domain.records import MESSAGES, PATIENTS, add, fetch, fetch_all, update_row
+from engine.store import migrate
+from engine.store.db import Database, open_database
+from engine.store.prepared import Prepared, UnpreparableStatement, savepoint
+
+PATIENT_BY_FAMILY = select(PATIENTS).where(PATIENTS.c.family_name == bindparam("family")).order_by(PATIENTS.c.id)
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = open_database(db_url)
+    migrate.upgrade(database)
+    yield database
+    database.dispose()
+
+
+def test_rows_written_on_the_driver_read_back_through_core_with_the_same_types(db: Database) -> None:
+    born = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    with db.writer.begin() as conn:
+        pid = add(conn, PATIENTS, family_name="Doe", given_name="Jane", birth_date="1980-01-01", sex="F",
+                  extra={"race": ["2106-3"], "vip": True})
+        update_row(conn, PATIENTS, pid, given_name="Janet")
+        mid = add(conn, MESSAGES, channel="c", control_id="X1", received_at=born, status="processed")
+    with db.reader.connect() as conn:
+        core = conn.execute(select(PATIENTS).where(PATIENTS.c.id == pid)).mappings().one()
+        fast = fetch(conn, PATIENT_BY_FAMILY.limit(1), family="Doe")
+        message = conn.execute(select(MESSAGES).where(MESSAGES.c.id == mid)).mappings().one()
+    assert fast == dict(core)
+    assert core["given_name"] == "Janet"
+    assert core["extra"] == {"race": ["2106-3"], "vip": True}  # JSON's bind and result processors ran
+    assert core["active"] is True and core["version"] == 1  # the column defaults Core would fill in
+    assert core["updated_at"] >= core["created_at"]
+    assert message["received_at"] == born  # UTCDateTime's processors: an aware datetime comes back
+
+
+def test_fetch_all_returns_every_row_in_order_and_none_is_no_row(db: Database) -> None:
+    with db.writer.begin() as conn:
+        ids = [add(conn, PATIENTS, family_name="Roe", given_name=g) for g in ("A", "B", "C")]
+    with db.reader.connect() as conn:
+        assert [r["id"] for r in fetch_all(conn, PATIENT_BY_FAMILY, family="Roe")] == ids
+        assert fetch_all(conn, PATIENT_BY_FAMILY, family="Nobody") == []
+        assert fetch(conn, PATIENT_BY_FAMILY, family="Nobody") is None
+
+
+def test_a_unique_violation_is_sqlalchemys_integrity_error_without_breaking_the_transaction_savepoint(
+        db: Database) -> None:
+    with db.writer.begin() as conn:
+        pid = add(conn, PATIENTS, family_name="Poe")
+        with pytest.raises(IntegrityError), savepoint(conn, "rb_test"):
+            add(conn, PATIENTS, id=pid, family_name="Again")
+        add(conn, PATIENTS, family_name="After")  # the transaction goes on after ROLLBACK TO SAVEPOINT
+    with db.reader.connect() as conn:
+        assert [r["family_name"] for r in conn.execute(select(PATIENTS.c.family_name).order_by(PATIENTS.c.id)).mappings()] \
+            == ["Poe", "After"]
+
+
+def test_an_expanding_in_list_is_refused_when_prepared_not_run_wrongly(db: Database) -> None:
+    stmt = select(PATIENTS.c.id).where(PATIENTS.c.id.in_(bindparam("ids", expanding=True)))
+    with pytest.raises(UnpreparableStatement, match="expanding"):
+        Prepared.of(stmt, db.writer.dialect)
