@@ -193,7 +193,9 @@ def test_ae_on_one_message_dead_letters_it_others_continue_then_replay(eng: Runn
     assert ehr.wait_for(lambda: any(d.state == "dead" for d in deliveries(eng)), WAIT)
     [dead] = [d for d in deliveries(eng) if d.state == "dead"]
     assert dead.destination == "mllp" and dead.attempts == 1 and "AE" in (dead.last_error or "")
-    assert len(studies_at_ehr(ehr, bad.study_uid)) == 1 and len(studies_at_ehr(ehr, good.study_uid)) == 1
+    # the FHIR destination has its own worker: both ImagingStudies get there, the ORU's AE notwithstanding
+    assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, bad.study_uid)) == 1
+                        and len(studies_at_ehr(ehr, good.study_uid)) == 1, WAIT)
     # the EHR is fixed; the operator replays the dead letter from the CLI
     ehr.nak = None
     proc = subprocess.run([sys.executable, "-m", "engine.cli", "deliveries", "list", "--state", "dead"],
