@@ -28,6 +28,7 @@ from tests.conftest import REPO, RunningEngine, make_settings
 from tests.dicomutil import require_dcmtk, storescu
 from tests.hl7util import adt, orm
 from tests.test_reconciliation import hl7, settle, store
+from tests.waiting import wait_until
 
 EHR_TOKEN = "ehr-secret"
 WAIT = 30.0
@@ -107,6 +108,9 @@ def test_reconciled_study_reaches_the_ehr_as_imagingstudy_and_oru(eng: RunningEn
     settle(eng)
     wake(eng)
     assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 1 and len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+    # the EHR has them; the engine records the outcome in the transaction after the answer
+    wait_until(lambda: [d.state for d in deliveries(eng)] == ["delivered", "delivered"], timeout=WAIT,
+               message="both deliveries recorded as delivered")
     [oru] = ehr.oru_messages()
     msh, pid, orc, obr, obx = (seg(oru, n) for n in ("MSH", "PID", "ORC", "OBR", "OBX"))
     [d_fhir, d_mllp] = sorted(deliveries(eng), key=lambda d: d.destination)
@@ -206,8 +210,8 @@ def test_ae_on_one_message_dead_letters_it_others_continue_then_replay(eng: Runn
     assert proc.returncode == 0 and "1 delivery queued again" in proc.stdout, proc.stderr
     wake(eng)
     assert ehr.wait_for(lambda: any(seg(m, "OBR")[18] == "ACCBAD" for m in ehr.oru_messages()), WAIT)
-    again = next(d for d in deliveries(eng) if d.id == dead.id)
-    assert again.state == "delivered"
+    wait_until(lambda: next(d for d in deliveries(eng) if d.id == dead.id).state == "delivered", timeout=WAIT,
+               message="the replayed delivery recorded as delivered")
     assert [a.outcome for a in attempts(eng, dead.id)] == ["dead", "delivered"]
     # the resend is the same message (same MSH-10), so the EHR could recognise it
     sent = [m for m in ehr.oru_messages() if seg(m, "OBR")[18] == "ACCBAD"]
@@ -234,6 +238,8 @@ def test_fhir_server_errors_are_retried_and_bad_resources_dead_lettered(eng: Run
     ehr.fhir_mode = "ok"
     wake(eng)
     assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+    wait_until(lambda: {x.state for x in deliveries(eng)} == {"delivered"}, timeout=WAIT,
+               message="both deliveries recorded as delivered")
     d = next(d for d in deliveries(eng) if d.destination == "fhir")
     statuses = [a.status for a in attempts(eng, d.id)]
     assert statuses[-1] in ("200", "201") and "500" in statuses and "429" in statuses

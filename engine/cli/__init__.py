@@ -16,6 +16,7 @@ from engine.cli.deliveries import add_parser as add_deliveries_parser
 from engine.cli.studies import add_parser as add_studies_parser
 from engine.config import DEFAULT_CONFIG, Settings
 from engine.reconciliation.rules import ReconciliationRules
+from engine.store.states import MessageStatus
 from engine.yamlfile import ConfigFileError
 
 
@@ -280,7 +281,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
                     status = 1
                     continue
                 print(f"message {mid}: {st.status}" + (f" ({st.error})" if st.error else ""))
-                if st.status not in ("processed", "filtered"):
+                if st.status not in (MessageStatus.PROCESSED, MessageStatus.FILTERED):
                     status = 1
         return status
     finally:

@@ -50,6 +50,7 @@ from engine.hl7.errors import HL7Error
 from engine.pipeline.hl7_inbound import Prepared, Stored, guess_control_id
 from engine.pipeline.writer import StorageUnavailable
 from engine.store.models import FileProgress
+from engine.store.states import MessageStatus
 from engine.store.types import utcnow
 from engine.yamlfile import ConfigProblem, LineDict
 
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 ENVELOPE = (b"FHS", b"BHS", b"BTS", b"FTS")
 LINE_BREAK = re.compile(rb"\r\n|\r|\n")
-FAILED_STATUSES = ("error", "rejected")
+FAILED_STATUSES = (MessageStatus.ERROR, MessageStatus.REJECTED)
 REMOTE_MAX = 64  # messages.remote
 
 
@@ -312,7 +313,7 @@ class FileConnector(HL7Channel):
     def _count(self, stored: Stored) -> bool:
         """Metrics as the MLLP listener counts them; True when the message failed (AE/AR)."""
         name, m = self.channel.name, self.ctx.metrics
-        if stored.status == "duplicate":
+        if stored.status == MessageStatus.DUPLICATE:
             m.duplicates.inc(channel=name)
         elif stored.status in FAILED_STATUSES:
             m.failed.inc(channel=name, reason=stored.status)

@@ -24,6 +24,7 @@ from engine.store.models import (
     PatientIdentifier,
 )
 from engine.store.prepared import PreparedCache, column_defaults
+from engine.store.states import MessageStatus
 
 PATIENTS: Table = Patient.__table__  # type: ignore[assignment]
 IDENTIFIERS: Table = PatientIdentifier.__table__  # type: ignore[assignment]
@@ -147,7 +148,7 @@ ORDER_BY = {
 ORDER_IDS_OF_PATIENT = select(ORDERS.c.id).where(ORDERS.c.patient_id == bindparam("patient_id")).order_by(ORDERS.c.id)
 # A resend of a message that was applied is re-ACKed, not applied again. One that failed (AE) is
 # processed again: applying it cannot double anything, and the mapping may have been fixed since.
-DEDUP_STATUSES = ("processed", "filtered")
+DEDUP_STATUSES = (MessageStatus.PROCESSED, MessageStatus.FILTERED)
 DUPLICATE = (
     select(MESSAGES.c.id, MESSAGES.c.ack_code)
     .where(MESSAGES.c.control_id == bindparam("control_id"), MESSAGES.c.sending_app == bindparam("sending_app"),

@@ -31,7 +31,7 @@ from engine.domain.events import (
 from engine.domain.records import add, fetch, fetch_all, update_row
 from engine.storage.base import StoredObject
 from engine.store.models import Finding, Instance, InstanceRevision, Series, Study
-from engine.store.states import StudyState
+from engine.store.states import InstanceOutcome, StudyState
 from engine.store.types import utcnow
 
 STUDIES: Table = Study.__table__  # type: ignore[assignment]
@@ -60,7 +60,7 @@ LIMITS = {"patient_name": 324, "referring_physician": 324, "description": 255, "
 
 @dataclass
 class StoreResult:
-    outcome: str  # stored | duplicate | overwritten | rejected
+    outcome: InstanceOutcome
     instance_id: int
     study_id: int
     stored_key: str  # the key the index points at now
@@ -123,7 +123,7 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
                       number_of_frames=hdr.attrs.get("NumberOfFrames"), transfer_syntax=hdr.transfer_syntax,
                       storage_key=stored.key, size_bytes=stored.size, sha256=stored.sha256,
                       calling_aet=calling_aet, remote=remote, received_at=now, duplicates=0)
-    return StoreResult("stored", instance_id, study["id"], stored.key, events=events)
+    return StoreResult(InstanceOutcome.STORED, instance_id, study["id"], stored.key, events=events)
 
 
 def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, stored: StoredObject, *,
@@ -136,9 +136,9 @@ def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, 
     if identical or policy == "ignore":
         update_row(conn, INSTANCES, existing["id"], duplicates=existing["duplicates"] + 1)
         events: list[Event] = [] if identical else [DuplicateIgnored(**detail)]
-        return StoreResult("duplicate", stored_key=existing["storage_key"], events=events, **base)
+        return StoreResult(InstanceOutcome.DUPLICATE, stored_key=existing["storage_key"], events=events, **base)
     if policy == "reject":
-        return StoreResult("rejected", stored_key=existing["storage_key"], events=[DuplicateRejected(**detail)],
+        return StoreResult(InstanceOutcome.REJECTED, stored_key=existing["storage_key"], events=[DuplicateRejected(**detail)],
                            **base)
     # overwrite: the new file takes the index row; the study's size follows; the old file goes
     if existing["study_id"] is not None and hdr.study_uid and hdr.series_uid:
@@ -149,7 +149,7 @@ def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, 
     update_row(conn, INSTANCES, existing["id"], storage_key=stored.key, size_bytes=stored.size,
                sha256=stored.sha256, transfer_syntax=hdr.transfer_syntax, received_at=now,
                calling_aet=calling_aet, duplicates=existing["duplicates"] + 1)
-    return StoreResult("overwritten", stored_key=stored.key, replaced_key=existing["storage_key"],
+    return StoreResult(InstanceOutcome.OVERWRITTEN, stored_key=stored.key, replaced_key=existing["storage_key"],
                        events=[InstanceOverwritten(**detail)], **base)
 
 

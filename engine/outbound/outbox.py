@@ -31,7 +31,7 @@ from engine.domain.events import Event, EventBus, EventKind, ReportReceived, Stu
 from engine.domain.records import add
 from engine.outbound.render import Rendered
 from engine.store.models import Delivery, DeliveryAttempt
-from engine.store.states import DeliveryState
+from engine.store.states import AttemptOutcome, DeliveryState
 from engine.store.types import utcnow
 
 DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
@@ -68,7 +68,7 @@ class Claimed:
 class Outcome:
     """What one attempt came to: delivered, retry (with the earliest next try), or dead."""
 
-    outcome: str  # delivered | retry | dead
+    outcome: AttemptOutcome
     status: str | None = None  # AA, AE, 201, 503, timeout, refused ...
     response: str | None = None
     error: str | None = None
@@ -203,8 +203,8 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
     now = utcnow()
     attempts = c.attempts + 1
     outcome = o.outcome
-    if outcome == "retry" and attempts >= dest.max_attempts:
-        outcome = "dead"
+    if outcome == AttemptOutcome.RETRY and attempts >= dest.max_attempts:
+        outcome = AttemptOutcome.DEAD
         o.error = f"{o.error or o.status or 'failed'}; gave up after {attempts} attempts"
     add(conn, ATTEMPTS, delivery_id=c.id, at=now, duration_ms=o.duration_ms, outcome=outcome, status=o.status,
         response=(o.response or "")[:4000] or None, error=(o.error or "")[:2000] or None, worker=worker[:64])
@@ -214,9 +214,9 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
                       detail={"resource": rendered.resource, "conditional": rendered.conditional})
     if o.target:
         values["target"] = o.target[:512]
-    if outcome == "delivered":
+    if outcome == AttemptOutcome.DELIVERED:
         values.update(state=DeliveryState.DELIVERED, delivered_at=now, last_error=None)
-    elif outcome == "dead":
+    elif outcome == AttemptOutcome.DEAD:
         values.update(state=DeliveryState.DEAD, last_error=(o.error or o.status or "")[:2000])
     else:
         delay = max(next_delay, o.retry_after or 0.0)
@@ -266,7 +266,7 @@ def discard(conn: Connection, ids: list[int], note: str = "") -> int:
                      .values(state=DeliveryState.DISCARDED, leased_until=None, leased_by=None,
                              last_error=("discarded" + (f": {note}" if note else ""))[:2000])).rowcount or 0
     for i in found:
-        add(conn, ATTEMPTS, delivery_id=i, at=now, duration_ms=0, outcome="discarded", status=None, response=None,
+        add(conn, ATTEMPTS, delivery_id=i, at=now, duration_ms=0, outcome=AttemptOutcome.DISCARDED, status=None, response=None,
             error=note or "discarded by an operator", worker="operator")
     return int(n)
 

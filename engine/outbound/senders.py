@@ -22,6 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from engine.channels import Destination
 from engine.config import EHRSettings
 from engine.outbound.outbox import Outcome
+from engine.store.states import AttemptOutcome
 
 log = logging.getLogger(__name__)
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
@@ -89,12 +90,12 @@ class MLLPSender:
                     reply = await self._exchange(frame)
         except TimeoutError:
             await self.close()  # the stream is out of step now: a late ACK must not answer the next message
-            return Outcome("retry", "timeout", error=f"no ACK within {self.dest.timeout_seconds:g} s",
+            return Outcome(AttemptOutcome.RETRY, "timeout", error=f"no ACK within {self.dest.timeout_seconds:g} s",
                            duration_ms=_ms(started), target=self.address)
         except (OSError, ConnectionError) as exc:
             await self.close()
             status = "refused" if isinstance(exc, ConnectionRefusedError) else "connection"
-            return Outcome("retry", status, error=f"{type(exc).__name__}: {exc}".strip(": "),
+            return Outcome(AttemptOutcome.RETRY, status, error=f"{type(exc).__name__}: {exc}".strip(": "),
                            duration_ms=_ms(started), target=self.address)
         return self._judge(reply[reply.find(SB) + 1: -2].decode("utf-8", "replace"), control_id, started)
 
@@ -102,19 +103,19 @@ class MLLPSender:
         segments = [s for s in ack.replace("\n", "\r").split("\r") if s]
         msa = next((s for s in segments if s.startswith("MSA")), None)
         if msa is None or len(msa) < 4:
-            return Outcome("retry", "no MSA", response=ack, error="the answer has no MSA segment",
+            return Outcome(AttemptOutcome.RETRY, "no MSA", response=ack, error="the answer has no MSA segment",
                            duration_ms=_ms(started), target=self.address)
         fields = msa.split(msa[3])
         code = fields[1] if len(fields) > 1 else ""
         acked = fields[2] if len(fields) > 2 else ""
         err = next((s for s in segments if s.startswith("ERR")), None)
         if control_id and acked and acked != control_id:
-            return Outcome("retry", code, response=ack, error=f"ACK is for message {acked!r}, not {control_id!r}",
+            return Outcome(AttemptOutcome.RETRY, code, response=ack, error=f"ACK is for message {acked!r}, not {control_id!r}",
                            duration_ms=_ms(started), target=self.address)
         if code in ("AA", "CA"):
-            return Outcome("delivered", code, response=ack, duration_ms=_ms(started), target=self.address)
+            return Outcome(AttemptOutcome.DELIVERED, code, response=ack, duration_ms=_ms(started), target=self.address)
         text = (fields[3] if len(fields) > 3 and fields[3] else "") or (err or "")
-        outcome = "retry" if code in self.dest.retry_codes else "dead"
+        outcome = AttemptOutcome.RETRY if code in self.dest.retry_codes else AttemptOutcome.DEAD
         return Outcome(outcome, code or "?", response=ack, error=f"{code or 'no code'}: {text}".strip(": "),
                        duration_ms=_ms(started), target=self.address)
 
@@ -170,19 +171,19 @@ class FHIRSender:
                 retry_after = _retry_after(r.headers.get("Retry-After"))
                 where = r.headers.get("Location") or r.headers.get("Content-Location")
         except _Unresolved as exc:
-            return Outcome("retry", exc.status, error=str(exc), duration_ms=_ms(started), target=url)
+            return Outcome(AttemptOutcome.RETRY, exc.status, error=str(exc), duration_ms=_ms(started), target=url)
         except TimeoutError:
-            return Outcome("retry", "timeout", error=f"no answer within {self.dest.timeout_seconds:g} s",
+            return Outcome(AttemptOutcome.RETRY, "timeout", error=f"no answer within {self.dest.timeout_seconds:g} s",
                            duration_ms=_ms(started), target=url)
         except aiohttp.ClientConnectorError as exc:
-            return Outcome("retry", "refused", error=str(exc), duration_ms=_ms(started), target=url)
+            return Outcome(AttemptOutcome.RETRY, "refused", error=str(exc), duration_ms=_ms(started), target=url)
         except aiohttp.ClientError as exc:
-            return Outcome("retry", "connection", error=f"{type(exc).__name__}: {exc}", duration_ms=_ms(started),
+            return Outcome(AttemptOutcome.RETRY, "connection", error=f"{type(exc).__name__}: {exc}", duration_ms=_ms(started),
                            target=url)
         response = (f"{status} {where}\n" if where else f"{status}\n") + text[:3000]
         if 200 <= status < 300:
-            return Outcome("delivered", str(status), response=response, duration_ms=_ms(started), target=url)
-        outcome = "retry" if status in self.dest.retry_statuses else "dead"
+            return Outcome(AttemptOutcome.DELIVERED, str(status), response=response, duration_ms=_ms(started), target=url)
+        outcome = AttemptOutcome.RETRY if status in self.dest.retry_statuses else AttemptOutcome.DEAD
         return Outcome(outcome, str(status), response=response, error=f"HTTP {status}: {_diagnostics(text)}",
                        duration_ms=_ms(started), retry_after=retry_after, target=url)
 

@@ -36,6 +36,7 @@ from engine.outbound.render import Rendered, render
 from engine.outbound.senders import FHIRSender, MLLPSender
 from engine.storage.base import ObjectStorage
 from engine.store.db import Database
+from engine.store.states import AttemptOutcome, DeliveryState
 
 log = logging.getLogger(__name__)
 DESTINATION_FAILURES = ("refused", "connection", "timeout", "no MSA", "401", "403", "429", "500", "502", "503", "504")
@@ -135,7 +136,7 @@ class DestinationWorker:
             for i, c in enumerate(claimed):
                 res = await self._attempt(c)
                 results.append(res)
-                if res[1].outcome == "retry" and res[1].status in DESTINATION_FAILURES:
+                if res[1].outcome == AttemptOutcome.RETRY and res[1].status in DESTINATION_FAILURES:
                     unsent = [x.id for x in claimed[i + 1:]]
                     break
         else:
@@ -145,7 +146,7 @@ class DestinationWorker:
                 async with sem:
                     return await self._attempt(c)
             results = list(await asyncio.gather(*(one(c) for c in claimed)))
-        delays = {c.id: backoff_seconds(self.dest, c.attempts + 1) for c, o, _r in results if o.outcome == "retry"}
+        delays = {c.id: backoff_seconds(self.dest, c.attempts + 1) for c, o, _r in results if o.outcome == AttemptOutcome.RETRY}
 
         def settle_all(s: Any) -> list[str]:
             conn = s.connection()
@@ -155,11 +156,11 @@ class DestinationWorker:
             return states
         states = await self.writer.run(settle_all)
         for (c, o, _r), state in zip(results, states, strict=True):
-            self.metrics.deliveries.inc(destination=self.dest.name, outcome=state if state != "pending" else "retry")
+            self.metrics.deliveries.inc(destination=self.dest.name, outcome=state if state != DeliveryState.PENDING else AttemptOutcome.RETRY)
             self.metrics.delivery_latency.observe(o.duration_ms / 1000, destination=self.dest.name)
-            if state == "dead":
+            if state == DeliveryState.DEAD:
                 log.warning("delivery %d to %s is dead-lettered: %s", c.id, self.dest.name, o.error or o.status)
-        failed = any(o.outcome == "retry" and o.status in DESTINATION_FAILURES for _c, o, _r in results)
+        failed = any(o.outcome == AttemptOutcome.RETRY and o.status in DESTINATION_FAILURES for _c, o, _r in results)
         if not failed:
             self.failures = 0
         else:  # the destination is down or overloaded: wait longer each time before probing it again
@@ -178,12 +179,12 @@ class DestinationWorker:
             try:
                 msg = fresh = await asyncio.to_thread(self.renderer.render, c)
             except RenderError as exc:
-                return c, Outcome("dead", "render", error=f"cannot build the message: {exc}"), None
+                return c, Outcome(AttemptOutcome.DEAD, "render", error=f"cannot build the message: {exc}"), None
         if isinstance(self.sender, MLLPSender):
             # the ACK must answer the MSH-10 actually sent (a mapping may set its own)
             return c, await self.sender.send(msg.payload, _msh10(msg.payload) or msg.control_id), fresh
         if not msg.resource:
-            return c, Outcome("dead", "render", error="the kept message names no FHIR resource type"), fresh
+            return c, Outcome(AttemptOutcome.DEAD, "render", error="the kept message names no FHIR resource type"), fresh
         return c, await self.sender.send(msg.payload, msg.resource, msg.conditional), fresh
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.reconciliation.rules import NAME_COMPONENTS, AttributeRule, NameRules, ReconciliationRules
+from engine.store.states import FindingAction
 
 PN_COMPONENTS = NAME_COMPONENTS  # DICOM PN order: family^given^middle^prefix^suffix
 
@@ -31,7 +32,7 @@ class FindingData:
     received: str | None = None
     expected: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
-    action: str = "noted"  # coerced | flagged | rejected | noted
+    action: FindingAction = FindingAction.NOTED
 
     def key(self) -> tuple[Any, ...]:
         return (self.kind, self.attribute, self.received, self.expected)

@@ -63,7 +63,7 @@ from engine.reconciliation.matching import Match, match_study
 from engine.reconciliation.rules import ReconciliationRules, default_rules
 from engine.storage.base import ObjectStorage
 from engine.store.db import Database
-from engine.store.states import FindingStatus, ReconState, StudyState
+from engine.store.states import FindingAction, FindingStatus, ReconState, StudyState
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -404,12 +404,12 @@ def _findings(m: Match, diffs: dict[str, tuple[str | None, str]], rules: Reconci
     severity = {r.keyword: r.severity for r in rules.attributes}
     out = []
     for f in m.findings:
-        f.action = "flagged" if f.severity != "info" else "noted"
+        f.action = FindingAction.FLAGGED if f.severity != "info" else FindingAction.NOTED
         out.append(f)
     for kw, (got, expected) in diffs.items():
-        action = {"coerce": "coerced", "flag": "flagged", "reject": "rejected"}[policy]
-        if action != "coerced" and severity[kw] == "info":
-            action = "noted"
+        action = {"coerce": FindingAction.COERCED, "flag": FindingAction.FLAGGED, "reject": FindingAction.REJECTED}[policy]
+        if action != FindingAction.COERCED and severity[kw] == "info":
+            action = FindingAction.NOTED
         out.append(FindingData("mismatch", severity[kw], kw, got, expected, {"policy": policy}, action))
     return out
 
@@ -417,7 +417,7 @@ def _findings(m: Match, diffs: dict[str, tuple[str | None, str]], rules: Reconci
 def _state(m: Match, findings: list[FindingData], policy: str) -> str:
     if m.matched_by is None or m.exception:
         return ReconState.UNMATCHED
-    serious = [f for f in findings if f.severity != "info" and f.action != "coerced"]
+    serious = [f for f in findings if f.severity != "info" and f.action != FindingAction.COERCED]
     if policy == "reject" and any(f.kind == "mismatch" for f in serious):
         return ReconState.QUARANTINED
     return ReconState.FLAGGED if serious else ReconState.RECONCILED
@@ -429,19 +429,19 @@ def _sync_findings(conn: Connection, study_id: int, findings: list[FindingData],
     Coerced differences are recorded already resolved: the history of what was rewritten.
     ``open_rows``: the study's open findings by key, as the caller read them."""
     now = utcnow()
-    wanted = {f.key() for f in findings if f.action != "coerced"}
+    wanted = {f.key() for f in findings if f.action != FindingAction.COERCED}
     for key, fid in open_rows.items():
         if key not in wanted:
             conn.execute(update(FINDINGS).where(FINDINGS.c.id == fid).values(
                 status=FindingStatus.RESOLVED, resolved_at=now, resolution="no longer found on reconciliation"))
     ids = []
     for f in findings:
-        if f.action != "coerced" and f.key() in open_rows:
+        if f.action != FindingAction.COERCED and f.key() in open_rows:
             ids.append(open_rows[f.key()])
             continue
         ids.append(add(conn, FINDINGS, study_id=study_id, at=now, kind=f.kind, severity=f.severity,
                        attribute=f.attribute, received=f.received, expected=f.expected, action=f.action,
-                       status=FindingStatus.RESOLVED if f.action == "coerced" else FindingStatus.OPEN,
-                       resolved_at=now if f.action == "coerced" else None,
-                       resolution="headers coerced" if f.action == "coerced" else None, detail=f.detail or None))
+                       status=FindingStatus.RESOLVED if f.action == FindingAction.COERCED else FindingStatus.OPEN,
+                       resolved_at=now if f.action == FindingAction.COERCED else None,
+                       resolution="headers coerced" if f.action == FindingAction.COERCED else None, detail=f.detail or None))
     return ids

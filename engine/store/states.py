@@ -53,3 +53,30 @@ class DeliveryState(StrEnum):
     DEAD = "dead"
     DISCARDED = "discarded"
     SUPERSEDED = "superseded"
+
+
+class AttemptOutcome(StrEnum):
+    """What one delivery attempt came to (delivery_attempts.outcome)."""
+
+    DELIVERED = "delivered"  # the destination took it (AA/CA, 2xx)
+    RETRY = "retry"  # try again after a backoff (AR, timeout, refused, 5xx ...)
+    DEAD = "dead"  # the answer says the message itself is wrong, or max_attempts was reached
+    DISCARDED = "discarded"  # an operator discarded it (no attempt was made)
+
+
+class FindingAction(StrEnum):
+    """What reconciliation did about a finding (findings.action); docs/reconciliation.md."""
+
+    COERCED = "coerced"  # the headers were changed to the order's / patient's values
+    FLAGGED = "flagged"  # left as received; the study is flagged for a person to look at
+    REJECTED = "rejected"  # the policy says reject: the study is quarantined
+    NOTED = "noted"  # an info-level difference: recorded, never flags or quarantines
+
+
+class InstanceOutcome(StrEnum):
+    """What indexing one received DICOM instance came to (the C-STORE / metrics outcome)."""
+
+    STORED = "stored"  # a new instance
+    DUPLICATE = "duplicate"  # the same SOP Instance UID with the same content: nothing changed
+    OVERWRITTEN = "overwritten"  # the same SOP Instance UID, other content, and the policy replaces
+    REJECTED = "rejected"  # the same SOP Instance UID, other content, and the policy refuses

@@ -41,6 +41,7 @@ from engine.pipeline.stage import ingest_blocking
 from engine.pipeline.writer import IngestWriter
 from engine.storage.base import ObjectStorage, StorageFull
 from engine.store.db import Database
+from engine.store.states import InstanceOutcome
 
 log = logging.getLogger(__name__)
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
@@ -191,11 +192,11 @@ class DicomListener:
             # must send it again (the same bytes land on the same key, so nothing piles up).
             log.error("channel %s: index not committed for %s: %s", self.channel.name, sop_uid, exc)
             return "not_stored", _status(S.PROCESSING_FAILURE, "not stored: database unavailable")
-        if result.outcome in ("duplicate", "rejected") and result.stored_key != stored.key:
+        if result.outcome in (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED) and result.stored_key != stored.key:
             self.storage.delete(stored.key)  # the new bytes were not taken
         if result.replaced_key and result.replaced_key != stored.key:
             self.storage.delete(result.replaced_key)
-        if result.outcome == "rejected":
+        if result.outcome == InstanceOutcome.REJECTED:
             return "rejected_duplicate", _status(S.DUPLICATE_SOP_INSTANCE,
                                                  "SOP Instance UID already stored with other content")
         return result.outcome, _status(S.SUCCESS)

@@ -15,6 +15,7 @@ from engine.metrics import Metrics
 from engine.pipeline.hl7_inbound import HL7Inbound, Prepared
 from engine.pipeline.stage import ingest
 from engine.pipeline.writer import IngestWriter, StorageUnavailable
+from engine.store.states import MessageStatus
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,13 @@ class HL7Listener:
             stored = await ingest(self.writer, self.inbound, p)
             replies, code, status = stored.replies, stored.ack_code, stored.status
         except StorageUnavailable as exc:
-            replies, code, status = self.inbound.storage_failure_acks(p, str(exc)), "AR", "not_stored"
+            replies, code, status = self.inbound.storage_failure_acks(p, str(exc)), "AR", MessageStatus.NOT_STORED
         except Exception as exc:  # a bug in a job: the message was not stored, say so
             log.exception("channel %s: message from %s could not be stored", name, remote)
-            replies, code, status = self.inbound.storage_failure_acks(p, f"internal error: {exc}"), "AR", "not_stored"
-        if status == "duplicate":
+            replies, code, status = self.inbound.storage_failure_acks(p, f"internal error: {exc}"), "AR", MessageStatus.NOT_STORED
+        if status == MessageStatus.DUPLICATE:
             self.metrics.duplicates.inc(channel=name)
-        elif status in ("error", "rejected", "not_stored"):
+        elif status in (MessageStatus.ERROR, MessageStatus.REJECTED, MessageStatus.NOT_STORED):
             self.metrics.failed.inc(channel=name, reason=status)
         for reply in replies:
             self.metrics.acked.inc(channel=name, code=reply.split("\r", 2)[1][4:6] if "\rMSA" in reply else code)
