@@ -381,6 +381,37 @@ def test_an_update_finds_the_order_by_accession_when_the_placer_number_differs(d
     assert (o.id, o.status, o.placer_number) == (order_id, "IP", "OTHERPL")  # found, then updated
 
 
+def test_an_order_is_found_by_placer_before_filler_before_accession_newest_first(db: Database) -> None:
+    """find_order's precedence (docs/domain-rules.md), whatever the order rows' ages: the placer
+    number wins over a newer order with the same accession; among orders sharing the winning
+    identifier, the newest."""
+    from engine.domain.orders import find_order
+    from engine.domain.records import ORDERS
+    patient_id = admit(db, "P1")
+    with db.writer.begin() as conn:  # rows as they may be in the store, whatever the feed did
+        def row(**values: str) -> int:
+            return add(conn, ORDERS, patient_id=patient_id, status="SC", **values)
+        by_placer = row(placer_number="PL1", accession="ACCA")
+        by_filler = row(placer_number="PL2", filler_number="F1", accession="ACCB")
+        by_accession = row(placer_number="PL3", accession="ACCC")
+        newer_same_accession = row(placer_number="PL4", accession="ACCC")
+    cases = [
+        ({"order.placer_number": "PL1", "order.filler_number": "F1", "order.accession": "ACCC"}, by_placer),
+        ({"order.placer_number": "NOPE", "order.filler_number": "F1", "order.accession": "ACCC"}, by_filler),
+        ({"order.placer_number": "NOPE", "order.filler_number": "NOPE", "order.accession": "ACCC"},
+         newer_same_accession),
+        ({"order.filler_number": "F1", "order.accession": "ACCA"}, by_filler),
+        ({"order.accession": "ACCA"}, by_placer),
+        ({"order.placer_number": "NOPE", "order.accession": ""}, None),
+        ({}, None),
+    ]
+    with db.reader.connect() as conn:
+        found = [(f.id if (f := find_order(conn, data)) is not None else None) for data, _ in cases]
+        row = find_order(conn, {"order.placer_number": "PL3"})
+    assert found == [want for _, want in cases]
+    assert row is not None and row.id == by_accession and "rank_" not in row.values  # a plain orders row
+
+
 @pytest.mark.parametrize(("control", "status"), [("CA", "CA"), ("OC", "CA"), ("DC", "DC"), ("OD", "DC")])
 def test_cancel_and_discontinue_end_the_order_without_rewriting_it(db: Database, control: str, status: str) -> None:
     order(db, "NW", "PL1", "P1", modality="CT")

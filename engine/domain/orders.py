@@ -24,7 +24,7 @@ from engine.domain.errors import DomainError
 from engine.domain.events import OrderCancelled, OrderChanged, OrderPlaced
 from engine.domain.limits import check_length
 from engine.domain.patients import Outcome, upsert_patient
-from engine.domain.records import ORDER_BY, ORDER_HISTORY, ORDERS, Record, add, load
+from engine.domain.records import ORDER_HISTORY, ORDER_KEYS, ORDER_LOOKUP, ORDERS, Record, add, fetch, load
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
 from engine.store.models import Order
@@ -44,13 +44,16 @@ ORDER_BY_ID = select(ORDERS).where(ORDERS.c.id == bindparam("id"))
 
 
 def find_order(conn: Connection, data: dict[str, Any]) -> Record | None:
-    for key in ("placer_number", "filler_number", "accession"):
-        value = data.get(f"order.{key}")
-        if value:
-            found = load(conn, ORDERS, ORDER_BY[key], value=value)
-            if found is not None:
-                return found
-    return None
+    """The order the message names: the newest with its placer number, else with its filler number,
+    else with its accession number."""
+    values = {key: data[f"order.{key}"] for key in ORDER_KEYS if data.get(f"order.{key}")}
+    if not values:
+        return None
+    row = fetch(conn, ORDER_LOOKUP[tuple(values)], **values)
+    if row is None:
+        return None
+    del row["rank_"]
+    return Record(ORDERS, row)
 
 
 def _column_value(name: str, value: Any) -> Any:

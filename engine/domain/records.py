@@ -11,7 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, bindparam, insert, or_, select, update
+from sqlalchemy import (
+    CompoundSelect,
+    Connection,
+    Select,
+    Table,
+    bindparam,
+    insert,
+    literal_column,
+    or_,
+    select,
+    union_all,
+    update,
+)
 
 from engine.store.models import (
     Message,
@@ -114,12 +126,12 @@ def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> No
     prepared.execute(conn, {**values, "row_id_": row_id})
 
 
-def fetch(conn: Connection, stmt: Select[Any], **params: Any) -> dict[str, Any] | None:
+def fetch(conn: Connection, stmt: Select[Any] | CompoundSelect[Any], **params: Any) -> dict[str, Any] | None:
     """The first row of a prebuilt SELECT (module-level, so compiled once), typed as SQLAlchemy would."""
     return _PREPARED.query(conn, stmt).first(conn, params)
 
 
-def fetch_all(conn: Connection, stmt: Select[Any], **params: Any) -> list[dict[str, Any]]:
+def fetch_all(conn: Connection, stmt: Select[Any] | CompoundSelect[Any], **params: Any) -> list[dict[str, Any]]:
     """Every row of a prebuilt SELECT, typed as SQLAlchemy would."""
     return _PREPARED.query(conn, stmt).all(conn, params)
 
@@ -140,11 +152,26 @@ IDENTIFIER = select(IDENTIFIERS).where(IDENTIFIERS.c.value == bindparam("value")
                                        IDENTIFIERS.c.issuer == bindparam("issuer"))
 IDENTIFIER_OWNER = select(IDENTIFIERS.c.patient_id).where(IDENTIFIERS.c.value == bindparam("value"),
                                                           IDENTIFIERS.c.issuer == bindparam("issuer"))
-ORDER_BY = {
-    "placer_number": select(ORDERS).where(ORDERS.c.placer_number == bindparam("value")).order_by(ORDERS.c.id.desc()).limit(1),
-    "filler_number": select(ORDERS).where(ORDERS.c.filler_number == bindparam("value")).order_by(ORDERS.c.id.desc()).limit(1),
-    "accession": select(ORDERS).where(ORDERS.c.accession == bindparam("value")).order_by(ORDERS.c.id.desc()).limit(1),
-}
+ORDER_KEYS = ("placer_number", "filler_number", "accession")  # how an order is found, in precedence order
+
+
+def _newest_order_by(key: str, rank: int) -> Select[Any]:
+    return (select(literal_column(str(rank)).label("rank_"), *ORDERS.c).where(ORDERS.c[key] == bindparam(key))
+            .order_by(ORDERS.c.id.desc()).limit(1))
+
+
+def _order_lookup(keys: tuple[str, ...]) -> Select[Any] | CompoundSelect[Any]:
+    """The newest order carrying each of ``keys``, best-ranked first, in one round trip (one indexed
+    lookup per key; at most one row each)."""
+    parts = [_newest_order_by(k, ORDER_KEYS.index(k)) for k in keys]
+    if len(parts) == 1:
+        return parts[0]
+    return union_all(*(select(*p.subquery().c) for p in parts)).order_by(literal_column("rank_"))
+
+
+# For each set of identifiers a message can carry: the prebuilt statement (compiled once).
+ORDER_LOOKUP = {keys: _order_lookup(keys)
+                for keys in (tuple(k for i, k in enumerate(ORDER_KEYS) if mask & (1 << i)) for mask in range(1, 8))}
 ORDER_IDS_OF_PATIENT = select(ORDERS.c.id).where(ORDERS.c.patient_id == bindparam("patient_id")).order_by(ORDERS.c.id)
 # A resend of a message that was applied is re-ACKed, not applied again. One that failed (AE) is
 # processed again: applying it cannot double anything, and the mapping may have been fixed since.

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, Dialect, Table
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
-from sqlalchemy.sql.expression import Select
+from sqlalchemy.sql.expression import CompoundSelect, Select
 
 from engine.errors import RadBridgeError
 
@@ -90,7 +90,7 @@ class PreparedQuery:
     results: tuple[Processor | None, ...]  # each column type's result processor
 
     @classmethod
-    def of(cls, stmt: Select[Any], dialect: Dialect) -> PreparedQuery:
+    def of(cls, stmt: Select[Any] | CompoundSelect[Any], dialect: Dialect) -> PreparedQuery:
         cols = tuple(stmt.selected_columns)
         return cls(Prepared.of(stmt, dialect), tuple(str(c.key) for c in cols),
                    tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in cols))
@@ -122,7 +122,7 @@ class PreparedCache:
             found = self._statements[full] = Prepared.of(build(), dialect)
         return found
 
-    def query(self, conn: Connection, stmt: Select[Any]) -> PreparedQuery:
+    def query(self, conn: Connection, stmt: Select[Any] | CompoundSelect[Any]) -> PreparedQuery:
         """``stmt`` must live as long as the process (a module-level constant): it is keyed by identity."""
         dialect = conn.dialect
         full = (dialect.name, dialect.driver, id(stmt))
