@@ -286,31 +286,29 @@ def worker_engine(spec: dict[str, Any]) -> dict[str, Any]:
 
     from sqlalchemy import select
 
-    from engine.cli import _open_db
+    from engine.cli.common import open_db
+    from engine.cli.studies import reconciler_for_tools
     from engine.config import load_settings
+    from engine.domain.events import EventBus
     from engine.domain.studies import STUDIES, mark_stable
-    from engine.reconciliation.reconciler import Reconciler, SessionRunner
-    from engine.runtime import load_definitions
-    from engine.storage.local import LocalStorage
+    from engine.reconciliation import triggers
     from engine.store.types import utcnow
 
     settings = load_settings()  # config/radbridge.toml (cwd is the repository) and the environment
-    db = _open_db(settings)
+    db = open_db(settings)
     try:
         with db.write_session() as s, s.begin():
             conn = s.connection()
             study_id = conn.execute(select(STUDIES.c.id).where(STUDIES.c.study_uid == spec["study_uid"])).scalar_one()
-            if not mark_stable(conn, study_id, utcnow() + timedelta(hours=1)):
+            stable = mark_stable(conn, study_id, utcnow() + timedelta(hours=1))
+            if stable is None:
                 raise RuntimeError("the study could not be marked stable")
-        # as engine/studies_cli.py (_work_queue) builds it for `radbridge studies reconcile`
-        registry, channels, _problems = load_definitions(settings)
-        storage = LocalStorage(Path(settings.storage.dir) / "studies", fsync=settings.dicom.fsync)
-        tmp = Path(settings.storage.dir) / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+            bus = EventBus()  # as the engine publishes study.stable: the reconciliation queue reacts
+            triggers.subscribe(bus)
+            bus.publish(conn, stable)
+        # as `radbridge studies reconcile` runs it
         results: list[Any] = []
-        rec = Reconciler(db, SessionRunner(db), storage, channels={c.name: c for c in channels},
-                         rules=registry.rules, modifying_system=settings.dicom.aet, tmp_dir=tmp,
-                         fsync=settings.dicom.fsync, on_result=results.append)
+        rec = reconciler_for_tools(db, settings, on_result=results.append)
         policy = rec.policy_for("dicom")[0]
         if policy != "coerce":
             raise RuntimeError(f"the DICOM channel's policy is {policy}, not coerce")

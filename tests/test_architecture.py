@@ -100,3 +100,29 @@ def test_every_error_the_engine_raises_on_purpose_derives_from_radbridgeerror() 
     assert isinstance(err, RadBridgeError) and err == HL7Error(102, "bad date", "PID", field=7)
     assert str(err) == "102 Data type error at PID-7: bad date"
     assert isinstance(MappingError("patient.birth_date", "PID-7", "not a date"), RadBridgeError)
+
+
+BENCH = ENGINE.parent / "bench"
+
+
+def engine_names_imported_by(root: Path) -> list[tuple[str, str, str]]:
+    """(file:line, module, name) for every ``from engine... import name`` in the scripts under root,
+    including imports inside functions, which only run when a benchmark reaches them."""
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "engine":
+                found += [(f"{path.name}:{node.lineno}", node.module, alias.name) for alias in node.names]
+    return found
+
+
+def test_the_benchmarks_import_only_public_names_the_engine_has() -> None:
+    """bench/ is not run by the tests: a renamed engine function would break a benchmark unseen."""
+    import importlib
+    imported = engine_names_imported_by(BENCH)
+    assert imported  # the scan sees the benchmarks' imports
+    private = [f"{where}: {module}.{name}" for where, module, name in imported if name.startswith("_")]
+    missing = [f"{where}: {module}.{name}" for where, module, name in imported
+               if not hasattr(importlib.import_module(module), name)
+               and importlib.util.find_spec(f"{module}.{name}") is None]
+    assert private == [] and missing == []

@@ -12,10 +12,15 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
+
+if TYPE_CHECKING:
+    from engine.config import Settings
+    from engine.reconciliation.reconciler import Reconciler, Result
+    from engine.store.db import Database
 
 
 def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
@@ -84,6 +89,15 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def _work_queue(db: Any, settings: Any) -> None:
+    reconciler_for_tools(db, settings).run_pending()
+
+
+def reconciler_for_tools(db: Database, settings: Settings,
+                         on_result: Callable[[Result], None] | None = None) -> Reconciler:
+    """The reconciler as `radbridge studies reconcile` runs it outside the engine (also used by
+    bench/reconcile_coerce.py): each study in its own transaction; the deliveries a run owes the EHR
+    are queued in the outbox, and the running engine sends them."""
+    from engine.outbound.worker import build_outbox
     from engine.reconciliation.reconciler import Reconciler, SessionRunner
     from engine.reconciliation.rules import ReconciliationRules
     from engine.runtime import load_definitions
@@ -92,13 +106,10 @@ def _work_queue(db: Any, settings: Any) -> None:
     storage = LocalStorage(Path(settings.storage.dir) / "studies", fsync=settings.dicom.fsync)
     tmp = Path(settings.storage.dir) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    from engine.outbound.worker import build_outbox
-    # deliveries the run owes the EHR are queued here too; the running engine sends them
-    rec = Reconciler(db, SessionRunner(db), storage, channels={c.name: c for c in channels},
-                     rules=lambda name: registry.get_as(name, ReconciliationRules),
-                     modifying_system=settings.dicom.aet, tmp_dir=tmp, fsync=settings.dicom.fsync,
-                     outbox=build_outbox(settings, registry, channels))
-    rec.run_pending()
+    return Reconciler(db, SessionRunner(db), storage, channels={c.name: c for c in channels},
+                      rules=lambda name: registry.get_as(name, ReconciliationRules),
+                      modifying_system=settings.dicom.aet, tmp_dir=tmp, fsync=settings.dicom.fsync,
+                      on_result=on_result, outbox=build_outbox(settings, registry, channels))
 
 
 def _list(db: Any, args: argparse.Namespace) -> int:

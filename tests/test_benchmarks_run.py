@@ -1,0 +1,48 @@
+"""Every benchmark still runs against this engine (tiny sizes; no figure is asserted).
+
+The scripts under bench/ are not tests and are run by hand, so an engine change that breaks one
+(a renamed function, a new way events reach the reconciliation queue) would go unseen until the
+next measurement. Each is run here at a size that takes seconds; it must exit 0, which each does
+only when its own checks of the store (messages applied, instances indexed, files coerced,
+deliveries made) passed, and print its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+RUNS = {
+    "mllp_ingest.py": (["--messages", "40", "--connections", "1,2", "--warmup", "5"], "srv CPU ms/msg"),
+    "fhir_ingest.py": (["--bundles", "20", "--connections", "2", "--warmup", "2"], "resources/s"),
+    "dicom_ingest.py": (["--instances", "5", "--warmup", "1", "--targets", "engine"], "inst/s"),
+    "reconcile_coerce.py": (["--instances", "5"], "engine / naive time"),
+    "outbound_delivery.py": (["--studies", "10", "--latency-studies", "2", "--natural-studies", "2",
+                              "--warmup", "1"], "deliveries/s"),
+    "retention.py": (["--old", "500", "--live", "50", "--batch", "100"], "while pruning"),
+}
+
+
+def test_every_benchmark_is_covered() -> None:
+    assert sorted(RUNS) == sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "benchutil.py")
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_the_benchmark_runs_and_its_checks_pass(script: str, tmp_path: Path) -> None:
+    args, figure = RUNS[script]
+    run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=bench_env(tmp_path))
+    tail = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == 0, tail
+    assert figure in run.stdout, tail
+
+
+def bench_env(tmp_path: Path) -> dict[str, str]:
+    import os
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_")}
+    env["TMPDIR"] = str(tmp_path)
+    return env
