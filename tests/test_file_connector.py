@@ -8,9 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select
@@ -22,6 +21,7 @@ from engine.connectors.registry import connector_specs
 from engine.store.models import FileProgress, Message, Patient, PatientIdentifier
 from tests.conftest import REPO, RunningEngine, make_settings
 from tests.hl7util import adt
+from tests.waiting import wait_until
 
 ROUTES = """routes:
   - messages: [ADT^A01, ADT^A04, ADT^A05, ADT^A28]
@@ -40,16 +40,6 @@ def write_channel(workdir: Path, inbox: Path, *, min_age: float = 0, poll: float
         f"name: hl7-file\nenabled: {'true' if enabled else 'false'}\n"
         f"connector:\n  type: file\n  directory: {inbox}\n"
         f"options:\n  poll_seconds: {poll}\n  min_age_seconds: {min_age}\n" + ROUTES)
-
-
-def wait_for(what: str, cond: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def drop(inbox: Path, name: str, content: bytes) -> Path:
@@ -89,7 +79,7 @@ def has_patient(eng: RunningEngine, mrn: str) -> bool:
 def test_single_message_file_is_applied_and_moved_to_done(engine: tuple[RunningEngine, Path]) -> None:
     eng, inbox = engine
     drop(inbox, "one.hl7", adt("A01", "FILE1", "Single", ctrl="FONE0001").encode())
-    wait_for("done/one.hl7", (inbox / "done" / "one.hl7").exists)
+    wait_until((inbox / "done" / "one.hl7").exists, timeout=30, message="done/one.hl7")
     assert not (inbox / "one.hl7").exists()
     assert has_patient(eng, "FILE1")
     [row] = rows(eng, "FONE0001")
@@ -112,8 +102,8 @@ def test_multi_message_and_batch_files(engine: tuple[RunningEngine, Path]) -> No
              + "".join(adt("A04", f"BATCH{i}", "Batch", ctrl=f"FBAT{i:04d}").replace("\r", "\r\n") for i in range(4))
              + "BTS|4\r\nFTS|1\r\n")
     drop(inbox, "batch.hl7", batch.encode())
-    wait_for("both files in done/", lambda: (inbox / "done" / "multi.hl7").exists()
-             and (inbox / "done" / "batch.hl7").exists())
+    wait_until(lambda: (inbox / "done" / "multi.hl7").exists() and (inbox / "done" / "batch.hl7").exists(),
+               timeout=30, message="both files in done/")
     multi = rows(eng, *(f"FMUL{i:04d}" for i in range(3)))
     batched = rows(eng, *(f"FBAT{i:04d}" for i in range(4)))
     assert [r.status for r in multi] == ["processed"] * 3
@@ -132,7 +122,7 @@ def test_batch_with_a_bad_message_applies_the_good_ones_and_goes_to_error(engine
     bad = adt("A01", "BAD2", "Bad", ctrl="FBAD0002").replace("ADT^A01^ADT_A01", "ZZZ^Z01")
     good3 = adt("A01", "GOOD3", "Good", ctrl="FBAD0003")
     drop(inbox, "mixed.hl7", ("BHS|^~\\&|EPIC\r" + good1 + bad + good3 + "BTS|3\r").encode())
-    wait_for("error/mixed.hl7", (inbox / "error" / "mixed.hl7").exists)
+    wait_until((inbox / "error" / "mixed.hl7").exists, timeout=30, message="error/mixed.hl7")
     report = (inbox / "error" / "mixed.hl7.error.txt").read_text()
     assert "message 2 (MSH-10 FBAD0002): rejected (AR)" in report and "ZZZ^Z01" in report
     assert "FBAD0001" not in report and "FBAD0003" not in report
@@ -146,13 +136,13 @@ def test_batch_with_a_bad_message_applies_the_good_ones_and_goes_to_error(engine
 def test_not_hl7_goes_to_error_with_its_reason_and_names_never_clash(engine: tuple[RunningEngine, Path]) -> None:
     eng, inbox = engine
     drop(inbox, "notes.hl7", b"Dear colleague,\nplease find attached\n")
-    wait_for("error/notes.hl7", (inbox / "error" / "notes.hl7").exists)
+    wait_until((inbox / "error" / "notes.hl7").exists, timeout=30, message="error/notes.hl7")
     assert "not an HL7 file" in (inbox / "error" / "notes.hl7.error.txt").read_text()
     content = adt("A01", "AGAIN1", "Again", ctrl="FAGN0001").encode()
     drop(inbox, "same.hl7", content)
-    wait_for("done/same.hl7", (inbox / "done" / "same.hl7").exists)
+    wait_until((inbox / "done" / "same.hl7").exists, timeout=30, message="done/same.hl7")
     drop(inbox, "same.hl7", content)  # the same file again: kept beside, not overwritten, not applied twice
-    wait_for("done/same-1.hl7", (inbox / "done" / "same-1.hl7").exists)
+    wait_until((inbox / "done" / "same-1.hl7").exists, timeout=30, message="done/same-1.hl7")
     assert (inbox / "done" / "same.hl7").read_bytes() == content
     assert len(rows(eng, "FAGN0001")) == 1
 
@@ -170,12 +160,13 @@ def test_a_file_younger_than_min_age_is_left_alone(workdir: Path, db_url: str) -
         path.write_bytes(adt("A01", "YOUNG1", "Young", ctrl="FYNG0001").encode())
         written = time.time()
         # two whole polls that started after the file was written
-        wait_for("two polls", lambda: conn.last_poll is not None and conn.last_poll.timestamp() > written + 0.1)
+        wait_until(lambda: conn.last_poll is not None and conn.last_poll.timestamp() > written + 0.1,
+                   timeout=30, message="two polls")
         polled = conn.last_poll
-        wait_for("another poll", lambda: conn.last_poll != polled)
+        wait_until(lambda: conn.last_poll != polled, timeout=30, message="another poll")
         assert path.exists() and rows(eng, "FYNG0001") == []
         os.utime(path, (time.time() - 601, time.time() - 601))  # now it has been unchanged long enough
-        wait_for("done/young.hl7", (inbox / "done" / "young.hl7").exists)
+        wait_until((inbox / "done" / "young.hl7").exists, timeout=30, message="done/young.hl7")
         assert [r.status for r in rows(eng, "FYNG0001")] == ["processed"]
     finally:
         eng.stop()
@@ -230,7 +221,7 @@ def test_kill_9_mid_file_then_restart_applies_every_message_exactly_once(workdir
     try:
         proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            at_kill = wait_for("some messages stored", lambda: stored() >= 5 and stored(), timeout=60)
+            at_kill = wait_until(lambda: stored() >= 5 and stored(), timeout=60, message="some messages stored")
             proc.send_signal(signal.SIGKILL)
         finally:
             if proc.poll() is None:
@@ -241,7 +232,7 @@ def test_kill_9_mid_file_then_restart_applies_every_message_exactly_once(workdir
         assert (inbox / "big.hl7").exists()
         proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_for("done/big.hl7", (inbox / "done" / "big.hl7").exists, timeout=120)
+            wait_until((inbox / "done" / "big.hl7").exists, timeout=120, message="done/big.hl7")
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
         finally:
