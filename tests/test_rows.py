@@ -1,4 +1,4 @@
-"""The row TypedDicts (engine/domain/rows.py) list exactly the columns of their tables, so a column
+"""The row TypedDicts (engine/domain/rows.py and beside their tables) list exactly the columns of their tables, so a column
 added to a model without its row type (or a misspelt key in one) fails here, not in production."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from engine.domain import rows
+from engine.reconciliation.queue import QueueRow
 from engine.store import models
 
 CASES = [
@@ -16,6 +17,7 @@ CASES = [
     (rows.SeriesRow, models.Series),
     (rows.InstanceRow, models.Instance),
     (rows.MessageValues, models.Message),
+    (QueueRow, models.ReconcileJob),
 ]
 
 
