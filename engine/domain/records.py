@@ -10,7 +10,7 @@ records instead; the ORM models stay the schema and the read side (admin API).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar, overload
+from typing import Any, TypedDict, TypeVar, overload
 
 from sqlalchemy import (
     CompoundSelect,
@@ -204,3 +204,10 @@ DUPLICATE = (
            or_(*(MESSAGES.c.status == s for s in DEDUP_STATUSES)))  # not IN: no post-compile expansion
     .order_by(MESSAGES.c.id.desc()).limit(1)
 )
+
+
+class DuplicateOf(TypedDict):
+    """A DUPLICATE row: the message a resend repeats, and how it was acknowledged."""
+
+    id: int
+    ack_code: str | None
