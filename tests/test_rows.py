@@ -6,6 +6,9 @@ from __future__ import annotations
 import pytest
 
 from engine.domain import rows
+from engine.outbound import context
+from engine.outbound.mapping import CONTEXT_FIELDS, ITEM_FIELDS
+from engine.outbound.outbox import DeliveryValues
 from engine.reconciliation.queue import QueueRow
 from engine.store import models
 
@@ -18,6 +21,7 @@ CASES = [
     (rows.InstanceRow, models.Instance),
     (rows.MessageValues, models.Message),
     (QueueRow, models.ReconcileJob),
+    (DeliveryValues, models.Delivery),
 ]
 
 
@@ -25,3 +29,19 @@ CASES = [
 def test_row_type_lists_the_table_columns(row: type, model: type[models.Base]) -> None:
     columns = set(model.__table__.c.keys())
     assert set(row.__annotations__) == columns
+
+
+CONTEXT_TYPES = {"study": context.StudyContext, "patient": context.PatientContext, "order": context.OrderContext,
+                 "event": context.EventContext, "report": context.ReportContext, "engine": context.EngineContext,
+                 "delivery": context.DeliveryContext}
+ITEM_TYPES = {"study.series": context.SeriesContext, "instances": context.InstanceContext,
+              "report.lines": context.ReportLine, "patient.identifiers": context.IdentifierContext}
+
+
+def test_render_context_types_list_the_paths_mappings_may_read() -> None:
+    """The outbound context's TypedDicts and the paths `radbridge check` accepts are the same."""
+    assert set(context.RenderContext.__annotations__) == set(CONTEXT_FIELDS)
+    for name, typ in CONTEXT_TYPES.items():
+        assert set(typ.__annotations__) == set(CONTEXT_FIELDS[name]), name
+    for name, typ in ITEM_TYPES.items():
+        assert set(typ.__annotations__) == set(ITEM_FIELDS[name]), name
