@@ -31,6 +31,7 @@ from engine.domain.records import (
     PATIENT_BY_IDENTIFIER,
     PATIENT_HISTORY,
     PATIENTS,
+    IdentifierOwner,
     Record,
     add,
     fetch,
@@ -175,7 +176,7 @@ def _add_identifiers(conn: Connection, patient_id: int, data: MappedFields, out:
     added: list[str] = []
     for value, issuer, type_code in items:
         if (value, issuer) not in owners:
-            found = fetch(conn, IDENTIFIER_OWNER, value=value, issuer=issuer)
+            found = fetch(conn, IDENTIFIER_OWNER, IdentifierOwner, value=value, issuer=issuer)
             if found is not None:
                 owners[(value, issuer)] = found["patient_id"]
         owner = owners.get((value, issuer))

@@ -172,6 +172,14 @@ IDENTIFIER = select(IDENTIFIERS).where(IDENTIFIERS.c.value == bindparam("value")
                                        IDENTIFIERS.c.issuer == bindparam("issuer"))
 IDENTIFIER_OWNER = select(IDENTIFIERS.c.patient_id).where(IDENTIFIERS.c.value == bindparam("value"),
                                                           IDENTIFIERS.c.issuer == bindparam("issuer"))
+
+
+class IdentifierOwner(TypedDict):
+    """An IDENTIFIER_OWNER row."""
+
+    patient_id: int
+
+
 ORDER_KEYS = ("placer_number", "filler_number", "accession")  # how an order is found, in precedence order
 
 

@@ -49,6 +49,7 @@ from engine.domain.records import (
     MESSAGES,
     ORDERS,
     PATIENTS,
+    IdentifierOwner,
     add,
     fetch,
     update_row,
@@ -232,7 +233,7 @@ class FhirInbound:
             system, code = search.split_token(unquote(value))
             if system and code:
                 owners = {row["patient_id"] for issuer in sorted(self.issuers(system))
-                          if (row := fetch(conn, IDENTIFIER_OWNER, value=code, issuer=issuer)) is not None}
+                          if (row := fetch(conn, IDENTIFIER_OWNER, IdentifierOwner, value=code, issuer=issuer)) is not None}
                 return sorted(owners)[:2]
         return search.matching_ids(conn, resource_type, query, self.issuers)
 
