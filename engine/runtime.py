@@ -31,7 +31,7 @@ from engine.channels import Channel, load_channels
 from engine.config import Settings
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
 from engine.connectors.fhir import FhirConnector
-from engine.connectors.hl7channel import HL7Channel
+from engine.connectors.hl7channel import HL7Channel, Reprocessed
 from engine.connectors.outbound import OutboundConnector
 from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
 from engine.domain.events import EventBus
@@ -369,8 +369,8 @@ class Engine:
         return marked
 
     # --- operations ------------------------------------------------------------------------------------
-    async def reprocess(self, message_id: int) -> dict[str, Any]:
-        def work(session: Any) -> dict[str, Any]:
+    async def reprocess(self, message_id: int) -> Reprocessed:
+        def work(session: Any) -> Reprocessed:
             row = session.get(Message, message_id, options=[selectinload(Message.content)])
             if row is None:
                 raise LookupError(f"no message {message_id}")

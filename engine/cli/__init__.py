@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.cli.common import open_db, settings_of
 from engine.cli.deliveries import add_parser as add_deliveries_parser
@@ -186,7 +186,7 @@ def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> 
     from engine.dicom.headers import text_value
     from engine.domain.studies import STUDY_ATTRS
     from engine.reconciliation.compare import authoritative, differences
-    from engine.reconciliation.matching import match_study
+    from engine.reconciliation.matching import StudyHeaders, match_study
 
     try:
         ds = dcmread(sample, stop_before_pixels=True)
@@ -199,7 +199,7 @@ def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> 
     db = open_db(settings)
     try:
         with db.reader.connect() as conn:
-            m = match_study(conn, study, rules)
+            m = match_study(conn, cast(StudyHeaders, study), rules)
     finally:
         db.dispose()
     diffs = differences(rules, m.authority, received) if m.matched_by else {}

@@ -60,7 +60,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             if not rows:
                 print("no deliveries" + (f" in state {args.state}" if args.state else ""))
             for r in rows:
-                err = f"  {r['last_error'][:80]}" if r.get("last_error") and r["state"] != "delivered" else ""
+                err = f"  {r['last_error'][:80]}" if r["last_error"] and r["state"] != "delivered" else ""
                 print(f"{r['id']:>7} {r['created_at'][:19]} {r['destination']:<8} {r['state']:<10} "
                       f"{r['attempts']:>2}x {r['mapping']:<22} {r['event']:<17} {r.get('accession') or '-':<12} "
                       f"{r.get('study_uid') or '-'}{err}")
@@ -71,9 +71,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             if d is None:
                 print(f"no delivery {args.id}", file=sys.stderr)
                 return 1
-            payload = d.pop("payload", None)
-            attempts = d.pop("attempts_made")
-            print(json.dumps(d, indent=2, ensure_ascii=False, default=str))
+            payload, attempts = d["payload"], d["attempts_made"]
+            rest = {k: v for k, v in d.items() if k not in ("payload", "attempts_made")}
+            print(json.dumps(rest, indent=2, ensure_ascii=False, default=str))
             print("\nmessage" + (" (not built yet: it is built at the first attempt)" if payload is None else ":"))
             if payload is not None:
                 print(payload.replace("\r", "\n") if payload.startswith("MSH") else
@@ -82,7 +82,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             for a in attempts:
                 print(f"  {a['at'][:23]} {a['outcome']:<9} {a.get('status') or '':<8} {a['duration_ms']} ms "
                       f"{a.get('error') or ''}")
-                if a.get("response"):
+                if a["response"]:
                     print("    " + a["response"][:500].replace("\r", "\n    "))
             return 0
         if args.action == "retry":

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -148,13 +148,24 @@ def unique_target(directory: Path, name: str) -> Path:
     return directory / f"{stem}-{time.time_ns()}{dot}{ext}"
 
 
+class FileFailure(TypedDict):
+    """One message of a file that was not applied (file_progress.failures, and the .error.txt report)."""
+
+    index: int  # 1-based, in file order
+    control_id: str | None
+    status: str  # MessageStatus
+    ack: str
+    message_id: int | None
+    error: str
+
+
 @dataclass
 class Progress:
     """What the store says about a file's content (a snapshot of its file_progress row)."""
 
     messages_done: int = 0
     total: int = 0
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[FileFailure] = field(default_factory=list)
 
 
 class FileConnector(HL7Channel):
@@ -321,14 +332,14 @@ class FileConnector(HL7Channel):
         return stored.status in FAILED_STATUSES
 
     @staticmethod
-    def _failure_of(p: Prepared, index: int, stored: Stored) -> dict[str, Any]:
+    def _failure_of(p: Prepared, index: int, stored: Stored) -> FileFailure:
         control = p.message.control_id if p.message is not None else guess_control_id(p.raw)
         return {"index": index + 1, "control_id": control, "status": stored.status, "ack": stored.ack_code,
                 "message_id": stored.message_id, "error": stored.error or ""}
 
     # --- the writer's side: the message and the file's progress in one transaction -----------------------
     def _store(self, session: Session, p: Prepared, file_name: str, sha: str, index: int, total: int,
-               failures: list[dict[str, Any]]) -> Stored:
+               failures: list[FileFailure]) -> Stored:
         stored = self.inbound.apply(session, p)
         failed = stored.status in FAILED_STATUSES
         done_failures = failures + ([self._failure_of(p, index, stored)] if failed else [])
@@ -354,7 +365,7 @@ class FileConnector(HL7Channel):
 
     # --- moving -----------------------------------------------------------------------------------
     @staticmethod
-    def _report(file_name: str, total: int, failures: list[dict[str, Any]]) -> str:
+    def _report(file_name: str, total: int, failures: list[FileFailure]) -> str:
         if not failures:
             return ""
         lines = [f"{file_name}: {len(failures)} of {total} message(s) were not applied; the others were.",

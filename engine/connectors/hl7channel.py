@@ -3,17 +3,38 @@ its counters, and reprocessing a stored message through the same steps."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy.orm import Session
 
 from engine.channels import Channel
 from engine.connectors.base import Connector, ConnectorContext
+from engine.domain.patients import OutcomeSummary
 from engine.pipeline.hl7_inbound import HL7Inbound, check_reprocessable, reprocess
 from engine.store.models import Message
 
 ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
 
+
+
+class Reprocessed(TypedDict):
+    """What reprocessing a stored message came to (POST /api/messages/{id}/reprocess)."""
+
+    message_id: int | None
+    status: str
+    error: str | None
+    outcome: OutcomeSummary | None
+
+
+class HL7Counters(TypedDict):
+    """A channel's message counters since the engine started (/api/channels)."""
+
+    received: float
+    acked: dict[str, float]  # by ACK code, those seen
+    duplicates: float
+    errors: float
+    rejected: float
+    not_stored: float
 
 class HL7Channel(Connector):
     """A channel whose messages are HL7 v2: routes, mappings, ACKs."""
@@ -23,14 +44,14 @@ class HL7Channel(Connector):
         s = ctx.settings
         self.inbound = HL7Inbound(channel, ctx.mappings, app_name=s.name, facility=s.facility, bus=ctx.events)
 
-    def reprocess(self, session: Session, row: Message) -> dict[str, Any]:
+    def reprocess(self, session: Session, row: Message) -> Reprocessed:
         """Run a stored message through prepare and apply again (after a mapping fix)."""
         check_reprocessable(row)
         st = reprocess(session, self.inbound, row)
         return {"message_id": st.message_id, "status": st.status, "error": st.error,
                 "outcome": st.outcome.as_dict() if st.outcome else None}
 
-    def counters(self) -> dict[str, Any]:
+    def counters(self) -> HL7Counters:
         m, name = self.ctx.metrics, self.channel.name
         return {
             "received": m.received.value(channel=name),

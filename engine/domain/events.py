@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Table, bindparam, insert
 
 from engine.store.models import DomainEvent
 from engine.store.prepared import execute_driver
-from engine.store.types import utcnow
+from engine.store.types import JsonObject, utcnow
 
 DOMAIN_EVENTS: Table = DomainEvent.__table__  # type: ignore[assignment]
 
@@ -80,7 +80,7 @@ class Event:
         """(study_id, patient_id, order_id) for the row."""
         return (getattr(self, "study_id", None), getattr(self, "patient_id", None), getattr(self, "order_id", None))
 
-    def detail(self) -> dict[str, Any]:
+    def detail(self) -> JsonObject:
         """The other fields, for ``domain_events.detail``."""
         return {name: getattr(self, name) for name in _detail_names(type(self))}
 
@@ -101,7 +101,7 @@ class PatientCreated(Event):
     kind = EventKind.PATIENT_CREATED
     patient_id: int
     identifier: str  # value^issuer, the primary one
-    fields: dict[str, Any] = field(default_factory=dict)  # demographics set: {name: value}
+    fields: JsonObject = field(default_factory=dict)  # demographics set: {name: value}
     identifiers_added: tuple[str, ...] = ()  # other identifiers the message carried (value^issuer)
 
 
@@ -262,7 +262,7 @@ class ReconcileOutcome(Event):
     rules: str
     accession: str | None
     coerced_instances: int = 0
-    changes: dict[str, Any] = field(default_factory=dict)  # index columns the coerced headers changed
+    changes: dict[str, str] = field(default_factory=dict)  # index columns the coerced headers changed: {column: value}
     findings: tuple[int, ...] = ()
     reasons: tuple[str, ...] = ()  # why it was queued
 
@@ -354,7 +354,7 @@ assert set(EVENT_TYPES) == set(EventKind), set(EventKind) - set(EVENT_TYPES)
 
 
 def from_row(kind: str, study_id: int | None, patient_id: int | None, order_id: int | None,
-             detail: dict[str, Any] | None) -> Event:
+             detail: JsonObject | None) -> Event:
     """The typed event a ``domain_events`` row holds (JSON lists come back as tuples where the
     field is one)."""
     cls = EVENT_TYPES[EventKind(kind)]

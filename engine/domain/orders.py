@@ -27,6 +27,7 @@ from engine.domain.patients import Outcome, upsert_patient
 from engine.domain.records import ORDER_HISTORY, ORDER_KEYS, ORDER_LOOKUP, ORDERS, Record, add, fetch, load
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
+from engine.mappings.fields import MappedFields
 from engine.store.models import Order
 from engine.store.types import utcnow
 
@@ -43,7 +44,7 @@ IMAGE_STATUS_RANK = {"SC": 0, "HD": 0, "A": 1, "IP": 1, "CM": 2}
 ORDER_BY_ID = select(ORDERS).where(ORDERS.c.id == bindparam("id"))
 
 
-def find_order(conn: Connection, data: dict[str, Any]) -> Record | None:
+def find_order(conn: Connection, data: MappedFields) -> Record | None:
     """The order the message names: the newest with its placer number, else with its filler number,
     else with its accession number."""
     values = {key: data[f"order.{key}"] for key in ORDER_KEYS if data.get(f"order.{key}")}
@@ -68,7 +69,7 @@ def _column_value(name: str, value: Any) -> Any:
     return value
 
 
-def _fields(data: dict[str, Any], current: Record | None) -> dict[str, Any]:
+def _fields(data: MappedFields, current: Record | None) -> dict[str, Any]:
     """The order columns this message sets (all mapped ones for a new order, changed ones otherwise)."""
     cols: dict[str, Any] = {}
     for name in ORDER_COLUMNS:
@@ -106,7 +107,7 @@ def _history(conn: Connection, order_id: int, control: str | None, from_status: 
         applied=applied, note=note, message_id=message_id, source_time=source_time)
 
 
-def apply_order(conn: Connection, data: dict[str, Any], out: Outcome, *, message_id: int | None,
+def apply_order(conn: Connection, data: MappedFields, out: Outcome, *, message_id: int | None,
                 orders_update_patient: bool = False, ignore_stale: bool = True) -> Record:
     if "order.control" in data and not data["order.control"]:
         raise DomainError('order control (ORC-1) is "" (null)', code=E.REQUIRED_FIELD_MISSING, field="order.control")

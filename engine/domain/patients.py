@@ -14,7 +14,7 @@ Rules (documented for analysts in docs/domain-rules.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection, select, update
 
@@ -31,6 +31,7 @@ from engine.domain.records import (
     PATIENT_BY_IDENTIFIER,
     PATIENT_HISTORY,
     PATIENTS,
+    IdentifierOwner,
     Record,
     add,
     fetch,
@@ -39,11 +40,19 @@ from engine.domain.records import (
 from engine.domain.studies import STUDIES
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
+from engine.mappings.fields import MappedFields
 from engine.store.models import Patient, PatientIdentifier
-from engine.store.types import utcnow
+from engine.store.types import JsonObject, utcnow
 
 DEMOGRAPHICS = ("family_name", "given_name", "middle_name", "prefix", "suffix", "birth_date", "sex")
 MAX_MERGE_CHAIN = 32
+
+
+class OutcomeSummary(TypedDict):
+    patient_id: int | None
+    order_ids: list[int]
+    changes: list[str]
+    notes: list[str]
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Outcome:
     message_id: int | None = None  # the message being applied, for the history rows
     events: list[Event] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> OutcomeSummary:
         return {"patient_id": self.patient_id, "order_ids": self.order_ids, "changes": self.changes,
                 "notes": self.notes}
 
@@ -87,7 +96,7 @@ def find_patient(conn: Connection, value: str, issuer: str = "") -> Record | Non
     return None if p is None else surviving(conn, p)
 
 
-def _identity(data: dict[str, Any]) -> tuple[str, str]:
+def _identity(data: MappedFields) -> tuple[str, str]:
     pid = data.get("patient.id")
     if not pid:
         raise DomainError("the message has no patient identifier", code=E.REQUIRED_FIELD_MISSING,
@@ -99,14 +108,14 @@ def _identity(data: dict[str, Any]) -> tuple[str, str]:
     return str(pid), issuer
 
 
-def record(conn: Connection, patient_id: int, out: Outcome, kind: str, changes: dict[str, Any] | None,
+def record(conn: Connection, patient_id: int, out: Outcome, kind: str, changes: JsonObject | None,
            source_time: str | None = None) -> None:
     """Keep what this message did to the patient (patient_history)."""
     add(conn, PATIENT_HISTORY, patient_id=patient_id, message_id=out.message_id, kind=kind, changes=changes,
         source_time=source_time)
 
 
-def _demographics(data: dict[str, Any], current: Record | None, out: Outcome) -> dict[str, list[Any]]:
+def _demographics(data: MappedFields, current: Record | None, out: Outcome) -> dict[str, list[Any]]:
     """{field: [old, new]} for what the message changes; sets them on ``current`` when given."""
     diff: dict[str, list[Any]] = {}
     for name in DEMOGRAPHICS:
@@ -149,7 +158,7 @@ def _public(diff: dict[str, list[Any]]) -> dict[str, list[Any]]:
     return {k: v for k, v in diff.items() if k != "__extra__"}
 
 
-def _add_identifiers(conn: Connection, patient_id: int, data: dict[str, Any], out: Outcome) -> list[str]:
+def _add_identifiers(conn: Connection, patient_id: int, data: MappedFields, out: Outcome) -> list[str]:
     items = []
     for item in data.get("patient.identifiers") or []:
         value = str(item.get("value") or "")
@@ -167,7 +176,7 @@ def _add_identifiers(conn: Connection, patient_id: int, data: dict[str, Any], ou
     added: list[str] = []
     for value, issuer, type_code in items:
         if (value, issuer) not in owners:
-            found = fetch(conn, IDENTIFIER_OWNER, value=value, issuer=issuer)
+            found = fetch(conn, IDENTIFIER_OWNER, IdentifierOwner, value=value, issuer=issuer)
             if found is not None:
                 owners[(value, issuer)] = found["patient_id"]
         owner = owners.get((value, issuer))
@@ -185,7 +194,7 @@ def _add_identifiers(conn: Connection, patient_id: int, data: dict[str, Any], ou
     return added
 
 
-def create_patient(conn: Connection, data: dict[str, Any], out: Outcome) -> Record:
+def create_patient(conn: Connection, data: MappedFields, out: Outcome) -> Record:
     value, issuer = _identity(data)
     diff = _demographics(data, None, out)
     values: dict[str, Any] = {name: None for name in DEMOGRAPHICS}
@@ -206,7 +215,7 @@ def create_patient(conn: Connection, data: dict[str, Any], out: Outcome) -> Reco
                              "merged_into_id": None, "version": 1, "active": True})
 
 
-def update_patient(conn: Connection, p: Record, data: dict[str, Any], out: Outcome, *,
+def update_patient(conn: Connection, p: Record, data: MappedFields, out: Outcome, *,
                    ignore_stale: bool = True) -> None:
     event_time = data.get("message.event_time")
     if ignore_stale and is_older(event_time, p["source_time"]):
@@ -237,7 +246,7 @@ def update_patient(conn: Connection, p: Record, data: dict[str, Any], out: Outco
         out.events.append(IdentifierAdded(patient_id=p.id, identifiers=tuple(added)))
 
 
-def upsert_patient(conn: Connection, data: dict[str, Any], out: Outcome, *, create: bool = True,
+def upsert_patient(conn: Connection, data: MappedFields, out: Outcome, *, create: bool = True,
                    update: bool = True, ignore_stale: bool = True) -> Record:
     value, issuer = _identity(data)
     p = find_patient(conn, value, issuer)
@@ -251,7 +260,7 @@ def upsert_patient(conn: Connection, data: dict[str, Any], out: Outcome, *, crea
     return p
 
 
-def merge_patients(conn: Connection, data: dict[str, Any], out: Outcome, *, ignore_stale: bool = True) -> Record:
+def merge_patients(conn: Connection, data: MappedFields, out: Outcome, *, ignore_stale: bool = True) -> Record:
     """A40/A34/A18: the prior identifier (MRG-1) joins the surviving patient (PID-3) as an alias."""
     value, issuer = _identity(data)
     prior_value = data.get("merge.prior_id")

@@ -9,7 +9,8 @@ records instead; the ORM models stay the schema and the read side (admin API).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict, TypeVar, overload
 
 from sqlalchemy import (
     CompoundSelect,
@@ -126,17 +127,36 @@ def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> No
     prepared.execute(conn, {**values, "row_id_": row_id})
 
 
-def fetch(conn: Connection, stmt: Select[Any] | CompoundSelect[Any], **params: Any) -> dict[str, Any] | None:
-    """The first row of a prebuilt SELECT (module-level, so compiled once), typed as SQLAlchemy would."""
+R = TypeVar("R", bound=Mapping[str, Any])
+Query = Select[Any] | CompoundSelect[Any]
+
+
+@overload
+def fetch(conn: Connection, stmt: Query, /, **params: Any) -> dict[str, Any] | None: ...
+@overload
+def fetch(conn: Connection, stmt: Query, row: type[R], /, **params: Any) -> R | None: ...
+def fetch(conn: Connection, stmt: Query, row: type[Mapping[str, Any]] | None = None, /,
+          **params: Any) -> Any:
+    """The first row of a prebuilt SELECT (module-level, so compiled once), typed as SQLAlchemy would.
+
+    ``row`` (a TypedDict of engine/domain/rows.py, or one beside the statement) says which columns
+    the statement selects, for the type checker only: the row is the same plain dict either way."""
     return _PREPARED.query(conn, stmt).first(conn, params)
 
 
-def fetch_all(conn: Connection, stmt: Select[Any] | CompoundSelect[Any], **params: Any) -> list[dict[str, Any]]:
-    """Every row of a prebuilt SELECT, typed as SQLAlchemy would."""
+@overload
+def fetch_all(conn: Connection, stmt: Query, /, **params: Any) -> list[dict[str, Any]]: ...
+@overload
+def fetch_all(conn: Connection, stmt: Query, row: type[R], /, **params: Any) -> list[R]: ...
+def fetch_all(conn: Connection, stmt: Query, row: type[Mapping[str, Any]] | None = None, /,
+              **params: Any) -> Any:
+    """Every row of a prebuilt SELECT, typed as SQLAlchemy would (``row``: as for ``fetch``)."""
     return _PREPARED.query(conn, stmt).all(conn, params)
 
 
 def load(conn: Connection, table: Table, stmt: Select[Any], **params: Any) -> Record | None:
+    """A row of any table as a Record (``Record.values`` stays a generic column dict: the domain
+    changes columns by name, e.g. the demographics a message maps)."""
     row = fetch(conn, stmt, **params)
     return None if row is None else Record(table, row)
 
@@ -152,6 +172,14 @@ IDENTIFIER = select(IDENTIFIERS).where(IDENTIFIERS.c.value == bindparam("value")
                                        IDENTIFIERS.c.issuer == bindparam("issuer"))
 IDENTIFIER_OWNER = select(IDENTIFIERS.c.patient_id).where(IDENTIFIERS.c.value == bindparam("value"),
                                                           IDENTIFIERS.c.issuer == bindparam("issuer"))
+
+
+class IdentifierOwner(TypedDict):
+    """An IDENTIFIER_OWNER row."""
+
+    patient_id: int
+
+
 ORDER_KEYS = ("placer_number", "filler_number", "accession")  # how an order is found, in precedence order
 
 
@@ -184,3 +212,10 @@ DUPLICATE = (
            or_(*(MESSAGES.c.status == s for s in DEDUP_STATUSES)))  # not IN: no post-compile expansion
     .order_by(MESSAGES.c.id.desc()).limit(1)
 )
+
+
+class DuplicateOf(TypedDict):
+    """A DUPLICATE row: the message a resend repeats, and how it was acknowledged."""
+
+    id: int
+    ack_code: str | None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection, Table, bindparam, or_, select
 
@@ -29,6 +29,7 @@ from engine.domain.events import (
     StudyStable,
 )
 from engine.domain.records import add, fetch, fetch_all, update_row
+from engine.domain.rows import InstanceRow, SeriesRow, StudyRow
 from engine.storage.base import StoredObject
 from engine.store.models import Finding, Instance, InstanceRevision, Series, Study
 from engine.store.states import InstanceOutcome, StudyState
@@ -58,6 +59,51 @@ LIMITS = {"patient_name": 324, "referring_physician": 324, "description": 255, "
           "station_name": 64}
 
 
+class _StudyCounts(TypedDict):
+    """What indexing an instance reads of its study (all of a StudyRow, or a study just added)."""
+
+    id: int
+    state: str
+    num_series: int
+    num_instances: int
+    size_bytes: int
+    modalities: str | None
+
+
+class _StudyChanges(TypedDict, total=False):
+    """What indexing an instance changes on its study."""
+
+    last_received_at: datetime
+    state: str
+    num_series: int
+    num_instances: int
+    size_bytes: int
+    modalities: str
+
+
+class _DuplicateDetail(TypedDict):
+    """The fields of the InstanceDuplicate event a duplicate raises."""
+
+    study_id: int | None
+    sop_instance_uid: str
+    identical: bool
+    policy: str
+    calling_aet: str | None
+    sha256: str
+    stored_sha256: str
+
+
+class _DuplicateResult(TypedDict):
+    instance_id: int
+    study_id: int
+    identical: bool
+
+
+class _ReportRef(TypedDict):
+    id: int
+    sop_class_uid: str
+
+
 @dataclass
 class StoreResult:
     outcome: InstanceOutcome
@@ -81,11 +127,11 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
     """Index one received file (already durable in storage). Runs inside the writer's transaction;
     the caller publishes ``events`` of the result in it."""
     now = utcnow()
-    existing = fetch(conn, INSTANCE_BY_UID, uid=hdr.sop_instance_uid)
+    existing = fetch(conn, INSTANCE_BY_UID, InstanceRow, uid=hdr.sop_instance_uid)
     if existing is not None:
         return _duplicate(conn, existing, hdr, stored, policy=policy, now=now, calling_aet=calling_aet)
     events: list[Event] = []
-    study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
+    study: _StudyCounts | None = fetch(conn, STUDY_BY_UID, StudyRow, uid=hdr.study_uid)
     if study is None:
         values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in STUDY_ATTRS.items()}
         study_id = add(conn, STUDIES, study_uid=hdr.study_uid, state=StudyState.RECEIVING, channel=channel,
@@ -96,12 +142,12 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
         # images received: the order can move to in progress
         events.append(StudyReceived(study_id=study_id, study_uid=hdr.study_uid, accession=values["accession"],
                                     channel=channel, calling_aet=calling_aet))
-    study_changes: dict[str, Any] = {"last_received_at": now}
+    study_changes: _StudyChanges = {"last_received_at": now}
     if study["state"] == StudyState.STABLE:
         study_changes["state"] = StudyState.RECEIVING
         events.append(StudyReopened(study_id=study["id"], study_uid=hdr.study_uid,
                                     sop_instance_uid=hdr.sop_instance_uid))
-    series = fetch(conn, SERIES_BY_UID, uid=hdr.series_uid)
+    series = fetch(conn, SERIES_BY_UID, SeriesRow, uid=hdr.series_uid)
     if series is None:
         values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in SERIES_ATTRS.items()}
         series_id = add(conn, SERIES, study_id=study["id"], series_uid=hdr.series_uid, num_instances=1,
@@ -126,13 +172,13 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
     return StoreResult(InstanceOutcome.STORED, instance_id, study["id"], stored.key, events=events)
 
 
-def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, stored: StoredObject, *,
+def _duplicate(conn: Connection, existing: InstanceRow, hdr: InstanceHeader, stored: StoredObject, *,
                policy: str, now: datetime, calling_aet: str | None) -> StoreResult:
     identical = existing["sha256"] == stored.sha256
-    detail = {"study_id": existing["study_id"], "sop_instance_uid": hdr.sop_instance_uid, "identical": identical,
-              "policy": policy, "calling_aet": calling_aet, "sha256": stored.sha256,
-              "stored_sha256": existing["sha256"]}
-    base = {"instance_id": existing["id"], "study_id": existing["study_id"], "identical": identical}
+    detail: _DuplicateDetail = {"study_id": existing["study_id"], "sop_instance_uid": hdr.sop_instance_uid, "identical": identical,
+                                "policy": policy, "calling_aet": calling_aet, "sha256": stored.sha256,
+                                "stored_sha256": existing["sha256"]}
+    base: _DuplicateResult = {"instance_id": existing["id"], "study_id": existing["study_id"], "identical": identical}
     if identical or policy == "ignore":
         update_row(conn, INSTANCES, existing["id"], duplicates=existing["duplicates"] + 1)
         events: list[Event] = [] if identical else [DuplicateIgnored(**detail)]
@@ -142,10 +188,10 @@ def _duplicate(conn: Connection, existing: dict[str, Any], hdr: InstanceHeader, 
                            **base)
     # overwrite: the new file takes the index row; the study's size follows; the old file goes
     if existing["study_id"] is not None and hdr.study_uid and hdr.series_uid:
-        study = fetch(conn, STUDY_BY_UID, uid=hdr.study_uid)
-        if study is not None and study["id"] == existing["study_id"]:
-            update_row(conn, STUDIES, study["id"], last_received_at=now,
-                       size_bytes=study["size_bytes"] - existing["size_bytes"] + stored.size)
+        found = fetch(conn, STUDY_BY_UID, StudyRow, uid=hdr.study_uid)
+        if found is not None and found["id"] == existing["study_id"]:
+            update_row(conn, STUDIES, found["id"], last_received_at=now,
+                       size_bytes=found["size_bytes"] - existing["size_bytes"] + stored.size)
     update_row(conn, INSTANCES, existing["id"], storage_key=stored.key, size_bytes=stored.size,
                sha256=stored.sha256, transfer_syntax=hdr.transfer_syntax, received_at=now,
                calling_aet=calling_aet, duplicates=existing["duplicates"] + 1)
@@ -198,4 +244,4 @@ REPORTS_OF_STUDY = (select(INSTANCES.c.id, INSTANCES.c.sop_class_uid)
 
 def report_instances(conn: Connection, study_id: int) -> list[tuple[int, str]]:
     """(instance id, SOP class) of the study's reports, in the order they were received."""
-    return [(r["id"], r["sop_class_uid"]) for r in fetch_all(conn, REPORTS_OF_STUDY, study_id=study_id)]
+    return [(r["id"], r["sop_class_uid"]) for r in fetch_all(conn, REPORTS_OF_STUDY, _ReportRef, study_id=study_id)]

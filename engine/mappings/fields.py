@@ -7,6 +7,13 @@ Names ending in ``.extra.<name>`` are free-form site fields (Z-segments and the 
 
 from __future__ import annotations
 
+from typing import Any
+
+# One message's (or one ORC group's) mapped result: {field name: value}. Not a TypedDict: the
+# ``.extra.<name>`` keys are the site's own, and the domain reads fields by computed names
+# (f"patient.{column}"), which a TypedDict only allows for literal keys.
+MappedFields = dict[str, Any]
+
 PATIENT_FIELDS: dict[str, str] = {
     "patient.id": "identifier value (required)",
     "patient.issuer": "assigning authority of patient.id ('' when none)",

@@ -11,7 +11,7 @@ import base64
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from pydicom import dcmread
 from sqlalchemy import Connection, select
@@ -20,7 +20,7 @@ from engine.dicom.headers import text_value
 from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS
 from engine.domain.studies import INSTANCES, SERIES, STUDIES
 from engine.storage.base import ObjectStorage
-from engine.store.types import utcnow
+from engine.store.types import JsonObject, utcnow
 
 SR_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.88.11": "Basic Text SR",
@@ -32,6 +32,149 @@ PDF_CLASS = "1.2.840.10008.5.1.4.1.1.104.1"
 REPORT_CLASSES = (*SR_CLASSES, PDF_CLASS)
 RESULT_STATUS = {"study.reconciled": "F", "study.corrected": "C", "report.received": "F"}
 MAX_REPORT_LINES = 2000  # a runaway SR tree cannot make an unbounded message
+
+
+# --- the context's shape (its paths are mapping.CONTEXT_FIELDS / ITEM_FIELDS; tests/test_rows.py) ---
+
+class InstanceContext(TypedDict):
+    uid: str
+    sop_class: str
+    number: int | None
+    frames: int | None
+
+
+class SeriesContext(TypedDict):
+    uid: str
+    number: int | None
+    modality: str | None
+    description: str | None
+    body_part: str | None
+    station_name: str | None
+    num_instances: int
+    instances: list[InstanceContext]
+    started: str | None
+
+
+class StudyContext(TypedDict):
+    uid: str
+    accession: str | None
+    id: str | None  # StudyID (0020,0010), not the index's id
+    date: str | None
+    time: str | None
+    started: str | None  # DICOM DT of the study's start, for HL7 and FHIR
+    description: str | None
+    modalities: list[str]
+    num_series: int
+    num_instances: int
+    referring_physician: str | None
+    series: list[SeriesContext]
+    state: str
+    reconciliation: str
+    times_reconciled: int
+    matched_by: str | None
+    size_bytes: int
+
+
+class IdentifierContext(TypedDict):
+    value: str
+    issuer: str
+    type_code: str | None
+    kind: str
+    system: str | None
+
+
+class PatientContext(TypedDict, total=False):
+    """Empty when the study has no patient."""
+
+    id: str | None
+    issuer: str | None
+    system: str | None
+    type_code: str | None
+    family_name: str | None
+    given_name: str | None
+    middle_name: str | None
+    prefix: str | None
+    suffix: str | None
+    name: str | None
+    birth_date: str | None
+    sex: str | None
+    identifiers: list[IdentifierContext]
+    extra: JsonObject
+
+
+class OrderContext(TypedDict, total=False):
+    """Empty when the study has no order."""
+
+    accession: str | None
+    placer_number: str | None
+    placer_issuer: str | None
+    filler_number: str | None
+    status: str
+    procedure_code: str | None
+    procedure_text: str | None
+    procedure_scheme: str | None
+    modality: str | None
+    requested_procedure_id: str | None
+    sps_id: str | None
+    ordering_provider: str | None
+    reason: str | None
+    priority: str | None
+    scheduled_at: str | None  # ISO
+    extra: JsonObject
+
+
+class EventContext(TypedDict):
+    kind: str
+    at: str
+    result_status: str  # F | C
+    corrected: bool
+
+
+class EngineContext(TypedDict):
+    name: str
+    facility: str
+    aet: str
+    dicomweb_base: str | None
+
+
+class DeliveryContext(TypedDict):
+    id: int
+    control_id: str
+    now: str
+
+
+class ReportLine(TypedDict):
+    index: int
+    text: str
+
+
+class ReportContext(TypedDict, total=False):
+    """Empty unless the delivery is a report's (report.received)."""
+
+    instance_uid: str
+    sop_class: str
+    kind: str  # sr | pdf
+    title: str | None
+    text: str | None
+    lines: list[ReportLine]
+    pdf_base64: str | None
+    completion: str | None
+    verification: str | None
+    observer: str | None
+    content_datetime: str | None
+    series_uid: str | None
+
+
+class RenderContext(TypedDict):
+    """Everything an outbound mapping can read of one study."""
+
+    study: StudyContext
+    patient: PatientContext
+    order: OrderContext
+    event: EventContext
+    engine: EngineContext
+    delivery: DeliveryContext
+    report: ReportContext
 
 
 @dataclass(frozen=True)
@@ -69,7 +212,7 @@ def _started(date: str | None, time: str | None) -> str | None:
 
 def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: int = 0,
                   instance_id: int | None = None, storage: ObjectStorage | None = None,
-                  engine: EngineInfo = EngineInfo()) -> dict[str, Any]:
+                  engine: EngineInfo = EngineInfo()) -> RenderContext:
     study = conn.execute(select(STUDIES).where(STUDIES.c.id == study_id)).mappings().first()
     if study is None:
         raise LookupError(f"study {study_id} is no longer in the store")
@@ -79,18 +222,18 @@ def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: i
         select(INSTANCES.c.id, INSTANCES.c.series_id, INSTANCES.c.sop_instance_uid, INSTANCES.c.sop_class_uid,
                INSTANCES.c.instance_number, INSTANCES.c.number_of_frames, INSTANCES.c.storage_key)
         .where(INSTANCES.c.study_id == study_id).order_by(INSTANCES.c.instance_number, INSTANCES.c.id)).mappings())
-    by_series: dict[int, list[dict[str, Any]]] = {}
+    by_series: dict[int, list[InstanceContext]] = {}
     for r in inst_rows:
         by_series.setdefault(r["series_id"], []).append(
             {"uid": r["sop_instance_uid"], "sop_class": r["sop_class_uid"], "number": r["instance_number"],
              "frames": r["number_of_frames"]})
     started = _started(study["study_date"], study["study_time"])
-    series = [{"uid": s["series_uid"], "number": s["series_number"], "modality": s["modality"],
+    series: list[SeriesContext] = [{"uid": s["series_uid"], "number": s["series_number"], "modality": s["modality"],
                "description": s["description"], "body_part": s["body_part"], "station_name": s["station_name"],
                "num_instances": len(by_series.get(s["id"], [])), "instances": by_series.get(s["id"], []),
                "started": started} for s in series_rows]
     modalities = [m for m in (study["modalities"] or "").split("\\") if m]
-    ctx: dict[str, Any] = {
+    ctx: RenderContext = {
         "study": {"uid": study["study_uid"], "accession": study["accession"], "id": study["study_id"],
                   "date": study["study_date"], "time": study["study_time"], "started": started,
                   "description": study["description"], "modalities": modalities,
@@ -115,23 +258,25 @@ def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: i
         if storage is None:
             raise LookupError("no DICOM storage configured to read the report from")
         series_uid = next((s["series_uid"] for s in series_rows if s["id"] == row["series_id"]), None)
-        ctx["report"] = read_report(storage, row["storage_key"], row["sop_class_uid"]) | {"series_uid": series_uid}
+        report = read_report(storage, row["storage_key"], row["sop_class_uid"])
+        report["series_uid"] = series_uid
+        ctx["report"] = report
     return ctx
 
 
-def _patient(conn: Connection, patient_id: int | None) -> dict[str, Any]:
+def _patient(conn: Connection, patient_id: int | None) -> PatientContext:
     if patient_id is None:
         return {}
     p = conn.execute(select(PATIENTS).where(PATIENTS.c.id == patient_id)).mappings().first()
     if p is None:
         return {}
-    ids = [dict(r) for r in conn.execute(
-        select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code, IDENTIFIERS.c.kind)
-        .where(IDENTIFIERS.c.patient_id == patient_id).order_by(IDENTIFIERS.c.id)).mappings()]
+    ids: list[IdentifierContext] = [
+        {"value": r.value, "issuer": r.issuer, "type_code": r.type_code, "kind": r.kind, "system": system_of(r.issuer)}
+        for r in conn.execute(
+            select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code, IDENTIFIERS.c.kind)
+            .where(IDENTIFIERS.c.patient_id == patient_id).order_by(IDENTIFIERS.c.id))]
     live = [i for i in ids if i["kind"] != "alias"]
     primary = next((i for i in live if i["kind"] == "primary"), live[0] if live else None)
-    for i in ids:
-        i["system"] = system_of(i["issuer"])
     name = "^".join(x or "" for x in (p["family_name"], p["given_name"], p["middle_name"])).rstrip("^")
     return {"id": primary["value"] if primary else None, "issuer": primary["issuer"] if primary else None,
             "system": system_of(primary["issuer"]) if primary else None,
@@ -141,29 +286,29 @@ def _patient(conn: Connection, patient_id: int | None) -> dict[str, Any]:
             "sex": p["sex"], "identifiers": ids, "extra": p["extra"] or {}}
 
 
-def _order(conn: Connection, order_id: int | None) -> dict[str, Any]:
+def _order(conn: Connection, order_id: int | None) -> OrderContext:
     if order_id is None:
         return {}
     o = conn.execute(select(ORDERS).where(ORDERS.c.id == order_id)).mappings().first()
     if o is None:
         return {}
-    keys = ("accession", "placer_number", "placer_issuer", "filler_number", "status", "procedure_code",
-            "procedure_text", "procedure_scheme", "modality", "requested_procedure_id", "sps_id",
-            "ordering_provider", "reason", "priority")
-    out = {k: o[k] for k in keys}
-    out["scheduled_at"] = o["scheduled_at"].isoformat() if o["scheduled_at"] else None
-    out["extra"] = o["extra"] or {}
-    return out
+    return {"accession": o["accession"], "placer_number": o["placer_number"], "placer_issuer": o["placer_issuer"],
+            "filler_number": o["filler_number"], "status": o["status"], "procedure_code": o["procedure_code"],
+            "procedure_text": o["procedure_text"], "procedure_scheme": o["procedure_scheme"],
+            "modality": o["modality"], "requested_procedure_id": o["requested_procedure_id"], "sps_id": o["sps_id"],
+            "ordering_provider": o["ordering_provider"], "reason": o["reason"], "priority": o["priority"],
+            "scheduled_at": o["scheduled_at"].isoformat() if o["scheduled_at"] else None,
+            "extra": o["extra"] or {}}
 
 
 # --- reports ------------------------------------------------------------------------------------------
 
-def read_report(storage: ObjectStorage, key: str, sop_class: str) -> dict[str, Any]:
+def read_report(storage: ObjectStorage, key: str, sop_class: str) -> ReportContext:
     """The text of a structured report (its content tree, one line per item) or a PDF's bytes."""
     with storage.open(key) as f:
         ds = dcmread(f)
     title = _title(ds)
-    out: dict[str, Any] = {
+    out: ReportContext = {
         "instance_uid": str(ds.SOPInstanceUID), "sop_class": sop_class, "title": title,
         "completion": text_value(ds.get("CompletionFlag")), "verification": text_value(ds.get("VerificationFlag")),
         "content_datetime": (text_value(ds.get("ContentDate")) or "") + (text_value(ds.get("ContentTime")) or "")

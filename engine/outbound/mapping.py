@@ -29,7 +29,7 @@ field at 3 a.m.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -216,7 +216,8 @@ def _single(value: Any) -> Any:
 class Scope:
     """Store values by dotted path, with the current list items (each:) by their names."""
 
-    def __init__(self, data: dict[str, Any], items: dict[str, Any] | None = None) -> None:
+    def __init__(self, data: Mapping[str, Any], items: dict[str, Any] | None = None) -> None:
+        """``data``: a context.RenderContext (or, in tests, any nested dict of the same paths)."""
         self.data = data
         self.items = items or {}
 

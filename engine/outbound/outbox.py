@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict
 
 from sqlalchemy import Connection, Table, and_, exists, func, select, update
 from sqlalchemy.orm import aliased
@@ -40,6 +40,42 @@ STATES = tuple(DeliveryState)
 LEASE_SECONDS = 120.0
 
 
+class KeptRendering(TypedDict, total=False):
+    """deliveries.detail: what a retry needs, besides the payload, to send the same message again."""
+
+    resource: str | None  # fhir: the resource type
+    conditional: str | None  # fhir: the conditional-update query
+
+
+class DeliveryValues(TypedDict, total=False):
+    """deliveries (engine/store/models.py Delivery): the columns an attempt or an operator changes,
+    any subset of them."""
+
+    id: int
+    created_at: datetime
+    channel: str
+    destination: str
+    mapping: str
+    event: str
+    study_id: int | None
+    instance_id: int | None
+    patient_id: int | None
+    order_id: int | None
+    order_key: str
+    state: str  # DeliveryState
+    attempts: int
+    next_at: datetime
+    leased_until: datetime | None
+    leased_by: str | None
+    payload: str | None
+    content_type: str | None
+    control_id: str | None
+    target: str | None
+    last_error: str | None
+    delivered_at: datetime | None
+    detail: KeptRendering | None
+
+
 @dataclass(frozen=True)
 class Claimed:
     id: int
@@ -52,7 +88,7 @@ class Claimed:
     payload: str | None
     content_type: str | None
     created_at: datetime
-    detail: dict[str, Any] | None = None
+    detail: KeptRendering | None = None
     control_id: str | None = None
 
     def kept(self) -> Rendered | None:
@@ -208,19 +244,20 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
         o.error = f"{o.error or o.status or 'failed'}; gave up after {attempts} attempts"
     add(conn, ATTEMPTS, delivery_id=c.id, at=now, duration_ms=o.duration_ms, outcome=outcome, status=o.status,
         response=(o.response or "")[:4000] or None, error=(o.error or "")[:2000] or None, worker=worker[:64])
-    values: dict[str, Any] = {"attempts": attempts, "leased_until": None, "leased_by": None}
+    values: DeliveryValues = {"attempts": attempts, "leased_until": None, "leased_by": None}
     if rendered is not None:
-        values.update(payload=rendered.payload, content_type=rendered.content_type, control_id=rendered.control_id,
-                      detail={"resource": rendered.resource, "conditional": rendered.conditional})
+        values.update({"payload": rendered.payload, "content_type": rendered.content_type,
+                       "control_id": rendered.control_id,
+                       "detail": {"resource": rendered.resource, "conditional": rendered.conditional}})
     if o.target:
         values["target"] = o.target[:512]
     if outcome == AttemptOutcome.DELIVERED:
-        values.update(state=DeliveryState.DELIVERED, delivered_at=now, last_error=None)
+        values.update({"state": DeliveryState.DELIVERED, "delivered_at": now, "last_error": None})
     elif outcome == AttemptOutcome.DEAD:
-        values.update(state=DeliveryState.DEAD, last_error=(o.error or o.status or "")[:2000])
+        values.update({"state": DeliveryState.DEAD, "last_error": (o.error or o.status or "")[:2000]})
     else:
         delay = max(next_delay, o.retry_after or 0.0)
-        values.update(next_at=now + timedelta(seconds=delay), last_error=(o.error or o.status or "")[:2000])
+        values.update({"next_at": now + timedelta(seconds=delay), "last_error": (o.error or o.status or "")[:2000]})
     # an operator may have discarded it while it was in flight: that decision stands
     moved = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id, DELIVERIES.c.state == DeliveryState.PENDING)
                          .values(**values)).rowcount
@@ -250,10 +287,10 @@ def retry(conn: Connection, ids: list[int] | None = None, *, destination: str | 
         cond.append(DELIVERIES.c.id.in_(ids))
     if destination:
         cond.append(DELIVERIES.c.destination == destination)
-    values: dict[str, Any] = {"state": DeliveryState.PENDING, "attempts": 0, "next_at": now, "leased_until": None,
+    values: DeliveryValues = {"state": DeliveryState.PENDING, "attempts": 0, "next_at": now, "leased_until": None,
                               "leased_by": None}
     if rebuild:
-        values.update(payload=None, content_type=None, detail=None)
+        values.update({"payload": None, "content_type": None, "detail": None})
     return int(conn.execute(update(DELIVERIES).where(and_(*cond)).values(**values)).rowcount or 0)
 
 

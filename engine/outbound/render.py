@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.hl7.message import escape
+from engine.outbound.context import RenderContext
 from engine.outbound.mapping import ElementSpec, OutboundMapping, RenderError, Scope, SegmentSpec
+from engine.store.types import JsonObject
 
 HL7_CONTENT_TYPE = "application/hl7-v2; charset=utf-8"
 FHIR_CONTENT_TYPE = "application/fhir+json"
@@ -27,7 +29,7 @@ class Rendered:
     control_id: str | None = None
 
 
-def render(mapping: OutboundMapping, ctx: dict[str, Any]) -> Rendered:
+def render(mapping: OutboundMapping, ctx: RenderContext) -> Rendered:
     scope = Scope(ctx)
     if mapping.target == "hl7v2":
         return Rendered(render_hl7(mapping, scope), HL7_CONTENT_TYPE, control_id=ctx["delivery"]["control_id"])
@@ -125,20 +127,20 @@ def _field_repetitions(reps: dict[int, dict[int, dict[int, str]]]) -> list[str]:
 
 # --- FHIR -------------------------------------------------------------------------------------------------
 
-def build_resource(mapping: OutboundMapping, scope: Scope) -> dict[str, Any]:
-    resource: dict[str, Any] = {"resourceType": mapping.resource}
+def build_resource(mapping: OutboundMapping, scope: Scope) -> JsonObject:
+    resource: JsonObject = {"resourceType": mapping.resource}
     _fill(resource, mapping.elements, scope)
     return resource
 
 
-def _fill(node: dict[str, Any], elements: list[ElementSpec], scope: Scope) -> None:
+def _fill(node: JsonObject, elements: list[ElementSpec], scope: Scope) -> None:
     for el in elements:
         if el.when and not all(c.holds(scope) for c in el.when):
             continue
         if el.each is not None:
             items = []
             for item in scope.get(el.each) or []:
-                child: dict[str, Any] = {}
+                child: JsonObject = {}
                 _fill(child, el.children, scope.child(el.alias, item))
                 if child:
                     items.append(child)
@@ -152,7 +154,7 @@ def _fill(node: dict[str, Any], elements: list[ElementSpec], scope: Scope) -> No
         _set(node, el.path, value)
 
 
-def _set(node: dict[str, Any], path: list[tuple[str, int | None]], value: Any) -> None:
+def _set(node: JsonObject, path: list[tuple[str, int | None]], value: Any) -> None:
     cur: Any = node
     for i, (name, index) in enumerate(path):
         last = i == len(path) - 1
@@ -171,7 +173,7 @@ def _set(node: dict[str, Any], path: list[tuple[str, int | None]], value: Any) -
             cur = lst[index]
 
 
-def validate_resource(resource: dict[str, Any]) -> None:
+def validate_resource(resource: JsonObject) -> None:
     """Check the resource against the R4 (R4B) definitions; RenderError names what is wrong.
 
     Empty objects left by fields that had no value (an identifier whose value was empty) are

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import Connection
 
 from engine.channels import DomainOptions
@@ -11,9 +9,10 @@ from engine.domain.errors import DomainError
 from engine.domain.events import EventBus
 from engine.domain.orders import apply_order
 from engine.domain.patients import Outcome, merge_patients, upsert_patient
+from engine.mappings.fields import MappedFields
 
 
-def apply_action(conn: Connection, action: str, values: dict[str, Any], groups: list[dict[str, Any]],
+def apply_action(conn: Connection, action: str, values: MappedFields, groups: list[MappedFields],
                  options: DomainOptions, message_id: int | None, *, bus: EventBus) -> Outcome:
     """Apply one message. ``values`` are the message-level fields, ``groups`` one dict per order group.
 

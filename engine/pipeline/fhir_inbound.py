@@ -29,7 +29,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TypedDict
 from urllib.parse import unquote
 
 from sqlalchemy import Connection, bindparam, select
@@ -49,13 +49,16 @@ from engine.domain.records import (
     MESSAGES,
     ORDERS,
     PATIENTS,
+    IdentifierOwner,
     add,
     fetch,
     update_row,
 )
+from engine.domain.rows import MessageValues
 from engine.fhir.outcome import FhirError, issue
 from engine.fhir.paths import FhirSource
 from engine.fhir.validate import FHIR_VERSION
+from engine.mappings.fields import MappedFields
 from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping
 from engine.outbound.context import system_of
@@ -64,7 +67,7 @@ from engine.pipeline.actions import apply_action
 from engine.pipeline.hl7_inbound import internal_error_text
 from engine.pipeline.writer import FINAL_ATTEMPT
 from engine.store.prepared import savepoint
-from engine.store.types import utcnow
+from engine.store.types import JsonObject, utcnow
 
 log = logging.getLogger(__name__)
 # prebuilt, so the hot path (a Bundle per order) compiles each once (records.fetch)
@@ -73,6 +76,29 @@ _MERGED_INTO = select(PATIENTS.c.merged_into_id).where(PATIENTS.c.id == bindpara
 _LIVE_IDENTIFIER = (select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer)
                     .where(IDENTIFIERS.c.patient_id == bindparam("id"), IDENTIFIERS.c.kind != "alias")
                     .order_by(IDENTIFIERS.c.kind != "primary", IDENTIFIERS.c.id).limit(1))
+
+
+class _Version(TypedDict):
+    version: int
+    updated_at: datetime
+
+
+class _MergedInto(TypedDict):
+    merged_into_id: int | None
+
+
+class _Identifier(TypedDict):
+    value: str
+    issuer: str
+
+
+class FhirIdentifier(TypedDict, total=False):
+    """A FHIR Identifier as references are given one (system only when the issuer has one)."""
+
+    value: str
+    system: str
+
+
 _LOCAL = re.compile(r"^(Patient|ServiceRequest)/([0-9]{1,18})(?:/_history/[^/]+)?$")
 _ETAG = re.compile(r'^(?:W/)?"?([^"]+)"?$')
 
@@ -81,7 +107,7 @@ _ETAG = re.compile(r'^(?:W/)?"?([^"]+)"?$')
 class Interaction:
     method: str  # POST | PUT
     resource_type: str
-    resource: dict[str, Any]
+    resource: JsonObject  # the body as received (validated)
     id: str | None = None  # PUT Type/id
     condition: str | None = None  # PUT Type?query, or a POST's If-None-Exist
     if_match: str | None = None
@@ -105,7 +131,7 @@ class Done:
     version: int
     last_updated: datetime | None
     notes: list[str] = field(default_factory=list)
-    mapped: dict[str, Any] = field(default_factory=dict)
+    mapped: MappedFields = field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -162,8 +188,8 @@ class FhirInbound:
             out.append(m)
         return out
 
-    def map(self, route: Route, resource: dict[str, Any]) -> dict[str, Any]:
-        values: dict[str, Any] = {}
+    def map(self, route: Route, resource: JsonObject) -> MappedFields:
+        values: MappedFields = {}
         problems = []
         src = FhirSource(resource)
         for m in self._mappings(route):
@@ -207,7 +233,7 @@ class FhirInbound:
             system, code = search.split_token(unquote(value))
             if system and code:
                 owners = {row["patient_id"] for issuer in sorted(self.issuers(system))
-                          if (row := fetch(conn, IDENTIFIER_OWNER, value=code, issuer=issuer)) is not None}
+                          if (row := fetch(conn, IDENTIFIER_OWNER, IdentifierOwner, value=code, issuer=issuer)) is not None}
                 return sorted(owners)[:2]
         return search.matching_ids(conn, resource_type, query, self.issuers)
 
@@ -222,7 +248,7 @@ class FhirInbound:
         raw, kind, interactions, mode = req.raw, req.kind, req.interactions, req.mode
         remote, request_id, agent = req.remote, req.request_id, req.agent
         conn = session.connection()
-        row = {"channel": self.channel.name, "protocol": "fhir", "remote": remote, "size": len(raw),
+        row: MessageValues = {"channel": self.channel.name, "protocol": "fhir", "remote": remote, "size": len(raw),
                "received_at": utcnow(), "attempts": 1, "control_id": (request_id or "")[:64] or None,
                "sending_app": (agent or "")[:64] or None, "message_type": kind[:32], "version": FHIR_VERSION,
                "charset": "utf-8", "status": "processed", "ack_code": "AA", "processed_at": utcnow()}
@@ -344,7 +370,7 @@ class FhirInbound:
         done.mapped = values
         return done
 
-    def _patient_for(self, conn: Connection, values: dict[str, Any]) -> int | None:
+    def _patient_for(self, conn: Connection, values: MappedFields) -> int | None:
         if not values.get("patient.id"):
             return None
         p = find_patient(conn, str(values["patient.id"]), str(values.get("patient.issuer") or ""))
@@ -373,13 +399,13 @@ class FhirInbound:
         return int(row.id)
 
     def _done(self, conn: Connection, rtype: str, rid: int, status: int, notes: list[str]) -> Done:
-        row = fetch(conn, _VERSION["patients" if rtype == "Patient" else "orders"], id=rid)
+        row = fetch(conn, _VERSION["patients" if rtype == "Patient" else "orders"], _Version, id=rid)
         return Done(status, rtype, rid, int(row["version"]) if row else 1, row["updated_at"] if row else None,
                     list(notes))
 
     # --- references -----------------------------------------------------------------------------------
     def _resolve_references(self, conn: Connection, it: Interaction, refs: dict[str, tuple[str, int]]
-                            ) -> dict[str, Any]:
+                            ) -> JsonObject:
         """A copy of the resource whose patient references carry the patient's identifier."""
         resource = it.resource
         if it.resource_type == "ServiceRequest" and isinstance(resource.get("subject"), dict):
@@ -394,8 +420,8 @@ class FhirInbound:
                 for i, link in enumerate(resource["link"])]
         return resource
 
-    def _with_identifier(self, conn: Connection, ref: dict[str, Any], refs: dict[str, tuple[str, int]],
-                         where: str) -> dict[str, Any]:
+    def _with_identifier(self, conn: Connection, ref: JsonObject, refs: dict[str, tuple[str, int]],
+                         where: str) -> JsonObject:
         text = ref.get("reference")
         if not text:
             if ref.get("identifier"):
@@ -433,25 +459,25 @@ class FhirInbound:
         return {**ref, "identifier": ident}
 
 
-def primary_identifier(conn: Connection, patient_id: int) -> dict[str, Any] | None:
+def primary_identifier(conn: Connection, patient_id: int) -> FhirIdentifier | None:
     """The patient's identifier (following a merge to the survivor) as a FHIR Identifier."""
     pid = patient_id
     for _ in range(32):
-        row = fetch(conn, _MERGED_INTO, id=pid)
+        row = fetch(conn, _MERGED_INTO, _MergedInto, id=pid)
         if row is None or row["merged_into_id"] is None:
             break
         pid = int(row["merged_into_id"])
-    ident = fetch(conn, _LIVE_IDENTIFIER, id=pid)
+    ident = fetch(conn, _LIVE_IDENTIFIER, _Identifier, id=pid)
     if ident is None:
         return None
-    out = {"value": ident["value"]}
+    out: FhirIdentifier = {"value": ident["value"]}
     system = system_of(ident["issuer"])
     if system:
         out["system"] = system
     return out
 
 
-def _patient_action(action: str, values: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def _patient_action(action: str, values: MappedFields) -> tuple[str, MappedFields]:
     """Patient.link: replaces -> merge the named record into this one; replaced-by -> merge this
     record into the named one (its demographics are the retired record's and are not applied)."""
     if values.get("merge.survivor_id"):

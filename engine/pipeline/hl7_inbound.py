@@ -22,12 +22,14 @@ from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
 from engine.domain.events import EventBus
 from engine.domain.patients import Outcome
-from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, add, fetch, update_row
+from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, DuplicateOf, add, fetch, update_row
+from engine.domain.rows import MessageValues
 from engine.hl7 import errors as E
 from engine.hl7.ack import build_ack
 from engine.hl7.errors import HL7Error, HL7ParseError
 from engine.hl7.message import Message, decode_bytes, parse_text, split_groups
 from engine.hl7.paths import PathError, SegmentSource, parse_path
+from engine.mappings.fields import MappedFields
 from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping, MappingError
 from engine.pipeline.actions import apply_action
@@ -37,7 +39,7 @@ from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
 from engine.store.prepared import savepoint
 from engine.store.states import MessageStatus
-from engine.store.types import utcnow
+from engine.store.types import JsonObject, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,8 @@ class Prepared:
     message: Message | None = None
     reject: HL7Error | None = None  # AR: unreadable or unsupported
     route: Route | None = None
-    values: dict[str, Any] = field(default_factory=dict)
-    groups: list[dict[str, Any]] = field(default_factory=list)
+    values: MappedFields = field(default_factory=dict)
+    groups: list[MappedFields] = field(default_factory=list)
     mapped: MappedMessage | None = None  # where each field came from, for error locations
     mapping_errors: list[MappingError] = field(default_factory=list)
 
@@ -65,10 +67,11 @@ class Prepared:
         """Where a field came from, for ERR locations (see MappedMessage.source_of)."""
         return self.mapped.source_of(fld or "", group) if self.mapped is not None else ""
 
-    def mapped_json(self) -> dict[str, Any] | None:
+    def mapped_json(self) -> JsonObject | None:
+        """What message_content.mapped keeps: the message's fields, and its order groups under "orders"."""
         if self.route is None:
             return None
-        out: dict[str, Any] = dict(self.values)
+        out: JsonObject = dict(self.values)
         if self.groups:
             out["orders"] = self.groups
         return out
@@ -118,8 +121,8 @@ def guess_control_id(raw: bytes) -> str:
 
 @dataclass
 class MappedMessage:
-    values: dict[str, Any] = field(default_factory=dict)  # message-level fields (patient, merge, ...)
-    groups: list[dict[str, Any]] = field(default_factory=list)  # one dict of order/message fields per ORC
+    values: MappedFields = field(default_factory=dict)  # message-level fields (patient, merge, ...)
+    groups: list[MappedFields] = field(default_factory=list)  # one dict of order/message fields per ORC
     sources: dict[str, str] = field(default_factory=dict)
     declared: dict[str, str] = field(default_factory=dict)
     errors: list[MappingError] = field(default_factory=list)
@@ -236,12 +239,12 @@ class HL7Inbound:
     # --- step 2: in the writer thread -----------------------------------------------------------------
     def apply(self, session: Session, p: Prepared) -> Stored:
         msg = p.message
-        row: dict[str, Any] = {"channel": self.channel.name, "remote": p.remote, "size": p.size or len(p.raw),
-                               "status": MessageStatus.RECEIVED, "received_at": utcnow(), "attempts": 1}
+        row: MessageValues = {"channel": self.channel.name, "remote": p.remote, "size": p.size or len(p.raw),
+                              "status": MessageStatus.RECEIVED, "received_at": utcnow(), "attempts": 1}
         if msg is not None:
-            row.update(control_id=msg.control_id[:64], sending_app=msg.sending_application[:64],
-                       sending_facility=msg.sending_facility[:64], message_type=msg.message_type[:32],
-                       version=msg.version[:16], charset=msg.charset)
+            row["control_id"], row["sending_app"] = msg.control_id[:64], msg.sending_application[:64]
+            row["sending_facility"], row["message_type"] = msg.sending_facility[:64], msg.message_type[:32]
+            row["version"], row["charset"] = msg.version[:16], msg.charset
         else:
             row["control_id"] = guess_control_id(p.raw) or None
         if p.reject is not None:
@@ -249,7 +252,7 @@ class HL7Inbound:
         assert msg is not None and p.route is not None
         window = self.channel.options.dedup_window_seconds
         if window > 0:
-            dup = fetch(session.connection(), DUPLICATE, control_id=row["control_id"], sending_app=row["sending_app"],
+            dup = fetch(session.connection(), DUPLICATE, DuplicateOf, control_id=row["control_id"], sending_app=row["sending_app"],
                         sending_facility=row["sending_facility"], channel=row["channel"],
                         since=row["received_at"] - timedelta(seconds=window))
             if dup is not None:
@@ -300,7 +303,7 @@ class HL7Inbound:
             log.exception("channel %s: applying message %s failed", self.channel.name, message_id)
             return None, [HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))]
 
-    def _finish(self, session: Session, message_id: int | None, row: dict[str, Any], p: Prepared, status: str,
+    def _finish(self, session: Session, message_id: int | None, row: MessageValues, p: Prepared, status: str,
                 outcome: Outcome | None, errors: list[HL7Error], *, ack_code: str | None = None,
                 text: str = "") -> Stored:
         """Write the message row (insert, or update when it was inserted before applying), its content
@@ -309,7 +312,7 @@ class HL7Inbound:
         if ack_code is None:
             ack_code = {MessageStatus.PROCESSED: "AA", MessageStatus.FILTERED: "AA", MessageStatus.ERROR: "AE",
                         MessageStatus.REJECTED: "AR"}[MessageStatus(status)]
-        final: dict[str, Any] = {"status": status, "ack_code": ack_code, "processed_at": utcnow()}
+        final: MessageValues = {"status": status, "ack_code": ack_code, "processed_at": utcnow()}
         if errors:
             final["error"] = "; ".join(e.describe() for e in errors)[:4000]
         if "patient_id" in row:

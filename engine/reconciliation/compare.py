@@ -6,11 +6,14 @@ study's findings and, file by file, whether a stored instance needs rewriting.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.domain.rows import OrderRow, PatientRow
 from engine.reconciliation.rules import NAME_COMPONENTS, AttributeRule, NameRules, ReconciliationRules
 from engine.store.states import FindingAction
+from engine.store.types import JsonObject
 
 PN_COMPONENTS = NAME_COMPONENTS  # DICOM PN order: family^given^middle^prefix^suffix
 
@@ -19,9 +22,9 @@ PN_COMPONENTS = NAME_COMPONENTS  # DICOM PN order: family^given^middle^prefix^su
 class Authority:
     """The authoritative side: the (surviving) patient, the identifier to use, and the order."""
 
-    patient: dict[str, Any] | None = None
+    patient: PatientRow | None = None
     identifier: tuple[str, str] | None = None  # (value, issuer)
-    order: dict[str, Any] | None = None
+    order: OrderRow | None = None
 
 
 @dataclass
@@ -31,7 +34,7 @@ class FindingData:
     attribute: str | None = None
     received: str | None = None
     expected: str | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: JsonObject = field(default_factory=dict)  # the evidence, kept as JSON
     action: FindingAction = FindingAction.NOTED
 
     def key(self) -> tuple[Any, ...]:
@@ -43,8 +46,10 @@ class FindingData:
         return self.kind
 
 
-def person_name(p: dict[str, Any]) -> str | None:
-    parts = [(p.get(f"{c}_name") if c in ("family", "given", "middle") else p.get(c)) or "" for c in PN_COMPONENTS]
+def person_name(p: PatientRow) -> str | None:
+    columns: Mapping[str, Any] = p  # by component name: family -> family_name ...
+    parts = [(columns.get(f"{c}_name") if c in ("family", "given", "middle") else columns.get(c)) or ""
+             for c in PN_COMPONENTS]
     text = "^".join(parts).rstrip("^")
     return text or None
 
@@ -74,7 +79,7 @@ def authoritative(rule: AttributeRule, auth: Authority) -> str | None:
         elif src.startswith("patient.extra."):
             value = (p.get("extra") or {}).get(src[len("patient.extra."):])
         else:
-            value = p.get(src[len("patient."):])
+            value = _column(p, src[len("patient."):])
     else:
         o = auth.order
         if o is None:
@@ -82,11 +87,16 @@ def authoritative(rule: AttributeRule, auth: Authority) -> str | None:
         if src.startswith("order.extra."):
             value = (o.get("extra") or {}).get(src[len("order.extra."):])
         else:
-            value = o.get(src[len("order."):])
+            value = _column(o, src[len("order."):])
     if value is None or value == "":
         return None
     text = str(value)
     return rule.table.get(text, text)
+
+
+def _column(row: Mapping[str, Any], name: str) -> Any:
+    """A column a rule names (``source: order.modality``): known only when the rules are read."""
+    return row.get(name)
 
 
 def _norm(text: str, names: NameRules) -> str:

@@ -8,7 +8,7 @@ that call these hold no event bus: the events are recorded, and queue the study 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict, cast
 
 from sqlalchemy import Connection, select, update
 
@@ -40,7 +40,37 @@ class ManualConflict(ManualError):
     status = 409
 
 
-def find_study(conn: Connection, ref: str) -> dict[str, Any]:
+class StudyRef(TypedDict):
+    id: int
+    study_uid: str
+    recon_state: str
+
+
+class _ManualLink(TypedDict):
+    """The studies columns an analyst's match sets (one of them, the other cleared)."""
+
+    manual_order_id: int | None
+    manual_patient_id: int | None
+
+
+class _MatchDetail(TypedDict, total=False):
+    by: str
+    note: str | None
+    study_uid: str
+    order: int
+    accession: str
+    patient: int
+    identifier: str
+
+
+class ManualResult(_MatchDetail, total=False):
+    """What the API and the CLI answer: the study, queued, and for a match who asked and what it names."""
+
+    study_id: int
+    queued: bool
+
+
+def find_study(conn: Connection, ref: str) -> StudyRef:
     """A study by Study Instance UID, or by the index's numeric id."""
     stmt = select(STUDIES.c.id, STUDIES.c.study_uid, STUDIES.c.recon_state)
     row = conn.execute(stmt.where(STUDIES.c.study_uid == ref)).mappings().first()
@@ -48,24 +78,24 @@ def find_study(conn: Connection, ref: str) -> dict[str, Any]:
         row = conn.execute(stmt.where(STUDIES.c.id == int(ref))).mappings().first()
     if row is None:
         raise ManualError(f"no study {ref!r} (give its Study Instance UID or index id)")
-    return dict(row)
+    return cast(StudyRef, dict(row))
 
 
 def match(conn: Connection, ref: str, *, accession: str | None = None, patient: str | None = None,
-          by: str = "analyst", note: str | None = None) -> dict[str, Any]:
+          by: str = "analyst", note: str | None = None) -> ManualResult:
     """Match a study to an order (by accession) or to a patient (``ID^ISSUER``) and queue it."""
     if bool(accession) == bool(patient):
         raise ManualError("give either an order (accession number) or a patient (ID^ISSUER)")
     study = find_study(conn, ref)
-    values: dict[str, Any] = {"manual_order_id": None, "manual_patient_id": None}
-    detail: dict[str, Any] = {"by": by, "note": note, "study_uid": study["study_uid"]}
+    values: _ManualLink = {"manual_order_id": None, "manual_patient_id": None}
+    detail: _MatchDetail = {"by": by, "note": note, "study_uid": study["study_uid"]}
     if accession:
         order_id = conn.execute(select(ORDERS.c.id).where(ORDERS.c.accession == accession)
                                 .order_by(ORDERS.c.id.desc()).limit(1)).scalar()
         if order_id is None:
             raise ManualError(f"no order with accession number {accession!r}")
         values["manual_order_id"] = order_id
-        detail.update(order=order_id, accession=accession)
+        detail["order"], detail["accession"] = order_id, accession
     else:
         assert patient is not None
         value, _, issuer = patient.partition("^")
@@ -73,7 +103,7 @@ def match(conn: Connection, ref: str, *, accession: str | None = None, patient: 
         if found is None:
             raise ManualError(f"no patient with identifier {value!r} and issuer {issuer!r}")
         values["manual_patient_id"] = found.id
-        detail.update(patient=found.id, identifier=patient)
+        detail["patient"], detail["identifier"] = found.id, patient
     conn.execute(update(STUDIES).where(STUDIES.c.id == study["id"]).values(**values))
     record_events(conn, [ManualMatchSet(study_id=study["id"], order_id=values["manual_order_id"],
                                         patient_id=values["manual_patient_id"], study_uid=study["study_uid"], by=by,
@@ -83,7 +113,7 @@ def match(conn: Connection, ref: str, *, accession: str | None = None, patient: 
     return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True, **detail}
 
 
-def clear_match(conn: Connection, ref: str, *, by: str = "analyst", note: str | None = None) -> dict[str, Any]:
+def clear_match(conn: Connection, ref: str, *, by: str = "analyst", note: str | None = None) -> ManualResult:
     """Drop an analyst's match: the study is matched from its headers again (which, once coerced,
     carry the values the manual match wrote)."""
     study = find_study(conn, ref)
@@ -94,7 +124,7 @@ def clear_match(conn: Connection, ref: str, *, by: str = "analyst", note: str | 
     return {"study_id": study["id"], "study_uid": study["study_uid"], "queued": True}
 
 
-def request(conn: Connection, ref: str, *, by: str = "analyst") -> dict[str, Any]:
+def request(conn: Connection, ref: str, *, by: str = "analyst") -> ManualResult:
     """Reconcile a study again (after a rules or policy change)."""
     study = find_study(conn, ref)
     enqueue(conn, study["id"], "requested")

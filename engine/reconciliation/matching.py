@@ -6,17 +6,35 @@ Every step that did not go as expected leaves a finding with its evidence.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, TypeVar, cast
 
 from sqlalchemy import Connection, select
 
 from engine.domain.orders import CANCELLED
 from engine.domain.patients import find_patient, get_patient, surviving
-from engine.domain.records import IDENTIFIERS, ORDERS
+from engine.domain.records import IDENTIFIERS, ORDERS, Record
+from engine.domain.rows import IdentifierRow, OrderRow, PatientRow
 from engine.domain.studies import STUDIES
 from engine.reconciliation.compare import Authority, FindingData
 from engine.reconciliation.rules import MatchRules, ReconciliationRules
+
+if TYPE_CHECKING:  # Python 3.13's typing.ReadOnly; annotations are not evaluated at run time
+    from typing_extensions import ReadOnly
+
+
+class StudyHeaders(TypedDict):
+    """What matching reads of a study: a StudyRow, or the headers of a sample file (``radbridge
+    rules check``), which has no analyst's match."""
+
+    id: ReadOnly[int]
+    study_uid: ReadOnly[str | None]
+    dicom_patient_id: ReadOnly[str | None]
+    dicom_issuer: ReadOnly[str | None]
+    accession: ReadOnly[str | None]
+    manual_order_id: ReadOnly[NotRequired[int | None]]
+    manual_patient_id: ReadOnly[NotRequired[int | None]]
 
 
 @dataclass
@@ -35,32 +53,42 @@ class Match:
         return self.authority.order["id"] if self.authority.order else None
 
 
-def _row(conn: Connection, stmt: Any) -> dict[str, Any] | None:
+R = TypeVar("R", bound=Mapping[str, Any])
+
+
+def _row(conn: Connection, stmt: Any, row_type: type[R]) -> R | None:
+    """The first row of ``stmt`` (selecting the columns of ``row_type``) as a dict of its own."""
     row = conn.execute(stmt).mappings().first()
-    return dict(row) if row is not None else None
+    return cast(R, dict(row)) if row is not None else None
 
 
-def _order(conn: Connection, order_id: int) -> dict[str, Any] | None:
-    return _row(conn, select(ORDERS).where(ORDERS.c.id == order_id))
+def _order(conn: Connection, order_id: int) -> OrderRow | None:
+    return _row(conn, select(ORDERS).where(ORDERS.c.id == order_id), OrderRow)
 
 
-def _order_by_accession(conn: Connection, accession: str) -> dict[str, Any] | None:
+def _order_by_accession(conn: Connection, accession: str) -> OrderRow | None:
     # the newest order carrying it: a re-ordered procedure reuses the accession of the cancelled one
-    return _row(conn, select(ORDERS).where(ORDERS.c.accession == accession).order_by(ORDERS.c.id.desc()).limit(1))
+    return _row(conn, select(ORDERS).where(ORDERS.c.accession == accession).order_by(ORDERS.c.id.desc()).limit(1),
+                OrderRow)
 
 
-def _patient(conn: Connection, patient_id: int) -> dict[str, Any] | None:
+def _patient_row(p: Record) -> PatientRow:
+    """A patient Record's columns (a copy: the match keeps them while the Record may change)."""
+    return cast(PatientRow, dict(p.values))
+
+
+def _patient(conn: Connection, patient_id: int) -> PatientRow | None:
     p = get_patient(conn, patient_id)
-    return dict(surviving(conn, p).values) if p is not None else None
+    return _patient_row(surviving(conn, p)) if p is not None else None
 
 
-def _identifiers(conn: Connection, patient_id: int) -> list[dict[str, Any]]:
-    return [dict(r) for r in conn.execute(select(IDENTIFIERS).where(IDENTIFIERS.c.patient_id == patient_id)
-                                          .order_by(IDENTIFIERS.c.id)).mappings()]
+def _identifiers(conn: Connection, patient_id: int) -> list[IdentifierRow]:
+    return [cast(IdentifierRow, dict(r)) for r in conn.execute(
+        select(IDENTIFIERS).where(IDENTIFIERS.c.patient_id == patient_id).order_by(IDENTIFIERS.c.id)).mappings()]
 
 
-def header_patient(conn: Connection, study: dict[str, Any], rules: MatchRules,
-                   findings: list[FindingData] | None) -> dict[str, Any] | None:
+def header_patient(conn: Connection, study: StudyHeaders, rules: MatchRules,
+                   findings: list[FindingData] | None) -> PatientRow | None:
     """The patient the header's PatientID (+ issuer) names, following merges; findings say why not."""
     def note(kind: str, severity: str, **detail: Any) -> None:
         if findings is not None:
@@ -79,7 +107,7 @@ def header_patient(conn: Connection, study: dict[str, Any], rules: MatchRules,
         p = find_patient(conn, value, issuer)
         if p is None:
             note("patient_unknown", "warning", patient_id=value, issuer=issuer)
-        return dict(p.values) if p is not None else None
+        return _patient_row(p) if p is not None else None
     if rules.missing_issuer == "unmatched":
         note("issuer_missing", "warning", patient_id=value,
              rule="match.missing_issuer: unmatched (the header has no IssuerOfPatientID)")
@@ -89,12 +117,12 @@ def header_patient(conn: Connection, study: dict[str, Any], rules: MatchRules,
         if p is None:
             note("patient_unknown", "warning", patient_id=value, issuer=rules.default_issuer,
                  rule="match.missing_issuer: default")
-        return dict(p.values) if p is not None else None
+        return _patient_row(p) if p is not None else None
     # any: the one patient holding this value under a trusted issuer
     stmt = select(IDENTIFIERS.c.patient_id, IDENTIFIERS.c.issuer).where(IDENTIFIERS.c.value == value)
     if trusted:
         stmt = stmt.where(IDENTIFIERS.c.issuer.in_(trusted))
-    owners: dict[int, dict[str, Any]] = {}
+    owners: dict[int, PatientRow] = {}
     issuers: list[str] = []
     for pid, iss in conn.execute(stmt.limit(20)):
         found = _patient(conn, pid)
@@ -111,7 +139,7 @@ def header_patient(conn: Connection, study: dict[str, Any], rules: MatchRules,
     return None
 
 
-def choose_identifier(conn: Connection, patient_id: int, study: dict[str, Any], rules: MatchRules
+def choose_identifier(conn: Connection, patient_id: int, study: StudyHeaders, rules: MatchRules
                       ) -> tuple[str, str] | None:
     """The identifier the headers should carry: the header's own when it is a live identifier of
     the patient (not an alias left by a merge), else a primary one, the header's issuer or the
@@ -134,16 +162,16 @@ def choose_identifier(conn: Connection, patient_id: int, study: dict[str, Any], 
     return (primary[0]["value"], primary[0]["issuer"]) if primary else None
 
 
-def match_study(conn: Connection, study: dict[str, Any], rules: ReconciliationRules) -> Match:
+def match_study(conn: Connection, study: StudyHeaders, rules: ReconciliationRules) -> Match:
     m = Match()
     mr = rules.match
-    order: dict[str, Any] | None = None
-    patient: dict[str, Any] | None = None
-    if study.get("manual_order_id"):
-        order = _order(conn, study["manual_order_id"])
+    order: OrderRow | None = None
+    patient: PatientRow | None = None
+    if manual_order := study.get("manual_order_id"):
+        order = _order(conn, manual_order)
         m.matched_by = "manual" if order else None
-    elif study.get("manual_patient_id"):
-        patient = _patient(conn, study["manual_patient_id"])
+    elif manual_patient := study.get("manual_patient_id"):
+        patient = _patient(conn, manual_patient)
         m.matched_by = "manual" if patient else None
     accession = (study.get("accession") or "").strip()
     if m.matched_by is None and mr.by_accession:
@@ -194,7 +222,7 @@ def match_study(conn: Connection, study: dict[str, Any], rules: ReconciliationRu
     return m
 
 
-def _shared(conn: Connection, study: dict[str, Any], order: dict[str, Any], m: Match) -> None:
+def _shared(conn: Connection, study: StudyHeaders, order: OrderRow, m: Match) -> None:
     same = STUDIES.c.order_id == order["id"]
     if order.get("accession"):
         same = same | (STUDIES.c.accession == order["accession"])

@@ -11,8 +11,8 @@ is retried with backoff and its error kept on the row (``/api/studies`` shows it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import TypedDict, cast
 
 from sqlalchemy import Connection, Table, case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -24,6 +24,21 @@ from engine.store.types import utcnow
 QUEUE: Table = ReconcileJob.__table__  # type: ignore[assignment]
 LEASE_SECONDS = 600.0
 MAX_BACKOFF_SECONDS = 900.0
+
+
+class QueueRow(TypedDict):
+    """reconcile_queue (engine/store/models.py ReconcileJob)."""
+
+    id: int
+    study_id: int
+    reasons: str  # comma-separated
+    generation: int
+    created_at: datetime
+    next_at: datetime
+    leased_until: datetime | None
+    leased_by: str | None
+    attempts: int
+    last_error: str | None
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,6 @@ def fail(conn: Connection, job: Lease, error: str) -> None:
                          next_at=utcnow() + timedelta(seconds=delay)))
 
 
-def pending(conn: Connection, study_id: int) -> dict[str, Any] | None:
+def pending(conn: Connection, study_id: int) -> QueueRow | None:
     row = conn.execute(select(QUEUE).where(QUEUE.c.study_id == study_id)).mappings().first()
-    return dict(row) if row is not None else None
+    return cast(QueueRow, dict(row)) if row is not None else None

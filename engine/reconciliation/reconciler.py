@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypedDict, TypeVar, cast
 
 from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session
@@ -46,6 +46,7 @@ from engine.domain.events import (
 )
 from engine.domain.orders import advance_for_images
 from engine.domain.records import add, update_row
+from engine.domain.rows import StudyRow
 from engine.domain.studies import (
     FINDINGS,
     INSTANCES,
@@ -75,6 +76,19 @@ OUTCOMES: dict[str, type[ReconcileOutcome]] = {  # the event a run raises
     "study.quarantined": StudyQuarantined}
 EXCEPTION_STATES = (ReconState.UNMATCHED, ReconState.FLAGGED, ReconState.QUARANTINED)  # need an analyst's look
 BATCH = 100
+R = TypeVar("R", bound=Mapping[str, Any])
+
+
+class _StoredFile(TypedDict):
+    """What coercion reads of an instance (one page of the index at a time)."""
+
+    id: int
+    sop_instance_uid: str
+    storage_key: str
+    sha256: str
+    size_bytes: int
+    calling_aet: str | None
+    series_id: int
 
 
 class TxRunner(Protocol):
@@ -175,9 +189,10 @@ class Reconciler:
         with self.db.reader.connect() as conn:
             return fn(conn)
 
-    def _rows(self, stmt: Any) -> list[dict[str, Any]]:
+    def _rows(self, stmt: Any, row_type: type[R]) -> list[R]:
+        """The rows of ``stmt``, which selects the columns of ``row_type``."""
         with self.db.reader.connect() as conn:
-            return [dict(r) for r in conn.execute(stmt).mappings()]
+            return [cast(R, dict(r)) for r in conn.execute(stmt).mappings()]
 
     def reconcile(self, job: queue.Lease) -> Result:
         started = utcnow()
@@ -225,14 +240,15 @@ class Reconciler:
         res.state, res.event, res.again = self.tx.run_sync(finish)
         return res
 
-    def _received(self, study: dict[str, Any], rules: ReconciliationRules) -> dict[str, str | None]:
+    def _received(self, study: StudyRow, rules: ReconciliationRules) -> dict[str, str | None]:
         """Header values: the index's where it keeps them, else the first stored instance's."""
         out: dict[str, str | None] = {}
+        columns: Mapping[str, Any] = study  # by the column a rule's keyword is indexed in
         missing = []
         for rule in rules.attributes:
             col = STUDY_ATTRS.get(rule.keyword)
             if col:
-                out[rule.keyword] = study.get(col)
+                out[rule.keyword] = columns.get(col)
             else:
                 missing.append(rule.keyword)
         if missing and self.storage is not None:
@@ -246,7 +262,7 @@ class Reconciler:
                     out[kw] = text_value(ds.get(kw))
         return out
 
-    def _images_received(self, conn: Connection, study: dict[str, Any], m: Match, rules: ReconciliationRules,
+    def _images_received(self, conn: Connection, study: StudyRow, m: Match, rules: ReconciliationRules,
                          job: queue.Lease) -> bool:
         events: list[Event] = []
         if m.order_id is not None and m.matched_by in ("accession", "manual"):
@@ -264,7 +280,7 @@ class Reconciler:
                                               status=moved[1], note=note))
 
     # --- coercion --------------------------------------------------------------------------------
-    def _coerce(self, study: dict[str, Any], target: Target, since: datetime | None, job: queue.Lease
+    def _coerce(self, study: StudyRow, target: Target, since: datetime | None, job: queue.Lease
                 ) -> tuple[int, int]:
         """Rewrite the files that differ, a batch at a time; (files checked, files rewritten)."""
         assert self.storage is not None
@@ -282,12 +298,12 @@ class Reconciler:
         for _page in range(study["num_instances"] // BATCH + 2):
             if self.stopping:
                 raise InterruptedError("engine stopping; the study will be reconciled again")
-            page = self._rows(stmt.where(INSTANCES.c.id > last_id))
+            page = self._rows(stmt.where(INSTANCES.c.id > last_id), _StoredFile)
             if not page:
                 break
             last_id = page[-1]["id"]
             checked += len(page)
-            batch: list[tuple[dict[str, Any], Rewritten]] = []
+            batch: list[tuple[_StoredFile, Rewritten]] = []
             for inst in page:
                 rewritten = rewrite_instance(
                     self.storage, inst["storage_key"], target, study_uid=study["study_uid"],
@@ -299,7 +315,7 @@ class Reconciler:
                 done += self._commit_batch(study["id"], batch, target.reason, job)
         return checked, done
 
-    def _commit_batch(self, study_id: int, batch: list[tuple[dict[str, Any], Rewritten]], reason: str,
+    def _commit_batch(self, study_id: int, batch: list[tuple[_StoredFile, Rewritten]], reason: str,
                       job: queue.Lease) -> int:
         """Point the index at the new files (unless an instance changed meanwhile) and record the
         revisions in one transaction; then delete the files no longer referenced."""
@@ -336,8 +352,8 @@ class Reconciler:
         return sum(kept)
 
     # --- the closing transaction -----------------------------------------------------------------
-    def _finish(self, conn: Connection, study: dict[str, Any], m: Match, rules: ReconciliationRules, policy: str,
-                findings: list[FindingData], changes: dict[str, Any],
+    def _finish(self, conn: Connection, study: StudyRow, m: Match, rules: ReconciliationRules, policy: str,
+                findings: list[FindingData], changes: dict[str, str],
                 coerced: int, started: datetime,
                 job: queue.Lease) -> tuple[str, str | None, bool]:
         current = _study(conn, study["id"])
@@ -392,9 +408,9 @@ class Reconciler:
         return state, kind, queue.finish(conn, job)
 
 
-def _study(conn: Connection, study_id: int) -> dict[str, Any] | None:
+def _study(conn: Connection, study_id: int) -> StudyRow | None:
     row = conn.execute(select(STUDIES).where(STUDIES.c.id == study_id)).mappings().first()
-    return dict(row) if row is not None else None
+    return cast(StudyRow, dict(row)) if row is not None else None
 
 
 def _findings(m: Match, diffs: dict[str, tuple[str | None, str]], rules: ReconciliationRules,

@@ -14,6 +14,8 @@ the change that caused them:
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 from sqlalchemy import Connection, bindparam, select
 
 from engine.domain.events import (
@@ -58,9 +60,19 @@ def on_patient(conn: Connection, event: Event) -> None:
         _patient_changed(conn, event.patient_id, PATIENT_REASONS[event.kind])
 
 
+class _StudyId(TypedDict):
+    id: int
+
+
+class _StudyLink(TypedDict):
+    id: int
+    patient_id: int | None
+    recon_state: str
+
+
 def on_order(conn: Connection, event: Event) -> None:
     if isinstance(event, ORDER_EVENTS):
-        enqueue_many(conn, [r["id"] for r in fetch_all(conn, STUDIES_OF_ORDER, order_id=event.order_id)], "order")
+        enqueue_many(conn, [r["id"] for r in fetch_all(conn, STUDIES_OF_ORDER, _StudyId, order_id=event.order_id)], "order")
 
 
 # Prebuilt (compiled once, run on the driver: these run for every ADT and order message that changes something).
@@ -77,6 +89,6 @@ STUDIES_OF_ORDER = select(STUDIES.c.id).where(
 def _patient_changed(conn: Connection, patient_id: int, reason: str) -> None:
     """The patient's studies, and those still waiting for a patient under one of its identifiers
     (a study reconciled to someone else under the same ID value is left alone)."""
-    rows = fetch_all(conn, STUDIES_OF_PATIENT, patient_id=patient_id)
+    rows = fetch_all(conn, STUDIES_OF_PATIENT, _StudyLink, patient_id=patient_id)
     enqueue_many(conn, [r["id"] for r in rows if r["patient_id"] == patient_id or r["recon_state"] in WAITING],
                  reason)

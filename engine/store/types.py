@@ -13,6 +13,11 @@ from sqlalchemy.types import TypeDecorator
 # JSON everywhere, JSONB on PostgreSQL.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
+# A JSON object whose shape is open: what a JSON column holds (an event's detail, a finding's
+# evidence, a history entry's changes) and what a FHIR resource body is. Rows and values whose
+# keys are known have TypedDicts of their own (engine/domain/rows.py and the modules that own them).
+JsonObject = dict[str, Any]
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TypedDict, cast
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, select
 
 from engine.dicom.matching import Match, matches, parse
 from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS
+from engine.domain.rows import OrderRow
 
 SPS = "ScheduledProcedureStepSequence"
 TOP_KEYS = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
@@ -33,6 +34,27 @@ VR = {"PatientBirthDate": "DA", "ScheduledProcedureStepStartDate": "DA", "Schedu
       "StudyInstanceUID": "UI", "PatientName": "PN", "ReferringPhysicianName": "PN",
       "ScheduledPerformingPhysicianName": "PN"}
 STATUS_TO_SPS = {"SC": "SCHEDULED", "IP": "STARTED", "HD": "SCHEDULED"}
+
+
+class Demographics(TypedDict):
+    """The patients columns a worklist item shows."""
+
+    family_name: str | None
+    given_name: str | None
+    middle_name: str | None
+    prefix: str | None
+    suffix: str | None
+    birth_date: str | None
+    sex: str | None
+
+
+class ScheduledOrder(OrderRow, Demographics):
+    """A row of the worklist query: the order with its patient's demographics."""
+
+
+# A scheduled procedure step as C-FIND answers it: {keyword: value} (and _code / _scheme for the
+# code sequences), matched against the query's keys by keyword.
+WorklistItem = dict[str, str | None]
 
 
 def order_study_uid(order_id: int, accession: str | None) -> str:
@@ -56,13 +78,13 @@ def _sps_keys(identifier: Dataset) -> Dataset:
     return seq[0] if seq else Dataset()
 
 
-def _person_name(p: dict[str, Any]) -> str:
+def _person_name(p: Demographics) -> str:
     parts = [p.get("family_name") or "", p.get("given_name") or "", p.get("middle_name") or "",
              p.get("prefix") or "", p.get("suffix") or ""]
     return "^".join(parts).rstrip("^")
 
 
-def _item(order: dict[str, Any], patient: dict[str, Any], ident: tuple[str, str] | None) -> dict[str, Any]:
+def _item(order: OrderRow, patient: Demographics, ident: tuple[str, str] | None) -> WorklistItem:
     sched: datetime | None = order.get("scheduled_at")
     accession = order.get("accession")
     return {
@@ -145,7 +167,7 @@ def find_worklist(conn: Connection, identifier: Dataset, *, statuses: list[str],
     for row in conn.execute(stmt.order_by(ORDERS.c.scheduled_at, ORDERS.c.id)).mappings():
         if sent >= limit:
             break
-        order = dict(row)
+        order = cast(ScheduledOrder, dict(row))
         ident = conn.execute(select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer)
                              .where(IDENTIFIERS.c.patient_id == order["patient_id"], IDENTIFIERS.c.kind != "alias")
                              .order_by(IDENTIFIERS.c.kind != "primary", IDENTIFIERS.c.id).limit(1)).first()
@@ -155,13 +177,13 @@ def find_worklist(conn: Connection, identifier: Dataset, *, statuses: list[str],
             yield _answer(identifier, sps_keys, item)
 
 
-def _match_item(item: dict[str, Any], kw: str, m: Match) -> bool:
+def _match_item(item: WorklistItem, kw: str, m: Match) -> bool:
     if m.kind == "list" and VR.get(kw) == "UI":
         return item[kw] in m.values
     return matches(item.get(kw), m, VR.get(kw, "LO"))
 
 
-def _answer(identifier: Dataset, sps_keys: Dataset, item: dict[str, Any]) -> Dataset:
+def _answer(identifier: Dataset, sps_keys: Dataset, item: WorklistItem) -> Dataset:
     ds = Dataset()
     for elem in identifier:
         kw = elem.keyword
@@ -189,7 +211,7 @@ def _answer(identifier: Dataset, sps_keys: Dataset, item: dict[str, Any]) -> Dat
     return ds
 
 
-def _code_seq(item: dict[str, Any]) -> list[Dataset]:
+def _code_seq(item: WorklistItem) -> list[Dataset]:
     if not item.get("_code"):
         return []
     code = Dataset()
