@@ -14,6 +14,7 @@ from sqlalchemy import text
 from engine.web.api import api_app
 from engine.web.audit import AGENT, fingerprint
 from engine.web.fhir import FHIR_JSON, fhir_app
+from engine.web.keys import provide
 
 if TYPE_CHECKING:
     from engine.runtime import Engine
@@ -52,6 +53,7 @@ def token_middleware(tokens: Callable[[], list[str]], enabled: bool) -> Callable
 def build_app(engine: Engine) -> web.Application:
     app = web.Application(middlewares=[token_middleware(engine.api_tokens, engine.settings.http.auth == "token")],
                           client_max_size=8 * 1024 * 1024)
+    provide(app, engine)
 
     async def health(_request: web.Request) -> web.Response:
         checks: dict[str, object] = {}
