@@ -176,7 +176,7 @@ def fhir_app(engine: Engine) -> web.Application:
             return fhir_response(_notes_outcome(result), result.status, headers)
         res = (await read_resources(result.resource_type, [result.id])).get(result.id)
         if res is not None:  # what comes back is patient data too (a conditional create's match)
-            await record_read(engine, request, "read", result.resource_type, result.status, [res])
+            await record_read(request, "read", result.resource_type, result.status, [res])
         return fhir_response(res or _notes_outcome(result), result.status, headers)
 
     # --- writes ------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def fhir_app(engine: Engine) -> web.Application:
         status = 200 if found is not None else 404
         if found is not None and vid is not None and vid != views.version_of(found):
             status, found = 404, None
-        await record_read(engine, request, "vread" if vid else "read", rtype, status, [found] if found else [])
+        await record_read(request, "vread" if vid else "read", rtype, status, [found] if found else [])
         if found is None:
             why = f"{rtype}/{rid} is not known here"
             if vid is not None:
@@ -279,7 +279,7 @@ def fhir_app(engine: Engine) -> web.Application:
         ids, total = await asyncio.to_thread(run)
         found = await read_resources(rtype, ids)
         resources = [found[i] for i in ids if i in found]
-        await record_read(engine, request, "search", rtype, 200, resources)
+        await record_read(request, "search", rtype, 200, resources)
         b = base(request)
         kept = [(k, v) for k, v in params if k not in ("_offset",)]
         links = [{"relation": "self", "url": f"{b}/{rtype}?{urlencode(params)}"}]
