@@ -88,5 +88,5 @@ def build_app(engine: Engine) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.add_subapp("/api/", api_app())
-    app.add_subapp("/fhir/", fhir_app(engine))
+    app.add_subapp("/fhir/", fhir_app())
     return app
