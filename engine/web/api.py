@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from sqlalchemy import select
@@ -16,15 +16,15 @@ from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
-from engine.web.audit import add_audit_routes, record_read
-from engine.web.deliveries import add_delivery_routes
+from engine.web import audit, deliveries
+from engine.web.audit import record_read
+from engine.web.keys import DATABASE, ENGINE, WRITER
 from engine.web.serialize import message_json, order_json, patient_json, study_json
-
-if TYPE_CHECKING:
-    from engine.runtime import Engine
 
 T = TypeVar("T")
 MAX_LIMIT = 500
+
+routes = web.RouteTableDef()
 
 
 def _bad(detail: str) -> web.HTTPBadRequest:
@@ -48,198 +48,218 @@ def _with_studies(s: Session, p: Patient) -> dict[str, Any]:
     return out
 
 
-def api_app(engine: Engine) -> web.Application:
+async def _read(request: web.Request, fn: Callable[[Session], T]) -> T:
+    """``fn`` in a read session, in a worker thread."""
+    db = request.config_dict[DATABASE]
+
+    def run() -> T:
+        with db.read_session() as s:
+            return fn(s)
+    return await asyncio.to_thread(run)
+
+
+async def _write(request: web.Request, fn: Callable[[Any], T]) -> T:
+    """``fn`` on the writer's connection; then the reconciler is woken for what it changed."""
+    try:
+        result = await request.config_dict[WRITER].run(lambda s: fn(s.connection()))
+    except ManualError as exc:
+        conflict = exc.status == 409
+        raise (web.HTTPConflict if conflict else web.HTTPNotFound)(
+            text=json.dumps({"error": "conflict" if conflict else "not found", "detail": str(exc)}),
+            content_type="application/json") from None
+    request.config_dict[ENGINE].wake_reconciler()
+    return result
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise _bad("the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise _bad("the body is a JSON object")
+    return data
+
+
+@routes.get("/patients")
+async def patients(request: web.Request) -> web.Response:
+    q = request.query
+    ident, issuer, name = q.get("identifier"), q.get("issuer"), q.get("name")
+    if not ident and not name:
+        raise _bad("give identifier=ID (and optionally issuer=) or name=FAMILY")
+    limit = _limit(request)
+
+    def run(s: Session) -> list[dict[str, Any]]:
+        stmt = select(Patient).options(selectinload(Patient.identifiers), selectinload(Patient.orders),
+                                       selectinload(Patient.history))
+        if ident:
+            sub = select(PatientIdentifier.patient_id).where(PatientIdentifier.value == ident)
+            if issuer is not None:
+                sub = sub.where(PatientIdentifier.issuer == issuer)
+            stmt = stmt.where(Patient.id.in_(sub))
+        if name:
+            stmt = stmt.where(Patient.family_name.ilike(name.replace("*", "%")))
+        return [_with_studies(s, p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
+    found = await _read(request, run)
+    await record_read(request, "search", "Patient", 200, found, [p["id"] for p in found])
+    return web.json_response({"patients": found})
+
+
+@routes.get(r"/patients/{id:\d+}")
+async def patient(request: web.Request) -> web.Response:
+    pid = int(request.match_info["id"])
+
+    def run(s: Session) -> dict[str, Any] | None:
+        p = s.get(Patient, pid)
+        return _with_studies(s, p) if p else None
+    body = await _read(request, run)
+    await record_read(request, "read", "Patient", 200 if body else 404, [body] if body else [],
+                      [pid] if body else [])
+    if body is None:
+        raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
+    return web.json_response(body)
+
+
+@routes.get("/orders")
+async def orders(request: web.Request) -> web.Response:
+    q = request.query
+    filters = {k: q[k] for k in ("accession", "placer", "filler", "status", "patient_id") if k in q}
+    if not filters:
+        raise _bad("give accession=, placer=, filler=, status= or patient_id=")
+    limit = _limit(request)
+
+    def run(s: Session) -> list[dict[str, Any]]:
+        stmt = select(Order).options(selectinload(Order.history))
+        cols = {"accession": Order.accession, "placer": Order.placer_number, "filler": Order.filler_number,
+                "status": Order.status, "patient_id": Order.patient_id}
+        for k, v in filters.items():
+            stmt = stmt.where(cols[k] == (int(v) if k == "patient_id" and v.isdigit() else v))
+        return [order_json(o) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
+    found = await _read(request, run)
+    await record_read(request, "search", "Order", 200, found, sorted({o["patient_id"] for o in found}))
+    return web.json_response({"orders": found})
+
+
+@routes.get("/messages")
+async def messages(request: web.Request) -> web.Response:
+    q = request.query
+    limit = _limit(request)
+
+    def run(s: Session) -> list[dict[str, Any]]:
+        stmt = select(Message).options(selectinload(Message.events))
+        if "control_id" in q:
+            stmt = stmt.where(Message.control_id == q["control_id"])
+        for key, col in (("status", Message.status), ("channel", Message.channel), ("type", Message.message_type)):
+            if key in q:
+                stmt = stmt.where(col == q[key])
+        if "patient_id" in q and q["patient_id"].isdigit():
+            stmt = stmt.where(Message.patient_id == int(q["patient_id"]))
+        if "before_id" in q and q["before_id"].isdigit():
+            stmt = stmt.where(Message.id < int(q["before_id"]))
+        return [message_json(m) for m in s.execute(stmt.order_by(Message.id.desc()).limit(limit)).scalars()]
+    return web.json_response({"messages": await _read(request, run)})
+
+
+@routes.get(r"/messages/{id:\d+}")
+async def message(request: web.Request) -> web.Response:
+    mid = int(request.match_info["id"])
+
+    def run(s: Session) -> dict[str, Any] | None:
+        m = s.get(Message, mid)
+        return message_json(m, content=True) if m else None
+    body = await _read(request, run)
+    if body is None:
+        raise web.HTTPNotFound(text='{"error": "no such message"}', content_type="application/json")
+    return web.json_response(body)
+
+
+@routes.post(r"/messages/{id:\d+}/reprocess")
+async def reprocess(request: web.Request) -> web.Response:
+    mid = int(request.match_info["id"])
+    try:
+        result = await request.config_dict[ENGINE].reprocess(mid)
+    except LookupError as exc:
+        raise web.HTTPNotFound(text=f'{{"error": "{exc}"}}', content_type="application/json") from None
+    except ValueError as exc:
+        return web.json_response({"error": "cannot reprocess", "detail": str(exc)}, status=409)
+    return web.json_response(result)
+
+
+@routes.get("/studies")
+async def studies(request: web.Request) -> web.Response:
+    q = request.query
+    filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state", "reconciliation") if k in q}
+    exceptions = q.get("exceptions", "").lower() in ("1", "true", "yes")
+    if not filters and not exceptions:
+        raise _bad("give accession=, study_uid=, patient_id= (as in the headers), state=, reconciliation= "
+                   "or exceptions=true")
+    limit = _limit(request)
+
+    def run(s: Session) -> list[dict[str, Any]]:
+        stmt = select(Study).options(selectinload(Study.series), selectinload(Study.findings))
+        cols = {"accession": Study.accession, "study_uid": Study.study_uid, "patient_id": Study.dicom_patient_id,
+                "state": Study.state, "reconciliation": Study.recon_state}
+        for k, v in filters.items():
+            stmt = stmt.where(cols[k] == v)
+        if exceptions:
+            stmt = stmt.where(Study.recon_state.in_(EXCEPTION_STATES))
+        found = list(s.execute(stmt.order_by(Study.id).limit(limit)).scalars())
+        events: dict[int, list[DomainEvent]] = {st.id: [] for st in found}
+        jobs: dict[int, ReconcileJob] = {}
+        if found:
+            for e in s.execute(select(DomainEvent).where(DomainEvent.study_id.in_(list(events)))
+                               .order_by(DomainEvent.id)).scalars():
+                events[e.study_id].append(e)  # type: ignore[index]
+            jobs = {j.study_id: j for j in s.execute(select(ReconcileJob).where(
+                ReconcileJob.study_id.in_(list(events)))).scalars()}
+        return [study_json(st, events=events[st.id], findings=True, job=jobs.get(st.id)) for st in found]
+    listed = await _read(request, run)
+    await record_read(request, "search", "Study", 200, listed,
+                      sorted({st["patient_id"] for st in listed if st["patient_id"] is not None}))
+    return web.json_response({"studies": listed})
+
+
+@routes.post("/studies/{ref}/match")
+async def study_match(request: web.Request) -> web.Response:
+    data = await _body(request)
+    accession, patient = data.get("accession"), data.get("patient")
+    if bool(accession) == bool(patient) or not isinstance(accession or patient, str):
+        raise _bad('give {"accession": "ACC"} or {"patient": "ID^ISSUER"}')
+    ref = request.match_info["ref"]
+    out = await _write(request, lambda c: manual.match(c, ref, accession=accession, patient=patient, by="api",
+                                                       note=data.get("note")))
+    return web.json_response(out, status=202)
+
+
+@routes.delete("/studies/{ref}/match")
+async def study_unmatch(request: web.Request) -> web.Response:
+    ref = request.match_info["ref"]
+    return web.json_response(await _write(request, lambda c: manual.clear_match(c, ref, by="api")), status=202)
+
+
+@routes.post("/studies/{ref}/reconcile")
+async def study_reconcile(request: web.Request) -> web.Response:
+    ref = request.match_info["ref"]
+    return web.json_response(await _write(request, lambda c: manual.request(c, ref, by="api")), status=202)
+
+
+@routes.post(r"/findings/{id:\d+}/accept")
+async def finding_accept(request: web.Request) -> web.Response:
+    data = await _body(request)
+    fid = int(request.match_info["id"])
+    await _write(request, lambda c: manual.accept_finding(c, fid, by="api", note=data.get("note")))
+    return web.json_response({"finding": fid, "status": "accepted"})
+
+
+@routes.get("/channels")
+async def channels(request: web.Request) -> web.Response:
+    return web.json_response({"channels": request.config_dict[ENGINE].channel_status()})
+
+
+def api_app() -> web.Application:
+    """/api/: the services come from the root app's keys (request.config_dict)."""
     app = web.Application()
-
-    async def read(fn: Callable[[Session], T]) -> T:
-        def run() -> T:
-            with engine.db.read_session() as s:
-                return fn(s)
-        return await asyncio.to_thread(run)
-
-    async def patients(request: web.Request) -> web.Response:
-        q = request.query
-        ident, issuer, name = q.get("identifier"), q.get("issuer"), q.get("name")
-        if not ident and not name:
-            raise _bad("give identifier=ID (and optionally issuer=) or name=FAMILY")
-        limit = _limit(request)
-
-        def run(s: Session) -> list[dict[str, Any]]:
-            stmt = select(Patient).options(selectinload(Patient.identifiers), selectinload(Patient.orders),
-                                           selectinload(Patient.history))
-            if ident:
-                sub = select(PatientIdentifier.patient_id).where(PatientIdentifier.value == ident)
-                if issuer is not None:
-                    sub = sub.where(PatientIdentifier.issuer == issuer)
-                stmt = stmt.where(Patient.id.in_(sub))
-            if name:
-                stmt = stmt.where(Patient.family_name.ilike(name.replace("*", "%")))
-            return [_with_studies(s, p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
-        found = await read(run)
-        await record_read(engine, request, "search", "Patient", 200, found, [p["id"] for p in found])
-        return web.json_response({"patients": found})
-
-    async def patient(request: web.Request) -> web.Response:
-        pid = int(request.match_info["id"])
-
-        def run(s: Session) -> dict[str, Any] | None:
-            p = s.get(Patient, pid)
-            return _with_studies(s, p) if p else None
-        body = await read(run)
-        await record_read(engine, request, "read", "Patient", 200 if body else 404, [body] if body else [],
-                          [pid] if body else [])
-        if body is None:
-            raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
-        return web.json_response(body)
-
-    async def orders(request: web.Request) -> web.Response:
-        q = request.query
-        filters = {k: q[k] for k in ("accession", "placer", "filler", "status", "patient_id") if k in q}
-        if not filters:
-            raise _bad("give accession=, placer=, filler=, status= or patient_id=")
-        limit = _limit(request)
-
-        def run(s: Session) -> list[dict[str, Any]]:
-            stmt = select(Order).options(selectinload(Order.history))
-            cols = {"accession": Order.accession, "placer": Order.placer_number, "filler": Order.filler_number,
-                    "status": Order.status, "patient_id": Order.patient_id}
-            for k, v in filters.items():
-                stmt = stmt.where(cols[k] == (int(v) if k == "patient_id" and v.isdigit() else v))
-            return [order_json(o) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
-        found = await read(run)
-        await record_read(engine, request, "search", "Order", 200, found, sorted({o["patient_id"] for o in found}))
-        return web.json_response({"orders": found})
-
-    async def messages(request: web.Request) -> web.Response:
-        q = request.query
-        limit = _limit(request)
-
-        def run(s: Session) -> list[dict[str, Any]]:
-            stmt = select(Message).options(selectinload(Message.events))
-            if "control_id" in q:
-                stmt = stmt.where(Message.control_id == q["control_id"])
-            for key, col in (("status", Message.status), ("channel", Message.channel), ("type", Message.message_type)):
-                if key in q:
-                    stmt = stmt.where(col == q[key])
-            if "patient_id" in q and q["patient_id"].isdigit():
-                stmt = stmt.where(Message.patient_id == int(q["patient_id"]))
-            if "before_id" in q and q["before_id"].isdigit():
-                stmt = stmt.where(Message.id < int(q["before_id"]))
-            return [message_json(m) for m in s.execute(stmt.order_by(Message.id.desc()).limit(limit)).scalars()]
-        return web.json_response({"messages": await read(run)})
-
-    async def message(request: web.Request) -> web.Response:
-        mid = int(request.match_info["id"])
-
-        def run(s: Session) -> dict[str, Any] | None:
-            m = s.get(Message, mid)
-            return message_json(m, content=True) if m else None
-        body = await read(run)
-        if body is None:
-            raise web.HTTPNotFound(text='{"error": "no such message"}', content_type="application/json")
-        return web.json_response(body)
-
-    async def reprocess(request: web.Request) -> web.Response:
-        mid = int(request.match_info["id"])
-        try:
-            result = await engine.reprocess(mid)
-        except LookupError as exc:
-            raise web.HTTPNotFound(text=f'{{"error": "{exc}"}}', content_type="application/json") from None
-        except ValueError as exc:
-            return web.json_response({"error": "cannot reprocess", "detail": str(exc)}, status=409)
-        return web.json_response(result)
-
-    async def studies(request: web.Request) -> web.Response:
-        q = request.query
-        filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state", "reconciliation") if k in q}
-        exceptions = q.get("exceptions", "").lower() in ("1", "true", "yes")
-        if not filters and not exceptions:
-            raise _bad("give accession=, study_uid=, patient_id= (as in the headers), state=, reconciliation= "
-                       "or exceptions=true")
-        limit = _limit(request)
-
-        def run(s: Session) -> list[dict[str, Any]]:
-            stmt = select(Study).options(selectinload(Study.series), selectinload(Study.findings))
-            cols = {"accession": Study.accession, "study_uid": Study.study_uid, "patient_id": Study.dicom_patient_id,
-                    "state": Study.state, "reconciliation": Study.recon_state}
-            for k, v in filters.items():
-                stmt = stmt.where(cols[k] == v)
-            if exceptions:
-                stmt = stmt.where(Study.recon_state.in_(EXCEPTION_STATES))
-            found = list(s.execute(stmt.order_by(Study.id).limit(limit)).scalars())
-            events: dict[int, list[DomainEvent]] = {st.id: [] for st in found}
-            jobs: dict[int, ReconcileJob] = {}
-            if found:
-                for e in s.execute(select(DomainEvent).where(DomainEvent.study_id.in_(list(events)))
-                                   .order_by(DomainEvent.id)).scalars():
-                    events[e.study_id].append(e)  # type: ignore[index]
-                jobs = {j.study_id: j for j in s.execute(select(ReconcileJob).where(
-                    ReconcileJob.study_id.in_(list(events)))).scalars()}
-            return [study_json(st, events=events[st.id], findings=True, job=jobs.get(st.id)) for st in found]
-        listed = await read(run)
-        await record_read(engine, request, "search", "Study", 200, listed,
-                          sorted({st["patient_id"] for st in listed if st["patient_id"] is not None}))
-        return web.json_response({"studies": listed})
-
-    async def write(fn: Callable[[Any], T]) -> T:
-        try:
-            result = await engine.writer.run(lambda s: fn(s.connection()))
-        except ManualError as exc:
-            conflict = exc.status == 409
-            raise (web.HTTPConflict if conflict else web.HTTPNotFound)(
-                text=json.dumps({"error": "conflict" if conflict else "not found", "detail": str(exc)}),
-                content_type="application/json") from None
-        engine.wake_reconciler()
-        return result
-
-    async def body(request: web.Request) -> dict[str, Any]:
-        try:
-            data = await request.json() if request.can_read_body else {}
-        except ValueError:
-            raise _bad("the body is not JSON") from None
-        if not isinstance(data, dict):
-            raise _bad("the body is a JSON object")
-        return data
-
-    async def study_match(request: web.Request) -> web.Response:
-        data = await body(request)
-        accession, patient = data.get("accession"), data.get("patient")
-        if bool(accession) == bool(patient) or not isinstance(accession or patient, str):
-            raise _bad('give {"accession": "ACC"} or {"patient": "ID^ISSUER"}')
-        ref = request.match_info["ref"]
-        out = await write(lambda c: manual.match(c, ref, accession=accession, patient=patient, by="api",
-                                                 note=data.get("note")))
-        return web.json_response(out, status=202)
-
-    async def study_unmatch(request: web.Request) -> web.Response:
-        ref = request.match_info["ref"]
-        return web.json_response(await write(lambda c: manual.clear_match(c, ref, by="api")), status=202)
-
-    async def study_reconcile(request: web.Request) -> web.Response:
-        ref = request.match_info["ref"]
-        return web.json_response(await write(lambda c: manual.request(c, ref, by="api")), status=202)
-
-    async def finding_accept(request: web.Request) -> web.Response:
-        data = await body(request)
-        fid = int(request.match_info["id"])
-        await write(lambda c: manual.accept_finding(c, fid, by="api", note=data.get("note")))
-        return web.json_response({"finding": fid, "status": "accepted"})
-
-    async def channels(_request: web.Request) -> web.Response:
-        return web.json_response({"channels": engine.channel_status()})
-
-    add_audit_routes(app, read)
-    app.router.add_get("/patients", patients)
-    app.router.add_get(r"/patients/{id:\d+}", patient)
-    app.router.add_get("/orders", orders)
-    app.router.add_get("/messages", messages)
-    app.router.add_get(r"/messages/{id:\d+}", message)
-    app.router.add_post(r"/messages/{id:\d+}/reprocess", reprocess)
-    app.router.add_get("/studies", studies)
-    app.router.add_post("/studies/{ref}/match", study_match)
-    app.router.add_delete("/studies/{ref}/match", study_unmatch)
-    app.router.add_post("/studies/{ref}/reconcile", study_reconcile)
-    app.router.add_post(r"/findings/{id:\d+}/accept", finding_accept)
-    app.router.add_get("/channels", channels)
-    add_delivery_routes(app, engine)
+    app.add_routes(audit.routes)
+    app.add_routes(routes)
+    app.add_routes(deliveries.routes)
     return app

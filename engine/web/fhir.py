@@ -22,12 +22,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
 
-from engine.channels import FHIR_ROUTE_RESOURCES
+from engine.channels import FHIR_ROUTE_RESOURCES, FhirOptions
 from engine.fhir.outcome import FhirError, issue, operation_outcome
 from engine.fhir.validate import check_resource, parse_json
 from engine.outbound.context import EngineInfo
@@ -39,9 +39,7 @@ from engine.pipeline.writer import StorageUnavailable
 from engine.web import fhir_views as views
 from engine.web.audit import agent_of, record_read
 from engine.web.fhir_capability import capability_statement
-
-if TYPE_CHECKING:
-    from engine.runtime import Engine
+from engine.web.keys import DATABASE, FHIR_INBOUND, MAPPINGS, METRICS, SETTINGS, WRITER
 
 log = logging.getLogger(__name__)
 REQUEST_ID = web.RequestKey("radbridge_request_id", str)  # kept as the message's control_id, echoed back
@@ -51,6 +49,8 @@ READABLE = tuple(search.SEARCH_PARAMS)  # what can be read and searched
 REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            409: "Conflict", 412: "Precondition Failed", 413: "Payload Too Large", 422: "Unprocessable Entity",
            500: "Internal Server Error", 503: "Service Unavailable"}
+
+routes = web.RouteTableDef()
 
 
 def fhir_response(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -82,251 +82,280 @@ async def outcome_middleware(request: web.Request,
                                         "exception"))
 
 
-def fhir_app(engine: Engine) -> web.Application:
+def _inbound(request: web.Request) -> FhirInbound:
+    fi = request.config_dict[FHIR_INBOUND]
+    if fi is None:
+        raise FhirError(405, "no channel with connector type fhir is enabled (channels/fhir-inbound.yaml): "
+                             "this server only answers reads", "not-supported")
+    return fi
+
+
+def _options(request: web.Request) -> FhirOptions | None:
+    fi = request.config_dict[FHIR_INBOUND]
+    return fi.channel.fhir if fi is not None else None
+
+
+def _base(request: web.Request) -> str:
+    return f"{request.url.origin()}/fhir"
+
+
+async def _body_of(request: web.Request) -> bytes:
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype not in (FHIR_JSON, "application/json", "application/json+fhir"):
+        raise FhirError(415, f"Content-Type {ctype or '(none)'} is not supported: send {FHIR_JSON}",
+                        "not-supported")
+    limit = _inbound(request).channel.fhir.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise FhirError(413, f"the body is {request.content_length} bytes; this endpoint takes at most {limit} "
+                             "(options.max_body_bytes of the fhir channel)", "too-costly")
+    chunks, size = [], 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise FhirError(413, f"the body is larger than {limit} bytes (options.max_body_bytes of the fhir "
+                                 "channel)", "too-costly")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _write(request: web.Request, raw: bytes, kind: str, interactions: list[Interaction],
+                 mode: str = "single") -> Stored:
+    fi = _inbound(request)
+    remote = request.remote
+    request_id = request.headers.get("X-Request-ID") or str(uuid.uuid4())
+    request[REQUEST_ID] = request_id
+    agent = agent_of(request)
+    metrics = request.config_dict[METRICS]
+    t0 = time.perf_counter()
+    prepared = fi.prepare(raw, kind, interactions, mode=mode, remote=remote, request_id=request_id, agent=agent)
+    stored: Stored = await ingest(request.config_dict[WRITER], fi, prepared)
+    metrics.fhir_latency.observe(time.perf_counter() - t0, kind=kind)
+    failed = stored.error is not None or any(isinstance(r, FhirError) for r in stored.results)
+    metrics.fhir_requests.inc(kind=kind, outcome="error" if failed else "ok")
+    return stored
+
+
+async def _read_resources(request: web.Request, rtype: str, ids: list[int]) -> dict[int, dict[str, Any]]:
+    opts = _options(request)
+    mapping_name = opts.imagingstudy_mapping if opts else "fhir-imagingstudy"
+    mappings = request.config_dict[MAPPINGS]
+    mapping = mappings.get_as(mapping_name, OutboundMapping) if rtype == "ImagingStudy" else None
+    if rtype == "ImagingStudy" and mapping is None:
+        raise FhirError(500, f"the ImagingStudy mapping {mapping_name!r} is not loaded (see radbridge check)",
+                        "exception")
+    info = EngineInfo.of(request.config_dict[SETTINGS])
+    db = request.config_dict[DATABASE]
+
+    def run() -> dict[int, dict[str, Any]]:
+        with db.reader.connect() as conn:
+            if rtype == "Patient":
+                return views.patients(conn, ids)
+            if rtype == "ServiceRequest":
+                return views.service_requests(conn, ids)
+            assert mapping is not None
+            return views.imaging_studies(conn, ids, mapping, info)
+    return await asyncio.to_thread(run)
+
+
+def _entry_headers(done: Done) -> dict[str, str]:
+    headers = {"ETag": f'W/"{done.version}"', "Location": f"{done.location}"}
+    if done.last_updated is not None:
+        headers["Last-Modified"] = http_date(done.last_updated)
+    return headers
+
+
+async def _answer_write(request: web.Request, stored: Stored) -> web.Response:
+    if stored.error is not None:
+        return error_response(stored.error)
+    result = stored.results[0]
+    if isinstance(result, FhirError):
+        return error_response(result)
+    headers = _entry_headers(result)
+    headers["Location"] = f"{_base(request)}/{result.location}"
+    if request.get(REQUEST_ID):
+        headers["X-Request-ID"] = request[REQUEST_ID]
+    prefer = request.headers.get("Prefer", "")
+    if "return=minimal" in prefer:
+        return web.Response(status=result.status, headers=headers)
+    if "return=OperationOutcome" in prefer:
+        return fhir_response(_notes_outcome(result), result.status, headers)
+    res = (await _read_resources(request, result.resource_type, [result.id])).get(result.id)
+    if res is not None:  # what comes back is patient data too (a conditional create's match)
+        await record_read(request, "read", result.resource_type, result.status, [res])
+    return fhir_response(res or _notes_outcome(result), result.status, headers)
+
+
+# --- routes, in the order the router tries them (more specific paths first) -------------------------------
+@routes.get("/metadata")
+async def metadata(request: web.Request) -> web.Response:
+    return fhir_response(capability_statement(request.config_dict[SETTINGS], request.config_dict[FHIR_INBOUND],
+                                              _base(request)))
+
+
+# --- writes ------------------------------------------------------------------------------------------------
+# Stacked route decorators register bottom-up: "/" is registered before "".
+@routes.post("")
+@routes.post("/")
+async def bundle(request: web.Request) -> web.Response:
+    raw = await _body_of(request)
+    data = parse_json(raw)
+    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+        got = data.get("resourceType") if isinstance(data, dict) else type(data).__name__
+        raise FhirError(400, f"POST /fhir/ takes a Bundle (transaction or batch), got {got!r}", "structure",
+                        "resourceType")
+    btype = data.get("type")
+    if btype not in ("transaction", "batch"):
+        raise FhirError(400, f"Bundle.type is {btype!r}: this endpoint processes transaction and batch "
+                             "Bundles", "not-supported", "Bundle.type")
+    entries = data.get("entry") or []
+    limit = _inbound(request).channel.fhir.max_bundle_entries
+    if not isinstance(entries, list):
+        raise FhirError(400, "Bundle.entry must be a list", "structure", "Bundle.entry")
+    if len(entries) > limit:
+        raise FhirError(413, f"the Bundle has {len(entries)} entries; at most {limit} are taken at once "
+                             "(options.max_bundle_entries of the fhir channel)", "too-costly", "Bundle.entry")
+    shell = {k: v for k, v in data.items() if k != "entry"}
+    check_resource(shell, "Bundle")
+    interactions: list[Interaction | FhirError] = [_entry(i, e) for i, e in enumerate(entries)]
+    errors = [x for x in interactions if isinstance(x, FhirError)]
+    if btype == "transaction" and errors:
+        raise errors[0] if len(errors) == 1 else FhirError(
+            errors[0].status, errors[0].diagnostics, more=[i for e in errors[1:] for i in e.issues])
+    good = [x for x in interactions if isinstance(x, Interaction)]
+    stored = await _write(request, raw, f"Bundle^{btype}", good, mode=btype)
+    if stored.error is not None:
+        return error_response(stored.error)
+    results = iter(stored.results)
+    out_entries = []
+    for x in interactions:
+        r: Done | FhirError = x if isinstance(x, FhirError) else next(results)
+        out_entries.append(_response_entry(r, _base(request)))
+    return fhir_response({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": f"{btype}-response",
+                          "link": [{"relation": "self", "url": _base(request)}], "entry": out_entries})
+
+
+@routes.post("/{type}/_search")
+async def search_post(request: web.Request) -> web.Response:
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+    if ctype != "application/x-www-form-urlencoded":
+        raise FhirError(415, "POST _search takes application/x-www-form-urlencoded parameters", "not-supported")
+    form = (await request.read()).decode("utf-8", "replace")
+    params = list(parse_qsl(request.query_string, keep_blank_values=True)) + \
+        list(parse_qsl(form, keep_blank_values=True))
+    return await _search(request, params)
+
+
+@routes.post("/{type}")
+async def create(request: web.Request) -> web.Response:
+    rtype = _writable(request.match_info["type"], "POST")
+    raw = await _body_of(request)
+    resource = check_resource(parse_json(raw), rtype)
+    it = Interaction("POST", rtype, resource, condition=request.headers.get("If-None-Exist") or None)
+    return await _answer_write(request, await _write(request, raw, rtype, [it]))
+
+
+@routes.put("/{type}/{id}")
+async def update(request: web.Request) -> web.Response:
+    rtype = _writable(request.match_info["type"], "PUT")
+    raw = await _body_of(request)
+    resource = check_resource(parse_json(raw), rtype)
+    it = Interaction("PUT", rtype, resource, id=request.match_info["id"],
+                     if_match=request.headers.get("If-Match"))
+    return await _answer_write(request, await _write(request, raw, rtype, [it]))
+
+
+@routes.put("/{type}")
+async def conditional_update(request: web.Request) -> web.Response:
+    rtype = _writable(request.match_info["type"], "PUT")
+    if not request.query_string:
+        raise FhirError(405, f"PUT {rtype} needs an id (PUT {rtype}/ID) or a condition "
+                             f"(PUT {rtype}?identifier=system|value)", "not-supported")
+    raw = await _body_of(request)
+    resource = check_resource(parse_json(raw), rtype)
+    it = Interaction("PUT", rtype, resource, condition=request.query_string)
+    return await _answer_write(request, await _write(request, raw, rtype, [it]))
+
+
+# --- reads -------------------------------------------------------------------------------------------------
+# Stacked route decorators register bottom-up: the _history path is registered first.
+@routes.get("/{type}/{id}")
+@routes.get("/{type}/{id}/_history/{vid}")
+async def read(request: web.Request) -> web.Response:
+    rtype = _readable(request.match_info["type"])
+    rid = request.match_info["id"]
+    vid = request.match_info.get("vid")
+    found = (await _read_resources(request, rtype, [int(rid)])).get(int(rid)) if rid.isdigit() else None
+    status = 200 if found is not None else 404
+    if found is not None and vid is not None and vid != views.version_of(found):
+        status, found = 404, None
+    await record_read(request, "vread" if vid else "read", rtype, status, [found] if found else [])
+    if found is None:
+        why = f"{rtype}/{rid} is not known here"
+        if vid is not None:
+            why = f"{rtype}/{rid} version {vid} is not available (only the current version is kept)"
+        elif rtype == "ImagingStudy":
+            why += " (a study becomes an ImagingStudy once it is placed with a patient)"
+        raise FhirError(404, why, "not-found")
+    headers = {"ETag": f'W/"{views.version_of(found)}"'}
+    updated = found.get("meta", {}).get("lastUpdated")
+    if updated:
+        headers["Last-Modified"] = http_date(datetime.fromisoformat(str(updated).replace("Z", "+00:00")))
+    return fhir_response(found, headers=headers)
+
+
+async def _search(request: web.Request, params: list[tuple[str, str]]) -> web.Response:
+    rtype = _readable(request.match_info["type"])
+    opts = _options(request)
+    fi = request.config_dict[FHIR_INBOUND]
+    q = search.parse(rtype, params, issuers=fi.issuers if fi else search.plain_issuers,
+                     default_count=opts.default_page_size if opts else 50,
+                     max_count=opts.max_page_size if opts else 500)
+    db = request.config_dict[DATABASE]
+
+    def run() -> tuple[list[int], int | None]:
+        with db.reader.connect() as conn:
+            return search.run(conn, q)
+    ids, total = await asyncio.to_thread(run)
+    found = await _read_resources(request, rtype, ids)
+    resources = [found[i] for i in ids if i in found]
+    await record_read(request, "search", rtype, 200, resources)
+    b = _base(request)
+    kept = [(k, v) for k, v in params if k not in ("_offset",)]
+    links = [{"relation": "self", "url": f"{b}/{rtype}?{urlencode(params)}"}]
+    if q.count and len(ids) == q.count and (total is None or q.offset + q.count < total):
+        links.append({"relation": "next", "url": f"{b}/{rtype}?{urlencode([*kept, ('_offset', q.offset + q.count)])}"})
+    if q.offset > 0:
+        links.append({"relation": "previous",
+                      "url": f"{b}/{rtype}?{urlencode([*kept, ('_offset', max(0, q.offset - q.count))])}"})
+    body: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "searchset",
+                            "link": links,
+                            "entry": [{"fullUrl": f"{b}/{rtype}/{r['id']}", "resource": r,
+                                       "search": {"mode": "match"}} for r in resources]}
+    if total is not None:
+        body["total"] = total
+    return fhir_response(body)
+
+
+@routes.get("/{type}")
+async def search_get(request: web.Request) -> web.Response:
+    return await _search(request, list(parse_qsl(request.query_string, keep_blank_values=True)))
+
+
+# Stacked route decorators register bottom-up: DELETE, then PATCH.
+@routes.route("PATCH", "/{tail:.*}")
+@routes.route("DELETE", "/{tail:.*}")
+async def not_allowed(request: web.Request) -> web.Response:
+    raise FhirError(405, f"{request.method} is not supported here (no deletes, patches or history: "
+                         "see GET /fhir/metadata)", "not-supported")
+
+
+def fhir_app() -> web.Application:
+    """/fhir/: the services come from the root app's keys (request.config_dict)."""
     app = web.Application(middlewares=[outcome_middleware])
-
-    def inbound() -> FhirInbound:
-        fi = engine.fhir
-        if fi is None:
-            raise FhirError(405, "no channel with connector type fhir is enabled (channels/fhir-inbound.yaml): "
-                                 "this server only answers reads", "not-supported")
-        return fi
-
-    def options() -> Any:
-        fi = engine.fhir
-        return fi.channel.fhir if fi is not None else None
-
-    def base(request: web.Request) -> str:
-        return f"{request.url.origin()}/fhir"
-
-    async def body_of(request: web.Request) -> bytes:
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if ctype not in (FHIR_JSON, "application/json", "application/json+fhir"):
-            raise FhirError(415, f"Content-Type {ctype or '(none)'} is not supported: send {FHIR_JSON}",
-                            "not-supported")
-        limit = inbound().channel.fhir.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise FhirError(413, f"the body is {request.content_length} bytes; this endpoint takes at most {limit} "
-                                 "(options.max_body_bytes of the fhir channel)", "too-costly")
-        chunks, size = [], 0
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise FhirError(413, f"the body is larger than {limit} bytes (options.max_body_bytes of the fhir "
-                                     "channel)", "too-costly")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def write(request: web.Request, raw: bytes, kind: str, interactions: list[Interaction],
-                    mode: str = "single") -> Stored:
-        fi = inbound()
-        remote = request.remote
-        request_id = request.headers.get("X-Request-ID") or str(uuid.uuid4())
-        request[REQUEST_ID] = request_id
-        agent = agent_of(request)
-        t0 = time.perf_counter()
-        prepared = fi.prepare(raw, kind, interactions, mode=mode, remote=remote, request_id=request_id, agent=agent)
-        stored: Stored = await ingest(engine.writer, fi, prepared)
-        engine.metrics.fhir_latency.observe(time.perf_counter() - t0, kind=kind)
-        failed = stored.error is not None or any(isinstance(r, FhirError) for r in stored.results)
-        engine.metrics.fhir_requests.inc(kind=kind, outcome="error" if failed else "ok")
-        return stored
-
-    async def read_resources(rtype: str, ids: list[int]) -> dict[int, dict[str, Any]]:
-        mapping_name = options().imagingstudy_mapping if options() else "fhir-imagingstudy"
-        mapping = engine.mappings.get_as(mapping_name, OutboundMapping) if rtype == "ImagingStudy" else None
-        if rtype == "ImagingStudy" and mapping is None:
-            raise FhirError(500, f"the ImagingStudy mapping {mapping_name!r} is not loaded (see radbridge check)",
-                            "exception")
-        info = EngineInfo.of(engine.settings)
-
-        def run() -> dict[int, dict[str, Any]]:
-            with engine.db.reader.connect() as conn:
-                if rtype == "Patient":
-                    return views.patients(conn, ids)
-                if rtype == "ServiceRequest":
-                    return views.service_requests(conn, ids)
-                assert mapping is not None
-                return views.imaging_studies(conn, ids, mapping, info)
-        return await asyncio.to_thread(run)
-
-    def entry_headers(done: Done) -> dict[str, str]:
-        headers = {"ETag": f'W/"{done.version}"', "Location": f"{done.location}"}
-        if done.last_updated is not None:
-            headers["Last-Modified"] = http_date(done.last_updated)
-        return headers
-
-    async def answer_write(request: web.Request, stored: Stored) -> web.Response:
-        if stored.error is not None:
-            return error_response(stored.error)
-        result = stored.results[0]
-        if isinstance(result, FhirError):
-            return error_response(result)
-        headers = entry_headers(result)
-        headers["Location"] = f"{base(request)}/{result.location}"
-        if request.get(REQUEST_ID):
-            headers["X-Request-ID"] = request[REQUEST_ID]
-        prefer = request.headers.get("Prefer", "")
-        if "return=minimal" in prefer:
-            return web.Response(status=result.status, headers=headers)
-        if "return=OperationOutcome" in prefer:
-            return fhir_response(_notes_outcome(result), result.status, headers)
-        res = (await read_resources(result.resource_type, [result.id])).get(result.id)
-        if res is not None:  # what comes back is patient data too (a conditional create's match)
-            await record_read(engine, request, "read", result.resource_type, result.status, [res])
-        return fhir_response(res or _notes_outcome(result), result.status, headers)
-
-    # --- writes ------------------------------------------------------------------------------------------
-    async def create(request: web.Request) -> web.Response:
-        rtype = _writable(request.match_info["type"], "POST")
-        raw = await body_of(request)
-        resource = check_resource(parse_json(raw), rtype)
-        it = Interaction("POST", rtype, resource, condition=request.headers.get("If-None-Exist") or None)
-        return await answer_write(request, await write(request, raw, rtype, [it]))
-
-    async def update(request: web.Request) -> web.Response:
-        rtype = _writable(request.match_info["type"], "PUT")
-        raw = await body_of(request)
-        resource = check_resource(parse_json(raw), rtype)
-        it = Interaction("PUT", rtype, resource, id=request.match_info["id"],
-                         if_match=request.headers.get("If-Match"))
-        return await answer_write(request, await write(request, raw, rtype, [it]))
-
-    async def conditional_update(request: web.Request) -> web.Response:
-        rtype = _writable(request.match_info["type"], "PUT")
-        if not request.query_string:
-            raise FhirError(405, f"PUT {rtype} needs an id (PUT {rtype}/ID) or a condition "
-                                 f"(PUT {rtype}?identifier=system|value)", "not-supported")
-        raw = await body_of(request)
-        resource = check_resource(parse_json(raw), rtype)
-        it = Interaction("PUT", rtype, resource, condition=request.query_string)
-        return await answer_write(request, await write(request, raw, rtype, [it]))
-
-    async def bundle(request: web.Request) -> web.Response:
-        raw = await body_of(request)
-        data = parse_json(raw)
-        if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
-            got = data.get("resourceType") if isinstance(data, dict) else type(data).__name__
-            raise FhirError(400, f"POST /fhir/ takes a Bundle (transaction or batch), got {got!r}", "structure",
-                            "resourceType")
-        btype = data.get("type")
-        if btype not in ("transaction", "batch"):
-            raise FhirError(400, f"Bundle.type is {btype!r}: this endpoint processes transaction and batch "
-                                 "Bundles", "not-supported", "Bundle.type")
-        entries = data.get("entry") or []
-        limit = inbound().channel.fhir.max_bundle_entries
-        if not isinstance(entries, list):
-            raise FhirError(400, "Bundle.entry must be a list", "structure", "Bundle.entry")
-        if len(entries) > limit:
-            raise FhirError(413, f"the Bundle has {len(entries)} entries; at most {limit} are taken at once "
-                                 "(options.max_bundle_entries of the fhir channel)", "too-costly", "Bundle.entry")
-        shell = {k: v for k, v in data.items() if k != "entry"}
-        check_resource(shell, "Bundle")
-        interactions: list[Interaction | FhirError] = [_entry(i, e) for i, e in enumerate(entries)]
-        errors = [x for x in interactions if isinstance(x, FhirError)]
-        if btype == "transaction" and errors:
-            raise errors[0] if len(errors) == 1 else FhirError(
-                errors[0].status, errors[0].diagnostics, more=[i for e in errors[1:] for i in e.issues])
-        good = [x for x in interactions if isinstance(x, Interaction)]
-        stored = await write(request, raw, f"Bundle^{btype}", good, mode=btype)
-        if stored.error is not None:
-            return error_response(stored.error)
-        results = iter(stored.results)
-        out_entries = []
-        for x in interactions:
-            r: Done | FhirError = x if isinstance(x, FhirError) else next(results)
-            out_entries.append(_response_entry(r, base(request)))
-        return fhir_response({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": f"{btype}-response",
-                              "link": [{"relation": "self", "url": base(request)}], "entry": out_entries})
-
-    # --- reads -------------------------------------------------------------------------------------------
-    async def read(request: web.Request) -> web.Response:
-        rtype = _readable(request.match_info["type"])
-        rid = request.match_info["id"]
-        vid = request.match_info.get("vid")
-        found = (await read_resources(rtype, [int(rid)])).get(int(rid)) if rid.isdigit() else None
-        status = 200 if found is not None else 404
-        if found is not None and vid is not None and vid != views.version_of(found):
-            status, found = 404, None
-        await record_read(engine, request, "vread" if vid else "read", rtype, status, [found] if found else [])
-        if found is None:
-            why = f"{rtype}/{rid} is not known here"
-            if vid is not None:
-                why = f"{rtype}/{rid} version {vid} is not available (only the current version is kept)"
-            elif rtype == "ImagingStudy":
-                why += " (a study becomes an ImagingStudy once it is placed with a patient)"
-            raise FhirError(404, why, "not-found")
-        headers = {"ETag": f'W/"{views.version_of(found)}"'}
-        updated = found.get("meta", {}).get("lastUpdated")
-        if updated:
-            headers["Last-Modified"] = http_date(datetime.fromisoformat(str(updated).replace("Z", "+00:00")))
-        return fhir_response(found, headers=headers)
-
-    async def do_search(request: web.Request, params: list[tuple[str, str]]) -> web.Response:
-        rtype = _readable(request.match_info["type"])
-        opts = options()
-        fi = engine.fhir
-        q = search.parse(rtype, params, issuers=fi.issuers if fi else search.plain_issuers,
-                         default_count=opts.default_page_size if opts else 50,
-                         max_count=opts.max_page_size if opts else 500)
-
-        def run() -> tuple[list[int], int | None]:
-            with engine.db.reader.connect() as conn:
-                return search.run(conn, q)
-        ids, total = await asyncio.to_thread(run)
-        found = await read_resources(rtype, ids)
-        resources = [found[i] for i in ids if i in found]
-        await record_read(engine, request, "search", rtype, 200, resources)
-        b = base(request)
-        kept = [(k, v) for k, v in params if k not in ("_offset",)]
-        links = [{"relation": "self", "url": f"{b}/{rtype}?{urlencode(params)}"}]
-        if q.count and len(ids) == q.count and (total is None or q.offset + q.count < total):
-            links.append({"relation": "next", "url": f"{b}/{rtype}?{urlencode([*kept, ('_offset', q.offset + q.count)])}"})
-        if q.offset > 0:
-            links.append({"relation": "previous",
-                          "url": f"{b}/{rtype}?{urlencode([*kept, ('_offset', max(0, q.offset - q.count))])}"})
-        body: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "searchset",
-                                "link": links,
-                                "entry": [{"fullUrl": f"{b}/{rtype}/{r['id']}", "resource": r,
-                                           "search": {"mode": "match"}} for r in resources]}
-        if total is not None:
-            body["total"] = total
-        return fhir_response(body)
-
-    async def search_get(request: web.Request) -> web.Response:
-        return await do_search(request, list(parse_qsl(request.query_string, keep_blank_values=True)))
-
-    async def search_post(request: web.Request) -> web.Response:
-        ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
-        if ctype != "application/x-www-form-urlencoded":
-            raise FhirError(415, "POST _search takes application/x-www-form-urlencoded parameters", "not-supported")
-        form = (await request.read()).decode("utf-8", "replace")
-        params = list(parse_qsl(request.query_string, keep_blank_values=True)) + \
-            list(parse_qsl(form, keep_blank_values=True))
-        return await do_search(request, params)
-
-    async def metadata(request: web.Request) -> web.Response:
-        return fhir_response(capability_statement(engine, base(request)))
-
-    async def not_allowed(request: web.Request) -> web.Response:
-        raise FhirError(405, f"{request.method} is not supported here (no deletes, patches or history: "
-                             "see GET /fhir/metadata)", "not-supported")
-
-    app.router.add_get("/metadata", metadata)
-    app.router.add_post("/", bundle)
-    app.router.add_post("", bundle)
-    app.router.add_post("/{type}/_search", search_post)
-    app.router.add_post("/{type}", create)
-    app.router.add_put("/{type}/{id}", update)
-    app.router.add_put("/{type}", conditional_update)
-    app.router.add_get("/{type}/{id}/_history/{vid}", read)
-    app.router.add_get("/{type}/{id}", read)
-    app.router.add_get("/{type}", search_get)
-    for method in ("DELETE", "PATCH"):
-        app.router.add_route(method, "/{tail:.*}", not_allowed)
+    app.add_routes(routes)
     return app
 
 

@@ -7,14 +7,13 @@ channel's routes), so it cannot claim a parameter or interaction that is not the
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine import __version__
+from engine.config import Settings
 from engine.fhir.validate import FHIR_VERSION
+from engine.pipeline.fhir_inbound import FhirInbound
 from engine.pipeline.fhir_search import SEARCH_PARAMS
-
-if TYPE_CHECKING:
-    from engine.runtime import Engine
 
 _STARTED = datetime.now(UTC).isoformat(timespec="seconds")
 _DEFINITIONS = {"_id": "Resource-id", "_lastUpdated": "Resource-lastUpdated"}
@@ -34,8 +33,9 @@ def _params(rtype: str) -> list[dict[str, Any]]:
     return out
 
 
-def capability_statement(engine: Engine, base: str) -> dict[str, Any]:
-    routes = engine.fhir.channel.routes if engine.fhir is not None else []
+def capability_statement(settings: Settings, fhir: FhirInbound | None, base: str) -> dict[str, Any]:
+    """``fhir``: the fhir channel's inbound stage (what can be written), None when only reads are served."""
+    routes = fhir.channel.routes if fhir is not None else []
     writable = {m for r in routes for m in r.messages}
     resources = []
     for rtype in ("Patient", "ServiceRequest", "ImagingStudy"):
@@ -54,7 +54,7 @@ def capability_statement(engine: Engine, base: str) -> dict[str, Any]:
         res["searchParam"] = _params(rtype)
         resources.append(res)
     system = [{"code": "transaction"}, {"code": "batch"}] if writable else []
-    auth = engine.settings.http.auth == "token"
+    auth = settings.http.auth == "token"
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -62,7 +62,7 @@ def capability_statement(engine: Engine, base: str) -> dict[str, Any]:
         "publisher": "RadBridge",
         "kind": "instance",
         "software": {"name": "RadBridge", "version": __version__},
-        "implementation": {"description": f"RadBridge imaging integration engine ({engine.settings.name})",
+        "implementation": {"description": f"RadBridge imaging integration engine ({settings.name})",
                            "url": base},
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json", "json"],

@@ -134,7 +134,7 @@ def service_requests(conn: Connection, ids: list[int]) -> dict[int, dict[str, An
 _LOCAL_REF = re.compile(r"^(Patient|ServiceRequest)\?")
 
 
-def imaging_studies(conn: Connection, ids: list[int], mapping: OutboundMapping, engine: EngineInfo
+def imaging_studies(conn: Connection, ids: list[int], mapping: OutboundMapping, info: EngineInfo
                     ) -> dict[int, dict[str, Any]]:
     """Studies placed with a patient, as the mapping builds them, pointing at our own resources."""
     if not ids:
@@ -143,7 +143,7 @@ def imaging_studies(conn: Connection, ids: list[int], mapping: OutboundMapping, 
     for st in conn.execute(select(STUDIES.c.id, STUDIES.c.patient_id, STUDIES.c.order_id, STUDIES.c.state,
                                   STUDIES.c.last_received_at, STUDIES.c.reconciled_at, STUDIES.c.times_reconciled)
                            .where(STUDIES.c.id.in_(ids), STUDIES.c.patient_id.is_not(None))).mappings():
-        ctx = build_context(conn, st["id"], event="study.read", engine=engine)
+        ctx = build_context(conn, st["id"], event="study.read", engine=info)
         try:
             res = build_resource(mapping, Scope(ctx))
             prune_empty(res)

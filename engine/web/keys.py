@@ -1,0 +1,92 @@
+"""What the HTTP layer may use of the engine: typed aiohttp ``AppKey``s and two small protocols.
+
+``build_app`` is handed the running engine (as ``EngineServices``) and ``provide`` puts the services
+handlers need on the root application under the keys below. Handlers are plain module-level
+functions; they read ``request.app[KEY]`` in the root app and ``request.config_dict[KEY]`` in the
+/api/ and /fhir/ sub-apps (which see the root's keys through it). Nothing in ``engine/web``
+imports ``engine.runtime``: the engine is known here only through these protocols.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from engine.config import Settings
+from engine.connectors.hl7channel import Reprocessed
+from engine.mappings.registry import MappingRegistry
+from engine.metrics import Metrics
+from engine.pipeline.fhir_inbound import FhirInbound
+from engine.pipeline.writer import IngestWriter
+from engine.storage.base import ObjectStorage
+from engine.store.db import Database
+
+
+class EngineControl(Protocol):
+    """What handlers ask of the running engine itself, rather than of one of its services."""
+
+    @property
+    def storage(self) -> ObjectStorage | None:
+        """The study storage (free space for /health), None when no channel stores studies."""
+
+    def api_tokens(self) -> list[str]: ...
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Each channel's health for /health; False when any is not ok."""
+        ...
+
+    def storage_floor_mb(self) -> int: ...
+
+    def channel_status(self) -> list[dict[str, Any]]: ...
+
+    async def reprocess(self, message_id: int) -> Reprocessed: ...
+
+    def wake_reconciler(self) -> None: ...
+
+    def wake_outbound(self) -> None: ...
+
+
+class EngineServices(EngineControl, Protocol):
+    """What ``build_app`` needs of the engine: its services (put under the keys) and its controls."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def db(self) -> Database: ...
+
+    @property
+    def writer(self) -> IngestWriter: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def mappings(self) -> MappingRegistry: ...
+
+    @property
+    def fhir(self) -> FhirInbound | None: ...
+
+
+SETTINGS = web.AppKey("settings", Settings)
+DATABASE = web.AppKey("database", Database)
+WRITER = web.AppKey("writer", IngestWriter)
+METRICS = web.AppKey("metrics", Metrics)
+MAPPINGS = web.AppKey("mappings", MappingRegistry)
+FHIR_INBOUND = web.AppKey[FhirInbound | None]("fhir_inbound")  # None: no fhir channel is enabled (reads only)
+ENGINE = web.AppKey[EngineControl]("engine")
+
+
+def provide(app: web.Application, engine: EngineServices) -> None:
+    """Put the engine's services on ``app`` (the root app; sub-apps read them via config_dict).
+
+    Called once the connectors have started (the HTTP app is built last), so the fhir channel's
+    inbound stage is known by then."""
+    app[SETTINGS] = engine.settings
+    app[DATABASE] = engine.db
+    app[WRITER] = engine.writer
+    app[METRICS] = engine.metrics
+    app[MAPPINGS] = engine.mappings
+    app[FHIR_INBOUND] = engine.fhir
+    app[ENGINE] = engine
