@@ -421,6 +421,36 @@ def test_queued_reconciliation_survives_a_restart(workdir: Path, db_url: str, tm
         e.stop()
 
 
+def test_a_pass_stopped_midway_hands_back_the_jobs_it_leased_but_did_not_run(eng: RunningEngine,
+                                                                              tmp_path: Path) -> None:
+    """Regression: a pass leases up to 10 jobs at once; stopped after the first (engine shutdown),
+    it left the other 9 leased for LEASE_SECONDS (10 minutes), so after a restart, or on a second
+    engine sharing the queue, those studies waited that long."""
+    from engine.cli.studies import reconciler_for_tools
+    assert eng.engine.reconciler is not None
+    eng.engine.reconciler.stopping = True  # the engine's own loop stays out of the queue
+    hl7(eng, adt("A04", "MRN30", "Hall", "Ben", sex="M"))
+    for i in range(3):
+        store(eng, tmp_path, accession=f"ACC3{i}", patient_id="MRN30", name="HALL^BEN", sex="M", issuer="GENHOSP")
+
+    def queued() -> list[tuple[int, Any]]:
+        with eng.db.read_session() as s:
+            return [(j.study_id, j.leased_until) for j in s.execute(select(ReconcileJob).order_by(ReconcileJob.id))
+                    .scalars()]
+    assert len(wait_until(lambda: len(queued()) == 3 and queued(), message="3 studies queued")) == 3
+    results: list[Any] = []
+
+    def stop_after_the_first(result: Any) -> None:
+        results.append(result)
+        tool.stopping = len(results) == 1
+    tool = reconciler_for_tools(eng.db, eng.settings, on_result=stop_after_the_first)
+    assert tool.run_pending() == 1
+    left = queued()
+    assert len(left) == 2 and [leased for _sid, leased in left] == [None, None]
+    tool.stopping = False
+    assert tool.run_pending() == 2 and queued() == [] and len(results) == 3
+
+
 def test_cli_lists_exceptions_and_matches_by_hand(workdir: Path, db_url: str, tmp_path: Path) -> None:
     from tests.test_cli import radbridge
     e = start(workdir, db_url)

@@ -82,6 +82,14 @@ def lease(conn: Connection, worker: str, limit: int = 20, seconds: float = LEASE
     return [Lease(r.id, r.study_id, r.generation, tuple(r.reasons.split(",")), r.attempts) for r in rows]
 
 
+def release(conn: Connection, jobs: list[Lease], worker: str) -> None:
+    """Hand back leases that were not worked (the worker is stopping), so another worker, or this
+    one after a restart, takes them at once instead of after the lease expires."""
+    if jobs:
+        conn.execute(update(QUEUE).where(QUEUE.c.id.in_([j.job_id for j in jobs]), QUEUE.c.leased_by == worker[:64])
+                     .values(leased_until=None, leased_by=None))
+
+
 def finish(conn: Connection, job: Lease) -> bool:
     """Done with this generation: delete the row, or release it when a newer trigger arrived
     meanwhile (True: it will run again)."""

@@ -162,8 +162,9 @@ class Reconciler:
             leases = self.tx.run_sync(lambda s: queue.lease(s.connection(), self.worker, limit=10))
             if not leases:
                 break
-            for job in leases:
+            for i, job in enumerate(leases):
                 if self.stopping:
+                    self.tx.run_sync(lambda s, rest=leases[i:]: queue.release(s.connection(), rest, self.worker))
                     break
                 self.process(job)
                 done += 1
