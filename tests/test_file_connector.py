@@ -172,6 +172,26 @@ def test_a_file_younger_than_min_age_is_left_alone(workdir: Path, db_url: str) -
         eng.stop()
 
 
+def test_a_file_over_max_file_bytes_goes_to_error_unread(workdir: Path, db_url: str) -> None:
+    inbox = workdir / "inbox"
+    inbox.mkdir()
+    (workdir / "channels" / "hl7-file.yaml").write_text(
+        f"name: hl7-file\nconnector: {{type: file, directory: {inbox}}}\n"
+        "options: {poll_seconds: 0.05, min_age_seconds: 0, max_file_bytes: 300}\n" + ROUTES)
+    eng = RunningEngine(make_settings(workdir, db_url)).start()
+    try:
+        big = "".join(adt("A01", f"BIG{i}", "Big", ctrl=f"FBIG{i:04d}") for i in range(3)).encode()
+        assert len(big) > 300
+        drop(inbox, "big.hl7", big)
+        wait_until((inbox / "error" / "big.hl7").exists, timeout=30, message="error/big.hl7")
+        report = (inbox / "error" / "big.hl7.error.txt").read_text()
+        assert f"file of {len(big)} bytes exceeds max_file_bytes (300); nothing was read" in report
+        assert rows(eng, *(f"FBIG{i:04d}" for i in range(3))) == [] and not has_patient(eng, "BIG0")
+        assert (inbox / "error" / "big.hl7").read_bytes() == big
+    finally:
+        eng.stop()
+
+
 def test_missing_directory_is_a_problem_at_its_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "f.yaml").write_text("name: f\nconnector:\n  type: file\nroutes:\n"
                                      "  - messages: [ADT^*]\n    action: ignore\n")
