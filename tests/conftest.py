@@ -23,6 +23,8 @@ from engine.config import Settings
 from engine.connectors.dicom.channel import DicomConnector
 from engine.connectors.mllp.channel import MllpConnector
 from engine.runtime import Engine
+from engine.store import migrate
+from engine.store.db import Database, open_database
 from engine.web.app import build_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +78,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'var' / 'radbridge.db'}"
     else:
         yield request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A migrated, empty store (SQLite, then PostgreSQL) for tests that call the domain or the
+    stages directly, without an engine."""
+    database = open_database(db_url)
+    migrate.upgrade(database)
+    yield database
+    database.dispose()
 
 
 @pytest.fixture

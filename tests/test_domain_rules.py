@@ -11,7 +11,6 @@ test_reconciliation.py; here each case is isolated and names the rule it checks
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,19 +24,11 @@ from engine.domain.studies import STUDIES
 from engine.hl7 import errors as E
 from engine.reconciliation.matching import Match, match_study
 from engine.reconciliation.rules import ReconciliationRules, default_rules
-from engine.store import migrate
-from engine.store.db import Database, open_database
+from engine.store.db import Database
 from engine.store.models import Order, OrderStatusChange, Patient, PatientChange, PatientIdentifier, Study
 
 ISSUER = "GENHOSP"
 
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = open_database(db_url)
-    migrate.upgrade(database)
-    yield database
-    database.dispose()
 
 
 # --- applying: each call is one transaction, as the pipeline's writer runs it ----------------------------

@@ -3,6 +3,7 @@ then moved to done/ or error/ (with the reason beside them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select
@@ -35,11 +37,13 @@ ROUTES = """routes:
 """
 
 
-def write_channel(workdir: Path, inbox: Path, *, min_age: float = 0, poll: float = 0.05, enabled: bool = True) -> None:
+def write_channel(workdir: Path, inbox: Path, *, min_age: float = 0, poll: float = 0.05, enabled: bool = True,
+                  **options: object) -> None:
+    more = "".join(f"  {key}: {value}\n" for key, value in options.items())
     (workdir / "channels" / "hl7-file.yaml").write_text(
         f"name: hl7-file\nenabled: {'true' if enabled else 'false'}\n"
         f"connector:\n  type: file\n  directory: {inbox}\n"
-        f"options:\n  poll_seconds: {poll}\n  min_age_seconds: {min_age}\n" + ROUTES)
+        f"options:\n  poll_seconds: {poll}\n  min_age_seconds: {min_age}\n{more}" + ROUTES)
 
 
 def drop(inbox: Path, name: str, content: bytes) -> Path:
@@ -52,16 +56,23 @@ def drop(inbox: Path, name: str, content: bytes) -> Path:
     return target
 
 
-@pytest.fixture
-def engine(workdir: Path, db_url: str) -> Iterator[tuple[RunningEngine, Path]]:
+@contextlib.contextmanager
+def file_engine(workdir: Path, db_url: str, **channel: Any) -> Iterator[tuple[RunningEngine, Path]]:
+    """An engine with the file channel reading workdir/inbox (options as write_channel's)."""
     inbox = workdir / "inbox"
     inbox.mkdir()
-    write_channel(workdir, inbox)
+    write_channel(workdir, inbox, **channel)
     eng = RunningEngine(make_settings(workdir, db_url)).start()
     try:
         yield eng, inbox
     finally:
         eng.stop()
+
+
+@pytest.fixture
+def engine(workdir: Path, db_url: str) -> Iterator[tuple[RunningEngine, Path]]:
+    with file_engine(workdir, db_url) as running:
+        yield running
 
 
 def rows(eng: RunningEngine, *controls: str) -> list[Message]:
@@ -148,13 +159,7 @@ def test_not_hl7_goes_to_error_with_its_reason_and_names_never_clash(engine: tup
 
 
 def test_a_file_younger_than_min_age_is_left_alone(workdir: Path, db_url: str) -> None:
-    inbox = workdir / "inbox"
-    inbox.mkdir()
-    (workdir / "channels" / "hl7-file.yaml").write_text(
-        f"name: hl7-file\nconnector: {{type: file, directory: {inbox}}}\n"
-        "options: {poll_seconds: 0.05, min_age_seconds: 600}\n" + ROUTES)
-    eng = RunningEngine(make_settings(workdir, db_url)).start()
-    try:
+    with file_engine(workdir, db_url, min_age=600) as (eng, inbox):
         conn = eng.engine.connector("hl7-file", FileConnector)
         path = inbox / "young.hl7"
         path.write_bytes(adt("A01", "YOUNG1", "Young", ctrl="FYNG0001").encode())
@@ -168,18 +173,10 @@ def test_a_file_younger_than_min_age_is_left_alone(workdir: Path, db_url: str) -
         os.utime(path, (time.time() - 601, time.time() - 601))  # now it has been unchanged long enough
         wait_until((inbox / "done" / "young.hl7").exists, timeout=30, message="done/young.hl7")
         assert [r.status for r in rows(eng, "FYNG0001")] == ["processed"]
-    finally:
-        eng.stop()
 
 
 def test_a_file_over_max_file_bytes_goes_to_error_unread(workdir: Path, db_url: str) -> None:
-    inbox = workdir / "inbox"
-    inbox.mkdir()
-    (workdir / "channels" / "hl7-file.yaml").write_text(
-        f"name: hl7-file\nconnector: {{type: file, directory: {inbox}}}\n"
-        "options: {poll_seconds: 0.05, min_age_seconds: 0, max_file_bytes: 300}\n" + ROUTES)
-    eng = RunningEngine(make_settings(workdir, db_url)).start()
-    try:
+    with file_engine(workdir, db_url, max_file_bytes=300) as (eng, inbox):
         big = "".join(adt("A01", f"BIG{i}", "Big", ctrl=f"FBIG{i:04d}") for i in range(3)).encode()
         assert len(big) > 300
         drop(inbox, "big.hl7", big)
@@ -188,8 +185,6 @@ def test_a_file_over_max_file_bytes_goes_to_error_unread(workdir: Path, db_url: 
         assert f"file of {len(big)} bytes exceeds max_file_bytes (300); nothing was read" in report
         assert rows(eng, *(f"FBIG{i:04d}" for i in range(3))) == [] and not has_patient(eng, "BIG0")
         assert (inbox / "error" / "big.hl7").read_bytes() == big
-    finally:
-        eng.stop()
 
 
 def test_missing_directory_is_a_problem_at_its_file_and_line(tmp_path: Path) -> None:

@@ -4,10 +4,8 @@ prepared outside the writer and applied by ``ingest``, which returns only after 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import func, select
 
 from engine.channels import load_channels
@@ -18,19 +16,10 @@ from engine.pipeline.hl7_inbound import HL7Inbound
 from engine.pipeline.stage import InboundStage, ingest
 from engine.pipeline.writer import IngestWriter
 from engine.runtime import open_mappings
-from engine.store import migrate
-from engine.store.db import Database, open_database
+from engine.store.db import Database
 from engine.store.models import Message, Patient
 from tests.conftest import REPO
 from tests.hl7util import adt
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = open_database(db_url)
-    migrate.upgrade(database)
-    yield database
-    database.dispose()
 
 
 def counts(db: Database) -> tuple[int, int]:

@@ -5,7 +5,6 @@ refused when prepared, and its SAVEPOINT rolls back only its own work."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -13,19 +12,11 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
 from engine.domain.records import MESSAGES, PATIENTS, add, fetch, fetch_all, update_row
-from engine.store import migrate
-from engine.store.db import Database, open_database
+from engine.store.db import Database
 from engine.store.prepared import Prepared, UnpreparableStatement, savepoint
 
 PATIENT_BY_FAMILY = select(PATIENTS).where(PATIENTS.c.family_name == bindparam("family")).order_by(PATIENTS.c.id)
 
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = open_database(db_url)
-    migrate.upgrade(database)
-    yield database
-    database.dispose()
 
 
 def test_rows_written_on_the_driver_read_back_through_core_with_the_same_types(db: Database) -> None:

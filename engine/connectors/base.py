@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from engine.channels import Channel, ConnectorSpec
 from engine.config import Settings
@@ -140,3 +140,28 @@ def disabled_status(channel: Channel) -> dict[str, Any]:
 
 
 ConnectorTypes = Mapping[str, type[Connector]]
+
+
+class Listener(Protocol):
+    """What a connector with a port of its own runs (the MLLP and DICOM listeners)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class ListeningConnector(Connector):
+    """A connector that accepts connections on its own port: its listener starts and stops with it,
+    and ``/api/channels`` reports it ``listening``. Subclasses set ``self.listener``."""
+
+    listener: Listener
+
+    @property
+    def running_state(self) -> ConnectorState:
+        return ConnectorState.LISTENING
+
+    async def open(self) -> None:
+        await self.listener.start()
+
+    async def close(self) -> None:
+        await self.listener.stop()

@@ -23,6 +23,7 @@ from engine.domain.events import (
     DuplicateIgnored,
     DuplicateRejected,
     Event,
+    InstanceDuplicate,
     InstanceOverwritten,
     StudyReceived,
     StudyReopened,
@@ -79,18 +80,6 @@ class _StudyChanges(TypedDict, total=False):
     num_instances: int
     size_bytes: int
     modalities: str
-
-
-class _DuplicateDetail(TypedDict):
-    """The fields of the InstanceDuplicate event a duplicate raises."""
-
-    study_id: int | None
-    sop_instance_uid: str
-    identical: bool
-    policy: str
-    calling_aet: str | None
-    sha256: str
-    stored_sha256: str
 
 
 class _DuplicateResult(TypedDict):
@@ -175,16 +164,17 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
 def _duplicate(conn: Connection, existing: InstanceRow, hdr: InstanceHeader, stored: StoredObject, *,
                policy: str, now: datetime, calling_aet: str | None) -> StoreResult:
     identical = existing["sha256"] == stored.sha256
-    detail: _DuplicateDetail = {"study_id": existing["study_id"], "sop_instance_uid": hdr.sop_instance_uid, "identical": identical,
-                                "policy": policy, "calling_aet": calling_aet, "sha256": stored.sha256,
-                                "stored_sha256": existing["sha256"]}
+
+    def event(kind: type[InstanceDuplicate]) -> InstanceDuplicate:
+        return kind(study_id=existing["study_id"], sop_instance_uid=hdr.sop_instance_uid, identical=identical,
+                    policy=policy, calling_aet=calling_aet, sha256=stored.sha256, stored_sha256=existing["sha256"])
     base: _DuplicateResult = {"instance_id": existing["id"], "study_id": existing["study_id"], "identical": identical}
     if identical or policy == "ignore":
         update_row(conn, INSTANCES, existing["id"], duplicates=existing["duplicates"] + 1)
-        events: list[Event] = [] if identical else [DuplicateIgnored(**detail)]
+        events: list[Event] = [] if identical else [event(DuplicateIgnored)]
         return StoreResult(InstanceOutcome.DUPLICATE, stored_key=existing["storage_key"], events=events, **base)
     if policy == "reject":
-        return StoreResult(InstanceOutcome.REJECTED, stored_key=existing["storage_key"], events=[DuplicateRejected(**detail)],
+        return StoreResult(InstanceOutcome.REJECTED, stored_key=existing["storage_key"], events=[event(DuplicateRejected)],
                            **base)
     # overwrite: the new file takes the index row; the study's size follows; the old file goes
     if existing["study_id"] is not None and hdr.study_uid and hdr.series_uid:
@@ -196,7 +186,7 @@ def _duplicate(conn: Connection, existing: InstanceRow, hdr: InstanceHeader, sto
                sha256=stored.sha256, transfer_syntax=hdr.transfer_syntax, received_at=now,
                calling_aet=calling_aet, duplicates=existing["duplicates"] + 1)
     return StoreResult(InstanceOutcome.OVERWRITTEN, stored_key=stored.key, replaced_key=existing["storage_key"],
-                       events=[InstanceOverwritten(**detail)], **base)
+                       events=[event(InstanceOverwritten)], **base)
 
 
 def stability_candidates(conn: Connection, cutoff: datetime, limit: int = 500) -> list[int]:

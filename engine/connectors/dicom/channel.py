@@ -6,7 +6,7 @@ from typing import Any
 
 from engine.channels import Channel, ConnectorSpec, DicomOptions, RoutesKind, check_dicom_options
 from engine.config import Settings
-from engine.connectors.base import Connector, ConnectorContext, ConnectorState, Definitions
+from engine.connectors.base import ConnectorContext, ConnectorState, Definitions, ListeningConnector
 from engine.connectors.dicom.scp import DicomListener
 from engine.connectors.mllp.channel import claim_port
 from engine.reconciliation.rules import ReconciliationRules
@@ -17,7 +17,9 @@ STORE_OUTCOMES = ("stored", "duplicate", "overwritten", "rejected_duplicate", "i
 SERVICES = ("echo", "find", "mwl", "move", "get")
 
 
-class DicomConnector(Connector):
+class DicomConnector(ListeningConnector):
+    listener: DicomListener
+
     spec = ConnectorSpec("dicom", DicomOptions, ("type", "port", "aet"), RoutesKind.NONE,
                          check_options=check_dicom_options)
     stores_studies = True
@@ -50,16 +52,6 @@ class DicomConnector(Connector):
     @property
     def aet(self) -> str:
         return self.listener.aet
-
-    @property
-    def running_state(self) -> ConnectorState:
-        return ConnectorState.LISTENING
-
-    async def open(self) -> None:
-        await self.listener.start()
-
-    async def close(self) -> None:
-        await self.listener.stop()
 
     def status(self) -> dict[str, Any]:
         out = super().status()

@@ -6,7 +6,7 @@ from typing import Any
 
 from engine.channels import Channel, ChannelOptions, ConnectorSpec, RoutesKind, check_hl7_options
 from engine.config import Settings
-from engine.connectors.base import ConnectorContext, ConnectorState, Definitions
+from engine.connectors.base import ConnectorContext, ConnectorState, Definitions, ListeningConnector
 from engine.connectors.hl7channel import HL7Channel
 from engine.connectors.mllp.hl7_listener import HL7Listener
 from engine.connectors.mllp.server import MLLPServer
@@ -22,7 +22,9 @@ def claim_port(channel: Channel, port: int, defs: Definitions) -> list[ConfigPro
     return []
 
 
-class MllpConnector(HL7Channel):
+class MllpConnector(ListeningConnector, HL7Channel):
+    listener: HL7Listener
+
     spec = ConnectorSpec("mllp", ChannelOptions, ("type", "port"), RoutesKind.MESSAGES,
                          check_options=check_hl7_options)
 
@@ -47,16 +49,6 @@ class MllpConnector(HL7Channel):
     @property
     def port(self) -> int:
         return self.server.port
-
-    @property
-    def running_state(self) -> ConnectorState:
-        return ConnectorState.LISTENING
-
-    async def open(self) -> None:
-        await self.listener.start()
-
-    async def close(self) -> None:
-        await self.listener.stop()
 
     def status(self) -> dict[str, Any]:
         out = super().status()
