@@ -43,11 +43,13 @@ def test_listener_found_on_loopback() -> None:
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        # a process that stays up until its stdin closes (no fixed sleep), standing in for the server's
+        idle = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
         try:
             wait_for_listener(server.getsockname()[1], idle, what="the test server", timeout=10)
         finally:
-            idle.kill()
+            assert idle.stdin is not None
+            idle.stdin.close()
             idle.wait(10)
 
 
