@@ -3,7 +3,6 @@ by hand, reconcile it again, accept a finding."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -18,7 +17,8 @@ from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.web import audit, deliveries
 from engine.web.audit import record_read
-from engine.web.keys import DATABASE, ENGINE, WRITER
+from engine.web.keys import ENGINE, WRITER
+from engine.web.reads import in_read_session
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
 T = TypeVar("T")
@@ -46,16 +46,6 @@ def _with_studies(s: Session, p: Patient) -> dict[str, Any]:
     stmt = select(Study).where((Study.patient_id == p.id) | Study.dicom_patient_id.in_(values)).order_by(Study.id)
     out["studies"] = [study_json(st, series=False) for st in s.execute(stmt.limit(MAX_LIMIT)).scalars()]
     return out
-
-
-async def _read(request: web.Request, fn: Callable[[Session], T]) -> T:
-    """``fn`` in a read session, in a worker thread."""
-    db = request.config_dict[DATABASE]
-
-    def run() -> T:
-        with db.read_session() as s:
-            return fn(s)
-    return await asyncio.to_thread(run)
 
 
 async def _write(request: web.Request, fn: Callable[[Any], T]) -> T:
@@ -100,7 +90,7 @@ async def patients(request: web.Request) -> web.Response:
         if name:
             stmt = stmt.where(Patient.family_name.ilike(name.replace("*", "%")))
         return [_with_studies(s, p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
-    found = await _read(request, run)
+    found = await in_read_session(request, run)
     await record_read(request, "search", "Patient", 200, found, [p["id"] for p in found])
     return web.json_response({"patients": found})
 
@@ -112,7 +102,7 @@ async def patient(request: web.Request) -> web.Response:
     def run(s: Session) -> dict[str, Any] | None:
         p = s.get(Patient, pid)
         return _with_studies(s, p) if p else None
-    body = await _read(request, run)
+    body = await in_read_session(request, run)
     await record_read(request, "read", "Patient", 200 if body else 404, [body] if body else [],
                       [pid] if body else [])
     if body is None:
@@ -135,7 +125,7 @@ async def orders(request: web.Request) -> web.Response:
         for k, v in filters.items():
             stmt = stmt.where(cols[k] == (int(v) if k == "patient_id" and v.isdigit() else v))
         return [order_json(o) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
-    found = await _read(request, run)
+    found = await in_read_session(request, run)
     await record_read(request, "search", "Order", 200, found, sorted({o["patient_id"] for o in found}))
     return web.json_response({"orders": found})
 
@@ -157,7 +147,7 @@ async def messages(request: web.Request) -> web.Response:
         if "before_id" in q and q["before_id"].isdigit():
             stmt = stmt.where(Message.id < int(q["before_id"]))
         return [message_json(m) for m in s.execute(stmt.order_by(Message.id.desc()).limit(limit)).scalars()]
-    return web.json_response({"messages": await _read(request, run)})
+    return web.json_response({"messages": await in_read_session(request, run)})
 
 
 @routes.get(r"/messages/{id:\d+}")
@@ -167,7 +157,7 @@ async def message(request: web.Request) -> web.Response:
     def run(s: Session) -> dict[str, Any] | None:
         m = s.get(Message, mid)
         return message_json(m, content=True) if m else None
-    body = await _read(request, run)
+    body = await in_read_session(request, run)
     if body is None:
         raise web.HTTPNotFound(text='{"error": "no such message"}', content_type="application/json")
     return web.json_response(body)
@@ -213,7 +203,7 @@ async def studies(request: web.Request) -> web.Response:
             jobs = {j.study_id: j for j in s.execute(select(ReconcileJob).where(
                 ReconcileJob.study_id.in_(list(events)))).scalars()}
         return [study_json(st, events=events[st.id], findings=True, job=jobs.get(st.id)) for st in found]
-    listed = await _read(request, run)
+    listed = await in_read_session(request, run)
     await record_read(request, "search", "Study", 200, listed,
                       sorted({st["patient_id"] for st in listed if st["patient_id"] is not None}))
     return web.json_response({"studies": listed})

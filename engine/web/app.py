@@ -13,7 +13,8 @@ from sqlalchemy import text
 from engine.web.api import api_app
 from engine.web.audit import AGENT, fingerprint
 from engine.web.fhir import FHIR_JSON, fhir_app
-from engine.web.keys import DATABASE, ENGINE, METRICS, SETTINGS, WRITER, EngineServices, provide
+from engine.web.keys import ENGINE, METRICS, SETTINGS, WRITER, EngineServices, provide
+from engine.web.reads import on_reader
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROTECTED = ("/api/", "/fhir/")
@@ -53,12 +54,7 @@ async def health(request: web.Request) -> web.Response:
     checks: dict[str, object] = {}
     ok = True
     try:
-        db = request.app[DATABASE]
-
-        def ping() -> None:
-            with db.reader.connect() as conn:
-                conn.execute(text("SELECT 1"))
-        await asyncio.wait_for(asyncio.to_thread(ping), 5)
+        await asyncio.wait_for(on_reader(request, lambda conn: conn.execute(text("SELECT 1"))), 5)
         checks["database"] = "ok"
     except Exception as exc:
         ok = False

@@ -7,17 +7,18 @@ recorded is not answered (503). ``GET /api/audit`` lists them.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from typing import Any
 
 from aiohttp import web
 from sqlalchemy import Table, select
+from sqlalchemy.orm import Session
 
 from engine.domain.records import add
 from engine.store.models import AuditEvent
 from engine.web.fhir_views import patient_ids_of
-from engine.web.keys import DATABASE, FHIR_INBOUND, WRITER
+from engine.web.keys import FHIR_INBOUND, WRITER
+from engine.web.reads import in_read_session
 
 AUDIT: Table = AuditEvent.__table__  # type: ignore[assignment]
 
@@ -55,24 +56,22 @@ async def audit(request: web.Request) -> web.Response:
     """GET /api/audit?agent=&resource_type=&patient_id=&since_id=&limit=: the trail, newest first."""
     q = request.query
     limit = int(q["limit"]) if q.get("limit", "").isdigit() and 0 < int(q["limit"]) <= 1000 else 100
-    db = request.config_dict[DATABASE]
 
-    def run() -> list[dict[str, Any]]:
-        with db.read_session() as s:
-            stmt = select(AuditEvent)
-            if q.get("agent"):
-                stmt = stmt.where(AuditEvent.agent == q["agent"])
-            if q.get("resource_type"):
-                stmt = stmt.where(AuditEvent.resource_type == q["resource_type"])
-            if q.get("since_id", "").isdigit():
-                stmt = stmt.where(AuditEvent.id > int(q["since_id"]))
-            rows = s.execute(stmt.order_by(AuditEvent.id.desc()).limit(limit * 10 if q.get("patient_id") else limit))
-            out: list[dict[str, Any]] = [{"id": a.id, "at": a.at.isoformat(), "agent": a.agent, "remote": a.remote,
-                                          "action": a.action, "resource_type": a.resource_type, "query": a.query,
-                                          "status": a.status, "count": a.count, "patient_ids": a.patient_ids or []}
-                                         for a in rows.scalars()]
+    def run(s: Session) -> list[dict[str, Any]]:
+        stmt = select(AuditEvent)
+        if q.get("agent"):
+            stmt = stmt.where(AuditEvent.agent == q["agent"])
+        if q.get("resource_type"):
+            stmt = stmt.where(AuditEvent.resource_type == q["resource_type"])
+        if q.get("since_id", "").isdigit():
+            stmt = stmt.where(AuditEvent.id > int(q["since_id"]))
+        rows = s.execute(stmt.order_by(AuditEvent.id.desc()).limit(limit * 10 if q.get("patient_id") else limit))
+        out: list[dict[str, Any]] = [{"id": a.id, "at": a.at.isoformat(), "agent": a.agent, "remote": a.remote,
+                                      "action": a.action, "resource_type": a.resource_type, "query": a.query,
+                                      "status": a.status, "count": a.count, "patient_ids": a.patient_ids or []}
+                                     for a in rows.scalars()]
         if q.get("patient_id", "").isdigit():  # JSON lists are not indexed alike on SQLite and PostgreSQL
             wanted = int(q["patient_id"])
             out = [e for e in out if wanted in e["patient_ids"]][:limit]
         return out
-    return web.json_response({"events": await asyncio.to_thread(run)})
+    return web.json_response({"events": await in_read_session(request, run)})

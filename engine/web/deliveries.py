@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 
 from engine.outbound import admin, outbox
-from engine.web.keys import DATABASE, ENGINE, WRITER
+from engine.web.keys import ENGINE, WRITER
+from engine.web.reads import on_reader
 
 MAX_LIMIT = 500
 
@@ -19,16 +19,6 @@ routes = web.RouteTableDef()
 def _error(cls: type[web.HTTPException], detail: str) -> web.HTTPException:
     return cls(text=json.dumps({"error": cls.__name__.removeprefix("HTTP"), "detail": detail}),
                content_type="application/json")
-
-
-async def _read(request: web.Request, fn: Any) -> Any:
-    """``fn(connection)`` on the reader pool, in a worker thread."""
-    db = request.config_dict[DATABASE]
-
-    def run() -> Any:
-        with db.reader.connect() as conn:
-            return fn(conn)
-    return await asyncio.to_thread(run)
 
 
 async def _write(request: web.Request, fn: Any) -> Any:
@@ -51,15 +41,15 @@ async def deliveries(request: web.Request) -> web.Response:
     raw = q.get("limit", "100")
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
         raise _error(web.HTTPBadRequest, f"limit must be a number from 1 to {MAX_LIMIT}")
-    rows = await _read(request, lambda c: admin.list_deliveries(c, state=state, destination=q.get("destination"),
+    rows = await on_reader(request, lambda c: admin.list_deliveries(c, state=state, destination=q.get("destination"),
                                                                 study_uid=q.get("study_uid"), limit=int(raw)))
-    counts = await _read(request, outbox.counts)
+    counts = await on_reader(request, outbox.counts)
     return web.json_response({"deliveries": rows, "counts": counts})
 
 
 @routes.get(r"/deliveries/{id:\d+}")
 async def delivery(request: web.Request) -> web.Response:
-    d = await _read(request, lambda c: admin.show_delivery(c, _id(request)))
+    d = await on_reader(request, lambda c: admin.show_delivery(c, _id(request)))
     if d is None:
         raise _error(web.HTTPNotFound, f"no delivery {_id(request)}")
     return web.json_response(d)
@@ -70,7 +60,7 @@ async def retry_one(request: web.Request) -> web.Response:
     rebuild = request.query.get("rebuild", "").lower() in ("1", "true", "yes")
     n = await _write(request, lambda c: outbox.retry(c, [_id(request)], rebuild=rebuild))
     if not n:
-        d = await _read(request, lambda c: admin.show_delivery(c, _id(request)))
+        d = await on_reader(request, lambda c: admin.show_delivery(c, _id(request)))
         if d is None:
             raise _error(web.HTTPNotFound, f"no delivery {_id(request)}")
         raise _error(web.HTTPConflict, f"delivery {_id(request)} is {d['state']}; only dead, pending or "

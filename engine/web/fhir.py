@@ -14,7 +14,6 @@ commit); reads run on the reader pool and are recorded in the audit trail before
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from aiohttp import web
+from sqlalchemy import Connection
 
 from engine.channels import FHIR_ROUTE_RESOURCES, FhirOptions
 from engine.fhir.outcome import FhirError, issue, operation_outcome
@@ -39,7 +39,8 @@ from engine.pipeline.writer import StorageUnavailable
 from engine.web import fhir_views as views
 from engine.web.audit import agent_of, record_read
 from engine.web.fhir_capability import capability_statement
-from engine.web.keys import DATABASE, FHIR_INBOUND, MAPPINGS, METRICS, SETTINGS, WRITER
+from engine.web.keys import FHIR_INBOUND, MAPPINGS, METRICS, SETTINGS, WRITER
+from engine.web.reads import on_reader
 
 log = logging.getLogger(__name__)
 REQUEST_ID = web.RequestKey("radbridge_request_id", str)  # kept as the message's control_id, echoed back
@@ -147,17 +148,15 @@ async def _read_resources(request: web.Request, rtype: str, ids: list[int]) -> d
         raise FhirError(500, f"the ImagingStudy mapping {mapping_name!r} is not loaded (see radbridge check)",
                         "exception")
     info = EngineInfo.of(request.config_dict[SETTINGS])
-    db = request.config_dict[DATABASE]
 
-    def run() -> dict[int, dict[str, Any]]:
-        with db.reader.connect() as conn:
-            if rtype == "Patient":
-                return views.patients(conn, ids)
-            if rtype == "ServiceRequest":
-                return views.service_requests(conn, ids)
-            assert mapping is not None
-            return views.imaging_studies(conn, ids, mapping, info)
-    return await asyncio.to_thread(run)
+    def run(conn: Connection) -> dict[int, dict[str, Any]]:
+        if rtype == "Patient":
+            return views.patients(conn, ids)
+        if rtype == "ServiceRequest":
+            return views.service_requests(conn, ids)
+        assert mapping is not None
+        return views.imaging_studies(conn, ids, mapping, info)
+    return await on_reader(request, run)
 
 
 def _entry_headers(done: Done) -> dict[str, str]:
@@ -313,12 +312,7 @@ async def _search(request: web.Request, params: list[tuple[str, str]]) -> web.Re
     q = search.parse(rtype, params, issuers=fi.issuers if fi else search.plain_issuers,
                      default_count=opts.default_page_size if opts else 50,
                      max_count=opts.max_page_size if opts else 500)
-    db = request.config_dict[DATABASE]
-
-    def run() -> tuple[list[int], int | None]:
-        with db.reader.connect() as conn:
-            return search.run(conn, q)
-    ids, total = await asyncio.to_thread(run)
+    ids, total = await on_reader(request, lambda conn: search.run(conn, q))
     found = await _read_resources(request, rtype, ids)
     resources = [found[i] for i in ids if i in found]
     await record_read(request, "search", rtype, 200, resources)
