@@ -10,7 +10,7 @@ records instead; the ORM models stay the schema and the read side (admin API).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypedDict, TypeVar, overload
+from typing import Any, TypedDict, TypeVar, cast, overload
 
 from sqlalchemy import (
     CompoundSelect,
@@ -152,6 +152,18 @@ def fetch_all(conn: Connection, stmt: Query, row: type[Mapping[str, Any]] | None
               **params: Any) -> Any:
     """Every row of a prebuilt SELECT, typed as SQLAlchemy would (``row``: as for ``fetch``)."""
     return _PREPARED.query(conn, stmt).all(conn, params)
+
+
+def first_as(conn: Connection, stmt: Any, row: type[R]) -> R | None:
+    """The first row of a statement built for this call (Core, not prepared) as a dict of its own,
+    typed as ``row`` (the columns it selects)."""
+    found = conn.execute(stmt).mappings().first()
+    return None if found is None else cast(R, dict(found))
+
+
+def all_as(conn: Connection, stmt: Any, row: type[R]) -> list[R]:
+    """Every row of a statement built for this call, typed as ``row`` (as ``first_as``)."""
+    return [cast(R, dict(found)) for found in conn.execute(stmt).mappings()]
 
 
 def load(conn: Connection, table: Table, stmt: Select[Any], **params: Any) -> Record | None:

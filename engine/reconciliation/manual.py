@@ -8,7 +8,7 @@ that call these hold no event bus: the events are recorded, and queue the study 
 
 from __future__ import annotations
 
-from typing import TypedDict, cast
+from typing import TypedDict
 
 from sqlalchemy import Connection, select, update
 
@@ -20,7 +20,7 @@ from engine.domain.events import (
     record_events,
 )
 from engine.domain.patients import find_patient
-from engine.domain.records import ORDERS
+from engine.domain.records import ORDERS, first_as
 from engine.domain.studies import FINDINGS, STUDIES
 from engine.errors import RadBridgeError
 from engine.reconciliation.queue import enqueue
@@ -73,12 +73,12 @@ class ManualResult(_MatchDetail, total=False):
 def find_study(conn: Connection, ref: str) -> StudyRef:
     """A study by Study Instance UID, or by the index's numeric id."""
     stmt = select(STUDIES.c.id, STUDIES.c.study_uid, STUDIES.c.recon_state)
-    row = conn.execute(stmt.where(STUDIES.c.study_uid == ref)).mappings().first()
+    row = first_as(conn, stmt.where(STUDIES.c.study_uid == ref), StudyRef)
     if row is None and ref.isdigit():
-        row = conn.execute(stmt.where(STUDIES.c.id == int(ref))).mappings().first()
+        row = first_as(conn, stmt.where(STUDIES.c.id == int(ref)), StudyRef)
     if row is None:
         raise ManualError(f"no study {ref!r} (give its Study Instance UID or index id)")
-    return cast(StudyRef, dict(row))
+    return row
 
 
 def match(conn: Connection, ref: str, *, accession: str | None = None, patient: str | None = None,

@@ -6,15 +6,14 @@ Every step that did not go as expected leaves a finding with its evidence.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from sqlalchemy import Connection, select
 
 from engine.domain.orders import CANCELLED
 from engine.domain.patients import find_patient, get_patient, surviving
-from engine.domain.records import IDENTIFIERS, ORDERS, Record
+from engine.domain.records import IDENTIFIERS, ORDERS, Record, all_as, first_as
 from engine.domain.rows import IdentifierRow, OrderRow, PatientRow
 from engine.domain.studies import STUDIES
 from engine.reconciliation.compare import Authority, FindingData
@@ -53,23 +52,14 @@ class Match:
         return self.authority.order["id"] if self.authority.order else None
 
 
-R = TypeVar("R", bound=Mapping[str, Any])
-
-
-def _row(conn: Connection, stmt: Any, row_type: type[R]) -> R | None:
-    """The first row of ``stmt`` (selecting the columns of ``row_type``) as a dict of its own."""
-    row = conn.execute(stmt).mappings().first()
-    return cast(R, dict(row)) if row is not None else None
-
-
 def _order(conn: Connection, order_id: int) -> OrderRow | None:
-    return _row(conn, select(ORDERS).where(ORDERS.c.id == order_id), OrderRow)
+    return first_as(conn, select(ORDERS).where(ORDERS.c.id == order_id), OrderRow)
 
 
 def _order_by_accession(conn: Connection, accession: str) -> OrderRow | None:
     # the newest order carrying it: a re-ordered procedure reuses the accession of the cancelled one
-    return _row(conn, select(ORDERS).where(ORDERS.c.accession == accession).order_by(ORDERS.c.id.desc()).limit(1),
-                OrderRow)
+    return first_as(conn, select(ORDERS).where(ORDERS.c.accession == accession).order_by(ORDERS.c.id.desc())
+                    .limit(1), OrderRow)
 
 
 def _patient_row(p: Record) -> PatientRow:
@@ -83,8 +73,8 @@ def _patient(conn: Connection, patient_id: int) -> PatientRow | None:
 
 
 def _identifiers(conn: Connection, patient_id: int) -> list[IdentifierRow]:
-    return [cast(IdentifierRow, dict(r)) for r in conn.execute(
-        select(IDENTIFIERS).where(IDENTIFIERS.c.patient_id == patient_id).order_by(IDENTIFIERS.c.id)).mappings()]
+    return all_as(conn, select(IDENTIFIERS).where(IDENTIFIERS.c.patient_id == patient_id).order_by(IDENTIFIERS.c.id),
+                  IdentifierRow)
 
 
 def header_patient(conn: Connection, study: StudyHeaders, rules: MatchRules,

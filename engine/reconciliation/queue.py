@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypedDict, cast
+from typing import TypedDict
 
 from sqlalchemy import Connection, Table, case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from engine.domain.records import first_as
 from engine.store.models import ReconcileJob
 from engine.store.types import utcnow
 
@@ -109,5 +110,4 @@ def fail(conn: Connection, job: Lease, error: str) -> None:
 
 
 def pending(conn: Connection, study_id: int) -> QueueRow | None:
-    row = conn.execute(select(QUEUE).where(QUEUE.c.study_id == study_id)).mappings().first()
-    return cast(QueueRow, dict(row)) if row is not None else None
+    return first_as(conn, select(QUEUE).where(QUEUE.c.study_id == study_id), QueueRow)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypedDict, TypeVar, cast
+from typing import Any, Protocol, TypedDict, TypeVar
 
 from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import Session
@@ -45,7 +45,7 @@ from engine.domain.events import (
     Subscriber,
 )
 from engine.domain.orders import advance_for_images
-from engine.domain.records import add, update_row
+from engine.domain.records import add, all_as, first_as, update_row
 from engine.domain.rows import StudyRow
 from engine.domain.studies import (
     FINDINGS,
@@ -193,7 +193,7 @@ class Reconciler:
     def _rows(self, stmt: Any, row_type: type[R]) -> list[R]:
         """The rows of ``stmt``, which selects the columns of ``row_type``."""
         with self.db.reader.connect() as conn:
-            return [cast(R, dict(r)) for r in conn.execute(stmt).mappings()]
+            return all_as(conn, stmt, row_type)
 
     def reconcile(self, job: queue.Lease) -> Result:
         started = utcnow()
@@ -410,8 +410,7 @@ class Reconciler:
 
 
 def _study(conn: Connection, study_id: int) -> StudyRow | None:
-    row = conn.execute(select(STUDIES).where(STUDIES.c.id == study_id)).mappings().first()
-    return cast(StudyRow, dict(row)) if row is not None else None
+    return first_as(conn, select(STUDIES).where(STUDIES.c.id == study_id), StudyRow)
 
 
 def _findings(m: Match, diffs: dict[str, tuple[str | None, str]], rules: ReconciliationRules,
