@@ -231,6 +231,38 @@ def test_transaction_resolves_urn_uuid_and_is_all_or_nothing(running: RunningEng
     assert status == 409 and "FHIR request" in answer["detail"]
 
 
+def test_every_answer_names_the_version_and_time_a_read_then_gives(running: RunningEngine) -> None:
+    """The answers carry what the domain wrote (no read-back): each must equal a later read."""
+    def same_as_read(entry: dict[str, Any]) -> None:
+        location = entry["response"]["location"].split("/_history")[0]
+        now = call(running, "GET", location).body
+        assert entry["response"]["etag"] == f'W/"{now["meta"]["versionId"]}"', (entry, now["meta"])
+        assert entry["response"]["lastModified"] == now["meta"]["lastUpdated"], (entry, now["meta"])
+
+    pid = "urn:uuid:8d0c6f0e-50a4-4a53-9a51-3c6b7d1d8f11"
+    created = call(running, "POST", "", _txn(_post(patient("V100", "Eta"), pid),
+                                             _post(service_request("VX1", {"reference": pid}))))
+    assert created.status == 200, created.body
+    for entry in created.body["entry"]:
+        same_as_read(entry)
+    patient_ref = created.body["entry"][0]["response"]["location"].split("/_history")[0]
+    order_ref = created.body["entry"][1]["response"]["location"].split("/_history")[0]
+    current = call(running, "GET", patient_ref).body
+    # unchanged, changed, and an order update found by its identifiers: each answer is the stored row
+    for body in (current, dict(current, birthDate="1970-01-02")):
+        put = call(running, "POST", "", _txn({"resource": body, "request": {"method": "PUT", "url": patient_ref}}))
+        assert put.status == 200, put.body
+        same_as_read(put.body["entry"][0])
+    order = call(running, "GET", order_ref).body
+    moved = call(running, "POST", "", _txn({"resource": dict(order, priority="stat"),
+                                            "request": {"method": "PUT", "url": order_ref}}))
+    assert moved.status == 200, moved.body
+    same_as_read(moved.body["entry"][0])
+    assert moved.body["entry"][0]["response"]["etag"] == 'W/"2"'
+    single = call(running, "PUT", patient_ref, dict(current, birthDate="1970-01-03"))
+    assert single.headers["Last-Modified"] == call(running, "GET", patient_ref).headers["Last-Modified"]
+
+
 def test_batch_answers_each_entry(running: RunningEngine) -> None:
     p = call(running, "POST", "Patient", patient("B100", "Zeta"))
     bundle = _txn(_post(service_request("BA1", {"reference": ref(p)})),

@@ -24,7 +24,18 @@ from engine.domain.errors import DomainError
 from engine.domain.events import OrderCancelled, OrderChanged, OrderPlaced
 from engine.domain.limits import check_length
 from engine.domain.patients import Outcome, upsert_patient
-from engine.domain.records import ORDER_HISTORY, ORDER_KEYS, ORDER_LOOKUP, ORDERS, Record, add, fetch, load
+from engine.domain.records import (
+    NOT_LOOKED_UP,
+    ORDER_HISTORY,
+    ORDER_KEYS,
+    ORDER_LOOKUP,
+    ORDERS,
+    NotLookedUp,
+    Record,
+    add,
+    fetch,
+    load,
+)
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
 from engine.mappings.fields import MappedFields
@@ -108,7 +119,9 @@ def _history(conn: Connection, order_id: int, control: str | None, from_status: 
 
 
 def apply_order(conn: Connection, data: MappedFields, out: Outcome, *, message_id: int | None,
-                orders_update_patient: bool = False, ignore_stale: bool = True) -> Record:
+                orders_update_patient: bool = False, ignore_stale: bool = True,
+                found: Record | None | NotLookedUp = NOT_LOOKED_UP) -> Record:
+    """``found``: what ``find_order`` gave the caller for this message's order numbers, if it asked."""
     if "order.control" in data and not data["order.control"]:
         raise DomainError('order control (ORC-1) is "" (null)', code=E.REQUIRED_FIELD_MISSING, field="order.control")
     control = str(data.get("order.control") or "NW").upper()
@@ -137,14 +150,15 @@ def apply_order(conn: Connection, data: MappedFields, out: Outcome, *, message_i
         patient_data = {k: v for k, v in data.items() if k != "message.event_time"}
     patient = upsert_patient(conn, patient_data, out, create=True, update=orders_update_patient,
                              ignore_stale=ignore_stale)
-    order = find_order(conn, data)
+    order = find_order(conn, data) if found is NOT_LOOKED_UP else found
     if order is None:
         status = new_status or "SC"
         cols = {name: None for name in ORDER_COLUMNS}
         cols["extra"] = None
         cols.update(_fields(data, None))
+        now = utcnow()
         order_id = add(conn, ORDERS, patient_id=patient.id, status=status, last_control=control,
-                       source_time=event_time, version=1, **cols)
+                       source_time=event_time, version=1, created_at=now, updated_at=now, **cols)
         note = None
         if control in ENDING_CONTROLS:
             note = f"{control} for an unknown order: kept as {status} so a late NW does not schedule it"
@@ -157,9 +171,14 @@ def apply_order(conn: Connection, data: MappedFields, out: Outcome, *, message_i
         out.order_ids.append(order_id)
         out.events.append(OrderPlaced(order_id=order_id, patient_id=patient.id, accession=cols.get("accession"),
                                       status=status, control=control))
-        return Record(ORDERS, {"id": order_id, "patient_id": patient.id, "status": status, "version": 1, **cols})
+        created = Record(ORDERS, {"id": order_id, "patient_id": patient.id, "status": status, "version": 1,
+                                  "last_control": control, "source_time": event_time, "created_at": now,
+                                  "updated_at": now, **cols})
+        out.orders.append(created)
+        return created
 
     out.order_ids.append(order.id)
+    out.orders.append(order)
     if ignore_stale and is_older(event_time, order["source_time"]):
         note = f"stale: event time {event_time} is older than {order['source_time']} already applied"
         _history(conn, order.id, control, order["status"], new_status or order["status"], False, note,

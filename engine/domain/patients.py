@@ -25,6 +25,7 @@ from engine.domain.records import (
     IDENTIFIER,
     IDENTIFIER_OWNER,
     IDENTIFIERS,
+    NOT_LOOKED_UP,
     ORDER_IDS_OF_PATIENT,
     ORDERS,
     PATIENT_BY_ID,
@@ -32,6 +33,7 @@ from engine.domain.records import (
     PATIENT_HISTORY,
     PATIENTS,
     IdentifierOwner,
+    NotLookedUp,
     Record,
     add,
     fetch,
@@ -60,7 +62,9 @@ class Outcome:
     """What applying one message did: kept on the message, and read by later stages.
 
     ``changes`` and ``notes`` are prose for people (the message history); ``events`` are what
-    the domain raised, typed, for the caller to publish on the bus (nothing reads the prose)."""
+    the domain raised, typed, for the caller to publish on the bus (nothing reads the prose).
+    ``patient`` and ``orders`` are the rows as written (version, updated_at), so a caller that
+    answers with them (FHIR) need not read them back."""
 
     patient_id: int | None = None
     order_ids: list[int] = field(default_factory=list)
@@ -68,6 +72,8 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
     message_id: int | None = None  # the message being applied, for the history rows
     events: list[Event] = field(default_factory=list)
+    patient: Record | None = None
+    orders: list[Record] = field(default_factory=list)
 
     def as_dict(self) -> OutcomeSummary:
         return {"patient_id": self.patient_id, "order_ids": self.order_ids, "changes": self.changes,
@@ -200,7 +206,8 @@ def create_patient(conn: Connection, data: MappedFields, out: Outcome) -> Record
     values: dict[str, Any] = {name: None for name in DEMOGRAPHICS}
     values.update(_columns(diff))
     values.setdefault("extra", None)
-    pid = add(conn, PATIENTS, source_time=data.get("message.event_time"), **values)
+    now = utcnow()
+    pid = add(conn, PATIENTS, source_time=data.get("message.event_time"), created_at=now, updated_at=now, **values)
     add(conn, IDENTIFIERS, patient_id=pid, value=value, issuer=issuer,
         type_code=data.get("patient.identifier_type"), kind="primary")
     out.changes.append(f"patient {pid} created")
@@ -212,7 +219,8 @@ def create_patient(conn: Connection, data: MappedFields, out: Outcome) -> Record
     out.events.append(PatientCreated(patient_id=pid, identifier=f"{value}^{issuer}", fields=fields,
                                      identifiers_added=tuple(added)))
     return Record(PATIENTS, {"id": pid, **values, "source_time": data.get("message.event_time"),
-                             "merged_into_id": None, "version": 1, "active": True})
+                             "merged_into_id": None, "version": 1, "active": True, "created_at": now,
+                             "updated_at": now})
 
 
 def update_patient(conn: Connection, p: Record, data: MappedFields, out: Outcome, *,
@@ -247,9 +255,11 @@ def update_patient(conn: Connection, p: Record, data: MappedFields, out: Outcome
 
 
 def upsert_patient(conn: Connection, data: MappedFields, out: Outcome, *, create: bool = True,
-                   update: bool = True, ignore_stale: bool = True) -> Record:
+                   update: bool = True, ignore_stale: bool = True,
+                   found: Record | None | NotLookedUp = NOT_LOOKED_UP) -> Record:
+    """``found``: what ``find_patient`` gave the caller for this message's identifier, if it asked."""
     value, issuer = _identity(data)
-    p = find_patient(conn, value, issuer)
+    p = find_patient(conn, value, issuer) if found is NOT_LOOKED_UP else found
     if p is None:
         if not create:
             raise DomainError(f"patient {value}^{issuer} is not known", code=E.UNKNOWN_KEY, field="patient.id")
@@ -257,6 +267,7 @@ def upsert_patient(conn: Connection, data: MappedFields, out: Outcome, *, create
     elif update:
         update_patient(conn, p, data, out, ignore_stale=ignore_stale)
     out.patient_id = p.id
+    out.patient = p
     return p
 
 
@@ -294,13 +305,13 @@ def merge_patients(conn: Connection, data: MappedFields, out: Outcome, *, ignore
         out.events.append(IdentifierAdded(patient_id=prior.id, identifiers=(f"{value}^{issuer}",),
                                           replaces=f"{prior_value}^{prior_issuer}"))
         update_patient(conn, prior, data, out, ignore_stale=ignore_stale)
-        out.patient_id = prior.id
+        out.patient_id, out.patient = prior.id, prior
         return prior
     if survivor is None:
         survivor = create_patient(conn, data, out)
     else:
         update_patient(conn, survivor, data, out, ignore_stale=ignore_stale)
-    out.patient_id = survivor.id
+    out.patient_id, out.patient = survivor.id, survivor
     if prior is None:
         # PID-3 may list the prior identifier too: the create/update above then added it to the
         # survivor as one of its identifiers; it becomes the alias instead of a second row

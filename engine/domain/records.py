@@ -10,7 +10,8 @@ records instead; the ORM models stay the schema and the read side (admin API).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypedDict, TypeVar, cast, overload
+from enum import Enum
+from typing import Any, Final, Literal, TypedDict, TypeVar, cast, overload
 
 from sqlalchemy import (
     CompoundSelect,
@@ -78,9 +79,20 @@ class Record:
         return True
 
     def save(self, conn: Connection) -> None:
+        """Write the changed columns; the record then holds what was written (updated_at too)."""
         if self.changed:
-            update_row(conn, self.table, self.id, **self.changed)
+            self.values.update(update_row(conn, self.table, self.id, **self.changed))
             self.changed = {}
+
+
+class _Lookup(Enum):
+    NOT_DONE = "not looked up"
+
+
+# For a domain function that finds a row itself unless the caller already did: ``found=NOT_LOOKED_UP``
+# (the default) means look it up; a Record or None is the caller's answer (None: it is not there).
+NOT_LOOKED_UP: Final = _Lookup.NOT_DONE
+NotLookedUp = Literal[_Lookup.NOT_DONE]
 
 
 _PREPARED = PreparedCache()
@@ -117,14 +129,15 @@ def add(conn: Connection, table: Table, **values: Any) -> int:
     return int(values[pk]) if pk in values else int(cursor.lastrowid)
 
 
-def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> None:
-    """UPDATE one row by primary key: the columns given (and onupdate columns)."""
+def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> dict[str, Any]:
+    """UPDATE one row by primary key: the columns given (and onupdate columns); returns what it wrote."""
     values = _with_defaults(table, values, on_update=True)
     keys = tuple(sorted(values))
     prepared = _PREPARED.statement(conn, ("update", table.name, keys),
                                    lambda: update(table).where(table.c.id == bindparam("row_id_"))
                                    .values({k: bindparam(k) for k in keys}))
     prepared.execute(conn, {**values, "row_id_": row_id})
+    return values
 
 
 R = TypeVar("R", bound=Mapping[str, Any])

@@ -47,9 +47,11 @@ from engine.domain.records import (
     IDENTIFIER_OWNER,
     IDENTIFIERS,
     MESSAGES,
+    NOT_LOOKED_UP,
     ORDERS,
     PATIENTS,
     IdentifierOwner,
+    Record,
     add,
     fetch,
     update_row,
@@ -339,16 +341,17 @@ class FhirInbound:
         values = self.map(route, resource)
         action = route.action
         retired = bool(values.get("merge.survivor_id"))  # this Patient is the one merged away
+        looked_up: Record | None  # handed to the domain, which then does not look it up again
         if it.resource_type == "Patient":
             action, values = _patient_action(action, values)
-            found = self._patient_for(conn, values)
+            looked_up = self._patient_for(conn, values)
         else:
-            order = find_order(conn, values)
-            found = int(order.id) if order is not None else None
+            looked_up = order = find_order(conn, values)
             if order is not None and values.get("order.control") == "NW":
                 values["order.control"] = "XO"  # FHIR says update; the order history should too
             if order is not None and values.get("order.status") == "SC" and order["status"] in ("IP", "A"):
                 del values["order.status"]  # "active" covers in progress: images moved it on, keep that
+        found = looked_up.id if looked_up is not None else None
         if existing is not None and found is not None and found != existing and action != "patient.merge":
             raise FhirError(409, f"the identifiers in the body belong to {it.resource_type}/{found}, not to "
                                  f"{it.resource_type}/{existing}", "conflict", f"{it.resource_type}.identifier")
@@ -360,21 +363,23 @@ class FhirInbound:
             raise FhirError(409, f"{it.resource_type}/{found} already has these identifiers; update it with PUT "
                                  f"{it.resource_type}/{found}, a conditional update, or send If-None-Exist",
                             "duplicate", f"{it.resource_type}.identifier")
-        out = apply_action(conn, action, values, [], self.channel.fhir, message_id, bus=self.bus)
-        rid = out.patient_id if it.resource_type == "Patient" else (out.order_ids[0] if out.order_ids else None)
+        out = apply_action(conn, action, values, [], self.channel.fhir, message_id, bus=self.bus,
+                           found=looked_up if action != "patient.merge" else NOT_LOOKED_UP)
+        written = out.patient if it.resource_type == "Patient" else (out.orders[0] if out.orders else None)
+        rid = written.id if written is not None else None
         if retired and existing is not None:
             rid = existing  # the answer is about the resource sent: now inactive, replaced-by the survivor
         if rid is None:
             raise FhirError(500, "the store applied the resource but returned no id", "exception")
-        done = self._done(conn, it.resource_type, rid, 200 if found is not None else 201, out.notes)
+        done = self._done(conn, it.resource_type, rid, 200 if found is not None else 201, out.notes,
+                          written if written is not None and written.id == rid else None)
         done.mapped = values
         return done
 
-    def _patient_for(self, conn: Connection, values: MappedFields) -> int | None:
+    def _patient_for(self, conn: Connection, values: MappedFields) -> Record | None:
         if not values.get("patient.id"):
             return None
-        p = find_patient(conn, str(values["patient.id"]), str(values.get("patient.issuer") or ""))
-        return int(p.id) if p is not None else None
+        return find_patient(conn, str(values["patient.id"]), str(values.get("patient.issuer") or ""))
 
     def _target_by_id(self, conn: Connection, it: Interaction) -> int:
         assert it.id is not None
@@ -398,7 +403,11 @@ class FhirInbound:
                             "conflict")
         return int(row.id)
 
-    def _done(self, conn: Connection, rtype: str, rid: int, status: int, notes: list[str]) -> Done:
+    def _done(self, conn: Connection, rtype: str, rid: int, status: int, notes: list[str],
+              written: Record | None = None) -> Done:
+        """The entry's answer; ``written`` is the row as the domain wrote it (else it is read)."""
+        if written is not None and written.get("updated_at") is not None:
+            return Done(status, rtype, rid, int(written["version"]), written["updated_at"], list(notes))
         row = fetch(conn, _VERSION["patients" if rtype == "Patient" else "orders"], _Version, id=rid)
         return Done(status, rtype, rid, int(row["version"]) if row else 1, row["updated_at"] if row else None,
                     list(notes))
