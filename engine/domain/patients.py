@@ -165,6 +165,8 @@ def _public(diff: dict[str, list[Any]]) -> dict[str, list[Any]]:
 
 
 def _add_identifiers(conn: Connection, patient_id: int, data: MappedFields, out: Outcome) -> list[str]:
+    """Keep the other identifiers the message lists (PID-3 repeats) on the patient its identity
+    (patient.id, patient.issuer) found or created: that one is the patient's already, not looked up."""
     items = []
     for item in data.get("patient.identifiers") or []:
         value = str(item.get("value") or "")
@@ -178,7 +180,7 @@ def _add_identifiers(conn: Connection, patient_id: int, data: MappedFields, out:
         items.append((value, issuer, type_code))
     if not items:
         return []
-    owners: dict[tuple[str, str], int] = {}
+    owners = {(str(data.get("patient.id") or ""), str(data.get("patient.issuer") or "")): patient_id}
     added: list[str] = []
     for value, issuer, type_code in items:
         if (value, issuer) not in owners:
