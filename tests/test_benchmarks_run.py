@@ -8,9 +8,11 @@ deliveries made) passed, and print its table."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -24,7 +26,21 @@ RUNS = {
     "outbound_delivery.py": (["--studies", "10", "--latency-studies", "2", "--natural-studies", "2",
                               "--warmup", "1"], "deliveries/s"),
     "retention.py": (["--old", "500", "--live", "50", "--batch", "100"], "while pruning"),
+    # this tree against itself, one pair: the same-run comparison of two commits
+    "compare.py": (["--baseline", str(REPO), "--pairs", "1", "reconcile_coerce.py", "--instances", "5"],
+                   "engine (coerce) inst/s"),
 }
+
+
+def _compare() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_compare", REPO / "bench" / "compare.py")
+    assert spec is not None and spec.loader is not None
+    module = sys.modules.get(spec.name)
+    if module is None:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return module
 
 
 def test_every_benchmark_is_covered() -> None:
@@ -39,6 +55,12 @@ def test_the_benchmark_runs_and_its_checks_pass(script: str, tmp_path: Path) -> 
     tail = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0, tail
     assert figure in run.stdout, tail
+    compare = _compare()
+    if script in compare.FIGURES:  # bench/compare.py reads this table: every figure it knows is found
+        found = compare.figures(script, run.stdout)
+        for fig in compare.FIGURES[script]:
+            column = fig.name.rsplit("}", 1)[-1]  # " msg/s", " CPU ms/msg" ...
+            assert any(name.endswith(column) and values for name, values in found.items()), (column, found, tail)
 
 
 def bench_env(tmp_path: Path) -> dict[str, str]:
