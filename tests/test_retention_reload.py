@@ -7,8 +7,9 @@ import itertools
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
+from engine.store.db import Database
 from engine.store.models import Message, MessageContent, Patient
 from engine.store.retention import prune
 from engine.store.types import utcnow
@@ -41,6 +42,23 @@ def test_pruning_during_ingest_drops_old_content_then_rows_and_keeps_errors(runn
         err = s.execute(select(Message).where(Message.status == "error")).scalar_one()
         assert err.content_pruned is False
         assert s.execute(select(func.count()).select_from(Patient)).scalar() == 220  # domain data untouched
+
+
+def test_only_duplicates_are_indexed_by_duplicate_of_and_retention_still_finds_them(db: Database) -> None:
+    """ix_messages_duplicate_of holds the resends only (not a page per message), and the lookups
+    retention makes (IN, and the foreign key's =) still go through it, not a scan."""
+    probes = ("SELECT id FROM messages WHERE duplicate_of IN (1, 2, 3)", "SELECT id FROM messages WHERE duplicate_of = 7")
+    with db.writer.connect() as conn:
+        if db.is_postgres:
+            conn.execute(text("SET enable_seqscan = off"))  # an empty table: ask whether the index can serve
+            plans = [" ".join(str(r[0]) for r in conn.execute(text("EXPLAIN " + q))) for q in probes]
+            definition = conn.execute(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_messages_duplicate_of'"))
+        else:
+            plans = [" ".join(str(r[-1]) for r in conn.execute(text("EXPLAIN QUERY PLAN " + q))) for q in probes]
+            definition = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = 'ix_messages_duplicate_of'"))
+        assert "duplicate_of IS NOT NULL" in str(definition.scalar()).replace("(", "").replace(")", "")
+    for plan in plans:
+        assert "ix_messages_duplicate_of" in plan, plan
 
 
 def test_a_changed_mapping_applies_to_the_next_message_without_restart(running: RunningEngine) -> None:
