@@ -262,11 +262,11 @@ class FhirInbound:
         try:
             if mode == "batch":
                 for i in order:
-                    results[i] = self._guarded(conn, session, interactions[i], message_id, refs)
-            else:
+                    results[i] = self._guarded(conn, session, interactions[i], message_id, refs, isolate=True)
+            else:  # all or nothing: the first failure rolls back rb_fhir, so entries need no savepoint of their own
                 with savepoint(conn, "rb_fhir"):
                     for i in order:
-                        r = self._guarded(conn, session, interactions[i], message_id, refs)
+                        r = self._guarded(conn, session, interactions[i], message_id, refs, isolate=False)
                         if isinstance(r, FhirError):
                             raise r
                         results[i] = r
@@ -277,10 +277,15 @@ class FhirInbound:
         return out
 
     def _guarded(self, conn: Connection, session: Session, it: Interaction, message_id: int,
-                 refs: dict[str, tuple[str, int]]) -> Done | FhirError:
-        """One interaction in its own SAVEPOINT: a refusal or failure leaves the rest untouched."""
+                 refs: dict[str, tuple[str, int]], *, isolate: bool) -> Done | FhirError:
+        """One interaction; a refusal or failure is returned, not raised. With ``isolate`` (a batch
+        entry) in its own SAVEPOINT, so it leaves the other entries untouched; without, the caller
+        rolls back its enclosing SAVEPOINT on the first failure (a transaction: nothing is kept)."""
         try:
-            with savepoint(conn, "rb_entry"):
+            if isolate:
+                with savepoint(conn, "rb_entry"):
+                    done = self.apply_interaction(conn, it, message_id, refs)
+            else:
                 done = self.apply_interaction(conn, it, message_id, refs)
         except FhirError as exc:
             return it.located(exc)

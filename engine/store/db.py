@@ -52,6 +52,9 @@ def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, busy_timeout_
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        # SAVEPOINT journals (every message is applied inside one or two) in memory, not in a temp
+        # file that SQLite spills to past 64 KiB: they never need to survive a crash (the WAL does)
+        cur.execute("PRAGMA temp_store=MEMORY")
         cur.close()
 
     begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
