@@ -146,7 +146,8 @@ def count(tree: Path, messages: int, warmup: int, work: Path, protocol: str = "m
     env = mi.engine_env(d, f"sqlite:///{d}/radbridge.db", "FULL", tree)
     dicom_port = di.free_port()  # not the default 11112: another engine may be running
     env.update({"RADBRIDGE_DICOM_PORT": str(dicom_port), "RADBRIDGE_DICOM_FSYNC": "true",
-                "RADBRIDGE_STABLE_SECONDS": "3600"})
+                "RADBRIDGE_STABLE_SECONDS": "3600",
+                "PYTHONHASHSEED": "0"})  # the same string hashes, dict and set layouts every run
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/callgrind.out.%p",
             sys.executable, "-m", "engine.cli", "run"]
     mi.STARTUP_TIMEOUT = 900.0  # the engine starts ~20x slower under valgrind
