@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk waits ~40 ms per PDU without it
 
@@ -63,7 +63,7 @@ def make_instance(out: Path, *, source: Path | None = None, patient_id: str = "P
         ds.IssuerOfPatientID = issuer
     ds.AccessionNumber = accession
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study_uid, series_uid, sop_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.InstanceNumber = number
     if modality:
         ds.Modality = modality

@@ -118,7 +118,7 @@ def engine_names_imported_by(root: Path) -> list[tuple[str, str, str]]:
 
 def test_the_benchmarks_import_only_public_names_the_engine_has() -> None:
     """bench/ is not run by the tests: a renamed engine function would break a benchmark unseen."""
-    import importlib
+    import importlib.util
     imported = engine_names_imported_by(BENCH)
     assert imported  # the scan sees the benchmarks' imports
     private = [f"{where}: {module}.{name}" for where, module, name in imported if name.startswith("_")]

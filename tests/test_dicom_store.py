@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config
 from sqlalchemy import select
 
@@ -193,7 +193,7 @@ def test_bad_datasets_get_specific_failure_statuses(sqlite_engine: RunningEngine
     # the SOP class in the dataset is not the one the command (and context) named
     wrong_class = make_instance(tmp_path / "wrongclass.dcm")
     ds = pydicom.dcmread(wrong_class.path)
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")  # MR Image Storage
     ds.save_as(wrong_class.path)  # not enforce_file_format: that would put the dataset's class back
     assert pydicom.dcmread(wrong_class.path).file_meta.MediaStorageSOPClassUID.endswith(".4")
     assert pynetdicom_store(port, wrong_class.path, chunked=True) == 0xA900

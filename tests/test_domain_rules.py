@@ -11,7 +11,7 @@ test_reconciliation.py; here each case is isolated and names the rule it checks
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import func, select
@@ -22,7 +22,7 @@ from engine.domain.patients import Outcome, find_patient, merge_patients, upsert
 from engine.domain.records import add
 from engine.domain.studies import STUDIES
 from engine.hl7 import errors as E
-from engine.reconciliation.matching import Match, match_study
+from engine.reconciliation.matching import Match, StudyHeaders, match_study
 from engine.reconciliation.rules import ReconciliationRules, default_rules
 from engine.store.db import Database
 from engine.store.models import Order, OrderStatusChange, Patient, PatientChange, PatientIdentifier, Study
@@ -95,7 +95,7 @@ def add_study(db: Database, uid: str, *, accession: str | None = None, patient_i
 
 def match(db: Database, study: dict[str, Any], rules: ReconciliationRules | None = None) -> Match:
     with db.reader.connect() as conn:  # the reconciler matches on a reader connection
-        return match_study(conn, study, rules or default_rules())
+        return match_study(conn, cast(StudyHeaders, study), rules or default_rules())
 
 
 # --- reading the store back --------------------------------------------------------------------------
@@ -398,9 +398,9 @@ def test_an_order_is_found_by_placer_before_filler_before_accession_newest_first
     ]
     with db.reader.connect() as conn:
         found = [(f.id if (f := find_order(conn, data)) is not None else None) for data, _ in cases]
-        row = find_order(conn, {"order.placer_number": "PL3"})
+        plain = find_order(conn, {"order.placer_number": "PL3"})
     assert found == [want for _, want in cases]
-    assert row is not None and row.id == by_accession and "rank_" not in row.values  # a plain orders row
+    assert plain is not None and plain.id == by_accession and "rank_" not in plain.values  # a plain orders row
 
 
 @pytest.mark.parametrize(("control", "status"), [("CA", "CA"), ("OC", "CA"), ("DC", "DC"), ("OD", "DC")])

@@ -444,8 +444,8 @@ def test_stale_updates_and_hot_reloaded_mapping(workdir: Path, db_url: str) -> N
         path = workdir / "mappings" / "fhir-patient.yaml"
         path.write_text(path.read_text().replace('{"http://hospital.example.org/mrn": HOSP}',
                                                  '{"http://hospital.example.org/mrn": HOSP, "urn:site:mrn": HOSP}'))
-        wait_until(lambda: "urn:site:mrn" in str(eng.engine.mappings.get("fhir-patient").tables["issuer"].values
-                                                 ).lower(),
+        wait_until(lambda: (m := eng.engine.mappings.get("fhir-patient")) is not None
+                   and "urn:site:mrn" in str(m.tables["issuer"].values).lower(),
                    timeout=10, interval=0.1, message="the edited fhir-patient mapping to be reloaded")
         assert ack_code(send(eng.mllp_port, adt("A01", "H2", "Tau"))) == "AA"  # issuer GENHOSP
         made = call(eng, "POST", "Patient", patient("H3", "Upsilon", identifier=[mrn("H3", "urn:site:mrn")]))

@@ -12,7 +12,7 @@ from engine.channels import load_channels
 from engine.config import Settings
 from engine.connectors.registry import connector_specs
 from engine.domain.events import EventBus
-from engine.pipeline.hl7_inbound import HL7Inbound
+from engine.pipeline.hl7_inbound import HL7Inbound, Prepared, Stored
 from engine.pipeline.stage import InboundStage, ingest
 from engine.pipeline.writer import IngestWriter
 from engine.runtime import open_mappings
@@ -36,7 +36,7 @@ def test_an_hl7_message_is_committed_when_ingest_returns(db: Database) -> None:
     assert [p for p in mappings.load_all() if p.severity == "error"] == []
     channels, _ = load_channels(REPO / "channels", connector_specs(), set(mappings.names()))
     channel = next(c for c in channels if c.name == "hl7-inbound")
-    stage: InboundStage[object, object] = HL7Inbound(channel, mappings, bus=EventBus())
+    stage: InboundStage[Prepared, Stored] = HL7Inbound(channel, mappings, bus=EventBus())
     assert isinstance(stage, HL7Inbound)
     prepared = stage.prepare(adt("A01", "STAGE1", "Stage").encode(), "127.0.0.1:1")
     assert counts(db) == (0, 0)  # preparing touches no store

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from engine.standin_ehr import StandInEHR
@@ -300,7 +300,7 @@ def _report_instances(tmp: Path, obj: Any, pdf: bytes) -> list[Path]:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         sop = generate_uid()
         cls = "1.2.840.10008.5.1.4.1.1.88.11" if kind == "sr" else "1.2.840.10008.5.1.4.1.1.104.1"
-        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = cls, sop
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = UID(cls), sop
         ds.SOPClassUID, ds.SOPInstanceUID = cls, sop
         ds.StudyInstanceUID, ds.SeriesInstanceUID = obj.study_uid, generate_uid()
         ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "MRN6", "SMITH^JOHN", "19800202", "M"

@@ -51,7 +51,7 @@ def hl7(e: RunningEngine, *messages: str) -> None:
 
 def store(e: RunningEngine, tmp: Path, n: int = 1, **kw: Any) -> Any:
     """Send ``n`` CT instances of one series; returns the last one made (its UIDs)."""
-    objs = []
+    objs: list[Any] = []
     for i in range(n):
         objs.append(make_instance(tmp / f"{generate_uid()}.dcm", number=i + 1,
                                   series_uid=objs[0].series_uid if objs else kw.pop("series_uid", None), **kw))
@@ -363,7 +363,7 @@ def test_cancelled_order_with_images_is_a_finding(eng: RunningEngine, tmp_path: 
     st = study(eng, obj.study_uid)
     assert (st.recon_state, st.matched_by) == ("flagged", "accession")
     [f] = findings(eng, obj.study_uid, kind="order_cancelled", status="open")
-    assert f.detail["status"] == "CA"
+    assert (f.detail or {})["status"] == "CA"
     assert order(eng, "ACC9").status == "CA"  # not revived by the images
 
 
@@ -377,7 +377,7 @@ def test_two_studies_for_one_accession(eng: RunningEngine, tmp_path: Path) -> No
     assert s1.order_id == s2.order_id == o.id and o.status == "CM"
     assert s1.recon_state == s2.recon_state == "reconciled"  # information, not a flag
     [f] = findings(eng, two.study_uid, kind="accession_shared")
-    assert f.severity == "info" and f.detail["other_studies"] == [one.study_uid]
+    assert f.severity == "info" and (f.detail or {})["other_studies"] == [one.study_uid]
 
 
 def test_study_that_grows_after_it_was_stable(eng: RunningEngine, tmp_path: Path) -> None:
@@ -437,7 +437,7 @@ def test_a_pass_stopped_midway_hands_back_the_jobs_it_leased_but_did_not_run(eng
         with eng.db.read_session() as s:
             return [(j.study_id, j.leased_until) for j in s.execute(select(ReconcileJob).order_by(ReconcileJob.id))
                     .scalars()]
-    assert len(wait_until(lambda: len(queued()) == 3 and queued(), message="3 studies queued")) == 3
+    assert wait_until(lambda: len(queued()) == 3, message="3 studies queued")
     results: list[Any] = []
 
     def stop_after_the_first(result: Any) -> None:

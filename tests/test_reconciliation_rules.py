@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 import pydicom
 import pytest
 
+from engine.domain.rows import OrderRow, PatientRow
 from engine.mappings.registry import load_mapping_file
 from engine.reconciliation.coerce import Target, rewrite_instance
 from engine.reconciliation.compare import Authority, authoritative, differences, names_agree
@@ -70,16 +72,16 @@ def test_name_comparison_rules(received: str | None, expected: str, rules: NameR
 
 def test_authoritative_values_and_differences() -> None:
     rules = default_rules()
-    auth = Authority(patient={"id": 1, "family_name": "Doe", "given_name": "Jane", "middle_name": None,
-                              "prefix": None, "suffix": "Jr", "birth_date": "1970-01-31", "sex": "U"},
-                     identifier=("MRN1", "GENHOSP"), order={"id": 2, "accession": "ACC1"})
+    auth = Authority(patient=cast(PatientRow, {"id": 1, "family_name": "Doe", "given_name": "Jane", "middle_name": None,
+                              "prefix": None, "suffix": "Jr", "birth_date": "1970-01-31", "sex": "U"}),
+                     identifier=("MRN1", "GENHOSP"), order=cast(OrderRow, {"id": 2, "accession": "ACC1"}))
     values = {r.keyword: authoritative(r, auth) for r in rules.attributes}
     assert values == {"PatientName": "Doe^Jane^^^Jr", "PatientID": "MRN1", "IssuerOfPatientID": "GENHOSP",
                       "PatientBirthDate": "19700131", "PatientSex": "O", "AccessionNumber": "ACC1"}
     got = differences(rules, auth, {"PatientName": "DOE^JANE^^^JR", "PatientID": "MRN1", "IssuerOfPatientID": None,
                                     "PatientBirthDate": "19700131", "PatientSex": "F", "AccessionNumber": "ACC1"})
     assert got == {"IssuerOfPatientID": (None, "GENHOSP"), "PatientSex": ("F", "O")}
-    partial = Authority(patient={**auth.patient, "birth_date": "1970"}, identifier=auth.identifier)  # type: ignore[dict-item]
+    partial = Authority(patient=cast(PatientRow, {**auth.patient, "birth_date": "1970"}), identifier=auth.identifier)  # type: ignore[dict-item]
     assert authoritative(rules.attributes[3], partial) is None  # a partial date is not coerced
 
 
@@ -95,8 +97,8 @@ def test_rewrite_keeps_pixel_data_and_syntax_and_records_originals(tmp_path: Pat
     shutil.copy(source, tmp_path / "store" / "in" / "x.dcm")
     before = pydicom.dcmread(source)
     rules = default_rules()
-    auth = Authority(patient={"id": 1, "family_name": "Ivanov", "given_name": "Иван", "birth_date": "1970-01-31",
-                              "sex": "M"}, identifier=("MRN1", "GENHOSP"), order={"id": 1, "accession": "ACC1"})
+    auth = Authority(patient=cast(PatientRow, {"id": 1, "family_name": "Ivanov", "given_name": "Иван", "birth_date": "1970-01-31",
+                              "sex": "M"}), identifier=("MRN1", "GENHOSP"), order=cast(OrderRow, {"id": 1, "accession": "ACC1"}))
     values = [(r, v) for r in rules.attributes if (v := authoritative(r, auth)) is not None]
     target = Target(values, rules.names, "COERCE", "RADBRIDGE")
     out = rewrite_instance(storage, "in/x.dcm", target, study_uid="1.2.3", series_uid="1.2.3.4",
