@@ -396,6 +396,25 @@ def test_bad_input_gets_a_specific_operation_outcome(running: RunningEngine) -> 
 
 # --- search and reads --------------------------------------------------------------------------------------
 
+def test_hostile_requests_get_4xx_not_500(running: RunningEngine) -> None:
+    """Found by the hardening review (issue 14, item 13): each answered 500."""
+    deep = b'{"resourceType": "Patient", "extension": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = call(running, "POST", "Patient", raw=deep)
+    assert r.status == 400 and "deeper than 100 levels" in r.issues()[0], r.body
+    parsable = b'{"resourceType": "Patient", "extension": ' + b"[" * 150 + b"]" * 150 + b"}"  # json parses it
+    r = call(running, "POST", "Patient", raw=parsable)
+    assert r.status == 400 and "deeper than 100 levels" in r.issues()[0], r.body
+    assert call(running, "GET", "Patient/99999999999999999999999").status == 404
+    huge_put = call(running, "PUT", "Patient/99999999999999999999999",
+                    dict(patient("HUGE1", "Huge"), id="99999999999999999999999"))
+    assert huge_put.status == 405, huge_put.body  # ids are ours, as for any unknown id
+    nul = call(running, "GET", "Patient?family=a%00b")
+    assert nul.status == 400 and "NUL" in nul.issues()[0], nul.body
+    status, body = running.api("/api/patients?identifier=a%00b")
+    assert status == 400 and "NUL" in body["detail"], body
+    assert call(running, "GET", "metadata", token=None).status == 200  # and it still serves
+
+
 def test_search_parameters_paging_and_audit(running: RunningEngine) -> None:
     made = [call(running, "POST", "Patient", patient(f"S{i}", "Searchable", given=f"G{i}")) for i in range(5)]
     page = call(running, "GET", "Patient?family=searchable&_count=2").body

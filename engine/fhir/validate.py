@@ -23,14 +23,41 @@ R5_ELEMENTS: dict[str, dict[str, str]] = {
 MAX_ISSUES = 20
 
 
+MAX_DEPTH = 100  # objects and arrays inside each other; a real resource (even a Bundle) stays under 30
+
+
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except UnicodeDecodeError as exc:
         raise FhirError(400, f"the body is not UTF-8 text: {exc}", "structure") from None
     except json.JSONDecodeError as exc:
         raise FhirError(400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                         "structure") from None
+    except RecursionError:
+        raise FhirError(400, f"the body nests objects or arrays deeper than {MAX_DEPTH} levels", "structure") from None
+    if nesting_depth(data) > MAX_DEPTH:  # validation and mapping walk it recursively: refuse it here
+        raise FhirError(400, f"the body nests objects or arrays deeper than {MAX_DEPTH} levels", "structure")
+    return data
+
+
+def nesting_depth(data: Any) -> int:
+    """How deep objects and arrays nest in parsed JSON (a loop, not recursion; stops past MAX_DEPTH)."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(data, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def expression(resource_type: str, loc: tuple[Any, ...]) -> str:

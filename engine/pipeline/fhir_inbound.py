@@ -394,7 +394,8 @@ class FhirInbound:
                             f"{it.resource_type}.id")
         table = PATIENTS if it.resource_type == "Patient" else ORDERS
         cols = [table.c.id, table.c.version] + ([PATIENTS.c.merged_into_id] if table is PATIENTS else [])
-        row = conn.execute(select(*cols).where(table.c.id == int(it.id))).first() if it.id.isdigit() else None
+        local = it.id.isdigit() and len(it.id) <= 18  # a BIGINT; longer would overflow the driver
+        row = conn.execute(select(*cols).where(table.c.id == int(it.id))).first() if local else None
         if row is None:
             raise FhirError(405, f"{it.resource_type}/{it.id} does not exist, and ids are assigned here: create it "
                                  f"with POST {it.resource_type} or a conditional update", "not-supported")

@@ -4,7 +4,7 @@ by hand, reconcile it again, accept a finding."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -17,6 +17,7 @@ from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.web import audit, deliveries
 from engine.web.audit import record_read
+from engine.web.inputs import nul_parameter
 from engine.web.keys import ENGINE, WRITER
 from engine.web.reads import in_read_session
 from engine.web.serialize import message_json, order_json, patient_json, study_json
@@ -246,9 +247,17 @@ async def channels(request: web.Request) -> web.Response:
     return web.json_response({"channels": request.config_dict[ENGINE].channel_status()})
 
 
+@web.middleware
+async def input_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    if (name := nul_parameter(request)) is not None:
+        raise _bad(f"{name} contains a NUL character")
+    return await handler(request)
+
+
 def api_app() -> web.Application:
     """/api/: the services come from the root app's keys (request.config_dict)."""
-    app = web.Application()
+    app = web.Application(middlewares=[input_middleware])
     app.add_routes(audit.routes)
     app.add_routes(routes)
     app.add_routes(deliveries.routes)

@@ -39,6 +39,7 @@ from engine.pipeline.writer import StorageUnavailable
 from engine.web import fhir_views as views
 from engine.web.audit import agent_of, record_read
 from engine.web.fhir_capability import capability_statement
+from engine.web.inputs import nul_parameter
 from engine.web.keys import FHIR_INBOUND, MAPPINGS, METRICS, SETTINGS, WRITER
 from engine.web.reads import on_reader
 
@@ -68,6 +69,8 @@ async def outcome_middleware(request: web.Request,
                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every refusal is an OperationOutcome, including aiohttp's own (404 route, 405 method)."""
     try:
+        if (name := nul_parameter(request)) is not None:
+            raise FhirError(400, f"{name} contains a NUL character", "value")
         return await handler(request)
     except FhirError as err:
         return error_response(err)
@@ -286,7 +289,9 @@ async def read(request: web.Request) -> web.Response:
     rtype = _readable(request.match_info["type"])
     rid = request.match_info["id"]
     vid = request.match_info.get("vid")
-    found = (await _read_resources(request, rtype, [int(rid)])).get(int(rid)) if rid.isdigit() else None
+    # ids are BIGINTs: anything longer than 18 digits cannot be one of ours (and would overflow the driver)
+    local = rid.isdigit() and len(rid) <= 18
+    found = (await _read_resources(request, rtype, [int(rid)])).get(int(rid)) if local else None
     status = 200 if found is not None else 404
     if found is not None and vid is not None and vid != views.version_of(found):
         status, found = 404, None
