@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -413,6 +414,37 @@ def test_hostile_requests_get_4xx_not_500(running: RunningEngine) -> None:
     status, body = running.api("/api/patients?identifier=a%00b")
     assert status == 400 and "NUL" in body["detail"], body
     assert call(running, "GET", "metadata", token=None).status == 200  # and it still serves
+
+
+def test_bundle_references_and_search_wildcards(running: RunningEngine) -> None:
+    """Issue 14, item 14: a link to a later Patient entry, a repeated fullUrl, LIKE wildcards in search."""
+    def merged(survivor_first: bool, surv: str, prior: str) -> list[str]:
+        """A Bundle of a Patient that replaces another Patient entry; the statuses it got."""
+        a, b = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+        survivor = _post(dict(patient(surv, "Linked"), link=[{"other": {"reference": b}, "type": "replaces"}]), a)
+        entries = [survivor, _post(patient(prior, "Linked"), b)]
+        r = call(running, "POST", "", _txn(*(entries if survivor_first else entries[::-1])))
+        assert r.status == 200, r.body
+        return sorted(e["response"]["status"] for e in r.body["entry"])
+
+    def owner(mrn: str) -> int:
+        (p,) = running.api(f"/api/patients?identifier={mrn}")[1]["patients"]
+        return int(p["id"])
+
+    # the link names a later entry, or an earlier one: the same outcome (the prior identifier joins the
+    # survivor's record, as an A40 whose survivor is new)
+    assert merged(True, "LK1", "LK2") == merged(False, "LK5", "LK6")
+    assert owner("LK1") == owner("LK2") and owner("LK5") == owner("LK6")
+    # one fullUrl for two entries: which one a reference means is undecidable
+    c = "urn:uuid:0f1c5f4e-7d9e-4a57-9d0c-1d4e8b7a0003"
+    dup = call(running, "POST", "", _txn(_post(patient("LK3", "Dup"), c), _post(patient("LK4", "Dup"), c)))
+    assert dup.status == 400 and "fullUrl" in dup.issues()[0] and "entry[0]" in dup.issues()[0], dup.body
+    assert running.api("/api/patients?identifier=LK3")[1]["patients"] == []
+    # % and _ are letters in a search value, not LIKE wildcards
+    assert call(running, "GET", "Patient?family=_%25").body["total"] == 0
+    assert call(running, "GET", "Patient?family:contains=%25").body["total"] == 0
+    assert call(running, "GET", "Patient?family=Linke_").body["total"] == 0
+    assert call(running, "GET", "Patient?family=Linke").body["total"] >= 1
 
 
 def test_search_parameters_paging_and_audit(running: RunningEngine) -> None:

@@ -163,6 +163,35 @@ class FhirRequest:
     agent: str | None = None
 
 
+def application_order(interactions: list[Interaction]) -> list[int]:
+    """The order entries are applied in: Patients first (ServiceRequests refer to them), and each
+    Patient after the Patient entries its links name (a merge needs the other record first, wherever
+    it stands in the Bundle); then the rest, in entry order. A cycle of links keeps entry order."""
+    by_url = {it.full_url: i for i, it in enumerate(interactions) if it.full_url}
+
+    def linked(i: int) -> list[int]:
+        links = interactions[i].resource.get("link")
+        refs = [str((ln.get("other") or {}).get("reference") or "") for ln in links if isinstance(ln, dict)] \
+            if isinstance(links, list) else []
+        return [j for r in refs if (j := by_url.get(r)) is not None and interactions[j].resource_type == "Patient"]
+
+    out: list[int] = []
+    seen: set[int] = set()
+    for start in (i for i, it in enumerate(interactions) if it.resource_type == "Patient"):
+        stack = [(start, False)]  # a loop, not recursion: a Bundle may hold many entries
+        while stack:
+            i, ready = stack.pop()
+            if ready:
+                out.append(i)
+                continue
+            if i in seen:
+                continue
+            seen.add(i)
+            stack.append((i, True))
+            stack.extend((j, False) for j in reversed(linked(i)) if j not in seen)
+    return out + [i for i, it in enumerate(interactions) if it.resource_type != "Patient"]
+
+
 class FhirInbound:
     """The fhir channel: routes resource types to actions and mapping files."""
 
@@ -257,7 +286,7 @@ class FhirInbound:
         message_id = add(conn, MESSAGES, **row)
         out = Stored(message_id)
         refs: dict[str, tuple[str, int]] = {}
-        order = sorted(range(len(interactions)), key=lambda i: interactions[i].resource_type != "Patient")
+        order = application_order(interactions)
         results: dict[int, Done | FhirError] = {}
         try:
             if mode == "batch":

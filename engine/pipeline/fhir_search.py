@@ -127,9 +127,10 @@ def _date_clause(col: Any, value: str, name: str) -> ColumnElement[bool]:
 def _string_clause(col: Any, value: str, modifier: str) -> ColumnElement[bool]:
     if modifier == "exact":
         return col == value
+    # autoescape: % and _ in the value are letters, not LIKE wildcards
     if modifier == "contains":
-        return func.lower(col).contains(value.lower())
-    return func.lower(col).startswith(value.lower())
+        return func.lower(col).contains(value.lower(), autoescape=True)
+    return func.lower(col).startswith(value.lower(), autoescape=True)
 
 
 IssuerOf = Callable[[str], set[str]]
@@ -215,7 +216,7 @@ def _patient_clause(name: str, modifier: str, value: str, issuers: IssuerOf) -> 
         prefix, start, _end = date_range(value, name)
         if prefix != "eq" or "T" in value:
             raise _bad("birthdate: only dates (YYYY, YYYY-MM, YYYY-MM-DD, optionally eq) are supported", name)
-        return c.birth_date.startswith(value.removeprefix("eq"))
+        return c.birth_date.startswith(value.removeprefix("eq"), autoescape=True)
     if name == "gender":
         wanted = {g.split("|")[-1] for g in value.split(",")}
         unknown = wanted - set(GENDER.values())

@@ -222,6 +222,14 @@ async def bundle(request: web.Request) -> web.Response:
     shell = {k: v for k, v in data.items() if k != "entry"}
     check_resource(shell, "Bundle")
     interactions: list[Interaction | FhirError] = [_entry(i, e) for i, e in enumerate(entries)]
+    first_with: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        url = e.get("fullUrl") if isinstance(e, dict) else None
+        if isinstance(url, str) and url:
+            if url in first_with:  # bdl-7: a reference to it would be ambiguous
+                raise FhirError(400, f"Bundle.entry[{i}].fullUrl {url} repeats Bundle.entry[{first_with[url]}]'s: "
+                                     "each entry needs its own", "invalid", f"Bundle.entry[{i}].fullUrl")
+            first_with[url] = i
     errors = [x for x in interactions if isinstance(x, FhirError)]
     if btype == "transaction" and errors:
         raise errors[0] if len(errors) == 1 else FhirError(
