@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import secrets
 import tempfile
 import threading
@@ -151,8 +152,10 @@ class Engine:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._generated_token = secrets.token_urlsafe(24)
-            path.write_text(self._generated_token + "\n")
-            path.chmod(0o600)
+            # created 0600: never readable by others, not even between the write and a chmod
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(self._generated_token + "\n")
         log.info("HTTP API token (no http.tokens configured) is in %s", path)
 
     # --- lifecycle ---------------------------------------------------------------------------------------

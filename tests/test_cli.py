@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tests.conftest import REPO, SAMPLES, RunningEngine
 from tests.hl7util import adt, send
+from tests.waiting import wait_until
 
 
 def radbridge(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -108,3 +109,32 @@ def test_demo_runs_the_whole_flow_to_the_standin_ehr() -> None:
     assert "state reconciled, matched by accession; name in the stored headers now Müller^Zoë" in out.stdout
     assert "available, 1 series, 2 instances" in out.stdout and "accession ACC2002" in out.stdout
     assert "PID|1||200002^^^GENHOSP^MR||Müller^Zoë||19800101|F" in out.stdout
+
+
+def test_secrets_are_masked_in_output_and_private_on_disk(tmp_path: Path) -> None:
+    """Issue 14, item 15: `check --database` printed the database password; radbridge.db (and its
+    WAL) were created 0644; api-token was written 0644 and then chmod-ed."""
+    url = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:5432/postgres"  # trust auth: any password works
+    out = radbridge("check", "--database", env={"RADBRIDGE_DATABASE_URL": url})
+    assert "s3cret-pw" not in out.stdout + out.stderr
+    assert "postgres:***@127.0.0.1" in out.stdout + out.stderr, out.stdout + out.stderr
+    bad = radbridge("check", "--database",
+                    env={"RADBRIDGE_DATABASE_URL": "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/none"})
+    assert bad.returncode == 1 and "s3cret-pw" not in bad.stdout + bad.stderr
+    # a fresh storage dir: the database, its WAL and the generated token are the owner's only
+    storage = tmp_path / "var"
+    env = {"RADBRIDGE_STORAGE_DIR": str(storage), "RADBRIDGE_DATABASE_URL": ""}
+    run = subprocess.Popen([sys.executable, "-m", "engine.cli", "run"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True,
+                           env={**{k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_")}, **env,
+                                "RADBRIDGE_MLLP_PORT": "0", "RADBRIDGE_HTTP_PORT": "0", "RADBRIDGE_DICOM_PORT": "0"})
+    try:
+        wait_until(lambda: (storage / "api-token").exists() and (storage / "radbridge.db-wal").exists(),
+                   timeout=60, message="the engine to create its store and token")
+    finally:
+        run.terminate()
+        run.wait(30)
+        assert run.stdout is not None
+        run.stdout.close()
+    for name in ("radbridge.db", "radbridge.db-wal", "api-token"):
+        assert (storage / name).stat().st_mode & 0o077 == 0, f"{name}: {oct((storage / name).stat().st_mode)}"

@@ -72,15 +72,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     errors = [p for p in problems if p.severity == "error"]
     if args.database:
         from engine.store import migrate
-        from engine.store.db import open_database
+        from engine.store.db import display_url, open_database
+        shown = display_url(settings.database_url)
         try:
             db = open_database(settings.database_url)
             current = migrate.current_revision(db)
             head = migrate.head_revision()
             db.dispose()
-            print(f"database {settings.database_url}: schema {current or 'empty'} (latest {head})")
+            print(f"database {shown}: schema {current or 'empty'} (latest {head})")
         except Exception as exc:
-            print(f"database {settings.database_url}: cannot connect: {exc}", file=sys.stderr)
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            from sqlalchemy.engine import make_url
+            password = make_url(settings.database_url).password if "://" in settings.database_url else None
+            if password:
+                why = why.replace(str(password), "***")
+            print(f"database {shown}: cannot connect: {why}", file=sys.stderr)
             errors.append(None)  # type: ignore[arg-type]
     if errors:
         print(f"radbridge check: {len(errors)} error(s)", file=sys.stderr)

@@ -8,6 +8,7 @@ mid-transaction); readers use plain ``BEGIN`` and never wait for writers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,24 @@ def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, busy_timeout_
     return eng
 
 
+def display_url(url: str) -> str:
+    """The URL as it may be printed or logged: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: say so without echoing it
+        return "(a database URL that cannot be parsed)"
+
+
+def _create_private(path: Path) -> None:
+    """Create the SQLite file readable by its owner only (0600) before SQLite opens it: SQLite gives
+    the -wal and -shm files the database file's permissions, so patient data never sits in a file
+    others can read."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms: int = 5000,
                   pool_size: int = 5) -> Database:
     """Open (not create) the database at ``url``; call :func:`engine.store.migrate.upgrade` to create it."""
@@ -76,6 +95,7 @@ def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(u.database))
         writer = _sqlite_engine(url, immediate=True, synchronous=sqlite_synchronous,
                                 busy_timeout_ms=busy_timeout_ms)
         reader = _sqlite_engine(url, immediate=False, synchronous=sqlite_synchronous,
