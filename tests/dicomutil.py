@@ -100,18 +100,21 @@ def propose(path: Path) -> list[str]:
 
 
 def findscu(port: int, level: str, keys: list[str], *, model: str = "-S", out_dir: Path | None = None,
-            aet: str = "RADBRIDGE") -> tuple[subprocess.CompletedProcess[str], list[Dataset]]:
-    """C-FIND with dcmtk's findscu; responses are written as files (-X) and read back."""
+            aet: str = "RADBRIDGE", query_file: Path | None = None,
+            debug: bool = False) -> tuple[subprocess.CompletedProcess[str], list[Dataset]]:
+    """C-FIND with dcmtk's findscu; responses are written as files (-X) and read back. ``query_file``:
+    a DICOM file holding the identifier (for keys too long for a command line); ``debug``: log the
+    whole responses (-d), their Error Comment included."""
     assert out_dir is not None
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("rsp*.dcm"):
         old.unlink()
-    args = ["findscu", "-v", model, "-aet", "TESTSCU", "-aec", aet, "-X", "-od", str(out_dir)]
+    args = ["findscu", "-d" if debug else "-v", model, "-aet", "TESTSCU", "-aec", aet, "-X", "-od", str(out_dir)]
     if level:
         args += ["-k", f"QueryRetrieveLevel={level}"]
     for k in keys:
         args += ["-k", k]
-    proc = run([*args, "127.0.0.1", str(port)])
+    proc = run([*args, "127.0.0.1", str(port), *([str(query_file)] if query_file else [])])
     return proc, [pydicom.dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
 
 

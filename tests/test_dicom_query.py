@@ -8,7 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
 from tests.conftest import RunningEngine, make_settings
 from tests.dicomutil import (
@@ -192,5 +195,61 @@ def test_modality_worklist_from_orders(workdir: Path, db_url: str, tmp_path: Pat
         assert ack_code(send(mllp, orm("CA", "WL3", "WACC3", "WMRN3", family="Olsen", modality="CT"))) == "AA"
         found = worklist("ScheduledProcedureStepSequence[0].Modality=CT")
         assert uids(found, "AccessionNumber") == ["WACC1"]
+    finally:
+        eng.stop()
+
+
+def _query_file(path: Path, **keys: object) -> Path:
+    ds = Dataset()
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_find_by_a_list_of_40000_uids(archive: Archive, tmp_path: Path) -> None:
+    """Issue 14, item 12: a list this long failed with C001 (SQLite: expression tree too large)."""
+    wanted = [archive.ct.sop_uid, archive.ct2.sop_uid]
+    others = [generate_uid() for _ in range(40_000)]
+    q = _query_file(tmp_path / "q.dcm", QueryRetrieveLevel="IMAGE", StudyInstanceUID=archive.study_a,
+                    SeriesInstanceUID=archive.ct.series_uid, SOPInstanceUID=others[:20_000] + wanted + others[20_000:])
+    proc, answers = findscu(archive.eng.dicom_port, "", [], out_dir=tmp_path / "rsp", query_file=q)
+    assert proc.returncode == 0, proc.stdout
+    log = proc.stdout + proc.stderr
+    assert "Received Final Find Response (Success)" in log, log[-2000:]
+    assert uids(answers, "SOPInstanceUID") == sorted(wanted)
+
+
+def test_more_matches_than_the_limit_is_refused_not_truncated(workdir: Path, db_url: str, tmp_path: Path) -> None:
+    """Issue 14, item 12: over query_max_results the SCP answered the first N and Success."""
+    ch = workdir / "channels" / "dicom.yaml"
+    ch.write_text(ch.read_text().replace("  max_associations: 32\n", "  max_associations: 32\n  query_max_results: 2\n"))
+    settings = make_settings(workdir, db_url)
+    settings.dicom.stable_seconds = 3600
+    eng = RunningEngine(settings).start()
+    try:
+        arc = Archive(eng, tmp_path / "objects")  # 3 instances in 2 studies
+        proc, answers = findscu(eng.dicom_port, "IMAGE", ["SOPInstanceUID"], out_dir=tmp_path / "r1", debug=True)
+        log = proc.stdout + proc.stderr
+        assert answers == [] and "0xa700: Refused: Out of resources" in log, log
+        # findscu does not print the Error Comment: read it with pynetdicom as the SCU
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", eng.dicom_port, ae_title="RADBRIDGE")
+        assert assoc.is_established
+        try:
+            q = Dataset()
+            q.QueryRetrieveLevel, q.SOPInstanceUID = "IMAGE", ""
+            [(status, identifier)] = list(assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind))
+        finally:
+            assoc.release()
+        assert status.Status == 0xA700 and identifier is None
+        assert "more than 2 matches" in status.ErrorComment and "refine your query" in status.ErrorComment
+        proc, answers = findscu(eng.dicom_port, "STUDY", ["StudyInstanceUID"], out_dir=tmp_path / "r2")
+        assert proc.returncode == 0 and uids(answers, "StudyInstanceUID") == sorted([arc.study_a, arc.study_b])
     finally:
         eng.stop()

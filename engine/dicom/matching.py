@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, literal, or_
+from sqlalchemy import ColumnElement, and_, bindparam, func, literal, or_
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,7 @@ def sql_condition(column: Any, m: Match, vr: str, dialect: str) -> ColumnElement
         return and_(*parts) if parts else None
     values = m.values
     if m.kind == "list":
-        return or_(*(c for v in values if (c := sql_condition(column, parse(v, vr, fold_case=m.fold_case), vr,
-                                                             dialect)) is not None))
+        return _list_condition(column, m, vr, dialect)
     value = values[0]
     if m.kind == "wildcard":
         if m.fold_case:
@@ -104,6 +103,33 @@ def sql_condition(column: Any, m: Match, vr: str, dialect: str) -> ColumnElement
     if m.fold_case:
         return func.lower(column) == value.lower()
     return column == value
+
+
+IN_CHUNK = 1000  # values per IN (...): a list of 40,000 UIDs is 40 of them, not 40,000 ORs
+
+
+def _list_condition(column: Any, m: Match, vr: str, dialect: str) -> ColumnElement[bool] | None:
+    """List matching: plain values become IN lists of literals (no bound parameter per value, so no
+    limit on how many SQLite or PostgreSQL take), wildcards and ranges their own conditions."""
+    exact: list[str] = []
+    others: list[ColumnElement[bool]] = []
+    for v in m.values:
+        one = parse(v, vr, fold_case=m.fold_case)
+        if one.universal:
+            return None  # one value matches everything: so does the list
+        if one.kind == "single":
+            value = one.values[0]
+            exact.append(value.replace(".", "") if vr == "DA" else value.lower() if one.fold_case else value)
+        else:
+            cond = sql_condition(column, one, vr, dialect)
+            if cond is not None:
+                others.append(cond)
+    target = func.lower(column) if m.fold_case else column
+    unique = list(dict.fromkeys(exact))
+    ins = [target.in_(bindparam(f"list_{i}", unique[i:i + IN_CHUNK], expanding=True, literal_execute=True,
+                                unique=True))
+           for i in range(0, len(unique), IN_CHUNK)]
+    return or_(*ins, *others)
 
 
 def _regex(pattern: str, fold_case: bool) -> re.Pattern[str]:

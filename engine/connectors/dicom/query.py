@@ -63,6 +63,10 @@ class InstanceRef:
     storage_key: str
 
 
+class TooManyMatches(QueryError):
+    """More matches than the channel answers (options.query_max_results)."""
+
+
 def _vr(keyword: str) -> str:
     try:
         return str(dictionary_VR(keyword))
@@ -156,7 +160,10 @@ def find(conn: Connection, identifier: Dataset, *, fold_names: bool = True, limi
                 .select_from(INSTANCES.join(SERIES, INSTANCES.c.series_id == SERIES.c.id)
                              .join(STUDIES, INSTANCES.c.study_id == STUDIES.c.id))
                 .where(*conds).order_by(INSTANCES.c.id))
-    for row in conn.execute(stmt.limit(limit)).mappings():
+    rows = conn.execute(stmt.limit(limit + 1)).mappings().all()
+    if len(rows) > limit:  # refused whole, as dcm4chee does: a silently cut list looks complete
+        raise TooManyMatches(f"more than {limit} matches (query_max_results); refine your query")
+    for row in rows:
         yield _answer(identifier, keys, level, row, retrieve_aet)
 
 

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 from engine.channels import Channel
 from engine.config import Settings
 from engine.connectors.dicom.contexts import add_supported, move_contexts
-from engine.connectors.dicom.query import QueryError, find, instances_for
+from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
 from engine.connectors.dicom.worklist import find_worklist
 from engine.dicom import status as S
 from engine.dicom.headers import HeaderError, read_header, storage_key
@@ -48,6 +48,8 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per P
 
 
 def _status(code: int, comment: str = "") -> Dataset:
+    """A status Dataset. Yield it as the status itself (not beside a bare int status), or pynetdicom
+    drops the Error Comment and the peer never learns why."""
     ds = Dataset()
     ds.Status = code
     if comment:
@@ -202,13 +204,13 @@ class DicomListener:
         return result.outcome, _status(S.SUCCESS)
 
     # --- C-FIND (Q/R and worklist) --------------------------------------------------------------------
-    def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
+    def on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         is_mwl = str(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind
         self.metrics.dicom_requests.inc(channel=self.channel.name, service="mwl" if is_mwl else "find")
         try:
             identifier = event.identifier
         except Exception as exc:
-            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, f"identifier unreadable: {exc}")
+            yield _status(S.IDENTIFIER_MISMATCH, f"identifier unreadable: {exc}"), None
             return
         try:
             with self.db.reader.connect() as conn:
@@ -219,12 +221,15 @@ class DicomListener:
                 else:
                     answers = list(find(conn, identifier, fold_names=self.opts.names_case_insensitive,
                                         limit=self.opts.query_max_results, retrieve_aet=self.aet))
+        except TooManyMatches as exc:
+            yield _status(S.OUT_OF_RESOURCES, str(exc)), None
+            return
         except QueryError as exc:
-            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, str(exc))
+            yield _status(S.IDENTIFIER_MISMATCH, str(exc)), None
             return
         except Exception as exc:
             log.exception("channel %s: C-FIND failed", self.channel.name)
-            yield S.UNABLE_TO_PROCESS, _status(S.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}")
+            yield _status(S.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
             return
         for ds in answers:
             if event.is_cancelled:
@@ -259,7 +264,7 @@ class DicomListener:
             log.warning("channel %s: C-MOVE refused: %s", self.channel.name, exc)
             yield dest[0], dest[1]
             yield 1
-            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, str(exc))
+            yield _status(S.IDENTIFIER_MISMATCH, str(exc)), None
             return
         yield dest[0], dest[1], {"contexts": move_contexts({(r.sop_class_uid, r.transfer_syntax) for r in refs}),
                                  "ae_title": dest_aet}
@@ -273,7 +278,7 @@ class DicomListener:
         except QueryError as exc:
             log.warning("channel %s: C-GET refused: %s", self.channel.name, exc)
             yield 1
-            yield S.IDENTIFIER_MISMATCH, _status(S.IDENTIFIER_MISMATCH, str(exc))
+            yield _status(S.IDENTIFIER_MISMATCH, str(exc)), None
             return
         yield len(refs)
         yield from self._send(event, refs)
