@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
 
@@ -200,14 +200,12 @@ def test_modality_worklist_from_orders(workdir: Path, db_url: str, tmp_path: Pat
 
 
 def _query_file(path: Path, **keys: object) -> Path:
+    """An identifier as a bare dataset in implicit VR (4-byte lengths: a 2.4 MB UID list stays UI;
+    a file meta header would copy SOPInstanceUID into a 2-byte-length element), as findscu reads it."""
     ds = Dataset()
     for k, v in keys.items():
         setattr(ds, k, v)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = StudyRootQueryRetrieveInformationModelFind
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
+    ds.save_as(path, implicit_vr=True, little_endian=True)
     return path
 
 
