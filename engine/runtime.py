@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import secrets
 import tempfile
 import threading
@@ -50,7 +49,7 @@ from engine.reconciliation.rules import ReconciliationRules, compile_rules
 from engine.storage.base import ObjectStorage
 from engine.storage.local import LocalStorage
 from engine.store import migrate
-from engine.store.db import Database, open_database
+from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
 from engine.yamlfile import ConfigFileError, ConfigProblem
@@ -152,10 +151,7 @@ class Engine:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._generated_token = secrets.token_urlsafe(24)
-            # created 0600: never readable by others, not even between the write and a chmod
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write(self._generated_token + "\n")
+            create_private_file(path, self._generated_token + "\n")  # never readable by others
         log.info("HTTP API token (no http.tokens configured) is in %s", path)
 
     # --- lifecycle ---------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     errors = [p for p in problems if p.severity == "error"]
     if args.database:
         from engine.store import migrate
-        from engine.store.db import display_url, open_database
+        from engine.store.db import display_url, open_database, without_password
         shown = display_url(settings.database_url)
         try:
             db = open_database(settings.database_url)
@@ -82,11 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"database {shown}: schema {current or 'empty'} (latest {head})")
         except Exception as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            from sqlalchemy.engine import make_url
-            password = make_url(settings.database_url).password if "://" in settings.database_url else None
-            if password:
-                why = why.replace(str(password), "***")
-            print(f"database {shown}: cannot connect: {why}", file=sys.stderr)
+            print(f"database {shown}: cannot connect: {without_password(why, settings.database_url)}",
+                  file=sys.stderr)
             errors.append(None)  # type: ignore[arg-type]
     if errors:
         print(f"radbridge check: {len(errors)} error(s)", file=sys.stderr)

@@ -24,6 +24,12 @@ MAX_ISSUES = 20
 
 
 MAX_DEPTH = 100  # objects and arrays inside each other; a real resource (even a Bundle) stays under 30
+MAX_ID_DIGITS = 18  # ids are the store's BIGINTs: a longer number is none of ours (and overflows the driver)
+
+
+def local_id(text: str) -> int | None:
+    """A resource id of this server as its number, or None when ``text`` cannot be one."""
+    return int(text) if text.isdigit() and len(text) <= MAX_ID_DIGITS else None
 
 
 def parse_json(body: bytes) -> Any:
@@ -34,9 +40,12 @@ def parse_json(body: bytes) -> Any:
     except json.JSONDecodeError as exc:
         raise FhirError(400, f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
                         "structure") from None
-    except RecursionError:
-        raise FhirError(400, f"the body nests objects or arrays deeper than {MAX_DEPTH} levels", "structure") from None
-    if nesting_depth(data) > MAX_DEPTH:  # validation and mapping walk it recursively: refuse it here
+    except RecursionError:  # deeper than the parser goes
+        data = None
+        too_deep = True
+    else:  # validation and mapping walk it recursively: refuse it here
+        too_deep = nesting_depth(data) > MAX_DEPTH
+    if too_deep:
         raise FhirError(400, f"the body nests objects or arrays deeper than {MAX_DEPTH} levels", "structure")
     return data
 

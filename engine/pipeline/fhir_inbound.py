@@ -59,7 +59,7 @@ from engine.domain.records import (
 from engine.domain.rows import MessageValues
 from engine.fhir.outcome import FhirError, issue
 from engine.fhir.paths import FhirSource
-from engine.fhir.validate import FHIR_VERSION
+from engine.fhir.validate import FHIR_VERSION, local_id
 from engine.mappings.fields import MappedFields
 from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping
@@ -423,8 +423,8 @@ class FhirInbound:
                             f"{it.resource_type}.id")
         table = PATIENTS if it.resource_type == "Patient" else ORDERS
         cols = [table.c.id, table.c.version] + ([PATIENTS.c.merged_into_id] if table is PATIENTS else [])
-        local = it.id.isdigit() and len(it.id) <= 18  # a BIGINT; longer would overflow the driver
-        row = conn.execute(select(*cols).where(table.c.id == int(it.id))).first() if local else None
+        local = local_id(it.id)
+        row = conn.execute(select(*cols).where(table.c.id == local)).first() if local is not None else None
         if row is None:
             raise FhirError(405, f"{it.resource_type}/{it.id} does not exist, and ids are assigned here: create it "
                                  f"with POST {it.resource_type} or a conditional update", "not-supported")

@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, selec
 from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS
 from engine.domain.studies import STUDIES
 from engine.fhir.outcome import FhirError
+from engine.fhir.validate import local_id
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 ORDER_ID_TYPES = {"ACSN": "accession", "PLAC": "placer_number", "FILL": "filler_number"}
@@ -77,7 +78,8 @@ def _ids(value: str, name: str, rtype: str) -> list[int]:
         tail = part.rsplit("/", 1)[-1] if part.startswith(f"{rtype}/") or "/" not in part else None
         if tail is None or not tail.isdigit():
             raise _bad(f"{name}={value}: expected {rtype}/ID or ID (ids here are numbers)", name)
-        out.append(int(tail))
+        if (local := local_id(tail)) is not None:  # a longer number is none of ours: it matches nothing
+            out.append(local)
     return out
 
 

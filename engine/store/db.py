@@ -75,14 +75,26 @@ def display_url(url: str) -> str:
         return "(a database URL that cannot be parsed)"
 
 
-def _create_private(path: Path) -> None:
-    """Create the SQLite file readable by its owner only (0600) before SQLite opens it: SQLite gives
-    the -wal and -shm files the database file's permissions, so patient data never sits in a file
-    others can read."""
+def without_password(text: str, url: str) -> str:
+    """``text`` (a driver's error, say) with the URL's password, if it has one, replaced by ***."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        password = make_url(url).password
+    except Exception:
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def create_private_file(path: Path, text: str = "") -> bool:
+    """Create ``path`` readable and writable by its owner only (0600) from the first byte, holding
+    ``text``; False when it exists already (left as it is). The SQLite file is made so before SQLite
+    opens it, since SQLite gives the -wal and -shm files the database file's permissions."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        pass
+        return False
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    return True
 
 
 def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms: int = 5000,
@@ -95,7 +107,7 @@ def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-            _create_private(Path(u.database))
+            create_private_file(Path(u.database))
         writer = _sqlite_engine(url, immediate=True, synchronous=sqlite_synchronous,
                                 busy_timeout_ms=busy_timeout_ms)
         reader = _sqlite_engine(url, immediate=False, synchronous=sqlite_synchronous,

@@ -29,7 +29,7 @@ from sqlalchemy import Connection
 
 from engine.channels import FHIR_ROUTE_RESOURCES, FhirOptions
 from engine.fhir.outcome import FhirError, issue, operation_outcome
-from engine.fhir.validate import check_resource, parse_json
+from engine.fhir.validate import check_resource, local_id, parse_json
 from engine.outbound.context import EngineInfo
 from engine.outbound.mapping import OutboundMapping
 from engine.pipeline import fhir_search as search
@@ -297,9 +297,8 @@ async def read(request: web.Request) -> web.Response:
     rtype = _readable(request.match_info["type"])
     rid = request.match_info["id"]
     vid = request.match_info.get("vid")
-    # ids are BIGINTs: anything longer than 18 digits cannot be one of ours (and would overflow the driver)
-    local = rid.isdigit() and len(rid) <= 18
-    found = (await _read_resources(request, rtype, [int(rid)])).get(int(rid)) if local else None
+    local = local_id(rid)
+    found = (await _read_resources(request, rtype, [local])).get(local) if local is not None else None
     status = 200 if found is not None else 404
     if found is not None and vid is not None and vid != views.version_of(found):
         status, found = 404, None
