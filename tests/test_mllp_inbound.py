@@ -240,6 +240,45 @@ def test_resent_control_id_is_acked_again_but_applied_once(running: RunningEngin
     q(running, check)
 
 
+def test_control_ids_differing_after_64_characters_are_two_messages(running: RunningEngine) -> None:
+    """MSH-10 may be 199 characters (v2.7+): two IDs sharing their first 64 are distinct messages."""
+    stem = "X" * 64
+    first = adt("A01", "LC1", "Long", ctrl=stem + "-1")
+    second = adt("A01", "LC2", "Long", ctrl=stem + "-2")
+    assert [ack_code(r) for r in send_many(running.mllp_port, [first, second])] == ["AA", "AA"]
+
+    def check(s: Session) -> None:
+        rows = s.execute(select(Message.status, Message.control_id).order_by(Message.id)).all()
+        assert rows == [("processed", stem + "-1"), ("processed", stem + "-2")]
+        assert patient_by(s, "LC1") is not None and patient_by(s, "LC2") is not None
+    q(running, check)
+
+
+def test_reused_control_id_with_other_content_is_applied_with_a_warning(running: RunningEngine) -> None:
+    """A sender that restarts its counter reuses MSH-10: a different message is applied, never dropped
+    as a duplicate; the same message again (even with a new MSH-7 timestamp) stays a duplicate."""
+    port = running.mllp_port
+    original = adt("A01", "RU1", "Reuse", ctrl="C1")
+    other = adt("A01", "RU2", "Other", ctrl="C1")
+    restamped = original.replace("|RAD|20240315081500|", "|RAD|20250101000000|", 1)  # MSH-7 only
+    assert restamped != original
+    replies = send_many(port, [original, other, restamped, other])
+    assert [ack_code(r) for r in replies] == ["AA", "AA", "AA", "AA"]
+    assert "duplicate" not in replies[1]
+    assert "duplicate of message" in segment(replies[2], "MSA")[3]
+    assert "duplicate of message" in segment(replies[3], "MSA")[3]
+
+    def check(s: Session) -> None:
+        rows = s.execute(select(Message).order_by(Message.id)).scalars().all()
+        assert [m.status for m in rows] == ["processed", "processed", "duplicate", "duplicate"]
+        assert [m.duplicate_of for m in rows] == [None, None, rows[0].id, rows[1].id]
+        assert patient_by(s, "RU2") is not None
+        warnings = [e.detail for e in rows[1].events if e.kind == "warning"]
+        assert warnings and warnings[0]["reused_control_id_of"] == rows[0].id
+        assert not [e for m in rows if m.id != rows[1].id for e in m.events if e.kind == "warning"]
+    q(running, check)
+
+
 def test_enhanced_mode_sends_commit_then_application_ack(running: RunningEngine) -> None:
     from tests.hl7util import frames, raw_exchange
     msg = adt("A01", "E1", "Enh", msh_extra="|||AL|AL")

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Select,
     Table,
     bindparam,
+    case,
     insert,
     literal_column,
     or_,
@@ -229,13 +230,18 @@ ORDER_IDS_OF_PATIENT = select(ORDERS.c.id).where(ORDERS.c.patient_id == bindpara
 # A resend of a message that was applied is re-ACKed, not applied again. One that failed (AE) is
 # processed again: applying it cannot double anything, and the mapping may have been fixed since.
 DEDUP_STATUSES = (MessageStatus.PROCESSED, MessageStatus.FILTERED)
+# The newest earlier message with this control ID from this sender, one with the same content first:
+# a resend is a duplicate of that one; when only other content matches, the ID was reused (a
+# sender's counter restarted) and the message is new. Rows from before content_digest have none and
+# count as the same content, as they did.
+SAME_CONTENT = or_(MESSAGES.c.content_digest == bindparam("digest"), MESSAGES.c.content_digest.is_(None))
 DUPLICATE = (
-    select(MESSAGES.c.id, MESSAGES.c.ack_code)
+    select(MESSAGES.c.id, MESSAGES.c.ack_code, SAME_CONTENT.label("same_content"))
     .where(MESSAGES.c.control_id == bindparam("control_id"), MESSAGES.c.sending_app == bindparam("sending_app"),
            MESSAGES.c.sending_facility == bindparam("sending_facility"), MESSAGES.c.channel == bindparam("channel"),
            MESSAGES.c.received_at >= bindparam("since"),
            or_(*(MESSAGES.c.status == s for s in DEDUP_STATUSES)))  # not IN: no post-compile expansion
-    .order_by(MESSAGES.c.id.desc()).limit(1)
+    .order_by(case((SAME_CONTENT, 0), else_=1), MESSAGES.c.id.desc()).limit(1)
 )
 
 
@@ -244,3 +250,4 @@ class DuplicateOf(TypedDict):
 
     id: int
     ack_code: str | None
+    same_content: bool

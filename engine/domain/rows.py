@@ -162,6 +162,7 @@ class MessageValues(TypedDict, total=False):
     control_id: str | None
     sending_app: str | None
     sending_facility: str | None
+    content_digest: str | None
     message_type: str | None
     version: str | None
     charset: str | None

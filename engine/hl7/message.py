@@ -10,6 +10,7 @@ values are returned with their separators, still escaped.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -295,6 +296,19 @@ class Message:
     @property
     def charset_declared(self) -> str:
         return self.msh_value(18, 1)
+
+    def content_digest(self) -> str:
+        """SHA-256 (hex) of what the message says: its segments as sent, joined by CR, with MSH-7 (the
+        time the sender built it) left out, so that a resend stamped anew still matches its original
+        while any other difference, down to one byte, does not."""
+        h = hashlib.sha256()
+        for seg in self.segments:
+            parts = seg._parts
+            if seg.name == "MSH" and len(parts) > 6:
+                parts = [*parts[:6], "", *parts[7:]]
+            h.update(self.seps.field.join(parts).encode("utf-8", "surrogatepass"))
+            h.update(b"\r")
+        return h.hexdigest()
 
     def __iter__(self) -> Iterator[Segment]:
         return iter(self.segments)

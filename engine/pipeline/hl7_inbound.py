@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 ORDER_GROUP_MEMBERS = ("ORC", "OBR", "TQ1", "TQ2", "IPC", "NTE", "DG1", "OBX", "ZDS", "CTI", "BLG", "PRT",
                        "RQD", "RQ1", "ODS", "ODT")
 GROUP_FIELDS = ("order.", "message.")
+CONTROL_ID_LENGTH = 199  # MSH-10 (ST, v2.7+)
+HD_LENGTH = 227  # MSH-3, MSH-4
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Prepared:
     groups: list[MappedFields] = field(default_factory=list)
     mapped: MappedMessage | None = None  # where each field came from, for error locations
     mapping_errors: list[MappingError] = field(default_factory=list)
+    digest: str | None = None  # Message.content_digest(), for duplicate detection
+    warnings: list[JsonObject] = field(default_factory=list)  # stored as "warning" events of the message
 
     def source_of(self, fld: str | None, group: int | None = None) -> str:
         """Where a field came from, for ERR locations (see MappedMessage.source_of)."""
@@ -115,7 +119,7 @@ def guess_control_id(raw: bytes) -> str:
     if first.startswith("MSH") and len(first) > 3:
         parts = first.split(first[3])
         if len(parts) > 9:
-            return parts[9][:64]
+            return parts[9][:CONTROL_ID_LENGTH]
     return ""
 
 
@@ -202,6 +206,7 @@ class HL7Inbound:
             p.reject = exc.error
             return p
         p.message = msg
+        p.digest = msg.content_digest()
         if opts.processing_ids and msg.processing_id and msg.processing_id not in opts.processing_ids:
             p.reject = HL7Error(E.UNSUPPORTED_PROCESSING_ID,
                                 f"processing ID {msg.processing_id!r} is not accepted by channel {self.channel.name}",
@@ -242,8 +247,9 @@ class HL7Inbound:
         row: MessageValues = {"channel": self.channel.name, "remote": p.remote, "size": p.size or len(p.raw),
                               "status": MessageStatus.RECEIVED, "received_at": utcnow(), "attempts": 1}
         if msg is not None:
-            row["control_id"], row["sending_app"] = msg.control_id[:64], msg.sending_application[:64]
-            row["sending_facility"], row["message_type"] = msg.sending_facility[:64], msg.message_type[:32]
+            row["control_id"], row["sending_app"] = msg.control_id[:CONTROL_ID_LENGTH], msg.sending_application[:HD_LENGTH]
+            row["sending_facility"], row["message_type"] = msg.sending_facility[:HD_LENGTH], msg.message_type[:32]
+            row["content_digest"] = p.digest
             row["version"], row["charset"] = msg.version[:16], msg.charset
         else:
             row["control_id"] = guess_control_id(p.raw) or None
@@ -253,12 +259,17 @@ class HL7Inbound:
         window = self.channel.options.dedup_window_seconds
         if window > 0:
             dup = fetch(session.connection(), DUPLICATE, DuplicateOf, control_id=row["control_id"], sending_app=row["sending_app"],
-                        sending_facility=row["sending_facility"], channel=row["channel"],
+                        sending_facility=row["sending_facility"], channel=row["channel"], digest=p.digest,
                         since=row["received_at"] - timedelta(seconds=window))
-            if dup is not None:
+            if dup is not None and dup["same_content"]:
                 row["duplicate_of"] = dup["id"]
                 return self._finish(session, None, row, p, MessageStatus.DUPLICATE, None, [], ack_code=dup["ack_code"] or "AA",
                                     text=f"duplicate of message {dup['id']}; not applied again")
+            if dup is not None:  # the control ID was reused for another message: new, applied
+                log.warning("channel %s: MSH-10 %r from %s reused by a message with other content than message %s;"
+                            " applied as a new message", self.channel.name, row["control_id"], row["sending_app"], dup["id"])
+                p.warnings.append({"warning": "control ID reused with other content; applied as a new message",
+                                   "reused_control_id_of": dup["id"]})
         if p.route.action == "ignore":
             return self._finish(session, None, row, p, MessageStatus.FILTERED, None, [])
         if p.mapping_errors:
@@ -327,6 +338,8 @@ class HL7Inbound:
         else:
             update_row(conn, MESSAGES, message_id, **{"error": None, "patient_id": None, **final})
         add(conn, CONTENT, message_id=message_id, raw=p.raw, mapped=p.mapped_json(), ack="\n".join(replies) or None)
+        for warning in p.warnings:
+            add(conn, EVENTS, message_id=message_id, kind="warning", detail=warning)
         if outcome is not None and outcome.notes:
             add(conn, EVENTS, message_id=message_id, kind="notes", detail={"notes": outcome.notes})
         if errors:

@@ -49,9 +49,14 @@ class Message(Base):
     protocol: Mapped[str] = mapped_column(String(8), default="hl7v2")
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     remote: Mapped[str | None] = mapped_column(String(64))
-    control_id: Mapped[str | None] = mapped_column(String(64))
-    sending_app: Mapped[str | None] = mapped_column(String(64))
-    sending_facility: Mapped[str | None] = mapped_column(String(64))
+    # MSH-10 may be 199 characters (v2.7+) and MSH-3/-4 (HD) 227: kept whole, so duplicate detection
+    # compares the whole control ID of the whole sender
+    control_id: Mapped[str | None] = mapped_column(String(199))
+    sending_app: Mapped[str | None] = mapped_column(String(227))
+    sending_facility: Mapped[str | None] = mapped_column(String(227))
+    # HL7: Message.content_digest() (the message without MSH-7); a resend matches it, a reused
+    # control ID with other content does not
+    content_digest: Mapped[str | None] = mapped_column(String(64))
     message_type: Mapped[str | None] = mapped_column(String(32))
     version: Mapped[str | None] = mapped_column(String(16))
     charset: Mapped[str | None] = mapped_column(String(32))
