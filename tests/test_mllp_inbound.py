@@ -273,7 +273,7 @@ def test_reused_control_id_with_other_content_is_applied_with_a_warning(running:
         assert [m.status for m in rows] == ["processed", "processed", "duplicate", "duplicate"]
         assert [m.duplicate_of for m in rows] == [None, None, rows[0].id, rows[1].id]
         assert patient_by(s, "RU2") is not None
-        warnings = [e.detail for e in rows[1].events if e.kind == "warning"]
+        warnings = [e.detail or {} for e in rows[1].events if e.kind == "warning"]
         assert warnings and warnings[0]["reused_control_id_of"] == rows[0].id
         assert not [e for m in rows if m.id != rows[1].id for e in m.events if e.kind == "warning"]
     q(running, check)
