@@ -4,6 +4,7 @@ which have R4's shape for the resources served here) with errors an EHR develope
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pydantic
@@ -47,7 +48,39 @@ def parse_json(body: bytes) -> Any:
         too_deep = nesting_depth(data) > MAX_DEPTH
     if too_deep:
         raise FhirError(400, f"the body nests objects or arrays deeper than {MAX_DEPTH} levels", "structure")
+    if b"\\u00" in body.lower():  # JSON can carry a control character only as an escape
+        found = control_character_at(data)
+        if found is not None:
+            loc, char = found
+            what = "a NUL character (U+0000)" if char == "\x00" else f"the control character U+{ord(char):04X}"
+            where = expression(str(data.get("resourceType") or "body"), loc) if isinstance(data, dict) else "body"
+            raise FhirError(400, f"{where} contains {what}: FHIR strings may not hold characters below U+0020"
+                            " other than tab, CR and LF", "value", where)
     return data
+
+
+FORBIDDEN_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def control_character_at(data: Any) -> tuple[tuple[Any, ...], str] | None:
+    """The first string (or key) holding a character FHIR forbids (below U+0020 but tab, CR, LF):
+    its location and the character; None when there is none. A loop, not recursion."""
+    todo: list[tuple[Any, tuple[Any, ...]]] = [(data, ())]
+    while todo:
+        node, loc = todo.pop()
+        if isinstance(node, str):
+            m = FORBIDDEN_CHARACTER.search(node)
+            if m:
+                return loc, m.group()
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                m = FORBIDDEN_CHARACTER.search(key)
+                if m:
+                    return (*loc, "?"), m.group()
+                todo.append((child, (*loc, key)))
+        elif isinstance(node, list):
+            todo.extend((child, (*loc, i)) for i, child in enumerate(node))
+    return None
 
 
 def nesting_depth(data: Any) -> int:

@@ -412,6 +412,24 @@ def parse_text(text: str, charset: str = "utf-8") -> Message:
     return msg
 
 
+def nul_error(text: str) -> HL7Error | None:
+    """Where the first NUL character (0x00) is, as an ERR: no store keeps it in text (PostgreSQL
+    refuses it), so such a message is kept as received bytes and not applied."""
+    at = text.find("\x00")
+    if at < 0:
+        return None
+    lines = _SEGMENT_SPLIT.split(text[:at])
+    before = lines[-1]
+    fs = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
+    name = before.split(fs, 1)[0][:3] if fs in before else ""
+    occurrence = sum(1 for line in lines[:-1] if line.split(fs, 1)[0] == name) + 1 if name else None
+    field_no = before.count(fs) + (1 if name == "MSH" else 0) if name else None
+    where = f"{name}-{field_no}" if name and field_no else "the message"
+    return HL7Error(E.DATA_TYPE_ERROR, f"{where} contains a NUL character (0x00), which cannot be stored as text;"
+                    " the message is kept as received and not applied",
+                    segment=name or None, sequence=occurrence, field=field_no or None)
+
+
 def parse_message(data: bytes | str, default_charset: str = "utf-8",
                   fallback_charset: str | None = "cp1252") -> Message:
     if isinstance(data, bytes):

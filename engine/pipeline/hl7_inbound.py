@@ -27,7 +27,7 @@ from engine.domain.rows import MessageValues
 from engine.hl7 import errors as E
 from engine.hl7.ack import build_ack
 from engine.hl7.errors import HL7Error, HL7ParseError
-from engine.hl7.message import Message, decode_bytes, parse_text, split_groups
+from engine.hl7.message import Message, decode_bytes, nul_error, parse_text, split_groups
 from engine.hl7.paths import PathError, SegmentSource, parse_path
 from engine.mappings.fields import MappedFields
 from engine.mappings.registry import MappingRegistry
@@ -64,6 +64,7 @@ class Prepared:
     groups: list[MappedFields] = field(default_factory=list)
     mapped: MappedMessage | None = None  # where each field came from, for error locations
     mapping_errors: list[MappingError] = field(default_factory=list)
+    content_errors: list[HL7Error] = field(default_factory=list)  # content that cannot be stored as text
     digest: str | None = None  # Message.content_digest(), for duplicate detection
     warnings: list[JsonObject] = field(default_factory=list)  # stored as "warning" events of the message
 
@@ -119,7 +120,7 @@ def guess_control_id(raw: bytes) -> str:
     if first.startswith("MSH") and len(first) > 3:
         parts = first.split(first[3])
         if len(parts) > 9:
-            return parts[9][:CONTROL_ID_LENGTH]
+            return parts[9][:CONTROL_ID_LENGTH].replace("\x00", "\ufffd")
     return ""
 
 
@@ -199,8 +200,12 @@ class HL7Inbound:
     def prepare(self, raw: bytes, remote: str | None = None) -> Prepared:
         p = Prepared(raw=raw, remote=remote, received_at=time.time(), size=len(raw))
         opts = self.channel.options
+        nul: HL7Error | None = None
         try:
             text, codec = decode_bytes(raw, opts.default_charset, opts.fallback_charset or None)
+            nul = nul_error(text)
+            if nul is not None:  # parsed with U+FFFD in its place (headers, ACK); never applied
+                text = text.replace("\x00", "\ufffd")
             msg = parse_text(text, codec)
         except HL7ParseError as exc:
             p.reject = exc.error
@@ -224,7 +229,9 @@ class HL7Inbound:
                                 segment="MSH", sequence=1, field=9)
             return p
         p.route = route
-        if route.action != "ignore":
+        if nul is not None:
+            p.content_errors.append(nul)
+        elif route.action != "ignore":
             self._map(p, msg, route)
         return p
 
@@ -272,6 +279,8 @@ class HL7Inbound:
                                    "reused_control_id_of": dup["id"]})
         if p.route.action == "ignore":
             return self._finish(session, None, row, p, MessageStatus.FILTERED, None, [])
+        if p.content_errors:
+            return self._finish(session, None, row, p, MessageStatus.ERROR, None, p.content_errors)
         if p.mapping_errors:
             return self._finish(session, None, row, p, MessageStatus.ERROR, None, self.mapping_errors(p))
         conn = session.connection()  # the hot path runs Core statements on the connection directly
@@ -408,7 +417,7 @@ def reprocess(session: Session, inbound: HL7Inbound, row: MessageRow) -> Stored:
     if p.route.action == "ignore":
         row.status, row.ack_code, row.error = MessageStatus.FILTERED, "AA", None
         return Stored(row.id, MessageStatus.FILTERED, "AA", [], "utf-8")
-    errors = inbound.mapping_errors(p)
+    errors = p.content_errors or inbound.mapping_errors(p)
     outcome = None
     if not errors:
         outcome, errors = inbound.apply_mapped(session, p, row.id)
