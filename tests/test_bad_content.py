@@ -4,7 +4,9 @@ never an endless AR, and no answer to a peer carries SQL or patient values."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from collections.abc import Callable
+
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import selectinload
 
 from engine.store.models import Message
@@ -73,3 +75,66 @@ def test_fhir_body_with_a_nul_character_is_400_naming_where(running: RunningEngi
     text = " ".join(answer.issues())
     assert "NUL" in text and "Patient.name" in text and "Sec" not in text and "INSERT" not in text
     assert call(running, "POST", "Patient", patient("FN2")).status == 201
+
+
+SECRET = "Secretname"
+
+
+def refuse(e: RunningEngine, table: str, *, when_secret: bool) -> Callable[[], None]:
+    """A trigger that makes the database itself refuse rows of ``table`` (on PostgreSQL with the
+    row's family name in its message, as real constraint messages carry values); returns its undo."""
+    eng = create_engine(e.settings.database_url)
+    cond = f"NEW.family_name = '{SECRET}'" if when_secret else "1 = 1"
+    with eng.begin() as c:
+        if eng.dialect.name == "postgresql":
+            value = "NEW.family_name" if when_secret else "'x'"
+            c.execute(text(f"CREATE FUNCTION refuse_{table}() RETURNS trigger AS $$ BEGIN IF {cond} THEN "
+                           f"RAISE EXCEPTION 'refused %', {value}; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"))
+            c.execute(text(f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} FOR EACH ROW "
+                           f"EXECUTE FUNCTION refuse_{table}()"))
+        else:
+            c.execute(text(f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} WHEN {cond} "
+                           "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+
+    def undo() -> None:
+        with eng.begin() as c:
+            c.execute(text(f"DROP TRIGGER refuse_{table}" + (f" ON {table}" if eng.dialect.name == "postgresql" else "")))
+        eng.dispose()
+    return undo
+
+
+LEAKS = (SECRET, "INSERT", "SELECT", "[SQL", "parameters", "Traceback")
+
+
+def test_database_refusal_while_applying_is_ae_without_sql_or_patient_values(running: RunningEngine) -> None:
+    undo = refuse(running, "patients", when_secret=True)
+    reply = send(running.mllp_port, adt("A01", "S1", SECRET))
+    assert ack_code(reply) == "AE", reply
+    assert segment(reply, "ERR")[3].startswith("207"), reply
+    assert not [w for w in LEAKS if w in reply], reply
+    assert "ref " in reply  # the operator finds the detail in the log by this reference
+    (row,) = stored(running)
+    assert row.status == "error" and not [w for w in LEAKS if w in (row.error or "")]
+    details = [str(ev.detail) for ev in row.events if ev.kind == "error"]
+    assert details and "refused" in details[0]  # the store keeps the detail
+    undo()
+
+
+def test_storage_failure_answer_has_no_sql_or_patient_values(running: RunningEngine) -> None:
+    undo = refuse(running, "message_content", when_secret=False)
+    reply = send(running.mllp_port, adt("A01", "S2", SECRET))
+    assert ack_code(reply) == "AR" and "not stored" in reply, reply
+    assert not [w for w in LEAKS if w in reply], reply
+    undo()
+    assert ack_code(send(running.mllp_port, adt("A01", "S2", SECRET))) == "AA"
+
+
+def test_fhir_database_refusal_answers_without_sql_or_patient_values(running: RunningEngine) -> None:
+    from tests.fhirutil import call, patient
+    undo = refuse(running, "patients", when_secret=True)
+    answer = call(running, "POST", "Patient", patient("FS1", family=SECRET))
+    assert answer.status >= 400 and answer.status != 503, answer.body
+    text_ = " ".join(answer.issues())
+    assert not [w for w in LEAKS if w in text_], text_
+    assert "ref " in text_
+    undo()

@@ -45,8 +45,9 @@ class HL7Error(RadBridgeError):
 
     def __init__(self, code: int, text: str, segment: str | None = None, sequence: int | None = None,
                  field: int | None = None, repetition: int | None = None, component: int | None = None,
-                 subcomponent: int | None = None, severity: str = "E") -> None:
+                 subcomponent: int | None = None, severity: str = "E", detail: str | None = None) -> None:
         super().__init__(text)
+        self.detail = detail  # for the engine's store only (an internal failure's own text), never in ERR
         self.code = code
         self.text = text
         self.segment = segment
@@ -99,8 +100,11 @@ class HL7Error(RadBridgeError):
         return f"{self.code} {self.code_text}{' at ' + where if where else ''}: {self.text}"
 
     def as_dict(self) -> dict[str, object]:
-        return {"code": self.code, "condition": self.code_text, "location": self.location(), "text": self.text,
-                "severity": self.severity}
+        out: dict[str, object] = {"code": self.code, "condition": self.code_text, "location": self.location(),
+                                  "text": self.text, "severity": self.severity}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
 
 
 class HL7ParseError(RadBridgeError, ValueError):

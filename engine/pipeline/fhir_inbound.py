@@ -325,10 +325,11 @@ class FhirInbound:
         except IntegrityError as exc:
             if not session.info.get(FINAL_ATTEMPT, True):
                 raise  # another engine process created the same patient: the writer retries
-            return it.located(FhirError(409, internal_error_text(exc), "conflict"))
+            return it.located(FhirError(409, internal_error_text(exc, "channel %s: FHIR request %s conflicted on every"
+                                                                " attempt", self.channel.name, message_id), "conflict"))
         except Exception as exc:
-            log.exception("channel %s: applying FHIR request %s failed", self.channel.name, message_id)
-            return it.located(FhirError(500, internal_error_text(exc), "exception"))
+            return it.located(FhirError(500, internal_error_text(exc, "channel %s: applying FHIR request %s failed",
+                                                                self.channel.name, message_id), "exception"))
         if it.full_url:
             refs[it.full_url] = (done.resource_type, done.id)
         return done

@@ -24,6 +24,7 @@ from engine.domain.events import EventBus
 from engine.domain.patients import Outcome
 from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, DuplicateOf, add, fetch, update_row
 from engine.domain.rows import MessageValues
+from engine.errors import failure_detail, report_failure
 from engine.hl7 import errors as E
 from engine.hl7.ack import build_ack
 from engine.hl7.errors import HL7Error, HL7ParseError
@@ -107,11 +108,15 @@ def error_at(path_text: str, code: int, text: str) -> HL7Error:
                     repetition=p.repetition or None, component=p.component, subcomponent=p.subcomponent)
 
 
-def internal_error_text(exc: Exception) -> str:
-    """One line for an ERR segment: the driver's own message, never the SQL statement."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip().splitlines()
-    return f"internal error while applying: {type(orig or exc).__name__}: {text[0][:200] if text else ''}"
+def internal_error(exc: Exception, what: str, *args: object) -> HL7Error:
+    """ERR 207 for a failure no rule foresaw: logged whole under a reference; the peer gets the
+    failure's class and that reference, the store also its text, never the SQL or values."""
+    return HL7Error(E.INTERNAL_ERROR, internal_error_text(exc, what, *args), detail=failure_detail(exc))
+
+
+def internal_error_text(exc: Exception, what: str, *args: object) -> str:
+    """What a peer is told of a failure while applying (see engine.errors.report_failure)."""
+    return f"internal error while applying ({report_failure(log, exc, what, *args)}); the engine's log has the detail"
 
 
 def guess_control_id(raw: bytes) -> str:
@@ -317,11 +322,10 @@ class HL7Inbound:
         except IntegrityError as exc:
             if not session.info.get(FINAL_ATTEMPT, True):
                 raise
-            log.error("channel %s: message %s conflicted on every attempt: %s", self.channel.name, message_id, exc)
-            return None, [HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))]
+            return None, [internal_error(exc, "channel %s: message %s conflicted on every attempt",
+                                         self.channel.name, message_id)]
         except Exception as exc:
-            log.exception("channel %s: applying message %s failed", self.channel.name, message_id)
-            return None, [HL7Error(E.INTERNAL_ERROR, internal_error_text(exc))]
+            return None, [internal_error(exc, "channel %s: applying message %s failed", self.channel.name, message_id)]
 
     def _finish(self, session: Session, message_id: int | None, row: MessageValues, p: Prepared, status: str,
                 outcome: Outcome | None, errors: list[HL7Error], *, ack_code: str | None = None,

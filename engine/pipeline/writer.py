@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from engine.errors import RadBridgeError
+from engine.errors import RadBridgeError, report_failure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,8 +199,8 @@ class IngestWriter:
             self._commit(batch)
         except Exception as exc:
             self.stats.commit_failures += 1
-            log.error("storage unavailable, %d message(s) not stored: %s", len(batch), exc)
-            err = StorageUnavailable(f"storage unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            reason = report_failure(log, exc, "storage unavailable, %d message(s) not stored", len(batch))
+            err = StorageUnavailable(f"storage unavailable ({reason})")
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(err)

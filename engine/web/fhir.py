@@ -28,6 +28,7 @@ from aiohttp import web
 from sqlalchemy import Connection
 
 from engine.channels import FHIR_ROUTE_RESOURCES, FhirOptions
+from engine.errors import report_failure
 from engine.fhir.outcome import FhirError, issue, operation_outcome
 from engine.fhir.validate import check_resource, local_id, parse_json
 from engine.outbound.context import EngineInfo
@@ -81,8 +82,8 @@ async def outcome_middleware(request: web.Request,
     except StorageUnavailable as exc:
         return error_response(FhirError(503, f"{exc}; nothing was stored, send it again", "transient"))
     except Exception as exc:  # a bug must still answer in FHIR, and never take the listener down
-        log.exception("FHIR %s %s failed", request.method, request.path)
-        return error_response(FhirError(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}",
+        reason = report_failure(log, exc, "FHIR %s %s failed", request.method, request.path)
+        return error_response(FhirError(500, f"internal error ({reason}); the engine's log has the detail",
                                         "exception"))
 
 

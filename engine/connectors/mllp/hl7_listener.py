@@ -8,6 +8,7 @@ import time
 from engine.channels import Channel
 from engine.connectors.mllp.framing import Frame, FrameProblem
 from engine.connectors.mllp.server import MLLPServer
+from engine.errors import report_failure
 from engine.hl7 import errors as E
 from engine.hl7.errors import HL7Error, HL7ParseError
 from engine.hl7.message import parse_text
@@ -62,8 +63,8 @@ class HL7Listener:
         except StorageUnavailable as exc:
             replies, code, status = self.inbound.storage_failure_acks(p, str(exc)), "AR", MessageStatus.NOT_STORED
         except Exception as exc:  # a bug in a job: the message was not stored, say so
-            log.exception("channel %s: message from %s could not be stored", name, remote)
-            replies, code, status = self.inbound.storage_failure_acks(p, f"internal error: {exc}"), "AR", MessageStatus.NOT_STORED
+            reason = report_failure(log, exc, "channel %s: message from %s could not be stored", name, remote)
+            replies, code, status = self.inbound.storage_failure_acks(p, f"internal error: {reason}"), "AR", MessageStatus.NOT_STORED
         if status == MessageStatus.DUPLICATE:
             self.metrics.duplicates.inc(channel=name)
         elif status in (MessageStatus.ERROR, MessageStatus.REJECTED, MessageStatus.NOT_STORED):
