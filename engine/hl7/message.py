@@ -144,6 +144,14 @@ class Segment:
             return ""
         return self._parts[idx]
 
+    def text(self, *, blank: int | None = None) -> str:
+        """The segment as sent (still escaped), with field ``blank`` (HL7 numbering) left empty."""
+        parts = self._parts
+        idx = None if blank is None else (blank - 1 if self._is_msh else blank)
+        if idx is not None and 1 <= idx < len(parts):
+            parts = [*parts[:idx], "", *parts[idx + 1:]]
+        return self.seps.field.join(parts)
+
     @property
     def field_count(self) -> int:
         return len(self._parts) if self._is_msh else len(self._parts) - 1
@@ -303,10 +311,7 @@ class Message:
         while any other difference, down to one byte, does not."""
         h = hashlib.sha256()
         for seg in self.segments:
-            parts = seg._parts
-            if seg.name == "MSH" and len(parts) > 6:
-                parts = [*parts[:6], "", *parts[7:]]
-            h.update(self.seps.field.join(parts).encode("utf-8", "surrogatepass"))
+            h.update(seg.text(blank=7 if seg.name == "MSH" else None).encode("utf-8", "surrogatepass"))
             h.update(b"\r")
         return h.hexdigest()
 
