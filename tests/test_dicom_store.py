@@ -212,7 +212,7 @@ def test_storescu_reports_the_failure(sqlite_engine: RunningEngine, tmp_path: Pa
     proc = storescu(sqlite_engine.dicom_port, [obj.path], extra=["-d"])  # -d: show the status and comment
     out = proc.stdout + proc.stderr
     assert "c002" in out.lower()  # the status, as storescu prints the response
-    assert "[SeriesInstanceUID '1.2.3.abc' is not a valid UID]" in out  # the Error Comment
+    assert "[SeriesInstanceUID is not a valid UID: '1.2.3.abc']" in out  # the Error Comment
 
 
 def test_below_free_space_floor_answers_out_of_resources(workdir: Path, tmp_path: Path) -> None:

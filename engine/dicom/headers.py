@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
 from engine.dicom import status as S
 from engine.errors import RadBridgeError
@@ -50,7 +49,8 @@ def check_uid(keyword: str, value: Any) -> str:
     if not text:
         raise HeaderError(S.DATASET_MISMATCH, f"{keyword} is missing")
     if len(text) > 64 or not UID_RE.match(text):
-        raise HeaderError(S.INVALID_UID, f"{keyword} {text[:40]!r} is not a valid UID")
+        # an Error Comment holds 64 characters: the reason first, then as much of the value as fits
+        raise HeaderError(S.INVALID_UID, f"{keyword} is not a valid UID: {text[:26]!r}"[:64])
     return text
 
 
@@ -80,7 +80,8 @@ def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str
     try:
         # everything up to the pixel data; pydicom parses it faster than a tag selection
         ds = dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # pydicom raises what it meets: InvalidDicomError, EOFError, NotImplementedError (a VR
+        # it does not know), ValueError, ...: each a file it cannot read
         raise HeaderError(S.CANNOT_UNDERSTAND, f"dataset unreadable: {str(exc)[:40]}") from exc
     try:
         sop_class = check_uid("SOPClassUID", ds.get("SOPClassUID"))
