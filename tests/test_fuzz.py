@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 
-from engine.connectors.mllp.framing import MLLPDecoder
+from engine.connectors.mllp.framing import Frame, MLLPDecoder
 from engine.dicom.headers import HeaderError, read_header
 from engine.fhir.outcome import FhirError
 from engine.fhir.validate import check_resource, parse_json
@@ -120,15 +120,15 @@ def test_mllp_decoder_frames_any_bytes_the_same_however_they_are_split(pieces: l
     whole = MLLPDecoder(limit)
     frames, _ = whole.feed(data)
     split = MLLPDecoder(limit)
-    got = []
+    got: list[Frame] = []
     edges = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     for a, b in zip(edges, edges[1:], strict=False):
-        f, _problems = split.feed(data[a:b])
-        got += f
+        some, _problems = split.feed(data[a:b])
+        got += some
         assert len(split.pending) <= max(limit, 1024)  # memory stays bounded by the limit
-    assert [(f.data, f.size, f.oversized) for f in got] == [(f.data, f.size, f.oversized) for f in frames]
-    for f in frames:
-        assert b"\x0b" not in f.data and len(f.data) <= max(limit, 1024) and f.oversized == (f.size > limit)
+    assert [(g.data, g.size, g.oversized) for g in got] == [(w.data, w.size, w.oversized) for w in frames]
+    for w in frames:
+        assert b"\x0b" not in w.data and len(w.data) <= max(limit, 1024) and w.oversized == (w.size > limit)
     (whole.close(), split.close())  # never raises
 
 
