@@ -83,7 +83,7 @@ class DomainOptions:
 class ChannelOptions(DomainOptions):
     dedup_window_seconds: float = 3600.0  # same MSH-10 from the same sender within this: re-ACK, not re-apply
     max_message_bytes: int = 10 * 1024 * 1024
-    idle_timeout_seconds: float = 600.0  # a connection that sends nothing for this long is closed
+    idle_timeout_seconds: float = 120.0  # a connection that sends nothing for this long is closed
     default_charset: str = "utf-8"  # when MSH-18 is empty
     fallback_charset: str = "cp1252"  # when the default does not decode ('' to reject instead)
     processing_ids: list[str] = field(default_factory=lambda: ["P", "T", "D"])

@@ -40,7 +40,9 @@ class StorageSettings:
 @dataclass
 class MLLPSettings:
     port: int = 2575
-    max_connections: int = 200
+    max_connections: int = 200  # per listener; when all are taken the idlest is closed to make room
+    # half-received frames of all connections of a listener together; past it the idlest holder is closed
+    max_buffered_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -265,6 +267,10 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             problems.append(ConfigProblem(settings.source or "environment", 0, "dicom.destinations",
                                           f"{entry!r} is not AET=host:port"))
     _check_ehr(settings, problems)
+    for key in ("mllp.max_connections", "mllp.max_buffered_bytes"):
+        section, _, name = key.partition(".")
+        if getattr(getattr(settings, section), name) <= 0:
+            problems.append(ConfigProblem(settings.source or "environment", 0, key, "must be greater than 0"))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:
