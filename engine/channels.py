@@ -83,7 +83,7 @@ class DomainOptions:
 class ChannelOptions(DomainOptions):
     dedup_window_seconds: float = 3600.0  # same MSH-10 from the same sender within this: re-ACK, not re-apply
     max_message_bytes: int = 10 * 1024 * 1024
-    idle_timeout_seconds: float = 600.0  # a connection that sends nothing for this long is closed
+    idle_timeout_seconds: float = 120.0  # a connection that sends nothing for this long is closed
     default_charset: str = "utf-8"  # when MSH-18 is empty
     fallback_charset: str = "cp1252"  # when the default does not decode ('' to reject instead)
     processing_ids: list[str] = field(default_factory=lambda: ["P", "T", "D"])
@@ -115,6 +115,8 @@ class DicomOptions:
     max_associations: int = 32
     min_free_mb: int = 512  # refuse C-STORE (A700 out of resources) when storage has less free space
     acse_timeout_seconds: float = 30.0
+    # a connection that sends no A-ASSOCIATE-RQ within this is closed (it holds an association slot)
+    association_request_timeout_seconds: float = 10.0
     dimse_timeout_seconds: float = 60.0
     network_timeout_seconds: float = 120.0  # an association idle this long is aborted
     max_pdu_bytes: int = 0  # largest PDU we accept; 0: no limit (fewer, larger PDUs are faster)
@@ -289,7 +291,8 @@ def check_dicom_options(opts: DicomOptions, raw: Any, file: str, line: int, prob
         problems.append(ConfigProblem(file, _line(raw, "reconciliation", line), "options.reconciliation",
                                       f"must be one of {', '.join(RECONCILIATION_POLICIES)}, "
                                       f"got {opts.reconciliation!r}"))
-    check_positive(opts, raw, file, line, problems, ("max_associations", "worklist_max_results", "query_max_results"))
+    check_positive(opts, raw, file, line, problems, ("max_associations", "worklist_max_results", "query_max_results",
+                                                     "association_request_timeout_seconds"))
     for aet in opts.allowed_calling_aets:
         if not aet.strip() or len(aet) > 16:
             problems.append(ConfigProblem(file, _line(raw, "allowed_calling_aets", line), "options.allowed_calling_aets",

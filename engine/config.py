@@ -40,7 +40,9 @@ class StorageSettings:
 @dataclass
 class MLLPSettings:
     port: int = 2575
-    max_connections: int = 200
+    max_connections: int = 200  # per listener; when all are taken the idlest is closed to make room
+    # half-received frames of all connections of a listener together; past it the idlest holder is closed
+    max_buffered_bytes: int = 256 * 1024 * 1024
 
 
 @dataclass
@@ -48,6 +50,11 @@ class HTTPSettings:
     port: int = 8080
     auth: str = "token"  # token | none (local use only)
     tokens: list[str] = field(default_factory=list)
+    # a connection must send a complete request head within this of opening (or of its previous
+    # response), or it is closed: slow or silent peers must not hold connections (and file handles)
+    header_timeout_seconds: float = 15.0
+    body_timeout_seconds: float = 60.0  # a request body must have arrived whole within this: else 408
+    max_connections: int = 256  # open connections; one more is answered 503 and closed at once
 
 
 @dataclass
@@ -265,6 +272,11 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             problems.append(ConfigProblem(settings.source or "environment", 0, "dicom.destinations",
                                           f"{entry!r} is not AET=host:port"))
     _check_ehr(settings, problems)
+    for key in ("mllp.max_connections", "mllp.max_buffered_bytes", "http.header_timeout_seconds",
+                "http.body_timeout_seconds", "http.max_connections"):
+        section, _, name = key.partition(".")
+        if getattr(getattr(settings, section), name) <= 0:
+            problems.append(ConfigProblem(settings.source or "environment", 0, key, "must be greater than 0"))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:

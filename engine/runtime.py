@@ -32,6 +32,7 @@ from engine.config import Settings
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
 from engine.connectors.fhir import FhirConnector
 from engine.connectors.hl7channel import HL7Channel, Reprocessed
+from engine.connectors.http_listener import CappedTCPSite
 from engine.connectors.outbound import OutboundConnector
 from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
 from engine.domain.events import EventBus
@@ -96,6 +97,7 @@ class Engine:
         self.connectors: dict[str, Connector] = {}  # enabled channels, by name
         self._storage: LocalStorage | None = None
         self.http_runner: web.AppRunner | None = None
+        self.http_site: CappedTCPSite | None = None
         self.http_port: int = settings.http.port
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop_event = threading.Event()
@@ -207,10 +209,15 @@ class Engine:
     async def _start_http(self) -> None:
         assert self.http_app is not None
         s = self.settings
-        self.http_runner = web.AppRunner(self.http_app(self), access_log=None)
+        # the site times each connection's first request head; aiohttp's keep-alive timer, run
+        # again after each response, closes a connection whose next head is not complete in time
+        self.http_runner = web.AppRunner(self.http_app(self), access_log=None,
+                                         keepalive_timeout=s.http.header_timeout_seconds)
         await self.http_runner.setup()
-        site = web.TCPSite(self.http_runner, s.bind, s.http.port, reuse_address=True)
+        site = CappedTCPSite(self.http_runner, s.bind, s.http.port, max_connections=s.http.max_connections,
+                             header_timeout=s.http.header_timeout_seconds)
         await site.start()
+        self.http_site = site
         addresses = self.http_runner.addresses
         if addresses:
             self.http_port = int(addresses[0][1])
@@ -230,6 +237,10 @@ class Engine:
                 lambda: float(self.writer.stats.retried))
         m.gauge("radbridge_mapping_reloads_total", "Mapping files reloaded after a change",
                 lambda: float(self.mappings.reloads))
+        m.gauge("radbridge_http_connections", "Open HTTP connections",
+                lambda: float(self.http_site.open_connections if self.http_site is not None else 0))
+        m.gauge("radbridge_http_connections_refused_total", "HTTP connections refused over http.max_connections",
+                lambda: float(self.http_site.refused_total if self.http_site is not None else 0))
 
     def _use_storage_tempdir(self) -> None:
         """pynetdicom writes received instances to the process's temporary directory; keeping that
@@ -264,6 +275,7 @@ class Engine:
         if self.http_runner is not None:
             await self.http_runner.cleanup()
             self.http_runner = None
+            self.http_site = None
         if isinstance(self.writer, InlineWriter):
             self.writer.stop()
         elif self.writer is not None:

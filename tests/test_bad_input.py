@@ -3,10 +3,12 @@ it can be, and the listener keeps serving everyone else."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from sqlalchemy.orm import selectinload
 
 from engine.config import Settings
 from engine.connectors.mllp.channel import MllpConnector
+from engine.connectors.mllp.server import MLLPServer
 from engine.store.models import Message
 from tests.conftest import RunningEngine, make_settings
 from tests.hl7util import ack_code, adt, frames, raw_exchange, segment, send
@@ -27,7 +30,7 @@ SB, EB = b"\x0b", b"\x1c\r"
 def small_limits(workdir: Path, db_url: str) -> Settings:
     ch = workdir / "channels" / "hl7-inbound.yaml"
     text = ch.read_text().replace("max_message_bytes: 10485760", "max_message_bytes: 1048576")
-    ch.write_text(text.replace("idle_timeout_seconds: 600", "idle_timeout_seconds: 1"))
+    ch.write_text(text.replace("idle_timeout_seconds: 120", "idle_timeout_seconds: 1"))
     return make_settings(workdir, db_url)
 
 
@@ -137,23 +140,120 @@ def test_mllp_send_from_python_hl7_as_a_separate_process(eng: RunningEngine, tmp
     assert "MSA|AA|" in out.stdout.replace("\r", "\n"), out
 
 
-def test_connections_over_the_limit_are_refused_and_the_others_kept(workdir: Path, db_url: str) -> None:
+def test_connections_over_the_limit_close_the_idlest_and_keep_the_others(workdir: Path, db_url: str) -> None:
     settings = make_settings(workdir, db_url)
     settings.mllp.max_connections = 2
     e = RunningEngine(settings).start()
     try:
         a = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
         b = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
-        wait_until(lambda: e.engine.connector("hl7-inbound", MllpConnector).server.active_connections >= 2,
+        wait_until(lambda: mllp_server(e).active_connections >= 2,
                    timeout=5, interval=0.02, message="the listener to count both connections as active")
+        b.sendall(SB + adt("A01", "LIM1", "Kept").encode() + EB)  # b is busy, a the idlest
+        b.settimeout(10)
+        assert b"MSA|AA" in b.recv(65536)
         with socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5) as c:
-            c.settimeout(5)
-            assert c.recv(10) == b""  # closed at once
-        a.sendall(SB + adt("A01", "LIM1", "Kept").encode() + EB)
-        a.settimeout(10)
-        assert b"MSA|AA" in a.recv(65536)
+            c.sendall(SB + adt("A01", "LIM2", "New").encode() + EB)
+            c.settimeout(10)
+            assert b"MSA|AA" in c.recv(65536)
+        a.settimeout(5)
+        assert a.recv(10) == b""  # closed to make room
+        b.sendall(SB + adt("A01", "LIM3", "Still").encode() + EB)
+        assert b"MSA|AA" in b.recv(65536)
         a.close()
         b.close()
-        assert e.engine.connector("hl7-inbound", MllpConnector).server.refused_total == 1
+        assert mllp_server(e).refused_total == 0 and mllp_server(e).closed_for_room_total == 1
     finally:
         e.stop()
+
+
+def closed_now(sock: socket.socket) -> bool:
+    """True when the engine has closed ``sock`` (EOF or reset waiting to be read); never blocks."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0)
+    try:
+        return sock.recv(16, socket.MSG_PEEK) == b""
+    except BlockingIOError:  # nothing to read yet
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
+def mllp_server(e: RunningEngine) -> MLLPServer:
+    return e.engine.connector("hl7-inbound", MllpConnector).server
+
+
+def holds(e: RunningEngine, counter: str, expected: int) -> bool:
+    return bool(getattr(mllp_server(e), counter) == expected)
+
+
+def test_idle_connections_make_room_for_a_real_sender(workdir: Path, db_url: str) -> None:
+    """Issue 14 item 6: with every connection slot held by an idle socket, a real sender was refused
+    for up to idle_timeout_seconds. The idlest connection is closed to make room instead."""
+    settings = make_settings(workdir, db_url)
+    settings.mllp.max_connections = 20
+    e = RunningEngine(settings).start()
+    idle: list[socket.socket] = []
+    try:
+        for i in range(20):
+            idle.append(socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5))
+            wait_until(partial(holds, e, "active_connections", i + 1), timeout=5, interval=0.01,
+                       message=f"the listener to count {i + 1} connections")
+        still_serving(e, "ROOM1")
+        wait_until(lambda: closed_now(idle[0]), timeout=5, message="the idlest connection to be closed")
+        assert not any(closed_now(s) for s in idle[1:])
+        still_serving(e, "ROOM2")
+        assert mllp_server(e).refused_total == 0
+    finally:
+        for s in idle:
+            s.close()
+        e.stop()
+
+
+def test_half_sent_frames_are_capped_in_total_and_the_idlest_is_closed(workdir: Path, db_url: str) -> None:
+    """Issue 14 item 6: every connection could hold a half-sent frame of max_message_bytes (200 of
+    them: 2 GB). Past [mllp] max_buffered_bytes in total the idlest holder is closed (its truncated
+    frame recorded like any other) and real senders are served."""
+    settings = make_settings(workdir, db_url)
+    settings.mllp.max_buffered_bytes = 1_000_000
+    e = RunningEngine(settings).start()
+    size = 400_000
+    part = SB + adt("A01", "HALF", "Sent").encode() + b"NTE|1||" + b"A" * (size - 200)
+    holders: list[socket.socket] = []
+    try:
+        for i in range(3):
+            s = socket.create_connection(("127.0.0.1", e.mllp_port), timeout=5)
+            holders.append(s)
+            s.sendall(part)
+            if i < 2:
+                wait_until(partial(holds, e, "buffered_bytes", (i + 1) * (len(part) - 1)), timeout=10,
+                           interval=0.01, message="the listener to hold the half-sent frames")
+        wait_until(lambda: closed_now(holders[0]), timeout=10, message="the idlest holder to be closed")
+        assert not closed_now(holders[1]) and not closed_now(holders[2])
+        assert mllp_server(e).buffered_bytes == 2 * (len(part) - 1) <= 1_000_000
+        (row,) = wait_until(lambda: rows(e, "rejected"), timeout=10, message="the cut frame to be recorded")
+        assert "truncated" in (row.error or "") and row.content is not None and row.content.raw.startswith(b"MSH|")
+        still_serving(e, "HALF2")
+    finally:
+        for s in holders:
+            s.close()
+        e.stop()
+
+
+def test_garbage_start_blocks_make_one_record_per_connection_and_few_log_lines(
+        eng: RunningEngine, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14 item 7: b"\\x0bX" repeated made one rejected message row and one WARNING per 2 bytes
+    (40 KB: 17,824 rows kept forever with keep_errors). Framing errors are counted per connection,
+    stored as one record with a sample, and logged a few times at most."""
+    caplog.set_level(logging.INFO)
+    raw_exchange(eng.mllp_port, b"\x0bX" * 20_000, close_write=True, timeout=5)
+    wait_until(lambda: eng.engine.metrics.frame_errors.value(channel="hl7-inbound", kind="truncated") >= 19_999,
+               timeout=30, message="every framing error to be counted")
+    wait_until(lambda: mllp_server(eng).active_connections == 0, timeout=30, message="the connection to end")
+    (row,) = rows(eng, "rejected")
+    assert "20000 truncated" in (row.error or "") and row.content is not None and row.content.raw == b"X"
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("engine.connectors")]
+    assert 1 <= len(warnings) <= 3, [r.getMessage() for r in warnings]
+    still_serving(eng, "GARB1")

@@ -53,6 +53,28 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
     assert info.value.problems[0].line == 1
 
 
+def test_limits_against_hostile_peers_must_be_positive(tmp_path: Path) -> None:
+    """Issue 14 items 5, 6, 8: the new limits load from the shipped files and refuse 0."""
+    s = load_settings(REPO / "config" / "radbridge.toml", env={"RADBRIDGE_HTTP_MAX_CONNECTIONS": "300"})
+    assert (s.http.header_timeout_seconds, s.http.body_timeout_seconds, s.http.max_connections) == (15, 60, 300)
+    assert (s.mllp.max_connections, s.mllp.max_buffered_bytes) == (200, 256 * 1024 * 1024)
+    f = tmp_path / "c.toml"
+    f.write_text("[mllp]\nmax_buffered_bytes = 0\n[http]\nheader_timeout_seconds = 0\nmax_connections = -1\n")
+    with pytest.raises(ConfigFileError) as info:
+        load_settings(f, env={})
+    text = str(info.value)
+    for key in ("mllp.max_buffered_bytes", "http.header_timeout_seconds", "http.max_connections"):
+        assert f"{key}: must be greater than 0" in text
+    (tmp_path / "d.yaml").write_text("name: d\nconnector: {type: dicom}\noptions:\n"
+                                     "  association_request_timeout_seconds: 0\n")
+    _, problems = load_channels(tmp_path, connector_specs())
+    assert any("d.yaml:4: options.association_request_timeout_seconds: must be greater than 0" in str(p)
+               for p in problems)
+    channels, _ = load_channels(REPO / "channels", connector_specs())
+    inbound = next(c for c in channels if c.name == "hl7-inbound")
+    assert inbound.options.idle_timeout_seconds == 120
+
+
 def test_channel_problems_name_file_line_and_field(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(
         "name: bad\nconnector: {type: smoke-signal}\noptions:\n  max_message_bytes: -5\n  colour: red\n"

@@ -4,6 +4,7 @@ an SCU where a test must craft what dcmtk will not send): files on disk, index, 
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -298,4 +299,28 @@ def test_study_becomes_stable_and_reopens(workdir: Path, tmp_path: Path) -> None
         assert [e["kind"] for e in body["studies"][0]["events"] if e["kind"] in ("study.stable", "study.reopened")] \
             == events()
     finally:
+        eng.stop()
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """True when the other side closed ``sock`` (EOF or reset) before its timeout."""
+    try:
+        return sock.recv(16) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_that_never_associate_are_closed_soon_and_a_modality_gets_in(workdir: Path) -> None:
+    """Issue 14 item 8: raw TCP connections that never send an A-ASSOCIATE-RQ held every association
+    slot for acse_timeout_seconds (30 s: "Local Limit Exceeded" for everyone); they are closed after
+    association_request_timeout_seconds."""
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", max_associations=4,
+                association_request_timeout_seconds=1)
+    silent = [socket.create_connection(("127.0.0.1", eng.dicom_port), timeout=20) for _ in range(4)]
+    try:
+        assert all(closed_by_peer(s) for s in silent)
+        assert run(["echoscu", "-aec", "RADBRIDGE", "127.0.0.1", str(eng.dicom_port)]).returncode == 0
+    finally:
+        for s in silent:
+            s.close()
         eng.stop()

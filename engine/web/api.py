@@ -17,7 +17,7 @@ from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.web import audit, deliveries
 from engine.web.audit import record_read
-from engine.web.inputs import nul_parameter
+from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import ENGINE, WRITER
 from engine.web.reads import in_read_session
 from engine.web.serialize import message_json, order_json, patient_json, study_json
@@ -64,7 +64,10 @@ async def _write(request: web.Request, fn: Callable[[Any], T]) -> T:
 
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
-        data = await request.json() if request.can_read_body else {}
+        raw = await read_body(request, request.client_max_size, "the HTTP server's request size limit")
+        data = json.loads(raw) if raw.strip() else {}
+    except BodyError as exc:
+        raise exc.http_error() from None
     except ValueError:
         raise _bad("the body is not JSON") from None
     if not isinstance(data, dict):

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.outbound import admin, outbox
+from engine.web.inputs import BodyError, read_body
 from engine.web.keys import ENGINE, WRITER
 from engine.web.reads import on_reader
 
@@ -71,7 +72,10 @@ async def retry_one(request: web.Request) -> web.Response:
 @routes.post("/deliveries/retry")
 async def retry_many(request: web.Request) -> web.Response:
     try:
-        body = await request.json() if request.can_read_body else {}
+        raw = await read_body(request, request.client_max_size, "the HTTP server's request size limit")
+        body = json.loads(raw) if raw.strip() else {}
+    except BodyError as exc:
+        raise exc.http_error() from None
     except ValueError:
         raise _error(web.HTTPBadRequest, "the body is not JSON") from None
     if not isinstance(body, dict) or body.get("state", "dead") != "dead":

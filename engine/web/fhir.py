@@ -40,7 +40,7 @@ from engine.pipeline.writer import StorageUnavailable
 from engine.web import fhir_views as views
 from engine.web.audit import agent_of, record_read
 from engine.web.fhir_capability import capability_statement
-from engine.web.inputs import nul_parameter
+from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import FHIR_INBOUND, MAPPINGS, METRICS, SETTINGS, WRITER
 from engine.web.reads import on_reader
 
@@ -109,21 +109,11 @@ async def _body_of(request: web.Request) -> bytes:
     if ctype not in (FHIR_JSON, "application/json", "application/json+fhir"):
         raise FhirError(415, f"Content-Type {ctype or '(none)'} is not supported: send {FHIR_JSON}",
                         "not-supported")
-    limit = _inbound(request).channel.fhir.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise FhirError(413, f"the body is {request.content_length} bytes; this endpoint takes at most {limit} "
-                             "(options.max_body_bytes of the fhir channel)", "too-costly")
-    chunks, size = [], 0
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise FhirError(413, f"the body is larger than {limit} bytes (options.max_body_bytes of the fhir "
-                                 "channel)", "too-costly")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_body(request, _inbound(request).channel.fhir.max_body_bytes,
+                               "options.max_body_bytes of the fhir channel")
+    except BodyError as exc:
+        raise FhirError(exc.status, exc.detail, "too-costly" if exc.status == 413 else "timeout") from None
 
 
 async def _write(request: web.Request, raw: bytes, kind: str, interactions: list[Interaction],
@@ -253,7 +243,11 @@ async def search_post(request: web.Request) -> web.Response:
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if ctype != "application/x-www-form-urlencoded":
         raise FhirError(415, "POST _search takes application/x-www-form-urlencoded parameters", "not-supported")
-    form = (await request.read()).decode("utf-8", "replace")
+    try:
+        raw = await read_body(request, request.client_max_size, "the HTTP server's request size limit")
+    except BodyError as exc:
+        raise FhirError(exc.status, exc.detail, "too-costly" if exc.status == 413 else "timeout") from None
+    form = raw.decode("utf-8", "replace")
     params = list(parse_qsl(request.query_string, keep_blank_values=True)) + \
         list(parse_qsl(form, keep_blank_values=True))
     return await _search(request, params)

@@ -99,7 +99,8 @@ class DicomListener:
             (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get),
             (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_REQUESTED, self._on_requested),
         ]
         self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
                                                evt_handlers=handlers)
@@ -123,6 +124,16 @@ class DicomListener:
         return len(server.active_associations) if server is not None else 0
 
     # --- association events ---------------------------------------------------------------------------
+    def _on_connection(self, event: Any) -> None:
+        """A new connection gets association_request_timeout_seconds to send its A-ASSOCIATE-RQ (the
+        ARTIM timer and the wait for the request both run on the association's acse_timeout): a
+        connection that never asks holds an association slot, and max_associations of them would
+        lock every modality out for the whole acse_timeout."""
+        event.assoc.acse_timeout = min(self.opts.association_request_timeout_seconds, self.opts.acse_timeout_seconds)
+
+    def _on_requested(self, event: Any) -> None:
+        event.assoc.acse_timeout = self.opts.acse_timeout_seconds  # the rest of the association: as configured
+
     def _on_accepted(self, event: Any) -> None:
         self.associations_total += 1
         self.metrics.dicom_associations.inc(channel=self.channel.name, result="accepted")

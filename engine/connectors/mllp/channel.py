@@ -32,7 +32,8 @@ class MllpConnector(ListeningConnector, HL7Channel):
         super().__init__(channel, ctx)
         s = ctx.settings
         self.listener = HL7Listener(channel, self.inbound, ctx.writer, ctx.metrics, host=s.bind,
-                                    port=self.configured_port(channel, s), max_connections=s.mllp.max_connections)
+                                    port=self.configured_port(channel, s), max_connections=s.mllp.max_connections,
+                                    max_buffered_bytes=s.mllp.max_buffered_bytes)
 
     @staticmethod
     def configured_port(channel: Channel, settings: Settings) -> int:
@@ -57,7 +58,8 @@ class MllpConnector(ListeningConnector, HL7Channel):
             out["state"] = str(ConnectorState.FAILED)
         out["port"] = srv.port
         out["connections"] = {"open": srv.active_connections, "total": srv.connections_total,
-                              "refused": srv.refused_total}
+                              "refused": srv.refused_total, "closed_for_room": srv.closed_for_room_total,
+                              "buffered_bytes": srv.buffered_bytes}
         return out
 
     def endpoint(self) -> str:

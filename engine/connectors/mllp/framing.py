@@ -9,7 +9,8 @@ is counted and dropped until its end block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 _SB, _EB, _CR = 0x0B, 0x1C, 0x0D
 _WHITESPACE = b"\r\n\t \x00"
@@ -23,11 +24,45 @@ class Frame:
     oversized: bool = False
 
 
+class ProblemKind(StrEnum):
+    GARBAGE = "garbage"  # bytes outside a frame
+    TRUNCATED = "truncated"  # a frame cut off by a new start block or by the connection ending
+
+
 @dataclass
 class FrameProblem:
-    kind: str  # garbage | truncated
+    kind: ProblemKind
     detail: str
     data: bytes = b""
+
+
+@dataclass
+class FramingReport:
+    """The framing problems of one connection, kept as counts and one sample: a peer sending
+    b"\\x0bX" over and over makes one problem per 2 bytes, and each must not become a stored message
+    and a log line of its own."""
+
+    counts: dict[ProblemKind, int] = field(default_factory=dict)
+    first: FrameProblem | None = None  # the first problem, whose detail is quoted
+    sample: bytes = b""  # the data of the first problem that had any (a truncated frame's head)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, problem: FrameProblem) -> None:
+        self.counts[problem.kind] = self.counts.get(problem.kind, 0) + 1
+        if self.first is None:
+            self.first = problem
+        if not self.sample and problem.data:
+            self.sample = problem.data
+
+    def summary(self) -> str:
+        truncated = self.counts.get(ProblemKind.TRUNCATED, 0)
+        garbage = self.counts.get(ProblemKind.GARBAGE, 0)
+        first = self.first.detail if self.first is not None else ""
+        return (f"MLLP framing errors on one connection: {truncated} truncated frame(s), {garbage} run(s) of "
+                f"bytes outside a frame; the first: {first}")
 
 
 class MLLPDecoder:
@@ -42,6 +77,11 @@ class MLLPDecoder:
         return self._in_frame
 
     @property
+    def buffered_bytes(self) -> int:
+        """What the open frame holds in memory (at most max_size)."""
+        return len(self._buf)
+
+    @property
     def pending(self) -> bytes:
         return bytes(self._buf)
 
@@ -54,7 +94,7 @@ class MLLPDecoder:
                 i = data.find(_SB, pos)
                 stray = data[pos:] if i < 0 else data[pos:i]
                 if stray.strip(_WHITESPACE):
-                    problems.append(FrameProblem("garbage", f"{len(stray)} byte(s) outside an MLLP frame skipped",
+                    problems.append(FrameProblem(ProblemKind.GARBAGE, f"{len(stray)} byte(s) outside an MLLP frame skipped",
                                                  bytes(stray[:256])))
                 if i < 0:
                     break
@@ -68,7 +108,7 @@ class MLLPDecoder:
             k = data.find(_SB, pos, end)
             if k >= 0:
                 self._append(data[pos:k])
-                problems.append(FrameProblem("truncated", "a new frame started before the previous one ended",
+                problems.append(FrameProblem(ProblemKind.TRUNCATED, "a new frame started before the previous one ended",
                                              bytes(self._buf[:HEAD_BYTES])))
                 self._buf.clear()
                 self._size = 0
@@ -98,6 +138,6 @@ class MLLPDecoder:
     def close(self) -> FrameProblem | None:
         """The connection ended; an open frame is truncated."""
         if self._in_frame and (self._buf or self._size):
-            return FrameProblem("truncated", f"connection closed inside a frame after {self._size} byte(s)",
+            return FrameProblem(ProblemKind.TRUNCATED, f"connection closed inside a frame after {self._size} byte(s)",
                                 bytes(self._buf[:HEAD_BYTES]))
         return None

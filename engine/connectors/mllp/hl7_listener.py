@@ -6,7 +6,7 @@ import logging
 import time
 
 from engine.channels import Channel
-from engine.connectors.mllp.framing import Frame, FrameProblem
+from engine.connectors.mllp.framing import Frame, FrameProblem, FramingReport
 from engine.connectors.mllp.server import MLLPServer
 from engine.errors import report_failure
 from engine.hl7 import errors as E
@@ -23,15 +23,17 @@ log = logging.getLogger(__name__)
 
 class HL7Listener:
     def __init__(self, channel: Channel, inbound: HL7Inbound, writer: IngestWriter, metrics: Metrics, *,
-                 host: str, port: int, max_connections: int = 200) -> None:
+                 host: str, port: int, max_connections: int = 200,
+                 max_buffered_bytes: int = 256 * 1024 * 1024) -> None:
         self.channel = channel
         self.inbound = inbound
         self.writer = writer
         self.metrics = metrics
         opts = channel.options
         self.server = MLLPServer(channel.name, host, port, self._on_frame, on_problem=self._on_problem,
-                                 max_size=opts.max_message_bytes, idle_timeout=opts.idle_timeout_seconds,
-                                 max_connections=max_connections)
+                                 on_report=self._on_report, max_size=opts.max_message_bytes,
+                                 idle_timeout=opts.idle_timeout_seconds, max_connections=max_connections,
+                                 max_buffered_bytes=max_buffered_bytes)
 
     async def start(self) -> None:
         await self.server.start()
@@ -74,13 +76,17 @@ class HL7Listener:
         self.metrics.latency.observe(time.perf_counter() - t0, channel=name)
         return [r.encode(charset, errors="replace") for r in replies]
 
-    async def _on_problem(self, problem: FrameProblem, remote: str) -> None:
+    def _on_problem(self, problem: FrameProblem) -> None:
         self.metrics.frame_errors.inc(channel=self.channel.name, kind=problem.kind)
-        if problem.kind != "truncated" or not problem.data:
+
+    async def _on_report(self, report: FramingReport, remote: str) -> None:
+        """One rejected message per connection (and per run of problems between good frames) with
+        the counts and a sample, never one per problem."""
+        if not report.sample:
             return
-        p = Prepared(raw=problem.data, remote=remote, received_at=time.time())
-        p.reject = HL7Error(E.SEGMENT_SEQUENCE, f"truncated MLLP frame: {problem.detail}")
+        p = Prepared(raw=report.sample, remote=remote, received_at=time.time())
+        p.reject = HL7Error(E.SEGMENT_SEQUENCE, report.summary())
         try:
             await ingest(self.writer, self.inbound, p)
         except Exception as exc:
-            log.warning("channel %s: truncated frame from %s not recorded: %s", self.channel.name, remote, exc)
+            log.warning("channel %s: framing errors from %s not recorded: %s", self.channel.name, remote, exc)
