@@ -20,8 +20,8 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from engine.standin_ehr import StandInEHR, msh_fields
-from engine.store.leases import this_process
-from engine.store.models import Delivery, ReconcileJob, Study
+from engine.store.leases import Holder, process_start, this_process
+from engine.store.models import Delivery, Instance, ReconcileJob, Study
 from tests.conftest import REPO, RunningEngine, make_settings
 from tests.dicomutil import require_dcmtk
 from tests.test_durability import free_port
@@ -36,7 +36,7 @@ import sys, time
 from engine.outbound import outbox
 from engine.reconciliation import queue
 from engine.store.db import open_database
-from engine.store.leases import this_process
+from engine.store.leases import Holder, process_start, this_process
 db = open_database(sys.argv[1])
 holder = str(this_process())
 with db.writer.begin() as conn:
@@ -166,6 +166,66 @@ def test_a_delivery_in_flight_when_the_engine_is_killed_resumes_at_restart(workd
         assert d.control_id and accepted_orus(ehr, d.control_id) == 1
     finally:
         again.stop()
+
+
+def test_a_reconciliation_in_progress_when_the_engine_is_killed_resumes_at_restart(
+        workdir: Path, db_url: str, ehr: StandInEHR, tmp_path: Path) -> None:
+    fast_retries(workdir)
+    s = make_settings(workdir, db_url)
+    s.dicom.stable_seconds = 3600
+    s.ehr.mllp = ehr.mllp_address
+    e = RunningEngine(s).start()
+    try:
+        order_and_images(e, tmp_path, "MRNR", "ACCR", n=1)  # received, not yet stable
+    finally:
+        e.stop()
+    # the stored file is swapped for a FIFO: reconciling the study (coercion reads every file) blocks
+    # on it, holding its lease, until the engine is killed; then the file is put back
+    [inst] = rows(db_url, Instance)
+    stored = workdir / "var" / "studies" / inst.storage_key
+    kept = stored.rename(tmp_path / "kept.dcm")
+    os.mkfifo(stored)
+    first = EngineProcess(workdir, db_url, ehr, RADBRIDGE_STABLE_SECONDS="1").start()
+    try:
+        [job] = wait_until(lambda: [j for j in rows(db_url, ReconcileJob) if j.leased_by], timeout=RESUME,
+                           message="the stable study's reconciliation under way")
+        assert job.leased_by.split(":")[1] == str(first.pid)
+        first.kill()
+    finally:
+        first.stop()
+    stored.unlink()
+    kept.rename(stored)
+    assert not ehr.oru_messages()
+    again = EngineProcess(workdir, db_url, ehr, RADBRIDGE_STABLE_SECONDS="1").start()
+    try:
+        wait_until(lambda: [st.recon_state for st in rows(db_url, Study)] == ["reconciled"]
+                   and not rows(db_url, ReconcileJob), timeout=RESUME,
+                   message="the study the killed engine was reconciling, reconciled after the restart")
+        [d] = wait_until(lambda: [d for d in mllp_deliveries(db_url) if d.state == "delivered"], timeout=RESUME,
+                         message="its result delivered")
+        assert d.control_id and accepted_orus(ehr, d.control_id) == 1
+    finally:
+        again.stop()
+
+
+def test_a_holder_is_gone_only_when_its_process_on_this_host_is() -> None:
+    """host:pid:start names one process: the pid must run and have started at that time."""
+    me = this_process()
+    assert me.pid == os.getpid() and me.started and Holder.parse(str(me)) == me and not me.is_gone()
+    assert Holder(me.host, me.pid, "19990101T000000Z").is_gone()  # this pid in an earlier life
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = process_start(sleeper.pid)
+        assert started is not None
+        assert not Holder(me.host, sleeper.pid, started).is_gone()
+        assert Holder(me.host, sleeper.pid, "19990101T000000Z").is_gone()  # the pid was reused
+        assert not Holder("another-host", sleeper.pid, "19990101T000000Z").is_gone()  # cannot tell: running
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    assert Holder(me.host, sleeper.pid, started).is_gone()
+    assert Holder.parse("vm:123") == Holder("vm", 123, "") and not Holder("vm", 123, "").is_gone()
+    assert Holder.parse("worker-1") is None
 
 
 class Holding:
