@@ -2,8 +2,8 @@
 
 Start order: configuration is checked (a broken channel or mapping stops the start with every
 problem listed), the database is migrated, leases on queued work held by a process of this host
-that no longer runs (killed, crashed) are taken back (engine/store/leases.py), the writer starts, then each channel's connector (in
-channel file order), then HTTP. Stop is the reverse: connectors stop taking work and finish what
+that no longer runs (killed, crashed) are taken back (engine/store/leases.py), the writer starts,
+then each channel's connector (in channel file order), then HTTP. Stop is the reverse: connectors stop taking work and finish what
 they hold (ACKs and C-STORE answers are written, a delivery batch is recorded), the writer drains
 its queue, then the database is closed.
 
