@@ -30,6 +30,10 @@ class DatabaseSettings:
     pool_size: int = 5
     # auto: SQLite commits on the event loop thread (inline), PostgreSQL in a writer thread
     writer: str = "auto"
+    # how long a worker's claim on queued work (a delivery, a reconciliation) lasts unless renewed;
+    # renewed every third of it while worked, so a crashed engine's work waits at most this long
+    # for another engine (an engine restarting on the same host takes it back at once)
+    lease_seconds: float = 30.0
 
 
 @dataclass
@@ -265,6 +269,9 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     if settings.database.writer not in ("auto", "inline", "thread"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "database.writer",
                                       "must be auto, inline or thread"))
+    if not settings.database.lease_seconds >= 1:
+        problems.append(ConfigProblem(settings.source or "environment", 0, "database.lease_seconds",
+                                      "must be at least 1 (seconds)"))
     for entry in settings.dicom.destinations:
         name, eq, addr = entry.partition("=")
         host, colon, port = addr.rpartition(":")

@@ -1,8 +1,9 @@
 """The running engine: store, writer, one connector per enabled channel, HTTP and background tasks.
 
 Start order: configuration is checked (a broken channel or mapping stops the start with every
-problem listed), the database is migrated, the writer starts, then each channel's connector (in
-channel file order), then HTTP. Stop is the reverse: connectors stop taking work and finish what
+problem listed), the database is migrated, leases on queued work held by a process of this host
+that no longer runs (killed, crashed) are taken back (engine/store/leases.py), the writer starts,
+then each channel's connector (in channel file order), then HTTP. Stop is the reverse: connectors stop taking work and finish what
 they hold (ACKs and C-STORE answers are written, a delivery batch is recorded), the writer drains
 its queue, then the database is closed.
 
@@ -49,7 +50,7 @@ from engine.reconciliation.reconciler import Result as ReconcileResult
 from engine.reconciliation.rules import ReconciliationRules, compile_rules
 from engine.storage.base import ObjectStorage
 from engine.storage.local import LocalStorage
-from engine.store import migrate
+from engine.store import leases, migrate
 from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
@@ -169,6 +170,7 @@ class Engine:
         self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
                                 busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size)
         await asyncio.to_thread(migrate.upgrade, self.db)
+        await asyncio.to_thread(self._reclaim_leases)
         inline = s.database.writer == "inline" or (s.database.writer == "auto" and self.db.is_sqlite)
         self.writer = InlineWriter(self.db.writer) if inline else IngestWriter(self.db.writer)
         self.writer.start()
@@ -205,6 +207,12 @@ class Engine:
         if self.reconciler is not None:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
+
+    def _reclaim_leases(self) -> None:
+        """Deliveries and reconciliations leased by a process of this host that died (kill -9, a
+        crash) are free again at once, not when their lease lapses."""
+        with self.db.writer.begin() as conn:
+            leases.reclaim_gone(conn)
 
     async def _start_http(self) -> None:
         assert self.http_app is not None
@@ -321,7 +329,7 @@ class Engine:
                           rules=lambda name: self.mappings.get_as(name, ReconciliationRules),
                           modifying_system=self.settings.dicom.aet,
                           tmp_dir=Path(self.settings.storage.dir) / "tmp", fsync=self.settings.dicom.fsync,
-                          on_result=on_result, bus=self.bus)
+                          on_result=on_result, bus=self.bus, lease_seconds=self.settings.database.lease_seconds)
 
     async def _reconcile_loop(self) -> None:
         interval = min(1.0, max(0.1, self.settings.dicom.stable_seconds / 4))

@@ -75,6 +75,14 @@ def test_limits_against_hostile_peers_must_be_positive(tmp_path: Path) -> None:
     assert inbound.options.idle_timeout_seconds == 120
 
 
+def test_lease_seconds_defaults_to_30_and_must_be_at_least_1() -> None:
+    assert load_settings(REPO / "config" / "radbridge.toml", env={}).database.lease_seconds == 30
+    assert load_settings(env={"RADBRIDGE_DATABASE_LEASE_SECONDS": "5"}).database.lease_seconds == 5
+    with pytest.raises(ConfigFileError) as info:
+        load_settings(env={"RADBRIDGE_DATABASE_LEASE_SECONDS": "0.5"})
+    assert "database.lease_seconds: must be at least 1 (seconds)" in str(info.value)
+
+
 def test_channel_problems_name_file_line_and_field(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text(
         "name: bad\nconnector: {type: smoke-signal}\noptions:\n  max_message_bytes: -5\n  colour: red\n"

@@ -109,7 +109,8 @@ def reconciler_for_tools(db: Database, settings: Settings,
     return Reconciler(db, SessionRunner(db), storage, channels={c.name: c for c in channels},
                       rules=lambda name: registry.get_as(name, ReconciliationRules),
                       modifying_system=settings.dicom.aet, tmp_dir=tmp, fsync=settings.dicom.fsync,
-                      on_result=on_result, outbox=build_outbox(settings, registry, channels))
+                      on_result=on_result, outbox=build_outbox(settings, registry, channels),
+                      lease_seconds=settings.database.lease_seconds)
 
 
 def _list(db: Any, args: argparse.Namespace) -> int:

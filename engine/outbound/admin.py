@@ -57,13 +57,15 @@ class DeliveryDetail(DeliverySummary):
     payload: str | None
     content_type: str | None
     detail: KeptRendering | None
+    leased_by: str | None  # while being sent: who holds it, host:pid:start
+    leased_until: str | None
     attempts_made: list[AttemptSummary]
 
 
 def _json(row: Any) -> dict[str, Any]:
     """A row as JSON: times as ISO text, next_at only while pending."""
     out = dict(row)
-    for k in ("created_at", "next_at", "delivered_at", "at"):
+    for k in ("created_at", "next_at", "delivered_at", "at", "leased_until"):
         if out.get(k) is not None:
             out[k] = out[k].isoformat()
     if out.get("state") != DeliveryState.PENDING:
@@ -85,7 +87,8 @@ def list_deliveries(conn: Connection, *, state: str | None = None, destination: 
 
 
 def show_delivery(conn: Connection, delivery_id: int) -> DeliveryDetail | None:
-    row = conn.execute(select(*SUMMARY, DELIVERIES.c.payload, DELIVERIES.c.content_type, DELIVERIES.c.detail)
+    row = conn.execute(select(*SUMMARY, DELIVERIES.c.payload, DELIVERIES.c.content_type, DELIVERIES.c.detail,
+                              DELIVERIES.c.leased_by, DELIVERIES.c.leased_until)
                        .select_from(DELIVERIES.outerjoin(STUDIES, STUDIES.c.id == DELIVERIES.c.study_id))
                        .where(DELIVERIES.c.id == delivery_id)).mappings().first()
     if row is None:

@@ -11,9 +11,11 @@
     settle(conn, claimed, outcome)        the attempt is recorded; delivered, retried later, or dead
     retry / discard                       an operator's hand (CLI, API)
 
-A row is leased while it is being sent; a process that dies mid-send leaves a lease that expires,
-and the row is sent again (at least once: the MSH-10 and the conditional-update key are stable, so
-the EHR sees a resend, not a second result).
+A row is leased while it is being sent (engine/store/leases.py: short, renewed while the batch is
+worked, naming its holder host:pid:start); a process that dies mid-send leaves a lease that lapses
+within [database] lease_seconds, or is taken back at once when an engine starts on its host, and
+the row is sent again (at least once: the MSH-10 and the conditional-update key are stable, so the
+EHR sees a resend, not a second result).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from engine.channels import Channel, Destination, OutboundRoute
 from engine.domain.events import Event, EventBus, EventKind, ReportReceived, StudyCorrected, StudyReconciled
 from engine.domain.records import add
 from engine.outbound.render import Rendered
+from engine.store.leases import LEASE_SECONDS
 from engine.store.models import Delivery, DeliveryAttempt
 from engine.store.states import AttemptOutcome, DeliveryState
 from engine.store.types import utcnow
@@ -37,7 +40,6 @@ from engine.store.types import utcnow
 DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 ATTEMPTS: Table = DeliveryAttempt.__table__  # type: ignore[assignment]
 STATES = tuple(DeliveryState)
-LEASE_SECONDS = 120.0
 
 
 class KeptRendering(TypedDict, total=False):

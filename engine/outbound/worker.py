@@ -1,6 +1,7 @@
 """Delivery workers: one per destination, so an EHR interface that is down stalls only itself.
 
-    claim a batch (outbox.claim: due, oldest first, one per patient, SKIP LOCKED)
+    claim a batch (outbox.claim: due, oldest first, one per patient, SKIP LOCKED), leased for
+        [database] lease_seconds and renewed every third of that until it is settled
     render what was never rendered (from the store, in a thread), keep it for the retries
     send: MLLP one at a time on one connection; FHIR up to ``concurrency`` requests at once
     settle the batch in one transaction: delivered, retry at now + backoff, or dead
@@ -17,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ from engine.outbound.outbox import Claimed, Outbox, Outcome
 from engine.outbound.render import Rendered, render
 from engine.outbound.senders import FHIRSender, MLLPSender
 from engine.storage.base import ObjectStorage
+from engine.store import leases
 from engine.store.db import Database
 from engine.store.states import AttemptOutcome, DeliveryState
 
@@ -90,8 +90,9 @@ class DestinationWorker:
     renderer: Renderer
     writer: Any  # the engine's IngestWriter / InlineWriter: run(job(Session))
     metrics: Metrics
-    worker_id: str
+    worker_id: str  # who holds the leases: leases.this_process()
     batch: int = 20
+    lease_seconds: float = leases.LEASE_SECONDS
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     paused_for: float = 0.0
     failures: int = 0  # passes in a row in which the destination itself failed
@@ -124,12 +125,20 @@ class DestinationWorker:
         """Claim, send and settle one batch; returns how many deliveries were attempted."""
         # after a destination failure, probe with one delivery before sending a batch again
         limit = 1 if self.failures else self.batch
-        # the lease outlives the slowest batch (MLLP: one after another, each up to its timeout)
-        lease = max(outbox.LEASE_SECONDS, 2 * limit * self.dest.timeout_seconds)
         claimed: list[Claimed] = await self.writer.run(
-            lambda s: outbox.claim(s.connection(), self.dest.name, self.worker_id, limit=limit, lease_seconds=lease))
+            lambda s: outbox.claim(s.connection(), self.dest.name, self.worker_id, limit=limit,
+                                   lease_seconds=self.lease_seconds))
         if not claimed:
             return 0
+        ids = [c.id for c in claimed]
+        # the leases are short and renewed while the batch is worked (MLLP: one after another, each
+        # up to its timeout), so those of a process that died lapse soon
+        with leases.Renewing(lambda: self.writer.run_sync(lambda s: leases.renew(
+                s.connection(), outbox.DELIVERIES, ids, self.worker_id, self.lease_seconds)),
+                self.lease_seconds / 3, f"deliveries to {self.dest.name}"):
+            return await self._work(claimed)
+
+    async def _work(self, claimed: list[Claimed]) -> int:
         results: list[tuple[Claimed, Outcome, Rendered | None]] = []
         unsent: list[int] = []
         if self.dest.type == "mllp":
@@ -216,7 +225,7 @@ class OutboundService:
                  channels: list[Channel], storage: ObjectStorage | None, metrics: Metrics) -> None:
         self.settings = settings
         self.workers: dict[str, DestinationWorker] = {}
-        worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        worker_id = str(leases.this_process())
         self.renderer = Renderer(db, mappings, storage, EngineInfo.of(settings))
         for ch in channels:
             if ch.connector != "outbound" or not ch.enabled:
@@ -229,7 +238,8 @@ class OutboundService:
                     continue
                 if dest.name in self.workers:
                     continue
-                w = DestinationWorker(dest, address, self.renderer, writer, metrics, worker_id)
+                w = DestinationWorker(dest, address, self.renderer, writer, metrics, worker_id,
+                                      lease_seconds=settings.database.lease_seconds)
                 w.sender = FHIRSender(settings.ehr, dest) if dest.type == "fhir" else MLLPSender(address, dest)
                 self.workers[dest.name] = w
         self.outbox = build_outbox(settings, mappings, channels)

@@ -3,7 +3,8 @@
 A row is written in the transaction that makes the work necessary (a study became stable, an order
 or ADT message touched its order or patient, an analyst matched it by hand), so no trigger is lost.
 Workers lease rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several engine processes share
-the queue; SQLite has one writer anyway). A trigger arriving while a row is leased bumps its
+the queue; SQLite has one writer anyway) for a short time, renewed while the batch is worked
+(engine/store/leases.py: a dead holder's leases lapse, or are taken back when an engine starts). A trigger arriving while a row is leased bumps its
 ``generation``: the worker then runs the study again instead of deleting the row. A failed run
 is retried with backoff and its error kept on the row (``/api/studies`` shows it).
 """
@@ -19,11 +20,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from engine.domain.records import first_as
+from engine.store.leases import LEASE_SECONDS
 from engine.store.models import ReconcileJob
 from engine.store.types import utcnow
 
 QUEUE: Table = ReconcileJob.__table__  # type: ignore[assignment]
-LEASE_SECONDS = 600.0
 MAX_BACKOFF_SECONDS = 900.0
 
 

@@ -19,11 +19,9 @@ CLI). A run that fails is retried with backoff; a run overtaken by a newer trigg
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypedDict, TypeVar
 
@@ -63,6 +61,7 @@ from engine.reconciliation.compare import FindingData, authoritative, difference
 from engine.reconciliation.matching import Match, match_study
 from engine.reconciliation.rules import ReconciliationRules, default_rules
 from engine.storage.base import ObjectStorage
+from engine.store import leases as work_leases
 from engine.store.db import Database
 from engine.store.states import FindingAction, FindingStatus, ReconState, StudyState
 from engine.store.types import utcnow
@@ -126,7 +125,7 @@ class Reconciler:
                  channels: dict[str, Channel], rules: Callable[[str], ReconciliationRules | None],
                  modifying_system: str = "RADBRIDGE", tmp_dir: Path | None = None, fsync: bool = True,
                  on_result: Callable[[Result], None] | None = None, bus: EventBus | None = None,
-                 outbox: Subscriber | None = None) -> None:
+                 outbox: Subscriber | None = None, lease_seconds: float = work_leases.LEASE_SECONDS) -> None:
         """``bus``: where the runs' events are published (the engine's, with the outbox subscribed);
         without one, a bus of its own, to which ``outbox`` (tools: radbridge studies reconcile)
         subscribes."""
@@ -142,7 +141,8 @@ class Reconciler:
         self.bus = bus if bus is not None else EventBus()
         if outbox is not None:
             outbox.subscribe(self.bus)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = str(work_leases.this_process())  # who holds the leases
+        self.lease_seconds = lease_seconds
         self.stopping = False
 
     # --- configuration ---------------------------------------------------------------------------
@@ -159,15 +159,23 @@ class Reconciler:
         """Work the queue until it is empty (or ``max_jobs``); returns how many runs were made."""
         done = 0
         while done < max_jobs and not self.stopping:
-            leases = self.tx.run_sync(lambda s: queue.lease(s.connection(), self.worker, limit=10))
+            leases = self.tx.run_sync(lambda s: queue.lease(s.connection(), self.worker, limit=10,
+                                                            seconds=self.lease_seconds))
             if not leases:
                 break
-            for i, job in enumerate(leases):
-                if self.stopping:
-                    self.tx.run_sync(lambda s, rest=leases[i:]: queue.release(s.connection(), rest, self.worker))
-                    break
-                self.process(job)
-                done += 1
+            ids = [j.job_id for j in leases]
+
+            def renew(ids: list[int] = ids) -> int:
+                return self.tx.run_sync(lambda s: work_leases.renew(s.connection(), queue.QUEUE, ids, self.worker,
+                                                                    self.lease_seconds))
+            # short leases, renewed while this batch is worked (a study's coercion may take long)
+            with work_leases.Renewing(renew, self.lease_seconds / 3, "reconciliations"):
+                for i, job in enumerate(leases):
+                    if self.stopping:
+                        self.tx.run_sync(lambda s, rest=leases[i:]: queue.release(s.connection(), rest, self.worker))
+                        break
+                    self.process(job)
+                    done += 1
         return done
 
     def process(self, job: queue.Lease) -> Result | None:
@@ -228,7 +236,7 @@ class Reconciler:
             # that was unmatched, flagged or quarantined before) checks every file.
             verified = study["recon_state"] == ReconState.RECONCILED and study["times_reconciled"] > 0 and not diffs
             since = study["reconciled_at"] if verified else None
-            res.checked, coerced = self._coerce(study, target, since, job)
+            res.checked, coerced = self._coerce(study, target, since)
         res.coerced = coerced
         res.findings = [f.describe() for f in findings]
         # the index follows the coerced headers (C-FIND answers with them)
@@ -281,8 +289,7 @@ class Reconciler:
                                               status=moved[1], note=note))
 
     # --- coercion --------------------------------------------------------------------------------
-    def _coerce(self, study: StudyRow, target: Target, since: datetime | None, job: queue.Lease
-                ) -> tuple[int, int]:
+    def _coerce(self, study: StudyRow, target: Target, since: datetime | None) -> tuple[int, int]:
         """Rewrite the files that differ, a batch at a time; (files checked, files rewritten)."""
         assert self.storage is not None
         stmt = (select(INSTANCES.c.id, INSTANCES.c.sop_instance_uid, INSTANCES.c.storage_key, INSTANCES.c.sha256,
@@ -313,11 +320,10 @@ class Reconciler:
                 if rewritten is not None:
                     batch.append((inst, rewritten))
             if batch:
-                done += self._commit_batch(study["id"], batch, target.reason, job)
+                done += self._commit_batch(study["id"], batch, target.reason)
         return checked, done
 
-    def _commit_batch(self, study_id: int, batch: list[tuple[_StoredFile, Rewritten]], reason: str,
-                      job: queue.Lease) -> int:
+    def _commit_batch(self, study_id: int, batch: list[tuple[_StoredFile, Rewritten]], reason: str) -> int:
         """Point the index at the new files (unless an instance changed meanwhile) and record the
         revisions in one transaction; then delete the files no longer referenced."""
         assert self.storage is not None
@@ -339,8 +345,6 @@ class Reconciler:
             if delta:
                 conn.execute(update(STUDIES).where(STUDIES.c.id == study_id)
                              .values(size_bytes=STUDIES.c.size_bytes + delta))
-            conn.execute(update(queue.QUEUE).where(queue.QUEUE.c.id == job.job_id)
-                         .values(leased_until=utcnow() + timedelta(seconds=queue.LEASE_SECONDS)))
             return kept
         try:
             kept = self.tx.run_sync(work)
