@@ -299,3 +299,49 @@ def test_study_becomes_stable_and_reopens(workdir: Path, tmp_path: Path) -> None
             == events()
     finally:
         eng.stop()
+
+
+def test_series_uid_of_another_study_is_refused_not_merged(workdir: Path, db_url: str, tmp_path: Path) -> None:
+    """A modality reusing a Series Instance UID under a new study: the instance is refused with a
+    Cxxx status and a comment that says why; the first study keeps its series, no study is made."""
+    eng = start(workdir, db_url)
+    try:
+        first = make_instance(tmp_path / "first.dcm", accession="SER-A")
+        clash = make_instance(tmp_path / "clash.dcm", accession="SER-B", series_uid=first.series_uid)
+        assert clash.study_uid != first.study_uid
+        ok = storescu(eng.dicom_port, [first.path], extra=["-d"])
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        refused = storescu(eng.dicom_port, [clash.path], extra=["-d"])
+        out = refused.stdout + refused.stderr
+        assert "c409" in out.lower(), out
+        assert "[SeriesInstanceUID already belongs to another study]" in out
+        assert instances(eng, clash.sop_uid) == []
+        with eng.db.read_session() as s:
+            studies = {st.study_uid: st for st in s.execute(select(Study)).scalars()}
+            series = s.execute(select(Series).where(Series.series_uid == first.series_uid)).scalar_one()
+        assert set(studies) == {first.study_uid}  # the clash made no study of its own
+        st = studies[first.study_uid]
+        assert (st.num_series, st.num_instances) == (1, 1) and series.study_id == st.id and series.num_instances == 1
+        # nothing of the refused instance stays on disk
+        assert not any(Path(eng.settings.storage.dir, "studies").rglob(f"{clash.sop_uid}.*"))
+        status, body = eng.api("/api/channels")
+        dicom = next(c for c in body["channels"] if c["name"] == "dicom")
+        assert dicom["counters"]["instances"] == {"stored": 1.0, "uid_conflict": 1.0}
+    finally:
+        eng.stop()
+
+
+def test_overwrite_never_moves_an_instance_to_another_study(workdir: Path, tmp_path: Path) -> None:
+    """duplicates: overwrite takes new content for a SOP Instance UID, but not new content that
+    names another study or series: the index row could not follow it there."""
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", duplicates="overwrite")
+    try:
+        first = make_instance(tmp_path / "a.dcm", accession="OVR-A")
+        assert pynetdicom_store(eng.dicom_port, first.path) == 0
+        moved = make_instance(tmp_path / "b.dcm", accession="OVR-B", sop_uid=first.sop_uid)
+        assert pynetdicom_store(eng.dicom_port, moved.path) == 0xC409
+        [inst] = instances(eng, first.sop_uid)
+        assert pydicom.dcmread(stored_path(eng, inst)).StudyInstanceUID == first.study_uid
+        assert not [p for p in Path(eng.settings.storage.dir, "studies").rglob(f"*/{moved.study_uid}/*") if p.is_file()]
+    finally:
+        eng.stop()

@@ -44,6 +44,7 @@ from engine.store.db import Database
 from engine.store.states import InstanceOutcome
 
 log = logging.getLogger(__name__)
+NOT_TAKEN = (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED, InstanceOutcome.UID_CONFLICT)  # file not indexed
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
 
 
@@ -194,13 +195,16 @@ class DicomListener:
             # must send it again (the same bytes land on the same key, so nothing piles up).
             log.error("channel %s: index not committed for %s: %s", self.channel.name, sop_uid, exc)
             return "not_stored", _status(S.PROCESSING_FAILURE, "not stored: database unavailable")
-        if result.outcome in (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED) and result.stored_key != stored.key:
+        if result.outcome in NOT_TAKEN and result.stored_key != stored.key:
             self.storage.delete(stored.key)  # the new bytes were not taken
         if result.replaced_key and result.replaced_key != stored.key:
             self.storage.delete(result.replaced_key)
         if result.outcome == InstanceOutcome.REJECTED:
             return "rejected_duplicate", _status(S.DUPLICATE_SOP_INSTANCE,
                                                  "SOP Instance UID already stored with other content")
+        if result.outcome == InstanceOutcome.UID_CONFLICT:
+            log.warning("channel %s: refused %s from %s: %s", self.channel.name, sop_uid, calling, result.refusal)
+            return str(result.outcome), _status(S.UID_CONFLICT, result.refusal or "")
         return result.outcome, _status(S.SUCCESS)
 
     # --- C-FIND (Q/R and worklist) --------------------------------------------------------------------
