@@ -4,6 +4,7 @@ an SCU where a test must craft what dcmtk will not send): files on disk, index, 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,16 @@ from sqlalchemy import select
 
 from engine.store.models import DomainEvent, Instance, Series, Study
 from tests.conftest import RunningEngine, make_settings, start_dicom_engine
-from tests.dicomutil import bundled, data_store_file, make_instance, propose, require_dcmtk, run, storescu
+from tests.dicomutil import (
+    RawStoreSCU,
+    bundled,
+    data_store_file,
+    make_instance,
+    propose,
+    require_dcmtk,
+    run,
+    storescu,
+)
 from tests.waiting import wait_until
 
 
@@ -343,5 +353,68 @@ def test_overwrite_never_moves_an_instance_to_another_study(workdir: Path, tmp_p
         [inst] = instances(eng, first.sop_uid)
         assert pydicom.dcmread(stored_path(eng, inst)).StudyInstanceUID == first.study_uid
         assert not [p for p in Path(eng.settings.storage.dir, "studies").rglob(f"*/{moved.study_uid}/*") if p.is_file()]
+    finally:
+        eng.stop()
+
+
+MB = 1024 * 1024
+
+
+def temp_files(eng: RunningEngine) -> list[tuple[str, int]]:
+    """The received-data files in var/tmp (pynetdicom's tmp*.dcm) with their sizes."""
+    found = []
+    for p in Path(eng.settings.storage.dir, "tmp").glob("tmp*.dcm"):
+        try:
+            found.append((p.name, p.stat().st_size))
+        except FileNotFoundError:  # deleted between listing and stat
+            pass
+    return found
+
+
+@pytest.mark.parametrize("ending", ["abort", "drop"])
+def test_an_interrupted_transfer_leaves_no_temporary_file(sqlite_engine: RunningEngine, tmp_path: Path,
+                                                         ending: str) -> None:
+    """A C-STORE cut off half way (the SCU sends A-ABORT, or its TCP connection just closes):
+    the partial file pynetdicom was writing is deleted then, not at the next restart."""
+    scu = RawStoreSCU(sqlite_engine.dicom_port)
+    scu.begin(generate_uid(), 64 * MB)
+    scu.send(8 * MB)
+    wait_until(lambda: any(size >= 4 * MB for _name, size in temp_files(sqlite_engine)), timeout=20,
+               message="the partial file to be written")
+    scu.abort() if ending == "abort" else scu.drop()
+    wait_until(lambda: not temp_files(sqlite_engine), timeout=20, message="the partial file to be deleted")
+    ok = make_instance(tmp_path / "ok.dcm")  # the listener is fine
+    assert storescu(sqlite_engine.dicom_port, [ok.path]).returncode == 0
+    assert not temp_files(sqlite_engine)
+
+
+def test_leftover_temporary_files_are_deleted_at_start(workdir: Path) -> None:
+    tmp = workdir / "var" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "tmpab12cd.dcm").write_bytes(b"\x00" * 1024)  # a crash mid-transfer
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}")
+    try:
+        assert not temp_files(eng)
+    finally:
+        eng.stop()
+
+
+def test_free_space_is_checked_while_receiving(workdir: Path) -> None:
+    """The floor is checked as the data arrives: when free space falls below it mid-transfer the
+    partial file is deleted at once (the rest is read and dropped), and the C-STORE is answered
+    A700. It was checked only before and after, so a large instance could fill the disk."""
+    floor_mb = shutil.disk_usage(workdir).free // MB - 8  # 8 MB above the floor now
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", min_free_mb=floor_mb)
+    try:
+        sop_uid = generate_uid()
+        scu = RawStoreSCU(eng.dicom_port)
+        scu.begin(sop_uid, 96 * MB)
+        scu.send(80 * MB)  # far past the floor; the SCP has read nearly all of it when this returns
+        wait_until(lambda: not temp_files(eng), timeout=20,
+                   message="the partial file to be deleted while the transfer goes on")
+        rsp = scu.finish()
+        scu.release()
+        assert rsp.Status == 0xA700 and "free space" in rsp.ErrorComment, rsp
+        assert instances(eng, sop_uid) == [] and not temp_files(eng)
     finally:
         eng.stop()
