@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from pynetdicom import AE
+from sqlalchemy import create_engine, select
 
 from engine.dicom.headers import storage_key
 from engine.store.models import Instance
-from tests.conftest import RunningEngine, start_dicom_engine
-from tests.dicomutil import Obj, make_instance, require_dcmtk, storescu
+from tests.conftest import REPO, RunningEngine, start_dicom_engine
+from tests.dicomutil import Obj, free_port, make_instance, require_dcmtk, storescu
 from tests.test_cli import radbridge
-from tests.waiting import wait_until
+from tests.waiting import wait_for_listener, wait_until
 
 HOURS_AGO = time.time() - 2 * 3600  # well past the grace period
 
@@ -143,3 +149,61 @@ def test_engine_start_sets_aside_files_a_crash_left_unindexed(
         assert storescu(eng.dicom_port, [objs[0].path]).returncode == 0
     finally:
         eng.stop()
+
+
+def test_after_a_kill_9_mid_ingest_check_and_repair_leave_index_and_files_agreeing(
+        workdir: Path, db_url: str, tmp_path: Path) -> None:
+    """A real crash: the engine is killed while a SCU stores instance after instance. Then every
+    acknowledged instance is indexed with its file, nothing is missing or changed, and whatever the
+    crash left unindexed is an orphan that --repair sets aside (--grace 0: the crash was just now)."""
+    dicom, http = free_port(), free_port()
+    env = {**os.environ, **cli_env(workdir, db_url), "RADBRIDGE_DICOM_PORT": str(dicom),
+           "RADBRIDGE_HTTP_PORT": str(http), "RADBRIDGE_MLLP_PORT": str(free_port()), "RADBRIDGE_API_TOKEN": "t",
+           "RADBRIDGE_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config", str(REPO / "config" / "radbridge.toml")],
+                            env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    acked: list[str] = []
+    template = pydicom.dcmread(make_instance(tmp_path / "t.dcm").path)
+
+    def send_until_the_engine_dies() -> None:
+        ae = AE(ae_title="KILLSCU")
+        ae.add_requested_context(template.SOPClassUID, template.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", dicom, ae_title="RADBRIDGE")
+        assert assoc.is_established
+        study, series = generate_uid(), generate_uid()
+        for i in range(2000):
+            template.StudyInstanceUID, template.SeriesInstanceUID = study, series
+            template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            template.InstanceNumber = i + 1
+            status = assoc.send_c_store(template)
+            if not assoc.is_established or "Status" not in status:
+                return
+            if status.Status == 0:
+                acked.append(str(template.SOPInstanceUID))
+        assoc.release()
+
+    try:
+        wait_for_listener(dicom, proc, what="the engine", timeout=60)
+        sender = threading.Thread(target=send_until_the_engine_dies, daemon=True)
+        sender.start()
+        wait_until(lambda: len(acked) >= 30, timeout=60, message="30 instances acknowledged")
+        proc.send_signal(signal.SIGKILL)
+        sender.join(60)
+        assert not sender.is_alive()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+    out = radbridge("storage", "check", "--grace", "0", env=cli_env(workdir, db_url), cwd=workdir)
+    assert "missing" not in out.stdout and "checksum" not in out.stdout, out.stdout
+    assert out.returncode in (0, 1) and (out.returncode == 0) == ("orphaned" not in out.stdout), out.stdout
+    repaired = radbridge("storage", "check", "--grace", "0", "--repair", env=cli_env(workdir, db_url), cwd=workdir)
+    assert repaired.returncode == out.returncode, repaired.stdout
+    after = radbridge("storage", "check", "--grace", "0", env=cli_env(workdir, db_url), cwd=workdir)
+    assert after.returncode == 0 and after.stdout.rstrip().endswith(": clean"), after.stdout
+    eng = create_engine(db_url)
+    with eng.connect() as conn:
+        indexed = set(conn.execute(select(Instance.sop_instance_uid)).scalars())
+    eng.dispose()
+    assert set(acked) <= indexed
