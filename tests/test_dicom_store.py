@@ -371,21 +371,30 @@ def temp_files(eng: RunningEngine) -> list[tuple[str, int]]:
     return found
 
 
-@pytest.mark.parametrize("ending", ["abort", "drop"])
-def test_an_interrupted_transfer_leaves_no_temporary_file(sqlite_engine: RunningEngine, tmp_path: Path,
-                                                         ending: str) -> None:
-    """A C-STORE cut off half way (the SCU sends A-ABORT, or its TCP connection just closes):
-    the partial file pynetdicom was writing is deleted then, not at the next restart."""
-    scu = RawStoreSCU(sqlite_engine.dicom_port)
-    scu.begin(generate_uid(), 64 * MB)
-    scu.send(8 * MB)
-    wait_until(lambda: any(size >= 4 * MB for _name, size in temp_files(sqlite_engine)), timeout=20,
-               message="the partial file to be written")
-    scu.abort() if ending == "abort" else scu.drop()
-    wait_until(lambda: not temp_files(sqlite_engine), timeout=20, message="the partial file to be deleted")
-    ok = make_instance(tmp_path / "ok.dcm")  # the listener is fine
-    assert storescu(sqlite_engine.dicom_port, [ok.path]).returncode == 0
-    assert not temp_files(sqlite_engine)
+@pytest.mark.parametrize("ending", ["abort", "drop", "stall"])
+def test_an_interrupted_transfer_leaves_no_temporary_file(workdir: Path, tmp_path: Path, ending: str) -> None:
+    """A C-STORE cut off half way (the SCU sends A-ABORT, its TCP connection just closes, or it
+    stops sending and the association times out): the partial file pynetdicom was writing is
+    deleted then, not at the next restart."""
+    timeout = {"network_timeout_seconds": 1} if ending == "stall" else {}  # else only the ending can delete it
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", **timeout)
+    try:
+        scu = RawStoreSCU(eng.dicom_port)
+        scu.begin(generate_uid(), 64 * MB)
+        scu.send(8 * MB)
+        wait_until(lambda: any(size >= 4 * MB for _name, size in temp_files(eng)), timeout=20,
+                   message="the partial file to be written")
+        if ending == "abort":
+            scu.abort()
+        elif ending == "drop":
+            scu.drop()
+        wait_until(lambda: not temp_files(eng), timeout=20, message="the partial file to be deleted")
+        scu.drop()
+        ok = make_instance(tmp_path / "ok.dcm")  # the listener is fine
+        assert storescu(eng.dicom_port, [ok.path]).returncode == 0
+        assert not temp_files(eng)
+    finally:
+        eng.stop()
 
 
 def test_leftover_temporary_files_are_deleted_at_start(workdir: Path) -> None:
