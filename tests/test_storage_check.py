@@ -125,6 +125,9 @@ def test_storage_check_reports_index_against_files_and_repair_sets_orphans_aside
         "1 unreferenced file(s) younger than 600 s not judged")
     grace0 = radbridge("storage", "check", "--grace", "0", "--quick", env=env, cwd=workdir)
     assert f"orphaned  {young}  (" in grace0.stdout
+    (studies / changed).write_bytes(bytes(data) + b"\x00")  # --quick still sees a size that is not the index's
+    sizes = radbridge("storage", "check", "--quick", env=env, cwd=workdir)
+    assert any(line.startswith(f"checksum  {changed}  (instance {objs[1].sop_uid}: ") for line in sizes.stdout.splitlines())
 
 
 def test_engine_start_sets_aside_files_a_crash_left_unindexed(

@@ -170,7 +170,12 @@ def _check_files(reader: Engine, storage: ObjectStorage, report: StorageReport, 
                 else:
                     orphans.append(entry)
                 continue
-            if not checksums:
+            inst = row["sop_instance_uid"]
+            if not checksums:  # sizes only
+                if entry.size != row["size_bytes"]:
+                    report.findings.append(StorageFinding(
+                        StorageProblem.CHECKSUM, entry.key,
+                        f"instance {inst}: {entry.size} bytes (index: {row['size_bytes']} bytes)"))
                 continue
             try:
                 size, sha = _digest(storage, entry.key)
@@ -179,8 +184,8 @@ def _check_files(reader: Engine, storage: ObjectStorage, report: StorageReport, 
             if size != row["size_bytes"] or sha != row["sha256"]:
                 report.findings.append(StorageFinding(
                     StorageProblem.CHECKSUM, entry.key,
-                    f"instance {row['sop_instance_uid']}: {size} bytes, sha256 {sha} (index: {row['size_bytes']} "
-                    f"bytes, sha256 {row['sha256']})"))
+                    f"instance {inst}: {size} bytes, sha256 {sha} (index: {row['size_bytes']} bytes, "
+                    f"sha256 {row['sha256']})"))
     return orphans
 
 
