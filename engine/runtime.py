@@ -37,6 +37,7 @@ from engine.connectors.http_listener import CappedTCPSite
 from engine.connectors.outbound import OutboundConnector
 from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
 from engine.domain.events import EventBus
+from engine.domain.integrity import ORPHAN_GRACE_SECONDS, sweep_orphans
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
 from engine.mappings.registry import MappingRegistry, SourceCompiler
 from engine.metrics import Metrics
@@ -204,6 +205,8 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._watch_mappings(), name="mapping-reload"))
         if s.retention.enabled:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        if self._storage is not None:
+            self._tasks.append(asyncio.create_task(self._storage_sweeps(self._storage), name="storage-sweep"))
         if self.reconciler is not None:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
@@ -318,6 +321,21 @@ class Engine:
                 await self.check_stability()
             except Exception:
                 log.exception("study stability check failed; will try again")
+
+    async def _storage_sweeps(self, storage: ObjectStorage) -> None:
+        """Set aside the files a crash left in storage without an index row: at start those older
+        than the grace period, and once more when the grace period has passed (then also those
+        the crash just before this start left)."""
+        for delay in (0.0, ORPHAN_GRACE_SECONDS):
+            await asyncio.sleep(delay)
+            try:
+                report = await asyncio.to_thread(sweep_orphans, self.db.reader, storage, stop=self._stop_event)
+            except Exception:
+                log.exception("storage sweep failed (radbridge storage check --repair does the same)")
+                continue
+            if report.findings:
+                log.warning("storage sweep: %d file(s) without an index row moved to the orphan folder",
+                            len(report.findings))
 
     def _make_reconciler(self) -> Reconciler:
         def on_result(r: ReconcileResult) -> None:

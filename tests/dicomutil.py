@@ -3,6 +3,7 @@ UIDs and demographics) and dcmtk's command-line tools as the peers on loopback."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -122,3 +123,148 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class RawStoreSCU:
+    """A C-STORE SCU at the PDU level (pynetdicom's PDU and DIMSE classes over a plain socket), for
+    what a well-behaved SCU never does: send part of an instance, then abort (A-ABORT), drop the
+    TCP connection, or go on and finish. The instance is a CT header followed by ``pixel_bytes`` of
+    pixel data, generated as it is sent (nothing large is held in memory)."""
+
+    PDU_BYTES = 64 * 1024
+
+    def __init__(self, port: int, *, aet: str = "RADBRIDGE", calling: str = "RAWSCU") -> None:
+        from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+        from pynetdicom.pdu_primitives import (
+            A_ASSOCIATE,
+            ImplementationClassUIDNotification,
+            MaximumLengthNotification,
+        )
+        from pynetdicom.presentation import build_context
+        from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+        from pynetdicom.transport import AddressInformation
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        rq = A_ASSOCIATE()
+        rq.application_context_name = UID("1.2.840.10008.3.1.1.1")
+        rq.calling_ae_title, rq.called_ae_title = calling, aet
+        rq.calling_presentation_address = AddressInformation("127.0.0.1", 0)
+        rq.called_presentation_address = AddressInformation("127.0.0.1", port)
+        cx = build_context(CTImageStorage, "1.2.840.10008.1.2.1")  # explicit VR little endian
+        cx.context_id = 1
+        rq.presentation_context_definition_list = [cx]
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.PDU_BYTES
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = UID("1.2.826.0.1.3680043.9.3811.9")
+        rq.user_information = [max_length, impl]
+        pdu = A_ASSOCIATE_RQ()
+        pdu.from_primitive(rq)
+        self.sock.sendall(pdu.encode())
+        kind, body = self._read_pdu()
+        assert kind == 0x02, f"association not accepted (PDU type {kind:#x})"
+        ac = A_ASSOCIATE_AC()
+        ac.decode(body)
+        self.sop_class = CTImageStorage
+        self.pixel_left = 0
+
+    def _read_exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("connection closed by the SCP")
+            out += chunk
+        return bytes(out)
+
+    def _read_pdu(self) -> tuple[int, bytes]:
+        head = self._read_exact(6)
+        return head[0], head + self._read_exact(int.from_bytes(head[2:6], "big"))
+
+    def _p_data(self, payload: bytes, *, command: bool, last: bool) -> None:
+        header = (1 if command else 0) | (2 if last else 0)
+        pdv = (len(payload) + 2).to_bytes(4, "big") + bytes([1, header]) + payload
+        self.sock.sendall(b"\x04\x00" + len(pdv).to_bytes(4, "big") + pdv)
+
+    def begin(self, sop_uid: str, pixel_bytes: int) -> None:
+        """The C-STORE-RQ command and the dataset's header, up to the pixel data's value."""
+        from io import BytesIO
+
+        from pynetdicom.dimse_messages import C_STORE_RQ
+        from pynetdicom.dimse_primitives import C_STORE
+        from pynetdicom.dsutils import encode
+
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = self.sop_class
+        req.AffectedSOPInstanceUID = sop_uid
+        req.Priority = 2
+        req.DataSet = BytesIO(b"\x00")
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        for p_data in msg.encode_msg(1, self.PDU_BYTES):
+            for _cx, pdv in p_data.presentation_data_value_list:
+                if pdv[0] & 1:  # command fragments only; the dataset is sent below
+                    self._p_data(pdv[1:], command=True, last=bool(pdv[0] & 2))
+        ds = pydicom.dcmread(bundled("CT_small.dcm"))
+        del ds.PixelData
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.Rows = ds.Columns = 1024
+        ds.NumberOfFrames = max(1, pixel_bytes // (1024 * 1024))
+        head = encode(ds, False, True)
+        assert head is not None
+        pixel_header = b"\xe0\x7f\x10\x00OB\x00\x00" + pixel_bytes.to_bytes(4, "little")
+        self._p_data(head + pixel_header, command=False, last=False)
+        self.pixel_left = pixel_bytes
+
+    def send(self, n_bytes: int) -> None:
+        """More of the pixel data (never its last fragment: finish() sends that)."""
+        n_bytes = min(n_bytes, self.pixel_left - 1)
+        chunk = b"\x00" * (self.PDU_BYTES - 12)
+        while n_bytes > 0:
+            part = chunk[:n_bytes]
+            self._p_data(part, command=False, last=False)
+            n_bytes -= len(part)
+            self.pixel_left -= len(part)
+
+    def finish(self) -> Dataset:
+        """Send the rest, then the C-STORE-RSP's command set (Status, ErrorComment)."""
+        from io import BytesIO
+
+        from pynetdicom.dsutils import decode
+
+        self.send(self.pixel_left - 1)
+        self._p_data(b"\x00", command=False, last=True)
+        self.pixel_left = 0
+        command = b""
+        while True:
+            kind, pdu = self._read_pdu()
+            assert kind == 0x04, f"expected P-DATA-TF, got PDU type {kind:#x}"
+            at = 6
+            last = False
+            while at < len(pdu):
+                length = int.from_bytes(pdu[at:at + 4], "big")
+                control = pdu[at + 5]
+                command += pdu[at + 6:at + 4 + length]
+                last = bool(control & 2)
+                at += 4 + length
+            if last:
+                return decode(BytesIO(command), True, True)
+
+    def abort(self) -> None:
+        """A-ABORT (source: service user), then close."""
+        self.sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        self.sock.close()
+
+    def drop(self) -> None:
+        """Close the TCP connection without a word (a killed process, a pulled cable)."""
+        self.sock.close()
+
+    def release(self) -> None:
+        self.sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        with contextlib.suppress(OSError, ConnectionError):
+            self._read_pdu()
+        self.sock.close()

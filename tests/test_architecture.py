@@ -62,8 +62,19 @@ def private_attributes_of_others(root: Path) -> list[str]:
     return found
 
 
+# The one reviewed exception: pynetdicom keeps a C-STORE's temporary file only in private
+# attributes, and a transfer cut off (or refused for space) must delete it. Confined to one module,
+# and tests/test_dicom_store.py fails if pynetdicom changes them.
+LIBRARY_INTERNALS_ALLOWED = {"engine/connectors/dicom/spool.py": {"_data_set_file", "_dataset_file"}}
+
+
 def test_no_code_reads_a_private_attribute_of_another_object_or_library() -> None:
-    assert private_attributes_of_others(ENGINE) == []
+    found = []
+    for line in private_attributes_of_others(ENGINE):
+        where, expr = line.split(": ", 1)
+        if expr.rsplit(".", 1)[-1] not in LIBRARY_INTERNALS_ALLOWED.get(where.split(":")[0], set()):
+            found.append(line)
+    assert found == []
 
 
 def test_the_check_sees_a_library_internal(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ an SCU where a test must craft what dcmtk will not send): files on disk, index, 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,16 @@ from sqlalchemy import select
 
 from engine.store.models import DomainEvent, Instance, Series, Study
 from tests.conftest import RunningEngine, make_settings, start_dicom_engine
-from tests.dicomutil import bundled, data_store_file, make_instance, propose, require_dcmtk, run, storescu
+from tests.dicomutil import (
+    RawStoreSCU,
+    bundled,
+    data_store_file,
+    make_instance,
+    propose,
+    require_dcmtk,
+    run,
+    storescu,
+)
 from tests.waiting import wait_until
 
 
@@ -323,4 +333,122 @@ def test_connections_that_never_associate_are_closed_soon_and_a_modality_gets_in
     finally:
         for s in silent:
             s.close()
+        eng.stop()
+
+
+def test_series_uid_of_another_study_is_refused_not_merged(workdir: Path, db_url: str, tmp_path: Path) -> None:
+    """A modality reusing a Series Instance UID under a new study: the instance is refused with a
+    Cxxx status and a comment that says why; the first study keeps its series, no study is made."""
+    eng = start(workdir, db_url)
+    try:
+        first = make_instance(tmp_path / "first.dcm", accession="SER-A")
+        clash = make_instance(tmp_path / "clash.dcm", accession="SER-B", series_uid=first.series_uid)
+        assert clash.study_uid != first.study_uid
+        ok = storescu(eng.dicom_port, [first.path], extra=["-d"])
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        refused = storescu(eng.dicom_port, [clash.path], extra=["-d"])
+        out = refused.stdout + refused.stderr
+        assert "c409" in out.lower(), out
+        assert "[SeriesInstanceUID already belongs to another study]" in out
+        assert instances(eng, clash.sop_uid) == []
+        with eng.db.read_session() as s:
+            studies = {st.study_uid: st for st in s.execute(select(Study)).scalars()}
+            series = s.execute(select(Series).where(Series.series_uid == first.series_uid)).scalar_one()
+        assert set(studies) == {first.study_uid}  # the clash made no study of its own
+        st = studies[first.study_uid]
+        assert (st.num_series, st.num_instances) == (1, 1) and series.study_id == st.id and series.num_instances == 1
+        # nothing of the refused instance stays on disk
+        assert not any(Path(eng.settings.storage.dir, "studies").rglob(f"{clash.sop_uid}.*"))
+        status, body = eng.api("/api/channels")
+        dicom = next(c for c in body["channels"] if c["name"] == "dicom")
+        assert dicom["counters"]["instances"] == {"stored": 1.0, "uid_conflict": 1.0}
+    finally:
+        eng.stop()
+
+
+def test_overwrite_never_moves_an_instance_to_another_study(workdir: Path, tmp_path: Path) -> None:
+    """duplicates: overwrite takes new content for a SOP Instance UID, but not new content that
+    names another study or series: the index row could not follow it there."""
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", duplicates="overwrite")
+    try:
+        first = make_instance(tmp_path / "a.dcm", accession="OVR-A")
+        assert pynetdicom_store(eng.dicom_port, first.path) == 0
+        moved = make_instance(tmp_path / "b.dcm", accession="OVR-B", sop_uid=first.sop_uid)
+        assert pynetdicom_store(eng.dicom_port, moved.path) == 0xC409
+        [inst] = instances(eng, first.sop_uid)
+        assert pydicom.dcmread(stored_path(eng, inst)).StudyInstanceUID == first.study_uid
+        assert not [p for p in Path(eng.settings.storage.dir, "studies").rglob(f"*/{moved.study_uid}/*") if p.is_file()]
+    finally:
+        eng.stop()
+
+
+MB = 1024 * 1024
+
+
+def temp_files(eng: RunningEngine) -> list[tuple[str, int]]:
+    """The received-data files in var/tmp (pynetdicom's tmp*.dcm) with their sizes."""
+    found = []
+    for p in Path(eng.settings.storage.dir, "tmp").glob("tmp*.dcm"):
+        try:
+            found.append((p.name, p.stat().st_size))
+        except FileNotFoundError:  # deleted between listing and stat
+            pass
+    return found
+
+
+@pytest.mark.parametrize("ending", ["abort", "drop", "stall"])
+def test_an_interrupted_transfer_leaves_no_temporary_file(workdir: Path, tmp_path: Path, ending: str) -> None:
+    """A C-STORE cut off half way (the SCU sends A-ABORT, its TCP connection just closes, or it
+    stops sending and the association times out): the partial file pynetdicom was writing is
+    deleted then, not at the next restart."""
+    timeout = {"network_timeout_seconds": 1} if ending == "stall" else {}  # else only the ending can delete it
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", **timeout)
+    try:
+        scu = RawStoreSCU(eng.dicom_port)
+        scu.begin(generate_uid(), 64 * MB)
+        scu.send(8 * MB)
+        wait_until(lambda: any(size >= 4 * MB for _name, size in temp_files(eng)), timeout=20,
+                   message="the partial file to be written")
+        if ending == "abort":
+            scu.abort()
+        elif ending == "drop":
+            scu.drop()
+        wait_until(lambda: not temp_files(eng), timeout=20, message="the partial file to be deleted")
+        scu.drop()
+        ok = make_instance(tmp_path / "ok.dcm")  # the listener is fine
+        assert storescu(eng.dicom_port, [ok.path]).returncode == 0
+        assert not temp_files(eng)
+    finally:
+        eng.stop()
+
+
+def test_leftover_temporary_files_are_deleted_at_start(workdir: Path) -> None:
+    tmp = workdir / "var" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp / "tmpab12cd.dcm").write_bytes(b"\x00" * 1024)  # a crash mid-transfer
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}")
+    try:
+        assert not temp_files(eng)
+    finally:
+        eng.stop()
+
+
+def test_free_space_is_checked_while_receiving(workdir: Path) -> None:
+    """The floor is checked as the data arrives: when free space falls below it mid-transfer the
+    partial file is deleted at once (the rest is read and dropped), and the C-STORE is answered
+    A700. It was checked only before and after, so a large instance could fill the disk."""
+    floor_mb = shutil.disk_usage(workdir).free // MB - 8  # 8 MB above the floor now
+    eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", min_free_mb=floor_mb)
+    try:
+        sop_uid = generate_uid()
+        scu = RawStoreSCU(eng.dicom_port)
+        scu.begin(sop_uid, 96 * MB)
+        scu.send(80 * MB)  # far past the floor; the SCP has read nearly all of it when this returns
+        wait_until(lambda: not temp_files(eng), timeout=20,
+                   message="the partial file to be deleted while the transfer goes on")
+        rsp = scu.finish()
+        scu.release()
+        assert rsp.Status == 0xA700 and "free space" in rsp.ErrorComment, rsp
+        assert instances(eng, sop_uid) == [] and not temp_files(eng)
+    finally:
         eng.stop()

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from engine.cli.common import open_db, settings_of
 from engine.cli.deliveries import add_parser as add_deliveries_parser
+from engine.cli.storage import add_parser as add_storage_parser
 from engine.cli.studies import add_parser as add_studies_parser
 from engine.config import DEFAULT_CONFIG, Settings
 from engine.reconciliation.rules import ReconciliationRules
@@ -387,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_messages)
 
     add_studies_parser(sub, with_config)
+    add_storage_parser(sub, with_config)
     add_deliveries_parser(sub, with_config)
 
     sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)

@@ -9,6 +9,7 @@ DATASET_MISMATCH = 0xA900  # Data Set does not match SOP Class (IOD): SOP UIDs d
 CANNOT_UNDERSTAND = 0xC000  # the dataset could not be parsed
 INVALID_UID = 0xC002  # a UID with characters or length DICOM does not allow
 PROCESSING_FAILURE = 0x0110  # the index could not be committed (database unavailable): nothing stored
+UID_CONFLICT = 0xC409  # Cxxx (cannot understand): a Series UID of another study (dcm4chee's code for a study UID clash)
 DUPLICATE_SOP_INSTANCE = 0x0111  # duplicates: reject and the content differs from the stored instance
 # C-FIND / C-MOVE / C-GET
 IDENTIFIER_MISMATCH = 0xA900

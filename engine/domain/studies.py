@@ -96,12 +96,17 @@ class _ReportRef(TypedDict):
 @dataclass
 class StoreResult:
     outcome: InstanceOutcome
-    instance_id: int
+    instance_id: int | None  # None: refused (UID_CONFLICT), nothing indexed
     study_id: int
-    stored_key: str  # the key the index points at now
+    stored_key: str | None  # the key the index points at now (None: refused)
     replaced_key: str | None = None  # a file no longer referenced (overwrite): delete after commit
     identical: bool = False
     events: list[Event] = field(default_factory=list)  # for the caller to publish
+    refusal: str | None = None  # UID_CONFLICT: why, short enough for an Error Comment (64)
+
+
+SERIES_OF_ANOTHER_STUDY = "SeriesInstanceUID already belongs to another study"
+INSTANCE_OF_ANOTHER_SERIES = "SOPInstanceUID already stored in another study or series"
 
 
 def clip(column: str, value: Any) -> Any:
@@ -121,6 +126,12 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
         return _duplicate(conn, existing, hdr, stored, policy=policy, now=now, calling_aet=calling_aet)
     events: list[Event] = []
     study: _StudyCounts | None = fetch(conn, STUDY_BY_UID, StudyRow, uid=hdr.study_uid)
+    series = fetch(conn, SERIES_BY_UID, SeriesRow, uid=hdr.series_uid)
+    if series is not None and (study is None or series["study_id"] != study["id"]):
+        # A series belongs to one study: never attach this instance to another study's series
+        # (nor make its study, which would be left without it). Refused before anything is written.
+        return StoreResult(InstanceOutcome.UID_CONFLICT, None, series["study_id"], None,
+                           refusal=SERIES_OF_ANOTHER_STUDY)
     if study is None:
         values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in STUDY_ATTRS.items()}
         study_id = add(conn, STUDIES, study_uid=hdr.study_uid, state=StudyState.RECEIVING, channel=channel,
@@ -136,7 +147,6 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
         study_changes["state"] = StudyState.RECEIVING
         events.append(StudyReopened(study_id=study["id"], study_uid=hdr.study_uid,
                                     sop_instance_uid=hdr.sop_instance_uid))
-    series = fetch(conn, SERIES_BY_UID, SeriesRow, uid=hdr.series_uid)
     if series is None:
         values = {col: clip(col, hdr.attrs.get(kw)) for kw, col in SERIES_ATTRS.items()}
         series_id = add(conn, SERIES, study_id=study["id"], series_uid=hdr.series_uid, num_instances=1,
@@ -176,12 +186,15 @@ def _duplicate(conn: Connection, existing: InstanceRow, hdr: InstanceHeader, sto
     if policy == "reject":
         return StoreResult(InstanceOutcome.REJECTED, stored_key=existing["storage_key"], events=[event(DuplicateRejected)],
                            **base)
-    # overwrite: the new file takes the index row; the study's size follows; the old file goes
-    if existing["study_id"] is not None and hdr.study_uid and hdr.series_uid:
-        found = fetch(conn, STUDY_BY_UID, StudyRow, uid=hdr.study_uid)
-        if found is not None and found["id"] == existing["study_id"]:
-            update_row(conn, STUDIES, found["id"], last_received_at=now,
-                       size_bytes=found["size_bytes"] - existing["size_bytes"] + stored.size)
+    # overwrite: the new file takes the index row; the study's size follows; the old file goes.
+    # Only within the instance's own study and series: the row cannot follow it elsewhere.
+    found = fetch(conn, STUDY_BY_UID, StudyRow, uid=hdr.study_uid)
+    series = fetch(conn, SERIES_BY_UID, SeriesRow, uid=hdr.series_uid)
+    if found is None or found["id"] != existing["study_id"] or series is None or series["id"] != existing["series_id"]:
+        return StoreResult(InstanceOutcome.UID_CONFLICT, existing["id"], existing["study_id"], existing["storage_key"],
+                           refusal=INSTANCE_OF_ANOTHER_SERIES)
+    update_row(conn, STUDIES, found["id"], last_received_at=now,
+               size_bytes=found["size_bytes"] - existing["size_bytes"] + stored.size)
     update_row(conn, INSTANCES, existing["id"], storage_key=stored.key, size_bytes=stored.size,
                sha256=stored.sha256, transfer_syntax=hdr.transfer_syntax, received_at=now,
                calling_aet=calling_aet, duplicates=existing["duplicates"] + 1)

@@ -6,6 +6,7 @@ Keys are relative, '/'-separated names chosen by the caller (see :func:`engine.d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -18,6 +19,15 @@ class StoredObject:
     key: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One object found in storage (what ``entries`` lists)."""
+
+    key: str
+    size: int
+    modified: float  # POSIX time of its last change
 
 
 class StorageFull(RadBridgeError, OSError):
@@ -46,3 +56,13 @@ class ObjectStorage(Protocol):
 
     def free_bytes(self) -> int | None:
         """Free space left, or None when the store cannot tell."""
+
+    def entries(self) -> Iterator[StoredEntry]:
+        """Every object stored, in no particular order (for the index check, which compares)."""
+
+    def set_aside(self, key: str) -> str:
+        """Move an object out of the store into its orphan folder (kept, never deleted); returns
+        where it went. For files no index row points at."""
+
+    def put_back(self, key: str) -> None:
+        """Undo ``set_aside`` (the object turned out to be referenced after all)."""

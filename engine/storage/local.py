@@ -11,10 +11,11 @@ import hashlib
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from engine.storage.base import StorageFull, StoredObject
+from engine.storage.base import StorageFull, StoredEntry, StoredObject
 
 CHUNK = 1024 * 1024
 
@@ -30,9 +31,11 @@ def _fsync_dir(path: Path) -> None:
 class LocalStorage:
     name = "local"
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, orphan_dir: Path | None = None) -> None:
         self.root = root.resolve()
         self.fsync = fsync
+        # files no index row points at are moved here (same layout), beside the root by default
+        self.orphan_dir = (orphan_dir or self.root.parent / "orphaned").resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
@@ -117,3 +120,33 @@ class LocalStorage:
 
     def free_bytes(self) -> int | None:
         return shutil.disk_usage(self.root).free
+
+    def entries(self) -> Iterator[StoredEntry]:
+        for folder, _dirs, files in os.walk(self.root):
+            base = Path(folder)
+            for name in files:
+                path = base / name
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # deleted meanwhile (an overwrite, a coercion)
+                    continue
+                yield StoredEntry(path.relative_to(self.root).as_posix(), st.st_size, st.st_mtime)
+
+    def set_aside(self, key: str) -> str:
+        source = self.path(key)
+        dest = self.orphan_dir / key
+        self._move(source, dest)
+        return str(dest)
+
+    def put_back(self, key: str) -> None:
+        dest = self.path(key)
+        self._ensure_dir(dest.parent)
+        self._move(self.orphan_dir / key, dest)
+
+    def _move(self, source: Path, dest: Path) -> None:
+        """Rename within one file system (the orphan folder sits beside the root), durably."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, dest)
+        if self.fsync:
+            _fsync_dir(dest.parent)
+            _fsync_dir(source.parent)

@@ -80,3 +80,4 @@ class InstanceOutcome(StrEnum):
     DUPLICATE = "duplicate"  # the same SOP Instance UID with the same content: nothing changed
     OVERWRITTEN = "overwritten"  # the same SOP Instance UID, other content, and the policy replaces
     REJECTED = "rejected"  # the same SOP Instance UID, other content, and the policy refuses
+    UID_CONFLICT = "uid_conflict"  # its Series (or SOP Instance) UID is indexed under another study (series): refused

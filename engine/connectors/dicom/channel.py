@@ -12,8 +12,8 @@ from engine.connectors.mllp.channel import claim_port
 from engine.reconciliation.rules import ReconciliationRules
 from engine.yamlfile import ConfigProblem
 
-STORE_OUTCOMES = ("stored", "duplicate", "overwritten", "rejected_duplicate", "invalid", "out_of_resources",
-                  "not_stored", "failed")
+STORE_OUTCOMES = ("stored", "duplicate", "overwritten", "rejected_duplicate", "uid_conflict", "invalid",
+                  "out_of_resources", "not_stored", "failed")
 SERVICES = ("echo", "find", "mwl", "move", "get")
 
 

@@ -8,7 +8,9 @@ with an Error Comment; a handler never lets an exception reach pynetdicom (which
 with a generic 0xC211).
 
 Received data is written by pynetdicom straight to a temporary file as it arrives
-(STORE_RECV_CHUNKED_DATASET): an instance is never held in memory, whatever its size.
+(STORE_RECV_CHUNKED_DATASET): an instance is never held in memory, whatever its size. Free space
+is checked as it arrives, and the file of a transfer cut off is deleted when its association
+ends (``spool.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from engine.channels import Channel
 from engine.config import Settings
 from engine.connectors.dicom.contexts import add_supported, move_contexts
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
+from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
 from engine.connectors.dicom.worklist import find_worklist
 from engine.dicom import status as S
 from engine.dicom.headers import HeaderError, read_header, storage_key
@@ -44,6 +47,7 @@ from engine.store.db import Database
 from engine.store.states import InstanceOutcome
 
 log = logging.getLogger(__name__)
+NOT_TAKEN = (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED, InstanceOutcome.UID_CONFLICT)  # file not indexed
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
 
 
@@ -100,7 +104,8 @@ class DicomListener:
             (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get),
             (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_CONN_OPEN, self._on_connection),
-            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_PDU_RECV, self._on_pdu),
         ]
         self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
                                                evt_handlers=handlers)
@@ -147,6 +152,33 @@ class DicomListener:
 
     def _on_aborted(self, event: Any) -> None:
         self.metrics.dicom_associations.inc(channel=self.channel.name, result="aborted")
+        self._discard_unfinished(event)
+
+    def _on_closed(self, event: Any) -> None:
+        """The connection is gone (released, aborted, dropped): no request still in transfer or
+        still queued can be answered, so their temporary files go now."""
+        self._discard_unfinished(event)
+
+    def _discard_unfinished(self, event: Any) -> None:
+        for path in discard_unfinished(event.assoc):
+            log.warning("channel %s: association with %s ended mid-transfer; partial file %s deleted",
+                        self.channel.name, event.assoc.requestor.ae_title, path.name)
+
+    def _on_pdu(self, event: Any) -> None:
+        """Each PDU received (pynetdicom's DUL thread, before the PDU's data is written): while a
+        C-STORE's data is arriving, free space is checked against the floor, so one large
+        instance cannot fill the disk. Below it, the partial file goes at once and the rest of
+        the request is dropped as it arrives; the request is answered A700 (``_store``)."""
+        if receiving(event.assoc) is None:
+            return
+        free = self.storage.free_bytes()
+        if free is None or free >= self.opts.min_free_mb * 1024 * 1024:
+            return
+        path = refuse_partial(event.assoc)
+        if path is not None:
+            log.error("channel %s: storage has %d MB free (floor %d MB) while receiving from %s: partial file %s "
+                      "deleted, the rest is dropped and answered A700", self.channel.name, free // (1024 * 1024),
+                      self.opts.min_free_mb, event.assoc.requestor.ae_title, path.name)
 
     # --- C-ECHO ---------------------------------------------------------------------------------------
     def on_echo(self, event: Any) -> int:
@@ -171,6 +203,8 @@ class DicomListener:
         calling = str(event.assoc.requestor.ae_title).strip()
         remote = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
         sop_uid = str(req.AffectedSOPInstanceUID)
+        if was_refused(req):  # free space fell below the floor while it arrived (_on_pdu)
+            return "out_of_resources", _status(S.OUT_OF_RESOURCES, "storage full: free space below the floor")
         free = self.storage.free_bytes()
         if free is not None and free < self.opts.min_free_mb * 1024 * 1024:
             log.error("channel %s: storage has %d MB free (floor %d MB): refusing %s from %s", self.channel.name,
@@ -205,13 +239,16 @@ class DicomListener:
             # must send it again (the same bytes land on the same key, so nothing piles up).
             log.error("channel %s: index not committed for %s: %s", self.channel.name, sop_uid, exc)
             return "not_stored", _status(S.PROCESSING_FAILURE, "not stored: database unavailable")
-        if result.outcome in (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED) and result.stored_key != stored.key:
+        if result.outcome in NOT_TAKEN and result.stored_key != stored.key:
             self.storage.delete(stored.key)  # the new bytes were not taken
         if result.replaced_key and result.replaced_key != stored.key:
             self.storage.delete(result.replaced_key)
         if result.outcome == InstanceOutcome.REJECTED:
             return "rejected_duplicate", _status(S.DUPLICATE_SOP_INSTANCE,
                                                  "SOP Instance UID already stored with other content")
+        if result.outcome == InstanceOutcome.UID_CONFLICT:
+            log.warning("channel %s: refused %s from %s: %s", self.channel.name, sop_uid, calling, result.refusal)
+            return str(result.outcome), _status(S.UID_CONFLICT, result.refusal or "")
         return result.outcome, _status(S.SUCCESS)
 
     # --- C-FIND (Q/R and worklist) --------------------------------------------------------------------

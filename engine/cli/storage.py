@@ -1,0 +1,65 @@
+"""``radbridge storage check [--repair]``: the study index against the files in storage.
+
+Exit status: 0 when index and files agree, 1 when a problem was found (also when --repair set
+orphaned files aside: someone should know), 2 when the check could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+    st = sub.add_parser("storage", help="the study files and their index").add_subparsers(dest="action",
+                                                                                          required=True)
+    p = with_config(st.add_parser(
+        "check", help="compare the index with the files: orphaned files, missing files, wrong checksums"))
+    p.add_argument("--repair", action="store_true",
+                   help="move orphaned files (no index row points at them) to the orphan folder "
+                        "(<storage dir>/orphaned/); missing files and wrong checksums are only reported")
+    p.add_argument("--quick", action="store_true", help="do not read the files to verify their SHA-256")
+    p.add_argument("--grace", type=float, default=None, metavar="SECONDS",
+                   help="unreferenced files younger than this are not judged (default 600: they may be on "
+                        "their way into the index)")
+    p.set_defaults(fn=cmd_storage)
+
+
+def cmd_storage(args: argparse.Namespace) -> int:
+    from engine.cli.common import open_db, settings_of
+    from engine.domain.integrity import ORPHAN_GRACE_SECONDS, StorageProblem, check_storage
+    from engine.storage.local import LocalStorage
+
+    settings = settings_of(args)
+    root = Path(settings.storage.dir) / "studies"
+    if not root.is_dir():
+        print(f"radbridge storage check: no study storage at {root}", file=sys.stderr)
+        return 2
+    grace = ORPHAN_GRACE_SECONDS if args.grace is None else max(0.0, args.grace)
+    storage = LocalStorage(root, fsync=settings.dicom.fsync)
+    try:
+        db = open_db(settings)
+    except Exception as exc:
+        from engine.store.db import display_url
+        print(f"radbridge storage check: cannot open the database {display_url(settings.database_url)}: "
+              f"{type(exc).__name__}", file=sys.stderr)
+        return 2
+    try:
+        report = check_storage(db.reader, storage, repair=args.repair, checksums=not args.quick,
+                               grace_seconds=grace)
+    finally:
+        db.dispose()
+    for f in report.findings:
+        moved = f"; moved to {f.set_aside_to}" if f.set_aside_to else ""
+        print(f"{f.problem:9} {f.key}  ({f.detail}{moved})")
+    counts = [(StorageProblem.ORPHANED, "orphaned" + (" (moved aside)" if args.repair else "")),
+              (StorageProblem.MISSING, "missing"), (StorageProblem.CHECKSUM, "checksum wrong")]
+    found = ", ".join(f"{report.count(p)} {label}" for p, label in counts if report.count(p))
+    young = (f"; {report.too_young} unreferenced file(s) younger than {grace:g} s not judged"
+             if report.too_young else "")
+    checked = f"{report.files} file(s), {report.instances} instance(s)" + (", sizes only" if args.quick else "")
+    print(f"radbridge storage check: {checked}: {found or 'clean'}{young}")
+    return 0 if report.clean else 1
