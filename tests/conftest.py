@@ -22,7 +22,8 @@ from sqlalchemy.engine import make_url
 from engine.config import Settings
 from engine.connectors.dicom.channel import DicomConnector
 from engine.connectors.mllp.channel import MllpConnector
-from engine.runtime import Engine
+from engine.pipeline.hl7_inbound import HL7Inbound
+from engine.runtime import Engine, load_definitions
 from engine.store import migrate
 from engine.store.db import Database, open_database
 from engine.web.app import build_app
@@ -190,3 +191,17 @@ def start_dicom_engine(workdir: Path, db_url: str, **dicom_options: Any) -> Runn
         data.setdefault("options", {}).update(dicom_options)
         path.write_text(yaml.safe_dump(data))
     return RunningEngine(settings).start()
+
+
+@pytest.fixture
+def hl7_stage(workdir: Path, db_url: str) -> Iterator[tuple[Database, HL7Inbound]]:
+    """The shipped hl7-inbound channel's inbound stage over a migrated database, without listeners:
+    for tests that drive prepare/apply (or the domain) directly."""
+    db = open_database(db_url)
+    migrate.upgrade(db)
+    registry, channels, _problems = load_definitions(make_settings(workdir, db_url))
+    channel = next(c for c in channels if c.name == "hl7-inbound")
+    try:
+        yield db, HL7Inbound(channel, registry)
+    finally:
+        db.dispose()

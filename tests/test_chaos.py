@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,11 +26,11 @@ from sqlalchemy.orm import Session
 from engine.reconciliation.queue import QUEUE
 from engine.standin_ehr import StandInEHR, msh_fields
 from engine.store.models import Delivery, Instance, Message, Order, Patient, PatientIdentifier
-from tests.conftest import REPO
 from tests.dicomutil import DCMTK_ENV, make_instance, require_dcmtk
 from tests.hl7util import ack_code, adt, orm, segment
+from tests.processes import EngineProcess
 from tests.test_outbound import EHR_TOKEN, fast_retries
-from tests.waiting import wait_for_listener, wait_until
+from tests.waiting import wait_until
 
 SEED = int(os.environ.get("RADBRIDGE_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 1 << 30)
 ROUNDS = int(os.environ.get("RADBRIDGE_CHAOS_ROUNDS", "12"))
@@ -41,60 +39,11 @@ RESUME_SECONDS = 60  # the issue's promise: pending work resumes within this aft
 FHIR_SYSTEM = "urn:oid:1.2.36.146.595.217.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Engine:
-    """The engine as a separate process (radbridge run), killed and restarted by the test."""
-
-    def __init__(self, workdir: Path, db_url: str, ehr: StandInEHR) -> None:
-        self.workdir = workdir
-        self.mllp, self.http, self.dicom = free_port(), free_port(), free_port()
-        self.env = {**os.environ, "RADBRIDGE_DATABASE_URL": db_url, "RADBRIDGE_STORAGE_DIR": str(workdir / "var"),
-                    "RADBRIDGE_MLLP_PORT": str(self.mllp), "RADBRIDGE_HTTP_PORT": str(self.http),
-                    "RADBRIDGE_DICOM_PORT": str(self.dicom), "RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"),
-                    "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings"), "RADBRIDGE_API_TOKEN": "t",
-                    "RADBRIDGE_LOG_LEVEL": "WARNING", "RADBRIDGE_STABLE_SECONDS": "1",
-                    "RADBRIDGE_EHR_MLLP": ehr.mllp_address, "RADBRIDGE_EHR_FHIR_BASE": ehr.fhir_base,
-                    "RADBRIDGE_EHR_FHIR_TOKEN": EHR_TOKEN}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "engine.log"
-        self.up = threading.Event()
-
-    def start(self) -> float:
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config",
-                                          str(REPO / "config" / "radbridge.toml")], env=self.env, cwd=self.workdir,
-                                         stdout=log, stderr=log)
-        for port in (self.mllp, self.http, self.dicom):
-            wait_for_listener(port, self.proc, what="the engine", timeout=60)
-        self.up.set()
-        return time.monotonic()
-
-    def kill(self) -> None:
-        self.up.clear()
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 class Traffic(threading.Thread):
     """One patient per round: ADT (MLLP), a conditional-update FHIR Patient, an order (MLLP), and two
     images of the ordered study (storescu), each resent until answered, as real senders do."""
 
-    def __init__(self, eng: Engine, tmp: Path, rng: random.Random) -> None:
+    def __init__(self, eng: EngineProcess, tmp: Path, rng: random.Random) -> None:
         super().__init__(daemon=True)
         self.eng, self.tmp, self.rng = eng, tmp, rng
         self.acked_hl7: dict[str, str] = {}  # control ID -> ACK code
@@ -193,8 +142,8 @@ def test_kill9_three_times_under_mixed_traffic_loses_nothing_and_applies_once(db
     rng = random.Random(SEED)
     fast_retries(workdir)
     with StandInEHR(token=EHR_TOKEN) as ehr:
-        eng = Engine(workdir, db_url, ehr)
-        eng.start()
+        eng = EngineProcess(workdir, db_url, ehr, RADBRIDGE_STABLE_SECONDS="1", RADBRIDGE_EHR_FHIR_BASE=ehr.fhir_base,
+                            RADBRIDGE_EHR_FHIR_TOKEN=EHR_TOKEN).start()
         traffic = Traffic(eng, tmp_path, rng)
         try:
             traffic.start()
@@ -206,7 +155,7 @@ def test_kill9_three_times_under_mixed_traffic_loses_nothing_and_applies_once(db
             assert not traffic.is_alive() and traffic.error is None, traffic.error
             time.sleep(rng.uniform(0.0, 2.0))  # the third while studies stabilize, reconcile and go out
             eng.kill()
-            restarted = eng.start()
+            restarted = eng.start().started_at
             done = check_everything(db_url, traffic, ehr, deadline=restarted + RESUME_SECONDS)
             print(f"chaos: {ROUNDS} rounds, resends {dict(traffic.resends)}, all delivered "
                   f"{time.monotonic() - restarted:.1f} s after the last restart; {done}")

@@ -4,10 +4,8 @@ reconciliation triggers make of them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,13 +35,10 @@ from engine.pipeline.actions import apply_action
 from engine.pipeline.hl7_inbound import HL7Inbound
 from engine.reconciliation import triggers
 from engine.reconciliation.queue import QUEUE
-from engine.runtime import load_definitions
-from engine.store import migrate
-from engine.store.db import Database, open_database
+from engine.store.db import Database
 from engine.store.models import DomainEvent
 from engine.store.prepared import savepoint
 from engine.store.types import utcnow
-from tests.conftest import make_settings
 from tests.hl7util import adt, orm
 
 
@@ -80,16 +75,9 @@ class Domain:
 
 
 @pytest.fixture
-def domain(workdir: Path, db_url: str) -> Iterator[Domain]:
-    settings = make_settings(workdir, db_url)
-    db = open_database(db_url)
-    migrate.upgrade(db)
-    registry, channels, _problems = load_definitions(settings)
-    channel = next(c for c in channels if c.name == "hl7-inbound")
-    try:
-        yield Domain(db, HL7Inbound(channel, registry), channel)
-    finally:
-        db.dispose()
+def domain(hl7_stage: tuple[Database, HL7Inbound]) -> Domain:
+    db, stage = hl7_stage
+    return Domain(db, stage, stage.channel)
 
 
 def step(d: Domain, raw: str, bus: EventBus) -> tuple[Outcome, list[DomainEventPayload]]:

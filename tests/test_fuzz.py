@@ -34,9 +34,7 @@ from engine.hl7.errors import HL7ParseError
 from engine.hl7.message import Message, parse_text
 from engine.hl7.paths import PathError, parse_path
 from engine.pipeline.hl7_inbound import HL7Inbound
-from engine.runtime import load_definitions
-from engine.store import migrate
-from engine.store.db import open_database
+from engine.store.db import Database
 from tests.conftest import SAMPLES, RunningEngine, make_settings
 from tests.dicomutil import DCMTK_ENV, bundled, make_instance, require_dcmtk
 from tests.fhirutil import call
@@ -156,23 +154,10 @@ def test_hl7_paths_parse_or_name_the_error(text: str) -> None:
 
 
 # --- the whole HL7 inbound step, against a real database ----------------------------------------------
-@pytest.fixture
-def inbound(workdir: Path, db_url: str) -> Iterator[tuple[Any, HL7Inbound]]:
-    settings_ = make_settings(workdir, db_url)
-    db = open_database(db_url)
-    migrate.upgrade(db)
-    registry, channels, _problems = load_definitions(settings_)
-    channel = next(c for c in channels if c.name == "hl7-inbound")
-    try:
-        yield db, HL7Inbound(channel, registry)
-    finally:
-        db.dispose()
-
-
 @given(data=hl7_inputs())
 @settings(max_examples=max(10, EXAMPLES // 2))
-def test_any_hl7_message_is_stored_and_answered(inbound: tuple[Any, HL7Inbound], data: bytes) -> None:
-    db, stage = inbound
+def test_any_hl7_message_is_stored_and_answered(hl7_stage: tuple[Database, HL7Inbound], data: bytes) -> None:
+    db, stage = hl7_stage
     p = stage.prepare(data, "127.0.0.1:1")
     with db.write_session() as s, s.begin():
         stored = stage.apply(s, p)

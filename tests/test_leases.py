@@ -24,10 +24,10 @@ from engine.store.leases import Holder, process_start, this_process
 from engine.store.models import Delivery, Instance, ReconcileJob, Study
 from tests.conftest import REPO, RunningEngine, make_settings
 from tests.dicomutil import require_dcmtk
-from tests.test_durability import free_port
+from tests.processes import EngineProcess
 from tests.test_outbound import fast_retries, order_and_images
 from tests.test_reconciliation import settle
-from tests.waiting import wait_for_listener, wait_until
+from tests.waiting import wait_until
 
 # A process that leases work the way an engine's workers do (the reconciliation of study argv[2],
 # one delivery to mllp), says what it holds, and stays until it is killed.
@@ -98,52 +98,11 @@ def queue_results(workdir: Path, db_url: str, ehr: StandInEHR, tmp: Path, n: int
     assert len(mllp_deliveries(db_url)) == n
 
 
-class EngineProcess:
-    """`radbridge run` in a process of its own (so it can be killed -9), on free loopback ports."""
-
-    def __init__(self, workdir: Path, db_url: str, ehr: StandInEHR, **env: str) -> None:
-        self.mllp = free_port()
-        self.env = {**os.environ, "RADBRIDGE_DATABASE_URL": db_url, "RADBRIDGE_STORAGE_DIR": str(workdir / "var"),
-                    "RADBRIDGE_MLLP_PORT": str(self.mllp), "RADBRIDGE_HTTP_PORT": str(free_port()),
-                    "RADBRIDGE_DICOM_PORT": str(free_port()), "RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"),
-                    "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings"), "RADBRIDGE_API_TOKEN": "t",
-                    "RADBRIDGE_LOG_LEVEL": "WARNING", "RADBRIDGE_EHR_MLLP": ehr.mllp_address,
-                    "RADBRIDGE_EHR_FHIR_BASE": "", "RADBRIDGE_RETENTION_ENABLED": "false", **env}
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> EngineProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config",
-                                      str(REPO / "config" / "radbridge.toml")], env=self.env, cwd=self.workdir,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_listener(self.mllp, self.proc, what="the engine", timeout=60)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
 def test_a_delivery_in_flight_when_the_engine_is_killed_resumes_at_restart(workdir: Path, db_url: str,
                                                                           ehr: StandInEHR, tmp_path: Path) -> None:
     queue_results(workdir, db_url, ehr, tmp_path)
     ehr.mllp_mode = "stall"  # the EHR takes the message and never answers: the send is in flight
-    first = EngineProcess(workdir, db_url, ehr).start()
+    first = EngineProcess(workdir, db_url, ehr, RADBRIDGE_RETENTION_ENABLED="false").start()
     try:
         wait_until(lambda: any(msh_fields(t).get(9, "").startswith("ORU") for t, _a in list(ehr.hl7_attempts)),
                    timeout=RESUME, message="the engine sending the ORU")
@@ -152,14 +111,14 @@ def test_a_delivery_in_flight_when_the_engine_is_killed_resumes_at_restart(workd
         host, pid, started = (held.leased_by or "").rsplit(":", 2)
         assert pid == str(first.pid) and host and started  # who holds it: host, pid, start time
         shown = json.loads(urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - loopback
-            f"http://127.0.0.1:{first.env['RADBRIDGE_HTTP_PORT']}/api/deliveries/{held.id}",
+            f"http://127.0.0.1:{first.http}/api/deliveries/{held.id}",
             headers={"Authorization": "Bearer t"}), timeout=10).read())
         assert shown["leased_by"] == held.leased_by and shown["leased_until"]
         first.kill()
     finally:
         first.stop()
     ehr.mllp_mode = "ack"
-    again = EngineProcess(workdir, db_url, ehr).start()
+    again = EngineProcess(workdir, db_url, ehr, RADBRIDGE_RETENTION_ENABLED="false").start()
     try:
         [d] = wait_until(lambda: [d for d in mllp_deliveries(db_url) if d.state == "delivered"], timeout=RESUME,
                          message="the delivery the killed engine held, delivered after the restart")
@@ -185,7 +144,7 @@ def test_a_reconciliation_in_progress_when_the_engine_is_killed_resumes_at_resta
     stored = workdir / "var" / "studies" / inst.storage_key
     kept = stored.rename(tmp_path / "kept.dcm")
     os.mkfifo(stored)
-    first = EngineProcess(workdir, db_url, ehr, RADBRIDGE_STABLE_SECONDS="1").start()
+    first = EngineProcess(workdir, db_url, ehr, RADBRIDGE_STABLE_SECONDS="1", RADBRIDGE_RETENTION_ENABLED="false").start()
     try:
         [job] = wait_until(lambda: [j for j in rows(db_url, ReconcileJob) if j.leased_by], timeout=RESUME,
                            message="the stable study's reconciliation under way")
@@ -196,7 +155,7 @@ def test_a_reconciliation_in_progress_when_the_engine_is_killed_resumes_at_resta
     stored.unlink()
     kept.rename(stored)
     assert not ehr.oru_messages()
-    again = EngineProcess(workdir, db_url, ehr, RADBRIDGE_STABLE_SECONDS="1").start()
+    again = EngineProcess(workdir, db_url, ehr, RADBRIDGE_STABLE_SECONDS="1", RADBRIDGE_RETENTION_ENABLED="false").start()
     try:
         wait_until(lambda: [st.recon_state for st in rows(db_url, Study)] == ["reconciled"]
                    and not rows(db_url, ReconcileJob), timeout=RESUME,
@@ -287,7 +246,7 @@ def test_another_engine_resumes_a_killed_engines_delivery_when_its_renewed_lease
         workdir: Path, db_url: str, ehr: StandInEHR, tmp_path: Path) -> None:
     queue_results(workdir, db_url, ehr, tmp_path)
     ehr.mllp_mode = "stall"
-    first = EngineProcess(workdir, db_url, ehr, RADBRIDGE_DATABASE_LEASE_SECONDS="3")
+    first = EngineProcess(workdir, db_url, ehr, RADBRIDGE_DATABASE_LEASE_SECONDS="3", RADBRIDGE_RETENTION_ENABLED="false")
     other: RunningEngine | None = None
     try:
         first.start()

@@ -1,0 +1,78 @@
+"""The engine as a process of its own (`radbridge run`), for tests that kill it -9 and start it again."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from engine.standin_ehr import StandInEHR
+from tests.conftest import REPO
+from tests.dicomutil import free_port
+from tests.waiting import accepts_connections, wait_until
+
+
+class EngineProcess:
+    """`radbridge run` on free loopback ports, its output in ``workdir/engine.log``; the stand-in EHR
+    (when given) receives its results. ``env`` adds or overrides RADBRIDGE_* settings. ``up`` is set
+    while the process is known to listen (a sender thread waits on it across a kill)."""
+
+    def __init__(self, workdir: Path, db_url: str, ehr: StandInEHR | None = None, **env: str) -> None:
+        self.workdir = workdir
+        self.mllp, self.http, self.dicom = free_port(), free_port(), free_port()
+        self.env = {**os.environ, "RADBRIDGE_DATABASE_URL": db_url, "RADBRIDGE_STORAGE_DIR": str(workdir / "var"),
+                    "RADBRIDGE_MLLP_PORT": str(self.mllp), "RADBRIDGE_HTTP_PORT": str(self.http),
+                    "RADBRIDGE_DICOM_PORT": str(self.dicom), "RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"),
+                    "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings"), "RADBRIDGE_API_TOKEN": "t",
+                    "RADBRIDGE_LOG_LEVEL": "WARNING", "RADBRIDGE_EHR_MLLP": ehr.mllp_address if ehr else "",
+                    "RADBRIDGE_EHR_FHIR_BASE": "", **env}
+        self.log = workdir / "engine.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.up = threading.Event()
+
+    def start(self) -> EngineProcess:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config",
+                                          str(REPO / "config" / "radbridge.toml")], env=self.env, cwd=self.workdir,
+                                         stdout=log, stderr=log)
+        self.started_at = time.monotonic()
+        for port in (self.mllp, self.http, self.dicom):
+            wait_until(functools.partial(self._listening, port), timeout=60, interval=0.1,
+                       message=f"the engine to listen on port {port}")
+        self.up.set()
+        return self
+
+    def _listening(self, port: int) -> bool:
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            tail = self.log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"the engine exited with code {code} before listening on port {port}: {tail}")
+        return accepts_connections(port)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        self.up.clear()
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        self.up.clear()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
