@@ -48,7 +48,7 @@ def parse_json(body: bytes) -> Any:
         too_deep = nesting_depth(data) > MAX_DEPTH
     if too_deep:
         raise FhirError(400, f"the body nests objects or arrays deeper than {MAX_DEPTH} levels", "structure")
-    if b"\\u00" in body.lower():  # JSON can carry a control character only as an escape
+    if b"\\u00" in body:  # JSON carries a control character only as an escape (\\u, lower-case u)
         found = control_character_at(data)
         if found is not None:
             loc, char = found
