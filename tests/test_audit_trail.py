@@ -22,7 +22,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from sqlalchemy import insert, select
 
-from engine.config import RetentionSettings
+from engine.config import RetentionSettings, load_settings
 from engine.standin_ehr import StandInEHR
 from engine.store.audit import AUDIT
 from engine.store.db import open_database
@@ -223,6 +223,7 @@ def test_retry_and_discard_are_recorded(dcmtk: None, workdir: Path, db_url: str,
             with e.db.read_session() as s:
                 return s.execute(select(Delivery).where(Delivery.state == "dead")).scalars().first()
         d = wait_until(dead, timeout=WAIT, message="a dead delivery")
+        assert d is not None
         before = last_id(e)
         assert e.api(f"/api/deliveries/{d.id}/discard?note=not%20needed", method="POST")[0] == 200
         row = one_new(e, before, "discard")
@@ -339,6 +340,12 @@ def test_filters_and_exports_parse(running: RunningEngine) -> None:
     out = cli(running, "audit", "--patient", "AUDX1")
     assert out.returncode == 0 and "reprocess" in out.stdout and agent[:24] in out.stdout
     assert cli(running, "audit", "--since", "soon").returncode == 2
+    # polling by id: the rows after the last one seen, oldest first, each once
+    first = trail(running)[0].id
+    polled = running.api(f"/api/audit?since_id={first}&limit=2")[1]["events"]
+    assert [ev["id"] for ev in polled] == [a.id for a in trail(running)[1:3]]
+    out = cli(running, "audit", "--since-id", str(polled[-1]["id"]), "--format", "json")
+    assert [json.loads(line)["id"] for line in out.stdout.splitlines()] == [a.id for a in trail(running)[3:]]
 
 
 def test_syslog_escapes_structured_data_values() -> None:
@@ -407,6 +414,7 @@ def test_retention_keeps_the_trail_longer_than_messages(db_url: str) -> None:
                                                   resource_type="Patient", status=200, count=0))
         policy = RetentionSettings(metadata_days=365, content_days=30, pause_seconds=0)
         assert policy.audit_days == 2190
+        assert load_settings(None, env={"RADBRIDGE_RETENTION_AUDIT_DAYS": "3650"}).retention.audit_days == 3650
         report = prune(db, policy)
         assert report.audit_events == 1
         with db.read_session() as s:

@@ -15,6 +15,7 @@ FORMATS = ("text", "json", "syslog", "fhir")
 def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
     p = with_config(sub.add_parser("audit", help="the audit trail: who read patient data or changed what"))
     p.add_argument("--since", help="an ISO 8601 time (UTC unless it says) or an age: 30m, 1h, 7d")
+    p.add_argument("--since-id", type=int, metavar="N", help="only rows after id N (poll with the last id seen)")
     p.add_argument("--who", help="the actor: a token name, cli:<os user>, engine:<host>")
     p.add_argument("--patient", help="a patient identifier (ID or ID^ISSUER) or Patient/<index id>")
     p.add_argument("--action", help="read, search, reprocess, retry, discard, match, accept, start, stop...")
@@ -42,10 +43,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 print(f"radbridge audit: no patient with identifier {args.patient!r}", file=sys.stderr)
                 return 1
             events = find_events(conn, since=since, who=args.who, patient_ids=patients, action=args.action,
-                                 limit=max(1, min(args.limit, 100_000)))
+                                 since_id=args.since_id, limit=max(1, min(args.limit, 100_000)),
+                                 oldest_first=args.since_id is not None)
     finally:
         db.dispose()
-    events.reverse()  # oldest first, as a log reads
+    if args.since_id is None:
+        events.reverse()  # oldest first, as a log reads
     if args.format == "json":
         for e in events:
             print(json.dumps(e, ensure_ascii=False))

@@ -155,7 +155,8 @@ def _bad(detail: str) -> web.HTTPBadRequest:
 @routes.get("/audit")
 async def audit(request: web.Request) -> web.Response:
     """GET /api/audit?since=&who=&patient=&action=&resource_type=&since_id=&limit=&format=: the
-    trail, newest first. ``patient`` is an identifier (``ID`` or ``ID^ISSUER``) or Patient/<id>;
+    trail, newest first (with ``since_id``: the oldest ``limit`` after it, oldest first, for a
+    poller that keeps the last id it saw). ``patient`` is an identifier (``ID`` or ``ID^ISSUER``) or Patient/<id>;
     ``patient_id`` an index id; ``format`` json (default), syslog (RFC 5424 lines) or fhir (a
     Bundle of AuditEvent). ``agent`` is the old name of ``who``."""
     q = request.query
@@ -180,7 +181,8 @@ async def audit(request: web.Request) -> web.Response:
             patients = (patients or []) + [int(q["patient_id"])]
         return find_events(conn, since=since, who=q.get("who") or q.get("agent"), patient_ids=patients,
                            resource_type=q.get("resource_type"), action=q.get("action"),
-                           since_id=int(q["since_id"]) if q.get("since_id") else None, limit=int(raw_limit))
+                           since_id=int(q["since_id"]) if q.get("since_id") else None, limit=int(raw_limit),
+                           oldest_first=bool(q.get("since_id")))
     events = await on_reader(request, run)
     if fmt == "syslog":
         return web.Response(text="".join(syslog_line(e) + "\n" for e in events), content_type="text/plain",
