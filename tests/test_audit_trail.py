@@ -199,6 +199,10 @@ def test_match_unmatch_reconcile_and_accept_are_recorded(dcmtk: None, workdir: P
         before = last_id(e)
         assert cli(e, "studies", "reconcile", obj.study_uid, "--no-wait").returncode == 0
         assert one_new(e, before, "reconcile").agent == CLI_ACTOR
+        before = last_id(e)
+        assert cli(e, "studies", "match", obj.study_uid, "--clear", "--no-wait").returncode == 0
+        assert (one_new(e, before, "unmatch").agent, one_new(e, before, "unmatch").study_uid) == (
+            CLI_ACTOR, obj.study_uid)
     finally:
         e.stop()
 
@@ -251,6 +255,19 @@ def test_retry_and_discard_are_recorded(dcmtk: None, workdir: Path, db_url: str,
         out = cli(e, "deliveries", "retry", str(d.id))
         assert out.returncode == 0, out.stderr
         assert (one_new(e, before, "retry").agent, one_new(e, before, "retry").delivery_id) == (CLI_ACTOR, d.id)
+        # every dead delivery at once: one row saying how many
+        wake(e)
+        wait_until(lambda: dead() is not None, timeout=WAIT, message="dead again")
+        before = last_id(e)
+        assert post(e, "/api/deliveries/retry", {"state": "dead"})[0] == 200
+        row = one_new(e, before, "retry")
+        assert (row.agent, row.count, row.delivery_id, row.detail) == (agent, 1, None, "every dead delivery")
+        wake(e)
+        wait_until(lambda: dead() is not None, timeout=WAIT, message="dead once more")
+        before = last_id(e)
+        assert cli(e, "deliveries", "retry", "--dead").returncode == 0
+        row = one_new(e, before, "retry")
+        assert (row.agent, row.count) == (CLI_ACTOR, 1)
     finally:
         e.stop()
 
@@ -268,6 +285,13 @@ def test_start_stop_and_mapping_reload_are_recorded(workdir: Path, db_url: str) 
                          message="the mapping reload in the trail")[0]
         assert row.agent == started.agent and "hl7-patient" in (row.detail or "") and row.status == 200
         assert len([a for a in trail(e, action="mapping-reload") if a.id > before]) == 1
+        # a broken edit is refused (the previous version kept): recorded as a failure
+        before = last_id(e)
+        path.write_text("source: hl7v2\nfields: [not a mapping\n")
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
+        row = wait_until(lambda: [a for a in trail(e, action="mapping-reload") if a.id > before], timeout=WAIT,
+                         message="the refused reload in the trail")[0]
+        assert row.status == 422 and "refused" in (row.detail or "") and "hl7-patient" in (row.detail or "")
     finally:
         e.stop()
     db = open_database(db_url)
