@@ -100,6 +100,7 @@ class RetentionSettings:
     enabled: bool = True
     content_days: float = 30.0  # raw content, mapped fields and ACK are dropped after this
     metadata_days: float = 365.0  # the message row and its events after this
+    audit_days: float = 2190.0  # audit trail rows (6 years, as HIPAA keeps its records); the only deletion of them
     keep_errors: bool = True  # never prune messages in error/rejected state
     interval_seconds: float = 300.0
     batch_size: int = 500

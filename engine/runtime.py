@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import secrets
 import tempfile
 import threading
@@ -52,6 +53,7 @@ from engine.reconciliation.rules import ReconciliationRules, compile_rules
 from engine.storage.base import ObjectStorage
 from engine.storage.local import LocalStorage
 from engine.store import leases, migrate
+from engine.store.audit import Actor, AuditAction, Subject, engine_actor, message_subject, record_action
 from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
@@ -104,6 +106,8 @@ class Engine:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop_event = threading.Event()
         self._generated_token: str | None = None
+        self._actor = Actor("engine")
+        self._started = False  # the start is in the audit trail (so the stop will be)
         self.reconciler: Reconciler | None = None
         self._reconciling: asyncio.Future[int] | None = None
         self._reconcile_wakeup = asyncio.Event()
@@ -176,6 +180,7 @@ class Engine:
         self.writer = InlineWriter(self.db.writer) if inline else IngestWriter(self.db.writer)
         self.writer.start()
         self._register_gauges()
+        self._actor = engine_actor()
         ctx = ConnectorContext(settings=s, db=self.db, writer=self.writer, mappings=self.mappings,
                                metrics=self.metrics, storage=self._study_storage, events=self.bus)
         try:
@@ -199,6 +204,10 @@ class Engine:
         # What start-up built (modules, dictionaries, compiled statements) lives as long as the
         # process: moved out of the collector's sight, a full collection no longer walks it and
         # stops listeners for ~100 ms on a slow machine (seen as the max ACK latency).
+        await self._audit(AuditAction.START, Subject("Engine", count=len(self.connectors),
+                                                     detail=f"pid {os.getpid()}, channels: "
+                                                            + (", ".join(self.connectors) or "none")))
+        self._started = True
         gc.collect()
         gc.freeze()
         if s.mappings.reload_seconds > 0:
@@ -287,6 +296,10 @@ class Engine:
             await self.http_runner.cleanup()
             self.http_runner = None
             self.http_site = None
+        if self._started:  # the last row this engine writes
+            self._started = False
+            with contextlib.suppress(Exception):
+                await self._audit(AuditAction.STOP, Subject("Engine", count=0, detail=f"pid {os.getpid()}"))
         if isinstance(self.writer, InlineWriter):
             self.writer.stop()
         elif self.writer is not None:
@@ -300,9 +313,30 @@ class Engine:
         while True:
             await asyncio.sleep(self.settings.mappings.reload_seconds)
             try:
-                await asyncio.to_thread(self.mappings.reload_changed)
+                changed = await asyncio.to_thread(self.mappings.reload_changed)
             except Exception:
                 log.exception("mapping reload failed")
+                continue
+            if changed:
+                await self.mapping_reloaded(changed)
+
+    async def mapping_reloaded(self, names: list[str]) -> None:
+        """One audit row per reload pass that changed files: which, and whether any was refused
+        (its previous version kept)."""
+        refused = [n for n in names if any(p.severity == "error" for p in self.mappings.problems(n))]
+        detail = "reloaded: " + ", ".join(n for n in names if n not in refused)
+        if refused:
+            detail += "; refused (previous version kept): " + ", ".join(refused)
+        try:
+            await self._audit(AuditAction.MAPPING_RELOAD, Subject("Mapping", count=len(names), detail=detail),
+                              status=422 if refused else 200)
+        except Exception:
+            log.exception("mapping reload not recorded in the audit trail")
+
+    async def _audit(self, action: AuditAction, subject: Subject, status: int = 200) -> None:
+        """An audit row for something the engine did on its own (start, stop, mapping reload)."""
+        actor = self._actor
+        await self.writer.run(lambda s: record_action(s.connection(), actor, action, subject, status=status))
 
     async def _retention_loop(self) -> None:
         while True:
@@ -406,7 +440,8 @@ class Engine:
         return marked
 
     # --- operations ------------------------------------------------------------------------------------
-    async def reprocess(self, message_id: int) -> Reprocessed:
+    async def reprocess(self, message_id: int, actor: Actor | None = None) -> Reprocessed:
+        """Apply a stored message again; with ``actor``, its audit row is in the same transaction."""
         def work(session: Any) -> Reprocessed:
             row = session.get(Message, message_id, options=[selectinload(Message.content)])
             if row is None:
@@ -415,7 +450,13 @@ class Engine:
             conn = self.connectors.get(row.channel)
             if not isinstance(conn, HL7Channel):
                 raise ValueError(f"channel {row.channel!r} is not running")
-            return conn.reprocess(session, row)
+            result = conn.reprocess(session, row)
+            if actor is not None:
+                session.flush()
+                subject = message_subject(session.connection(), message_id)
+                subject.detail = f"now {result['status']}"
+                record_action(session.connection(), actor, AuditAction.REPROCESS, subject)
+            return result
         return await self.writer.run(work)
 
     def channel_status(self) -> list[dict[str, Any]]:

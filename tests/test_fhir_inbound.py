@@ -470,7 +470,8 @@ def test_search_parameters_paging_and_audit(running: RunningEngine) -> None:
     assert call(running, "GET", "ServiceRequest?_lastUpdated=2020-13").status == 400
     # every read of patient data is in the trail: who (the token's fingerprint), what, whose
     with running.db.read_session() as s:
-        trail = list(s.execute(select(AuditEvent).order_by(AuditEvent.id)).scalars())
+        trail = list(s.execute(select(AuditEvent).where(AuditEvent.action.in_(("read", "vread", "search")))
+                               .order_by(AuditEvent.id)).scalars())  # not the engine's start row
     searches = [a for a in trail if a.action == "search" and a.resource_type == "ServiceRequest"]
     assert searches and all(a.agent.startswith("token:") and a.agent != "token:" for a in trail)
     assert "test-token" not in json.dumps([a.agent for a in trail])

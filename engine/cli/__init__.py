@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
+from engine.cli.audit import add_parser as add_audit_parser
 from engine.cli.common import open_db, settings_of
 from engine.cli.deliveries import add_parser as add_deliveries_parser
 from engine.cli.storage import add_parser as add_storage_parser
@@ -263,30 +264,39 @@ def cmd_messages(args: argparse.Namespace) -> int:
         # reprocess
         from engine.pipeline.hl7_inbound import HL7Inbound, reprocess
         from engine.runtime import load_definitions
+        from engine.store.audit import AuditAction, cli_actor, message_subject, record_action
         registry, channels, problems = load_definitions(settings)
         by_name = {c.name: c for c in channels}
+        actor, command = cli_actor(), "radbridge messages reprocess"
         status = 0
         for mid in args.ids:
+            failure: tuple[int, str] | None = None
             with db.write_session() as s, s.begin():
                 m = s.get(Message, mid, options=[selectinload(Message.content)])
+                ch = by_name.get(m.channel) if m is not None else None
                 if m is None:
-                    print(f"message {mid}: not found", file=sys.stderr)
-                    status = 1
-                    continue
-                ch = by_name.get(m.channel)
-                if ch is None:
-                    print(f"message {mid}: channel {m.channel!r} is not defined any more", file=sys.stderr)
-                    status = 1
-                    continue
-                try:
-                    st = reprocess(s, HL7Inbound(ch, registry, app_name=settings.name), m)
-                except ValueError as exc:
-                    print(f"message {mid}: {exc}", file=sys.stderr)
-                    status = 1
-                    continue
-                print(f"message {mid}: {st.status}" + (f" ({st.error})" if st.error else ""))
-                if st.status not in (MessageStatus.PROCESSED, MessageStatus.FILTERED):
-                    status = 1
+                    failure = (404, f"message {mid}: not found")
+                elif ch is None:
+                    failure = (409, f"message {mid}: channel {m.channel!r} is not defined any more")
+                else:
+                    try:  # refused before anything changed (pruned, a duplicate...)
+                        st = reprocess(s, HL7Inbound(ch, registry, app_name=settings.name), m)
+                    except ValueError as exc:
+                        failure = (409, f"message {mid}: {exc}")
+                    else:
+                        s.flush()
+                        subject = message_subject(s.connection(), mid)
+                        subject.detail = f"now {st.status}"
+                        record_action(s.connection(), actor, AuditAction.REPROCESS, subject, query=command)
+                        print(f"message {mid}: {st.status}" + (f" ({st.error})" if st.error else ""))
+                        if st.status not in (MessageStatus.PROCESSED, MessageStatus.FILTERED):
+                            status = 1
+                if failure is not None:
+                    record_action(s.connection(), actor, AuditAction.REPROCESS, message_subject(s.connection(), mid),
+                                  status=failure[0], query=command)
+            if failure is not None:
+                print(failure[1], file=sys.stderr)
+                status = 1
         return status
     finally:
         db.dispose()
@@ -390,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_studies_parser(sub, with_config)
     add_storage_parser(sub, with_config)
     add_deliveries_parser(sub, with_config)
+    add_audit_parser(sub, with_config)
 
     sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)
     p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")

@@ -85,17 +85,41 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 if a["response"]:
                     print("    " + a["response"][:500].replace("\r", "\n    "))
             return 0
+        from engine.store.audit import AuditAction, Subject, cli_actor, delivery_subject, record_action
+        actor, command = cli_actor(), f"radbridge deliveries {args.action}"
         if args.action == "retry":
             if not args.ids and not args.dead:
                 print("give delivery ids, or --dead for every dead delivery", file=sys.stderr)
                 return 2
+            n = 0
             with db.writer.begin() as conn:
-                n = outbox.retry(conn, args.ids or None, destination=args.destination, rebuild=args.rebuild)
+                if args.ids:  # one audit row per delivery named: which one, whose, and whether it went back
+                    for did in args.ids:
+                        one = outbox.retry(conn, [did], destination=args.destination, rebuild=args.rebuild)
+                        subject = delivery_subject(conn, did)
+                        if args.rebuild:
+                            subject.detail = f"{subject.detail or ''} rebuild".strip()
+                        record_action(conn, actor, AuditAction.RETRY, subject, status=200 if one else 409,
+                                      query=command)
+                        n += one
+                else:
+                    n = outbox.retry(conn, None, destination=args.destination, rebuild=args.rebuild)
+                    detail = "every dead delivery" + (f" to {args.destination}" if args.destination else "")
+                    record_action(conn, actor, AuditAction.RETRY,
+                                  Subject("Delivery", count=n, detail=detail + (" rebuild" if args.rebuild else "")),
+                                  query=command)
             print(f"{n} deliver{'y' if n == 1 else 'ies'} queued again"
                   + (" (to be built again)" if args.rebuild else "") + "; a running engine sends within a second")
             return 0 if n or args.dead else 1
+        n = 0
         with db.writer.begin() as conn:
-            n = outbox.discard(conn, args.ids, args.note)
+            for did in args.ids:
+                one = outbox.discard(conn, [did], args.note)
+                subject = delivery_subject(conn, did)
+                if args.note:
+                    subject.detail = f"{subject.detail or ''}: {args.note}".strip(": ")
+                record_action(conn, actor, AuditAction.DISCARD, subject, status=200 if one else 409, query=command)
+                n += one
         print(f"{n} deliver{'y' if n == 1 else 'ies'} discarded")
         return 0 if n else 1
     finally:

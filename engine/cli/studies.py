@@ -61,20 +61,34 @@ def cmd_studies(args: argparse.Namespace) -> int:
         if args.action == "show":
             return _show(db, args.study)
         from engine.reconciliation import manual
+        from engine.store.audit import AuditAction, cli_actor, finding_subject, record_action, study_subject
+        actor = cli_actor()
+        action = {"match": AuditAction.UNMATCH if args.action == "match" and args.clear else AuditAction.MATCH,
+                  "reconcile": AuditAction.RECONCILE, "accept": AuditAction.ACCEPT}[args.action]
+        command = f"radbridge studies {args.action}" + (" --clear" if action == AuditAction.UNMATCH else "")
+
+        def about(conn: Any) -> Any:
+            found = finding_subject(conn, args.finding) if args.action == "accept" else study_subject(conn, args.study)
+            if action == AuditAction.MATCH:
+                found.detail = f"accession {args.order}" if args.order else f"patient {args.patient}"
+            return found
         try:
             with db.write_session() as s, s.begin():
                 conn = s.connection()
-                if args.action == "match" and args.clear:
-                    out = manual.clear_match(conn, args.study, by="cli", note=args.note)
-                elif args.action == "match":
-                    out = manual.match(conn, args.study, accession=args.order, patient=args.patient, by="cli",
+                if action == AuditAction.UNMATCH:
+                    out = manual.clear_match(conn, args.study, by=actor.name, note=args.note)
+                elif action == AuditAction.MATCH:
+                    out = manual.match(conn, args.study, accession=args.order, patient=args.patient, by=actor.name,
                                        note=args.note)
-                elif args.action == "reconcile":
-                    out = manual.request(conn, args.study, by="cli")
+                elif action == AuditAction.RECONCILE:
+                    out = manual.request(conn, args.study, by=actor.name)
                 else:
-                    manual.accept_finding(conn, args.finding, by="cli", note=args.note)
+                    manual.accept_finding(conn, args.finding, by=actor.name, note=args.note)
                     out = {}
+                record_action(conn, actor, action, about(conn), query=command)
         except manual.ManualError as exc:
+            with db.write_session() as s, s.begin():  # the refusal is in the trail too
+                record_action(s.connection(), actor, action, about(s.connection()), status=exc.status, query=command)
             print(f"radbridge studies {args.action}: {exc}", file=sys.stderr)
             return 1
         if args.no_wait:

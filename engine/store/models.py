@@ -482,21 +482,30 @@ class DeliveryAttempt(Base):
 # --- audit ------------------------------------------------------------------------------------------
 
 class AuditEvent(Base):
-    """One read of patient data (a FHIR read or search, an admin API lookup): who, from where, what,
-    and which patients it returned. Written before the data is sent."""
+    """One entry of the audit trail (engine/store/audit.py): a read of patient data (a FHIR read or
+    search, an admin API lookup), written before the data is sent, or an action that changes state
+    (reprocess, retry, match, mapping reload, start...), written in the action's own transaction.
+    Who, from where, what, on which patient/study/message/delivery, and how it ended (``status``:
+    an HTTP status, also for CLI and engine actions; below 400 is success). Append-only: only
+    retention (``[retention] audit_days``) deletes rows."""
 
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
-    agent: Mapped[str] = mapped_column(String(64))  # "token:<first 12 hex of its SHA-256>" or "anonymous"
+    agent: Mapped[str] = mapped_column(String(64), index=True)  # token name, "cli:<os user>", "engine:<host>"
     remote: Mapped[str | None] = mapped_column(String(64))
-    action: Mapped[str] = mapped_column(String(16))  # read | search | vread
+    cert_subject: Mapped[str | None] = mapped_column(String(256))  # the client certificate's subject (mutual TLS)
+    action: Mapped[str] = mapped_column(String(16))  # engine.store.audit.AuditAction
     resource_type: Mapped[str] = mapped_column(String(32))
-    query: Mapped[str | None] = mapped_column(Text)  # the request path and query string
+    query: Mapped[str | None] = mapped_column(Text)  # the request path and query string, or the command
     status: Mapped[int] = mapped_column(Integer)
-    count: Mapped[int] = mapped_column(Integer, default=0)  # resources returned
-    patient_ids: Mapped[list[int] | None] = mapped_column(JSONType)  # whose data was returned
+    count: Mapped[int] = mapped_column(Integer, default=0)  # resources returned (reads), objects changed
+    patient_ids: Mapped[list[int] | None] = mapped_column(JSONType)  # whose data was read or changed
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    message_id: Mapped[int | None] = mapped_column(BigId)
+    delivery_id: Mapped[int | None] = mapped_column(BigId)
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 # --- file connector ---------------------------------------------------------------------------------

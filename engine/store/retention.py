@@ -5,6 +5,9 @@ deadlock or stall ingest. Here every batch is one short transaction over at most
 rows picked by primary key (oldest first), with a pause between batches, so the ingest writer waits
 at most one batch. Messages in error are kept while ``keep_errors`` is set: someone has to look at
 them first.
+
+The audit trail has its own, longer setting (``audit_days``, six years by default): this is the one
+place that deletes its rows (tests/test_audit_trail.py holds every other code path to that).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from sqlalchemy import Select, delete, select, update
 
 from engine.config import RetentionSettings
 from engine.store.db import Database
-from engine.store.models import Message, MessageContent
+from engine.store.models import AuditEvent, Message, MessageContent
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ MAX_BATCHES_PER_RUN = 10_000
 class PruneReport:
     content: int = 0
     messages: int = 0
+    audit_events: int = 0
     batches: int = 0
     seconds: float = 0.0
 
@@ -93,7 +97,25 @@ def prune(db: Database, policy: RetentionSettings, *, stop: threading.Event | No
         if len(ids) < policy.batch_size:
             break
         time.sleep(policy.pause_seconds)
+    audit_cutoff = now - timedelta(days=max(policy.audit_days, policy.metadata_days))
+    for _ in range(MAX_BATCHES_PER_RUN):
+        if stopped():
+            break
+        ids = _batch_ids(db, select(AuditEvent.id).where(AuditEvent.at < audit_cutoff)
+                         .order_by(AuditEvent.id).limit(policy.batch_size))
+        if not ids:
+            break
+        with db.write_session() as s, s.begin():
+            s.execute(delete(AuditEvent).where(AuditEvent.id.in_(ids)))
+        report.audit_events += len(ids)
+        report.batches += 1
+        if len(ids) < policy.batch_size:
+            break
+        time.sleep(policy.pause_seconds)
     report.seconds = time.perf_counter() - t0
+    if report.audit_events:
+        log.info("retention: deleted %d audit row(s) older than %g days", report.audit_events,
+                 max(policy.audit_days, policy.metadata_days))
     if report.content or report.messages:
         log.info("retention: pruned content of %d message(s), %d message row(s) in %d batch(es), %.2fs",
                  report.content, report.messages, report.batches, report.seconds)

@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session, selectinload
 from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
+from engine.store.audit import AuditAction, Subject, finding_subject, message_subject, study_subject
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.web import audit, deliveries
-from engine.web.audit import record_read
+from engine.web.audit import actor_of, audited, record_failure, record_read
 from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import ENGINE, WRITER
 from engine.web.reads import in_read_session
@@ -49,10 +50,12 @@ def _with_studies(s: Session, p: Patient) -> dict[str, Any]:
     return out
 
 
-async def _write(request: web.Request, fn: Callable[[Any], T]) -> T:
-    """``fn`` on the writer's connection; then the reconciler is woken for what it changed."""
+async def _write(request: web.Request, action: AuditAction, fn: Callable[[Any], T],
+                 about: Callable[[Any, T | None], Subject], status: int = 202) -> T:
+    """``fn`` on the writer's connection, with its audit row; then the reconciler is woken for what
+    it changed."""
     try:
-        result = await request.config_dict[WRITER].run(lambda s: fn(s.connection()))
+        result = await audited(request, action, fn, about, status=status)
     except ManualError as exc:
         conflict = exc.status == 409
         raise (web.HTTPConflict if conflict else web.HTTPNotFound)(
@@ -171,10 +174,13 @@ async def message(request: web.Request) -> web.Response:
 async def reprocess(request: web.Request) -> web.Response:
     mid = int(request.match_info["id"])
     try:
-        result = await request.config_dict[ENGINE].reprocess(mid)
+        result = await request.config_dict[ENGINE].reprocess(mid, actor_of(request))
     except LookupError as exc:
-        raise web.HTTPNotFound(text=f'{{"error": "{exc}"}}', content_type="application/json") from None
+        await record_failure(request, AuditAction.REPROCESS, Subject("Message", message_id=mid), 404)
+        raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
     except ValueError as exc:
+        subject = await request.config_dict[WRITER].run(lambda s: message_subject(s.connection(), mid))
+        await record_failure(request, AuditAction.REPROCESS, subject, 409)
         return web.json_response({"error": "cannot reprocess", "detail": str(exc)}, status=409)
     return web.json_response(result)
 
@@ -220,28 +226,40 @@ async def study_match(request: web.Request) -> web.Response:
     if bool(accession) == bool(patient) or not isinstance(accession or patient, str):
         raise _bad('give {"accession": "ACC"} or {"patient": "ID^ISSUER"}')
     ref = request.match_info["ref"]
-    out = await _write(request, lambda c: manual.match(c, ref, accession=accession, patient=patient, by="api",
-                                                       note=data.get("note")))
+    by = actor_of(request).name
+
+    def about(c: Any, _: Any) -> Subject:
+        found = study_subject(c, ref)
+        found.detail = f"accession {accession}" if accession else f"patient {patient}"
+        return found
+    out = await _write(request, AuditAction.MATCH, lambda c: manual.match(c, ref, accession=accession, patient=patient,
+                                                                         by=by, note=data.get("note")), about)
     return web.json_response(out, status=202)
 
 
 @routes.delete("/studies/{ref}/match")
 async def study_unmatch(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
-    return web.json_response(await _write(request, lambda c: manual.clear_match(c, ref, by="api")), status=202)
+    by = actor_of(request).name
+    return web.json_response(await _write(request, AuditAction.UNMATCH, lambda c: manual.clear_match(c, ref, by=by),
+                                          lambda c, _: study_subject(c, ref)), status=202)
 
 
 @routes.post("/studies/{ref}/reconcile")
 async def study_reconcile(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
-    return web.json_response(await _write(request, lambda c: manual.request(c, ref, by="api")), status=202)
+    by = actor_of(request).name
+    return web.json_response(await _write(request, AuditAction.RECONCILE, lambda c: manual.request(c, ref, by=by),
+                                          lambda c, _: study_subject(c, ref)), status=202)
 
 
 @routes.post(r"/findings/{id:\d+}/accept")
 async def finding_accept(request: web.Request) -> web.Response:
     data = await _body(request)
     fid = int(request.match_info["id"])
-    await _write(request, lambda c: manual.accept_finding(c, fid, by="api", note=data.get("note")))
+    by = actor_of(request).name
+    await _write(request, AuditAction.ACCEPT, lambda c: manual.accept_finding(c, fid, by=by, note=data.get("note")),
+                 lambda c, _: finding_subject(c, fid), status=200)
     return web.json_response({"finding": fid, "status": "accepted"})
 
 

@@ -6,10 +6,13 @@ import json
 from typing import Any
 
 from aiohttp import web
+from sqlalchemy import Connection
 
 from engine.outbound import admin, outbox
+from engine.store.audit import AuditAction, Subject, delivery_subject
+from engine.web.audit import Refused, audited
 from engine.web.inputs import BodyError, read_body
-from engine.web.keys import ENGINE, WRITER
+from engine.web.keys import ENGINE
 from engine.web.reads import on_reader
 
 MAX_LIMIT = 500
@@ -22,11 +25,29 @@ def _error(cls: type[web.HTTPException], detail: str) -> web.HTTPException:
                content_type="application/json")
 
 
-async def _write(request: web.Request, fn: Any) -> Any:
-    """``fn(connection)`` in the writer; then the outbound workers are woken to send what it queued."""
-    result = await request.config_dict[WRITER].run(lambda s: fn(s.connection()))
+async def _write(request: web.Request, action: AuditAction, fn: Any, about: Any, refusal: Any = None) -> Any:
+    """``fn(connection)`` in the writer with its audit row; then the outbound workers are woken to
+    send what it queued."""
+    result = await audited(request, action, fn, about, refusal)
     request.config_dict[ENGINE].wake_outbound()
     return result
+
+
+def _not_done(delivery_id: int, verb: str) -> Any:
+    """The refusal when nothing was retried or discarded: 404 for no such delivery, else 409."""
+    def check(conn: Connection, n: int) -> Refused | None:
+        if n:
+            return None
+        d = admin.show_delivery(conn, delivery_id)
+        if d is None:
+            return Refused(404, {"error": "NotFound", "detail": f"no delivery {delivery_id}"})
+        if verb == "retry":
+            detail = (f"delivery {delivery_id} is {d['state']}; only dead, pending or discarded deliveries can be "
+                      "sent again")
+        else:
+            detail = f"delivery {delivery_id} is {d['state']}; only pending or dead deliveries can be discarded"
+        return Refused(409, {"error": "Conflict", "detail": detail})
+    return check
 
 
 def _id(request: web.Request) -> int:
@@ -59,13 +80,15 @@ async def delivery(request: web.Request) -> web.Response:
 @routes.post(r"/deliveries/{id:\d+}/retry")
 async def retry_one(request: web.Request) -> web.Response:
     rebuild = request.query.get("rebuild", "").lower() in ("1", "true", "yes")
-    n = await _write(request, lambda c: outbox.retry(c, [_id(request)], rebuild=rebuild))
-    if not n:
-        d = await on_reader(request, lambda c: admin.show_delivery(c, _id(request)))
-        if d is None:
-            raise _error(web.HTTPNotFound, f"no delivery {_id(request)}")
-        raise _error(web.HTTPConflict, f"delivery {_id(request)} is {d['state']}; only dead, pending or "
-                                       "discarded deliveries can be sent again")
+    did = _id(request)
+
+    def about(c: Connection, _: Any) -> Subject:
+        found = delivery_subject(c, did)
+        if rebuild:
+            found.detail = f"{found.detail or ''} rebuild".strip()
+        return found
+    n = await _write(request, AuditAction.RETRY, lambda c: outbox.retry(c, [did], rebuild=rebuild), about,
+                     _not_done(did, "retry"))
     return web.json_response({"retried": n, "rebuild": rebuild})
 
 
@@ -81,14 +104,25 @@ async def retry_many(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or body.get("state", "dead") != "dead":
         raise _error(web.HTTPBadRequest, 'give {"state": "dead", "destination": NAME (optional)}')
     dest = body.get("destination")
-    n = await _write(request, lambda c: outbox.retry(c, None, destination=dest, rebuild=bool(body.get("rebuild"))))
+
+    def about(_: Connection, n: int | None) -> Subject:
+        return Subject("Delivery", count=n or 0,
+                       detail="every dead delivery" + (f" to {dest}" if dest else "") + (" rebuild" if body.get("rebuild") else ""))
+    n = await _write(request, AuditAction.RETRY,
+                     lambda c: outbox.retry(c, None, destination=dest, rebuild=bool(body.get("rebuild"))), about)
     return web.json_response({"retried": n})
 
 
 @routes.post(r"/deliveries/{id:\d+}/discard")
 async def discard(request: web.Request) -> web.Response:
     note = request.query.get("note", "")
-    n = await _write(request, lambda c: outbox.discard(c, [_id(request)], note))
-    if not n:
-        raise _error(web.HTTPConflict, f"delivery {_id(request)} is not pending or dead (or does not exist)")
+    did = _id(request)
+
+    def about(c: Connection, _: Any) -> Subject:
+        found = delivery_subject(c, did)
+        if note:
+            found.detail = f"{found.detail or ''}: {note}".strip(": ")
+        return found
+    n = await _write(request, AuditAction.DISCARD, lambda c: outbox.discard(c, [did], note), about,
+                     _not_done(did, "discard"))
     return web.json_response({"discarded": n})

@@ -20,6 +20,7 @@ from engine.metrics import Metrics
 from engine.pipeline.fhir_inbound import FhirInbound
 from engine.pipeline.writer import IngestWriter
 from engine.storage.base import ObjectStorage
+from engine.store.audit import Actor
 from engine.store.db import Database
 
 
@@ -40,7 +41,9 @@ class EngineControl(Protocol):
 
     def channel_status(self) -> list[dict[str, Any]]: ...
 
-    async def reprocess(self, message_id: int) -> Reprocessed: ...
+    async def reprocess(self, message_id: int, actor: Actor) -> Reprocessed:
+        """Apply a stored message again; its audit row (``actor``) is in the same transaction."""
+        ...
 
     def wake_reconciler(self) -> None: ...
 
