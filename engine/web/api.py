@@ -15,11 +15,13 @@ from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
+from engine.store.tokens import Role
 from engine.web import audit, deliveries
 from engine.web.audit import record_read
 from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import ENGINE, WRITER
 from engine.web.reads import in_read_session
+from engine.web.roles import requires
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
 T = TypeVar("T")
@@ -76,6 +78,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 @routes.get("/patients")
+@requires(Role.READ)
 async def patients(request: web.Request) -> web.Response:
     q = request.query
     ident, issuer, name = q.get("identifier"), q.get("issuer"), q.get("name")
@@ -100,6 +103,7 @@ async def patients(request: web.Request) -> web.Response:
 
 
 @routes.get(r"/patients/{id:\d+}")
+@requires(Role.READ)
 async def patient(request: web.Request) -> web.Response:
     pid = int(request.match_info["id"])
 
@@ -115,6 +119,7 @@ async def patient(request: web.Request) -> web.Response:
 
 
 @routes.get("/orders")
+@requires(Role.READ)
 async def orders(request: web.Request) -> web.Response:
     q = request.query
     filters = {k: q[k] for k in ("accession", "placer", "filler", "status", "patient_id") if k in q}
@@ -135,6 +140,7 @@ async def orders(request: web.Request) -> web.Response:
 
 
 @routes.get("/messages")
+@requires(Role.READ)
 async def messages(request: web.Request) -> web.Response:
     q = request.query
     limit = _limit(request)
@@ -155,6 +161,7 @@ async def messages(request: web.Request) -> web.Response:
 
 
 @routes.get(r"/messages/{id:\d+}")
+@requires(Role.READ)
 async def message(request: web.Request) -> web.Response:
     mid = int(request.match_info["id"])
 
@@ -168,6 +175,7 @@ async def message(request: web.Request) -> web.Response:
 
 
 @routes.post(r"/messages/{id:\d+}/reprocess")
+@requires(Role.OPERATE)
 async def reprocess(request: web.Request) -> web.Response:
     mid = int(request.match_info["id"])
     try:
@@ -180,6 +188,7 @@ async def reprocess(request: web.Request) -> web.Response:
 
 
 @routes.get("/studies")
+@requires(Role.READ)
 async def studies(request: web.Request) -> web.Response:
     q = request.query
     filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state", "reconciliation") if k in q}
@@ -214,6 +223,7 @@ async def studies(request: web.Request) -> web.Response:
 
 
 @routes.post("/studies/{ref}/match")
+@requires(Role.OPERATE)
 async def study_match(request: web.Request) -> web.Response:
     data = await _body(request)
     accession, patient = data.get("accession"), data.get("patient")
@@ -226,18 +236,21 @@ async def study_match(request: web.Request) -> web.Response:
 
 
 @routes.delete("/studies/{ref}/match")
+@requires(Role.OPERATE)
 async def study_unmatch(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
     return web.json_response(await _write(request, lambda c: manual.clear_match(c, ref, by="api")), status=202)
 
 
 @routes.post("/studies/{ref}/reconcile")
+@requires(Role.OPERATE)
 async def study_reconcile(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
     return web.json_response(await _write(request, lambda c: manual.request(c, ref, by="api")), status=202)
 
 
 @routes.post(r"/findings/{id:\d+}/accept")
+@requires(Role.OPERATE)
 async def finding_accept(request: web.Request) -> web.Response:
     data = await _body(request)
     fid = int(request.match_info["id"])
@@ -246,6 +259,7 @@ async def finding_accept(request: web.Request) -> web.Response:
 
 
 @routes.get("/channels")
+@requires(Role.READ)
 async def channels(request: web.Request) -> web.Response:
     return web.json_response({"channels": request.config_dict[ENGINE].channel_status()})
 

@@ -16,9 +16,11 @@ from sqlalchemy.orm import Session
 
 from engine.domain.records import add
 from engine.store.models import AuditEvent
+from engine.store.tokens import Role
 from engine.web.fhir_views import patient_ids_of
 from engine.web.keys import FHIR_INBOUND, WRITER
 from engine.web.reads import in_read_session
+from engine.web.roles import requires
 
 AUDIT: Table = AuditEvent.__table__  # type: ignore[assignment]
 
@@ -52,6 +54,7 @@ async def record_read(request: web.Request, action: str, resource_type: str, sta
 
 
 @routes.get("/audit")
+@requires(Role.READ)
 async def audit(request: web.Request) -> web.Response:
     """GET /api/audit?agent=&resource_type=&patient_id=&since_id=&limit=: the trail, newest first."""
     q = request.query

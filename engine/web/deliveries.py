@@ -8,9 +8,11 @@ from typing import Any
 from aiohttp import web
 
 from engine.outbound import admin, outbox
+from engine.store.tokens import Role
 from engine.web.inputs import BodyError, read_body
 from engine.web.keys import ENGINE, WRITER
 from engine.web.reads import on_reader
+from engine.web.roles import requires
 
 MAX_LIMIT = 500
 
@@ -34,6 +36,7 @@ def _id(request: web.Request) -> int:
 
 
 @routes.get("/deliveries")
+@requires(Role.READ)
 async def deliveries(request: web.Request) -> web.Response:
     q = request.query
     state = q.get("state")
@@ -49,6 +52,7 @@ async def deliveries(request: web.Request) -> web.Response:
 
 
 @routes.get(r"/deliveries/{id:\d+}")
+@requires(Role.READ)
 async def delivery(request: web.Request) -> web.Response:
     d = await on_reader(request, lambda c: admin.show_delivery(c, _id(request)))
     if d is None:
@@ -57,6 +61,7 @@ async def delivery(request: web.Request) -> web.Response:
 
 
 @routes.post(r"/deliveries/{id:\d+}/retry")
+@requires(Role.OPERATE)
 async def retry_one(request: web.Request) -> web.Response:
     rebuild = request.query.get("rebuild", "").lower() in ("1", "true", "yes")
     n = await _write(request, lambda c: outbox.retry(c, [_id(request)], rebuild=rebuild))
@@ -70,6 +75,7 @@ async def retry_one(request: web.Request) -> web.Response:
 
 
 @routes.post("/deliveries/retry")
+@requires(Role.OPERATE)
 async def retry_many(request: web.Request) -> web.Response:
     try:
         raw = await read_body(request, request.client_max_size, "the HTTP server's request size limit")
@@ -86,6 +92,7 @@ async def retry_many(request: web.Request) -> web.Response:
 
 
 @routes.post(r"/deliveries/{id:\d+}/discard")
+@requires(Role.OPERATE)
 async def discard(request: web.Request) -> web.Response:
     note = request.query.get("note", "")
     n = await _write(request, lambda c: outbox.discard(c, [_id(request)], note))
