@@ -1,5 +1,5 @@
-"""Admin API (JSON): patients, orders, messages, studies, channels; reprocess a message; match a study
-by hand, reconcile it again, accept a finding."""
+"""Admin API (JSON): patients, orders, messages, studies, channels, tokens; reprocess a message; match a
+study by hand, reconcile it again, accept a finding. Each route declares its role (engine/web/roles.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session, selectinload
 from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
+from engine.store import tokens
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.store.tokens import Role
 from engine.web import audit, deliveries
 from engine.web.audit import record_read
 from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import ENGINE, WRITER
-from engine.web.reads import in_read_session
+from engine.web.reads import in_read_session, on_reader
 from engine.web.roles import requires
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
@@ -262,6 +263,13 @@ async def finding_accept(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def channels(request: web.Request) -> web.Response:
     return web.json_response({"channels": request.config_dict[ENGINE].channel_status()})
+
+
+@routes.get("/tokens")
+@requires(Role.ADMIN)
+async def token_list(request: web.Request) -> web.Response:
+    """The named tokens (radbridge tokens list): names, roles, created, last used, revoked; no secrets."""
+    return web.json_response({"tokens": await on_reader(request, tokens.listing)})
 
 
 @web.middleware
