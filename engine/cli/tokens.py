@@ -48,7 +48,9 @@ def cmd_tokens(args: argparse.Namespace) -> int:
                       f"last used {used:<19}  {state}")
             return 0
         try:
-            # TODO(issue 15 part 3): record the token change in the audit trail (sec-audit's seam)
+            # TODO(issue 15 part 3, at merge): record the change in this transaction with sec-audit's seam,
+            # record_action(conn, cli_actor(), AuditAction.TOKEN_CREATE / TOKEN_REVOKE,
+            #               Subject("Token", detail=args.name)); a refusal (TokenError) in one of its own.
             with db.writer.begin() as conn:
                 if args.action == "create":
                     secret = tokens.create(conn, args.name, tokens.parse_roles(args.roles))

@@ -21,12 +21,15 @@ error elsewhere). The request then carries ``PRINCIPAL`` (name and roles) and th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 
 from engine.fhir.outcome import FhirError
+from engine.pipeline.writer import StorageUnavailable
 from engine.store import tokens
 from engine.store.tokens import ALL_ROLES, Principal, Role
 from engine.store.types import utcnow
@@ -36,16 +39,18 @@ from engine.web.keys import ENGINE, PRINCIPAL, SETTINGS, WRITER
 from engine.web.reads import on_reader
 from engine.web.roles import Public, declared
 
+log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ANONYMOUS = Principal("anonymous", ALL_ROLES)  # http.auth = "none": local use only
 
 
 def _refusal(request: web.Request, status: int, detail: str, code: str, **extra: str) -> web.Response:
     headers = {"WWW-Authenticate": 'Bearer realm="radbridge"'} if status == 401 else None
+    error = {401: "unauthorized", 403: "forbidden"}.get(status, "unavailable")
     if request.path == "/fhir" or request.path.startswith("/fhir/"):
         return web.json_response(FhirError(status, detail, code).outcome(), status=status, content_type=FHIR_JSON,
                                  headers=headers)
-    return web.json_response({"error": "unauthorized" if status == 401 else "forbidden", "detail": detail, **extra},
+    return web.json_response({"error": error, "detail": detail, **extra},
                              status=status, headers=headers)
 
 
@@ -63,7 +68,10 @@ async def authenticate(request: web.Request, given: str) -> Principal | None:
         return None
     row = next(t for t in rows if t.principal == found)
     if row.last_used_at is None or utcnow() - row.last_used_at > timedelta(seconds=tokens.LAST_USED_STEP_SECONDS):
-        await request.config_dict[WRITER].run(lambda s: tokens.touch(s.connection(), row.id))
+        try:
+            await request.config_dict[WRITER].run(lambda s: tokens.touch(s.connection(), row.id))
+        except (SQLAlchemyError, StorageUnavailable) as exc:  # the last use is a hint: never refuse for it
+            log.warning("token %s: last use not recorded (%s)", found.name, type(exc).__name__)
     return found
 
 
@@ -81,7 +89,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[PRINCIPAL] = ANONYMOUS
         return await handler(request)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    principal = await authenticate(request, given.strip()) if scheme.lower() == "bearer" and given.strip() else None
+    try:
+        principal = await authenticate(request, given.strip()) if scheme.lower() == "bearer" and given.strip() \
+            else None
+    except SQLAlchemyError:  # named tokens live in the database; configured ones were checked before it
+        return _refusal(request, 503, "the token cannot be checked now (database unavailable); send it again",
+                        "transient")
     if principal is None:
         return _refusal(request, 401, "send Authorization: Bearer <token> (radbridge tokens create; or http.tokens "
                                       "in the config, RADBRIDGE_API_TOKEN, or <storage dir>/api-token)", "login")
