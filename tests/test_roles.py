@@ -235,8 +235,9 @@ def test_tokens_cli_create_list_revoke_with_a_running_engine(running: RunningEng
         assert row.secret_sha256 == hashlib.sha256(secret.encode()).hexdigest() and row.roles == "metrics,read"
         with s.connection().exec_driver_sql("SELECT * FROM api_tokens") as every:
             assert not any(secret in str(v) for r in every for v in r)
-    listed = radbridge("tokens", "list", env=env)
-    assert listed.returncode == 0 and secret not in listed.stdout
+    listed = radbridge("tokens", "list", env={**env, "RADBRIDGE_API_TOKEN": "cli-config-token"})
+    assert listed.returncode == 0 and secret not in listed.stdout and "cli-config-token" not in listed.stdout
+    assert f"{tokens.config_token_name('cli-config-token')} " in listed.stdout  # configured ones are named too
     line = next(x for x in listed.stdout.splitlines() if x.startswith("pacs-dashboard"))
     assert "metrics,read" in line and "active" in line and "last used never" not in line
     # names are unique, roles are known, and a token without roles is refused

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from engine.store.tokens import Role
@@ -21,7 +22,8 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
     p.add_argument("name", help="who or what uses it (a person, a system): the audit trail names it")
     p.add_argument("--role", action="append", required=True, choices=[r.value for r in Role], dest="roles",
                    help="read, operate, admin, fhir-write or metrics (repeat for several)")
-    with_config(tp.add_parser("list", help="every token: name, roles, created, last used, revoked"))
+    with_config(tp.add_parser("list", help="every token: name, roles, created, last used, revoked; and the "
+                                          "configured and generated ones (every role)"))
     p = with_config(tp.add_parser("revoke", help="refuse a token from now on (it stays listed)"))
     p.add_argument("name")
     for name in ("create", "list", "revoke"):
@@ -41,6 +43,14 @@ def cmd_tokens(args: argparse.Namespace) -> int:
                 rows = tokens.listing(conn)
             if not rows:
                 print("no named tokens (radbridge tokens create NAME --role ...)")
+            for secret in settings.api_tokens():  # the secrets themselves are never shown
+                print(f"{tokens.config_token_name(secret):<24} {'every role':<36} configured ([http] tokens, "
+                      "RADBRIDGE_API_TOKEN)")
+            generated = Path(settings.storage.dir) / "api-token"
+            if generated.exists() and not settings.api_tokens():
+                used = "not accepted: named tokens exist, delete the file" if any(not r["revoked_at"] for r in rows) \
+                    else "accepted while no named token exists"
+                print(f"{tokens.GENERATED:<24} {'every role':<36} {generated} ({used})")
             for r in rows:
                 state = f"revoked {r['revoked_at'][:19]}" if r["revoked_at"] else "active"
                 used = r["last_used_at"][:19] if r["last_used_at"] else "never"
