@@ -297,3 +297,16 @@ def test_a_route_without_a_declared_role_is_refused_at_build_time() -> None:
     app.add_subapp("/sub/", sub)
     missing = undeclared_routes(app)
     assert [m.split(" (")[0] for m in missing if not m.startswith("HEAD")] == ["GET /forgotten", "POST /sub/nested"]
+
+
+def test_a_token_store_failure_answers_503_and_configured_tokens_need_no_database(
+        matrix: tuple[RunningEngine, dict[str, str]]) -> None:
+    eng, secrets = matrix
+    with eng.db.writer.begin() as conn:  # the named tokens become unreadable (a real database error)
+        conn.exec_driver_sql("DROP TABLE api_tokens")
+    metrics = Call("GET", "/metrics", "", Role.METRICS)
+    refused = request(eng, metrics, secrets["only-metrics"])
+    assert refused.status == 503 and refused.body["error"] == "unavailable" and "SELECT" not in str(refused.body)
+    fhir = request(eng, Call("GET", f"/fhir/Patient?identifier={MRN}|X", "", Role.READ), secrets["only-read"])
+    assert fhir.status == 503 and fhir.body["issue"][0]["code"] == "transient"
+    assert request(eng, metrics, TOKEN).status == 200  # checked without the database
