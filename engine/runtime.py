@@ -52,11 +52,12 @@ from engine.reconciliation.reconciler import Result as ReconcileResult
 from engine.reconciliation.rules import ReconciliationRules, compile_rules
 from engine.storage.base import ObjectStorage
 from engine.storage.local import LocalStorage
-from engine.store import leases, migrate
+from engine.store import leases, migrate, tokens
 from engine.store.audit import Actor, AuditAction, Subject, engine_actor, message_subject, record_action
 from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
+from engine.store.tokens import GENERATED, config_token_name
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 log = logging.getLogger(__name__)
@@ -144,23 +145,33 @@ class Engine:
         return self._storage
 
     # --- tokens ------------------------------------------------------------------------------------------
-    def api_tokens(self) -> list[str]:
-        tokens = self.settings.api_tokens()
+    def api_tokens(self) -> dict[str, str]:
+        """Configured and generated tokens by name (named tokens are rows: engine/store/tokens.py)."""
+        named = {config_token_name(t): t for t in self.settings.api_tokens()}
         if self._generated_token:
-            tokens.append(self._generated_token)
-        return tokens
+            named[GENERATED] = self._generated_token
+        return named
 
     def _ensure_token(self) -> None:
+        """<storage dir>/api-token: a token holding every role, so a fresh install can be reached. Only
+        while neither http.tokens nor a named token (radbridge tokens create) exists."""
         if self.settings.http.auth != "token" or self.settings.api_tokens():
             return
         path = Path(self.settings.storage.dir) / "api-token"
+        with self.db.reader.connect() as conn:
+            named = len(tokens.active(conn))
+        if named:
+            if path.exists():
+                log.warning("%s is no longer accepted: %d named token(s) exist (radbridge tokens list); delete it",
+                            path, named)
+            return
         if path.exists():
             self._generated_token = path.read_text().strip()
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._generated_token = secrets.token_urlsafe(24)
             create_private_file(path, self._generated_token + "\n")  # never readable by others
-        log.info("HTTP API token (no http.tokens configured) is in %s", path)
+        log.info("HTTP API token (no http.tokens configured, no named tokens) is in %s", path)
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,7 +206,7 @@ class Engine:
                 self.reconciler = self._make_reconciler()
             for conn in self.connectors.values():
                 await conn.start()
-            self._ensure_token()
+            await asyncio.to_thread(self._ensure_token)
             if self.http_app is not None:
                 await self._start_http()
         except BaseException:

@@ -55,7 +55,8 @@ def test_channels_and_metrics_count_what_happened(running: RunningEngine) -> Non
     ch = next(c for c in running.api("/api/channels")[1]["channels"] if c["name"] == "hl7-inbound")
     assert ch["state"] == "listening" and ch["counters"]["received"] == 3
     assert ch["counters"]["acked"] == {"AA": 1, "AE": 1, "AR": 1}
-    status, text = running.api("/metrics", token=None)
+    assert running.api("/metrics", token=None)[0] == 401  # /metrics needs a token with the metrics role
+    status, text = running.api("/metrics")
     assert status == 200
     assert 'radbridge_messages_received_total{channel="hl7-inbound"} 3' in text
     assert 'radbridge_messages_acked_total{channel="hl7-inbound",code="AE"} 1' in text
@@ -90,7 +91,7 @@ def test_order_api_filters(running: RunningEngine) -> None:
 
 def test_metrics_show_the_writer_and_mapping_reloads(running: RunningEngine) -> None:
     send(running.mllp_port, adt("A01", "WM1", "Writer"))
-    status, text = running.api("/metrics", token=None)
+    status, text = running.api("/metrics")
     jobs = next(line for line in text.splitlines() if line.startswith("radbridge_writer_jobs_total "))
     assert float(jobs.split()[1]) >= 1
     assert "radbridge_writer_commit_failures_total 0" in text and "radbridge_mapping_reloads_total 0" in text

@@ -18,7 +18,8 @@ from sqlalchemy import select
 
 from engine.pipeline.fhir_search import SEARCH_PARAMS
 from engine.store.models import AuditEvent, Message, MessageContent, Order
-from tests.conftest import RunningEngine, make_settings
+from engine.store.tokens import config_token_name
+from tests.conftest import TOKEN, RunningEngine, make_settings
 from tests.fhirutil import acsn, call, mrn, patient, placer, sample, service_request
 from tests.hl7util import ack_code, adt, orm, send
 from tests.waiting import wait_until
@@ -468,12 +469,12 @@ def test_search_parameters_paging_and_audit(running: RunningEngine) -> None:
     typed = call(running, "GET", "ServiceRequest?identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|ACSN|SA1")
     assert typed.body["total"] == 1
     assert call(running, "GET", "ServiceRequest?_lastUpdated=2020-13").status == 400
-    # every read of patient data is in the trail: who (the token's fingerprint), what, whose
+    # every read of patient data is in the trail: who (the token's name: config: and its fingerprint), what, whose
     with running.db.read_session() as s:
         trail = list(s.execute(select(AuditEvent).where(AuditEvent.action.in_(("read", "vread", "search")))
                                .order_by(AuditEvent.id)).scalars())  # not the engine's start row
     searches = [a for a in trail if a.action == "search" and a.resource_type == "ServiceRequest"]
-    assert searches and all(a.agent.startswith("token:") and a.agent != "token:" for a in trail)
+    assert searches and all(a.agent == config_token_name(TOKEN) for a in trail)
     assert "test-token" not in json.dumps([a.agent for a in trail])
     assert any(a.patient_ids == [int(made[0].body["id"])] and a.count == 2 for a in searches)
     reads = [a for a in trail if a.resource_type == "Patient" and a.action == "search"]

@@ -16,6 +16,7 @@ from engine.cli.common import open_db, settings_of
 from engine.cli.deliveries import add_parser as add_deliveries_parser
 from engine.cli.storage import add_parser as add_storage_parser
 from engine.cli.studies import add_parser as add_studies_parser
+from engine.cli.tokens import add_parser as add_tokens_parser
 from engine.config import DEFAULT_CONFIG, Settings
 from engine.reconciliation.rules import ReconciliationRules
 from engine.store.states import MessageStatus
@@ -401,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_parser(sub, with_config)
     add_deliveries_parser(sub, with_config)
     add_audit_parser(sub, with_config)
+    add_tokens_parser(sub, with_config)
 
     sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)
     p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")

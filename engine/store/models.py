@@ -528,3 +528,22 @@ class FileProgress(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("channel", "sha256", name="uq_file_progress"),)
+
+
+# --- HTTP tokens ------------------------------------------------------------------------------------
+
+class ApiToken(Base):
+    """A named bearer token for /api/, /fhir/ and /metrics, with its roles (engine/store/tokens.py).
+
+    Only the SHA-256 of the secret is kept: the secret is printed once, by ``radbridge tokens
+    create``. Revoked tokens stay (revoked_at set) so the audit trail's names keep meaning one token."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # hex
+    roles: Mapped[str] = mapped_column(String(128))  # Role values, sorted, comma-separated
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]

@@ -1,5 +1,5 @@
-"""Admin API (JSON): patients, orders, messages, studies, channels; reprocess a message; match a study
-by hand, reconcile it again, accept a finding."""
+"""Admin API (JSON): patients, orders, messages, studies, channels, tokens; reprocess a message; match a
+study by hand, reconcile it again, accept a finding. Each route declares its role (engine/web/roles.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ from sqlalchemy.orm import Session, selectinload
 from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
+from engine.store import tokens
 from engine.store.audit import AuditAction, Subject, finding_subject, message_subject, study_subject
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
+from engine.store.tokens import Role
 from engine.web import audit, deliveries
 from engine.web.audit import actor_of, audited, record_failure, record_read
 from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import ENGINE, WRITER
-from engine.web.reads import in_read_session
+from engine.web.reads import in_read_session, on_reader
+from engine.web.roles import requires
 from engine.web.serialize import message_json, order_json, patient_json, study_json
 
 T = TypeVar("T")
@@ -79,6 +82,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 @routes.get("/patients")
+@requires(Role.READ)
 async def patients(request: web.Request) -> web.Response:
     q = request.query
     ident, issuer, name = q.get("identifier"), q.get("issuer"), q.get("name")
@@ -103,6 +107,7 @@ async def patients(request: web.Request) -> web.Response:
 
 
 @routes.get(r"/patients/{id:\d+}")
+@requires(Role.READ)
 async def patient(request: web.Request) -> web.Response:
     pid = int(request.match_info["id"])
 
@@ -118,6 +123,7 @@ async def patient(request: web.Request) -> web.Response:
 
 
 @routes.get("/orders")
+@requires(Role.READ)
 async def orders(request: web.Request) -> web.Response:
     q = request.query
     filters = {k: q[k] for k in ("accession", "placer", "filler", "status", "patient_id") if k in q}
@@ -138,6 +144,7 @@ async def orders(request: web.Request) -> web.Response:
 
 
 @routes.get("/messages")
+@requires(Role.READ)
 async def messages(request: web.Request) -> web.Response:
     q = request.query
     limit = _limit(request)
@@ -158,6 +165,7 @@ async def messages(request: web.Request) -> web.Response:
 
 
 @routes.get(r"/messages/{id:\d+}")
+@requires(Role.READ)
 async def message(request: web.Request) -> web.Response:
     mid = int(request.match_info["id"])
 
@@ -171,6 +179,7 @@ async def message(request: web.Request) -> web.Response:
 
 
 @routes.post(r"/messages/{id:\d+}/reprocess")
+@requires(Role.OPERATE)
 async def reprocess(request: web.Request) -> web.Response:
     mid = int(request.match_info["id"])
     try:
@@ -186,6 +195,7 @@ async def reprocess(request: web.Request) -> web.Response:
 
 
 @routes.get("/studies")
+@requires(Role.READ)
 async def studies(request: web.Request) -> web.Response:
     q = request.query
     filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state", "reconciliation") if k in q}
@@ -220,6 +230,7 @@ async def studies(request: web.Request) -> web.Response:
 
 
 @routes.post("/studies/{ref}/match")
+@requires(Role.OPERATE)
 async def study_match(request: web.Request) -> web.Response:
     data = await _body(request)
     accession, patient = data.get("accession"), data.get("patient")
@@ -238,6 +249,7 @@ async def study_match(request: web.Request) -> web.Response:
 
 
 @routes.delete("/studies/{ref}/match")
+@requires(Role.OPERATE)
 async def study_unmatch(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
     by = actor_of(request).name
@@ -246,6 +258,7 @@ async def study_unmatch(request: web.Request) -> web.Response:
 
 
 @routes.post("/studies/{ref}/reconcile")
+@requires(Role.OPERATE)
 async def study_reconcile(request: web.Request) -> web.Response:
     ref = request.match_info["ref"]
     by = actor_of(request).name
@@ -254,6 +267,7 @@ async def study_reconcile(request: web.Request) -> web.Response:
 
 
 @routes.post(r"/findings/{id:\d+}/accept")
+@requires(Role.OPERATE)
 async def finding_accept(request: web.Request) -> web.Response:
     data = await _body(request)
     fid = int(request.match_info["id"])
@@ -264,8 +278,16 @@ async def finding_accept(request: web.Request) -> web.Response:
 
 
 @routes.get("/channels")
+@requires(Role.READ)
 async def channels(request: web.Request) -> web.Response:
     return web.json_response({"channels": request.config_dict[ENGINE].channel_status()})
+
+
+@routes.get("/tokens")
+@requires(Role.ADMIN)
+async def token_list(request: web.Request) -> web.Response:
+    """The named tokens (radbridge tokens list): names, roles, created, last used, revoked; no secrets."""
+    return web.json_response({"tokens": await on_reader(request, tokens.listing)})
 
 
 @web.middleware

@@ -1,54 +1,28 @@
-"""The HTTP root app: /health (open), /metrics, and the token-protected /api/ and /fhir/ sub-apps
-(/fhir/metadata is open: a client reads it to learn how to authenticate)."""
+"""The HTTP root app: /health (open), /metrics (role metrics), and the /api/ and /fhir/ sub-apps.
+Every route declares its role (engine/web/auth.py); /health and /fhir/metadata are public (a FHIR
+client reads the CapabilityStatement to learn how to authenticate)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from sqlalchemy import text
 
+from engine.errors import RadBridgeError
+from engine.store.tokens import Role
 from engine.web.api import api_app
-from engine.web.audit import AGENT, fingerprint
-from engine.web.fhir import FHIR_JSON, fhir_app
-from engine.web.keys import ENGINE, METRICS, SETTINGS, WRITER, EngineServices, provide
+from engine.web.auth import auth_middleware
+from engine.web.fhir import fhir_app
+from engine.web.keys import ENGINE, METRICS, WRITER, EngineServices, provide
 from engine.web.reads import on_reader
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PROTECTED = ("/api/", "/fhir/")
-OPEN = ("/fhir/metadata",)
+from engine.web.roles import public, requires, undeclared_routes
 
 routes = web.RouteTableDef()
 
 
-@web.middleware
-async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    protected = request.path.startswith(PROTECTED) or request.path in ("/api", "/fhir")
-    enabled = request.config_dict[SETTINGS].http.auth == "token"
-    if not enabled or not protected or request.path in OPEN:
-        return await handler(request)
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() == "bearer" and given:
-        for t in request.config_dict[ENGINE].api_tokens():
-            if hmac.compare_digest(t.encode(), given.strip().encode()):
-                request[AGENT] = fingerprint(t)  # who, in the audit trail
-                return await handler(request)
-    if request.path.startswith("/fhir"):
-        from engine.fhir.outcome import FhirError
-        body = FhirError(401, "send Authorization: Bearer <token> (http.tokens in the engine's config)",
-                         "login").outcome()
-        return web.json_response(body, status=401, content_type=FHIR_JSON,
-                                 headers={"WWW-Authenticate": 'Bearer realm="radbridge"'})
-    return web.json_response(
-        {"error": "unauthorized", "detail": "send Authorization: Bearer <token> (see http.tokens in the config, "
-                                            "RADBRIDGE_API_TOKEN, or <storage dir>/api-token)"},
-        status=401, headers={"WWW-Authenticate": 'Bearer realm="radbridge"'})
-
-
 @routes.get("/health")
+@public
 async def health(request: web.Request) -> web.Response:
     control = request.app[ENGINE]
     checks: dict[str, object] = {}
@@ -76,6 +50,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
+@requires(Role.METRICS)
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
@@ -83,9 +58,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 def build_app(engine: EngineServices) -> web.Application:
     """The whole HTTP application; ``engine`` is only handed to ``provide``, handlers read the keys."""
-    app = web.Application(middlewares=[token_middleware], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[auth_middleware], client_max_size=8 * 1024 * 1024)
     provide(app, engine)
     app.add_routes(routes)
     app.add_subapp("/api/", api_app())
     app.add_subapp("/fhir/", fhir_app())
+    if missing := undeclared_routes(app):
+        raise RouteWithoutRole(missing)
     return app
+
+
+class RouteWithoutRole(RadBridgeError):
+    """A route was added without @requires(Role...) or @public (engine/web/auth.py)."""
+
+    def __init__(self, routes: list[str]) -> None:
+        super().__init__("routes without a declared role: " + "; ".join(routes))

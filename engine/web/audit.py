@@ -33,9 +33,11 @@ from engine.store.audit import (
     record_action,
     syslog_line,
 )
+from engine.store.tokens import Role
 from engine.web.fhir_views import patient_ids_of
 from engine.web.keys import FHIR_INBOUND, SETTINGS, WRITER
 from engine.web.reads import on_reader
+from engine.web.roles import requires
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -153,6 +155,7 @@ def _bad(detail: str) -> web.HTTPBadRequest:
 
 
 @routes.get("/audit")
+@requires(Role.READ)
 async def audit(request: web.Request) -> web.Response:
     """GET /api/audit?since=&who=&patient=&action=&resource_type=&since_id=&limit=&format=: the
     trail, newest first (with ``since_id``: the oldest ``limit`` after it, oldest first, for a

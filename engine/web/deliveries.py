@@ -10,10 +10,12 @@ from sqlalchemy import Connection
 
 from engine.outbound import admin, outbox
 from engine.store.audit import AuditAction, Subject, delivery_subject
+from engine.store.tokens import Role
 from engine.web.audit import Refused, audited
 from engine.web.inputs import BodyError, read_body
 from engine.web.keys import ENGINE
 from engine.web.reads import on_reader
+from engine.web.roles import requires
 
 MAX_LIMIT = 500
 
@@ -55,6 +57,7 @@ def _id(request: web.Request) -> int:
 
 
 @routes.get("/deliveries")
+@requires(Role.READ)
 async def deliveries(request: web.Request) -> web.Response:
     q = request.query
     state = q.get("state")
@@ -70,6 +73,7 @@ async def deliveries(request: web.Request) -> web.Response:
 
 
 @routes.get(r"/deliveries/{id:\d+}")
+@requires(Role.READ)
 async def delivery(request: web.Request) -> web.Response:
     d = await on_reader(request, lambda c: admin.show_delivery(c, _id(request)))
     if d is None:
@@ -78,6 +82,7 @@ async def delivery(request: web.Request) -> web.Response:
 
 
 @routes.post(r"/deliveries/{id:\d+}/retry")
+@requires(Role.OPERATE)
 async def retry_one(request: web.Request) -> web.Response:
     rebuild = request.query.get("rebuild", "").lower() in ("1", "true", "yes")
     did = _id(request)
@@ -93,6 +98,7 @@ async def retry_one(request: web.Request) -> web.Response:
 
 
 @routes.post("/deliveries/retry")
+@requires(Role.OPERATE)
 async def retry_many(request: web.Request) -> web.Response:
     try:
         raw = await read_body(request, request.client_max_size, "the HTTP server's request size limit")
@@ -114,6 +120,7 @@ async def retry_many(request: web.Request) -> web.Response:
 
 
 @routes.post(r"/deliveries/{id:\d+}/discard")
+@requires(Role.OPERATE)
 async def discard(request: web.Request) -> web.Response:
     note = request.query.get("note", "")
     did = _id(request)

@@ -37,12 +37,14 @@ from engine.pipeline import fhir_search as search
 from engine.pipeline.fhir_inbound import Done, FhirInbound, Interaction, Stored
 from engine.pipeline.stage import ingest
 from engine.pipeline.writer import StorageUnavailable
+from engine.store.tokens import Role
 from engine.web import fhir_views as views
 from engine.web.audit import agent_of, record_read
 from engine.web.fhir_capability import capability_statement
 from engine.web.inputs import BodyError, nul_parameter, read_body
-from engine.web.keys import FHIR_INBOUND, MAPPINGS, METRICS, SETTINGS, WRITER
+from engine.web.keys import FHIR_INBOUND, MAPPINGS, METRICS, PRINCIPAL, SETTINGS, WRITER
 from engine.web.reads import on_reader
+from engine.web.roles import public, requires
 
 log = logging.getLogger(__name__)
 REQUEST_ID = web.RequestKey("radbridge_request_id", str)  # kept as the message's control_id, echoed back
@@ -173,7 +175,9 @@ async def _answer_write(request: web.Request, stored: Stored) -> web.Response:
     prefer = request.headers.get("Prefer", "")
     if "return=minimal" in prefer:
         return web.Response(status=result.status, headers=headers)
-    if "return=OperationOutcome" in prefer:
+    principal = request.get(PRINCIPAL)
+    if "return=OperationOutcome" in prefer or (principal is not None and not principal.may(Role.READ)):
+        # a token with fhir-write but not read gets no patient data back (a conditional create's match)
         return fhir_response(_notes_outcome(result), result.status, headers)
     res = (await _read_resources(request, result.resource_type, [result.id])).get(result.id)
     if res is not None:  # what comes back is patient data too (a conditional create's match)
@@ -183,6 +187,7 @@ async def _answer_write(request: web.Request, stored: Stored) -> web.Response:
 
 # --- routes, in the order the router tries them (more specific paths first) -------------------------------
 @routes.get("/metadata")
+@public
 async def metadata(request: web.Request) -> web.Response:
     return fhir_response(capability_statement(request.config_dict[SETTINGS], request.config_dict[FHIR_INBOUND],
                                               _base(request)))
@@ -192,6 +197,7 @@ async def metadata(request: web.Request) -> web.Response:
 # Stacked route decorators register bottom-up: "/" is registered before "".
 @routes.post("")
 @routes.post("/")
+@requires(Role.FHIR_WRITE)
 async def bundle(request: web.Request) -> web.Response:
     raw = await _body_of(request)
     data = parse_json(raw)
@@ -239,6 +245,7 @@ async def bundle(request: web.Request) -> web.Response:
 
 
 @routes.post("/{type}/_search")
+@requires(Role.READ)
 async def search_post(request: web.Request) -> web.Response:
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
     if ctype != "application/x-www-form-urlencoded":
@@ -254,6 +261,7 @@ async def search_post(request: web.Request) -> web.Response:
 
 
 @routes.post("/{type}")
+@requires(Role.FHIR_WRITE)
 async def create(request: web.Request) -> web.Response:
     rtype = _writable(request.match_info["type"], "POST")
     raw = await _body_of(request)
@@ -263,6 +271,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 @routes.put("/{type}/{id}")
+@requires(Role.FHIR_WRITE)
 async def update(request: web.Request) -> web.Response:
     rtype = _writable(request.match_info["type"], "PUT")
     raw = await _body_of(request)
@@ -273,6 +282,7 @@ async def update(request: web.Request) -> web.Response:
 
 
 @routes.put("/{type}")
+@requires(Role.FHIR_WRITE)
 async def conditional_update(request: web.Request) -> web.Response:
     rtype = _writable(request.match_info["type"], "PUT")
     if not request.query_string:
@@ -288,6 +298,7 @@ async def conditional_update(request: web.Request) -> web.Response:
 # Stacked route decorators register bottom-up: the _history path is registered first.
 @routes.get("/{type}/{id}")
 @routes.get("/{type}/{id}/_history/{vid}")
+@requires(Role.READ)
 async def read(request: web.Request) -> web.Response:
     rtype = _readable(request.match_info["type"])
     rid = request.match_info["id"]
@@ -341,6 +352,7 @@ async def _search(request: web.Request, params: list[tuple[str, str]]) -> web.Re
 
 
 @routes.get("/{type}")
+@requires(Role.READ)
 async def search_get(request: web.Request) -> web.Response:
     return await _search(request, list(parse_qsl(request.query_string, keep_blank_values=True)))
 
@@ -348,6 +360,7 @@ async def search_get(request: web.Request) -> web.Response:
 # Stacked route decorators register bottom-up: DELETE, then PATCH.
 @routes.route("PATCH", "/{tail:.*}")
 @routes.route("DELETE", "/{tail:.*}")
+@requires(Role.FHIR_WRITE)
 async def not_allowed(request: web.Request) -> web.Response:
     raise FhirError(405, f"{request.method} is not supported here (no deletes, patches or history: "
                          "see GET /fhir/metadata)", "not-supported")

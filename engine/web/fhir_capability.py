@@ -70,7 +70,8 @@ def capability_statement(settings: Settings, fhir: FhirInbound | None, base: str
             "mode": "server",
             "documentation": "Patients and imaging orders go into the engine's store (the same one HL7 v2 feeds); "
                              "ImagingStudy is read from received DICOM studies. Reads are audited.",
-            "security": {"cors": False, "description": "Authorization: Bearer <token> (http.tokens)" if auth
+            "security": {"cors": False, "description": "Authorization: Bearer <token>; reads and searches need "
+                         "the role read, creates, updates and Bundles the role fhir-write" if auth
                          else "no authentication (http.auth = none: local use only)"},
             "resource": resources,
             "interaction": system,

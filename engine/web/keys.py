@@ -22,6 +22,7 @@ from engine.pipeline.writer import IngestWriter
 from engine.storage.base import ObjectStorage
 from engine.store.audit import Actor
 from engine.store.db import Database
+from engine.store.tokens import Principal
 
 
 class EngineControl(Protocol):
@@ -31,7 +32,10 @@ class EngineControl(Protocol):
     def storage(self) -> ObjectStorage | None:
         """The study storage (free space for /health), None when no channel stores studies."""
 
-    def api_tokens(self) -> list[str]: ...
+    def api_tokens(self) -> dict[str, str]:
+        """The tokens that are not rows of api_tokens, by name: configured (http.tokens,
+        RADBRIDGE_API_TOKEN) and generated (<storage dir>/api-token); each holds every role."""
+        ...
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Each channel's health for /health; False when any is not ok."""
@@ -79,6 +83,10 @@ METRICS = web.AppKey("metrics", Metrics)
 MAPPINGS = web.AppKey("mappings", MappingRegistry)
 FHIR_INBOUND = web.AppKey[FhirInbound | None]("fhir_inbound")  # None: no fhir channel is enabled (reads only)
 ENGINE = web.AppKey[EngineControl]("engine")
+
+# Set on every request that passed the token check (engine/web/auth.py): the token's name and roles
+# (with http.auth = "none": "anonymous", every role). Handlers read it with request[PRINCIPAL].
+PRINCIPAL = web.RequestKey("radbridge_principal", Principal)
 
 
 def provide(app: web.Application, engine: EngineServices) -> None:

@@ -7,7 +7,7 @@ Instance UID), the message, the delivery, and a short detail. No foreign keys: t
 the rows it names (message retention is shorter than audit retention).
 
 Revision ID: 0015
-Revises: 0013
+Revises: 0014
 Create Date: 2026-12-07 02:30:00
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0015'
-down_revision = '0013'
+down_revision = '0014'
 branch_labels = None
 depends_on = None
 
