@@ -193,6 +193,7 @@ class Channel:
     outbound_routes: list[OutboundRoute] = field(default_factory=list)
     extra: Any = None  # the options of a connector type that has a dataclass of its own (not HL7, DICOM, FHIR)
     connector_args: dict[str, Any] = field(default_factory=dict)  # connector: keys beyond type, port, aet
+    connector_line: int = 0  # the line of connector: in the file (problems about the listener name it)
 
     def set_options(self, opts: Any) -> None:
         """Keep parsed options where the code that reads them looks (the HL7, DICOM or FHIR ones)."""
@@ -381,7 +382,8 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
     channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes,
                       enabled=enabled, description=str(data.get("description") or ""),
                       aet=aet.strip() if isinstance(aet, str) else None,
-                      destinations=destinations, outbound_routes=outbound, connector_args=connector_args)
+                      destinations=destinations, outbound_routes=outbound, connector_args=connector_args,
+                      connector_line=line_of("connector"))
     channel.set_options(opts)
     return (None if problems else channel), problems
 

@@ -9,9 +9,10 @@ names from the interface contract: ``RADBRIDGE_STABLE_SECONDS`` (= dicom.stable_
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -120,6 +121,9 @@ class Settings:
     channels_dir: str = "channels"
     mappings_dir: str = "mappings"
     log_level: str = "INFO"
+    # patient names, identifiers, accession numbers and birth dates in log lines (INFO and above):
+    # off, they are left out; on (for debugging only) they are written, and the start says so loudly
+    log_patient_details: bool = False
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     mllp: MLLPSettings = field(default_factory=MLLPSettings)
@@ -129,6 +133,19 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     mappings: MappingSettings = field(default_factory=MappingSettings)
     source: str = ""  # the file it came from
+    key_lines: dict[str, int] = field(default_factory=dict)  # "http.auth" -> its line in the file
+    from_environment: dict[str, str] = field(default_factory=dict)  # "bind" -> "RADBRIDGE_BIND"
+
+    def origin(self, key: str) -> tuple[str, int, str]:
+        """Where setting ``key`` ("http.auth") came from, as a ConfigProblem's file, line and field:
+        the environment variable that set it, or its line in the TOML file (0: not in the file)."""
+        if key in self.from_environment:
+            return "environment", 0, self.from_environment[key]
+        return self.source or "(built-in default)", self.key_lines.get(key, 0), key
+
+    def problem(self, key: str, message: str, severity: str = "error") -> ConfigProblem:
+        file, line, where = self.origin(key)
+        return ConfigProblem(file, line, where, message, severity)
 
     @property
     def database_url(self) -> str:
@@ -138,6 +155,24 @@ class Settings:
 
     def api_tokens(self) -> list[str]:
         return list(self.http.tokens)
+
+
+NOT_SETTINGS = frozenset({"source", "key_lines", "from_environment"})  # Settings fields no file or variable sets
+_TOML_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+_TOML_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def toml_key_lines(text: str) -> dict[str, int]:
+    """The line (1-based) of each ``key =`` in a TOML file, as "section.key" (tomllib keeps none)."""
+    lines: dict[str, int] = {}
+    section = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if m := _TOML_TABLE.match(line):
+            section = m.group(1) + "."
+            lines.setdefault(m.group(1), number)
+        elif m := _TOML_KEY.match(line):
+            lines.setdefault(section + m.group(1), number)
+    return lines
 
 
 def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
@@ -176,7 +211,7 @@ def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
 
 def _fill(obj: Any, data: Mapping[str, Any], prefix: str, file: str, problems: list[ConfigProblem]) -> None:
     hints = get_type_hints(type(obj))
-    names = {f.name for f in fields(obj)} - {"source"}
+    names = {f.name for f in fields(obj)} - NOT_SETTINGS
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in names:
@@ -198,7 +233,7 @@ def _fill(obj: Any, data: Mapping[str, Any], prefix: str, file: str, problems: l
 def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
     hints = get_type_hints(Settings)
     for f in fields(s):
-        if f.name == "source":
+        if f.name in NOT_SETTINGS:
             continue
         value = getattr(s, f.name)
         if is_dataclass(value):
@@ -208,6 +243,7 @@ def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem
                 if var in env:
                     try:
                         setattr(value, sf.name, _coerce(env[var], sub_hints[sf.name], var, "environment"))
+                        s.from_environment[f"{f.name}.{sf.name}"] = var
                     except ConfigFileError as exc:
                         problems.extend(exc.problems)
         else:
@@ -215,11 +251,13 @@ def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem
             if var in env:
                 try:
                     setattr(s, f.name, _coerce(env[var], hints[f.name], var, "environment"))
+                    s.from_environment[f.name] = var
                 except ConfigFileError as exc:
                     problems.extend(exc.problems)
     if "RADBRIDGE_STABLE_SECONDS" in env:
         try:
             s.dicom.stable_seconds = float(env["RADBRIDGE_STABLE_SECONDS"])
+            s.from_environment["dicom.stable_seconds"] = "RADBRIDGE_STABLE_SECONDS"
         except ValueError:
             problems.append(ConfigProblem("environment", 0, "RADBRIDGE_STABLE_SECONDS", "expected a number"))
     if env.get("RADBRIDGE_API_TOKEN"):
@@ -249,8 +287,9 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     explicit = path is not None
     path = path or DEFAULT_CONFIG
     if path.exists():
+        text = path.read_text(encoding="utf-8")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             # tomllib's message ends with "(at line N, column M)"
             msg = str(exc)
@@ -263,6 +302,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             raise ConfigFileError([ConfigProblem(str(path), line, "", f"TOML syntax: {msg}")]) from None
         _fill(settings, data, "", str(path), problems)
         settings.source = str(path)
+        settings.key_lines = toml_key_lines(text)
     elif explicit:
         raise ConfigFileError([ConfigProblem(str(path), 0, "", "config file not found")])
     _apply_env(settings, env, problems)
@@ -287,5 +327,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:
-        raise ConfigFileError(problems)
+        # the checks above name the file; give each its line where the key is in it
+        raise ConfigFileError([replace(p, line=settings.key_lines.get(p.field, 0))
+                               if p.file == settings.source and not p.line else p for p in problems])
     return settings

@@ -31,6 +31,7 @@ from sqlalchemy.orm import selectinload
 from engine.channels import Channel, load_channels
 from engine.config import Settings
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
+from engine.connectors.exposure import exposure_problems
 from engine.connectors.fhir import FhirConnector
 from engine.connectors.hl7channel import HL7Channel, Reprocessed
 from engine.connectors.http_listener import CappedTCPSite
@@ -84,6 +85,7 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
     for ch in channels:
         if ch.enabled:
             problems.extend(CONNECTOR_TYPES[ch.connector].check(ch, defs))
+    problems.extend(exposure_problems(settings, channels))
     return registry, channels, problems
 
 
