@@ -169,9 +169,11 @@ class Engine:
         errors = [p for p in problems if p.severity == "error"]
         if errors:
             raise ConfigFileError(errors)
+        self._announce_patient_details()
         Path(s.storage.dir).mkdir(parents=True, exist_ok=True)
         self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
-                                busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size)
+                                busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size,
+                                hide_parameters=not s.log_patient_details)
         await asyncio.to_thread(migrate.upgrade, self.db)
         await asyncio.to_thread(self._reclaim_leases)
         inline = s.database.writer == "inline" or (s.database.writer == "auto" and self.db.is_sqlite)
@@ -212,6 +214,18 @@ class Engine:
         if self.reconciler is not None:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
+
+    def _announce_patient_details(self) -> None:
+        """log_patient_details on is said loudly at every start, with where it was switched on.
+
+        Seam for the audit trail (issue 15 item 3): a start with log_patient_details on is a change a
+        privacy officer must see; the audit writer records it here (actor: the configuration's origin)."""
+        if not self.settings.log_patient_details:
+            return
+        file, line, key = self.settings.origin("log_patient_details")
+        log.warning("log_patient_details is on (%s%s, %s): patient names, identifiers, accession numbers and birth "
+                    "dates are written to the log. For debugging only: switch it off when done",
+                    file, f":{line}" if line else "", key)
 
     def _reclaim_leases(self) -> None:
         """Deliveries and reconciliations leased by a process of this host that died (kill -9, a
