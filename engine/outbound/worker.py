@@ -33,6 +33,7 @@ from engine.outbound.mapping import OutboundMapping, RenderError
 from engine.outbound.outbox import Claimed, Outbox, Outcome
 from engine.outbound.render import Rendered, render
 from engine.outbound.senders import FHIRSender, MLLPSender
+from engine.redaction import redact_url
 from engine.storage.base import ObjectStorage
 from engine.store import leases
 from engine.store.db import Database
@@ -247,7 +248,8 @@ class OutboundService:
                     continue
                 if dest.name in self.workers:
                     continue
-                w = DestinationWorker(dest, address, self.renderer, writer, metrics, worker_id,
+                # the address as shown (log lines, /api/channels): a password in fhir_base masked
+                w = DestinationWorker(dest, redact_url(address), self.renderer, writer, metrics, worker_id,
                                       lease_seconds=settings.database.lease_seconds,
                                       log_patient_details=settings.log_patient_details)
                 w.sender = FHIRSender(settings.ehr, dest) if dest.type == "fhir" else MLLPSender(address, dest)
