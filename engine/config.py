@@ -374,6 +374,9 @@ def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
             problems.append(settings.problem(f"ehr.{key}", f"{redact_url(url)!r} is not an http(s):// URL"))
     if ehr.fhir_token and ehr.fhir_username:
         problems.append(ConfigProblem(where, 0, "ehr.fhir_token", "give a bearer token or a username, not both"))
+    if urlsplit_password(ehr.dicomweb_base):
+        problems.append(settings.problem("ehr.dicomweb_base", "it holds a password, and it is published in every "
+                                         "ImagingStudy.endpoint and ORU: give the URL without one"))
     if urlsplit_password(ehr.fhir_base) and (ehr.fhir_token or ehr.fhir_username):
         problems.append(settings.problem("ehr.fhir_base", "it holds a user and password: give no fhir_token or "
                                          "fhir_username besides"))

@@ -197,8 +197,10 @@ def test_a_secret_that_reaches_a_log_line_anyway_is_masked() -> None:
 
 def test_credentials_in_the_ehr_url_and_a_token_besides_is_an_error(tmp_path: Path) -> None:
     cfg = tmp_path / "radbridge.toml"
-    cfg.write_text('[ehr]\nfhir_base = "https://rb:url-pw-6@ehr.example/fhir"\nfhir_token = "tok-7-abcdef"\n')
+    cfg.write_text('[ehr]\nfhir_base = "https://rb:url-pw-6@ehr.example/fhir"\nfhir_token = "tok-7-abcdef"\n'
+                   'dicomweb_base = "https://rb:url-pw-6@pacs.example/wado"\n')
     out = radbridge("check", "--config", str(cfg))
     assert out.returncode == 1
     assert f"{cfg}:2: ehr.fhir_base: it holds a user and password" in out.stderr, out.stderr
+    assert f"{cfg}:4: ehr.dicomweb_base: it holds a password, and it is published" in out.stderr
     assert "url-pw-6" not in out.stdout + out.stderr and "tok-7-abcdef" not in out.stdout + out.stderr
