@@ -5,6 +5,7 @@ dead-lettered (the log lines that used to carry the FHIR search, Patient?identif
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from engine.redaction import scrub_logs
 from engine.standin_ehr import StandInEHR
 from engine.store.db import open_database
 from tests.conftest import RunningEngine, make_settings
@@ -78,3 +80,39 @@ def test_sql_parameters_stay_out_of_database_errors(db_url: str) -> None:
             assert ("MRN77310" in str(info.value)) is shown, str(info.value)
         finally:
             db.dispose()
+
+
+def test_row_values_quoted_by_database_errors_are_hidden_in_log_output(db_url: str) -> None:
+    """PostgreSQL's DETAIL line quotes the row ("Key (value)=(MRN77310) already exists"); the filter
+    `radbridge run` puts on its log handlers drops it unless log_patient_details is on."""
+    db = open_database(db_url)
+    try:
+        with db.writer.connect() as conn:
+            conn.execute(text("CREATE TABLE ids (value VARCHAR(20) UNIQUE)"))
+            insert, row = text("INSERT INTO ids VALUES (:value)"), {"value": PATIENT["identifier"]}
+            conn.execute(insert, row)
+            conn.commit()
+            with pytest.raises(DBAPIError) as info:
+                conn.execute(insert, row)  # the traceback shows this line: no value in it
+        error = info.value
+    finally:
+        db.dispose()
+    for hide_rows in (True, False):
+        logger = logging.Logger(f"rows-{hide_rows}")  # a logger of its own, no handler of another test on it
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        logger.addHandler(handler)
+        try:
+            scrub_logs([], logger, hide_rows=hide_rows)
+            try:
+                raise error
+            except DBAPIError:
+                logger.exception("ingest job failed")
+        finally:
+            logger.removeHandler(handler)
+        printed = stream.getvalue()
+        assert "ingest job failed" in printed
+        if db.is_postgres:
+            assert ("MRN77310" in printed) is not hide_rows, printed
+        else:
+            assert "MRN77310" not in printed  # SQLite names the columns only

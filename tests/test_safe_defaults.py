@@ -63,6 +63,8 @@ def test_run_refuses_to_start_with_auth_none_on_a_non_loopback_bind(tmp_path: Pa
     assert out.returncode == 1, out.stdout + out.stderr
     assert "not started, configuration has errors" in out.stderr
     assert f"{cfg}:6: http.auth: \"none\" on bind 0.0.0.0" in out.stderr
+    # the start logs the listeners that would be reachable without TLS, at WARNING, before refusing
+    assert sum("WARNING" in line and "without TLS" in line for line in out.stderr.splitlines()) == 3, out.stderr
     assert not (tmp_path / "var").exists()  # refused before the store was opened or a port bound
 
 

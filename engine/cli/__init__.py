@@ -31,7 +31,9 @@ def _print_problems(exc: ConfigFileError) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scrub_logs(settings.secret_values())  # a secret that reaches a log line anyway (a driver's message) is masked
+    # a secret that reaches a log line anyway (a driver's message) is masked, and so are the row
+    # values a database error quotes (unless log_patient_details)
+    scrub_logs(settings.secret_values(), hide_rows=not settings.log_patient_details)
     from sqlalchemy.exc import SQLAlchemyError
 
     from engine.runtime import Engine
