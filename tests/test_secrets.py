@@ -203,3 +203,14 @@ def test_credentials_in_the_ehr_url_and_a_token_besides_is_an_error(tmp_path: Pa
     assert f"{cfg}:2: ehr.fhir_base: it holds a user and password" in out.stderr, out.stderr
     assert f"{cfg}:4: ehr.dicomweb_base: it holds a password, and it is published" in out.stderr
     assert "url-pw-6" not in out.stdout + out.stderr and "tok-7-abcdef" not in out.stdout + out.stderr
+
+
+def test_a_database_that_cannot_be_reached_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """It used to end in a traceback; the line names the database with its password masked."""
+    env = {"RADBRIDGE_DATABASE_URL": "postgresql+psycopg://rb:unreachable-pw-8@127.0.0.1:1/rb",
+           "RADBRIDGE_STORAGE_DIR": str(tmp_path / "var"), "RADBRIDGE_MLLP_PORT": "0", "RADBRIDGE_HTTP_PORT": "0",
+           "RADBRIDGE_DICOM_PORT": "0"}
+    out = radbridge("run", env=env)
+    assert out.returncode == 1
+    assert "radbridge: not started: database postgresql+psycopg://rb:***@127.0.0.1:1/rb: " in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and "unreachable-pw-8" not in out.stdout + out.stderr
