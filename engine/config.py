@@ -340,9 +340,13 @@ def _apply_secret_files(s: Settings, env: Mapping[str, str], problems: list[Conf
     if url is not None:
         if s.database.url:
             problems.append(s.problem("database.url_file", "give database.url or database.url_file, not both"))
-        s.database.url = url
-        s.from_environment.pop("database.url", None)
-        s.key_lines["database.url"] = s.key_lines.get("database.url_file", 0)
+        s.database.url = url  # problems with it name where url_file was set
+        if "database.url_file" in s.from_environment:
+            s.from_environment["database.url"] = s.from_environment["database.url_file"]
+        else:
+            s.from_environment.pop("database.url", None)
+            s.key_lines["database.url"] = s.key_lines.get("database.url_file", 0)
+    parsed = None
     if s.database.url:
         try:
             parsed = make_url(s.database.url)
@@ -353,7 +357,7 @@ def _apply_secret_files(s: Settings, env: Mapping[str, str], problems: list[Conf
     password = read("database.password_file")
     if password is None:
         return
-    if not s.database.url or parsed.get_backend_name() == "sqlite":
+    if parsed is None or parsed.get_backend_name() == "sqlite":
         problems.append(s.problem("database.password_file", "a password needs database.url of a database server"))
     elif parsed.password:
         problems.append(s.problem("database.password_file", "the database URL has a password already"))

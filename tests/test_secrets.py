@@ -18,6 +18,7 @@ from engine.config import load_settings
 from engine.redaction import redact_url, scrub_logs
 from engine.standin_ehr import StandInEHR
 from engine.store.models import DeliveryAttempt
+from engine.yamlfile import ConfigFileError
 from tests.conftest import REPO, RunningEngine, make_settings
 from tests.dicomutil import require_dcmtk
 from tests.hl7util import adt, send
@@ -214,3 +215,13 @@ def test_a_database_that_cannot_be_reached_stops_the_start_with_one_line(tmp_pat
     assert out.returncode == 1
     assert "radbridge: not started: database postgresql+psycopg://rb:***@127.0.0.1:1/rb: " in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and "unreachable-pw-8" not in out.stdout + out.stderr
+
+
+def test_the_whole_database_url_from_a_file(tmp_path: Path) -> None:
+    url_file = secret_file(tmp_path / "db-url", f"postgresql+psycopg://rb:{PASSWORD_FROM_FILE}@127.0.0.1/rb")
+    assert load_settings(env={"RADBRIDGE_DATABASE_URL_FILE": str(url_file)}).database_url == url_file.read_text()[:-1]
+    secret_file(url_file, f"postgres ql://rb:{PASSWORD_FROM_FILE}@127.0.0.1/rb")
+    with pytest.raises(ConfigFileError) as info:
+        load_settings(env={"RADBRIDGE_DATABASE_URL_FILE": str(url_file)})
+    assert "environment: RADBRIDGE_DATABASE_URL_FILE: not a database URL" in str(info.value)
+    assert PASSWORD_FROM_FILE not in str(info.value)
