@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import codecs
 import fnmatch
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from engine.yamlfile import ConfigFileError, ConfigProblem, LineDict, LineList, load_yaml
 
@@ -111,6 +112,9 @@ class DicomOptions:
     # (replace it), reject (refuse it with 0111 unless it is byte-identical to the stored one)
     duplicates: str = "ignore"
     allowed_calling_aets: list[str] = field(default_factory=list)  # empty: any calling AE title
+    # calling AE title -> the addresses / networks (CIDR) it may call from; when set, a title not
+    # listed, or calling from another address, is refused (A-ASSOCIATE-RJ, calling AE not recognized)
+    calling_ae_hosts: dict[str, list[str]] = field(default_factory=dict)
     require_called_aet: bool = True  # refuse associations addressed to another AE title
     max_associations: int = 32
     min_free_mb: int = 512  # refuse C-STORE (A700 out of resources) when storage has less free space
@@ -193,6 +197,7 @@ class Channel:
     outbound_routes: list[OutboundRoute] = field(default_factory=list)
     extra: Any = None  # the options of a connector type that has a dataclass of its own (not HL7, DICOM, FHIR)
     connector_args: dict[str, Any] = field(default_factory=dict)  # connector: keys beyond type, port, aet
+    connector_line: int = 0  # the line of connector: in the file (problems about the listener name it)
 
     def set_options(self, opts: Any) -> None:
         """Keep parsed options where the code that reads them looks (the HL7, DICOM or FHIR ones)."""
@@ -247,6 +252,9 @@ def parse_options(raw: Any, file: str, line: int, problems: list[ConfigProblem],
             value = float(value) if ok else value
         elif typ is str:
             ok = isinstance(value, str)
+        elif get_origin(typ) is dict:  # its entries are checked by the connector type's check_options
+            ok = isinstance(value, dict)
+            value = {str(k): v for k, v in value.items()} if ok else value
         else:
             ok = isinstance(value, list)
             value = [str(v) for v in value] if ok else value
@@ -297,6 +305,32 @@ def check_dicom_options(opts: DicomOptions, raw: Any, file: str, line: int, prob
         if not aet.strip() or len(aet) > 16:
             problems.append(ConfigProblem(file, _line(raw, "allowed_calling_aets", line), "options.allowed_calling_aets",
                                           f"{aet!r} is not an AE title (1 to 16 characters)"))
+    _check_calling_ae_hosts(opts, raw, file, line, problems)
+
+
+def _check_calling_ae_hosts(opts: DicomOptions, raw: Any, file: str, line: int, problems: list[ConfigProblem]) -> None:
+    """Each entry of calling_ae_hosts: an AE title and a list of IP addresses or networks. Host names
+    are refused: what a name resolves to can change (or be made to)."""
+    hosts_raw = raw.get("calling_ae_hosts") if isinstance(raw, dict) else None
+    checked: dict[str, list[str]] = {}
+    for aet, addresses in opts.calling_ae_hosts.items():
+        aline = _line(hosts_raw, aet, _line(raw, "calling_ae_hosts", line))
+        if not aet.strip() or len(aet) > 16:
+            problems.append(ConfigProblem(file, aline, "options.calling_ae_hosts",
+                                          f"{aet!r} is not an AE title (1 to 16 characters)"))
+        if not isinstance(addresses, list) or not addresses:
+            problems.append(ConfigProblem(file, aline, f"options.calling_ae_hosts.{aet}",
+                                          "a list of addresses or networks, e.g. [10.0.0.5, 10.1.0.0/24]"))
+            continue
+        for address in addresses:
+            try:
+                ipaddress.ip_network(str(address), strict=False)
+            except ValueError:
+                problems.append(ConfigProblem(file, aline, f"options.calling_ae_hosts.{aet}",
+                                              f"{address!r} is not an IP address or network (host names are not "
+                                              "taken: what a name resolves to can change)"))
+        checked[aet.strip()] = [str(a) for a in addresses]
+    opts.calling_ae_hosts = checked
 
 
 def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
@@ -381,7 +415,8 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
     channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes,
                       enabled=enabled, description=str(data.get("description") or ""),
                       aet=aet.strip() if isinstance(aet, str) else None,
-                      destinations=destinations, outbound_routes=outbound, connector_args=connector_args)
+                      destinations=destinations, outbound_routes=outbound, connector_args=connector_args,
+                      connector_line=line_of("connector"))
     channel.set_options(opts)
     return (None if problems else channel), problems
 

@@ -9,12 +9,18 @@ names from the interface contract: ``RADBRIDGE_STABLE_SECONDS`` (= dicom.stable_
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
+from urllib.parse import unquote
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from engine.redaction import redact_url
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 DEFAULT_CONFIG = Path("config/radbridge.toml")
@@ -23,6 +29,8 @@ DEFAULT_CONFIG = Path("config/radbridge.toml")
 @dataclass
 class DatabaseSettings:
     url: str = ""  # empty: sqlite under storage.dir
+    url_file: str = ""  # or the URL (with its password) read from this file
+    password_file: str = ""  # the password for url, read from this file (url then has none)
     sqlite_synchronous: str = "FULL"
     # how long a write waits for another process's SQLite lock; with the inline writer the event loop
     # waits too, so keep it short: past it the message is NAKed (AR, resend) rather than held
@@ -90,6 +98,8 @@ class EHRSettings:
     fhir_token: str = ""  # bearer token for the FHIR server (RADBRIDGE_EHR_FHIR_TOKEN)
     fhir_username: str = ""  # or HTTP basic authentication
     fhir_password: str = ""
+    fhir_token_file: str = ""  # the token read from this file instead (RADBRIDGE_EHR_FHIR_TOKEN_FILE)
+    fhir_password_file: str = ""  # the password read from this file instead
     fhir_verify_tls: bool = True  # never switch off outside a test rig
     fhir_ca_file: str = ""  # a CA bundle for a hospital-internal certificate authority
     dicomweb_base: str = ""  # a DICOMweb (WADO-RS) base URL for ImagingStudy.endpoint; empty: none
@@ -121,6 +131,9 @@ class Settings:
     channels_dir: str = "channels"
     mappings_dir: str = "mappings"
     log_level: str = "INFO"
+    # patient names, identifiers, accession numbers and birth dates in log lines (INFO and above):
+    # off, they are left out; on (for debugging only) they are written, and the start says so loudly
+    log_patient_details: bool = False
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     mllp: MLLPSettings = field(default_factory=MLLPSettings)
@@ -130,6 +143,19 @@ class Settings:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     mappings: MappingSettings = field(default_factory=MappingSettings)
     source: str = ""  # the file it came from
+    key_lines: dict[str, int] = field(default_factory=dict)  # "http.auth" -> its line in the file
+    from_environment: dict[str, str] = field(default_factory=dict)  # "bind" -> "RADBRIDGE_BIND"
+
+    def origin(self, key: str) -> tuple[str, int, str]:
+        """Where setting ``key`` ("http.auth") came from, as a ConfigProblem's file, line and field:
+        the environment variable that set it, or its line in the TOML file (0: not in the file)."""
+        if key in self.from_environment:
+            return "environment", 0, self.from_environment[key]
+        return self.source or "(built-in default)", self.key_lines.get(key, 0), key
+
+    def problem(self, key: str, message: str, severity: str = "error") -> ConfigProblem:
+        file, line, where = self.origin(key)
+        return ConfigProblem(file, line, where, message, severity)
 
     @property
     def database_url(self) -> str:
@@ -139,6 +165,39 @@ class Settings:
 
     def api_tokens(self) -> list[str]:
         return list(self.http.tokens)
+
+    def secret_values(self) -> list[str]:
+        """Every secret the settings hold, for masking wherever one might still be printed."""
+        found = [self.ehr.fhir_token, self.ehr.fhir_password, *self.http.tokens,
+                 urlsplit_password(self.database.url), urlsplit_password(self.ehr.fhir_base)]
+        return [s for s in found if s]
+
+
+def urlsplit_password(url: str) -> str:
+    """The password in ``url`` ("" when it has none or is not a URL)."""
+    userinfo, at, _host = url.partition("://")[2].partition("/")[0].rpartition("@")
+    return unquote(userinfo.partition(":")[2]) if at else ""
+
+
+NOT_SETTINGS = frozenset({"source", "key_lines", "from_environment"})  # Settings fields no file or variable sets
+_TOML_TABLE = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+_TOML_KEY = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def toml_key_lines(text: str) -> dict[str, int]:
+    """The line (1-based) of each ``key =`` in a TOML file, as "section.key" (tomllib keeps none)."""
+    lines: dict[str, int] = {}
+    section = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if m := _TOML_TABLE.match(line):
+            section = m.group(1) + "."
+            lines.setdefault(m.group(1), number)
+        elif m := _TOML_KEY.match(line):
+            lines.setdefault(section + m.group(1), number)
+    return lines
+
+
+SECRET_WORDS = ("token", "password", "url", "secret")  # settings whose values are never echoed in errors
 
 
 def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
@@ -171,13 +230,14 @@ def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
             return [_coerce(v, inner, where, file) for v in value]
     except (TypeError, ValueError):
         name = getattr(typ, "__name__", str(typ))
-        raise ConfigFileError([ConfigProblem(file, 0, where, f"expected {name}, got {value!r}")]) from None
+        shown = "a value of another type" if any(w in where.lower() for w in SECRET_WORDS) else repr(value)
+        raise ConfigFileError([ConfigProblem(file, 0, where, f"expected {name}, got {shown}")]) from None
     return value
 
 
 def _fill(obj: Any, data: Mapping[str, Any], prefix: str, file: str, problems: list[ConfigProblem]) -> None:
     hints = get_type_hints(type(obj))
-    names = {f.name for f in fields(obj)} - {"source"}
+    names = {f.name for f in fields(obj)} - NOT_SETTINGS
     for key, value in data.items():
         where = f"{prefix}{key}"
         if key not in names:
@@ -199,7 +259,7 @@ def _fill(obj: Any, data: Mapping[str, Any], prefix: str, file: str, problems: l
 def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
     hints = get_type_hints(Settings)
     for f in fields(s):
-        if f.name == "source":
+        if f.name in NOT_SETTINGS:
             continue
         value = getattr(s, f.name)
         if is_dataclass(value):
@@ -209,6 +269,7 @@ def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem
                 if var in env:
                     try:
                         setattr(value, sf.name, _coerce(env[var], sub_hints[sf.name], var, "environment"))
+                        s.from_environment[f"{f.name}.{sf.name}"] = var
                     except ConfigFileError as exc:
                         problems.extend(exc.problems)
         else:
@@ -216,15 +277,93 @@ def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem
             if var in env:
                 try:
                     setattr(s, f.name, _coerce(env[var], hints[f.name], var, "environment"))
+                    s.from_environment[f.name] = var
                 except ConfigFileError as exc:
                     problems.extend(exc.problems)
     if "RADBRIDGE_STABLE_SECONDS" in env:
         try:
             s.dicom.stable_seconds = float(env["RADBRIDGE_STABLE_SECONDS"])
+            s.from_environment["dicom.stable_seconds"] = "RADBRIDGE_STABLE_SECONDS"
         except ValueError:
             problems.append(ConfigProblem("environment", 0, "RADBRIDGE_STABLE_SECONDS", "expected a number"))
     if env.get("RADBRIDGE_API_TOKEN"):
         s.http.tokens = [*s.http.tokens, env["RADBRIDGE_API_TOKEN"]]
+    if env.get("RADBRIDGE_API_TOKEN_FILE"):
+        token = _read_secret(env["RADBRIDGE_API_TOKEN_FILE"], env, "environment", 0, "RADBRIDGE_API_TOKEN_FILE",
+                             problems)
+        if token:
+            s.http.tokens = [*s.http.tokens, token]
+
+
+def _secret_path(name: str, env: Mapping[str, str]) -> Path:
+    """A secret file's path: a relative one is in $CREDENTIALS_DIRECTORY when systemd set it
+    (LoadCredential=), else relative to the working directory like every other path."""
+    path = Path(name).expanduser()
+    if not path.is_absolute() and env.get("CREDENTIALS_DIRECTORY"):
+        return Path(env["CREDENTIALS_DIRECTORY"]) / path
+    return path
+
+
+def _read_secret(name: str, env: Mapping[str, str], file: str, line: int, where: str,
+                 problems: list[ConfigProblem]) -> str | None:
+    """The secret in file ``name`` without its trailing newline; a problem (never its content) if
+    it cannot be read or is empty."""
+    path = _secret_path(name, env)
+    try:
+        value = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        problems.append(ConfigProblem(file, line, where, f"cannot read {path}: {exc.strerror or type(exc).__name__}"))
+        return None
+    except UnicodeDecodeError:
+        problems.append(ConfigProblem(file, line, where, f"{path} is not UTF-8 text"))
+        return None
+    if not value:
+        problems.append(ConfigProblem(file, line, where, f"{path} is empty"))
+        return None
+    return value
+
+
+def _apply_secret_files(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
+    """``*_file`` settings: the secret read from a file (a container's secret, a systemd credential)."""
+    def read(key: str) -> str | None:
+        section, _, name = key.partition(".")
+        file_name = getattr(getattr(s, section), name)
+        return _read_secret(file_name, env, *s.origin(key), problems) if file_name else None
+
+    for key, target in (("ehr.fhir_token_file", "fhir_token"), ("ehr.fhir_password_file", "fhir_password")):
+        value = read(key)
+        if value is None:
+            continue
+        if getattr(s.ehr, target):
+            problems.append(s.problem(key, f"give ehr.{target} or {key}, not both"))
+        setattr(s.ehr, target, value)
+    url = read("database.url_file")
+    if url is not None:
+        if s.database.url:
+            problems.append(s.problem("database.url_file", "give database.url or database.url_file, not both"))
+        s.database.url = url  # problems with it name where url_file was set
+        if "database.url_file" in s.from_environment:
+            s.from_environment["database.url"] = s.from_environment["database.url_file"]
+        else:
+            s.from_environment.pop("database.url", None)
+            s.key_lines["database.url"] = s.key_lines.get("database.url_file", 0)
+    parsed = None
+    if s.database.url:
+        try:
+            parsed = make_url(s.database.url)
+        except ArgumentError:  # never echo it: it may hold a password
+            problems.append(s.problem("database.url", "not a database URL (an SQLAlchemy URL such as "
+                                      "postgresql+psycopg://user@host/db)"))
+            return
+    password = read("database.password_file")
+    if password is None:
+        return
+    if parsed is None or parsed.get_backend_name() == "sqlite":
+        problems.append(s.problem("database.password_file", "a password needs database.url of a database server"))
+    elif parsed.password:
+        problems.append(s.problem("database.password_file", "the database URL has a password already"))
+    else:
+        s.database.url = parsed.set(password=password).render_as_string(hide_password=False)
 
 
 def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
@@ -237,9 +376,15 @@ def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
     for key in ("fhir_base", "dicomweb_base"):
         url = getattr(ehr, key)
         if url and not url.startswith(("http://", "https://")):
-            problems.append(ConfigProblem(where, 0, f"ehr.{key}", f"{url!r} is not an http(s):// URL"))
+            problems.append(settings.problem(f"ehr.{key}", f"{redact_url(url)!r} is not an http(s):// URL"))
     if ehr.fhir_token and ehr.fhir_username:
         problems.append(ConfigProblem(where, 0, "ehr.fhir_token", "give a bearer token or a username, not both"))
+    if urlsplit_password(ehr.dicomweb_base):
+        problems.append(settings.problem("ehr.dicomweb_base", "it holds a password, and it is published in every "
+                                         "ImagingStudy.endpoint and ORU: give the URL without one"))
+    if urlsplit_password(ehr.fhir_base) and (ehr.fhir_token or ehr.fhir_username):
+        problems.append(settings.problem("ehr.fhir_base", "it holds a user and password: give no fhir_token or "
+                                         "fhir_username besides"))
 
 
 def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -250,8 +395,9 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     explicit = path is not None
     path = path or DEFAULT_CONFIG
     if path.exists():
+        text = path.read_text(encoding="utf-8")
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
+            data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             # tomllib's message ends with "(at line N, column M)"
             msg = str(exc)
@@ -264,9 +410,11 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             raise ConfigFileError([ConfigProblem(str(path), line, "", f"TOML syntax: {msg}")]) from None
         _fill(settings, data, "", str(path), problems)
         settings.source = str(path)
+        settings.key_lines = toml_key_lines(text)
     elif explicit:
         raise ConfigFileError([ConfigProblem(str(path), 0, "", "config file not found")])
     _apply_env(settings, env, problems)
+    _apply_secret_files(settings, env, problems)
     if settings.database.writer not in ("auto", "inline", "thread"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "database.writer",
                                       "must be auto, inline or thread"))
@@ -288,5 +436,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:
-        raise ConfigFileError(problems)
+        # the checks above name the file; give each its line where the key is in it
+        raise ConfigFileError([replace(p, line=settings.key_lines.get(p.field, 0))
+                               if p.file == settings.source and not p.line else p for p in problems])
     return settings

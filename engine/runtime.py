@@ -32,6 +32,7 @@ from sqlalchemy.orm import selectinload
 from engine.channels import Channel, load_channels
 from engine.config import Settings
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
+from engine.connectors.exposure import exposure_problems
 from engine.connectors.fhir import FhirConnector
 from engine.connectors.hl7channel import HL7Channel, Reprocessed
 from engine.connectors.http_listener import CappedTCPSite
@@ -87,6 +88,7 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
     for ch in channels:
         if ch.enabled:
             problems.extend(CONNECTOR_TYPES[ch.connector].check(ch, defs))
+    problems.extend(exposure_problems(settings, channels))
     return registry, channels, problems
 
 
@@ -182,9 +184,11 @@ class Engine:
         errors = [p for p in problems if p.severity == "error"]
         if errors:
             raise ConfigFileError(errors)
+        self._announce_patient_details()
         Path(s.storage.dir).mkdir(parents=True, exist_ok=True)
         self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
-                                busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size)
+                                busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size,
+                                hide_parameters=not s.log_patient_details)
         await asyncio.to_thread(migrate.upgrade, self.db)
         await asyncio.to_thread(self._reclaim_leases)
         inline = s.database.writer == "inline" or (s.database.writer == "auto" and self.db.is_sqlite)
@@ -218,6 +222,10 @@ class Engine:
         await self._audit(AuditAction.START, Subject("Engine", count=len(self.connectors),
                                                      detail=f"pid {os.getpid()}, channels: "
                                                             + (", ".join(self.connectors) or "none")))
+        if s.log_patient_details:  # a privacy officer sees who switched patient details into the log
+            file, line, key = s.origin("log_patient_details")
+            await self._audit(AuditAction.CONFIG_RELOAD, Subject(
+                "Engine", detail=f"log_patient_details = true ({file}{f':{line}' if line else ''}, {key})"))
         self._started = True
         gc.collect()
         gc.freeze()
@@ -230,6 +238,17 @@ class Engine:
         if self.reconciler is not None:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
+
+    def _announce_patient_details(self) -> None:
+        """log_patient_details on is said loudly at every start, with where it was switched on.
+
+        The audit trail records it too (a config-reload row, once the database is open: start())."""
+        if not self.settings.log_patient_details:
+            return
+        file, line, key = self.settings.origin("log_patient_details")
+        log.warning("log_patient_details is on (%s%s, %s): patient names, identifiers, accession numbers and birth "
+                    "dates are written to the log. For debugging only: switch it off when done",
+                    file, f":{line}" if line else "", key)
 
     def _reclaim_leases(self) -> None:
         """Deliveries and reconciliations leased by a process of this host that died (kill -9, a

@@ -19,6 +19,7 @@ from engine.cli.studies import add_parser as add_studies_parser
 from engine.cli.tokens import add_parser as add_tokens_parser
 from engine.config import DEFAULT_CONFIG, Settings
 from engine.reconciliation.rules import ReconciliationRules
+from engine.redaction import scrub, scrub_logs
 from engine.store.states import MessageStatus
 from engine.yamlfile import ConfigFileError
 
@@ -32,7 +33,13 @@ def _print_problems(exc: ConfigFileError) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # a secret that reaches a log line anyway (a driver's message) is masked, and so are the row
+    # values a database error quotes (unless log_patient_details)
+    scrub_logs(settings.secret_values(), hide_rows=not settings.log_patient_details)
+    from sqlalchemy.exc import SQLAlchemyError
+
     from engine.runtime import Engine
+    from engine.store.db import display_url, without_password
     from engine.web.app import build_app
 
     async def main() -> int:
@@ -45,6 +52,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
         except OSError as exc:
             print(f"radbridge: not started: {exc}", file=sys.stderr)
+            return 1
+        except SQLAlchemyError as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            print(f"radbridge: not started: database {display_url(settings.database_url)}: "
+                  f"{scrub(without_password(why, settings.database_url), settings.secret_values())}", file=sys.stderr)
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_none
+from yarl import URL
 
 from engine.channels import Destination
 from engine.config import EHRSettings
@@ -128,10 +129,16 @@ class FHIRSender:
     """Conditional updates (PUT Type?identifier=...) to the EHR's FHIR server, with its auth and TLS."""
 
     def __init__(self, ehr: EHRSettings, dest: Destination) -> None:
-        self.base = ehr.fhir_base.rstrip("/")
+        base = URL(ehr.fhir_base)
         self.dest = dest
         self.headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
         self.auth: aiohttp.BasicAuth | None = None
+        if base.user is not None or base.password is not None:
+            # a user and password in fhir_base are sent as basic authentication, and taken out of
+            # the URL: request URLs are recorded (delivery target) and appear in errors
+            self.headers["Authorization"] = aiohttp.encode_basic_auth(base.user or "", base.password or "")
+            base = base.with_user(None)
+        self.base = str(base).rstrip("/")
         if ehr.fhir_token:
             self.headers["Authorization"] = f"Bearer {ehr.fhir_token}"
         elif ehr.fhir_username:

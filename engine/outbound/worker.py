@@ -33,6 +33,7 @@ from engine.outbound.mapping import OutboundMapping, RenderError
 from engine.outbound.outbox import Claimed, Outbox, Outcome
 from engine.outbound.render import Rendered, render
 from engine.outbound.senders import FHIRSender, MLLPSender
+from engine.redaction import redact_url
 from engine.storage.base import ObjectStorage
 from engine.store import leases
 from engine.store.db import Database
@@ -97,6 +98,15 @@ class DestinationWorker:
     paused_for: float = 0.0
     failures: int = 0  # passes in a row in which the destination itself failed
     sender: MLLPSender | FHIRSender | None = None
+    # an attempt's error may carry patient data (a FHIR search by identifier, the EHR's own text):
+    # off, log lines give its status and point to the delivery; on, they give the error as it was
+    log_patient_details: bool = False
+
+    def said(self, delivery_id: int, o: Outcome) -> str:
+        """What a log line says of an attempt's outcome."""
+        if self.log_patient_details:
+            return o.error or str(o.status)
+        return f"status {o.status} (the error is in GET /api/deliveries/{delivery_id})"
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -168,7 +178,7 @@ class DestinationWorker:
             self.metrics.deliveries.inc(destination=self.dest.name, outcome=state if state != DeliveryState.PENDING else AttemptOutcome.RETRY)
             self.metrics.delivery_latency.observe(o.duration_ms / 1000, destination=self.dest.name)
             if state == DeliveryState.DEAD:
-                log.warning("delivery %d to %s is dead-lettered: %s", c.id, self.dest.name, o.error or o.status)
+                log.warning("delivery %d to %s is dead-lettered: %s", c.id, self.dest.name, self.said(c.id, o))
         failed = any(o.outcome == AttemptOutcome.RETRY and o.status in DESTINATION_FAILURES for _c, o, _r in results)
         if not failed:
             self.failures = 0
@@ -177,7 +187,7 @@ class DestinationWorker:
             self.paused_for = max(backoff_seconds(self.dest, self.failures),
                                   max((o.retry_after or 0.0) for _c, o, _r in results))
             log.warning("destination %s (%s) failing (%s); next try in %.1f s", self.dest.name, self.address,
-                        results[-1][1].error or results[-1][1].status, self.paused_for)
+                        self.said(results[-1][0].id, results[-1][1]), self.paused_for)
         return len(results)
 
     async def _attempt(self, c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
@@ -238,8 +248,10 @@ class OutboundService:
                     continue
                 if dest.name in self.workers:
                     continue
-                w = DestinationWorker(dest, address, self.renderer, writer, metrics, worker_id,
-                                      lease_seconds=settings.database.lease_seconds)
+                # the address as shown (log lines, /api/channels): a password in fhir_base masked
+                w = DestinationWorker(dest, redact_url(address), self.renderer, writer, metrics, worker_id,
+                                      lease_seconds=settings.database.lease_seconds,
+                                      log_patient_details=settings.log_patient_details)
                 w.sender = FHIRSender(settings.ehr, dest) if dest.type == "fhir" else MLLPSender(address, dest)
                 self.workers[dest.name] = w
         self.outbox = build_outbox(settings, mappings, channels)

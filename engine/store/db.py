@@ -42,8 +42,10 @@ class Database:
             self.reader.dispose()
 
 
-def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, busy_timeout_ms: int) -> Engine:
-    eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000})
+def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, busy_timeout_ms: int,
+                   hide_parameters: bool) -> Engine:
+    eng = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+                        hide_parameters=hide_parameters)
 
     @event.listens_for(eng, "connect")
     def _on_connect(dbapi_conn: Any, _rec: Any) -> None:
@@ -98,8 +100,11 @@ def create_private_file(path: Path, text: str = "") -> bool:
 
 
 def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms: int = 5000,
-                  pool_size: int = 5) -> Database:
-    """Open (not create) the database at ``url``; call :func:`engine.store.migrate.upgrade` to create it."""
+                  pool_size: int = 5, hide_parameters: bool = True) -> Database:
+    """Open (not create) the database at ``url``; call :func:`engine.store.migrate.upgrade` to create it.
+
+    ``hide_parameters``: errors (and their log lines) name the statement but not the values bound to
+    it, which on the ingest path are patient data; False (log_patient_details) shows them."""
     sqlite_synchronous = sqlite_synchronous.upper()
     if sqlite_synchronous not in SQLITE_SYNCHRONOUS:
         raise ValueError(f"sqlite synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS)}")
@@ -109,11 +114,12 @@ def open_database(url: str, *, sqlite_synchronous: str = "FULL", busy_timeout_ms
             Path(u.database).parent.mkdir(parents=True, exist_ok=True)
             create_private_file(Path(u.database))
         writer = _sqlite_engine(url, immediate=True, synchronous=sqlite_synchronous,
-                                busy_timeout_ms=busy_timeout_ms)
+                                busy_timeout_ms=busy_timeout_ms, hide_parameters=hide_parameters)
         reader = _sqlite_engine(url, immediate=False, synchronous=sqlite_synchronous,
-                                busy_timeout_ms=busy_timeout_ms)
+                                busy_timeout_ms=busy_timeout_ms, hide_parameters=hide_parameters)
     else:
-        writer = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+        writer = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                               hide_parameters=hide_parameters)
         reader = writer
     return Database(
         url=url, writer=writer, reader=reader,

@@ -68,6 +68,7 @@ class DicomConnector(ListeningConnector):
                                       if m.dicom_requests.value(channel=name, service=sv)}},
             "options": {"duplicates": self.channel.dicom.duplicates,
                         "allowed_calling_aets": self.channel.dicom.allowed_calling_aets,
+                        "calling_ae_hosts": self.channel.dicom.calling_ae_hosts,
                         "max_associations": self.channel.dicom.max_associations},
         })
         return out

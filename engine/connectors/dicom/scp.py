@@ -32,6 +32,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 from engine.channels import Channel
 from engine.config import Settings
 from engine.connectors.dicom.contexts import add_supported, move_contexts
+from engine.connectors.dicom.peers import CallingPeers
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
 from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
 from engine.connectors.dicom.worklist import find_worklist
@@ -76,6 +77,7 @@ class DicomListener:
         self.metrics = metrics
         self.host, self.port = host, port
         self.aet = channel.aet or settings.dicom.aet
+        self.peers = CallingPeers.of(channel.dicom)
         self._server: Any = None
         self._io = concurrent.futures.ThreadPoolExecutor(max(2, channel.dicom.max_associations),
                                                          thread_name_prefix=f"dicom-io-{channel.name}")
@@ -92,9 +94,7 @@ class DicomListener:
         ae.dimse_timeout = self.opts.dimse_timeout_seconds
         ae.network_timeout = self.opts.network_timeout_seconds
         ae.require_called_aet = self.opts.require_called_aet
-        if self.opts.allowed_calling_aets:
-            ae.require_calling_aet = list(self.opts.allowed_calling_aets)
-        return ae
+        return ae  # calling AE titles (and their addresses) are checked in _on_requested
 
     async def start(self) -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -137,7 +137,23 @@ class DicomListener:
         event.assoc.acse_timeout = min(self.opts.association_request_timeout_seconds, self.opts.acse_timeout_seconds)
 
     def _on_requested(self, event: Any) -> None:
+        """The A-ASSOCIATE-RQ is in: a calling AE title not recognized (not listed, or calling from an
+        address not allowed for it) is rejected here, before any negotiation."""
         event.assoc.acse_timeout = self.opts.acse_timeout_seconds  # the rest of the association: as configured
+        if not self.peers.restricted:
+            return
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
+        address = event.assoc.requestor.address
+        why = self.peers.refusal(calling, address)
+        if why is None:
+            return
+        self.refused_total += 1
+        self.metrics.dicom_associations.inc(channel=self.channel.name, result="rejected")
+        log.warning("channel %s: association from %s (%s:%s) to %s rejected: calling AE title not recognized (%s)",
+                    self.channel.name, calling, address, event.assoc.requestor.port,
+                    event.assoc.requestor.primitive.called_ae_title.strip(), why)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE not recognized
+        event.assoc.kill()  # as pynetdicom's own rejections: waits until the A-ASSOCIATE-RJ is sent
 
     def _on_accepted(self, event: Any) -> None:
         self.associations_total += 1
