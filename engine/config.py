@@ -12,9 +12,11 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from engine.tls import TLSSettings, TLSSource, check_consistency, toml_key_lines
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 DEFAULT_CONFIG = Path("config/radbridge.toml")
@@ -59,6 +61,7 @@ class HTTPSettings:
     header_timeout_seconds: float = 15.0
     body_timeout_seconds: float = 60.0  # a request body must have arrived whole within this: else 408
     max_connections: int = 256  # open connections; one more is answered 503 and closed at once
+    tls: TLSSettings = field(default_factory=TLSSettings)  # [http.tls]: cert given = HTTPS (docs/security.md)
 
 
 @dataclass
@@ -92,6 +95,10 @@ class EHRSettings:
     fhir_password: str = ""
     fhir_verify_tls: bool = True  # never switch off outside a test rig
     fhir_ca_file: str = ""  # a CA bundle for a hospital-internal certificate authority
+    mllp_tls: bool = False  # results over MLLP/TLS; the EHR's certificate is checked against mllp_ca_file
+    mllp_ca_file: str = ""  # CA bundle for the EHR's MLLP certificate ('' : the system's CAs)
+    mllp_cert_file: str = ""  # our client certificate when the EHR asks for one (mutual TLS)
+    mllp_key_file: str = ""
     dicomweb_base: str = ""  # a DICOMweb (WADO-RS) base URL for ImagingStudy.endpoint; empty: none
 
 
@@ -143,6 +150,8 @@ class Settings:
 def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
     origin = get_origin(typ)
     try:
+        if isinstance(typ, type) and issubclass(typ, Enum):
+            return typ(value)
         if typ is bool:
             if isinstance(value, bool):
                 return value
@@ -170,6 +179,8 @@ def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
             return [_coerce(v, inner, where, file) for v in value]
     except (TypeError, ValueError):
         name = getattr(typ, "__name__", str(typ))
+        if isinstance(typ, type) and issubclass(typ, Enum):
+            name = " or ".join(str(m.value) for m in typ)
         raise ConfigFileError([ConfigProblem(file, 0, where, f"expected {name}, got {value!r}")]) from None
     return value
 
@@ -195,28 +206,24 @@ def _fill(obj: Any, data: Mapping[str, Any], prefix: str, file: str, problems: l
                 problems.extend(exc.problems)
 
 
-def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
-    hints = get_type_hints(Settings)
-    for f in fields(s):
+def _apply_env_to(obj: Any, prefix: str, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
         if f.name == "source":
             continue
-        value = getattr(s, f.name)
+        value = getattr(obj, f.name)
+        var = f"{prefix}_{f.name}".upper()
         if is_dataclass(value):
-            sub_hints = get_type_hints(type(value))
-            for sf in fields(value):
-                var = f"RADBRIDGE_{f.name}_{sf.name}".upper()
-                if var in env:
-                    try:
-                        setattr(value, sf.name, _coerce(env[var], sub_hints[sf.name], var, "environment"))
-                    except ConfigFileError as exc:
-                        problems.extend(exc.problems)
-        else:
-            var = f"RADBRIDGE_{f.name}".upper()
-            if var in env:
-                try:
-                    setattr(s, f.name, _coerce(env[var], hints[f.name], var, "environment"))
-                except ConfigFileError as exc:
-                    problems.extend(exc.problems)
+            _apply_env_to(value, var, env, problems)  # RADBRIDGE_HTTP_TLS_CERT
+        elif var in env:
+            try:
+                setattr(obj, f.name, _coerce(env[var], hints[f.name], var, "environment"))
+            except ConfigFileError as exc:
+                problems.extend(exc.problems)
+
+
+def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
+    _apply_env_to(s, "RADBRIDGE", env, problems)
     if "RADBRIDGE_STABLE_SECONDS" in env:
         try:
             s.dicom.stable_seconds = float(env["RADBRIDGE_STABLE_SECONDS"])
@@ -237,8 +244,20 @@ def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
         url = getattr(ehr, key)
         if url and not url.startswith(("http://", "https://")):
             problems.append(ConfigProblem(where, 0, f"ehr.{key}", f"{url!r} is not an http(s):// URL"))
+    if (ehr.mllp_cert_file or ehr.mllp_ca_file) and not ehr.mllp_tls:
+        problems.append(ConfigProblem(where, 0, "ehr.mllp_tls", "mllp_ca_file or mllp_cert_file is set, mllp_tls is not"))
+    if bool(ehr.mllp_cert_file) != bool(ehr.mllp_key_file):
+        problems.append(ConfigProblem(where, 0, "ehr.mllp_key_file", "mllp_cert_file and mllp_key_file go together"))
     if ehr.fhir_token and ehr.fhir_username:
         problems.append(ConfigProblem(where, 0, "ehr.fhir_token", "give a bearer token or a username, not both"))
+
+
+def http_tls_source(settings: Settings) -> TLSSource:
+    """Where [http.tls] is written (file and the line of each key), for problems about it."""
+    lines = toml_key_lines(settings.source, "http.tls")
+    if not lines:
+        lines = {k[len("tls."):]: n for k, n in toml_key_lines(settings.source, "http").items() if k.startswith("tls.")}
+    return TLSSource(settings.source or "environment", lines.get("", 0), lines, prefix="http.tls")
 
 
 def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -284,6 +303,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         section, _, name = key.partition(".")
         if getattr(getattr(settings, section), name) <= 0:
             problems.append(ConfigProblem(settings.source or "environment", 0, key, "must be greater than 0"))
+    problems.extend(check_consistency(settings.http.tls, http_tls_source(settings)))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:

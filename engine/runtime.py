@@ -29,7 +29,7 @@ from aiohttp import web
 from sqlalchemy.orm import selectinload
 
 from engine.channels import Channel, load_channels
-from engine.config import Settings
+from engine.config import Settings, http_tls_source
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
 from engine.connectors.fhir import FhirConnector
 from engine.connectors.hl7channel import HL7Channel, Reprocessed
@@ -55,6 +55,7 @@ from engine.store import leases, migrate
 from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
+from engine.tls import TLSSettings, TLSSource, check_files, toml_key_lines
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,27 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
         if ch.enabled:
             problems.extend(CONNECTOR_TYPES[ch.connector].check(ch, defs))
     return registry, channels, problems
+
+
+def tls_problems(settings: Settings, channels: list[Channel]) -> list[ConfigProblem]:
+    """What the certificate, key and CA files of every TLS endpoint say (engine/tls.py check_files):
+    expired, not yet valid, key of another certificate, unreadable; at the line of the setting."""
+    problems: list[ConfigProblem] = []
+    if settings.http.tls.enabled:
+        problems.extend(check_files(settings.http.tls, http_tls_source(settings)))
+    for ch in channels:
+        if ch.enabled and ch.tls is not None:
+            problems.extend(check_files(ch.tls, TLSSource(ch.file, ch.tls_line, ch.tls_key_lines)))
+    ehr = settings.ehr
+    if ehr.mllp_tls:
+        lines = toml_key_lines(settings.source, "ehr")
+        source = TLSSource(settings.source or "environment", lines.get("mllp_tls", 0),
+                           {"cert": lines.get("mllp_cert_file", 0), "key": lines.get("mllp_key_file", 0),
+                            "ca": lines.get("mllp_ca_file", 0)}, prefix="ehr")
+        client = TLSSettings(cert=ehr.mllp_cert_file, key=ehr.mllp_key_file, ca=ehr.mllp_ca_file)
+        problems.extend(ConfigProblem(p.file, p.line, p.field.replace("ehr.", "ehr.mllp_") + "_file", p.message)
+                        for p in check_files(client, source))
+    return problems
 
 
 class Engine:
@@ -167,6 +189,8 @@ class Engine:
         errors = [p for p in problems if p.severity == "error"]
         if errors:
             raise ConfigFileError(errors)
+        for p in await asyncio.to_thread(tls_problems, s, channels):  # an expired certificate: peers will say so
+            log.error("TLS: %s", p)
         Path(s.storage.dir).mkdir(parents=True, exist_ok=True)
         self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
                                 busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size)

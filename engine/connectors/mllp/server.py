@@ -20,6 +20,8 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
+from typing import Any
 
 from engine.connectors.limits import LogBudget
 from engine.connectors.mllp import frame
@@ -55,8 +57,9 @@ class MLLPServer:
     def __init__(self, name: str, host: str, port: int, handler: FrameHandler, *,
                  on_problem: ProblemCounter | None = None, on_report: ReportHandler | None = None,
                  max_size: int = 10 * 1024 * 1024, idle_timeout: float = 120.0, max_connections: int = 200,
-                 max_buffered_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_buffered_bytes: int = 256 * 1024 * 1024, ssl: SSLContext | None = None) -> None:
         self.name = name
+        self.ssl = ssl  # TLS only when given (a channel's tls: block); updated in place on reload
         self.host = host
         self.requested_port = port
         self.handler = handler
@@ -95,9 +98,12 @@ class MLLPServer:
 
     async def start(self) -> None:
         self._stopping = False
+        # a TLS peer gets the idle timeout to finish its handshake (a silent one holds no slot longer)
+        tls_args: dict[str, Any] = ({"ssl": self.ssl, "ssl_handshake_timeout": min(self.idle_timeout, 60.0)}
+                                    if self.ssl is not None else {})
         self._server = await asyncio.start_server(self._on_connect, self.host, self.requested_port,
-                                                  reuse_address=True, limit=1024 * 1024)
-        log.info("channel %s: MLLP listening on %s:%d", self.name, self.host, self.port)
+                                                  reuse_address=True, limit=1024 * 1024, **tls_args)
+        log.info("channel %s: MLLP%s listening on %s:%d", self.name, "/TLS" if self.ssl else "", self.host, self.port)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop accepting; let messages being handled finish (their ACK is written), then close."""
