@@ -55,7 +55,7 @@ from engine.store import leases, migrate
 from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
-from engine.tls import TLSSettings, TLSSource, check_files, toml_key_lines
+from engine.tls import ReloadingContext, TLSSettings, TLSSource, check_files, toml_key_lines
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class Engine:
         self._storage: LocalStorage | None = None
         self.http_runner: web.AppRunner | None = None
         self.http_site: CappedTCPSite | None = None
+        self.http_tls: ReloadingContext | None = None  # [http.tls]: HTTPS, its certificate reloaded on change
         self.http_port: int = settings.http.port
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop_event = threading.Event()
@@ -249,14 +250,23 @@ class Engine:
         self.http_runner = web.AppRunner(self.http_app(self), access_log=None,
                                          keepalive_timeout=s.http.header_timeout_seconds)
         await self.http_runner.setup()
+        if s.http.tls.enabled:
+            self.http_tls = ReloadingContext(s.http.tls, "HTTPS")
         site = CappedTCPSite(self.http_runner, s.bind, s.http.port, max_connections=s.http.max_connections,
-                             header_timeout=s.http.header_timeout_seconds)
+                             header_timeout=s.http.header_timeout_seconds,
+                             ssl_context=self.http_tls.context if self.http_tls is not None else None)
         await site.start()
+        if self.http_tls is not None and s.http.tls.reload_seconds > 0:
+            self._tasks.append(asyncio.create_task(self.http_tls.watch(), name="https-certificate-reload"))
         self.http_site = site
         addresses = self.http_runner.addresses
         if addresses:
             self.http_port = int(addresses[0][1])
-        log.info("HTTP on http://%s:%d (/health, /metrics, /api/, /fhir/)", s.bind, self.http_port)
+        log.info("HTTP on %s://%s:%d (/health, /metrics, /api/, /fhir/)", self.http_scheme, s.bind, self.http_port)
+
+    @property
+    def http_scheme(self) -> str:
+        return "https" if self.settings.http.tls.enabled else "http"
 
     def _register_gauges(self) -> None:
         m = self.metrics

@@ -263,6 +263,51 @@ def test_outbound_mllp_sender_refuses_an_untrusted_receiver(pki: PKI, tmp_path: 
     assert outcome.outcome is AttemptOutcome.RETRY and outcome.status == "tls", outcome
 
 
+# --- HTTPS ---------------------------------------------------------------------------------------------------
+def https_settings(pki: PKI, client_certs: str = "off", reload_seconds: float = 5.0) -> Any:
+    from engine.tls import ClientCerts, TLSSettings
+
+    def apply(s: Settings) -> None:
+        s.http.tls = TLSSettings(cert=str(pki.server.cert), key=str(pki.server.key), ca=str(pki.ca),
+                                 client_certs=ClientCerts(client_certs), reload_seconds=reload_seconds)
+    return apply
+
+
+def curl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["curl", "-sS", "--max-time", "30", "-H", "Authorization: Bearer test-token", *args, url],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_https_with_curl(workdir: Path, sqlite_url: str, pki: PKI, engine_factory: Any) -> None:
+    from tests.conftest import TOKEN
+    eng = engine_factory(workdir, sqlite_url, https_settings(pki))
+    port = eng.engine.http_port
+    ok = subprocess.run(["curl", "-sS", "--max-time", "30", "--cacert", str(pki.ca), "-H",
+                         f"Authorization: Bearer {TOKEN}", f"https://localhost:{port}/api/channels"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert '"hl7-inbound"' in ok.stdout
+    health = curl(f"https://127.0.0.1:{port}/health", "--cacert", str(pki.ca))
+    assert health.returncode == 0 and '"ok"' in health.stdout, health.stderr
+    untrusted = curl(f"https://localhost:{port}/health", "--cacert", str(pki.rogue_ca))
+    assert untrusted.returncode == 60  # curl: peer certificate cannot be authenticated
+    plain = curl(f"http://127.0.0.1:{port}/health")
+    assert "ok" not in plain.stdout  # plain HTTP to the TLS port gets no answer
+    old = curl(f"https://localhost:{port}/health", "--cacert", str(pki.ca), "--tls-max", "1.1")
+    assert old.returncode != 0
+    assert curl(f"https://localhost:{port}/health", "--cacert", str(pki.ca)).returncode == 0  # still serving
+
+
+def test_https_client_certificates_required(workdir: Path, sqlite_url: str, pki: PKI, engine_factory: Any) -> None:
+    eng = engine_factory(workdir, sqlite_url, https_settings(pki, "required"))
+    url = f"https://localhost:{eng.engine.http_port}/health"
+    assert curl(url, "--cacert", str(pki.ca)).returncode != 0
+    assert curl(url, "--cacert", str(pki.ca), "--cert", str(pki.rogue_client.cert),
+                "--key", str(pki.rogue_client.key)).returncode != 0
+    ok = curl(url, "--cacert", str(pki.ca), "--cert", str(pki.client.cert), "--key", str(pki.client.key))
+    assert ok.returncode == 0 and '"ok"' in ok.stdout, ok.stderr
+
+
 # --- certificate reload -------------------------------------------------------------------------------
 def test_mllp_certificate_rotation_is_picked_up_without_restart(workdir: Path, sqlite_url: str, pki: PKI,
                                                                engine_factory: Any) -> None:

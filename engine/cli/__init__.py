@@ -50,7 +50,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         listening = ", ".join(f"{n} {ep}" for n, c in engine.connectors.items() if (ep := c.endpoint()))
-        print(f"radbridge running: {listening or 'no channels'}; HTTP on http://{settings.bind}:{engine.http_port}/ "
+        http = f"{engine.http_scheme}://{settings.bind}:{engine.http_port}/"
+        print(f"radbridge running: {listening or 'no channels'}; HTTP on {http} "
               "(Ctrl-C to stop)", flush=True)
         await stop.wait()
         print("radbridge: stopping (finishing messages in hand)...", flush=True)
