@@ -124,7 +124,6 @@ class CappedTCPSite(web.BaseSite):
         await super().start()
         loop = asyncio.get_running_loop()
         # a TLS handshake must be done within the header timeout as well
-        tls: dict[str, object] = ({"ssl": self.ssl_context, "ssl_handshake_timeout": self.header_timeout}
-                                  if self.ssl_context is not None else {})
-        self._server = await loop.create_server(self._protocol, self.host, self.port, backlog=self._backlog,
-                                                reuse_address=True, **tls)  # type: ignore[arg-type]
+        self._server = await loop.create_server(
+            self._protocol, self.host, self.port, backlog=self._backlog, reuse_address=True, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.header_timeout if self.ssl_context is not None else None)
