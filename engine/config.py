@@ -76,12 +76,27 @@ class DicomSettings:
     fsync: bool = True
 
     def destination(self, aet: str) -> tuple[str, int] | None:
+        found = self.move_destination(aet)
+        return (found.host, found.port) if found is not None else None
+
+    def move_destination(self, aet: str) -> MoveDestination | None:
+        """A C-MOVE destination by AE title: "AET=host:port", or "AET=tls://host:port" for DICOM TLS."""
         for entry in self.destinations:
             name, _, addr = entry.partition("=")
             if name.strip() == aet.strip():
-                host, _, port = addr.rpartition(":")
-                return host.strip(), int(port)
+                addr = addr.strip()
+                tls = addr.startswith("tls://")
+                host, _, port = addr.removeprefix("tls://").rpartition(":")
+                return MoveDestination(name.strip(), host.strip(), int(port), tls)
         return None
+
+
+@dataclass(frozen=True)
+class MoveDestination:
+    aet: str
+    host: str
+    port: int
+    tls: bool  # the sub-association speaks DICOM TLS (the channel's tls: cert and ca are used as a client)
 
 
 @dataclass
@@ -293,10 +308,10 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
                                       "must be at least 1 (seconds)"))
     for entry in settings.dicom.destinations:
         name, eq, addr = entry.partition("=")
-        host, colon, port = addr.rpartition(":")
+        host, colon, port = addr.strip().removeprefix("tls://").rpartition(":")
         if not (eq and colon and name.strip() and host.strip() and port.strip().isdigit() and len(name.strip()) <= 16):
             problems.append(ConfigProblem(settings.source or "environment", 0, "dicom.destinations",
-                                          f"{entry!r} is not AET=host:port"))
+                                          f"{entry!r} is not AET=host:port (or AET=tls://host:port)"))
     _check_ehr(settings, problems)
     for key in ("mllp.max_connections", "mllp.max_buffered_bytes", "http.header_timeout_seconds",
                 "http.body_timeout_seconds", "http.max_connections"):

@@ -58,16 +58,18 @@ class Authority:
         self.path = directory / f"{name.lower().replace(' ', '-')}.pem"
         self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, stem: str, cn: str, *, server: bool = True, not_before: dt.datetime | None = None,
-              not_after: dt.datetime | None = None) -> Issued:
+    def issue(self, stem: str, cn: str, *, server: bool = True, client: bool = False,
+              not_before: dt.datetime | None = None, not_after: dt.datetime | None = None) -> Issued:
+        """A certificate for a server (SAN localhost, 127.0.0.1), a client, or with ``client`` both."""
         key = ec.generate_private_key(ec.SECP256R1())
         serial = x509.random_serial_number()
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client or not server else [])
         builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(self.name)
                    .public_key(key.public_key()).serial_number(serial)
                    .not_valid_before(not_before or NOW - DAY).not_valid_after(not_after or NOW + 30 * DAY)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                         else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+                   .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
         if server:
             builder = builder.add_extension(x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)

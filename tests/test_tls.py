@@ -378,7 +378,8 @@ def test_check_reports_expired_and_mismatched_certificates_with_file_and_line(wo
     out = run_check(workdir, config)
     assert out.returncode == 1
     err = out.stderr
-    assert f"{config}:6: http.tls.cert: {pki.expired.cert}: certificate (CN=localhost,O=RadBridge tests) expired" in err
+    cert_line = config.read_text().splitlines().index(f'cert = "{pki.expired.cert}"') + 1
+    assert f"{config}:{cert_line}: http.tls.cert: {pki.expired.cert}: certificate (CN=localhost,O=RadBridge tests) expired" in err
     hl7 = workdir / "channels" / "hl7-inbound.yaml"
     key_line = hl7.read_text().splitlines().index(f"  key: {pki.client.key}") + 1
     assert f"{hl7}:{key_line}: tls.key: {pki.client.key}: this key does not belong to the certificate" in err
@@ -405,3 +406,119 @@ def test_config_tls_settings_from_environment(pki: PKI) -> None:
     assert s.http.tls.enabled and s.http.tls.client_certs is ClientCerts.OPTIONAL
     with pytest.raises(ConfigFileError, match="required or optional or off"):
         load_settings(None, env={"RADBRIDGE_HTTP_TLS_CLIENT_CERTS": "maybe"})
+
+
+# --- DICOM TLS -------------------------------------------------------------------------------------------------
+def dicom_block(pki: PKI, client_certs: str = "off", **extra: Any) -> dict[str, Any]:
+    return {"cert": str(pki.server.cert), "key": str(pki.server.key), "ca": str(pki.ca),
+            "client_certs": client_certs, **extra}
+
+
+def dcmtk(tool: str, port: int, *args: str, calling: str = "MODALITY1") -> subprocess.CompletedProcess[str]:
+    from tests.dicomutil import require_dcmtk, run
+    require_dcmtk()
+    return run([tool, "-v", "-aet", calling, "-aec", "RADBRIDGE", *args, "127.0.0.1", str(port)])
+
+
+def tls_args(pki: PKI, who: Any = None) -> list[str]:
+    who = who or pki.client
+    return ["+tls", str(who.key), str(who.cert), "+cf", str(pki.ca)]
+
+
+def test_dicom_tls_echoscu_and_storescu(workdir: Path, db_url: str, pki: PKI, engine_factory: Any,
+                                        tmp_path: Path) -> None:
+    from sqlalchemy import func, select
+
+    from engine.store.models import Instance
+    from tests.dicomutil import make_instance, run
+    with_tls(workdir, "dicom", dicom_block(pki, "required"))
+    eng = engine_factory(workdir, db_url)
+    port = eng.dicom_port
+    echo = dcmtk("echoscu", port, *tls_args(pki))
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+    obj = make_instance(tmp_path / "ct.dcm")
+    stored = run(["storescu", "-v", "-aet", "MODALITY1", "-aec", "RADBRIDGE", *tls_args(pki), "127.0.0.1",
+                  str(port), str(obj.path)], timeout=120)
+    assert stored.returncode == 0 and "Received Store Response (Success)" in stored.stderr, stored.stdout + stored.stderr
+    with eng.db.read_session() as s:
+        assert s.execute(select(func.count()).select_from(Instance)
+                         .where(Instance.sop_instance_uid == obj.sop_uid)).scalar_one() == 1
+
+
+def test_dicom_tls_refuses_plain_untrusted_and_anonymous_peers_and_stays_up(workdir: Path, sqlite_url: str,
+                                                                           pki: PKI, engine_factory: Any) -> None:
+    with_tls(workdir, "dicom", dicom_block(pki, "required"), acse_timeout_seconds=5,
+             association_request_timeout_seconds=5)
+    eng = engine_factory(workdir, sqlite_url)
+    port = eng.dicom_port
+    plain = dcmtk("echoscu", port)
+    assert plain.returncode != 0
+    untrusted = dcmtk("echoscu", port, "+tls", str(pki.rogue_client.key), str(pki.rogue_client.cert),
+                      "+cf", str(pki.ca))
+    assert untrusted.returncode != 0
+    anonymous = dcmtk("echoscu", port, "+tla", "+cf", str(pki.ca))
+    assert anonymous.returncode != 0
+    # a connection that never says anything does not stop others from being accepted
+    with socket.create_connection(("127.0.0.1", port), timeout=30):
+        again = dcmtk("echoscu", port, *tls_args(pki))
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_dicom_tls_binds_the_calling_ae_title_to_the_certificate(workdir: Path, sqlite_url: str, pki: PKI,
+                                                                engine_factory: Any) -> None:
+    with_tls(workdir, "dicom", dicom_block(pki, "required", bind_ae_title=True))
+    eng = engine_factory(workdir, sqlite_url)
+    port = eng.dicom_port
+    assert dcmtk("echoscu", port, *tls_args(pki), calling="MODALITY1").returncode == 0
+    other = dcmtk("echoscu", port, *tls_args(pki), calling="MODALITY2")
+    assert other.returncode != 0
+    assert "Calling AE Title Not Recognized" in other.stdout + other.stderr
+
+
+def test_dicom_c_move_to_a_tls_destination(workdir: Path, sqlite_url: str, pki: PKI, engine_factory: Any,
+                                           tmp_path: Path) -> None:
+    """C-MOVE over DICOM TLS, its sub-association too: dcmtk's storescp +tls is the destination
+    (dcmtk's movescu has no TLS, so pynetdicom asks for the move)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
+
+    from tests.dicomutil import free_port, make_instance, run
+    from tests.waiting import wait_for_listener
+    both = pki.authority.issue("engine", "localhost", client=True)  # our certificate, as server and as client
+    dest_port = free_port()
+
+    def settings_fn(s: Settings) -> None:
+        s.dicom.destinations = [f"DEST=tls://localhost:{dest_port}"]
+
+    with_tls(workdir, "dicom", {"cert": str(both.cert), "key": str(both.key), "ca": str(pki.ca),
+                                "client_certs": "off"})
+    eng = engine_factory(workdir, sqlite_url, settings_fn)
+    port = eng.dicom_port
+    obj = make_instance(tmp_path / "ct.dcm", accession="MOVE1")
+    sent = run(["storescu", "-aet", "MODALITY1", "-aec", "RADBRIDGE", "+tla", "+cf", str(pki.ca), "127.0.0.1",
+                str(port), str(obj.path)], timeout=120)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    out_dir = tmp_path / "received"
+    out_dir.mkdir()
+    scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(out_dir), "+tls", str(pki.server.key),
+                            str(pki.server.cert), "+cf", str(pki.ca), str(dest_port)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_listener(dest_port, scp, what="storescp +tls")
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE",
+                             tls_args=(client_context(str(pki.ca)), "localhost"))
+        assert assoc.is_established
+        from pydicom.dataset import Dataset
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = obj.study_uid
+        statuses = [int(st.Status) for st, _ in assoc.send_c_move(query, "DEST",
+                                                                  StudyRootQueryRetrieveInformationModelMove) if st]
+        assoc.release()
+    finally:
+        scp.terminate()
+        scp.wait(30)
+    assert statuses and statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    assert len(list(out_dir.iterdir())) == 1

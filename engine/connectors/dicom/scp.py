@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,7 @@ from engine.pipeline.writer import IngestWriter
 from engine.storage.base import ObjectStorage, StorageFull
 from engine.store.db import Database
 from engine.store.states import InstanceOutcome
+from engine.tls import client_context, peer_common_name
 
 log = logging.getLogger(__name__)
 NOT_TAKEN = (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED, InstanceOutcome.UID_CONFLICT)  # file not indexed
@@ -65,8 +67,11 @@ class DicomListener:
     """One DICOM channel: its AE, its server thread and its handlers."""
 
     def __init__(self, channel: Channel, settings: Settings, *, db: Database, writer: IngestWriter,
-                 storage: ObjectStorage, metrics: Metrics, host: str, port: int, bus: EventBus) -> None:
+                 storage: ObjectStorage, metrics: Metrics, host: str, port: int, bus: EventBus,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.channel = channel
+        self.ssl_context = ssl_context  # DICOM TLS (the channel's tls: block); None: plain TCP
+        self._move_tls: ssl.SSLContext | None = None  # client context of C-MOVE to tls:// destinations
         self.index = DicomIndex(channel.name, channel.dicom.duplicates, bus)  # the inbound stage of C-STORE
         self.opts = channel.dicom
         self.settings = settings
@@ -108,7 +113,7 @@ class DicomListener:
             (evt.EVT_PDU_RECV, self._on_pdu),
         ]
         self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
-                                               evt_handlers=handlers)
+                                               evt_handlers=handlers, ssl_context=self.ssl_context)
         self.port = self._server.server_address[1]
         log.info("channel %s: DICOM SCP %s on %s:%d", self.channel.name, self.aet, self.host, self.port)
 
@@ -138,6 +143,26 @@ class DicomListener:
 
     def _on_requested(self, event: Any) -> None:
         event.assoc.acse_timeout = self.opts.acse_timeout_seconds  # the rest of the association: as configured
+        tls = self.channel.tls
+        if tls is not None and tls.bind_ae_title:
+            self._check_bound_ae_title(event.assoc)
+
+    def _check_bound_ae_title(self, assoc: Any) -> None:
+        """tls.bind_ae_title: the calling AE title must be the CN of the peer's (verified) client
+        certificate; else the association is rejected: calling AE title not recognised."""
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        sock = getattr(assoc.dul.socket, "socket", None)
+        cn = peer_common_name(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else None
+        if cn is not None and cn.strip() == calling:
+            return
+        log.warning("channel %s: association from %s refused: calling AE title %r is not the subject of its "
+                    "client certificate (CN %r; tls.bind_ae_title)", self.channel.name, assoc.requestor.address,
+                    calling, cn)
+        # as pynetdicom rejects (acse.negotiate_association): the A-ASSOCIATE-RJ goes out before the
+        # connection is closed (kill waits for the DUL thread), and EVT_REJECTED is counted
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent, service user, calling AE not recognised
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_accepted(self, event: Any) -> None:
         self.associations_total += 1
@@ -301,8 +326,8 @@ class DicomListener:
     def on_move(self, event: Any) -> Iterator[Any]:
         self.metrics.dicom_requests.inc(channel=self.channel.name, service="move")
         dest_aet = str(event.move_destination).strip()
-        dest = self.settings.dicom.destination(dest_aet)
-        if dest is None:
+        found = self.settings.dicom.move_destination(dest_aet)
+        if found is None:
             log.warning("channel %s: C-MOVE to unknown destination %r", self.channel.name, dest_aet)
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
@@ -310,14 +335,26 @@ class DicomListener:
             refs = self._select(event)
         except QueryError as exc:
             log.warning("channel %s: C-MOVE refused: %s", self.channel.name, exc)
-            yield dest[0], dest[1]
+            yield found.host, found.port
             yield 1
             yield _status(S.IDENTIFIER_MISMATCH, str(exc)), None
             return
-        yield dest[0], dest[1], {"contexts": move_contexts({(r.sop_class_uid, r.transfer_syntax) for r in refs}),
-                                 "ae_title": dest_aet}
+        options: dict[str, Any] = {"contexts": move_contexts({(r.sop_class_uid, r.transfer_syntax) for r in refs}),
+                                   "ae_title": dest_aet}
+        if found.tls:
+            options["tls_args"] = (self.move_tls_context(), found.host)
+        yield found.host, found.port, options
         yield len(refs)
         yield from self._send(event, refs)
+
+    def move_tls_context(self) -> ssl.SSLContext:
+        """How C-MOVE sub-associations to a tls:// destination connect: the destination's certificate
+        must chain to the channel's tls.ca (else the system's CAs) and name its host; the channel's
+        own certificate is our client certificate."""
+        if self._move_tls is None:
+            tls = self.channel.tls
+            self._move_tls = (client_context(tls.ca, tls.cert, tls.key) if tls is not None else client_context())
+        return self._move_tls
 
     def on_get(self, event: Any) -> Iterator[Any]:
         self.metrics.dicom_requests.inc(channel=self.channel.name, service="get")
