@@ -298,6 +298,47 @@ def test_https_with_curl(workdir: Path, sqlite_url: str, pki: PKI, engine_factor
     assert curl(f"https://localhost:{port}/health", "--cacert", str(pki.ca)).returncode == 0  # still serving
 
 
+def test_https_expired_certificate_is_refused_by_curl(workdir: Path, sqlite_url: str, pki: PKI,
+                                                     engine_factory: Any) -> None:
+    from engine.tls import TLSSettings
+
+    def apply(s: Settings) -> None:
+        s.http.tls = TLSSettings(cert=str(pki.expired.cert), key=str(pki.expired.key))
+
+    eng = engine_factory(workdir, sqlite_url, apply)
+    out = curl(f"https://localhost:{eng.engine.http_port}/health", "--cacert", str(pki.ca))
+    assert out.returncode == 60 and "expired" in out.stderr, out.stderr
+
+
+def test_https_certificate_rotation_shows_in_the_next_handshake(workdir: Path, sqlite_url: str, pki: PKI,
+                                                               engine_factory: Any) -> None:
+    eng = engine_factory(workdir, sqlite_url, https_settings(pki, reload_seconds=0.1))
+    port = eng.engine.http_port
+    tls = eng.engine.http_tls
+    assert tls is not None
+
+    def served_serial() -> int:
+        # without -quiet, s_client ends the connection when its input ends
+        out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(pki.ca),
+                              "-verify_return_error", "-showcerts"], input=b"", capture_output=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        pem = out.stdout.decode()
+        begin = pem.index("-----BEGIN CERTIFICATE-----")
+        end = pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
+        return serial_of(pem[begin:end])
+
+    assert served_serial() == pki.server.serial
+    renewed = pki.authority.issue("renewed", "localhost")
+    reloads = tls.reloads
+    shutil.copyfile(renewed.key, pki.server.key)
+    shutil.copyfile(renewed.cert, pki.server.cert)
+    for _ in range(600):  # bounded: the watcher looks every 0.1 s
+        if tls.reloads > reloads:
+            break
+        eng.call(_sleep(0.05))
+    assert served_serial() == renewed.serial
+
+
 def test_https_client_certificates_required(workdir: Path, sqlite_url: str, pki: PKI, engine_factory: Any) -> None:
     eng = engine_factory(workdir, sqlite_url, https_settings(pki, "required"))
     url = f"https://localhost:{eng.engine.http_port}/health"
