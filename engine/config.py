@@ -319,6 +319,9 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         if getattr(getattr(settings, section), name) <= 0:
             problems.append(ConfigProblem(settings.source or "environment", 0, key, "must be greater than 0"))
     problems.extend(check_consistency(settings.http.tls, http_tls_source(settings)))
+    if settings.http.tls.bind_ae_title:
+        problems.append(ConfigProblem(settings.source or "environment", 0, "http.tls.bind_ae_title",
+                                      "is for DICOM channels' tls: blocks only"))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:
