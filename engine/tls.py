@@ -264,7 +264,9 @@ class ReloadingContext:
         while True:
             await asyncio.sleep(self.settings.reload_seconds)
             try:
-                await asyncio.to_thread(self.reload_if_changed)
+                # on the loop's thread, not another: the context is not changed while a handshake
+                # of the loop uses it (a stat per file; reading them only after a change)
+                self.reload_if_changed()
             except Exception:
                 log.exception("%s: TLS certificate reload failed", self.what)
 
