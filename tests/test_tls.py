@@ -412,7 +412,8 @@ def write_config(workdir: Path, extra: str) -> Path:
 
 def test_check_reports_expired_and_mismatched_certificates_with_file_and_line(workdir: Path, pki: PKI) -> None:
     config = write_config(workdir, f'[http]\nport = 0\n[http.tls]\ncert = "{pki.expired.cert}"\n'
-                                   f'key = "{pki.expired.key}"\n')
+                                   f'key = "{pki.expired.key}"\n[ehr]\nmllp = "localhost:6661"\nmllp_tls = true\n'
+                                   f'mllp_ca_file = "{pki.directory / "no-ehr-ca.pem"}"\n')
     with_tls(workdir, "hl7-inbound", {"cert": str(pki.server.cert), "key": str(pki.client.key)})
     with_tls(workdir, "dicom", {"cert": str(pki.server.cert), "key": str(pki.server.key),
                                 "ca": str(pki.directory / "missing-ca.pem"), "client_certs": "required"})
@@ -427,6 +428,8 @@ def test_check_reports_expired_and_mismatched_certificates_with_file_and_line(wo
     dicom = workdir / "channels" / "dicom.yaml"
     ca_line = dicom.read_text().splitlines().index(f"  ca: {pki.directory / 'missing-ca.pem'}") + 1
     assert f"{dicom}:{ca_line}: tls.ca: {pki.directory / 'missing-ca.pem'}: file not found" in err
+    ehr_line = config.read_text().splitlines().index(f'mllp_ca_file = "{pki.directory / "no-ehr-ca.pem"}"') + 1
+    assert f"{config}:{ehr_line}: ehr.mllp_ca_file: {pki.directory / 'no-ehr-ca.pem'}: file not found" in err
 
 
 def test_check_passes_good_certificates(workdir: Path, pki: PKI) -> None:
