@@ -53,6 +53,22 @@ NOT_TAKEN = (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED, InstanceOutcom
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
 
 
+class TLSFailureLine(logging.Filter):
+    """pynetdicom logs a failed TLS handshake (a plain-text peer on a TLS port, an untrusted or
+    missing client certificate) as an ERROR with a traceback; it is one WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ssl.SSLError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "DICOM TLS handshake failed: %s", (exc.reason or exc,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("pynetdicom.dul").addFilter(TLSFailureLine())
+
+
 def _status(code: int, comment: str = "") -> Dataset:
     """A status Dataset. Yield it as the status itself (not beside a bare int status), or pynetdicom
     drops the Error Comment and the peer never learns why."""

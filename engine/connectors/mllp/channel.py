@@ -37,7 +37,7 @@ class MllpConnector(ListeningConnector, HL7Channel):
         self.listener = HL7Listener(channel, self.inbound, ctx.writer, ctx.metrics, host=s.bind,
                                     port=self.configured_port(channel, s), max_connections=s.mllp.max_connections,
                                     max_buffered_bytes=s.mllp.max_buffered_bytes,
-                                    ssl=self.tls.context if self.tls is not None else None)
+                                    tls=self.tls.context if self.tls is not None else None)
 
     @staticmethod
     def configured_port(channel: Channel, settings: Settings) -> int:
@@ -63,7 +63,7 @@ class MllpConnector(ListeningConnector, HL7Channel):
         out["port"] = srv.port
         out["connections"] = {"open": srv.active_connections, "total": srv.connections_total,
                               "refused": srv.refused_total, "closed_for_room": srv.closed_for_room_total,
-                              "buffered_bytes": srv.buffered_bytes}
+                              "buffered_bytes": srv.buffered_bytes, "tls_refused": srv.tls_refused_total}
         return out
 
     def endpoint(self) -> str:
