@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -235,7 +236,11 @@ class ReloadingContext:
     def __init__(self, settings: TLSSettings, what: str, *, deferred_handshake: bool = False) -> None:
         self.settings = settings
         self.what = what  # "channel hl7-inbound", "HTTPS": for the log
+        self.deferred_handshake = deferred_handshake
         self.context = server_context(settings, deferred_handshake=deferred_handshake)
+        # a listener whose handshakes run in threads of their own (pynetdicom) takes a new context
+        # instead: the one in use is never changed while another thread wraps a socket with it
+        self.replace: Callable[[ssl.SSLContext], None] | None = None
         self._stamps = self._now()
         self.reloads = 0
 
@@ -248,10 +253,14 @@ class ReloadingContext:
             return False
         self._stamps = stamps
         try:
-            server_context(self.settings)  # all files load together, or nothing changes
-            _load_chain(self.context, self.settings.cert, self.settings.key)
-            if self.settings.client_certs is not ClientCerts.OFF and self.settings.ca:
-                self.context.load_verify_locations(cafile=self.settings.ca)  # adds the new CAs
+            fresh = server_context(self.settings, deferred_handshake=self.deferred_handshake)  # all load, or none
+            if self.replace is not None:
+                self.context = fresh
+                self.replace(fresh)
+            else:
+                _load_chain(self.context, self.settings.cert, self.settings.key)
+                if self.settings.client_certs is not ClientCerts.OFF and self.settings.ca:
+                    self.context.load_verify_locations(cafile=self.settings.ca)  # adds the new CAs
         except (TLSError, ssl.SSLError, OSError) as exc:
             log.error("%s: new TLS certificate not loaded, the previous one stays in use: %s", self.what, exc)
             return False

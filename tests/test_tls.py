@@ -83,6 +83,32 @@ def s_client(port: int, *args: str, stdin: bytes = b"") -> subprocess.CompletedP
                            "-verify_return_error", *args], input=stdin, capture_output=True, timeout=60)
 
 
+def served_serial(port: int, ca: Path) -> int:
+    """The serial number of the certificate a TLS listener presents in a new handshake (openssl
+    s_client; without -quiet it ends the connection when its input ends)."""
+    out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(ca),
+                          "-verify_return_error", "-showcerts"], input=b"", capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pem = out.stdout.decode()
+    begin = pem.index("-----BEGIN CERTIFICATE-----")
+    end = pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
+    return serial_of(pem[begin:end])
+
+
+def swap_and_wait(eng: RunningEngine, reloading: Any, pki: PKI) -> int:
+    """Renew the server certificate on disk (key first, then certificate); wait, bounded, until the
+    listener has loaded it; return the new serial."""
+    renewed = pki.authority.issue("renewed", "localhost")
+    reloads = reloading.reloads
+    shutil.copyfile(renewed.key, pki.server.key)
+    shutil.copyfile(renewed.cert, pki.server.cert)
+    for _ in range(600):  # bounded: the watcher looks every 0.1 s
+        if reloading.reloads > reloads:
+            break
+        eng.call(_sleep(0.05))
+    return renewed.serial
+
+
 # --- MLLP ----------------------------------------------------------------------------------------------
 def test_mllp_tls_listener_acks_our_client_after_commit(workdir: Path, db_url: str, pki: PKI,
                                                         engine_factory: Any) -> None:
@@ -314,29 +340,10 @@ def test_https_certificate_rotation_shows_in_the_next_handshake(workdir: Path, s
                                                                engine_factory: Any) -> None:
     eng = engine_factory(workdir, sqlite_url, https_settings(pki, reload_seconds=0.1))
     port = eng.engine.http_port
-    tls = eng.engine.http_tls
-    assert tls is not None
-
-    def served_serial() -> int:
-        # without -quiet, s_client ends the connection when its input ends
-        out = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-CAfile", str(pki.ca),
-                              "-verify_return_error", "-showcerts"], input=b"", capture_output=True, timeout=60)
-        assert out.returncode == 0, out.stderr
-        pem = out.stdout.decode()
-        begin = pem.index("-----BEGIN CERTIFICATE-----")
-        end = pem.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
-        return serial_of(pem[begin:end])
-
-    assert served_serial() == pki.server.serial
-    renewed = pki.authority.issue("renewed", "localhost")
-    reloads = tls.reloads
-    shutil.copyfile(renewed.key, pki.server.key)
-    shutil.copyfile(renewed.cert, pki.server.cert)
-    for _ in range(600):  # bounded: the watcher looks every 0.1 s
-        if tls.reloads > reloads:
-            break
-        eng.call(_sleep(0.05))
-    assert served_serial() == renewed.serial
+    assert eng.engine.http_tls is not None
+    assert served_serial(port, pki.ca) == pki.server.serial
+    renewed = swap_and_wait(eng, eng.engine.http_tls, pki)
+    assert served_serial(port, pki.ca) == renewed
 
 
 def test_https_client_certificates_required(workdir: Path, sqlite_url: str, pki: PKI, engine_factory: Any) -> None:
@@ -566,3 +573,29 @@ def test_dicom_c_move_to_a_tls_destination(workdir: Path, sqlite_url: str, pki: 
         scp.wait(30)
     assert statuses and statuses[-1] == 0x0000, [hex(s) for s in statuses]
     assert len(list(out_dir.iterdir())) == 1
+
+
+def test_dicom_certificate_rotation_shows_in_the_next_handshake(workdir: Path, sqlite_url: str, pki: PKI,
+                                                               engine_factory: Any) -> None:
+    with_tls(workdir, "dicom", dicom_block(pki, reload_seconds=0.1))
+    eng = engine_factory(workdir, sqlite_url)
+    port = eng.dicom_port
+    conn = eng.engine.connector("dicom", ListeningConnector)
+    assert served_serial(port, pki.ca) == pki.server.serial
+    renewed = swap_and_wait(eng, conn.tls, pki)
+    assert served_serial(port, pki.ca) == renewed
+    assert dcmtk("echoscu", port, "+tla", "+cf", str(pki.ca)).returncode == 0
+
+
+def test_mllp_optional_client_certificates(workdir: Path, sqlite_url: str, pki: PKI, engine_factory: Any) -> None:
+    with_tls(workdir, "hl7-inbound", mllp_block(pki, "optional"))
+    eng = engine_factory(workdir, sqlite_url)
+    port = eng.mllp_port
+    with MLLPClient("127.0.0.1", port, tls=client_context(str(pki.ca))) as client:  # none: fine
+        assert ack_code(client.send(ADT)) == "CA"
+    trusted = client_context(str(pki.ca), str(pki.client.cert), str(pki.client.key))
+    with MLLPClient("127.0.0.1", port, tls=trusted) as client:
+        assert ack_code(client.send(ADT)) == "CA"
+    rogue = client_context(str(pki.ca), str(pki.rogue_client.cert), str(pki.rogue_client.key))
+    with pytest.raises((ssl.SSLError, ConnectionError)), MLLPClient("127.0.0.1", port, tls=rogue) as client:
+        client.send(ADT)

@@ -33,6 +33,8 @@ class DicomConnector(ListeningConnector):
         self.listener = DicomListener(channel, s, db=ctx.db, writer=ctx.writer, storage=ctx.storage(),
                                       metrics=ctx.metrics, host=s.bind, port=self.configured_port(channel, s),
                                       bus=ctx.events, ssl_context=self.tls.context if self.tls is not None else None)
+        if self.tls is not None:
+            self.tls.replace = self.listener.use_ssl_context
 
     @staticmethod
     def configured_port(channel: Channel, settings: Settings) -> int:

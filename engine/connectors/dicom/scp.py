@@ -140,6 +140,14 @@ class DicomListener:
             await asyncio.to_thread(server.shutdown)
         self._io.shutdown(wait=True)
 
+    def use_ssl_context(self, context: ssl.SSLContext) -> None:
+        """A renewed certificate: associations accepted from now on use this context (one
+        attribute assignment, which the accepting thread sees whole)."""
+        self.ssl_context = context
+        server = self._server
+        if server is not None:
+            server.ssl_context = context
+
     @property
     def running(self) -> bool:
         return self._server is not None
