@@ -119,6 +119,9 @@ class DicomListener:
 
     async def start(self) -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
+        destinations = (self.settings.dicom.move_destination(e.partition("=")[0]) for e in self.settings.dicom.destinations)
+        if any(d is not None and d.tls for d in destinations):
+            self.move_tls_context()  # its files are read now: a missing one stops the start, not a C-MOVE
         ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_FIND, self.on_find),
