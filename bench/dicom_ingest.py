@@ -217,6 +217,8 @@ def start_engine(spec: RunSpec, work: Path) -> tuple[Server, int, Counter]:
         "RADBRIDGE_MAPPINGS_DIR": str(REPO / "mappings"),
         "TCP_NODELAY": "1",
     })
+    if spec.tls:
+        env["RADBRIDGE_CHANNELS_DIR"] = str(tls_channels(work, spec))
     if spec.database_url:
         env["RADBRIDGE_DATABASE_URL"] = spec.database_url
     server = Server("engine", [sys.executable, "-m", "engine.cli", "run"], env=env, cwd=REPO, logdir=work)
@@ -228,6 +230,20 @@ def start_engine(spec: RunSpec, work: Path) -> tuple[Server, int, Counter]:
         return int(studies[0]["number_of_instances"]) if studies else 0
 
     return server, dicom_port, count
+
+
+def tls_channels(work: Path, spec: RunSpec) -> Path:
+    """A copy of channels/ whose DICOM channel speaks TLS with a test certificate (tests/certs.py);
+    storescu then connects with +tla (no client certificate) and checks ours against the test CA."""
+    sys.path.insert(0, str(REPO))
+    from tests.certs import make_pki
+    pki = make_pki(work / "pki")
+    channels = work / "channels"
+    shutil.copytree(REPO / "channels", channels)
+    path = channels / "dicom.yaml"
+    path.write_text(path.read_text() + f"\ntls:\n  cert: {pki.server.cert}\n  key: {pki.server.key}\n")
+    spec.tls_args = ["+tla", "+cf", str(pki.ca)]
+    return channels
 
 
 def start_orthanc(spec: RunSpec, work: Path) -> tuple[Server, int, Counter]:
@@ -286,9 +302,9 @@ class SendResult:
 
 
 def storescu(aet: str, port: int, files: Sequence[Path], *, timeout: float,
-             on_response: Callable[[int], None] | None = None) -> SendResult:
+             on_response: Callable[[int], None] | None = None, tls_args: Sequence[str] = ()) -> SendResult:
     """Send ``files`` in one association; ``on_response`` sees the running count of store responses."""
-    argv = ["storescu", "-v", "-aec", aet, HOST, str(port), *map(str, files)]
+    argv = ["storescu", "-v", "-aec", aet, *tls_args, HOST, str(port), *map(str, files)]
     env = {**os.environ, "TCP_NODELAY": "1"}
     res = SendResult()
     tail: list[str] = []
@@ -341,6 +357,8 @@ class RunSpec:
     rss_percents: list[int] = field(default_factory=lambda: [10, 50, 100])
     live: bool = False  # print each RSS sample as it is taken
     study_uid: str = ""  # of the timed set; filled in by run_target
+    tls: bool = False  # the engine's DICOM channel speaks TLS (a test certificate); storescu +tla
+    tls_args: list[str] = field(default_factory=list)  # storescu's TLS options, filled in by start_engine
 
 
 @dataclass
@@ -389,7 +407,7 @@ def run_target(spec: RunSpec) -> RunResult:
         server, port, count = STARTERS[spec.kind](spec, work)
         aet = AETS[spec.kind]
         if warm is not None:
-            w = storescu(aet, port, warm.files, timeout=send_deadline(spec.warmup))
+            w = storescu(aet, port, warm.files, timeout=send_deadline(spec.warmup), tls_args=spec.tls_args)
             if w.exit_code != 0 or w.ok != spec.warmup:
                 result.problems.append(f"warm-up: storescu exit {w.exit_code}, {w.ok}/{spec.warmup} ok\n{w.log_tail}")
                 return result
@@ -416,7 +434,8 @@ def run_target(spec: RunSpec) -> RunResult:
         poller = threading.Thread(target=poll, name="rss-poller", daemon=True)
         poller.start()
         try:
-            sent = storescu(aet, port, timed.files, timeout=send_deadline(spec.instances), on_response=on_response)
+            sent = storescu(aet, port, timed.files, timeout=send_deadline(spec.instances), on_response=on_response,
+                            tls_args=spec.tls_args)
         finally:
             stop_polling.set()
             poller.join(5)
@@ -555,6 +574,11 @@ def print_results(results: list[RunResult], labels: list[str]) -> None:
         for other in (x for x in labels if not x.startswith("engine")):
             print(f"  {eng + ' / ' + other:<32}{ratio(eng, other, statistics.median):>6} "
                   f"({ratio(eng, other, max)})")
+    tls_label, plain_label = TARGETS["engine-tls"][1], TARGETS["engine"][1]
+    if rates(tls_label) and rates(plain_label):
+        cost = 100 * (1 - statistics.median(rates(tls_label)) / statistics.median(rates(plain_label)))
+        print(f"  TLS costs {cost:.1f} % of inst/s ({tls_label} / {plain_label}: "
+              f"{ratio(tls_label, plain_label, statistics.median)}, medians)")
     print()
     print("RSS MiB (VmRSS before the timed set and at 10/50/100 % of the store responses, the largest of those\n"
           "and of samples every 0.2 s, and the process's peak since it started):")
@@ -582,6 +606,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "(e.g. 1024; default 0: none)")
     ap.add_argument("--targets", default="engine,engine-nofsync,orthanc,storescp",
                     help="comma-separated, from engine, engine-nofsync, orthanc, storescp (default: all)")
+    ap.add_argument("--tls", action="store_true",
+                    help="targets engine and engine-tls only: the engine plain and with DICOM TLS (a test "
+                         "certificate; storescu +tla), to see what TLS costs")
     ap.add_argument("--database", metavar="URL", default="",
                     help="run the engine on PostgreSQL: an admin URL where a throwaway database may be created "
                          "for each engine run (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
@@ -592,7 +619,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--run-target", metavar="JSON", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.target_list) - {"engine", "engine-nofsync", "orthanc", "storescp"}
+    if args.tls:  # TLS against plain, in the same run
+        args.target_list = ["engine", "engine-tls"]
+    unknown = set(args.target_list) - set(TARGETS)
     if unknown or not args.target_list:
         ap.error(f"--targets: unknown {', '.join(sorted(unknown))}" if unknown else "--targets: none given")
     if args.instances < 1 or args.repeat < 1 or args.warmup < 0 or args.large_mb < 0:
@@ -602,6 +631,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 TARGETS: dict[str, tuple[str, str, bool]] = {  # name: (kind, label, fsync)
     "engine": ("engine", "engine (fsync)", True),
+    "engine-tls": ("engine", "engine (fsync, TLS)", True),
     "engine-nofsync": ("engine", "engine (no fsync)", False),
     "orthanc": ("orthanc", "orthanc", True),
     "storescp": ("storescp", "storescp", True),
@@ -651,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.mkdir()
         db_name = ""
         spec = RunSpec(kind, label, str(work), instances, args.warmup, fsync=fsync, rss_percents=percents,
-                       live=live)
+                       live=live, tls=name == "engine-tls")
         try:
             if kind == "engine" and args.database:
                 db_name, spec.database_url = create_database(args.database)

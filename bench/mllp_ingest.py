@@ -19,6 +19,7 @@ Usage:
     python bench/mllp_ingest.py --messages 3000
     python bench/mllp_ingest.py --messages 3000 --postgres postgresql+psycopg://postgres@127.0.0.1:5432/postgres
     python bench/mllp_ingest.py --memory-run 100000
+    python bench/mllp_ingest.py --tls --connections 8 --messages 3000   # engine plain vs MLLP/TLS, same run
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -284,14 +286,20 @@ class ClientSpec:
     total: int  # messages over all connections
     connections: int
     timeout: float
+    ca: str = ""  # MLLP over TLS, the server's certificate checked against this CA (--tls)
 
 
 class MLLPConnection:
-    """A blocking MLLP connection: one frame out, one reply frame back."""
+    """A blocking MLLP connection: one frame out, one reply frame back (over TLS with ``ca``)."""
 
-    def __init__(self, host: str, port: int, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, host: str, port: int, timeout: float, ca: str = "") -> None:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ca:
+            ctx = ssl.create_default_context(cafile=ca)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            sock = ctx.wrap_socket(sock, server_hostname="localhost")
+        self.sock = sock
         self.buf = b""
 
     def exchange(self, framed: bytes) -> bytes:
@@ -343,7 +351,7 @@ def client_main(spec: ClientSpec, conn: int, progress: Any, start: Any, results:
         msgs = [build_message(i, spec.tag) for i in range(conn, spec.total, spec.connections)]
         framed = [(ctl, frame(data)) for ctl, data in msgs]
         del msgs
-        mc = MLLPConnection(spec.host, spec.port, spec.timeout)
+        mc = MLLPConnection(spec.host, spec.port, spec.timeout, spec.ca)
         results.put(("ready", conn))
         if not start.wait(STARTUP_TIMEOUT):
             raise TimeoutError("no start signal")
@@ -473,12 +481,12 @@ def drive(spec: ClientSpec, *, deadline: float, on_progress: Callable[[int], Non
         results.close()
 
 
-def warm_up(host: str, port: int, count: int, timeout: float) -> list[str]:
+def warm_up(host: str, port: int, count: int, timeout: float, ca: str = "") -> list[str]:
     """A few messages (their own tag, so own patients) before timing: imports, caches, the first pages."""
     problems: list[str] = []
     if count <= 0:
         return problems
-    mc = MLLPConnection(host, port, timeout)
+    mc = MLLPConnection(host, port, timeout, ca)
     try:
         for i in range(count):
             ctl, data = build_message(i, "W")
@@ -925,6 +933,7 @@ class Options:
     profile_dir: Path | None
     profile_rate: int
     engine_src: Path = REPO
+    tls: bool = False  # each engine run again with MLLP/TLS on its channel (kind engine-tls)
 
 
 class Bench:
@@ -983,24 +992,41 @@ class Bench:
                 sc.notes.append(f"baseline exited with {code}: {server.tail(5)}")
         return sc
 
+    def tls_channels(self, d: Path) -> tuple[Path, str]:
+        """A copy of the engine's channels/ whose MLLP channel speaks TLS with a test certificate
+        (tests/certs.py), and the CA the clients check it with."""
+        sys.path.insert(0, str(REPO))
+        from tests.certs import make_pki
+        pki = make_pki(d / "pki")
+        channels = d / "channels"
+        shutil.copytree(self.opts.engine_src / "channels", channels)
+        path = channels / f"{CHANNEL}.yaml"
+        path.write_text(path.read_text() + f"\ntls:\n  cert: {pki.server.cert}\n  key: {pki.server.key}\n")
+        return channels, str(pki.ca)
+
     def run_engine(self, backend: Backend, connections: int, n: int, samples: Sequence[int] = (10, 50, 100),
-                   label: str = "", live: bool = False) -> Scenario:
-        d = self.ws.subdir(f"engine-{backend.name}-{connections}")
+                   label: str = "", live: bool = False, tls: bool = False) -> Scenario:
+        d = self.ws.subdir(f"engine{'-tls' if tls else ''}-{backend.name}-{connections}")
         url = self.ws.pg_database(backend.admin_url) if backend.name == "postgres" else \
             f"sqlite:///{d / 'var' / 'radbridge.db'}"
         env = engine_env(d, url, self.opts.synchronous, self.opts.engine_src)
+        ca = ""
+        if tls:
+            channels, ca = self.tls_channels(d)
+            env["RADBRIDGE_CHANNELS_DIR"] = str(channels)
         server = ServerProcess("engine", [sys.executable, "-m", "engine.cli", "run"], env=env, cwd=d,
                                port_re=rf"{CHANNEL} on [\d.]+:(\d+)")
-        sc = Scenario(label or f"engine {backend.name}", backend.name, "engine", connections, RunResult())
+        sc = Scenario(label or f"engine {backend.name}{' tls' if tls else ''}", backend.name,
+                      "engine-tls" if tls else "engine", connections, RunResult())
         tag = self._tag()
         profiler: Profiler | None = None
         try:
-            problems = warm_up(HOST, server.port, self.opts.warmup, self.opts.timeout)
+            problems = warm_up(HOST, server.port, self.opts.warmup, self.opts.timeout, ca)
             sc.notes += [f"warm-up: {p}" for p in problems[:3]]
             if self.opts.profile_dir is not None:
                 out = self.opts.profile_dir / f"engine-{backend.name}-{connections}conn-{n}.txt"
                 profiler = Profiler(server.pid, out, self.opts.profile_rate)
-            spec = ClientSpec(HOST, server.port, tag, n, connections, self.opts.timeout)
+            spec = ClientSpec(HOST, server.port, tag, n, connections, self.opts.timeout, ca)
             try:
                 self._measure(server, sc, spec, samples, live)
             finally:
@@ -1061,6 +1087,12 @@ def print_table(scenarios: list[Scenario]) -> None:
             print(f"  {b} x{c}: engine {_median(eng):.0f} msg/s (min {min(eng):.0f}, max {max(eng):.0f}), baseline "
                   f"{_median(ref):.0f} msg/s (min {min(ref):.0f}, max {max(ref):.0f}), ratio "
                   f"{_median(eng) / _median(ref):.2f}")
+    tls_pairs = [(b, c) for (k, b, c) in rates if k == "engine-tls" and ("engine", b, c) in rates]
+    if tls_pairs:
+        print("\nTLS cost (engine with MLLP/TLS against the same engine plain, medians of this run):")
+        for b, c in tls_pairs:
+            plain, tls = _median(rates[("engine", b, c)]), _median(rates[("engine-tls", b, c)])
+            print(f"  {b} x{c}: plain {plain:.0f} msg/s, TLS {tls:.0f} msg/s: TLS costs {100 * (1 - tls / plain):.1f} %")
     print()
     for s in scenarios:
         rss = ", ".join(f"{'start' if r.percent < 0 else f'{r.percent}%'} {mib(r.rss_kb)} ({mib(r.anon_kb)})"
@@ -1099,6 +1131,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sqlite-synchronous", default="FULL", choices=("OFF", "NORMAL", "FULL", "EXTRA"),
                     help="PRAGMA synchronous for engine and baseline alike (default FULL, the engine's default)")
     ap.add_argument("--timeout", type=float, default=30.0, help="socket timeout in seconds (default 30)")
+    ap.add_argument("--tls", action="store_true",
+                    help="run the engine plain and with MLLP/TLS (a test certificate) in turn, no baseline, and "
+                         "print what TLS costs")
     ap.add_argument("--tmpdir", default=None, help="where the temp storage goes (default: the system temp dir)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep databases and server logs for inspection")
     ap.add_argument("--profile-engine", metavar="DIR", default=None,
@@ -1139,7 +1174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = Options(messages=args.messages, connections=args.connection_counts, warmup=args.warmup,
                    timeout=args.timeout, synchronous=args.sqlite_synchronous, backends=backends,
                    profile_dir=profile_dir, profile_rate=args.profile_rate,
-                   engine_src=Path(args.engine_src).resolve())
+                   engine_src=Path(args.engine_src).resolve(), tls=args.tls)
     ws = Workspace(args.tmpdir, args.keep_tmp)
     print(f"radbridge MLLP ingest benchmark: {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}, "
           f"storage in {ws.dir}, SQLite synchronous={args.sqlite_synchronous}, warm-up {args.warmup} msg, "
@@ -1159,12 +1194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             for b in backends:
                 for c in opts.connections:
                     for rep in range(1, args.repeat + 1):
-                        for kind in ("baseline", "engine"):
+                        for kind in (("engine", "engine-tls") if opts.tls else ("baseline", "engine")):
                             what = f" (run {rep} of {args.repeat})" if args.repeat > 1 else ""
                             print(f"{kind} {b.name}, {opts.messages} messages over {c} connection(s){what} ...",
                                   flush=True)
-                            run = bench.run_baseline if kind == "baseline" else bench.run_engine
-                            scenarios.append(run(b, c, opts.messages))
+                            if kind == "baseline":
+                                scenarios.append(bench.run_baseline(b, c, opts.messages))
+                            else:
+                                scenarios.append(bench.run_engine(b, c, opts.messages, tls=kind == "engine-tls"))
         print_table(scenarios)
         failed = any(s.result.failed or s.result.errors or "MISMATCH" in s.applied for s in scenarios)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, get_origin, get_type_hints
 
+from engine.tls import TLSSettings, parse_tls_block
 from engine.yamlfile import ConfigFileError, ConfigProblem, LineDict, LineList, load_yaml
 
 ACTIONS = {
@@ -69,6 +70,7 @@ class ConnectorSpec:
     # checks the keys under connector: beyond type, port and aet (required ones, their values):
     # (the connector mapping, file, line of connector:, problems)
     check_connector: Callable[[Any, str, int, list[ConfigProblem]], None] | None = None
+    tls_keys: tuple[str, ...] = ()  # the keys its tls: block takes (engine/tls.py); empty: no tls: block
 
 
 @dataclass
@@ -198,6 +200,9 @@ class Channel:
     extra: Any = None  # the options of a connector type that has a dataclass of its own (not HL7, DICOM, FHIR)
     connector_args: dict[str, Any] = field(default_factory=dict)  # connector: keys beyond type, port, aet
     connector_line: int = 0  # the line of connector: in the file (problems about the listener name it)
+    tls: TLSSettings | None = None  # its tls: block; None: the listener speaks plain TCP
+    tls_line: int = 0  # the line of tls: in its file
+    tls_key_lines: dict[str, int] = field(default_factory=dict)  # the line of each key of tls:
 
     def set_options(self, opts: Any) -> None:
         """Keep parsed options where the code that reads them looks (the HL7, DICOM or FHIR ones)."""
@@ -346,9 +351,9 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
         return None, problems
     line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
     for key in data:
-        if key not in ("name", "description", "enabled", "connector", "routes", "options", "destinations"):
+        if key not in ("name", "description", "enabled", "connector", "routes", "options", "destinations", "tls"):
             problem(line_of(key), str(key),
-                    "unknown key; expected name, description, enabled, connector, routes, options, destinations")
+                    "unknown key; expected name, description, enabled, connector, routes, options, destinations, tls")
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
         problem(line_of("name") or 1, "name", "every channel needs a name")
@@ -408,6 +413,12 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
     check = spec.check_options if spec is not None else check_hl7_options  # unknown type: read as HL7 options
     if check is not None and isinstance(data.get("options"), dict | None):
         check(opts, data.get("options"), file, line_of("options"), problems)
+    tls: TLSSettings | None = None
+    if "tls" in data and spec is not None:
+        if spec.tls_keys:
+            tls = parse_tls_block(data["tls"], file, line_of("tls"), problems, keys=spec.tls_keys)
+        else:
+            problem(line_of("tls"), "tls", f"{ctype} channels take no tls: block (HTTPS is [http.tls] in the config)")
     enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
         problem(line_of("enabled"), "enabled", "enabled is true or false")
@@ -416,7 +427,9 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
                       enabled=enabled, description=str(data.get("description") or ""),
                       aet=aet.strip() if isinstance(aet, str) else None,
                       destinations=destinations, outbound_routes=outbound, connector_args=connector_args,
-                      connector_line=line_of("connector"))
+                      connector_line=line_of("connector"),
+                      tls=tls, tls_line=line_of("tls") if tls is not None else 0,
+                      tls_key_lines=dict(getattr(data.get("tls"), "key_lines", {})))
     channel.set_options(opts)
     return (None if problems else channel), problems
 

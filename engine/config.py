@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import unquote
@@ -21,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from engine.redaction import redact_url
+from engine.tls import TLSSettings, TLSSource, check_consistency
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 DEFAULT_CONFIG = Path("config/radbridge.toml")
@@ -67,6 +69,7 @@ class HTTPSettings:
     header_timeout_seconds: float = 15.0
     body_timeout_seconds: float = 60.0  # a request body must have arrived whole within this: else 408
     max_connections: int = 256  # open connections; one more is answered 503 and closed at once
+    tls: TLSSettings = field(default_factory=TLSSettings)  # [http.tls]: cert given = HTTPS (docs/security.md)
 
 
 @dataclass
@@ -81,12 +84,27 @@ class DicomSettings:
     fsync: bool = True
 
     def destination(self, aet: str) -> tuple[str, int] | None:
+        found = self.move_destination(aet)
+        return (found.host, found.port) if found is not None else None
+
+    def move_destination(self, aet: str) -> MoveDestination | None:
+        """A C-MOVE destination by AE title: "AET=host:port", or "AET=tls://host:port" for DICOM TLS."""
         for entry in self.destinations:
             name, _, addr = entry.partition("=")
             if name.strip() == aet.strip():
-                host, _, port = addr.rpartition(":")
-                return host.strip(), int(port)
+                addr = addr.strip()
+                tls = addr.startswith("tls://")
+                host, _, port = addr.removeprefix("tls://").rpartition(":")
+                return MoveDestination(name.strip(), host.strip(), int(port), tls)
         return None
+
+
+@dataclass(frozen=True)
+class MoveDestination:
+    aet: str
+    host: str
+    port: int
+    tls: bool  # the sub-association speaks DICOM TLS (the channel's tls: cert and ca are used as a client)
 
 
 @dataclass
@@ -102,6 +120,10 @@ class EHRSettings:
     fhir_password_file: str = ""  # the password read from this file instead
     fhir_verify_tls: bool = True  # never switch off outside a test rig
     fhir_ca_file: str = ""  # a CA bundle for a hospital-internal certificate authority
+    mllp_tls: bool = False  # results over MLLP/TLS; the EHR's certificate is checked against mllp_ca_file
+    mllp_ca_file: str = ""  # CA bundle for the EHR's MLLP certificate ('' : the system's CAs)
+    mllp_cert_file: str = ""  # our client certificate when the EHR asks for one (mutual TLS)
+    mllp_key_file: str = ""
     dicomweb_base: str = ""  # a DICOMweb (WADO-RS) base URL for ImagingStudy.endpoint; empty: none
 
 
@@ -153,6 +175,15 @@ class Settings:
             return "environment", 0, self.from_environment[key]
         return self.source or "(built-in default)", self.key_lines.get(key, 0), key
 
+    def lines_of(self, section: str) -> dict[str, int]:
+        """The line of each key of ``[section]`` in the file, by its name in the section; "" is the
+        line of the section's header."""
+        prefix = section + "."
+        lines = {k[len(prefix):]: n for k, n in self.key_lines.items() if k.startswith(prefix)}
+        if section in self.key_lines:
+            lines[""] = self.key_lines[section]
+        return lines
+
     def problem(self, key: str, message: str, severity: str = "error") -> ConfigProblem:
         file, line, where = self.origin(key)
         return ConfigProblem(file, line, where, message, severity)
@@ -203,6 +234,8 @@ SECRET_WORDS = ("token", "password", "url", "secret")  # settings whose values a
 def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
     origin = get_origin(typ)
     try:
+        if isinstance(typ, type) and issubclass(typ, Enum):
+            return typ(value)
         if typ is bool:
             if isinstance(value, bool):
                 return value
@@ -230,6 +263,8 @@ def _coerce(value: Any, typ: Any, where: str, file: str) -> Any:
             return [_coerce(v, inner, where, file) for v in value]
     except (TypeError, ValueError):
         name = getattr(typ, "__name__", str(typ))
+        if isinstance(typ, type) and issubclass(typ, Enum):
+            name = " or ".join(str(m.value) for m in typ)
         shown = "a value of another type" if any(w in where.lower() for w in SECRET_WORDS) else repr(value)
         raise ConfigFileError([ConfigProblem(file, 0, where, f"expected {name}, got {shown}")]) from None
     return value
@@ -256,30 +291,28 @@ def _fill(obj: Any, data: Mapping[str, Any], prefix: str, file: str, problems: l
                 problems.extend(exc.problems)
 
 
-def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
-    hints = get_type_hints(Settings)
-    for f in fields(s):
+def _apply_env_to(s: Settings, obj: Any, prefix: str, path: str, env: Mapping[str, str],
+                  problems: list[ConfigProblem]) -> None:
+    """RADBRIDGE_<SECTION>_<KEY> (and deeper: RADBRIDGE_HTTP_TLS_CERT) for every field of ``obj``;
+    ``s.from_environment`` remembers which variable set which key, for problems that name it."""
+    hints = get_type_hints(type(obj))
+    for f in fields(obj):
         if f.name in NOT_SETTINGS:
             continue
-        value = getattr(s, f.name)
+        value = getattr(obj, f.name)
+        var = f"{prefix}_{f.name}".upper()
         if is_dataclass(value):
-            sub_hints = get_type_hints(type(value))
-            for sf in fields(value):
-                var = f"RADBRIDGE_{f.name}_{sf.name}".upper()
-                if var in env:
-                    try:
-                        setattr(value, sf.name, _coerce(env[var], sub_hints[sf.name], var, "environment"))
-                        s.from_environment[f"{f.name}.{sf.name}"] = var
-                    except ConfigFileError as exc:
-                        problems.extend(exc.problems)
-        else:
-            var = f"RADBRIDGE_{f.name}".upper()
-            if var in env:
-                try:
-                    setattr(s, f.name, _coerce(env[var], hints[f.name], var, "environment"))
-                    s.from_environment[f.name] = var
-                except ConfigFileError as exc:
-                    problems.extend(exc.problems)
+            _apply_env_to(s, value, var, f"{path}{f.name}.", env, problems)
+        elif var in env:
+            try:
+                setattr(obj, f.name, _coerce(env[var], hints[f.name], var, "environment"))
+                s.from_environment[f"{path}{f.name}"] = var
+            except ConfigFileError as exc:
+                problems.extend(exc.problems)
+
+
+def _apply_env(s: Settings, env: Mapping[str, str], problems: list[ConfigProblem]) -> None:
+    _apply_env_to(s, s, "RADBRIDGE", "", env, problems)
     if "RADBRIDGE_STABLE_SECONDS" in env:
         try:
             s.dicom.stable_seconds = float(env["RADBRIDGE_STABLE_SECONDS"])
@@ -377,6 +410,10 @@ def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
         url = getattr(ehr, key)
         if url and not url.startswith(("http://", "https://")):
             problems.append(settings.problem(f"ehr.{key}", f"{redact_url(url)!r} is not an http(s):// URL"))
+    if (ehr.mllp_cert_file or ehr.mllp_ca_file) and not ehr.mllp_tls:
+        problems.append(settings.problem("ehr.mllp_tls", "mllp_ca_file or mllp_cert_file is set, mllp_tls is not"))
+    if bool(ehr.mllp_cert_file) != bool(ehr.mllp_key_file):
+        problems.append(settings.problem("ehr.mllp_key_file", "mllp_cert_file and mllp_key_file go together"))
     if ehr.fhir_token and ehr.fhir_username:
         problems.append(ConfigProblem(where, 0, "ehr.fhir_token", "give a bearer token or a username, not both"))
     if urlsplit_password(ehr.dicomweb_base):
@@ -385,6 +422,12 @@ def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
     if urlsplit_password(ehr.fhir_base) and (ehr.fhir_token or ehr.fhir_username):
         problems.append(settings.problem("ehr.fhir_base", "it holds a user and password: give no fhir_token or "
                                          "fhir_username besides"))
+
+
+def http_tls_source(settings: Settings) -> TLSSource:
+    """Where [http.tls] is written (file and the line of each key), for problems about it."""
+    lines = settings.lines_of("http.tls")
+    return TLSSource(settings.source or "environment", lines.get("", 0), lines, prefix="http.tls")
 
 
 def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -423,16 +466,20 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
                                       "must be at least 1 (seconds)"))
     for entry in settings.dicom.destinations:
         name, eq, addr = entry.partition("=")
-        host, colon, port = addr.rpartition(":")
+        host, colon, port = addr.strip().removeprefix("tls://").rpartition(":")
         if not (eq and colon and name.strip() and host.strip() and port.strip().isdigit() and len(name.strip()) <= 16):
             problems.append(ConfigProblem(settings.source or "environment", 0, "dicom.destinations",
-                                          f"{entry!r} is not AET=host:port"))
+                                          f"{entry!r} is not AET=host:port (or AET=tls://host:port)"))
     _check_ehr(settings, problems)
     for key in ("mllp.max_connections", "mllp.max_buffered_bytes", "http.header_timeout_seconds",
                 "http.body_timeout_seconds", "http.max_connections"):
         section, _, name = key.partition(".")
         if getattr(getattr(settings, section), name) <= 0:
             problems.append(ConfigProblem(settings.source or "environment", 0, key, "must be greater than 0"))
+    problems.extend(check_consistency(settings.http.tls, http_tls_source(settings)))
+    if settings.http.tls.bind_ae_title:
+        problems.append(ConfigProblem(settings.source or "environment", 0, "http.tls.bind_ae_title",
+                                      "is for DICOM channels' tls: blocks only"))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:

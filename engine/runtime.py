@@ -30,7 +30,7 @@ from aiohttp import web
 from sqlalchemy.orm import selectinload
 
 from engine.channels import Channel, load_channels
-from engine.config import Settings
+from engine.config import Settings, http_tls_source
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
 from engine.connectors.exposure import exposure_problems
 from engine.connectors.fhir import FhirConnector
@@ -59,6 +59,7 @@ from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
 from engine.store.tokens import GENERATED, config_token_name
+from engine.tls import ReloadingContext, TLSSettings, TLSSource, check_files
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,27 @@ def load_definitions(settings: Settings) -> tuple[MappingRegistry, list[Channel]
     return registry, channels, problems
 
 
+def tls_problems(settings: Settings, channels: list[Channel]) -> list[ConfigProblem]:
+    """What the certificate, key and CA files of every TLS endpoint say (engine/tls.py check_files):
+    expired, not yet valid, key of another certificate, unreadable; at the line of the setting."""
+    problems: list[ConfigProblem] = []
+    if settings.http.tls.enabled:
+        problems.extend(check_files(settings.http.tls, http_tls_source(settings)))
+    for ch in channels:
+        if ch.enabled and ch.tls is not None:
+            problems.extend(check_files(ch.tls, TLSSource(ch.file, ch.tls_line, ch.tls_key_lines)))
+    ehr = settings.ehr
+    if ehr.mllp_tls:
+        lines = settings.lines_of("ehr")
+        source = TLSSource(settings.source or "environment", lines.get("mllp_tls", 0),
+                           {"cert": lines.get("mllp_cert_file", 0), "key": lines.get("mllp_key_file", 0),
+                            "ca": lines.get("mllp_ca_file", 0)}, prefix="ehr")
+        client = TLSSettings(cert=ehr.mllp_cert_file, key=ehr.mllp_key_file, ca=ehr.mllp_ca_file)
+        problems.extend(ConfigProblem(p.file, p.line, p.field.replace("ehr.", "ehr.mllp_") + "_file", p.message)
+                        for p in check_files(client, source))
+    return problems
+
+
 class Engine:
     def __init__(self, settings: Settings, *, http_app: HttpAppFactory | None = None) -> None:
         self.settings = settings
@@ -105,6 +127,7 @@ class Engine:
         self._storage: LocalStorage | None = None
         self.http_runner: web.AppRunner | None = None
         self.http_site: CappedTCPSite | None = None
+        self.http_tls: ReloadingContext | None = None  # [http.tls]: HTTPS, its certificate reloaded on change
         self.http_port: int = settings.http.port
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop_event = threading.Event()
@@ -185,6 +208,8 @@ class Engine:
         if errors:
             raise ConfigFileError(errors)
         self._announce_patient_details()
+        for p in await asyncio.to_thread(tls_problems, s, channels):  # an expired certificate: peers will say so
+            log.error("TLS: %s", p)
         Path(s.storage.dir).mkdir(parents=True, exist_ok=True)
         self.db = open_database(s.database_url, sqlite_synchronous=s.database.sqlite_synchronous,
                                 busy_timeout_ms=s.database.busy_timeout_ms, pool_size=s.database.pool_size,
@@ -264,14 +289,23 @@ class Engine:
         self.http_runner = web.AppRunner(self.http_app(self), access_log=None,
                                          keepalive_timeout=s.http.header_timeout_seconds)
         await self.http_runner.setup()
+        if s.http.tls.enabled:
+            self.http_tls = ReloadingContext(s.http.tls, "HTTPS")
         site = CappedTCPSite(self.http_runner, s.bind, s.http.port, max_connections=s.http.max_connections,
-                             header_timeout=s.http.header_timeout_seconds)
+                             header_timeout=s.http.header_timeout_seconds,
+                             ssl_context=self.http_tls.context if self.http_tls is not None else None)
         await site.start()
+        if self.http_tls is not None and s.http.tls.reload_seconds > 0:
+            self._tasks.append(asyncio.create_task(self.http_tls.watch(), name="https-certificate-reload"))
         self.http_site = site
         addresses = self.http_runner.addresses
         if addresses:
             self.http_port = int(addresses[0][1])
-        log.info("HTTP on http://%s:%d (/health, /metrics, /api/, /fhir/)", s.bind, self.http_port)
+        log.info("HTTP on %s://%s:%d (/health, /metrics, /api/, /fhir/)", self.http_scheme, s.bind, self.http_port)
+
+    @property
+    def http_scheme(self) -> str:
+        return "https" if self.settings.http.tls.enabled else "http"
 
     def _register_gauges(self) -> None:
         m = self.metrics

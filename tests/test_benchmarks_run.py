@@ -69,3 +69,16 @@ def bench_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_")}
     env["TMPDIR"] = str(tmp_path)
     return env
+
+
+@pytest.mark.parametrize(("script", "args"), [
+    ("mllp_ingest.py", ["--tls", "--messages", "20", "--connections", "2", "--warmup", "2"]),
+    ("dicom_ingest.py", ["--tls", "--instances", "3", "--warmup", "1"]),
+])
+def test_the_tls_comparison_runs(script: str, args: list[str], tmp_path: Path) -> None:
+    """--tls: the engine plain and over TLS in one run, and what TLS costs."""
+    run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env=bench_env(tmp_path))
+    tail = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == 0, tail
+    assert "TLS cost" in run.stdout, tail

@@ -5,12 +5,14 @@ warnings are checked with `radbridge check`, which binds nothing."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from engine.config import load_settings
 from engine.connectors.exposure import is_loopback
+from tests.certs import make_pki
 from tests.conftest import REPO
 from tests.test_cli import radbridge
 
@@ -86,3 +88,19 @@ def test_settings_know_the_line_of_each_key(tmp_path: Path) -> None:
     assert s.origin("bind") == (str(cfg), 2, "bind")
     assert s.origin("http.auth") == (str(cfg), 6, "http.auth")
     assert s.origin("mllp.port") == ("environment", 0, "RADBRIDGE_MLLP_PORT")
+
+
+def test_listeners_with_tls_are_not_warned_about(tmp_path: Path) -> None:
+    """The warning asks the listener's own TLS settings: HTTPS and an MLLP channel with a tls: block
+    are not reported; the DICOM channel without one still is."""
+    pki = make_pki(tmp_path / "pki")
+    cfg = write_config(tmp_path / "radbridge.toml", bind="0.0.0.0", auth="token")
+    cfg.write_text(cfg.read_text() + f'\n[http.tls]\ncert = "{pki.server.cert}"\nkey = "{pki.server.key}"\n')
+    channels = tmp_path / "channels"
+    shutil.copytree(REPO / "channels", channels)
+    inbound = channels / "hl7-inbound.yaml"
+    inbound.write_text(inbound.read_text() + f"tls:\n  cert: {pki.server.cert}\n  key: {pki.server.key}\n")
+    out = radbridge("check", "--config", str(cfg), env={**env_for(tmp_path), "RADBRIDGE_CHANNELS_DIR": str(channels)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    warnings = [line for line in out.stdout.splitlines() if "without TLS" in line]
+    assert len(warnings) == 1 and "dicom.yaml" in warnings[0], warnings

@@ -21,6 +21,7 @@ from engine.config import DEFAULT_CONFIG, Settings
 from engine.reconciliation.rules import ReconciliationRules
 from engine.redaction import scrub, scrub_logs
 from engine.store.states import MessageStatus
+from engine.tls import TLSError
 from engine.yamlfile import ConfigFileError
 
 
@@ -50,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("radbridge: not started, configuration has errors:", file=sys.stderr)
             _print_problems(exc)
             return 1
-        except OSError as exc:
+        except (OSError, TLSError) as exc:
             print(f"radbridge: not started: {exc}", file=sys.stderr)
             return 1
         except SQLAlchemyError as exc:
@@ -63,7 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         listening = ", ".join(f"{n} {ep}" for n, c in engine.connectors.items() if (ep := c.endpoint()))
-        print(f"radbridge running: {listening or 'no channels'}; HTTP on http://{settings.bind}:{engine.http_port}/ "
+        http = f"{engine.http_scheme}://{settings.bind}:{engine.http_port}/"
+        print(f"radbridge running: {listening or 'no channels'}; HTTP on {http} "
               "(Ctrl-C to stop)", flush=True)
         await stop.wait()
         print("radbridge: stopping (finishing messages in hand)...", flush=True)
@@ -80,8 +82,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigFileError as exc:
         _print_problems(exc)
         return 1
-    from engine.runtime import load_definitions
+    from engine.runtime import load_definitions, tls_problems
     registry, channels, problems = load_definitions(settings)
+    problems.extend(tls_problems(settings, channels))
     for p in problems:
         print(str(p), file=sys.stderr if p.severity == "error" else sys.stdout)
     errors = [p for p in problems if p.severity == "error"]
@@ -346,7 +349,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 1
     failures = 0
     try:
-        with MLLPClient(host, int(port), timeout=args.timeout) as client:
+        tls = None
+        if args.tls or args.ca or args.cert:
+            from engine.tls import TLSError, client_context
+            try:
+                tls = client_context(args.ca or "", args.cert or "", args.key or "")
+            except TLSError as exc:
+                print(f"TLS: {exc}", file=sys.stderr)
+                return 1
+        with MLLPClient(host, int(port), timeout=args.timeout, tls=tls, server_hostname=args.server_name) as client:
             for i, msg in enumerate(messages, 1):
                 replies = [client.send(msg)]
                 # Enhanced mode: after the commit ACK comes an application ACK when MSH-16 asks for one.
@@ -361,7 +372,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                     print(f"message {i}/{len(messages)}: {code}  {reply.replace(chr(13), ' | ').strip(' |')}")
                     if code not in ("AA", "CA"):
                         failures += 1
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError too: an untrusted or refused certificate
         print(f"cannot send to {args.to}: {exc}", file=sys.stderr)
         return 1
     return 1 if failures else 0
@@ -420,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")
     p.add_argument("file")
     p.add_argument("--to", required=True, help="HOST:PORT")
+    p.add_argument("--tls", action="store_true", help="MLLP over TLS (TLS 1.2 or newer; the server's certificate "
+                   "is checked against --ca, else the system's CAs)")
+    p.add_argument("--ca", help="PEM CA bundle the server's certificate must chain to (implies --tls)")
+    p.add_argument("--cert", help="PEM client certificate, for servers that require one (implies --tls)")
+    p.add_argument("--key", help="PEM private key of --cert")
+    p.add_argument("--server-name", help="the name the server's certificate must carry (default: HOST)")
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(fn=cmd_send)
     return parser

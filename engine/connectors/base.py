@@ -12,6 +12,8 @@ Lifecycle, as pynetdicom's association: STOPPED -> STARTING -> LISTENING or RUNN
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -26,6 +28,7 @@ from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.storage.base import ObjectStorage
 from engine.store.db import Database
+from engine.tls import ReloadingContext
 from engine.yamlfile import ConfigProblem
 
 log = logging.getLogger(__name__)
@@ -152,16 +155,43 @@ class Listener(Protocol):
 
 class ListeningConnector(Connector):
     """A connector that accepts connections on its own port: its listener starts and stops with it,
-    and ``/api/channels`` reports it ``listening``. Subclasses set ``self.listener``."""
+    and ``/api/channels`` reports it ``listening``. Subclasses set ``self.listener``, and
+    ``self.tls`` when the channel has a ``tls:`` block (its certificate is then loaded again when
+    its files change, while the listener runs)."""
 
     listener: Listener
+    tls: ReloadingContext | None = None
+    _tls_watch: asyncio.Task[None] | None = None
 
     @property
     def running_state(self) -> ConnectorState:
         return ConnectorState.LISTENING
 
+    @property
+    def has_tls(self) -> bool:
+        """Whether this listener speaks TLS only (the channel's tls: block)."""
+        return self.channel.tls is not None
+
     async def open(self) -> None:
         await self.listener.start()
+        if self.tls is not None and self.tls.settings.reload_seconds > 0:
+            self._tls_watch = asyncio.create_task(self.tls.watch(), name=f"tls-reload-{self.name}")
 
     async def close(self) -> None:
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tls_watch
+            self._tls_watch = None
         await self.listener.stop()
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out["tls"] = self.tls_status()
+        return out
+
+    def tls_status(self) -> dict[str, Any] | None:
+        if self.tls is None:
+            return None
+        t = self.tls.settings
+        return {"cert": t.cert, "client_certs": str(t.client_certs), "reloads": self.tls.reloads}

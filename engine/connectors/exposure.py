@@ -35,11 +35,11 @@ def is_loopback(host: str) -> bool:
 
 
 def listener_has_tls(listener_settings: Channel | HTTPSettings) -> bool:
-    """Whether a listener (a channel with a port of its own, or the HTTP server) speaks TLS.
-
-    The seam for the TLS settings (issue 15 item 1): until they exist every listener is plain
-    text, so this answers False; wire it to the channel's / [http]'s ``tls`` settings."""
-    return False
+    """Whether a listener (a channel with a port of its own, or the HTTP server) speaks TLS: its
+    ``tls:`` block (a channel) or ``[http.tls]`` with a certificate."""
+    if isinstance(listener_settings, HTTPSettings):
+        return listener_settings.tls.enabled
+    return listener_settings.tls is not None
 
 
 def exposure_problems(settings: Settings, channels: list[Channel]) -> list[ConfigProblem]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from aiohttp import web
 
@@ -92,9 +93,10 @@ class RefusedProtocol(asyncio.Protocol):
 
 class CappedTCPSite(web.BaseSite):
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
-                 header_timeout: float, backlog: int = 128) -> None:
+                 header_timeout: float, backlog: int = 128, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(runner, backlog=backlog)
         self.host, self.port = host, port
+        self.ssl_context = ssl_context  # HTTPS ([http.tls]); the 503 of a refused connection goes over TLS too
         self.max_connections = max_connections
         self.header_timeout = header_timeout
         self.open_connections = 0
@@ -104,7 +106,7 @@ class CappedTCPSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://{self.host}:{self.port}"
 
     def _protocol(self) -> asyncio.Protocol:
         if self.open_connections >= self.max_connections:
@@ -121,5 +123,7 @@ class CappedTCPSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self.host, self.port, backlog=self._backlog,
-                                                reuse_address=True)
+        # a TLS handshake must be done within the header timeout as well
+        self._server = await loop.create_server(
+            self._protocol, self.host, self.port, backlog=self._backlog, reuse_address=True, ssl=self.ssl_context,
+            ssl_handshake_timeout=self.header_timeout if self.ssl_context is not None else None)

@@ -24,6 +24,7 @@ from engine.channels import Destination
 from engine.config import EHRSettings
 from engine.outbound.outbox import Outcome
 from engine.store.states import AttemptOutcome
+from engine.tls import client_context
 
 log = logging.getLogger(__name__)
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
@@ -37,11 +38,12 @@ class _StaleConnection(ConnectionError):
 class MLLPSender:
     """One persistent connection to an MLLP receiver; messages go one at a time, each waits for its ACK."""
 
-    def __init__(self, address: str, dest: Destination) -> None:
+    def __init__(self, address: str, dest: Destination, tls: ssl.SSLContext | None = None) -> None:
         host, _, port = address.rpartition(":")
         self.host, self.port = host, int(port)
         self.dest = dest
         self.address = address
+        self.tls = tls  # MLLP over TLS ([ehr] mllp_tls); the EHR's certificate must name host
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -58,7 +60,9 @@ class MLLPSender:
         if self._writer is None or self._writer.is_closing() or self._reader is None or self._reader.at_eof():
             await self.close()
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), self.dest.timeout_seconds)
+                asyncio.open_connection(self.host, self.port, ssl=self.tls,
+                                        server_hostname=self.host if self.tls is not None else None),
+                self.dest.timeout_seconds)
         assert self._reader is not None and self._writer is not None
         return self._reader, self._writer
 
@@ -95,7 +99,8 @@ class MLLPSender:
                            duration_ms=_ms(started), target=self.address)
         except (OSError, ConnectionError) as exc:
             await self.close()
-            status = "refused" if isinstance(exc, ConnectionRefusedError) else "connection"
+            status = ("refused" if isinstance(exc, ConnectionRefusedError)
+                      else "tls" if isinstance(exc, ssl.SSLError) else "connection")
             return Outcome(AttemptOutcome.RETRY, status, error=f"{type(exc).__name__}: {exc}".strip(": "),
                            duration_ms=_ms(started), target=self.address)
         return self._judge(reply[reply.find(SB) + 1: -2].decode("utf-8", "replace"), control_id, started)
@@ -119,6 +124,13 @@ class MLLPSender:
         outcome = AttemptOutcome.RETRY if code in self.dest.retry_codes else AttemptOutcome.DEAD
         return Outcome(outcome, code or "?", response=ack, error=f"{code or 'no code'}: {text}".strip(": "),
                        duration_ms=_ms(started), target=self.address)
+
+
+def mllp_tls_context(ehr: EHRSettings) -> ssl.SSLContext | None:
+    """The client context of the outbound MLLP sender ([ehr] mllp_tls), or None (plain TCP)."""
+    if not ehr.mllp_tls:
+        return None
+    return client_context(ehr.mllp_ca_file, ehr.mllp_cert_file, ehr.mllp_key_file)
 
 
 def _ms(started: float) -> int:

@@ -32,7 +32,7 @@ from engine.outbound.context import EngineInfo, build_context
 from engine.outbound.mapping import OutboundMapping, RenderError
 from engine.outbound.outbox import Claimed, Outbox, Outcome
 from engine.outbound.render import Rendered, render
-from engine.outbound.senders import FHIRSender, MLLPSender
+from engine.outbound.senders import FHIRSender, MLLPSender, mllp_tls_context
 from engine.redaction import redact_url
 from engine.storage.base import ObjectStorage
 from engine.store import leases
@@ -252,7 +252,8 @@ class OutboundService:
                 w = DestinationWorker(dest, redact_url(address), self.renderer, writer, metrics, worker_id,
                                       lease_seconds=settings.database.lease_seconds,
                                       log_patient_details=settings.log_patient_details)
-                w.sender = FHIRSender(settings.ehr, dest) if dest.type == "fhir" else MLLPSender(address, dest)
+                w.sender = (FHIRSender(settings.ehr, dest) if dest.type == "fhir"
+                            else MLLPSender(address, dest, mllp_tls_context(settings.ehr)))
                 self.workers[dest.name] = w
         self.outbox = build_outbox(settings, mappings, channels)
         self._stop = asyncio.Event()

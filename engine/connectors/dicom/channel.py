@@ -10,6 +10,7 @@ from engine.connectors.base import ConnectorContext, ConnectorState, Definitions
 from engine.connectors.dicom.scp import DicomListener
 from engine.connectors.mllp.channel import claim_port
 from engine.reconciliation.rules import ReconciliationRules
+from engine.tls import TLS_KEYS, ReloadingContext
 from engine.yamlfile import ConfigProblem
 
 STORE_OUTCOMES = ("stored", "duplicate", "overwritten", "rejected_duplicate", "uid_conflict", "invalid",
@@ -21,15 +22,19 @@ class DicomConnector(ListeningConnector):
     listener: DicomListener
 
     spec = ConnectorSpec("dicom", DicomOptions, ("type", "port", "aet"), RoutesKind.NONE,
-                         check_options=check_dicom_options)
+                         check_options=check_dicom_options, tls_keys=TLS_KEYS)
     stores_studies = True
 
     def __init__(self, channel: Channel, ctx: ConnectorContext) -> None:
         super().__init__(channel, ctx)
         s = ctx.settings
+        if channel.tls is not None:  # the handshake runs in the association's thread, not the accepting one
+            self.tls = ReloadingContext(channel.tls, f"channel {channel.name}", deferred_handshake=True)
         self.listener = DicomListener(channel, s, db=ctx.db, writer=ctx.writer, storage=ctx.storage(),
                                       metrics=ctx.metrics, host=s.bind, port=self.configured_port(channel, s),
-                                      bus=ctx.events)
+                                      bus=ctx.events, ssl_context=self.tls.context if self.tls is not None else None)
+        if self.tls is not None:
+            self.tls.replace = self.listener.use_ssl_context
 
     @staticmethod
     def configured_port(channel: Channel, settings: Settings) -> int:
@@ -74,7 +79,7 @@ class DicomConnector(ListeningConnector):
         return out
 
     def endpoint(self) -> str:
-        return f"(DICOM {self.aet}) on {self.ctx.settings.bind}:{self.port}"
+        return f"(DICOM {self.aet}) on {self.ctx.settings.bind}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
     def health(self) -> dict[str, Any]:
         d = self.listener

@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,10 +47,27 @@ from engine.pipeline.writer import IngestWriter
 from engine.storage.base import ObjectStorage, StorageFull
 from engine.store.db import Database
 from engine.store.states import InstanceOutcome
+from engine.tls import client_context, peer_common_name
 
 log = logging.getLogger(__name__)
 NOT_TAKEN = (InstanceOutcome.DUPLICATE, InstanceOutcome.REJECTED, InstanceOutcome.UID_CONFLICT)  # file not indexed
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # one INFO line per PDU otherwise
+
+
+class TLSFailureLine(logging.Filter):
+    """pynetdicom logs a failed TLS handshake (a plain-text peer on a TLS port, an untrusted or
+    missing client certificate) as an ERROR with a traceback; it is one WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ssl.SSLError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "DICOM TLS handshake failed: %s", (exc.reason or exc,)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("pynetdicom.dul").addFilter(TLSFailureLine())
 
 
 def _status(code: int, comment: str = "") -> Dataset:
@@ -66,8 +84,11 @@ class DicomListener:
     """One DICOM channel: its AE, its server thread and its handlers."""
 
     def __init__(self, channel: Channel, settings: Settings, *, db: Database, writer: IngestWriter,
-                 storage: ObjectStorage, metrics: Metrics, host: str, port: int, bus: EventBus) -> None:
+                 storage: ObjectStorage, metrics: Metrics, host: str, port: int, bus: EventBus,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.channel = channel
+        self.ssl_context = ssl_context  # DICOM TLS (the channel's tls: block); None: plain TCP
+        self._move_tls: ssl.SSLContext | None = None  # client context of C-MOVE to tls:// destinations
         self.index = DicomIndex(channel.name, channel.dicom.duplicates, bus)  # the inbound stage of C-STORE
         self.opts = channel.dicom
         self.settings = settings
@@ -98,6 +119,9 @@ class DicomListener:
 
     async def start(self) -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
+        destinations = (self.settings.dicom.move_destination(e.partition("=")[0]) for e in self.settings.dicom.destinations)
+        if any(d is not None and d.tls for d in destinations):
+            self.move_tls_context()  # its files are read now: a missing one stops the start, not a C-MOVE
         ae = self._build_ae()
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_FIND, self.on_find),
@@ -108,7 +132,7 @@ class DicomListener:
             (evt.EVT_PDU_RECV, self._on_pdu),
         ]
         self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
-                                               evt_handlers=handlers)
+                                               evt_handlers=handlers, ssl_context=self.ssl_context)
         self.port = self._server.server_address[1]
         log.info("channel %s: DICOM SCP %s on %s:%d", self.channel.name, self.aet, self.host, self.port)
 
@@ -118,6 +142,14 @@ class DicomListener:
             # stops accepting, then waits for the associations in hand (their responses are sent)
             await asyncio.to_thread(server.shutdown)
         self._io.shutdown(wait=True)
+
+    def use_ssl_context(self, context: ssl.SSLContext) -> None:
+        """A renewed certificate: associations accepted from now on use this context (one
+        attribute assignment, which the accepting thread sees whole)."""
+        self.ssl_context = context
+        server = self._server
+        if server is not None:
+            server.ssl_context = context
 
     @property
     def running(self) -> bool:
@@ -137,23 +169,50 @@ class DicomListener:
         event.assoc.acse_timeout = min(self.opts.association_request_timeout_seconds, self.opts.acse_timeout_seconds)
 
     def _on_requested(self, event: Any) -> None:
-        """The A-ASSOCIATE-RQ is in: a calling AE title not recognized (not listed, or calling from an
-        address not allowed for it) is rejected here, before any negotiation."""
+        """The A-ASSOCIATE-RQ is in: a calling AE title not recognized (not listed, calling from an
+        address not allowed for it, or not the subject of its client certificate under
+        tls.bind_ae_title) is rejected here, before any negotiation."""
         event.assoc.acse_timeout = self.opts.acse_timeout_seconds  # the rest of the association: as configured
-        if not self.peers.restricted:
+        if self._refuse_unknown_peer(event.assoc):
             return
-        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()
-        address = event.assoc.requestor.address
+        tls = self.channel.tls
+        if tls is not None and tls.bind_ae_title:
+            self._check_bound_ae_title(event.assoc)
+
+    def _refuse_unknown_peer(self, assoc: Any) -> bool:
+        """allowed_calling_aets / calling_ae_hosts: True when the association was rejected."""
+        if not self.peers.restricted:
+            return False
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = assoc.requestor.address
         why = self.peers.refusal(calling, address)
         if why is None:
-            return
+            return False
         self.refused_total += 1
         self.metrics.dicom_associations.inc(channel=self.channel.name, result="rejected")
         log.warning("channel %s: association from %s (%s:%s) to %s rejected: calling AE title not recognized (%s)",
-                    self.channel.name, calling, address, event.assoc.requestor.port,
-                    event.assoc.requestor.primitive.called_ae_title.strip(), why)
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE not recognized
-        event.assoc.kill()  # as pynetdicom's own rejections: waits until the A-ASSOCIATE-RJ is sent
+                    self.channel.name, calling, address, assoc.requestor.port,
+                    assoc.requestor.primitive.called_ae_title.strip(), why)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, service user, calling AE not recognized
+        assoc.kill()  # as pynetdicom's own rejections: waits until the A-ASSOCIATE-RJ is sent
+        return True
+
+    def _check_bound_ae_title(self, assoc: Any) -> None:
+        """tls.bind_ae_title: the calling AE title must be the CN of the peer's (verified) client
+        certificate; else the association is rejected: calling AE title not recognised."""
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        sock = getattr(assoc.dul.socket, "socket", None)
+        cn = peer_common_name(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else None
+        if cn is not None and cn.strip() == calling:
+            return
+        log.warning("channel %s: association from %s refused: calling AE title %r is not the subject of its "
+                    "client certificate (CN %r; tls.bind_ae_title)", self.channel.name, assoc.requestor.address,
+                    calling, cn)
+        # as pynetdicom rejects (acse.negotiate_association): the A-ASSOCIATE-RJ goes out before the
+        # connection is closed (kill waits for the DUL thread), and EVT_REJECTED is counted
+        assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent, service user, calling AE not recognised
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
 
     def _on_accepted(self, event: Any) -> None:
         self.associations_total += 1
@@ -317,8 +376,8 @@ class DicomListener:
     def on_move(self, event: Any) -> Iterator[Any]:
         self.metrics.dicom_requests.inc(channel=self.channel.name, service="move")
         dest_aet = str(event.move_destination).strip()
-        dest = self.settings.dicom.destination(dest_aet)
-        if dest is None:
+        found = self.settings.dicom.move_destination(dest_aet)
+        if found is None:
             log.warning("channel %s: C-MOVE to unknown destination %r", self.channel.name, dest_aet)
             yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
             return
@@ -326,14 +385,26 @@ class DicomListener:
             refs = self._select(event)
         except QueryError as exc:
             log.warning("channel %s: C-MOVE refused: %s", self.channel.name, exc)
-            yield dest[0], dest[1]
+            yield found.host, found.port
             yield 1
             yield _status(S.IDENTIFIER_MISMATCH, str(exc)), None
             return
-        yield dest[0], dest[1], {"contexts": move_contexts({(r.sop_class_uid, r.transfer_syntax) for r in refs}),
-                                 "ae_title": dest_aet}
+        options: dict[str, Any] = {"contexts": move_contexts({(r.sop_class_uid, r.transfer_syntax) for r in refs}),
+                                   "ae_title": dest_aet}
+        if found.tls:
+            options["tls_args"] = (self.move_tls_context(), found.host)
+        yield found.host, found.port, options
         yield len(refs)
         yield from self._send(event, refs)
+
+    def move_tls_context(self) -> ssl.SSLContext:
+        """How C-MOVE sub-associations to a tls:// destination connect: the destination's certificate
+        must chain to the channel's tls.ca (else the system's CAs) and name its host; the channel's
+        own certificate is our client certificate."""
+        if self._move_tls is None:
+            tls = self.channel.tls
+            self._move_tls = (client_context(tls.ca, tls.cert, tls.key) if tls is not None else client_context())
+        return self._move_tls
 
     def on_get(self, event: Any) -> Iterator[Any]:
         self.metrics.dicom_requests.inc(channel=self.channel.name, service="get")

@@ -10,6 +10,7 @@ from engine.connectors.base import ConnectorContext, ConnectorState, Definitions
 from engine.connectors.hl7channel import HL7Channel
 from engine.connectors.mllp.hl7_listener import HL7Listener
 from engine.connectors.mllp.server import MLLPServer
+from engine.tls import STREAM_TLS_KEYS, ReloadingContext
 from engine.yamlfile import ConfigProblem
 
 
@@ -26,14 +27,17 @@ class MllpConnector(ListeningConnector, HL7Channel):
     listener: HL7Listener
 
     spec = ConnectorSpec("mllp", ChannelOptions, ("type", "port"), RoutesKind.MESSAGES,
-                         check_options=check_hl7_options)
+                         check_options=check_hl7_options, tls_keys=STREAM_TLS_KEYS)
 
     def __init__(self, channel: Channel, ctx: ConnectorContext) -> None:
         super().__init__(channel, ctx)
         s = ctx.settings
+        if channel.tls is not None:
+            self.tls = ReloadingContext(channel.tls, f"channel {channel.name}")
         self.listener = HL7Listener(channel, self.inbound, ctx.writer, ctx.metrics, host=s.bind,
                                     port=self.configured_port(channel, s), max_connections=s.mllp.max_connections,
-                                    max_buffered_bytes=s.mllp.max_buffered_bytes)
+                                    max_buffered_bytes=s.mllp.max_buffered_bytes,
+                                    tls=self.tls.context if self.tls is not None else None)
 
     @staticmethod
     def configured_port(channel: Channel, settings: Settings) -> int:
@@ -59,11 +63,11 @@ class MllpConnector(ListeningConnector, HL7Channel):
         out["port"] = srv.port
         out["connections"] = {"open": srv.active_connections, "total": srv.connections_total,
                               "refused": srv.refused_total, "closed_for_room": srv.closed_for_room_total,
-                              "buffered_bytes": srv.buffered_bytes}
+                              "buffered_bytes": srv.buffered_bytes, "tls_refused": srv.tls_refused_total}
         return out
 
     def endpoint(self) -> str:
-        return f"on {self.ctx.settings.bind}:{self.port}"
+        return f"on {self.ctx.settings.bind}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
     def health(self) -> dict[str, Any]:
         return {"ok": self.server.running, "listening": self.server.running, "port": self.server.port}

@@ -4,21 +4,38 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import overload
+import ssl
+from typing import Any, overload
 
 from engine.connectors.mllp import EB, frame
 
 
 class MLLPClient:
-    def __init__(self, host: str, port: int, timeout: float = 30.0) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 30.0, *, tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
+        """``tls``: speak MLLP over TLS with this client context (engine.tls.client_context); the
+        server's certificate must name ``server_hostname`` (default: host)."""
         self.host, self.port, self.timeout = host, port, timeout
+        self.tls, self.server_hostname = tls, server_hostname or host
         self.sock: socket.socket | None = None
         self._buf = b""
 
     def __enter__(self) -> MLLPClient:
-        self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            try:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.server_hostname)
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         return self
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The server's verified certificate (TLS only)."""
+        return self.sock.getpeercert() if isinstance(self.sock, ssl.SSLSocket) else None
 
     def __exit__(self, *_exc: object) -> None:
         if self.sock is not None:

@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
 
 from engine.connectors.limits import LogBudget
 from engine.connectors.mllp import frame
@@ -55,8 +57,9 @@ class MLLPServer:
     def __init__(self, name: str, host: str, port: int, handler: FrameHandler, *,
                  on_problem: ProblemCounter | None = None, on_report: ReportHandler | None = None,
                  max_size: int = 10 * 1024 * 1024, idle_timeout: float = 120.0, max_connections: int = 200,
-                 max_buffered_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_buffered_bytes: int = 256 * 1024 * 1024, tls: SSLContext | None = None) -> None:
         self.name = name
+        self.ssl = tls  # TLS only when given (a channel's tls: block); updated in place on reload
         self.host = host
         self.requested_port = port
         self.handler = handler
@@ -73,6 +76,7 @@ class MLLPServer:
         self.connections_total = 0
         self.refused_total = 0
         self.closed_for_room_total = 0
+        self.tls_refused_total = 0  # TLS handshakes that failed
 
     @property
     def port(self) -> int:
@@ -95,9 +99,10 @@ class MLLPServer:
 
     async def start(self) -> None:
         self._stopping = False
+        # TLS is started on each connection (_on_connect), so a refused handshake is logged with its peer
         self._server = await asyncio.start_server(self._on_connect, self.host, self.requested_port,
                                                   reuse_address=True, limit=1024 * 1024)
-        log.info("channel %s: MLLP listening on %s:%d", self.name, self.host, self.port)
+        log.info("channel %s: MLLP%s listening on %s:%d", self.name, "/TLS" if self.ssl else "", self.host, self.port)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         """Stop accepting; let messages being handled finish (their ACK is written), then close."""
@@ -168,6 +173,8 @@ class MLLPServer:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl is not None and not await self._start_tls(writer, remote):
+            return
         task = asyncio.current_task()
         assert task is not None
         conn = Connection(remote, writer, MLLPDecoder(self.max_size))
@@ -193,6 +200,21 @@ class MLLPServer:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer.wait_closed(), 1)
+
+    async def _start_tls(self, writer: asyncio.StreamWriter, remote: str) -> bool:
+        """The TLS handshake of a new connection, within the idle timeout (at most a minute); a
+        failure (plain text, an untrusted or missing client certificate, TLS older than 1.2) is
+        logged with the peer and the connection closed."""
+        assert self.ssl is not None
+        try:
+            await writer.start_tls(self.ssl, ssl_handshake_timeout=min(self.idle_timeout, 60.0))
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            self.tls_refused_total += 1
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            self._warn("TLS handshake with %s failed: %s", remote, reason)
+            writer.close()
+            return False
+        return True
 
     async def _serve(self, reader: asyncio.StreamReader, conn: Connection) -> None:
         writer, remote = conn.writer, conn.remote
