@@ -222,7 +222,8 @@ class Engine:
         self._register_gauges()
         self._actor = engine_actor()
         ctx = ConnectorContext(settings=s, db=self.db, writer=self.writer, mappings=self.mappings,
-                               metrics=self.metrics, storage=self._study_storage, events=self.bus)
+                               metrics=self.metrics, storage=self._study_storage, events=self.bus,
+                               on_tls_reload=self.tls_reloaded)
         try:
             for ch in channels:
                 self.channels[ch.name] = ch
@@ -296,6 +297,7 @@ class Engine:
                              ssl_context=self.http_tls.context if self.http_tls is not None else None)
         await site.start()
         if self.http_tls is not None and s.http.tls.reload_seconds > 0:
+            self.http_tls.on_reload = self.tls_reloaded
             self._tasks.append(asyncio.create_task(self.http_tls.watch(), name="https-certificate-reload"))
         self.http_site = site
         addresses = self.http_runner.addresses
@@ -396,6 +398,14 @@ class Engine:
                               status=422 if refused else 200)
         except Exception:
             log.exception("mapping reload not recorded in the audit trail")
+
+    async def tls_reloaded(self, detail: str, loaded: bool) -> None:
+        """A certificate changed on disk at run time (loaded, or refused and the old one kept): a
+        config-reload row of the audit trail."""
+        try:
+            await self._audit(AuditAction.CONFIG_RELOAD, Subject("Engine", detail=detail), status=200 if loaded else 422)
+        except Exception:
+            log.exception("TLS certificate reload not recorded in the audit trail")
 
     async def _audit(self, action: AuditAction, subject: Subject, status: int = 200) -> None:
         """An audit row for something the engine did on its own (start, stop, mapping reload)."""

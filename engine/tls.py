@@ -19,7 +19,7 @@ import datetime as dt
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -239,8 +239,11 @@ class ReloadingContext:
         # a listener whose handshakes run in threads of their own (pynetdicom) takes a new context
         # instead: the one in use is never changed while another thread wraps a socket with it
         self.replace: Callable[[ssl.SSLContext], None] | None = None
+        # told of every reload tried (what happened, and whether it took): the engine's audit trail
+        self.on_reload: Callable[[str, bool], Awaitable[None]] | None = None
         self._stamps = self._now()
         self.reloads = 0
+        self.attempt: tuple[str, bool] | None = None  # the last reload tried: what happened, and whether it took
 
     def _now(self) -> tuple[tuple[float, int] | None, ...]:
         return tuple(_stamp(p) for p in (self.settings.cert, self.settings.key, self.settings.ca) if p)
@@ -261,9 +264,12 @@ class ReloadingContext:
                     self.context.load_verify_locations(cafile=self.settings.ca)  # adds the new CAs
         except (TLSError, ssl.SSLError, OSError) as exc:
             log.error("%s: new TLS certificate not loaded, the previous one stays in use: %s", self.what, exc)
+            self.attempt = (f"{self.what}: TLS certificate {self.settings.cert} changed on disk but not loaded "
+                            f"({type(exc).__name__}); the previous one stays in use", False)
             return False
         self.reloads += 1
         log.info("%s: TLS certificate %s loaded again (changed on disk)", self.what, self.settings.cert)
+        self.attempt = (f"{self.what}: TLS certificate {self.settings.cert} loaded again (changed on disk)", True)
         return True
 
     async def watch(self) -> None:
@@ -273,7 +279,10 @@ class ReloadingContext:
             try:
                 # on the loop's thread, not another: the context is not changed while a handshake
                 # of the loop uses it (a stat per file; reading them only after a change)
+                self.attempt = None
                 self.reload_if_changed()
+                if self.attempt is not None and self.on_reload is not None:
+                    await self.on_reload(*self.attempt)
             except Exception:
                 log.exception("%s: TLS certificate reload failed", self.what)
 

@@ -14,10 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy import select
 
 from engine.config import Settings
 from engine.connectors.base import ListeningConnector
 from engine.connectors.mllp.client import MLLPClient
+from engine.store.models import AuditEvent
 from engine.tls import TLSError, client_context
 from tests.certs import PKI, make_pki, serial_of
 from tests.conftest import SAMPLES, RunningEngine, make_settings
@@ -383,6 +385,16 @@ def test_mllp_certificate_rotation_is_picked_up_without_restart(workdir: Path, s
         eng.call(_sleep(0.05))
     assert conn.tls.reloads > reloads
     assert served_serial() == renewed.serial
+    # a certificate changed at run time is on the audit trail, by the engine, naming the channel
+    for _ in range(200):  # bounded: the row is written through the writer right after the reload
+        with eng.db.read_session() as s:
+            rows = s.execute(select(AuditEvent.agent, AuditEvent.detail, AuditEvent.status)
+                             .where(AuditEvent.action == "config-reload")).all()
+        if rows:
+            break
+        eng.call(_sleep(0.05))
+    assert [(r.agent.startswith("engine:"), r.status) for r in rows] == [(True, 200)], rows
+    assert "channel hl7-inbound" in (rows[0].detail or "") and str(pki.server.cert) in (rows[0].detail or "")
 
 
 async def _sleep(seconds: float) -> None:

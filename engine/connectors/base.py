@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
@@ -65,6 +65,8 @@ class ConnectorContext:
     metrics: Metrics
     storage: Callable[[], ObjectStorage]  # the study storage, created on first use
     events: EventBus  # the domain event bus: what connectors apply publishes here, outboxes subscribe
+    # told of each TLS certificate reload tried (what happened, whether it took): the audit trail
+    on_tls_reload: Callable[[str, bool], Awaitable[None]] | None = None
 
 
 class Connector(ABC):
@@ -175,6 +177,7 @@ class ListeningConnector(Connector):
     async def open(self) -> None:
         await self.listener.start()
         if self.tls is not None and self.tls.settings.reload_seconds > 0:
+            self.tls.on_reload = self.ctx.on_tls_reload
             self._tls_watch = asyncio.create_task(self.tls.watch(), name=f"tls-reload-{self.name}")
 
     async def close(self) -> None:
