@@ -311,24 +311,28 @@ def check_files(settings: TLSSettings, source: TLSSource, *, now: dt.datetime | 
             problem(key, f"{path}: not readable ({exc.strerror or exc})")
         return None
 
-    cert_pem = read("cert") if settings.cert else None
-    leaf: Any = None
-    if cert_pem is not None:
+    def certificates(key: str, what: Callable[[int], str]) -> list[Any]:
+        """The PEM certificates of file ``key``, each checked for its dates (``what(i)`` names the i-th)."""
+        path = getattr(settings, key)
+        pem = read(key) if path else None
+        if pem is None:
+            return []
         try:
-            certs = x509.load_pem_x509_certificates(cert_pem)
+            certs = x509.load_pem_x509_certificates(pem)
         except ValueError:
-            problem("cert", f"{settings.cert}: no PEM certificate in it")
-            certs = []
+            problem(key, f"{path}: no PEM certificate in it")
+            return []
         for i, c in enumerate(certs):
-            which = "certificate" if i == 0 else f"certificate {i + 1} of the chain"
             subject = c.subject.rfc4514_string()
             if c.not_valid_after_utc < now:
-                problem("cert", f"{settings.cert}: {which} ({subject}) expired on "
-                                f"{c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+                problem(key, f"{path}: {what(i)} ({subject}) expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
             elif c.not_valid_before_utc > now:
-                problem("cert", f"{settings.cert}: {which} ({subject}) is not valid before "
-                                f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
-        leaf = certs[0] if certs else None
+                problem(key, f"{path}: {what(i)} ({subject}) is not valid before "
+                             f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+        return certs
+
+    chain = certificates("cert", lambda i: "certificate" if i == 0 else f"certificate {i + 1} of the chain")
+    leaf: Any = chain[0] if chain else None
     key_pem = read("key") if settings.key else None
     if key_pem is not None:
         try:
@@ -344,18 +348,7 @@ def check_files(settings: TLSSettings, source: TLSSource, *, now: dt.datetime | 
                                                         serialization.PublicFormat.SubjectPublicKeyInfo)
                 if ours != theirs:
                     problem("key", f"{settings.key}: this key does not belong to the certificate in {settings.cert}")
-    if settings.ca:
-        ca_pem = read("ca")
-        if ca_pem is not None:
-            try:
-                cas = x509.load_pem_x509_certificates(ca_pem)
-            except ValueError:
-                problem("ca", f"{settings.ca}: no PEM certificate in it")
-                cas = []
-            for c in cas:
-                if c.not_valid_after_utc < now:
-                    problem("ca", f"{settings.ca}: CA certificate ({c.subject.rfc4514_string()}) expired on "
-                                  f"{c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    certificates("ca", lambda _i: "CA certificate")
     return problems
 
 
@@ -379,4 +372,4 @@ def peer_subject(peercert: dict[str, Any] | None) -> str | None:
 
 
 _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
-          "localityName": "L", "stateOrProvinceName": "ST"}
+          "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "emailAddress"}

@@ -358,6 +358,18 @@ def test_https_client_certificates_required(workdir: Path, sqlite_url: str, pki:
     assert ok.returncode == 0 and '"ok"' in ok.stdout, ok.stderr
 
 
+def test_the_audit_trail_names_the_client_certificate(workdir: Path, sqlite_url: str, pki: PKI,
+                                                      engine_factory: Any) -> None:
+    """Who read patient data over mutual TLS: the token's name and the certificate's subject."""
+    eng = engine_factory(workdir, sqlite_url, https_settings(pki, "required"))
+    got = curl(f"https://localhost:{eng.engine.http_port}/api/patients?identifier=NOBODY", "--cacert", str(pki.ca),
+               "--cert", str(pki.client.cert), "--key", str(pki.client.key))
+    assert got.returncode == 0 and '"patients"' in got.stdout, got.stderr + got.stdout
+    with eng.db.read_session() as s:
+        (subject,) = s.execute(select(AuditEvent.cert_subject).where(AuditEvent.action == "search")).scalars()
+    assert subject is not None and "CN=MODALITY1" in subject
+
+
 # --- certificate reload -------------------------------------------------------------------------------
 def test_mllp_certificate_rotation_is_picked_up_without_restart(workdir: Path, sqlite_url: str, pki: PKI,
                                                                engine_factory: Any) -> None:

@@ -34,6 +34,7 @@ from engine.store.audit import (
     syslog_line,
 )
 from engine.store.tokens import Role
+from engine.tls import peer_subject
 from engine.web.fhir_views import patient_ids_of
 from engine.web.keys import FHIR_INBOUND, SETTINGS, WRITER
 from engine.web.reads import on_reader
@@ -62,15 +63,7 @@ def cert_subject_of(request: web.Request) -> str | None:
     """The verified client certificate's subject (``CN=...,O=...``) when the request came over TLS
     with one; None otherwise."""
     transport = request.transport
-    cert = transport.get_extra_info("peercert") if transport is not None else None
-    if not cert:
-        return None
-    parts = [f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn]
-    names = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
-             "localityName": "L", "stateOrProvinceName": "ST", "emailAddress": "emailAddress"}
-    for long, short in names.items():
-        parts = [p.replace(f"{long}=", f"{short}=", 1) if p.startswith(f"{long}=") else p for p in parts]
-    return ",".join(parts) or None
+    return peer_subject(transport.get_extra_info("peercert") if transport is not None else None)
 
 
 def actor_of(request: web.Request) -> Actor:
