@@ -30,9 +30,9 @@ from tests.test_reconciliation import settle
 from tests.waiting import wait_until
 
 # A process that leases work the way an engine's workers do (the reconciliation of study argv[2],
-# one delivery to mllp), says what it holds, and stays until it is killed.
+# one delivery to mllp), says what it holds, and stays until it is killed (it waits on its stdin).
 HOLD = """
-import sys, time
+import sys
 from engine.outbound import outbox
 from engine.reconciliation import queue
 from engine.store.db import open_database
@@ -45,7 +45,7 @@ with db.writer.begin() as conn:
     [delivery] = outbox.claim(conn, "mllp", holder, limit=1, lease_seconds=3600)
 db.dispose()
 print(holder, job.job_id, delivery.id, flush=True)
-time.sleep(600)
+sys.stdin.read()
 """
 RESUME = 60.0  # what the issue asks: pending work resumes within a minute of a restart
 
@@ -172,7 +172,8 @@ def test_a_holder_is_gone_only_when_its_process_on_this_host_is() -> None:
     me = this_process()
     assert me.pid == os.getpid() and me.started and Holder.parse(str(me)) == me and not me.is_gone()
     assert Holder(me.host, me.pid, "19990101T000000Z").is_gone()  # this pid in an earlier life
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # runs until killed: it waits on a stdin nobody writes to
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         started = process_start(sleeper.pid)
         assert started is not None
@@ -192,7 +193,7 @@ class Holding:
 
     def __init__(self, db_url: str, study_id: int) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", HOLD, db_url, str(study_id)], cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # bounded: the process prints once, or exits (end of file)
         assert line, self.proc.stderr.read() if self.proc.stderr else "no output"
