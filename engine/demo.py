@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.config import Settings
 from engine.connectors.mllp.client import MLLPClient
-from engine.store.db import display_url
+from engine.redaction import redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "tests" / "samples"
@@ -78,7 +78,7 @@ async def _demo(work: Path) -> int:
     try:
         port = engine.connector("hl7-inbound", MllpConnector).port
         print(f"RadBridge demo: engine on 127.0.0.1, MLLP port {port}, HTTP port {engine.http_port}, "
-              f"store {display_url(s.database_url)}\n")
+              f"store {redact_url(s.database_url)}\n")
 
         def send_all() -> None:
             with MLLPClient("127.0.0.1", port) as client:

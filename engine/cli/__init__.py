@@ -39,8 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     scrub_logs(settings.secret_values(), hide_rows=not settings.log_patient_details)
     from sqlalchemy.exc import SQLAlchemyError
 
+    from engine.redaction import redact_url
     from engine.runtime import Engine
-    from engine.store.db import display_url, without_password
     from engine.web.app import build_app
 
     async def main() -> int:
@@ -56,8 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 1
         except SQLAlchemyError as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            print(f"radbridge: not started: database {display_url(settings.database_url)}: "
-                  f"{scrub(without_password(why, settings.database_url), settings.secret_values())}", file=sys.stderr)
+            print(f"radbridge: not started: database {redact_url(settings.database_url)}: "
+                  f"{scrub(why, settings.secret_values())}", file=sys.stderr)
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -89,9 +89,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(str(p), file=sys.stderr if p.severity == "error" else sys.stdout)
     errors = [p for p in problems if p.severity == "error"]
     if args.database:
+        from engine.redaction import redact_url, scrub
         from engine.store import migrate
-        from engine.store.db import display_url, open_database, without_password
-        shown = display_url(settings.database_url)
+        from engine.store.db import open_database
+        shown = redact_url(settings.database_url)
         try:
             db = open_database(settings.database_url)
             current = migrate.current_revision(db)
@@ -100,7 +101,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"database {shown}: schema {current or 'empty'} (latest {head})")
         except Exception as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            print(f"database {shown}: cannot connect: {without_password(why, settings.database_url)}",
+            print(f"database {shown}: cannot connect: {scrub(why, settings.secret_values())}",
                   file=sys.stderr)
             errors.append(None)  # type: ignore[arg-type]
     if errors:

@@ -43,8 +43,8 @@ def cmd_storage(args: argparse.Namespace) -> int:
     try:
         db = open_db(settings)
     except Exception as exc:
-        from engine.store.db import display_url
-        print(f"radbridge storage check: cannot open the database {display_url(settings.database_url)}: "
+        from engine.redaction import redact_url
+        print(f"radbridge storage check: cannot open the database {redact_url(settings.database_url)}: "
               f"{type(exc).__name__}", file=sys.stderr)
         return 2
     try:

@@ -69,23 +69,6 @@ def _sqlite_engine(url: str, *, immediate: bool, synchronous: str, busy_timeout_
     return eng
 
 
-def display_url(url: str) -> str:
-    """The URL as it may be printed or logged: the password replaced by ***."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: say so without echoing it
-        return "(a database URL that cannot be parsed)"
-
-
-def without_password(text: str, url: str) -> str:
-    """``text`` (a driver's error, say) with the URL's password, if it has one, replaced by ***."""
-    try:
-        password = make_url(url).password
-    except Exception:
-        return text
-    return text.replace(str(password), "***") if password else text
-
-
 def create_private_file(path: Path, text: str = "") -> bool:
     """Create ``path`` readable and writable by its owner only (0600) from the first byte, holding
     ``text``; False when it exists already (left as it is). The SQLite file is made so before SQLite

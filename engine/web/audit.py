@@ -11,7 +11,6 @@ a row of its own with the refusal's status. ``GET /api/audit`` lists and exports
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -45,11 +44,6 @@ log = logging.getLogger(__name__)
 MAX_LIMIT = 1000
 
 routes = web.RouteTableDef()
-
-
-def fingerprint(token: str) -> str:
-    """How a token without a name is named in the trail: never the token itself."""
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 AGENT = web.RequestKey("radbridge_agent", str)  # set by the token check: the token's name
