@@ -58,7 +58,7 @@ from engine.store.audit import Actor, AuditAction, Subject, engine_actor, messag
 from engine.store.db import Database, create_private_file, open_database
 from engine.store.models import Message
 from engine.store.retention import prune
-from engine.store.tokens import GENERATED, config_token_name
+from engine.store.tokens import ALL_ROLES, GENERATED, Principal, config_token_name
 from engine.tls import ReloadingContext, TLSSettings, TLSSource, check_files
 from engine.yamlfile import ConfigFileError, ConfigProblem
 
@@ -132,6 +132,7 @@ class Engine:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop_event = threading.Event()
         self._generated_token: str | None = None
+        self._configured_tokens: list[tuple[Principal, bytes]] | None = None
         self._actor = Actor("engine")
         self._started = False  # the start is in the audit trail (so the stop will be)
         self.reconciler: Reconciler | None = None
@@ -170,12 +171,16 @@ class Engine:
         return self._storage
 
     # --- tokens ------------------------------------------------------------------------------------------
-    def api_tokens(self) -> dict[str, str]:
-        """Configured and generated tokens by name (named tokens are rows: engine/store/tokens.py)."""
-        named = {config_token_name(t): t for t in self.settings.api_tokens()}
-        if self._generated_token:
-            named[GENERATED] = self._generated_token
-        return named
+    def configured_tokens(self) -> list[tuple[Principal, bytes]]:
+        """Configured and generated tokens, each with every role and its secret's digest (named
+        tokens are rows: engine/store/tokens.py). Hashed on first use, not per request."""
+        if self._configured_tokens is None:
+            named = {config_token_name(t): t for t in self.settings.api_tokens()}
+            if self._generated_token:
+                named[GENERATED] = self._generated_token
+            self._configured_tokens = [(Principal(name, ALL_ROLES), tokens.digest_of(secret))
+                                       for name, secret in named.items()]
+        return self._configured_tokens
 
     def _ensure_token(self) -> None:
         """<storage dir>/api-token: a token holding every role, so a fresh install can be reached. Only
@@ -196,6 +201,7 @@ class Engine:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._generated_token = secrets.token_urlsafe(24)
             create_private_file(path, self._generated_token + "\n")  # never readable by others
+        self._configured_tokens = None  # hashed again with the generated one
         log.info("HTTP API token (no http.tokens configured, no named tokens) is in %s", path)
 
     # --- lifecycle ---------------------------------------------------------------------------------------

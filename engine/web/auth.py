@@ -57,9 +57,7 @@ def _refusal(request: web.Request, status: int, detail: str, code: str, **extra:
 async def authenticate(request: web.Request, given: str) -> Principal | None:
     """The principal whose token ``given`` is, or None. Configured tokens first (no database needed,
     so /metrics with one keeps working while the database is down), then the named ones."""
-    configured = request.config_dict[ENGINE].api_tokens()
-    found = tokens.find(given, [(Principal(name, ALL_ROLES), tokens.digest_of(secret))
-                                for name, secret in configured.items()])
+    found = tokens.find(given, request.config_dict[ENGINE].configured_tokens())
     if found is not None:
         return found
     rows = await on_reader(request, tokens.active)

@@ -32,9 +32,10 @@ class EngineControl(Protocol):
     def storage(self) -> ObjectStorage | None:
         """The study storage (free space for /health), None when no channel stores studies."""
 
-    def api_tokens(self) -> dict[str, str]:
-        """The tokens that are not rows of api_tokens, by name: configured (http.tokens,
-        RADBRIDGE_API_TOKEN) and generated (<storage dir>/api-token); each holds every role."""
+    def configured_tokens(self) -> list[tuple[Principal, bytes]]:
+        """The tokens that are not rows of api_tokens, as (principal, SHA-256 of the secret):
+        configured (http.tokens, RADBRIDGE_API_TOKEN) and generated (<storage dir>/api-token); each
+        holds every role. Hashed once, not per request."""
         ...
 
     def health(self) -> tuple[bool, dict[str, Any]]:
