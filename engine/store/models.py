@@ -547,3 +547,19 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+
+class ConsoleSession(Base):
+    """A login to the operator console (engine/store/sessions.py): the cookie's secret is kept only
+    as its SHA-256; the token it was opened with is named and hashed, so revoking the token ends it."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)  # hex
+    token_name: Mapped[str] = mapped_column(String(64))
+    token_sha256: Mapped[str] = mapped_column(String(64))  # hex, of the token's secret
+    csrf: Mapped[str] = mapped_column(String(64))  # the hidden field of every form of this session
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
