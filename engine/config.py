@@ -69,6 +69,7 @@ class HTTPSettings:
     header_timeout_seconds: float = 15.0
     body_timeout_seconds: float = 60.0  # a request body must have arrived whole within this: else 408
     max_connections: int = 256  # open connections; one more is answered 503 and closed at once
+    console_session_hours: float = 12.0  # a console login lasts this long (logout or revoking its token end it sooner)
     tls: TLSSettings = field(default_factory=TLSSettings)  # [http.tls]: cert given = HTTPS (docs/security.md)
 
 
@@ -472,7 +473,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
                                           f"{entry!r} is not AET=host:port (or AET=tls://host:port)"))
     _check_ehr(settings, problems)
     for key in ("mllp.max_connections", "mllp.max_buffered_bytes", "http.header_timeout_seconds",
-                "http.body_timeout_seconds", "http.max_connections"):
+                "http.body_timeout_seconds", "http.max_connections", "http.console_session_hours"):
         section, _, name = key.partition(".")
         if getattr(getattr(settings, section), name) <= 0:
             problems.append(ConfigProblem(settings.source or "environment", 0, key, "must be greater than 0"))

@@ -205,3 +205,32 @@ def hl7_stage(workdir: Path, db_url: str) -> Iterator[tuple[Database, HL7Inbound
         yield db, HL7Inbound(channel, registry)
     finally:
         db.dispose()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """One headless chromium for the session (Debian's, by executable path; see tests/browser.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import chromium_path
+    path = chromium_path()
+    if path is None:
+        pytest.skip("chromium is not installed (scripts/test installs it: apt-get install chromium)")
+    with sync_playwright() as pw:
+        launched = pw.chromium.launch(executable_path=path, headless=True, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture
+def console(running: RunningEngine, browser: Any) -> Iterator[Any]:
+    """A browser tab on ``running``'s console, logged in with the test token (every role)."""
+    from tests.browser import Console
+    tab = Console(browser, f"http://127.0.0.1:{running.engine.http_port}")
+    tab.login(TOKEN)
+    try:
+        yield tab
+    finally:
+        tab.close()

@@ -5,6 +5,7 @@ secrets stored only as SHA-256. Real HTTP to a running engine, SQLite and Postgr
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import urllib.error
 import urllib.parse
@@ -24,6 +25,7 @@ from engine.store.db import open_database
 from engine.store.migrate import upgrade
 from engine.store.models import ApiToken, AuditEvent
 from engine.store.tokens import Role
+from engine.web.auth import is_console_path
 from engine.web.roles import requires, route_table, undeclared_routes
 from tests.conftest import TOKEN, RunningEngine
 from tests.fhirutil import patient
@@ -50,6 +52,7 @@ class Call:
     role: Role | None
     body: Any = None
     ctype: str = "application/json"
+    answers_401: bool = False  # the handler's own answer is 401 (a login form told a wrong token)
 
     def data(self) -> bytes | None:
         if self.body is None:
@@ -65,6 +68,14 @@ def _txn(resource: dict[str, Any]) -> dict[str, Any]:
 
 CALLS = [
     Call("GET", "/health", "/health", None),
+    # the console (HTML): no token is a redirect to the login form, a missing role a 403 page naming it
+    Call("GET", "/login", "/login", None),
+    Call("POST", "/login", "/login", None, "token=rb_nothing", FORM, answers_401=True),
+    Call("POST", "/logout", "/logout", None, "", FORM),
+    Call("GET", "/static/console.css", "/static/{name}", None),
+    Call("GET", "/favicon.ico", "/favicon.ico", None),
+    Call("GET", "/", "/", Role.READ),
+    Call("GET", "/overview/live", "/overview/live", Role.READ),
     Call("GET", "/metrics", "/metrics", Role.METRICS),
     # admin API
     Call("GET", "/api/audit", "/api/audit", Role.READ),
@@ -106,6 +117,15 @@ CALLS = [
 class Answer:
     status: int
     body: Any
+    location: str | None = None  # of a redirect
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a redirect is an answer of its own here (the console's way of saying "log in")
+
+
+NO_REDIRECT = urllib.request.build_opener(_NoRedirect)
 
 
 def request(eng: RunningEngine, call: Call, token: str | None) -> Answer:
@@ -116,11 +136,12 @@ def request(eng: RunningEngine, call: Call, token: str | None) -> Answer:
     if token is not None:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback
-            status, ctype, raw = resp.status, resp.headers.get("Content-Type", ""), resp.read()
+        with NO_REDIRECT.open(req, timeout=30) as resp:
+            status, ctype, raw, location = resp.status, resp.headers.get("Content-Type", ""), resp.read(), None
     except urllib.error.HTTPError as exc:
         status, ctype, raw = exc.code, exc.headers.get("Content-Type", ""), exc.read()
-    return Answer(status, json.loads(raw) if raw and "json" in ctype else raw.decode())
+        location = exc.headers.get("Location")
+    return Answer(status, json.loads(raw) if raw and "json" in ctype else raw.decode(), location)
 
 
 def create_tokens(settings: Settings, names: dict[str, frozenset[Role]], revoked: tuple[str, ...] = ()) -> dict[str, str]:
@@ -149,6 +170,13 @@ def matrix(settings: Settings) -> Iterator[tuple[RunningEngine, dict[str, str]]]
 
 def refusal(call: Call, answer: Answer, status: int, role: Role | None) -> str | None:
     """Why ``answer`` is not the refusal expected (None when it is)."""
+    if is_console_path(call.path):  # the console: to the login form, or a page naming the role
+        if status == 401:
+            return None if answer.status == 303 and (answer.location or "").startswith("/login?next=") \
+                else f"status {answer.status} to {answer.location}, expected 303 to the login form"
+        if answer.status != 403 or role is None or f"'{role.value}'" not in html.unescape(answer.body):
+            return f"status {answer.status}, expected a 403 page naming {role}: {answer.body!r}"[:300]
+        return None
     if answer.status != status:
         return f"status {answer.status}, expected {status}"
     body = answer.body
@@ -185,7 +213,8 @@ def test_every_route_and_role_is_allowed_or_refused_nothing_else(matrix: tuple[R
             answer = request(eng, call, secret)
             where = f"{call.method} {call.path} as {who}"
             if call.role is None or call.role in roles:  # the handler answers: anything but a refusal or a crash
-                if answer.status in (401, 403) or answer.status >= 500:
+                if answer.status in (401, 403) and not (call.answers_401 and answer.status == 401) \
+                        or answer.status >= 500:
                     wrong.append(f"{where}: {answer.status} {answer.body!r}"[:300])
             elif (why := refusal(call, answer, 401 if secret in (None, "rb_wrong", secrets["retired"]) else 403,
                                  call.role if secret not in (None, "rb_wrong", secrets["retired"]) else None)):

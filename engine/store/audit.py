@@ -56,6 +56,9 @@ class AuditAction(StrEnum):
     TOKEN_REVOKE = "token-revoke"
     START = "start"
     STOP = "stop"
+    LOGIN = "login"  # a console session opened (or refused: status 401/403)
+    LOGOUT = "logout"
+    MAPPING_EDIT = "mapping-edit"  # a mapping file saved from the console
 
 
 READS = (AuditAction.READ, AuditAction.VREAD, AuditAction.SEARCH)

@@ -156,7 +156,11 @@ def active(conn: Connection) -> list[ActiveToken]:
 
 def find(given: str, candidates: Iterable[tuple[Principal, bytes]]) -> Principal | None:
     """The principal whose secret digest matches ``given``'s, comparing every candidate in constant time."""
-    wanted = digest_of(given)
+    return find_digest(digest_of(given), candidates)
+
+
+def find_digest(wanted: bytes, candidates: Iterable[tuple[Principal, bytes]]) -> Principal | None:
+    """The principal whose secret's SHA-256 is ``wanted`` (a console session keeps only that)."""
     found: Principal | None = None
     for principal, digest in candidates:
         if hmac.compare_digest(digest, wanted):

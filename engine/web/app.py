@@ -1,4 +1,5 @@
-"""The HTTP root app: /health (open), /metrics (role metrics), and the /api/ and /fhir/ sub-apps.
+"""The HTTP root app: /health (open), /metrics (role metrics), the console at / (engine/web/console),
+and the /api/ and /fhir/ sub-apps.
 Every route declares its role (engine/web/auth.py); /health and /fhir/metadata are public (a FHIR
 client reads the CapabilityStatement to learn how to authenticate)."""
 
@@ -13,6 +14,7 @@ from engine.errors import RadBridgeError
 from engine.store.tokens import Role
 from engine.web.api import api_app
 from engine.web.auth import auth_middleware
+from engine.web.console import setup_console
 from engine.web.fhir import fhir_app
 from engine.web.keys import ENGINE, METRICS, WRITER, EngineServices, provide
 from engine.web.reads import on_reader
@@ -61,6 +63,7 @@ def build_app(engine: EngineServices) -> web.Application:
     app = web.Application(middlewares=[auth_middleware], client_max_size=8 * 1024 * 1024)
     provide(app, engine)
     app.add_routes(routes)
+    setup_console(app)
     app.add_subapp("/api/", api_app())
     app.add_subapp("/fhir/", fhir_app())
     if missing := undeclared_routes(app):

@@ -9,6 +9,7 @@ imports ``engine.runtime``: the engine is known here only through these protocol
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from engine.pipeline.writer import IngestWriter
 from engine.storage.base import ObjectStorage
 from engine.store.audit import Actor
 from engine.store.db import Database
+from engine.store.sessions import OpenSession
 from engine.store.tokens import Principal
 
 
@@ -88,6 +90,11 @@ ENGINE = web.AppKey[EngineControl]("engine")
 # Set on every request that passed the token check (engine/web/auth.py): the token's name and roles
 # (with http.auth = "none": "anonymous", every role). Handlers read it with request[PRINCIPAL].
 PRINCIPAL = web.RequestKey("radbridge_principal", Principal)
+# Set when the request came with a console session cookie (engine/web/auth.py): its CSRF secret
+# goes into every form the page renders.
+SESSION = web.RequestKey("radbridge_session", OpenSession)
+# With [http] auth = "none" there is no session: the console's forms carry this engine-wide secret.
+CONSOLE_CSRF = web.AppKey("console_csrf", str)
 
 
 def provide(app: web.Application, engine: EngineServices) -> None:
@@ -102,3 +109,4 @@ def provide(app: web.Application, engine: EngineServices) -> None:
     app[MAPPINGS] = engine.mappings
     app[FHIR_INBOUND] = engine.fhir
     app[ENGINE] = engine
+    app[CONSOLE_CSRF] = secrets.token_urlsafe(24)
