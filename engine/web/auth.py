@@ -17,6 +17,11 @@ generated ``<storage dir>/api-token`` (those hold every role). No or an unknown 
 token without the route's role: 403 naming the role (an OperationOutcome under /fhir/, a JSON
 error elsewhere). The request then carries ``PRINCIPAL`` (name and roles) and the audit trail's
 ``AGENT`` (the token's name).
+
+The console (engine/web/console) logs a person in with a token and then keeps a session cookie
+(engine/store/sessions.py): a request without ``Authorization`` is checked against it, and a change
+(POST, PUT, PATCH, DELETE) made with the cookie must carry the session's CSRF secret. Console pages
+get refusals a person can read: a redirect to the login form, or a 403 page naming the role.
 """
 
 from __future__ import annotations
