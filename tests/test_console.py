@@ -17,6 +17,7 @@ from sqlalchemy import select
 from engine.store import tokens
 from engine.store.models import AuditEvent, ConsoleSession
 from engine.store.tokens import Role
+from engine.web.console.pages import NAV as NAV_LABELS
 from tests.browser import Console
 from tests.conftest import TOKEN, RunningEngine
 from tests.test_roles import create_tokens
@@ -144,3 +145,62 @@ def test_every_page_keeps_out_inline_script_and_framing(running: RunningEngine, 
     policy = answer.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy
     assert answer.headers["x-frame-options"] == "DENY"
+
+
+def _unlabelled_controls(page: Any) -> list[str]:
+    """Form controls a screen reader could not name (no label, aria-label or aria-labelledby)."""
+    return page.evaluate("""() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea, button')]
+        .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                      && !el.getAttribute('aria-labelledby') && !(el.tagName === 'BUTTON' && el.textContent.trim()))
+        .map(el => el.outerHTML.slice(0, 120))""")
+
+
+# every page of the console reached from the navigation (the sections add theirs)
+PAGES = ["/"]
+
+
+@SQLITE_ONLY
+def test_every_page_fits_1280_wide_and_names_every_control(running: RunningEngine, console: Console) -> None:
+    wrong: list[str] = []
+    for path in PAGES:
+        console.open(path)
+        expect(console.page.locator("main h1")).to_be_visible()
+        width = console.page.evaluate("() => document.documentElement.scrollWidth")
+        if width > 1280:
+            wrong.append(f"{path}: {width} px wide")
+        wrong += [f"{path}: {c}" for c in _unlabelled_controls(console.page)]
+    assert wrong == [] and console.errors == []
+
+
+@SQLITE_ONLY
+def test_the_keyboard_alone_reaches_the_sections_and_logs_out(running: RunningEngine, console: Console) -> None:
+    page = console.page
+    console.open("/")
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to content")).to_be_focused()
+    focused: list[str] = []
+    for _ in range(20):  # bounded: the navigation, then the logout button
+        page.keyboard.press("Tab")
+        focused.append(page.evaluate("() => document.activeElement.textContent.trim()"))
+        if focused[-1] == "Log out":
+            break
+    assert [label for _, label in NAV_LABELS if label in focused] == [label for _, label in NAV_LABELS]
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"/login$"))
+
+
+def test_without_token_auth_the_console_opens_and_still_wants_its_csrf_secret(
+        settings: Any, browser: Any) -> None:
+    settings.http.auth = "none"
+    eng = RunningEngine(settings).start()
+    tab = Console(browser, f"http://127.0.0.1:{eng.engine.http_port}")
+    try:
+        tab.open("/login")
+        expect(tab.page).to_have_url(f"{tab.base}/")
+        expect(tab.page.get_by_role("heading", name="Overview")).to_be_visible()
+        forged = tab.page.request.post(f"{tab.base}/overview/live", form={"x": "1"})
+        assert forged.status == 403 and "CSRF" in forged.text()
+        assert tab.page.request.post(f"{tab.base}/api/messages/999999/reprocess").status == 404  # the API: no CSRF
+    finally:
+        tab.close()
+        eng.stop()
