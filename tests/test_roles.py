@@ -78,6 +78,7 @@ CALLS = [
     Call("GET", "/overview/live", "/overview/live", Role.READ),
     Call("GET", "/deliveries?state=dead", "/deliveries", Role.READ),
     Call("GET", "/deliveries/999999", "/deliveries/{id}", Role.READ),
+    Call("GET", "/deliveries/999999/live", "/deliveries/{id}/live", Role.READ),
     Call("POST", "/deliveries/999999/retry", "/deliveries/{id}/retry", Role.OPERATE, "rebuild=1", FORM),
     Call("POST", "/deliveries/retry", "/deliveries/retry", Role.OPERATE, "destination=nowhere", FORM),
     Call("POST", "/deliveries/999999/discard", "/deliveries/{id}/discard", Role.OPERATE, "note=not+needed", FORM),

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from engine.outbound import admin, outbox
 from engine.store.tokens import Role
-from engine.web.console.pages import done, query_int, render
+from engine.web.console.pages import done, fragment, query_int, render
 from engine.web.deliveries import discard_delivery, refusal_detail, retry_dead, retry_delivery
 from engine.web.reads import on_reader
 from engine.web.roles import requires
@@ -86,22 +86,38 @@ async def deliveries(request: web.Request) -> web.Response:
         "link": lambda **kw: "/deliveries?" + urlencode(kw)})
 
 
-@routes.get(r"/deliveries/{id:\d+}")
-@requires(Role.READ)
-async def delivery(request: web.Request) -> web.Response:
-    did = int(request.match_info["id"])
-
+async def _detail(request: web.Request, did: int) -> dict[str, Any] | None:
     def read(conn: Any) -> tuple[admin.DeliveryDetail | None, int | None]:
         d = admin.show_delivery(conn, did)
         return d, admin.message_of(conn, d["order_id"]) if d is not None else None
     d, message_id = await on_reader(request, read)
     if d is None:
-        return render(request, "delivery_missing.html", {"id": did}, status=404)
+        return None
     attempts = [{**a, "answer": _answer_text(a["response"])} for a in d["attempts_made"]]
-    return render(request, "delivery.html", {
-        "d": d, "attempts": attempts, "message_id": message_id, "payload": _payload_text(d["payload"]),
-        "can_retry": d["state"] in ("dead", "pending", "discarded"),
-        "can_discard": d["state"] in ("dead", "pending")})
+    return {"d": d, "attempts": attempts, "message_id": message_id, "payload": _payload_text(d["payload"]),
+            "can_retry": d["state"] in ("dead", "pending", "discarded"),
+            "can_discard": d["state"] in ("dead", "pending")}
+
+
+@routes.get(r"/deliveries/{id:\d+}")
+@requires(Role.READ)
+async def delivery(request: web.Request) -> web.Response:
+    did = int(request.match_info["id"])
+    context = await _detail(request, did)
+    if context is None:
+        return render(request, "delivery_missing.html", {"id": did}, status=404)
+    return render(request, "delivery.html", context)
+
+
+@routes.get(r"/deliveries/{id:\d+}/live")
+@requires(Role.READ)
+async def delivery_live(request: web.Request) -> web.Response:
+    """The delivery's state and attempts, fetched again every few seconds (static/console.js) while
+    it is pending: a retried delivery is seen going through without reloading."""
+    context = await _detail(request, int(request.match_info["id"]))
+    if context is None:
+        raise web.HTTPNotFound()
+    return fragment(request, "delivery_status.html", context)
 
 
 async def _form(request: web.Request) -> dict[str, str]:
