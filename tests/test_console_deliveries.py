@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import html
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.sync_api import Dialog, expect
@@ -23,7 +24,7 @@ from tests.browser import Console
 from tests.conftest import TOKEN, RunningEngine
 from tests.dicomutil import require_dcmtk
 from tests.hl7util import adt
-from tests.test_outbound import EHR_TOKEN, deliveries, order_and_images, seg, start, wake
+from tests.test_outbound import EHR_TOKEN, _cli_env, deliveries, order_and_images, seg, start, wake
 from tests.test_reconciliation import hl7, settle
 from tests.test_roles import create_tokens
 from tests.waiting import wait_until
@@ -40,22 +41,13 @@ def ehr() -> Iterator[StandInEHR]:
 
 
 @pytest.fixture
-def eng(workdir: Path, db_url: str, ehr: StandInEHR) -> Iterator[RunningEngine]:
+def running(workdir: Path, db_url: str, ehr: StandInEHR) -> Iterator[RunningEngine]:
+    """The engine of the ``console`` fixture (conftest): one sending to the stand-in EHR, giving up
+    on a delivery after MAX_ATTEMPTS."""
     require_dcmtk()
     e = start(workdir, db_url, ehr, max_attempts=MAX_ATTEMPTS)
-    try:
-        yield e
-    finally:
-        e.stop()
-
-
-@pytest.fixture
-def tab(eng: RunningEngine, browser: Any) -> Iterator[Console]:
-    t = Console(browser, f"http://127.0.0.1:{eng.engine.http_port}")
-    try:
-        yield t
-    finally:
-        t.close()
+    yield e
+    e.stop()
 
 
 def dead_mllp(e: RunningEngine, n: int = 1) -> list[int]:
@@ -66,38 +58,56 @@ def dead_mllp(e: RunningEngine, n: int = 1) -> list[int]:
     return wait_until(dead, timeout=WAIT, message=f"{n} dead deliveries to mllp")
 
 
+def dead_then_renamed(e: RunningEngine, ehr: StandInEHR, tmp: Path, mrn: str, accession: str) -> tuple[int, int]:
+    """A delivery to mllp dies (the EHR's results inbox is down); then the patient is renamed
+    Smith -> Smythe by an A08, whose corrected result dies too; then the EHR comes back. The ids of
+    the first delivery and of the correction."""
+    ehr.set_mllp_down(True)
+    order_and_images(e, tmp, mrn, accession, family="Smith", n=1)
+    settle(e)
+    wake(e)
+    [first] = dead_mllp(e)
+    hl7(e, adt("A08", mrn, "Smythe", "John", dob="19800202", sex="M"))
+    settle(e)
+    wake(e)
+    again, corrected = dead_mllp(e, 2)
+    assert again == first
+    ehr.set_mllp_down(False)
+    return first, corrected
+
+
 def orus_for(ehr: StandInEHR, accession: str) -> list[str]:
     """The ORU^R01 the stand-in EHR accepted (AA) for ``accession``."""
     return [m for m in ehr.oru_messages() if seg(m, "OBR")[18] == accession]
 
 
-def accept_dialogs(tab: Console) -> None:
+def accept_dialogs(console: Console) -> None:
     """data-confirm forms ask first: a person says yes."""
     def accept(dialog: Dialog) -> None:
         dialog.accept()
-    tab.page.on("dialog", accept)
+    console.page.on("dialog", accept)
 
 
-def test_retry_a_dead_delivery(eng: RunningEngine, ehr: StandInEHR, tab: Console, tmp_path: Path) -> None:
+def test_retry_a_dead_delivery(running: RunningEngine, ehr: StandInEHR, console: Console, tmp_path: Path) -> None:
     ehr.nak = lambda msg: "AR" if "|ACCD1|" in msg else None  # AR: worth retrying, until the attempts run out
-    order_and_images(eng, tmp_path, "MRND1", "ACCD1", n=1)
-    settle(eng)
-    wake(eng)
-    [did] = dead_mllp(eng)
-    page = tab.login(TOKEN, "/deliveries")
+    order_and_images(running, tmp_path, "MRND1", "ACCD1", n=1)
+    settle(running)
+    wake(running)
+    [did] = dead_mllp(running)
+    page = console.open("/deliveries")
     expect(page.get_by_role("heading", name="Deliveries", exact=True)).to_be_visible()
     dead_cell = page.locator('#delivery-counts tr[data-destination="mllp"] td[data-state="dead"]')
     expect(dead_cell).to_have_text("1")
-    tab.shot("deliveries")
+    console.shot("deliveries")
     dead_cell.get_by_role("link").click()
     expect(page).to_have_url(re.compile(r"/deliveries\?destination=mllp&state=dead$"))
     expect(page.get_by_role("heading", name="Dead letters", exact=True)).to_be_visible()
     row = page.locator(f'#deliveries tr[data-delivery="{did}"]')
     expect(row).to_contain_text("dead")
     expect(page.locator("#deliveries tbody tr")).to_have_count(1)
-    tab.shot("deliveries-dead")
+    console.shot("deliveries-dead")
     row.get_by_role("link", name=str(did), exact=True).click()
-    expect(page).to_have_url(f"{tab.base}/deliveries/{did}")
+    expect(page).to_have_url(f"{console.base}/deliveries/{did}")
     expect(page.locator("#delivery-state")).to_have_text("dead")
     expect(page.locator("#attempts tbody tr")).to_have_count(MAX_ATTEMPTS)
     answers = page.locator("#attempts pre.answer")
@@ -108,40 +118,29 @@ def test_retry_a_dead_delivery(eng: RunningEngine, ehr: StandInEHR, tab: Console
     expect(payload).to_contain_text("MSH|^~\\&|")
     expect(payload).to_contain_text("ORU^R01")
     expect(payload).to_contain_text("|ACCD1|")
-    expect(page.get_by_role("link", name=f"patient {deliveries(eng)[0].patient_id}")).to_have_attribute(
+    expect(page.get_by_role("link", name=f"patient {deliveries(running)[0].patient_id}")).to_have_attribute(
         "href", re.compile(r"^/patients/\d+$"))
-    tab.shot("delivery-dead")
+    console.shot("delivery-dead")
 
     ehr.nak = None  # the EHR is fixed
     page.get_by_role("button", name="Retry", exact=True).click()
     expect(page.get_by_role("status")).to_have_text(f"Delivery {did} is queued again.")
     expect(page.locator("#delivery-state")).to_have_text("delivered")  # live: no reload needed
     expect(page.locator("#attempts tbody tr")).to_have_count(MAX_ATTEMPTS + 1)
-    tab.shot("delivery-delivered")
+    console.shot("delivery-delivered")
     [oru] = orus_for(ehr, "ACCD1")  # exactly once
     assert seg(oru, "MSH")[9] == f"RB{did:010d}"
-    status, audit = eng.api("/api/audit?action=retry")
+    status, audit = running.api("/api/audit?action=retry")
     assert status == 200
     assert [(e["delivery_id"], e["agent"], e["status"]) for e in audit["events"]] == [
         (did, tokens.config_token_name(TOKEN), 200)]
-    assert tab.errors == []
+    assert console.errors == []
 
 
-def test_retry_with_rebuild_sends_the_patient_as_the_store_has_them_now(eng: RunningEngine, ehr: StandInEHR,
-                                                                         tab: Console, tmp_path: Path) -> None:
-    ehr.set_mllp_down(True)
-    order_and_images(eng, tmp_path, "MRNR1", "ACCR1", family="Smith", n=1)
-    settle(eng)
-    wake(eng)
-    [did] = dead_mllp(eng)
-    # the patient is renamed after the delivery died; the correction it causes dies too
-    hl7(eng, adt("A08", "MRNR1", "Smythe", "John", dob="19800202", sex="M"))
-    settle(eng)
-    wake(eng)
-    first, corrected = dead_mllp(eng, 2)
-    assert first == did
-    ehr.set_mllp_down(False)
-    page = tab.login(TOKEN, f"/deliveries/{did}")
+def test_retry_with_rebuild_sends_the_patient_as_the_store_has_them_now(running: RunningEngine, ehr: StandInEHR,
+                                                                         console: Console, tmp_path: Path) -> None:
+    did, corrected = dead_then_renamed(running, ehr, tmp_path, "MRNR1", "ACCR1")
+    page = console.open(f"/deliveries/{did}")
     expect(page.locator("#payload")).to_contain_text("|Smith^John|")  # the message kept from the first attempt
     page.get_by_role("button", name="Retry with rebuild").click()
     expect(page.get_by_role("status")).to_contain_text(f"Delivery {did} is queued again, its message to be built")
@@ -151,30 +150,30 @@ def test_retry_with_rebuild_sends_the_patient_as_the_store_has_them_now(eng: Run
     assert seg(oru, "OBR")[25] == "F"  # still the result it was (study.reconciled), with today's patient
     page.reload()
     expect(page.locator("#payload")).to_contain_text("|Smythe^John|")
-    tab.shot("delivery-rebuilt")
-    assert next(d for d in deliveries(eng) if d.id == corrected).state == "dead"
-    status, audit = eng.api("/api/audit?action=retry")
+    console.shot("delivery-rebuilt")
+    assert next(d for d in deliveries(running) if d.id == corrected).state == "dead"
+    status, audit = running.api("/api/audit?action=retry")
     assert status == 200 and [e["detail"] for e in audit["events"]] == ["destination mllp rebuild"]
-    assert tab.errors == []
+    assert console.errors == []
 
 
-def test_discard_with_a_note_by_keyboard_then_retry_every_dead_one(eng: RunningEngine, ehr: StandInEHR,
-                                                                     tab: Console, tmp_path: Path) -> None:
+def test_discard_with_a_note_by_keyboard_then_retry_every_dead_one(running: RunningEngine, ehr: StandInEHR,
+                                                                     console: Console, tmp_path: Path) -> None:
     ehr.nak = lambda msg: "AE" if "|ACCX" in msg else None  # AE: the message is wrong, dead at once
-    order_and_images(eng, tmp_path / "1", "MRNX1", "ACCX1", n=1)
-    order_and_images(eng, tmp_path / "2", "MRNX2", "ACCX2", family="Jones", n=1)
-    settle(eng)
-    wake(eng)
-    ids = dead_mllp(eng, 2)
-    assert [d.attempts for d in deliveries(eng) if d.id in ids] == [1, 1]
+    order_and_images(running, tmp_path / "1", "MRNX1", "ACCX1", n=1)
+    order_and_images(running, tmp_path / "2", "MRNX2", "ACCX2", family="Jones", n=1)
+    settle(running)
+    wake(running)
+    ids = dead_mllp(running, 2)
+    assert [d.attempts for d in deliveries(running) if d.id in ids] == [1, 1]
     dropped, kept = ids
-    accept_dialogs(tab)
-    page = tab.login(TOKEN, f"/deliveries/{dropped}")
+    accept_dialogs(console)
+    page = console.open(f"/deliveries/{dropped}")
     # an empty note is refused (the browser's own check bypassed: the server says why)
     csrf = page.locator('form.logout input[name="csrf"]').get_attribute("value")
     assert csrf
-    refused = page.request.post(f"{tab.base}/deliveries/{dropped}/discard", form={"csrf": csrf, "note": "  "})
-    assert refused.url == f"{tab.base}/deliveries/{dropped}"  # back to the page (post/redirect/get), which says why
+    refused = page.request.post(f"{console.base}/deliveries/{dropped}/discard", form={"csrf": csrf, "note": "  "})
+    assert refused.url == f"{console.base}/deliveries/{dropped}"  # back to the page (post/redirect/get), which says why
     assert "Not discarded: give a note saying why" in refused.text()
     expect(page.locator("#delivery-state")).to_have_text("dead")
     # with the keyboard alone: Tab reaches the note's box (by its label), then the Discard button
@@ -188,7 +187,7 @@ def test_discard_with_a_note_by_keyboard_then_retry_every_dead_one(eng: RunningE
     page.keyboard.type("sent by fax to ward 3; EHR has it")
     page.keyboard.press("Tab")
     expect(page.get_by_role("button", name="Discard")).to_be_focused()
-    tab.shot("delivery-discard-form")
+    console.shot("delivery-discard-form")
     page.keyboard.press("Enter")
     expect(page.get_by_role("status")).to_have_text(f"Delivery {dropped} is discarded.")
     expect(page.locator("#delivery-state")).to_have_text("discarded")
@@ -196,50 +195,67 @@ def test_discard_with_a_note_by_keyboard_then_retry_every_dead_one(eng: RunningE
     expect(history).to_contain_text("discarded")
     expect(history).to_contain_text("sent by fax to ward 3; EHR has it")
     expect(page.get_by_role("button", name="Discard")).to_have_count(0)
-    tab.shot("delivery-discarded")
-    status, audit = eng.api("/api/audit?action=discard")
+    console.shot("delivery-discarded")
+    status, audit = running.api("/api/audit?action=discard")
     assert status == 200
     assert [(e["delivery_id"], e["status"], e["detail"]) for e in audit["events"]] == [
         (dropped, 200, "destination mllp: sent by fax to ward 3; EHR has it")]
 
     # the EHR is fixed: every dead delivery to mllp at once (the discarded one is not dead: it stays)
     ehr.nak = None
-    tab.open("/deliveries")
+    console.open("/deliveries")
     page.get_by_role("button", name="Retry all dead to mllp", exact=True).click()
     expect(page.get_by_role("status")).to_have_text("1 dead delivery to mllp queued again.")
-    wait_until(lambda: {d.id: d.state for d in deliveries(eng) if d.destination == "mllp"}
+    wait_until(lambda: {d.id: d.state for d in deliveries(running) if d.destination == "mllp"}
                == {dropped: "discarded", kept: "delivered"}, timeout=WAIT, message="the kept one delivered")
     assert len(orus_for(ehr, "ACCX2")) == 1 and orus_for(ehr, "ACCX1") == []
-    assert tab.errors == []
+    assert console.errors == []
 
 
 def test_a_read_only_token_sees_no_action_buttons_and_is_refused_when_it_posts(
-        eng: RunningEngine, ehr: StandInEHR, tab: Console, tmp_path: Path) -> None:
+        running: RunningEngine, ehr: StandInEHR, console: Console, tmp_path: Path) -> None:
     ehr.nak = lambda msg: "AE"
-    order_and_images(eng, tmp_path, "MRNV1", "ACCV1", n=1)
-    settle(eng)
-    wake(eng)
-    [did] = dead_mllp(eng)
-    secrets = create_tokens(eng.settings, {"viewer": frozenset({Role.READ})})
-    page = tab.login(secrets["viewer"], "/deliveries?state=dead")
+    order_and_images(running, tmp_path, "MRNV1", "ACCV1", n=1)
+    settle(running)
+    wake(running)
+    [did] = dead_mllp(running)
+    secrets = create_tokens(running.settings, {"viewer": frozenset({Role.READ})})
+    console.page.get_by_role("button", name="Log out").click()  # the operator leaves; a viewer logs in
+    page = console.login(secrets["viewer"], "/deliveries?state=dead")
     expect(page.locator(f'#deliveries tr[data-delivery="{did}"]')).to_be_visible()
     expect(page.get_by_role("button", name=re.compile("Retry|Discard"))).to_have_count(0)
-    tab.shot("deliveries-read-only")
-    tab.open(f"/deliveries/{did}")
+    console.shot("deliveries-read-only")
+    console.open(f"/deliveries/{did}")
     expect(page.locator("#delivery-state")).to_have_text("dead")
     expect(page.locator("#payload")).to_contain_text("|ACCV1|")
     expect(page.get_by_role("button", name=re.compile("Retry|Discard"))).to_have_count(0)
     expect(page.get_by_label(re.compile("^Note"))).to_have_count(0)
-    tab.shot("delivery-read-only")
+    console.shot("delivery-read-only")
     csrf = page.locator('form.logout input[name="csrf"]').get_attribute("value")
     assert csrf
     for path, form in ((f"/deliveries/{did}/retry", {"rebuild": "1"}), ("/deliveries/retry", {"destination": "mllp"}),
                        (f"/deliveries/{did}/discard", {"note": "not mine to drop"})):
-        answer = page.request.post(f"{tab.base}{path}", form={"csrf": csrf, **form}, max_redirects=0)
+        answer = page.request.post(f"{console.base}{path}", form={"csrf": csrf, **form}, max_redirects=0)
         assert answer.status == 403, path
         assert "text/html" in answer.headers["content-type"]
         assert "lacks the role 'operate'" in html.unescape(answer.text())
-    assert [d.state for d in deliveries(eng) if d.id == did] == ["dead"]
-    status, audit = eng.api("/api/audit?action=retry")
+    assert [d.state for d in deliveries(running) if d.id == did] == ["dead"]
+    status, audit = running.api("/api/audit?action=retry")
     assert status == 200 and audit["events"] == []
-    assert tab.errors == []
+    assert console.errors == []
+
+
+def test_cli_retry_with_rebuild_is_the_same_action(running: RunningEngine, ehr: StandInEHR, tmp_path: Path) -> None:
+    """`radbridge deliveries retry ID --rebuild` builds the message again like the console's button,
+    and records the same audit subject."""
+    did, _corrected = dead_then_renamed(running, ehr, tmp_path, "MRNC1", "ACCC1")
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "deliveries", "retry", str(did), "--rebuild"],
+                          capture_output=True, text=True, timeout=60, env=_cli_env(running))
+    assert proc.returncode == 0 and "1 delivery queued again (to be built again)" in proc.stdout, proc.stderr
+    wake(running)
+    assert ehr.wait_for(lambda: len(orus_for(ehr, "ACCC1")) == 1, WAIT)
+    [oru] = orus_for(ehr, "ACCC1")
+    assert seg(oru, "MSH")[9] == f"RB{did:010d}" and seg(oru, "PID")[5] == "Smythe^John"
+    status, audit = running.api("/api/audit?action=retry")
+    assert status == 200 and [(e["delivery_id"], e["detail"]) for e in audit["events"]] == [
+        (did, "destination mllp rebuild")]

@@ -1,4 +1,5 @@
-"""Deliveries as operators see them (admin API and `radbridge deliveries`): list, show, retry, discard."""
+"""Deliveries as operators see them (admin API, console and `radbridge deliveries`): list, show, and
+what their retry and discard actions record on the audit trail."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from sqlalchemy import Connection, func, literal, select, union_all
 from engine.domain.records import ORDER_HISTORY
 from engine.domain.studies import STUDIES
 from engine.outbound.outbox import ATTEMPTS, DELIVERIES, KeptRendering
+from engine.store.audit import Subject, delivery_subject
 from engine.store.states import DeliveryState
 
 SUMMARY = (DELIVERIES.c.id, DELIVERIES.c.created_at, DELIVERIES.c.channel, DELIVERIES.c.destination,
@@ -156,3 +158,27 @@ def show_delivery(conn: Connection, delivery_id: int) -> DeliveryDetail | None:
         .order_by(ATTEMPTS.c.id)).mappings()]
     return out
 
+
+
+# --- what the actions record (the same words from the API, the console and the CLI) -------------------
+
+def retry_subject(conn: Connection, delivery_id: int, rebuild: bool) -> Subject:
+    """The audit subject of retrying one delivery: whose, which study, and "rebuild" when asked."""
+    found = delivery_subject(conn, delivery_id)
+    if rebuild:
+        found.detail = f"{found.detail or ''} rebuild".strip()
+    return found
+
+
+def retry_dead_subject(n: int, destination: str | None, rebuild: bool) -> Subject:
+    """The audit subject of retrying every dead delivery (of ``destination``): how many."""
+    return Subject("Delivery", count=n, detail="every dead delivery" + (f" to {destination}" if destination else "")
+                   + (" rebuild" if rebuild else ""))
+
+
+def discard_subject(conn: Connection, delivery_id: int, note: str) -> Subject:
+    """The audit subject of discarding one delivery, with the operator's note."""
+    found = delivery_subject(conn, delivery_id)
+    if note:
+        found.detail = f"{found.detail or ''}: {note}".strip(": ")
+    return found

@@ -9,7 +9,7 @@ from aiohttp import web
 from sqlalchemy import Connection
 
 from engine.outbound import admin, outbox
-from engine.store.audit import AuditAction, Subject, delivery_subject
+from engine.store.audit import AuditAction
 from engine.store.tokens import Role
 from engine.web.audit import Refused, audited
 from engine.web.inputs import BodyError, read_body
@@ -86,35 +86,23 @@ async def delivery(request: web.Request) -> web.Response:
 async def retry_delivery(request: web.Request, did: int, rebuild: bool = False) -> int:
     """Delivery ``did`` back in the queue (``rebuild``: its message built again from the store as it
     is now), audited; raises 404/409 (JSON) when there is none or it cannot be sent again."""
-    def about(c: Connection, _: Any) -> Subject:
-        found = delivery_subject(c, did)
-        if rebuild:
-            found.detail = f"{found.detail or ''} rebuild".strip()
-        return found
-    n: int = await _write(request, AuditAction.RETRY, lambda c: outbox.retry(c, [did], rebuild=rebuild), about,
-                          _not_done(did, "retry"))
+    n: int = await _write(request, AuditAction.RETRY, lambda c: outbox.retry(c, [did], rebuild=rebuild),
+                          lambda c, _: admin.retry_subject(c, did, rebuild), _not_done(did, "retry"))
     return n
 
 
 async def retry_dead(request: web.Request, destination: str | None, rebuild: bool = False) -> int:
     """Every dead delivery (to ``destination``, or to all) back in the queue, audited; how many."""
-    def about(_: Connection, n: int | None) -> Subject:
-        return Subject("Delivery", count=n or 0, detail="every dead delivery" + (f" to {destination}" if destination
-                                                                                 else "") + (" rebuild" if rebuild else ""))
     n: int = await _write(request, AuditAction.RETRY,
-                          lambda c: outbox.retry(c, None, destination=destination, rebuild=rebuild), about)
+                          lambda c: outbox.retry(c, None, destination=destination, rebuild=rebuild),
+                          lambda _, n: admin.retry_dead_subject(n or 0, destination, rebuild))
     return n
 
 
 async def discard_delivery(request: web.Request, did: int, note: str) -> int:
     """Give up on delivery ``did``; ``note`` is kept in its history and on the audit trail."""
-    def about(c: Connection, _: Any) -> Subject:
-        found = delivery_subject(c, did)
-        if note:
-            found.detail = f"{found.detail or ''}: {note}".strip(": ")
-        return found
-    n: int = await _write(request, AuditAction.DISCARD, lambda c: outbox.discard(c, [did], note), about,
-                          _not_done(did, "discard"))
+    n: int = await _write(request, AuditAction.DISCARD, lambda c: outbox.discard(c, [did], note),
+                          lambda c, _: admin.discard_subject(c, did, note), _not_done(did, "discard"))
     return n
 
 
