@@ -134,6 +134,14 @@ def test_retry_a_dead_delivery(running: RunningEngine, ehr: StandInEHR, console:
     assert status == 200
     assert [(e["delivery_id"], e["agent"], e["status"]) for e in audit["events"]] == [
         (did, tokens.config_token_name(TOKEN), 200)]
+    # the FHIR side went through at once: its page shows the ImagingStudy sent and the server's answer
+    [fhir] = [d for d in deliveries(running) if d.destination == "fhir"]
+    console.open(f"/deliveries/{fhir.id}")
+    expect(page.locator("#delivery-state")).to_have_text("delivered")
+    expect(page.locator("#payload")).to_contain_text('"resourceType": "ImagingStudy"')
+    expect(page.locator("#attempts tbody tr td").nth(2)).to_have_text(re.compile(r"^20[01]$"))
+    expect(page.get_by_role("button", name=re.compile("Retry|Discard"))).to_have_count(0)  # delivered: nothing to do
+    console.shot("delivery-fhir")
     assert console.errors == []
 
 
