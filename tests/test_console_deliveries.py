@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Dialog, expect
+from sqlalchemy import select
 
+from engine.outbound import admin
 from engine.standin_ehr import StandInEHR
 from engine.store import tokens
+from engine.store.models import Delivery, Order, OrderStatusChange, Study
 from engine.store.tokens import Role
 from tests.browser import Console
 from tests.conftest import TOKEN, RunningEngine
@@ -29,7 +32,7 @@ from tests.test_reconciliation import hl7, settle
 from tests.test_roles import create_tokens
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 WAIT = 30.0
 MAX_ATTEMPTS = 2  # a delivery the EHR keeps refusing is dead after its second attempt
 
@@ -88,6 +91,7 @@ def accept_dialogs(console: Console) -> None:
     console.page.on("dialog", accept)
 
 
+@SQLITE_ONLY
 def test_retry_a_dead_delivery(running: RunningEngine, ehr: StandInEHR, console: Console, tmp_path: Path) -> None:
     ehr.nak = lambda msg: "AR" if "|ACCD1|" in msg else None  # AR: worth retrying, until the attempts run out
     order_and_images(running, tmp_path, "MRND1", "ACCD1", n=1)
@@ -145,6 +149,7 @@ def test_retry_a_dead_delivery(running: RunningEngine, ehr: StandInEHR, console:
     assert console.errors == []
 
 
+@SQLITE_ONLY
 def test_retry_with_rebuild_sends_the_patient_as_the_store_has_them_now(running: RunningEngine, ehr: StandInEHR,
                                                                          console: Console, tmp_path: Path) -> None:
     did, corrected = dead_then_renamed(running, ehr, tmp_path, "MRNR1", "ACCR1")
@@ -165,6 +170,7 @@ def test_retry_with_rebuild_sends_the_patient_as_the_store_has_them_now(running:
     assert console.errors == []
 
 
+@SQLITE_ONLY
 def test_discard_with_a_note_by_keyboard_then_retry_every_dead_one(running: RunningEngine, ehr: StandInEHR,
                                                                      console: Console, tmp_path: Path) -> None:
     ehr.nak = lambda msg: "AE" if "|ACCX" in msg else None  # AE: the message is wrong, dead at once
@@ -220,6 +226,7 @@ def test_discard_with_a_note_by_keyboard_then_retry_every_dead_one(running: Runn
     assert console.errors == []
 
 
+@SQLITE_ONLY
 def test_a_read_only_token_sees_no_action_buttons_and_is_refused_when_it_posts(
         running: RunningEngine, ehr: StandInEHR, console: Console, tmp_path: Path) -> None:
     ehr.nak = lambda msg: "AE"
@@ -253,6 +260,7 @@ def test_a_read_only_token_sees_no_action_buttons_and_is_refused_when_it_posts(
     assert console.errors == []
 
 
+@SQLITE_ONLY
 def test_cli_retry_with_rebuild_is_the_same_action(running: RunningEngine, ehr: StandInEHR, tmp_path: Path) -> None:
     """`radbridge deliveries retry ID --rebuild` builds the message again like the console's button,
     and records the same audit subject."""
@@ -267,3 +275,61 @@ def test_cli_retry_with_rebuild_is_the_same_action(running: RunningEngine, ehr: 
     status, audit = running.api("/api/audit?action=retry")
     assert status == 200 and [(e["delivery_id"], e["detail"]) for e in audit["events"]] == [
         (did, "destination mllp rebuild")]
+
+
+def listed(running: RunningEngine, query: str) -> tuple[list[int], dict[str, str]]:
+    """The delivery ids a /deliveries page lists, in order, and its pager's links (rel -> query)."""
+    status, page = running.api(f"/deliveries?{query}")
+    assert status == 200, page
+    ids = [int(i) for i in re.findall(r'<tr data-delivery="(\d+)">', page)]
+    links = {rel: html.unescape(q) for q, rel in re.findall(r'<a href="\?([^"]*)" rel="(prev|next)">', page)}
+    return ids, links
+
+
+def test_the_list_pages_by_id_and_filters_by_destination_state_study_and_message(
+        running: RunningEngine, ehr: StandInEHR, tmp_path: Path) -> None:
+    """Query logic of /deliveries on both databases: keyset pages (older, then newer again), each
+    filter, and counts that stop at their cap."""
+    ehr.nak = lambda msg: "AE" if "|ACCP1|" in msg else None
+    objs = [order_and_images(running, tmp_path / str(i), f"MRNP{i}", f"ACCP{i}", n=1) for i in (1, 2, 3)]
+    settle(running)
+    wake(running)
+
+    def settled() -> list[Delivery]:
+        found = deliveries(running)
+        return found if len(found) == 6 and all(d.state != "pending" for d in found) else []
+    done = wait_until(settled, timeout=WAIT, message="six deliveries settled")
+    ids = sorted((d.id for d in done), reverse=True)
+    dead = [d.id for d in done if d.state == "dead"]
+    assert len(dead) == 1
+
+    first, links = listed(running, "limit=2")
+    assert first == ids[:2] and set(links) == {"next"}
+    second, links = listed(running, links["next"])
+    assert second == ids[2:4] and set(links) == {"prev", "next"}
+    third, links = listed(running, links["next"])
+    assert third == ids[4:] and set(links) == {"prev"}
+    back, links = listed(running, links["prev"])
+    assert back == ids[2:4] and set(links) == {"prev", "next"}
+    newest, links = listed(running, links["prev"])
+    assert newest == ids[:2] and set(links) == {"next"}
+
+    assert listed(running, "state=dead&destination=mllp")[0] == dead
+    assert listed(running, "state=dead&destination=fhir")[0] == []
+    with running.db.read_session() as s:
+        placed_by = s.execute(select(OrderStatusChange.message_id).join(Order, Order.id == OrderStatusChange.order_id)
+                              .where(Order.accession == "ACCP2", OrderStatusChange.message_id.is_not(None))
+                              .order_by(OrderStatusChange.id)).scalars().first()
+        study_of = {acc: sid for acc, sid in s.execute(select(Study.accession, Study.id))}
+    assert listed(running, f"study={objs[2].study_uid}")[0] == [
+        d.id for d in sorted(done, key=lambda d: -d.id) if d.study_id == study_of["ACCP3"]]
+    assert listed(running, f"message={placed_by}")[0] == [
+        d.id for d in sorted(done, key=lambda d: -d.id) if d.study_id == study_of["ACCP2"]]
+    status, page = running.api("/deliveries?state=lost&message=ACCP2")
+    assert status == 200 and "state must be one of pending, delivered, dead, discarded, superseded" in page
+    assert "message is a message&#39;s number" in page or "message is a message&#x27;s number" in page
+
+    with running.db.reader.connect() as conn:
+        assert admin.destinations(conn) == ["fhir", "mllp"]
+        assert admin.capped_counts(conn) == {"fhir": {"delivered": 3}, "mllp": {"delivered": 2, "dead": 1}}
+        assert admin.capped_counts(conn, cap=1) == {"fhir": {"delivered": 2}, "mllp": {"delivered": 2, "dead": 1}}

@@ -20,7 +20,8 @@ from engine.web.reads import on_reader
 from engine.web.roles import requires
 
 routes = web.RouteTableDef()
-PAGE = 50
+PAGE = 50  # rows a page, unless ?limit= says otherwise (1 to MAX_PAGE)
+MAX_PAGE = 500
 COUNT_CAP = 10_000
 MAX_NOTE = 1000
 FILTERS = ("destination", "state", "study", "message")
@@ -62,20 +63,23 @@ async def deliveries(request: web.Request) -> web.Response:
     given, problems = _filters(request)
     before = query_int(request, "before", 0, 0, 2**62) or None
     after = query_int(request, "after", 0, 0, 2**62) or None
+    page = query_int(request, "limit", PAGE, 1, MAX_PAGE)
+    if page != PAGE:
+        given["limit"] = str(page)  # kept in the pager's links
 
     def read(conn: Any) -> tuple[list[admin.DeliverySummary], dict[str, dict[str, int]]]:
         rows = admin.list_deliveries(conn, state=given.get("state"), destination=given.get("destination"),
-                                     study_uid=given.get("study"), limit=PAGE + 1, before=before,
+                                     study_uid=given.get("study"), limit=page + 1, before=before,
                                      after=None if before else after,
                                      message_id=int(given["message"]) if "message" in given else None)
         return rows, admin.capped_counts(conn, COUNT_CAP)
     rows, counts = await on_reader(request, read)
     if after and not before:  # the page just newer than `after`: one more means there are newer still
-        more_newer, more_older = len(rows) > PAGE, True
+        more_newer, more_older = len(rows) > page, True
         rows = rows[1:] if more_newer else rows
     else:
-        more_older, more_newer = len(rows) > PAGE, before is not None
-        rows = rows[:PAGE]
+        more_older, more_newer = len(rows) > page, before is not None
+        rows = rows[:page]
     older = urlencode({**given, "before": rows[-1]["id"]}) if rows and more_older else None
     newer = urlencode({**given, "after": rows[0]["id"]}) if rows and more_newer else None
     dead = {dest: by_state.get("dead", 0) for dest, by_state in counts.items() if by_state.get("dead")}
