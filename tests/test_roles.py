@@ -76,6 +76,12 @@ CALLS = [
     Call("GET", "/favicon.ico", "/favicon.ico", None),
     Call("GET", "/", "/", Role.READ),
     Call("GET", "/overview/live", "/overview/live", Role.READ),
+    Call("GET", "/deliveries?state=dead", "/deliveries", Role.READ),
+    Call("GET", "/deliveries/999999", "/deliveries/{id}", Role.READ),
+    Call("GET", "/deliveries/999999/live", "/deliveries/{id}/live", Role.READ),
+    Call("POST", "/deliveries/999999/retry", "/deliveries/{id}/retry", Role.OPERATE, "rebuild=1", FORM),
+    Call("POST", "/deliveries/retry", "/deliveries/retry", Role.OPERATE, "destination=nowhere", FORM),
+    Call("POST", "/deliveries/999999/discard", "/deliveries/{id}/discard", Role.OPERATE, "note=not+needed", FORM),
     Call("GET", "/metrics", "/metrics", Role.METRICS),
     # admin API
     Call("GET", "/api/audit", "/api/audit", Role.READ),

@@ -85,7 +85,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 if a["response"]:
                     print("    " + a["response"][:500].replace("\r", "\n    "))
             return 0
-        from engine.store.audit import AuditAction, Subject, cli_actor, delivery_subject, record_action
+        from engine.store.audit import AuditAction, cli_actor, record_action
         actor, command = cli_actor(), f"radbridge deliveries {args.action}"
         if args.action == "retry":
             if not args.ids and not args.dead:
@@ -96,18 +96,13 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 if args.ids:  # one audit row per delivery named: which one, whose, and whether it went back
                     for did in args.ids:
                         one = outbox.retry(conn, [did], destination=args.destination, rebuild=args.rebuild)
-                        subject = delivery_subject(conn, did)
-                        if args.rebuild:
-                            subject.detail = f"{subject.detail or ''} rebuild".strip()
-                        record_action(conn, actor, AuditAction.RETRY, subject, status=200 if one else 409,
-                                      query=command)
+                        record_action(conn, actor, AuditAction.RETRY, admin.retry_subject(conn, did, args.rebuild),
+                                      status=200 if one else 409, query=command)
                         n += one
                 else:
                     n = outbox.retry(conn, None, destination=args.destination, rebuild=args.rebuild)
-                    detail = "every dead delivery" + (f" to {args.destination}" if args.destination else "")
                     record_action(conn, actor, AuditAction.RETRY,
-                                  Subject("Delivery", count=n, detail=detail + (" rebuild" if args.rebuild else "")),
-                                  query=command)
+                                  admin.retry_dead_subject(n, args.destination, args.rebuild), query=command)
             print(f"{n} deliver{'y' if n == 1 else 'ies'} queued again"
                   + (" (to be built again)" if args.rebuild else "") + "; a running engine sends within a second")
             return 0 if n or args.dead else 1
@@ -115,10 +110,8 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         with db.writer.begin() as conn:
             for did in args.ids:
                 one = outbox.discard(conn, [did], args.note)
-                subject = delivery_subject(conn, did)
-                if args.note:
-                    subject.detail = f"{subject.detail or ''}: {args.note}".strip(": ")
-                record_action(conn, actor, AuditAction.DISCARD, subject, status=200 if one else 409, query=command)
+                record_action(conn, actor, AuditAction.DISCARD, admin.discard_subject(conn, did, args.note),
+                              status=200 if one else 409, query=command)
                 n += one
         print(f"{n} deliver{'y' if n == 1 else 'ies'} discarded")
         return 0 if n else 1

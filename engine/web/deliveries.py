@@ -9,7 +9,7 @@ from aiohttp import web
 from sqlalchemy import Connection
 
 from engine.outbound import admin, outbox
-from engine.store.audit import AuditAction, Subject, delivery_subject
+from engine.store.audit import AuditAction
 from engine.store.tokens import Role
 from engine.web.audit import Refused, audited
 from engine.web.inputs import BodyError, read_body
@@ -81,19 +81,45 @@ async def delivery(request: web.Request) -> web.Response:
     return web.json_response(d)
 
 
+# --- the actions, shared by these routes and the console's forms (engine/web/console/deliveries.py) ----
+
+async def retry_delivery(request: web.Request, did: int, rebuild: bool = False) -> int:
+    """Delivery ``did`` back in the queue (``rebuild``: its message built again from the store as it
+    is now), audited; raises 404/409 (JSON) when there is none or it cannot be sent again."""
+    n: int = await _write(request, AuditAction.RETRY, lambda c: outbox.retry(c, [did], rebuild=rebuild),
+                          lambda c, _: admin.retry_subject(c, did, rebuild), _not_done(did, "retry"))
+    return n
+
+
+async def retry_dead(request: web.Request, destination: str | None, rebuild: bool = False) -> int:
+    """Every dead delivery (to ``destination``, or to all) back in the queue, audited; how many."""
+    n: int = await _write(request, AuditAction.RETRY,
+                          lambda c: outbox.retry(c, None, destination=destination, rebuild=rebuild),
+                          lambda _, n: admin.retry_dead_subject(n or 0, destination, rebuild))
+    return n
+
+
+async def discard_delivery(request: web.Request, did: int, note: str) -> int:
+    """Give up on delivery ``did``; ``note`` is kept in its history and on the audit trail."""
+    n: int = await _write(request, AuditAction.DISCARD, lambda c: outbox.discard(c, [did], note),
+                          lambda c, _: admin.discard_subject(c, did, note), _not_done(did, "discard"))
+    return n
+
+
+def refusal_detail(exc: web.HTTPException) -> str:
+    """The one-line reason of a refusal raised by the actions above (their JSON body's detail)."""
+    try:
+        body = json.loads(exc.text or "")
+    except ValueError:
+        return exc.reason
+    return str(body.get("detail") or body.get("error") or exc.reason) if isinstance(body, dict) else exc.reason
+
+
 @routes.post(r"/deliveries/{id:\d+}/retry")
 @requires(Role.OPERATE)
 async def retry_one(request: web.Request) -> web.Response:
     rebuild = request.query.get("rebuild", "").lower() in ("1", "true", "yes")
-    did = _id(request)
-
-    def about(c: Connection, _: Any) -> Subject:
-        found = delivery_subject(c, did)
-        if rebuild:
-            found.detail = f"{found.detail or ''} rebuild".strip()
-        return found
-    n = await _write(request, AuditAction.RETRY, lambda c: outbox.retry(c, [did], rebuild=rebuild), about,
-                     _not_done(did, "retry"))
+    n = await retry_delivery(request, _id(request), rebuild)
     return web.json_response({"retried": n, "rebuild": rebuild})
 
 
@@ -109,27 +135,12 @@ async def retry_many(request: web.Request) -> web.Response:
         raise _error(web.HTTPBadRequest, "the body is not JSON") from None
     if not isinstance(body, dict) or body.get("state", "dead") != "dead":
         raise _error(web.HTTPBadRequest, 'give {"state": "dead", "destination": NAME (optional)}')
-    dest = body.get("destination")
-
-    def about(_: Connection, n: int | None) -> Subject:
-        return Subject("Delivery", count=n or 0,
-                       detail="every dead delivery" + (f" to {dest}" if dest else "") + (" rebuild" if body.get("rebuild") else ""))
-    n = await _write(request, AuditAction.RETRY,
-                     lambda c: outbox.retry(c, None, destination=dest, rebuild=bool(body.get("rebuild"))), about)
+    n = await retry_dead(request, body.get("destination"), bool(body.get("rebuild")))
     return web.json_response({"retried": n})
 
 
 @routes.post(r"/deliveries/{id:\d+}/discard")
 @requires(Role.OPERATE)
 async def discard(request: web.Request) -> web.Response:
-    note = request.query.get("note", "")
-    did = _id(request)
-
-    def about(c: Connection, _: Any) -> Subject:
-        found = delivery_subject(c, did)
-        if note:
-            found.detail = f"{found.detail or ''}: {note}".strip(": ")
-        return found
-    n = await _write(request, AuditAction.DISCARD, lambda c: outbox.discard(c, [did], note), about,
-                     _not_done(did, "discard"))
+    n = await discard_delivery(request, _id(request), request.query.get("note", ""))
     return web.json_response({"discarded": n})
