@@ -125,6 +125,13 @@ def test_retry_a_dead_delivery(running: RunningEngine, ehr: StandInEHR, console:
     expect(page.get_by_role("link", name=f"patient {deliveries(running)[0].patient_id}")).to_have_attribute(
         "href", re.compile(r"^/patients/\d+$"))
     console.shot("delivery-dead")
+    # the payload holds the patient's details: reading it, on the page or from the API, is on the trail
+    patient_id = deliveries(running)[0].patient_id
+    assert running.api(f"/api/deliveries/{did}")[0] == 200
+    status, reads = running.api("/api/audit?action=read&resource_type=Delivery")
+    assert status == 200
+    assert [(e["delivery_id"], e["patient_ids"], e["query"].split("?")[0]) for e in reads["events"]] == [
+        (did, [patient_id], f"/api/deliveries/{did}"), (did, [patient_id], f"/deliveries/{did}")]  # newest first
 
     ehr.nak = None  # the EHR is fixed
     page.get_by_role("button", name="Retry", exact=True).click()

@@ -11,7 +11,7 @@ from sqlalchemy import Connection
 from engine.outbound import admin, outbox
 from engine.store.audit import AuditAction
 from engine.store.tokens import Role
-from engine.web.audit import Refused, audited
+from engine.web.audit import Refused, audited, record_read
 from engine.web.inputs import BodyError, read_body
 from engine.web.keys import ENGINE
 from engine.web.reads import on_reader
@@ -78,7 +78,14 @@ async def delivery(request: web.Request) -> web.Response:
     d = await on_reader(request, lambda c: admin.show_delivery(c, _id(request)))
     if d is None:
         raise _error(web.HTTPNotFound, f"no delivery {_id(request)}")
+    await record_delivery_read(request, d)
     return web.json_response(d)
+
+
+async def record_delivery_read(request: web.Request, d: admin.DeliveryDetail) -> None:
+    """The payload sent holds the patient's details: reading it is on the audit trail (API and console)."""
+    await record_read(request, "read", "Delivery", 200, [dict(d)], [d["patient_id"]] if d["patient_id"] else [],
+                      delivery_id=d["id"])
 
 
 # --- the actions, shared by these routes and the console's forms (engine/web/console/deliveries.py) ----

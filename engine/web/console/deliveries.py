@@ -15,7 +15,13 @@ from aiohttp import web
 from engine.outbound import admin, outbox
 from engine.store.tokens import Role
 from engine.web.console.pages import done, fragment, query_int, render
-from engine.web.deliveries import discard_delivery, refusal_detail, retry_dead, retry_delivery
+from engine.web.deliveries import (
+    discard_delivery,
+    record_delivery_read,
+    refusal_detail,
+    retry_dead,
+    retry_delivery,
+)
 from engine.web.reads import on_reader
 from engine.web.roles import requires
 
@@ -110,6 +116,7 @@ async def delivery(request: web.Request) -> web.Response:
     context = await _detail(request, did)
     if context is None:
         return render(request, "delivery_missing.html", {"id": did}, status=404)
+    await record_delivery_read(request, context["d"])  # not the live refresh: one row per page view
     return render(request, "delivery.html", context)
 
 
