@@ -156,7 +156,7 @@ def _unlabelled_controls(page: Any) -> list[str]:
 
 
 # every page of the console reached from the navigation (the sections add theirs)
-PAGES = ["/"]
+PAGES = ["/", "/deliveries", "/deliveries?state=dead"]
 
 
 @SQLITE_ONLY
