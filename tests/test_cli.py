@@ -138,3 +138,22 @@ def test_secrets_are_masked_in_output_and_private_on_disk(tmp_path: Path) -> Non
         run.stdout.close()
     for name in ("radbridge.db", "radbridge.db-wal", "api-token"):
         assert (storage / name).stat().st_mode & 0o077 == 0, f"{name}: {oct((storage / name).stat().st_mode)}"
+
+
+def test_reading_commands_elsewhere_do_not_create_a_store(tmp_path: Path) -> None:
+    """Run from a directory without the engine's var/, a command that reads the store says where it
+    looked and how the store comes to be, and leaves no empty var/ behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_")}
+    commands = [["messages", "list"], ["messages", "show", "1"], ["deliveries", "list"], ["studies", "list"],
+                ["audit"], ["tokens", "list"]]
+    for args in commands:
+        out = subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path, env=env)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert out.stderr.startswith(f"radbridge: no database at {tmp_path}/var/radbridge.db: the engine creates "
+                                     "it when it first starts (`radbridge run`"), (args, out.stderr)
+        assert not (tmp_path / "var").exists(), args
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "check", "--database"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path, env=env)
+    assert out.returncode == 1 and f"no database at {tmp_path}/var/radbridge.db" in out.stderr
+    assert not (tmp_path / "var").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from engine.cli.audit import add_parser as add_audit_parser
-from engine.cli.common import open_db, settings_of
+from engine.cli.common import NoDatabase, open_db, require_database, settings_of
 from engine.cli.deliveries import add_parser as add_deliveries_parser
 from engine.cli.storage import add_parser as add_storage_parser
 from engine.cli.studies import add_parser as add_studies_parser
@@ -94,6 +94,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         from engine.store.db import open_database
         shown = redact_url(settings.database_url)
         try:
+            require_database(settings)
             db = open_database(settings.database_url)
             current = migrate.current_revision(db)
             head = migrate.head_revision()
@@ -449,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args))
     except ConfigFileError as exc:
         _print_problems(exc)
+        return 1
+    except NoDatabase as exc:
+        print(f"radbridge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
