@@ -68,12 +68,20 @@ def test_send_messages_list_show_and_reprocess(running: RunningEngine, tmp_path:
     out = radbridge("send", "hl7", str(f), "--to", f"127.0.0.1:{running.mllp_port}")
     assert out.returncode == 0, out.stderr
     assert "message 1/2: CA" in out.stdout and "message 2/2: AA" in out.stdout
+    # the sample A01 asks for enhanced mode with no application ACK (MSH-15/16 AL/NE): the CA says so,
+    # and where the outcome (AA, as `messages list` shows it) is to be found
+    assert ("message 1/2: CA (commit ACK: stored; MSH-16 NE asks for no application ACK, the outcome AA/AE is in "
+            "`radbridge messages list`)  MSH|") in out.stdout, out.stdout
     send(running.mllp_port, adt("A01", "CLI1", "Err", dob="bad"))
     env = {"RADBRIDGE_DATABASE_URL": running.settings.database_url,
            "RADBRIDGE_CHANNELS_DIR": running.settings.channels_dir,
            "RADBRIDGE_MAPPINGS_DIR": running.settings.mappings_dir}
     out = radbridge("messages", "list", env=env)
     assert out.returncode == 0 and "ORM^O01" in out.stdout and "ORM0001" in out.stdout
+    adt_line = next(line for line in out.stdout.splitlines() if " ADT0001 " in line)
+    assert adt_line.split()[6:8] == ["processed", "AA"], adt_line
+    listed = radbridge("messages", "list", "--help")
+    assert "commit ACK CA first" in " ".join(listed.stdout.split())
     err_line = next(line for line in out.stdout.splitlines() if " error " in line)
     mid = err_line.split()[0]
     shown = radbridge("messages", "show", mid, "--validate", env=env)
@@ -138,6 +146,15 @@ def test_secrets_are_masked_in_output_and_private_on_disk(tmp_path: Path) -> Non
         run.stdout.close()
     for name in ("radbridge.db", "radbridge.db-wal", "api-token"):
         assert (storage / name).stat().st_mode & 0o077 == 0, f"{name}: {oct((storage / name).stat().st_mode)}"
+
+
+def test_send_hl7_help_explains_file_timeout_and_ack_modes() -> None:
+    out = radbridge("send", "hl7", "--help")
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0
+    assert "FILE a file of one or more HL7 v2 messages" in text
+    assert "--timeout SECONDS how long to wait to connect and for each ACK (default 30)" in text
+    assert "Enhanced mode (MSH-15 or MSH-16 set" in text and "commit ACK, CA when the message is stored" in text
 
 
 def test_reading_commands_elsewhere_do_not_create_a_store(tmp_path: Path) -> None:

@@ -257,7 +257,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
                     stmt = stmt.where(Message.control_id == args.control_id)
                 rows = list(s.execute(stmt).scalars())
                 print(f"{'id':>8}  {'received (UTC)':19}  {'channel':14} {'type':10} {'control id':22} "
-                      f"{'status':10} ack  error")
+                      f"{'status':10} ack  error")  # ack: the application ACK code (see --help)
                 for row in rows:
                     print(f"{row.id:>8}  {row.received_at:%Y-%m-%d %H:%M:%S}  {row.channel[:14]:14} "
                           f"{(row.message_type or '-')[:10]:10} {(row.control_id or '-')[:22]:22} {row.status:10} "
@@ -371,7 +371,11 @@ def cmd_send(args: argparse.Namespace) -> int:
                 for reply_bytes in replies:
                     reply = reply_bytes.decode("latin-1", "replace")
                     code = _ack_code(reply_bytes)
-                    print(f"message {i}/{len(messages)}: {code}  {reply.replace(chr(13), ' | ').strip(' |')}")
+                    note = ""
+                    if code == "CA" and len(replies) == 1:  # enhanced mode, no application ACK asked for
+                        note = (f" (commit ACK: stored; MSH-16 {app_ack or 'empty'} asks for no application ACK, "
+                                "the outcome AA/AE is in `radbridge messages list`)")
+                    print(f"message {i}/{len(messages)}: {code}{note}  {reply.replace(chr(13), ' | ').strip(' |')}")
                     if code not in ("AA", "CA"):
                         failures += 1
     except OSError as exc:  # ssl.SSLError too: an untrusted or refused certificate
@@ -410,7 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("messages", help="browse and reprocess stored messages").add_subparsers(dest="action",
                                                                                                  required=True)
-    p = with_config(mg.add_parser("list", help="newest messages first"))
+    p = with_config(mg.add_parser("list", help="newest messages first", description="Stored messages, newest "
+                                  "first. ack: the application ACK code (AA applied, AE error, AR rejected), which "
+                                  "an original-mode sender got; a sender in enhanced mode (MSH-15/16 set) got the "
+                                  "commit ACK CA first, and this code only when its MSH-16 asked for it."))
     p.add_argument("--status", help="received, processed, error, rejected, duplicate, filtered")
     p.add_argument("--control-id")
     p.add_argument("--limit", type=int, default=50)
@@ -430,16 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokens_parser(sub, with_config)
 
     sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)
-    p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")
-    p.add_argument("file")
-    p.add_argument("--to", required=True, help="HOST:PORT")
+    p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs",
+                      description="Send each HL7 v2 message of FILE over MLLP, one at a time, and print every "
+                      "reply as 'message N/M: CODE  ACK'. The ACK mode is the message's own: original mode "
+                      "(MSH-15 and MSH-16 empty) gets one ACK, AA/AE/AR. Enhanced mode (MSH-15 or MSH-16 set, "
+                      "as in the sample ADT with AL/NE) gets a commit ACK, CA when the message is stored, and "
+                      "then an application ACK AA/AE only when MSH-16 asks for one (AL, ER, SU); "
+                      "`radbridge messages list` shows the application outcome (AA/AE/AR) of every message, "
+                      "whichever mode. Exit 1 if any reply is not AA or CA.")
+    p.add_argument("file", metavar="FILE", help="a file of one or more HL7 v2 messages (each starts with MSH; "
+                   "segments end with CR or a line break); several are sent in order on one connection")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="the MLLP listener, e.g. 127.0.0.1:2575")
     p.add_argument("--tls", action="store_true", help="MLLP over TLS (TLS 1.2 or newer; the server's certificate "
                    "is checked against --ca, else the system's CAs)")
     p.add_argument("--ca", help="PEM CA bundle the server's certificate must chain to (implies --tls)")
     p.add_argument("--cert", help="PEM client certificate, for servers that require one (implies --tls)")
     p.add_argument("--key", help="PEM private key of --cert")
     p.add_argument("--server-name", help="the name the server's certificate must carry (default: HOST)")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait to connect and for each ACK (default 30); in enhanced mode with MSH-16 "
+                   "ER or SU, an application ACK that may not come is awaited for at most 1 s")
     p.set_defaults(fn=cmd_send)
     return parser
 
