@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from tests.conftest import REPO, SAMPLES, RunningEngine
@@ -148,6 +149,11 @@ def test_secrets_are_masked_in_output_and_private_on_disk(tmp_path: Path) -> Non
         assert (storage / name).stat().st_mode & 0o077 == 0, f"{name}: {oct((storage / name).stat().st_mode)}"
 
 
+def test_version_comes_from_the_package_metadata() -> None:
+    out = radbridge("--version")
+    assert out.returncode == 0 and out.stdout == f"radbridge {version('radbridge')}\n", out.stdout + out.stderr
+
+
 def test_send_hl7_help_explains_file_timeout_and_ack_modes() -> None:
     out = radbridge("send", "hl7", "--help")
     text = " ".join(out.stdout.split())
@@ -155,6 +161,31 @@ def test_send_hl7_help_explains_file_timeout_and_ack_modes() -> None:
     assert "FILE a file of one or more HL7 v2 messages" in text
     assert "--timeout SECONDS how long to wait to connect and for each ACK (default 30)" in text
     assert "Enhanced mode (MSH-15 or MSH-16 set" in text and "commit ACK, CA when the message is stored" in text
+
+
+def test_mappings_list_shows_kind_and_state_of_every_file(workdir: Path) -> None:
+    env = {"RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings")}
+    out = radbridge("mappings", "list", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:-1]}
+    assert sorted(rows) == sorted(p.stem for p in (workdir / "mappings").glob("*.yaml"))
+    assert rows["hl7-patient"].split()[1:] == ["inbound", "hl7v2", "OK"]
+    assert rows["fhir-patient"].split()[1:] == ["inbound", "fhir", "Patient", "OK"]
+    assert rows["hl7-oru-images"].split()[1:] == ["outbound", "hl7v2", "ORU^R01", "OK"]
+    assert rows["reconciliation"].split()[1:] == ["reconciliation", "rules", "OK"]
+    assert out.stdout.splitlines()[-1] == f"{len(rows)} mapping file(s) in {workdir / 'mappings'}: all valid"
+    # one broken file: its first error with file:line, the others still OK, exit 1
+    (workdir / "mappings" / "hl7-orm.yaml").write_text(
+        "source: hl7v2\nfields:\n  order.accession: OBR-18\n  order.acession_typo: OBR-3\n")
+    out = radbridge("mappings", "list", env=env)
+    assert out.returncode == 1
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:-1]}
+    assert rows["hl7-orm"].split(None, 3)[1:] == [
+        "inbound", "hl7v2", f"INVALID {workdir}/mappings/hl7-orm.yaml:4: order.acession_typo: unknown domain field; "
+        "see docs/mapping-reference.md for the list (site-specific fields go under patient.extra.NAME or "
+        "order.extra.NAME)"]
+    assert rows["hl7-omi"].split()[-1] == "OK"
+    assert out.stdout.splitlines()[-1].endswith(": 1 invalid")
 
 
 def test_reading_commands_elsewhere_do_not_create_a_store(tmp_path: Path) -> None:

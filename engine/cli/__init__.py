@@ -237,6 +237,60 @@ def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> 
     return 0
 
 
+# --- mappings list ------------------------------------------------------------------------------------
+def mapping_kind(data: Any) -> str:
+    """What a mapping file is, from its top-level keys: "inbound hl7v2", "inbound fhir Patient",
+    "outbound hl7v2 ORU^R01", "outbound fhir ImagingStudy", "reconciliation rules"."""
+    if not isinstance(data, dict):
+        return "?"
+    source = str(data.get("source") or "?")
+    if source == "store":
+        target = str(data.get("target") or "?")
+        return f"outbound {target} {data.get('message') or data.get('resource') or ''}".strip()
+    if source == "reconciliation":
+        return "reconciliation rules"
+    return f"inbound {source} {data.get('resource') or ''}".strip()
+
+
+def cmd_mappings_list(args: argparse.Namespace) -> int:
+    """Every mapping file with its kind and its validation state, as `radbridge check` and the engine
+    see it: OK (with its warnings counted) or the first error as file:line. Exit 1 if any is invalid."""
+    from engine.runtime import open_mappings
+    from engine.yamlfile import load_yaml
+
+    settings = settings_of(args)
+    directory = Path(settings.mappings_dir)
+    if not directory.is_dir():
+        print(f"{directory}: mappings directory not found", file=sys.stderr)
+        return 1
+    registry = open_mappings(settings)
+    registry.load_all()
+    names = registry.names()
+    if not names:
+        print(f"no mapping files (*.yaml) in {directory}")
+        return 0
+    width = max(len("mapping"), *(len(n) for n in names))
+    print(f"{'mapping':<{width}}  {'kind':<32} state")
+    invalid = 0
+    for name in names:
+        path = directory / f"{name}.yaml"
+        try:
+            kind = mapping_kind(load_yaml(path))
+        except ConfigFileError:
+            kind = "?"
+        problems = registry.problems(name)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            invalid += 1
+            more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+            state = f"INVALID {errors[0]}{more}"
+        else:
+            state = "OK" + (f" ({len(problems)} warning(s): radbridge check shows them)" if problems else "")
+        print(f"{name:<{width}}  {kind:<32} {state}")
+    print(f"{len(names)} mapping file(s) in {directory}: " + (f"{invalid} invalid" if invalid else "all valid"))
+    return 1 if invalid else 0
+
+
 # --- messages -----------------------------------------------------------------------------------------
 def cmd_messages(args: argparse.Namespace) -> int:
     from sqlalchemy import select
@@ -389,8 +443,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep)
 
 
+def installed_version() -> str:
+    """The version of the installed package (its metadata, as pip installed it)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("radbridge")
+    except PackageNotFoundError:
+        return "(not installed: run scripts/bootstrap)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radbridge", description="RadBridge imaging integration engine")
+    parser.add_argument("--version", action="version", version=f"radbridge {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -411,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sample", help="an HL7 message file (inbound mappings), a DICOM file (reconciliation rules), or "
                    "a stored study's UID or accession (outbound mappings: the message it would produce)")
     p.set_defaults(fn=cmd_mappings_try)
+    with_config(mp.add_parser("list", help="every mapping file with its kind and validation state (exit 1 if one "
+                              "is invalid)")).set_defaults(fn=cmd_mappings_list)
 
     mg = sub.add_parser("messages", help="browse and reprocess stored messages").add_subparsers(dest="action",
                                                                                                  required=True)
