@@ -8,6 +8,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+from engine.store.migrate import head_revision
 from tests.conftest import REPO, SAMPLES, RunningEngine
 from tests.hl7util import adt, send
 from tests.waiting import wait_until
@@ -205,3 +206,34 @@ def test_reading_commands_elsewhere_do_not_create_a_store(tmp_path: Path) -> Non
                          text=True, timeout=120, cwd=tmp_path, env=env)
     assert out.returncode == 1 and f"no database at {tmp_path}/var/radbridge.db" in out.stderr
     assert not (tmp_path / "var").exists()
+
+
+def _first_start(tmp_path: Path, *args: str) -> str:
+    """`radbridge run` on a fresh store until it says it is running; everything it printed."""
+    tmp_path.mkdir()
+    log = tmp_path / "run.log"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_")},
+           "RADBRIDGE_STORAGE_DIR": str(tmp_path / "var"), "RADBRIDGE_MLLP_PORT": "0", "RADBRIDGE_HTTP_PORT": "0",
+           "RADBRIDGE_DICOM_PORT": "0"}
+    with log.open("wb") as out:
+        run = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", *args], cwd=REPO, stdout=out,
+                               stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: "radbridge running:" in log.read_text() or run.poll() is not None, timeout=60,
+                   message="the engine to start")
+    finally:
+        run.terminate()
+        run.wait(30)
+    return log.read_text()
+
+
+def test_first_start_is_quiet_unless_verbose(tmp_path: Path) -> None:
+    """The first start printed one Alembic INFO line per migration (17) before the useful lines: one
+    line says the schema was created; --verbose shows the steps."""
+    text = _first_start(tmp_path / "a")
+    assert "radbridge running:" in text, text
+    assert "alembic" not in text, text
+    assert [line.split(" INFO ")[1] for line in text.splitlines() if "engine.store.migrate" in line] == [
+        f"engine.store.migrate: database schema created (revision {head_revision()})"], text
+    verbose = _first_start(tmp_path / "b", "--verbose")
+    assert "INFO alembic.runtime.migration: Running upgrade  -> 0001" in verbose, verbose

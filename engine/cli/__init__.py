@@ -34,6 +34,8 @@ def _print_problems(exc: ConfigFileError) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a line per migration step on the first start buried the useful lines
+        logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     # a secret that reaches a log line anyway (a driver's message) is masked, and so are the row
     # values a database error quotes (unless log_patient_details)
     scrub_logs(settings.secret_values(), hide_rows=not settings.log_patient_details)
@@ -461,7 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help=f"engine settings (default: {DEFAULT_CONFIG} if present)")
         return p
 
-    with_config(sub.add_parser("run", help="start every enabled channel")).set_defaults(fn=cmd_run)
+    p = with_config(sub.add_parser("run", help="start every enabled channel"))
+    p.add_argument("--verbose", action="store_true", help="also log each schema migration step (Alembic's INFO "
+                   "lines), which a first start has one of per migration")
+    p.set_defaults(fn=cmd_run)
     p = with_config(sub.add_parser("check", help="validate config, channels and mappings"))
     p.add_argument("--database", action="store_true", help="also connect to the database and report its schema")
     p.set_defaults(fn=cmd_check)
