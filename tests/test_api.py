@@ -36,6 +36,11 @@ def test_patients_orders_and_messages(running: RunningEngine) -> None:
 
     (o,) = running.api("/api/orders?accession=ACC1001")[1]["orders"]
     assert o["status"] == "SC" and o["history"][0]["control"] == "NW" and o["procedure"]["code"] == "71020"
+    # the order names its patient as /api/patients does: identifiers with their issuers, and aliases
+    assert o["patient"]["id"] == o["patient_id"] == p["id"]
+    assert o["patient"]["identifiers"] == p["identifiers"] and o["patient"]["aliases"] == p["aliases"]
+    assert {(i["value"], i["issuer"]) for i in o["patient"]["identifiers"]} >= {("100001", "GENHOSP")}
+    assert [(a["value"], a["issuer"]) for a in o["patient"]["aliases"]] == [("GONE9", "GENHOSP")]
 
     msgs = running.api("/api/messages?control_id=ORM0001")[1]["messages"]
     assert [(m["type"], m["status"], m["ack_code"]) for m in msgs] == [("ORM^O01", "processed", "AA")]
