@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from importlib.metadata import version
 from pathlib import Path
 
@@ -237,3 +241,42 @@ def test_first_start_is_quiet_unless_verbose(tmp_path: Path) -> None:
         f"engine.store.migrate: database schema created (revision {head_revision()})"], text
     verbose = _first_start(tmp_path / "b", "--verbose")
     assert "INFO alembic.runtime.migration: Running upgrade  -> 0001" in verbose, verbose
+
+
+def _get_json(url: str, token: str | None = None) -> tuple[int, object]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback URLs the demo printed
+        return resp.status, json.loads(resp.read())
+
+
+def test_demo_serve_keeps_engine_and_standin_ehr_up_until_sigint(tmp_path: Path) -> None:
+    """`radbridge demo` ended with URLs already dead; --serve runs the scenario, prints where the engine
+    and the stand-in EHR listen, answers there until SIGINT, then stops cleanly with exit 0."""
+    log = tmp_path / "demo.log"
+    with log.open("wb") as out:
+        demo = subprocess.Popen([sys.executable, "-m", "engine.cli", "demo", "--serve"], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env={k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_")})
+    try:
+        wait_until(lambda: "The demo keeps running" in log.read_text() or demo.poll() is not None, timeout=120,
+                   message="the demo scenario to finish and serve")
+        text = log.read_text()
+        assert demo.poll() is None, text
+        assert "status CA; history: NW:SC -> CA:CA" in text  # the scenario ran first
+        http = re.search(r"console +(http://127\.0\.0\.1:\d+)/ +\(log in with the token demo-token\)", text)
+        ehr = re.search(r"stand-in EHR +FHIR (http://127\.0\.0\.1:\d+/fhir) \(token ehr-token\)", text)
+        assert http and ehr, text
+        assert _get_json(f"{http[1]}/health")[0] == 200
+        status, patients = _get_json(f"{http[1]}/api/patients?identifier=100001", "demo-token")
+        assert status == 200 and isinstance(patients, dict) and len(patients["patients"]) == 1
+        status, bundle = _get_json(f"{http[1]}/fhir/Patient?identifier=100001", "demo-token")
+        assert status == 200 and isinstance(bundle, dict) and bundle["total"] == 1
+        status, studies = _get_json(f"{ehr[1]}/ImagingStudy", "ehr-token")
+        assert status == 200 and isinstance(studies, dict) and studies["resourceType"] == "Bundle"
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0, log.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(30)
+    assert "radbridge demo: stopping the engine and the stand-in EHR" in log.read_text()

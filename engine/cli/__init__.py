@@ -442,7 +442,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine.demo import run_demo
-    return run_demo(keep=args.keep)
+    return run_demo(keep=args.keep, serve=args.serve)
 
 
 def installed_version() -> str:
@@ -472,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("demo", help="run a scenario on loopback and print what happened")
     p.add_argument("--keep", action="store_true", help="keep the demo's working directory")
+    p.add_argument("--serve", action="store_true", help="then keep the engine (console, API, FHIR) and the stand-in "
+                   "EHR running, with their URLs and the token printed, until Ctrl-C or SIGTERM")
     p.set_defaults(fn=cmd_demo)
 
     mp = sub.add_parser("mappings", help="work with mapping files").add_subparsers(dest="sub", required=True)
