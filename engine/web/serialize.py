@@ -37,6 +37,7 @@ def patient_json(p: Patient, *, orders: bool = True) -> dict[str, Any]:
                  "suffix": p.suffix},
         "birth_date": p.birth_date,
         "sex": p.sex,
+        "address": p.address,
         "extra": p.extra or {},
         "active": p.active,
         "merged_into": p.merged_into_id,
