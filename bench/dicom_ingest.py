@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 # dcmtk's tools by absolute path: with the virtualenv activated, pynetdicom's storescu (other options,
 # other output) comes first on PATH, and every target reported FAILED
 from tests.dicomutil import DcmtkMissing, dcmtk_tool  # noqa: E402
+
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 90.0  # seconds for a target to listen
 STOP_TIMEOUT = 30.0

@@ -19,7 +19,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
 
-
 def dcmtk_dir(path: str | None = None) -> Path | None:
     """The directory of dcmtk's tools: the first on PATH holding a storescu that is not in this Python
     environment. An activated virtualenv puts its bin/ first, and pynetdicom installs commands of the
