@@ -51,6 +51,11 @@ from typing import Any
 from benchutil import describe_source, die_with_parent, mib, proc_status
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# dcmtk's tools by absolute path: with the virtualenv activated, pynetdicom's storescu (other options,
+# other output) comes first on PATH, and every target reported FAILED
+from tests.dicomutil import DcmtkMissing, dcmtk_tool  # noqa: E402
+
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT = 90.0  # seconds for a target to listen
 STOP_TIMEOUT = 30.0
@@ -235,7 +240,6 @@ def start_engine(spec: RunSpec, work: Path) -> tuple[Server, int, Counter]:
 def tls_channels(work: Path, spec: RunSpec) -> Path:
     """A copy of channels/ whose DICOM channel speaks TLS with a test certificate (tests/certs.py);
     storescu then connects with +tla (no client certificate) and checks ours against the test CA."""
-    sys.path.insert(0, str(REPO))
     from tests.certs import make_pki
     pki = make_pki(work / "pki")
     channels = work / "channels"
@@ -278,7 +282,7 @@ def start_storescp(spec: RunSpec, work: Path) -> tuple[Server, int, Counter]:
     out = work / "storescp-out"
     out.mkdir()
     env = {**os.environ, "TCP_NODELAY": "1"}
-    server = Server("storescp", ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], env=env, cwd=work,
+    server = Server("storescp", [dcmtk_tool("storescp"), "-aet", "STORESCP", "-od", str(out), str(port)], env=env, cwd=work,
                     logdir=work)
     server.wait_listening(port)
     return server, port, lambda: sum(1 for _ in out.iterdir()) - spec.warmup
@@ -304,7 +308,7 @@ class SendResult:
 def storescu(aet: str, port: int, files: Sequence[Path], *, timeout: float,
              on_response: Callable[[int], None] | None = None, tls_args: Sequence[str] = ()) -> SendResult:
     """Send ``files`` in one association; ``on_response`` sees the running count of store responses."""
-    argv = ["storescu", "-v", "-aec", aet, *tls_args, HOST, str(port), *map(str, files)]
+    argv = [dcmtk_tool("storescu"), "-v", "-aec", aet, *tls_args, HOST, str(port), *map(str, files)]
     env = {**os.environ, "TCP_NODELAY": "1"}
     res = SendResult()
     tail: list[str] = []
@@ -649,12 +653,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    missing = [t for t in ("storescu", *(("storescp",) if "storescp" in args.target_list else ()))
-               if not shutil.which(t)]
+    missing = []
+    for tool in ("storescu", *(("storescp",) if "storescp" in args.target_list else ())):
+        try:
+            dcmtk_tool(tool)
+        except DcmtkMissing as exc:
+            missing.append(str(exc))
     if "orthanc" in args.target_list and not os.access(ORTHANC, os.X_OK):
-        missing.append(ORTHANC)
+        missing.append(f"{ORTHANC} (Debian package orthanc)")
     if missing:
-        print(f"missing: {', '.join(missing)} (Debian packages dcmtk, orthanc)", file=sys.stderr)
+        print("missing: " + "; ".join(missing), file=sys.stderr)
         return 2
     netns = not args.no_netns and netns_available()
     import pydicom
@@ -662,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = template_path().stat().st_size
     root = Path(tempfile.mkdtemp(prefix="radbridge-dicom-bench-", dir=args.tmpdir))
     print(f"radbridge DICOM ingest benchmark: {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}, "
-          f"pydicom {pydicom.__version__}, {tool_version(['storescu', '--version']).strip('$ ')}, "
+          f"pydicom {pydicom.__version__}, {tool_version([dcmtk_tool('storescu'), '--version']).strip('$ ')}, "
           f"{tool_version([ORTHANC, '--version'])}; engine from {describe_source(REPO)}, database "
           f"{'PostgreSQL (throwaway database per run)' if args.database else 'SQLite'}")
     print(f"{args.instances} instances of 693_UNCI.dcm (CT 512x512, {size:,} bytes) per run, one association, "

@@ -38,10 +38,12 @@ def _get(url: str, token: str) -> Any:
         return json.loads(resp.read())
 
 
-def run_demo(keep: bool = False) -> int:
+def run_demo(keep: bool = False, serve: bool = False) -> int:
+    """The scenario; with ``serve``, the engine and the stand-in EHR then stay up (their URLs and the
+    token printed) until SIGINT or SIGTERM, and stop cleanly (exit 0 when the scenario went well)."""
     work = Path(tempfile.mkdtemp(prefix="radbridge-demo-"))
     try:
-        return asyncio.run(_demo(work))
+        return asyncio.run(_demo(work, serve=serve))
     finally:
         if keep:
             print(f"\nworking directory kept: {work}")
@@ -49,7 +51,38 @@ def run_demo(keep: bool = False) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
-async def _demo(work: Path) -> int:
+async def _serve(engine: Any, ehr: Any, settings: Settings) -> None:
+    """Print where everything listens, then wait for Ctrl-C or SIGTERM."""
+    import signal
+
+    from engine.connectors.dicom.channel import DicomConnector
+    from engine.connectors.mllp.channel import MllpConnector
+    http = f"http://127.0.0.1:{engine.http_port}"
+    dicom = engine.connectors_of(DicomConnector)[0].port
+    mllp = engine.connector("hl7-inbound", MllpConnector).port
+    print(f"""
+The demo keeps running until Ctrl-C (or SIGTERM):
+  console          {http}/  (log in with the token demo-token)
+  admin API        {http}/api/channels, /api/messages, /api/patients?identifier=100001 (Authorization: Bearer demo-token)
+  FHIR             {http}/fhir/  (e.g. {http}/fhir/Patient?identifier=100001, same token)
+  health, metrics  {http}/health, {http}/metrics
+  MLLP inbound     127.0.0.1:{mllp}  (radbridge send hl7 FILE --to 127.0.0.1:{mllp})
+  DICOM SCP        {settings.dicom.aet} at 127.0.0.1:{dicom}
+  stand-in EHR     FHIR {ehr.fhir_base} (token ehr-token), MLLP results inbox {ehr.mllp_address}
+  the CLI on this store: RADBRIDGE_DATABASE_URL={settings.database_url} radbridge messages list""", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    print("radbridge demo: stopping the engine and the stand-in EHR ...", flush=True)
+
+
+async def _demo(work: Path, *, serve: bool = False) -> int:
     from engine.connectors.mllp.channel import MllpConnector
     from engine.runtime import Engine
     from engine.web.app import build_app
@@ -107,8 +140,12 @@ async def _demo(work: Path) -> int:
                 print(f"     #{m['id']} {m['type']:8} {m['control_id']:8} {m['status']:10} ACK {m['ack_code']}")
         await asyncio.to_thread(show)
         ok = await _images_and_results(engine, ehr, work, base)
-        print(f"\nWhere to look next: {base}/channels, {base}/deliveries, /metrics; `radbridge messages list`, "
-              "`radbridge studies list`, `radbridge deliveries list` (token: demo-token).")
+        if serve:
+            await _serve(engine, ehr, s)
+        else:
+            print(f"\nWhere to look next: {base}/channels, {base}/deliveries, /metrics; `radbridge messages list`, "
+                  "`radbridge studies list`, `radbridge deliveries list` (token: demo-token). These URLs stop "
+                  "with the demo: `radbridge demo --serve` keeps the engine and the stand-in EHR up.")
         return 0 if ok else 1
     finally:
         await engine.stop()

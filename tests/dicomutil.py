@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,40 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk waits ~40 ms per PDU without it
+
+def dcmtk_dir(path: str | None = None) -> Path | None:
+    """The directory of dcmtk's tools: the first on PATH holding a storescu that is not in this Python
+    environment. An activated virtualenv puts its bin/ first, and pynetdicom installs commands of the
+    same names there (storescu, findscu, storescp ...) that take other options and print other lines."""
+    env_root = Path(sys.prefix).resolve()
+    for entry in (path if path is not None else os.environ.get("PATH", "")).split(os.pathsep):
+        if not entry:
+            continue
+        d = Path(entry).resolve()
+        if d == env_root or env_root in d.parents:
+            continue
+        if (d / "storescu").is_file() and os.access(d / "storescu", os.X_OK):
+            return d
+    return None
+
+
+class DcmtkMissing(RuntimeError):
+    """dcmtk is not installed (or not on PATH outside the virtualenv)."""
+
+
+def dcmtk_tool(name: str) -> str:
+    """The absolute path of dcmtk's ``name`` (storescu, storescp, findscu ...), never pynetdicom's."""
+    d = dcmtk_dir()
+    if d is None or not (d / name).is_file():
+        raise DcmtkMissing(f"dcmtk's {name} was not found on PATH outside {sys.prefix} (install it: apt-get "
+                           f"install dcmtk; a {name} in {sys.prefix}/bin is pynetdicom's, which is not it)")
+    return str(d / name)
+
+
+_DCMTK = dcmtk_dir()
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1",  # dcmtk waits ~40 ms per PDU without it
+             # dcmtk's directory first, so a bare "storescu" in a subprocess with this env is dcmtk's
+             "PATH": os.pathsep.join([*([str(_DCMTK)] if _DCMTK else []), os.environ.get("PATH", "")])}
 
 
 def data_store_file(name: str) -> Path:
@@ -38,7 +71,7 @@ def bundled(name: str) -> Path:
 
 
 def require_dcmtk() -> None:
-    if shutil.which("storescu") is None:
+    if dcmtk_dir() is None:
         pytest.fail("dcmtk is not installed (scripts/test installs it; or apt-get install dcmtk)")
 
 

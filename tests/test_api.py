@@ -36,6 +36,11 @@ def test_patients_orders_and_messages(running: RunningEngine) -> None:
 
     (o,) = running.api("/api/orders?accession=ACC1001")[1]["orders"]
     assert o["status"] == "SC" and o["history"][0]["control"] == "NW" and o["procedure"]["code"] == "71020"
+    # the order names its patient as /api/patients does: identifiers with their issuers, and aliases
+    assert o["patient"]["id"] == o["patient_id"] == p["id"]
+    assert o["patient"]["identifiers"] == p["identifiers"] and o["patient"]["aliases"] == p["aliases"]
+    assert {(i["value"], i["issuer"]) for i in o["patient"]["identifiers"]} >= {("100001", "GENHOSP")}
+    assert [(a["value"], a["issuer"]) for a in o["patient"]["aliases"]] == [("GONE9", "GENHOSP")]
 
     msgs = running.api("/api/messages?control_id=ORM0001")[1]["messages"]
     assert [(m["type"], m["status"], m["ack_code"]) for m in msgs] == [("ORM^O01", "processed", "AA")]
@@ -127,3 +132,34 @@ def test_channels_report_the_state_of_their_running_connector(workdir: Path, db_
     assert {c["name"]: c["state"] for c in e.engine.channel_status()} == {
         "hl7-inbound": "stopped", "hl7-spare": "disabled", "dicom": "stopped", "fhir-inbound": "stopped",
         "ehr-outbound": "stopped", "hl7-file": "disabled"}
+
+
+def test_the_address_pid11_is_kept_in_history_and_read_as_fhir(running: RunningEngine) -> None:
+    """The shipped patient mapping keeps PID-11 (the home address when it repeats); a later message
+    with another address replaces it (history shows old and new), one without PID-11 leaves it, and
+    PID-11 "" clears it. /fhir/Patient reads it as Patient.address."""
+    port = running.mllp_port
+    assert ack_code(send(port, (SAMPLES / "adt_a01.hl7").read_text())) == "CA"
+    (p,) = running.api("/api/patients?identifier=100001&issuer=GENHOSP")[1]["patients"]
+    assert p["address"] == {"street": "12 Main St", "city": "Springfield", "state": "IL", "postal_code": "62701"}
+    moved = "|||1 Work Rd^^Decatur^IL^62521^USA^B~9 Elm St^Apt 4^Urbana^IL^61801^USA^H"  # PID-9, 10 empty
+    assert ack_code(send(port, adt("A08", "100001", "Smith", "John", dob="19650412", sex="M",
+                                   ts="20240316090000", ctrl="ADDR1")
+                         .replace("|19650412|M\r", "|19650412|M" + moved + "\r"))) == "AA"
+    assert ack_code(send(port, orm("NW", "PADDR", "ACCADDR", "100001"))) == "AA"  # an ORM's PID has no PID-11
+    (p,) = running.api("/api/patients?identifier=100001&issuer=GENHOSP")[1]["patients"]
+    home = {"street": "9 Elm St", "other": "Apt 4", "city": "Urbana", "state": "IL", "postal_code": "61801",
+            "country": "USA", "type": "H"}
+    assert p["address"] == home
+    first = {"street": "12 Main St", "city": "Springfield", "state": "IL", "postal_code": "62701"}
+    changes = [(h["kind"], h["changes"]["fields"]["address"]) for h in p["history"]
+               if "address" in h["changes"].get("fields", {})]
+    assert changes == [("created", first), ("updated", [first, home])]
+    status, fhir = running.api(f"/fhir/Patient/{p['id']}")
+    assert status == 200
+    assert fhir["address"] == [{"use": "home", "line": ["9 Elm St", "Apt 4"], "city": "Urbana", "state": "IL",
+                                "postalCode": "61801", "country": "USA"}]
+    cleared = adt("A08", "100001", "Smith", "John", dob="19650412", sex="M", ts="20240317090000", ctrl="ADDR2")
+    assert ack_code(send(port, cleared.replace("|19650412|M\r", '|19650412|M|||""\r'))) == "AA"
+    (p,) = running.api("/api/patients?identifier=100001&issuer=GENHOSP")[1]["patients"]
+    assert p["address"] is None and "address" not in running.api(f"/fhir/Patient/{p['id']}")[1]

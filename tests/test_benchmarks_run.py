@@ -82,3 +82,17 @@ def test_the_tls_comparison_runs(script: str, args: list[str], tmp_path: Path) -
     tail = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0, tail
     assert "TLS cost" in run.stdout, tail
+
+
+def test_dicom_ingest_uses_dcmtk_with_the_virtualenv_activated(tmp_path: Path) -> None:
+    """bench/README says to activate the venv, which puts pynetdicom's storescu (other options, other
+    output) ahead of dcmtk's on PATH: dicom_ingest.py then reported every target FAILED."""
+    env = bench_env(tmp_path)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # as `. .venv/bin/activate` does
+    env["VIRTUAL_ENV"] = sys.prefix
+    assert (Path(sys.executable).parent / "storescu").exists()  # pynetdicom's, first on that PATH
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "dicom_ingest.py"), "--instances", "3", "--warmup", "1",
+                          "--targets", "engine"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    tail = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == 0 and "FAILED" not in run.stdout, tail
+    assert "dcmtk: storescu v" in run.stdout.splitlines()[0], tail

@@ -111,6 +111,11 @@ def test_spec_patient_is_created_stored_raw_and_read_back(running: RunningEngine
     # the same store the HL7 feed and the admin API use: issuer is the OID without urn:oid:
     (ap,) = running.api("/api/patients?identifier=12345&issuer=1.2.36.146.595.217.0.1")[1]["patients"]
     assert ap["id"] == int(p["id"]) and ap["name"]["family"] == "Chalmers"
+    # its (first) address is kept as an HL7 feed's PID-11 is, and read back
+    assert ap["address"] == {"street": "534 Erewhon St", "city": "PleasantVille", "state": "Vic",
+                             "postal_code": "3999", "type": "H"}
+    assert p["address"] == [{"use": "home", "line": ["534 Erewhon St"], "city": "PleasantVille", "state": "Vic",
+                             "postalCode": "3999"}]
     # the request was kept as received, with what the mapping made of it
     with running.db.read_session() as s:
         msg = s.execute(select(Message).where(Message.control_id == "req-spec-1")).scalar_one()

@@ -243,6 +243,13 @@ def test_ae_on_one_message_dead_letters_it_others_continue_then_replay(eng: Runn
     proc = subprocess.run([sys.executable, "-m", "engine.cli", "deliveries", "list", "--state", "dead"],
                           capture_output=True, text=True, timeout=60, env=_cli_env(eng))
     assert proc.returncode == 0 and f"{dead.id:>7}" in proc.stdout and "ACCBAD" in proc.stdout, proc.stderr
+    # the counts per destination and state are a table under a header row
+    lines = proc.stdout.splitlines()
+    header = lines[0].split()
+    assert header == ["destination", "pending", "delivered", "dead", "discarded", "superseded"], proc.stdout
+    mllp = next(line.split() for line in lines[1:] if line.startswith("mllp "))
+    assert dict(zip(header[1:], mllp[1:], strict=True))["dead"] == "1", proc.stdout
+    assert any(line.split()[:4] == ["id", "created", "(UTC)", "dest"] for line in lines), proc.stdout
     proc = subprocess.run([sys.executable, "-m", "engine.cli", "deliveries", "retry", str(dead.id)],
                           capture_output=True, text=True, timeout=60, env=_cli_env(eng))
     assert proc.returncode == 0 and "1 delivery queued again" in proc.stdout, proc.stderr

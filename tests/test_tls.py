@@ -557,7 +557,7 @@ def test_dicom_c_move_to_a_tls_destination(workdir: Path, sqlite_url: str, pki: 
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove  # type: ignore[attr-defined]
 
-    from tests.dicomutil import free_port, make_instance, run
+    from tests.dicomutil import DCMTK_ENV, free_port, make_instance, run
     from tests.waiting import wait_for_listener
     both = pki.authority.issue("engine", "localhost", client=True)  # our certificate, as server and as client
     dest_port = free_port()
@@ -577,7 +577,7 @@ def test_dicom_c_move_to_a_tls_destination(workdir: Path, sqlite_url: str, pki: 
     out_dir.mkdir()
     scp = subprocess.Popen(["storescp", "-aet", "DEST", "-od", str(out_dir), "+tls", str(pki.server.key),
                             str(pki.server.cert), "+cf", str(pki.ca), str(dest_port)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=DCMTK_ENV)
     try:
         wait_for_listener(dest_port, scp, what="storescp +tls")
         ae = AE(ae_title="MODALITY1")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from engine.cli.audit import add_parser as add_audit_parser
-from engine.cli.common import open_db, settings_of
+from engine.cli.common import NoDatabase, open_db, require_database, settings_of
 from engine.cli.deliveries import add_parser as add_deliveries_parser
 from engine.cli.storage import add_parser as add_storage_parser
 from engine.cli.studies import add_parser as add_studies_parser
@@ -34,6 +34,8 @@ def _print_problems(exc: ConfigFileError) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # a line per migration step on the first start buried the useful lines
+        logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     # a secret that reaches a log line anyway (a driver's message) is masked, and so are the row
     # values a database error quotes (unless log_patient_details)
     scrub_logs(settings.secret_values(), hide_rows=not settings.log_patient_details)
@@ -94,6 +96,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         from engine.store.db import open_database
         shown = redact_url(settings.database_url)
         try:
+            require_database(settings)
             db = open_database(settings.database_url)
             current = migrate.current_revision(db)
             head = migrate.head_revision()
@@ -236,6 +239,60 @@ def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> 
     return 0
 
 
+# --- mappings list ------------------------------------------------------------------------------------
+def mapping_kind(data: Any) -> str:
+    """What a mapping file is, from its top-level keys: "inbound hl7v2", "inbound fhir Patient",
+    "outbound hl7v2 ORU^R01", "outbound fhir ImagingStudy", "reconciliation rules"."""
+    if not isinstance(data, dict):
+        return "?"
+    source = str(data.get("source") or "?")
+    if source == "store":
+        target = str(data.get("target") or "?")
+        return f"outbound {target} {data.get('message') or data.get('resource') or ''}".strip()
+    if source == "reconciliation":
+        return "reconciliation rules"
+    return f"inbound {source} {data.get('resource') or ''}".strip()
+
+
+def cmd_mappings_list(args: argparse.Namespace) -> int:
+    """Every mapping file with its kind and its validation state, as `radbridge check` and the engine
+    see it: OK (with its warnings counted) or the first error as file:line. Exit 1 if any is invalid."""
+    from engine.runtime import open_mappings
+    from engine.yamlfile import load_yaml
+
+    settings = settings_of(args)
+    directory = Path(settings.mappings_dir)
+    if not directory.is_dir():
+        print(f"{directory}: mappings directory not found", file=sys.stderr)
+        return 1
+    registry = open_mappings(settings)
+    registry.load_all()
+    names = registry.names()
+    if not names:
+        print(f"no mapping files (*.yaml) in {directory}")
+        return 0
+    width = max(len("mapping"), *(len(n) for n in names))
+    print(f"{'mapping':<{width}}  {'kind':<32} state")
+    invalid = 0
+    for name in names:
+        path = directory / f"{name}.yaml"
+        try:
+            kind = mapping_kind(load_yaml(path))
+        except ConfigFileError:
+            kind = "?"
+        problems = registry.problems(name)
+        errors = [p for p in problems if p.severity == "error"]
+        if errors:
+            invalid += 1
+            more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+            state = f"INVALID {errors[0]}{more}"
+        else:
+            state = "OK" + (f" ({len(problems)} warning(s): radbridge check shows them)" if problems else "")
+        print(f"{name:<{width}}  {kind:<32} {state}")
+    print(f"{len(names)} mapping file(s) in {directory}: " + (f"{invalid} invalid" if invalid else "all valid"))
+    return 1 if invalid else 0
+
+
 # --- messages -----------------------------------------------------------------------------------------
 def cmd_messages(args: argparse.Namespace) -> int:
     from sqlalchemy import select
@@ -256,7 +313,7 @@ def cmd_messages(args: argparse.Namespace) -> int:
                     stmt = stmt.where(Message.control_id == args.control_id)
                 rows = list(s.execute(stmt).scalars())
                 print(f"{'id':>8}  {'received (UTC)':19}  {'channel':14} {'type':10} {'control id':22} "
-                      f"{'status':10} ack  error")
+                      f"{'status':10} ack  error")  # ack: the application ACK code (see --help)
                 for row in rows:
                     print(f"{row.id:>8}  {row.received_at:%Y-%m-%d %H:%M:%S}  {row.channel[:14]:14} "
                           f"{(row.message_type or '-')[:10]:10} {(row.control_id or '-')[:22]:22} {row.status:10} "
@@ -370,7 +427,11 @@ def cmd_send(args: argparse.Namespace) -> int:
                 for reply_bytes in replies:
                     reply = reply_bytes.decode("latin-1", "replace")
                     code = _ack_code(reply_bytes)
-                    print(f"message {i}/{len(messages)}: {code}  {reply.replace(chr(13), ' | ').strip(' |')}")
+                    note = ""
+                    if code == "CA" and len(replies) == 1:  # enhanced mode, no application ACK asked for
+                        note = (f" (commit ACK: stored; MSH-16 {app_ack or 'empty'} asks for no application ACK, "
+                                "the outcome AA/AE is in `radbridge messages list`)")
+                    print(f"message {i}/{len(messages)}: {code}{note}  {reply.replace(chr(13), ' | ').strip(' |')}")
                     if code not in ("AA", "CA"):
                         failures += 1
     except OSError as exc:  # ssl.SSLError too: an untrusted or refused certificate
@@ -381,23 +442,38 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine.demo import run_demo
-    return run_demo(keep=args.keep)
+    return run_demo(keep=args.keep, serve=args.serve)
+
+
+def installed_version() -> str:
+    """The version of the installed package (its metadata, as pip installed it)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("radbridge")
+    except PackageNotFoundError:
+        return "(not installed: run scripts/bootstrap)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radbridge", description="RadBridge imaging integration engine")
+    parser.add_argument("--version", action="version", version=f"radbridge {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", help=f"engine settings (default: {DEFAULT_CONFIG} if present)")
         return p
 
-    with_config(sub.add_parser("run", help="start every enabled channel")).set_defaults(fn=cmd_run)
+    p = with_config(sub.add_parser("run", help="start every enabled channel"))
+    p.add_argument("--verbose", action="store_true", help="also log each schema migration step (Alembic's INFO "
+                   "lines), which a first start has one of per migration")
+    p.set_defaults(fn=cmd_run)
     p = with_config(sub.add_parser("check", help="validate config, channels and mappings"))
     p.add_argument("--database", action="store_true", help="also connect to the database and report its schema")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("demo", help="run a scenario on loopback and print what happened")
     p.add_argument("--keep", action="store_true", help="keep the demo's working directory")
+    p.add_argument("--serve", action="store_true", help="then keep the engine (console, API, FHIR) and the stand-in "
+                   "EHR running, with their URLs and the token printed, until Ctrl-C or SIGTERM")
     p.set_defaults(fn=cmd_demo)
 
     mp = sub.add_parser("mappings", help="work with mapping files").add_subparsers(dest="sub", required=True)
@@ -406,10 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sample", help="an HL7 message file (inbound mappings), a DICOM file (reconciliation rules), or "
                    "a stored study's UID or accession (outbound mappings: the message it would produce)")
     p.set_defaults(fn=cmd_mappings_try)
+    with_config(mp.add_parser("list", help="every mapping file with its kind and validation state (exit 1 if one "
+                              "is invalid)")).set_defaults(fn=cmd_mappings_list)
 
     mg = sub.add_parser("messages", help="browse and reprocess stored messages").add_subparsers(dest="action",
                                                                                                  required=True)
-    p = with_config(mg.add_parser("list", help="newest messages first"))
+    p = with_config(mg.add_parser("list", help="newest messages first", description="Stored messages, newest "
+                                  "first. ack: the application ACK code (AA applied, AE error, AR rejected), which "
+                                  "an original-mode sender got; a sender in enhanced mode (MSH-15/16 set) got the "
+                                  "commit ACK CA first, and this code only when its MSH-16 asked for it."))
     p.add_argument("--status", help="received, processed, error, rejected, duplicate, filtered")
     p.add_argument("--control-id")
     p.add_argument("--limit", type=int, default=50)
@@ -429,16 +510,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokens_parser(sub, with_config)
 
     sp = sub.add_parser("send", help="send messages").add_subparsers(dest="kind", required=True)
-    p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs")
-    p.add_argument("file")
-    p.add_argument("--to", required=True, help="HOST:PORT")
+    p = sp.add_parser("hl7", help="send HL7 v2 messages from a file over MLLP and print the ACKs",
+                      description="Send each HL7 v2 message of FILE over MLLP, one at a time, and print every "
+                      "reply as 'message N/M: CODE  ACK'. The ACK mode is the message's own: original mode "
+                      "(MSH-15 and MSH-16 empty) gets one ACK, AA/AE/AR. Enhanced mode (MSH-15 or MSH-16 set, "
+                      "as in the sample ADT with AL/NE) gets a commit ACK, CA when the message is stored, and "
+                      "then an application ACK AA/AE only when MSH-16 asks for one (AL, ER, SU); "
+                      "`radbridge messages list` shows the application outcome (AA/AE/AR) of every message, "
+                      "whichever mode. Exit 1 if any reply is not AA or CA.")
+    p.add_argument("file", metavar="FILE", help="a file of one or more HL7 v2 messages (each starts with MSH; "
+                   "segments end with CR or a line break); several are sent in order on one connection")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="the MLLP listener, e.g. 127.0.0.1:2575")
     p.add_argument("--tls", action="store_true", help="MLLP over TLS (TLS 1.2 or newer; the server's certificate "
                    "is checked against --ca, else the system's CAs)")
     p.add_argument("--ca", help="PEM CA bundle the server's certificate must chain to (implies --tls)")
     p.add_argument("--cert", help="PEM client certificate, for servers that require one (implies --tls)")
     p.add_argument("--key", help="PEM private key of --cert")
     p.add_argument("--server-name", help="the name the server's certificate must carry (default: HOST)")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait to connect and for each ACK (default 30); in enhanced mode with MSH-16 "
+                   "ER or SU, an application ACK that may not come is awaited for at most 1 s")
     p.set_defaults(fn=cmd_send)
     return parser
 
@@ -449,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.fn(args))
     except ConfigFileError as exc:
         _print_problems(exc)
+        return 1
+    except NoDatabase as exc:
+        print(f"radbridge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

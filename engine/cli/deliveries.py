@@ -42,11 +42,13 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    from engine.cli.common import settings_of
+    from engine.cli.common import require_database, settings_of
     from engine.outbound import admin, outbox
     from engine.store import migrate
     from engine.store.db import open_database
+    from engine.store.states import DeliveryState
     settings = settings_of(args)
+    require_database(settings)
     db = open_database(settings.database_url, sqlite_synchronous=settings.database.sqlite_synchronous)
     try:
         migrate.upgrade(db)
@@ -55,10 +57,17 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 rows = admin.list_deliveries(conn, state=args.state, destination=args.destination,
                                              study_uid=args.study, limit=max(1, min(args.limit, 1000)))
                 counts = outbox.counts(conn)
-            for dest, by_state in sorted(counts.items()):
-                print(f"{dest}: " + ", ".join(f"{n} {st}" for st, n in sorted(by_state.items())))
+            if counts:  # one row per destination, one column per state, under a header
+                states = list(DeliveryState)
+                print(f"{'destination':<12}" + "".join(f"{st.value:>11}" for st in states))
+                for dest, by_state in sorted(counts.items()):
+                    print(f"{dest:<12}" + "".join(f"{by_state.get(st.value, 0):>11}" for st in states))
+                print()
             if not rows:
                 print("no deliveries" + (f" in state {args.state}" if args.state else ""))
+            else:
+                print(f"{'id':>7} {'created (UTC)':19} {'dest':<8} {'state':<10} {'try':>3} {'mapping':<22} "
+                      f"{'event':<17} {'accession':<12} study UID")
             for r in rows:
                 err = f"  {r['last_error'][:80]}" if r["last_error"] and r["state"] != "delivered" else ""
                 print(f"{r['id']:>7} {r['created_at'][:19]} {r['destination']:<8} {r['state']:<10} "

@@ -29,7 +29,7 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
 
 
 def cmd_storage(args: argparse.Namespace) -> int:
-    from engine.cli.common import open_db, settings_of
+    from engine.cli.common import NoDatabase, open_db, settings_of
     from engine.domain.integrity import ORPHAN_GRACE_SECONDS, StorageProblem, check_storage
     from engine.storage.local import LocalStorage
 
@@ -42,6 +42,8 @@ def cmd_storage(args: argparse.Namespace) -> int:
     storage = LocalStorage(root, fsync=settings.dicom.fsync)
     try:
         db = open_db(settings)
+    except NoDatabase:
+        raise
     except Exception as exc:
         from engine.redaction import redact_url
         print(f"radbridge storage check: cannot open the database {redact_url(settings.database_url)}: "

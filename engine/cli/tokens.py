@@ -37,7 +37,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from engine.store.tokens import TokenError
 
     settings = settings_of(args)
-    db = open_db(settings)
+    db = open_db(settings, create=args.action == "create")  # a token may be made before the first start
     try:
         if args.action == "list":
             with db.reader.connect() as conn:

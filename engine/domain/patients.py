@@ -42,12 +42,13 @@ from engine.domain.records import (
 from engine.domain.studies import STUDIES
 from engine.domain.times import is_older
 from engine.hl7 import errors as E
-from engine.mappings.fields import MappedFields
+from engine.mappings.fields import ADDRESS_PARTS, MappedFields
 from engine.store.models import Patient, PatientIdentifier
 from engine.store.types import JsonObject, utcnow
 
 DEMOGRAPHICS = ("family_name", "given_name", "middle_name", "prefix", "suffix", "birth_date", "sex")
 MAX_MERGE_CHAIN = 32
+MAX_ADDRESS_PART = 256  # each part of patient.address (JSON, so no column width says it)
 
 
 class OutcomeSummary(TypedDict):
@@ -150,11 +151,22 @@ def _demographics(data: MappedFields, current: Record | None, out: Outcome) -> d
                     diff[f"extra.{short}"] = [old_extra.get(short), extra.get(short)]
             diff["__extra__"] = [old_extra, extra]
             out.changes.append("patient.extra")
+    address_keys = [f"patient.address.{part}" for part in ADDRESS_PARTS if f"patient.address.{part}" in data]
+    if address_keys:  # the message's address replaces the stored one as a whole; all parts empty clear it
+        for k in address_keys:
+            if data[k] is not None and len(str(data[k])) > MAX_ADDRESS_PART:
+                raise DomainError(f"{k} is {len(str(data[k]))} characters; at most {MAX_ADDRESS_PART} are kept",
+                                  code=E.VALUE_TOO_LONG, field=k)
+        address = {k.rsplit(".", 1)[1]: str(data[k]) for k in address_keys if data[k] not in (None, "")} or None
+        old_address = current.get("address") if current is not None else None
+        if address != old_address:
+            diff["address"] = [old_address, address]
+            out.changes.append("patient.address")
     return diff
 
 
 def _columns(diff: dict[str, list[Any]]) -> dict[str, Any]:
-    cols = {k: v[1] for k, v in diff.items() if k in DEMOGRAPHICS}
+    cols = {k: v[1] for k, v in diff.items() if k in DEMOGRAPHICS or k == "address"}
     if "__extra__" in diff:
         cols["extra"] = diff["__extra__"][1]
     return cols
@@ -208,6 +220,7 @@ def create_patient(conn: Connection, data: MappedFields, out: Outcome) -> Record
     values: dict[str, Any] = {name: None for name in DEMOGRAPHICS}
     values.update(_columns(diff))
     values.setdefault("extra", None)
+    values.setdefault("address", None)
     now = utcnow()
     pid = add(conn, PATIENTS, source_time=data.get("message.event_time"), created_at=now, updated_at=now, **values)
     add(conn, IDENTIFIERS, patient_id=pid, value=value, issuer=issuer,

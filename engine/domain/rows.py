@@ -28,6 +28,7 @@ class PatientRow(TypedDict):
     birth_date: str | None  # ISO, may be partial (YYYY or YYYY-MM)
     sex: str | None
     extra: JsonObject | None
+    address: JsonObject | None  # street, other, city, state, postal_code, country, type (the parts known)
     active: bool
     merged_into_id: int | None
     created_at: datetime

@@ -26,7 +26,17 @@ PATIENT_FIELDS: dict[str, str] = {
     "patient.suffix": "name suffix (e.g. JR)",
     "patient.birth_date": "birth date, ISO (use the 'date' transform)",
     "patient.sex": "administrative sex code (M, F, O, U, A, N)",
+    "patient.address.street": "address: street (PID-11.1, Patient.address.line[0])",
+    "patient.address.other": "address: other designation, e.g. apartment (PID-11.2, Patient.address.line[1])",
+    "patient.address.city": "address: city",
+    "patient.address.state": "address: state or province",
+    "patient.address.postal_code": "address: ZIP or postal code",
+    "patient.address.country": "address: country",
+    "patient.address.type": "address: type, HL7 table 0190 (H home, B business, M mailing, C current, ...)",
 }
+# The parts of patient.address: a message that maps any of them replaces the whole stored address
+# (parts it leaves out are not kept from the previous one); all of them empty ("") clears it.
+ADDRESS_PARTS = ("street", "other", "city", "state", "postal_code", "country", "type")
 
 ORDER_FIELDS: dict[str, str] = {
     "order.control": "order control code (ORC-1: NW, XO, SC, CA, DC, OC, OD, HD, RL)",

@@ -133,6 +133,8 @@ class Patient(Base):
     birth_date: Mapped[str | None] = mapped_column(String(10))  # ISO, may be partial (YYYY or YYYY-MM)
     sex: Mapped[str | None] = mapped_column(String(16))
     extra: Mapped[dict[str, Any] | None]
+    # PID-11 / Patient.address: {street, other, city, state, postal_code, country, type}, the parts known
+    address: Mapped[dict[str, Any] | None]
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     merged_into_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("patients.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -132,12 +132,13 @@ async def orders(request: web.Request) -> web.Response:
     limit = _limit(request)
 
     def run(s: Session) -> list[dict[str, Any]]:
-        stmt = select(Order).options(selectinload(Order.history))
+        stmt = select(Order).options(selectinload(Order.history),
+                                     selectinload(Order.patient).selectinload(Patient.identifiers))
         cols = {"accession": Order.accession, "placer": Order.placer_number, "filler": Order.filler_number,
                 "status": Order.status, "patient_id": Order.patient_id}
         for k, v in filters.items():
             stmt = stmt.where(cols[k] == (int(v) if k == "patient_id" and v.isdigit() else v))
-        return [order_json(o) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
+        return [order_json(o, patient=True) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
     found = await in_read_session(request, run)
     await record_read(request, "search", "Order", 200, found, sorted({o["patient_id"] for o in found}))
     return web.json_response({"orders": found})

@@ -53,6 +53,22 @@ def _identifier(i: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# HL7 table 0190 address type (PID-11.7) -> FHIR Address.use / Address.type
+ADDRESS_USE = {"H": "home", "B": "work", "O": "work", "C": "temp", "BA": "old", "BI": "billing"}
+ADDRESS_TYPE = {"M": "postal"}
+
+
+def address(a: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The stored address (patients.address) as FHIR R4 Patient.address ([] when none is known)."""
+    if not a:
+        return []
+    kind = str(a.get("type") or "").upper()
+    return [{"use": ADDRESS_USE.get(kind), "type": ADDRESS_TYPE.get(kind),
+             "line": [line for line in (a.get("street"), a.get("other")) if line],
+             "city": a.get("city"), "state": a.get("state"), "postalCode": a.get("postal_code"),
+             "country": a.get("country")}]
+
+
 def patients(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
     if not ids:
         return {}
@@ -80,6 +96,7 @@ def patients(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
                       "suffix": [p["suffix"]] if p["suffix"] else None}],
             "gender": GENDER.get((p["sex"] or "").upper()),
             "birthDate": p["birth_date"],
+            "address": address(p["address"]),
             "link": links,
         }
         prune_empty(res)

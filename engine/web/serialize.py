@@ -22,16 +22,22 @@ def _ts(dt: datetime | None) -> str | None:
     return dt.isoformat() if dt is not None else None
 
 
-def patient_json(p: Patient, *, orders: bool = True) -> dict[str, Any]:
+def patient_identity(p: Patient) -> dict[str, Any]:
+    """The patient's id, its identifiers (value, issuer, type) and its aliases (identifiers merged
+    into it), as /api/patients and /api/orders show them."""
     idents = [{"value": i.value, "issuer": i.issuer, "type": i.type_code, "kind": i.kind} for i in p.identifiers]
+    return {"id": p.id, "identifiers": [i for i in idents if i["kind"] != "alias"],
+            "aliases": [i for i in idents if i["kind"] == "alias"]}
+
+
+def patient_json(p: Patient, *, orders: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "id": p.id,
-        "identifiers": [i for i in idents if i["kind"] != "alias"],
-        "aliases": [i for i in idents if i["kind"] == "alias"],
+        **patient_identity(p),
         "name": {"family": p.family_name, "given": p.given_name, "middle": p.middle_name, "prefix": p.prefix,
                  "suffix": p.suffix},
         "birth_date": p.birth_date,
         "sex": p.sex,
+        "address": p.address,
         "extra": p.extra or {},
         "active": p.active,
         "merged_into": p.merged_into_id,
@@ -53,7 +59,9 @@ def history_json(h: OrderStatusChange) -> dict[str, Any]:
             "note": h.note, "message_id": h.message_id, "source_time": h.source_time}
 
 
-def order_json(o: Order, *, history: bool = True) -> dict[str, Any]:
+def order_json(o: Order, *, history: bool = True, patient: bool = False) -> dict[str, Any]:
+    """An order; with ``patient``, its patient's identifiers and aliases under "patient" (an order
+    read on its own is otherwise known only by an internal patient_id)."""
     out: dict[str, Any] = {
         "id": o.id, "patient_id": o.patient_id, "status": o.status, "last_control": o.last_control,
         "placer_number": o.placer_number, "placer_issuer": o.placer_issuer, "filler_number": o.filler_number,
@@ -64,6 +72,8 @@ def order_json(o: Order, *, history: bool = True) -> dict[str, Any]:
         "sps_id": o.sps_id, "study_uid": o.study_uid, "reason": o.reason, "ordering_provider": o.ordering_provider,
         "extra": o.extra or {}, "created_at": _ts(o.created_at), "updated_at": _ts(o.updated_at),
     }
+    if patient:
+        out["patient"] = patient_identity(o.patient)
     if history:
         out["history"] = [history_json(h) for h in o.history]
     return out
