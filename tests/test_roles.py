@@ -80,6 +80,7 @@ CALLS = [
     Call("POST", "/messages/999999/reprocess", "/messages/{id}/reprocess", Role.OPERATE, "", FORM),
     Call("GET", "/mappings", "/mappings", Role.READ),
     Call("GET", "/mappings/hl7-patient.yaml", "/mappings/{name}", Role.READ),
+    Call("GET", "/mappings/channels/hl7-inbound.yaml", "/mappings/channels/{name}", Role.READ),
     Call("POST", "/mappings/hl7-patient.yaml", "/mappings/{name}", Role.ADMIN, "text=source%3A+nothing%0A", FORM),
     Call("GET", "/mappings/hl7-patient.yaml/edit", "/mappings/{name}/edit", Role.ADMIN),
     Call("GET", "/mappings/try", "/mappings/try", Role.READ),

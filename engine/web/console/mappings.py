@@ -29,8 +29,17 @@ from engine.connectors.registry import connector_specs
 from engine.mappings.registry import MappingRegistry, load_mapping_file
 from engine.mappings.spec import Mapping
 from engine.outbound.mapping import OutboundMapping
-from engine.pipeline.dry_run import TryError, Tried, read_dicom, stored_study, try_inbound, try_outbound, try_rules
+from engine.pipeline.dry_run import (
+    Tried,
+    TryError,
+    read_dicom,
+    stored_study,
+    try_inbound,
+    try_outbound,
+    try_rules,
+)
 from engine.reconciliation.rules import ReconciliationRules
+from engine.storage.local import fsync_dir
 from engine.store.audit import AuditAction, Subject
 from engine.store.models import Instance, Message, MessageContent
 from engine.store.tokens import Role
@@ -101,7 +110,7 @@ def _kind(compiled: Any) -> str:
         return "reconciliation"
     if isinstance(compiled, OutboundMapping):
         return "store"
-    return "?"
+    return "—"
 
 
 def file_states(registry: MappingRegistry, mappings_dir: Path, channels_dir: Path) -> tuple[list[FileState],
@@ -267,14 +276,6 @@ async def edit_form(request: web.Request) -> web.Response:
     return render(request, "mapping_edit.html", {**view, "refused": False})
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: Path, data: bytes) -> None:
     """``data`` as ``path``: a temporary file beside it, fsync, rename over it, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
@@ -286,7 +287,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def check_candidate(registry: MappingRegistry, path: Path, text: str) -> list[ConfigProblem]:

@@ -124,12 +124,12 @@ def _history(s: Session, mid: int) -> dict[str, Any]:
     patients = [{"at": h.at, "patient_id": h.patient_id, "kind": h.kind, "changes": h.changes}
                 for h in s.execute(select(PatientChange).where(PatientChange.message_id == mid)
                                    .order_by(PatientChange.id).limit(HISTORY_LIMIT)).scalars()]
-    orders = [{"at": h.at, "order_id": h.order_id, "accession": accession, "control": h.control,
+    orders: list[dict[str, Any]] = [{"at": h.at, "order_id": h.order_id, "accession": accession, "control": h.control,
                "from": h.from_status, "to": h.to_status, "applied": h.applied, "note": h.note}
               for h, accession in s.execute(
                   select(OrderStatusChange, Order.accession).join(Order, Order.id == OrderStatusChange.order_id)
                   .where(OrderStatusChange.message_id == mid).order_by(OrderStatusChange.id).limit(HISTORY_LIMIT))]
-    order_ids = sorted({o["order_id"] for o in orders})
+    order_ids = sorted({int(o["order_id"]) for o in orders})
     deliveries: list[dict[str, Any]] = []
     if order_ids:
         studies = select(Study.id).where(Study.order_id.in_(order_ids))
