@@ -339,8 +339,9 @@ async def mapping_save(request: web.Request) -> web.Response:
     kept = await asyncio.to_thread(save_with_history, path, text)
     subject.detail = f"{name} saved; previous version {HISTORY_DIR}/{kept}"
     await audited(request, AuditAction.MAPPING_EDIT, lambda conn: None, lambda conn, _: subject)
-    reloaded = await request.config_dict[ENGINE].reload_mappings()
+    # Reloaded here or, a moment before, by the engine's watcher: the registry's lock makes this
+    # return after either, so the next message is mapped with the new version.
+    await request.config_dict[ENGINE].reload_mappings()
     warn = f" with {len(problems)} warning(s)" if problems else ""
-    state = "in use now" if path.stem in reloaded else "saved (the engine had it already)"
-    raise done(request, f"/mappings/{name}", f"Saved {name}{warn}: {state}; previous version kept as "
+    raise done(request, f"/mappings/{name}", f"Saved {name}{warn}: in use now; previous version kept as "
                                              f"{HISTORY_DIR}/{kept}.")

@@ -140,6 +140,23 @@ def _history(s: Session, mid: int) -> dict[str, Any]:
     return {"patient_changes": patients, "order_changes": orders, "order_ids": order_ids, "deliveries": deliveries}
 
 
+def _iso(at: Any) -> str:
+    return at.isoformat() if hasattr(at, "isoformat") else str(at or "")
+
+
+def timeline(m: dict[str, Any], patients: list[dict[str, Any]], orders: list[dict[str, Any]]
+             ) -> list[dict[str, Any]]:
+    """The message's history in time order: received, its events, what it did to patients and
+    orders, and when it was last processed."""
+    items: list[dict[str, Any]] = [{"at": m["received_at"], "row": "received"}]
+    items += [{**e, "at": _iso(e["at"]), "row": "event"} for e in m["events"]]
+    items += [{**h, "at": _iso(h["at"]), "row": "patient"} for h in patients]
+    items += [{**h, "at": _iso(h["at"]), "row": "order"} for h in orders]
+    if m.get("processed_at"):
+        items.append({"at": m["processed_at"], "row": "processed"})
+    return sorted(items, key=lambda i: (i["at"] or "", i["row"] == "processed"))
+
+
 def _pretty_json(raw: str) -> str:
     try:
         return json.dumps(json.loads(raw), indent=2, ensure_ascii=False)
@@ -165,6 +182,7 @@ async def message_page(request: web.Request) -> web.Response:
     if found is None:
         return render(request, "message_missing.html", {"message_id": mid}, status=404)
     m = found["message"]
+    found["timeline"] = timeline(m, found["patient_changes"], found["order_changes"])
     context: dict[str, Any] = {**found, "segments": None, "parse_error": None, "fhir_json": None, "current": None,
                                "ack": (m.get("ack") or "").replace("\r", "\n").strip()}
     raw = m.get("raw")
