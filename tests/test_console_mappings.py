@@ -19,9 +19,13 @@ from sqlalchemy import select
 from engine.store.models import AuditEvent
 from engine.store.tokens import Role
 from tests.browser import Console
-from tests.conftest import RunningEngine
-from tests.hl7util import ack_code, adt, send
+from tests.conftest import TOKEN, RunningEngine
+from tests.dicomutil import make_instance, require_dcmtk, storescu
+from tests.fhirutil import patient
+from tests.hl7util import ack_code, adt, orm, send
+from tests.test_reconciliation import settle
 from tests.test_roles import create_tokens
+from tests.waiting import wait_until
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 DATE_LINE = "    transform: [date]"
@@ -66,6 +70,7 @@ def test_fix_a_broken_mapping_in_the_browser_then_reprocess_the_errored_message(
     console.shot("mapping-file")
     page.get_by_role("link", name="Edit").click()
     expect(page.get_by_role("heading", name="Edit mapping file hl7-patient.yaml")).to_be_visible()
+    console.shot("mapping-edit")
 
     # first an invalid edit: refused, the problem at its line, the file untouched
     broken = original.replace(DATE_LINE, "    transform: [dmy]")
@@ -193,3 +198,46 @@ def test_a_read_only_token_sees_no_edit_and_is_refused_when_it_posts(running: Ru
     finally:
         tab.close()
     assert mapping.read_text() == original
+
+
+@SQLITE_ONLY
+def test_try_a_fhir_mapping_on_a_stored_fhir_request(running: RunningEngine, console: Console) -> None:
+    created = console.page.request.post(f"{console.base}/fhir/Patient", data=patient("TR300", family="Fhirtried"),
+                                        headers={"Authorization": f"Bearer {TOKEN}",
+                                                 "Content-Type": "application/fhir+json"})
+    assert created.status == 201, created.text()
+    (msg,) = running.api("/api/messages?channel=fhir-inbound")[1]["messages"]
+    page = console.open("/mappings/try?mapping=fhir-patient")
+    page.get_by_label("Or a stored message (its number)").fill(str(msg["id"]))
+    page.get_by_role("button", name="Try").click()
+    output = page.locator("#try-result pre")
+    expect(output).to_contain_text('"patient.id": "TR300"')
+    expect(output).to_contain_text('"patient.family_name": "Fhirtried"')
+    console.shot("mapping-try-fhir")
+    assert console.errors == []
+
+
+@SQLITE_ONLY
+def test_try_rules_and_an_outbound_mapping_on_a_stored_study(running: RunningEngine, console: Console,
+                                                             tmp_path: Path) -> None:
+    require_dcmtk()
+    assert ack_code(send(running.mllp_port, orm("NW", "TS1", "ACCTS1", "MRNTS1", family="Studied"))) == "AA"
+    obj = make_instance(tmp_path / "ct.dcm", patient_id="MRNTS1", name="STUDIED^JANE", accession="ACCTS1")
+    sent = storescu(running.dicom_port, [obj.path])
+    assert sent.returncode == 0, sent.stderr
+    wait_until(lambda: running.api(f"/api/studies?study_uid={obj.study_uid}")[1]["studies"],
+               message="the study in the index")
+    settle(running)  # stable and reconciled now: matched to the order by its accession
+    page = console.open("/mappings/try?mapping=reconciliation")
+    page.get_by_label("Or a stored study (Study Instance UID, accession or id)").fill(obj.study_uid)
+    page.get_by_role("button", name="Try").click()
+    output = page.locator("#try-result pre")
+    expect(output).to_contain_text('"rules": "reconciliation"')
+    expect(output).to_contain_text('"matched_by": "accession"')
+    page.get_by_label("Mapping").select_option("hl7-oru-images")
+    page.get_by_label("Or a stored study (Study Instance UID, accession or id)").fill("ACCTS1")
+    page.get_by_role("button", name="Try").click()
+    expect(output).to_contain_text("# hl7-oru-images (")
+    expect(output).to_contain_text("OBR|1|TS1^EPIC|FTS1|")
+    console.shot("mapping-try-study")
+    assert console.errors == []

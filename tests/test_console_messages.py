@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import html
 import re
+from datetime import timedelta
 
 import pytest
 from playwright.sync_api import expect
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from engine.store.models import AuditEvent
+from engine.store.models import AuditEvent, Message
+from engine.store.retention import prune
 from engine.store.tokens import Role
+from engine.store.types import utcnow
 from tests.browser import Console
 from tests.conftest import RunningEngine
 from tests.fhirutil import patient
@@ -112,3 +115,19 @@ def test_a_read_only_token_sees_no_reprocess_and_is_refused_when_it_posts(runnin
         tab.close()
     status, body = running.api(f"/api/messages/{mid}")
     assert status == 200 and body["attempts"] == 1 and body["status"] == "error"  # nothing was done
+
+
+@SQLITE_ONLY
+def test_a_message_whose_content_retention_removed_shows_what_is_left(running: RunningEngine,
+                                                                      console: Console) -> None:
+    assert ack_code(send(running.mllp_port, adt("A01", "MD500", "Pruned", ctrl="CTL-MD-5"))) == "AA"
+    mid = _message_id(running, "CTL-MD-5")
+    with running.db.write_session() as s, s.begin():  # 40 days old: past content_days (30)
+        s.execute(update(Message).where(Message.id == mid).values(received_at=utcnow() - timedelta(days=40)))
+    assert prune(running.db, running.settings.retention).content == 1
+    page = console.open(f"/messages/{mid}")
+    expect(page.get_by_text("The content of this message was removed by retention.")).to_be_visible()
+    expect(page.locator("#message-status")).to_have_text("processed")
+    expect(page.locator('#history tr[data-kind="patient"]')).to_contain_text("patient created")
+    expect(page.get_by_role("button", name="Reprocess")).to_have_count(0)
+    assert console.errors == []
