@@ -226,7 +226,7 @@ async def _try(request: web.Request, given: dict[str, str], context: dict[str, A
             select(MessageContent.raw, Message.patient_id).join(Message, Message.id == MessageContent.message_id)
             .where(MessageContent.message_id == int(mid))).first())
         await record_read(request, "read", "Message", 200 if found else 404, [{"id": int(mid)}] if found else [],
-                          [found.patient_id] if found is not None and found.patient_id else [])
+                          [found.patient_id] if found is not None and found.patient_id else [], message_id=int(mid))
         if found is None:
             raise TryError(f"no stored content for message {mid}")
         context["about"] = f"message {mid}"

@@ -178,7 +178,7 @@ async def message_page(request: web.Request) -> web.Response:
     patient_ids = sorted({found["message"]["patient_id"]} - {None} | {h["patient_id"] for h in found["patient_changes"]}
                          ) if found else []
     await record_read(request, "read", "Message", 200 if found else 404, [found["message"]] if found else [],
-                      patient_ids)
+                      patient_ids, message_id=mid)
     if found is None:
         return render(request, "message_missing.html", {"message_id": mid}, status=404)
     m = found["message"]
