@@ -241,3 +241,8 @@ def test_try_rules_and_an_outbound_mapping_on_a_stored_study(running: RunningEng
     expect(output).to_contain_text("OBR|1|TS1^EPIC|FTS1|")
     console.shot("mapping-try-study")
     assert console.errors == []
+    (st,) = running.api(f"/api/studies?study_uid={obj.study_uid}")[1]["studies"]
+    with running.db.read_session() as s:
+        reads = s.execute(select(AuditEvent.patient_ids, AuditEvent.study_uid).where(
+            AuditEvent.resource_type == "Study", AuditEvent.query == "/mappings/try")).all()
+    assert [tuple(r) for r in reads] == [([st["patient_id"]], obj.study_uid)] * 2  # each try read the study

@@ -40,7 +40,7 @@ from engine.pipeline.dry_run import (
 )
 from engine.reconciliation.rules import ReconciliationRules
 from engine.storage.local import fsync_dir
-from engine.store.audit import AuditAction, Subject
+from engine.store.audit import AuditAction, Subject, study_subject
 from engine.store.models import Instance, Message, MessageContent
 from engine.store.tokens import Role
 from engine.web.audit import audited, record_failure, record_read
@@ -217,6 +217,11 @@ async def _try(request: web.Request, given: dict[str, str], context: dict[str, A
         if not ref:
             raise TryError(f"{name} is tried on a stored study: give its Study Instance UID, accession or id")
         context["about"] = f"study {ref}"
+        # a read of patient data (the study's headers, its order and patient): audited like the API's
+        seen = await on_reader(request, lambda conn: _study_seen(conn, ref))
+        await record_read(request, "read", "Study", 200 if seen else 404,
+                          [{"study_uid": seen.study_uid}] if seen else [], seen.patient_ids if seen else [],
+                          study_uid=seen.study_uid if seen else None)
         return await on_reader(request, lambda conn: _try_on_study(request, compiled, conn, ref))
     if given.get("message"):
         mid = given["message"]
@@ -238,6 +243,12 @@ async def _try(request: web.Request, given: dict[str, str], context: dict[str, A
         raise TryError(f"the sample is larger than {MAX_SAMPLE} characters")
     context["about"] = "the pasted sample"
     return try_inbound(compiled, sample.encode("utf-8"))
+
+
+def _study_seen(conn: Connection, ref: str) -> Subject | None:
+    """The stored study ``ref`` names, as the audit trail records it (its UID and patients)."""
+    found = stored_study(conn, ref)
+    return study_subject(conn, found[0]) if found is not None else None
 
 
 def _try_on_study(request: web.Request, compiled: Any, conn: Connection, ref: str) -> Tried:
