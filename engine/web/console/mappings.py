@@ -18,6 +18,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from sqlalchemy import Connection, select
 
 from engine.channels import load_channels
 from engine.connectors.registry import connector_specs
+from engine.errors import RadBridgeError
 from engine.mappings.registry import MappingRegistry, load_mapping_file
 from engine.mappings.spec import Mapping
 from engine.outbound.mapping import OutboundMapping
@@ -57,6 +59,14 @@ MAX_TEXT = 512 * 1024  # a mapping file larger than this is not edited in a brow
 MAX_SAMPLE = 1024 * 1024
 
 
+class Validity(StrEnum):
+    """What validating a file found (the badge of /mappings)."""
+
+    OK = "ok"
+    WARNINGS = "warnings"
+    ERROR = "error"
+
+
 @dataclass
 class FileState:
     """One file of the mappings or channels directory and what validating it found."""
@@ -71,11 +81,11 @@ class FileState:
         return sum(1 for p in self.problems if p.severity == "error")
 
     @property
-    def state(self) -> str:
-        return "error" if self.errors else ("warnings" if self.problems else "ok")
+    def state(self) -> Validity:
+        return Validity.ERROR if self.errors else (Validity.WARNINGS if self.problems else Validity.OK)
 
 
-class FileRefused(Exception):
+class FileRefused(RadBridgeError):
     """A file name that is not a plain name of a file in the directory (or no such file)."""
 
 
