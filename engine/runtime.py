@@ -41,16 +41,16 @@ from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
 from engine.domain.events import EventBus
 from engine.domain.integrity import ORPHAN_GRACE_SECONDS, sweep_orphans
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
-from engine.mappings.registry import MappingRegistry, SourceCompiler
+from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
-from engine.outbound.mapping import compile_outbound
+from engine.pipeline.dry_run import MAPPING_SOURCES
 from engine.pipeline.fhir_inbound import FhirInbound
 from engine.pipeline.hl7_inbound import check_reprocessable
 from engine.pipeline.writer import IngestWriter, InlineWriter
 from engine.reconciliation import triggers
 from engine.reconciliation.reconciler import Reconciler
 from engine.reconciliation.reconciler import Result as ReconcileResult
-from engine.reconciliation.rules import ReconciliationRules, compile_rules
+from engine.reconciliation.rules import ReconciliationRules
 from engine.storage.base import ObjectStorage
 from engine.storage.local import LocalStorage
 from engine.store import leases, migrate, tokens
@@ -66,8 +66,6 @@ log = logging.getLogger(__name__)
 C = TypeVar("C", bound=Connector)
 HttpAppFactory = Callable[["Engine"], web.Application]
 
-# mapping files whose ``source:`` is compiled by a layer above the mapping core
-MAPPING_SOURCES: dict[str, SourceCompiler] = {"reconciliation": compile_rules, "store": compile_outbound}
 
 
 def open_mappings(settings: Settings) -> MappingRegistry:
@@ -391,6 +389,14 @@ class Engine:
                 continue
             if changed:
                 await self.mapping_reloaded(changed)
+
+    async def reload_mappings(self) -> list[str]:
+        """Recompile the mapping files changed on disk now (as the watcher does every
+        ``reload_seconds``), with the watcher's audit row; the names reloaded (or refused)."""
+        changed = await asyncio.to_thread(self.mappings.reload_changed)
+        if changed:
+            await self.mapping_reloaded(changed)
+        return changed
 
     async def mapping_reloaded(self, names: list[str]) -> None:
         """One audit row per reload pass that changed files: which, and whether any was refused

@@ -9,7 +9,6 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, cast
 
 from engine.cli.audit import add_parser as add_audit_parser
 from engine.cli.common import NoDatabase, open_db, require_database, settings_of
@@ -17,7 +16,7 @@ from engine.cli.deliveries import add_parser as add_deliveries_parser
 from engine.cli.storage import add_parser as add_storage_parser
 from engine.cli.studies import add_parser as add_studies_parser
 from engine.cli.tokens import add_parser as add_tokens_parser
-from engine.config import DEFAULT_CONFIG, Settings
+from engine.config import DEFAULT_CONFIG
 from engine.reconciliation.rules import ReconciliationRules
 from engine.redaction import scrub, scrub_logs
 from engine.store.states import MessageStatus
@@ -120,123 +119,56 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # --- mappings try -------------------------------------------------------------------------------------
 def cmd_mappings_try(args: argparse.Namespace) -> int:
-    from engine.hl7.errors import HL7ParseError
-    from engine.hl7.message import parse_message
-    from engine.mappings.registry import load_mapping_file
-    from engine.pipeline.hl7_inbound import map_message
-    from engine.runtime import MAPPING_SOURCES
+    """The dry run is engine/pipeline/dry_run.py's, which the console's "try" shows too."""
+    from engine.outbound.mapping import OutboundMapping
+    from engine.pipeline.dry_run import (
+        Tried,
+        TryError,
+        load_for_try,
+        read_dicom,
+        try_inbound,
+        try_outbound,
+        try_rules,
+    )
 
     settings = settings_of(args)
     path = Path(args.mapping)
     if not path.exists():
         path = Path(settings.mappings_dir) / f"{args.mapping}.yaml"
-    mapping, problems = load_mapping_file(path, structure_version=settings.mappings.hl7_version,
-                                          sources=MAPPING_SOURCES)
+    mapping, problems = load_for_try(path, structure_version=settings.mappings.hl7_version)
     for p in problems:
         print(str(p), file=sys.stderr)
     if mapping is None:
         return 1
-    if isinstance(mapping, ReconciliationRules):
-        return _try_rules(mapping, Path(args.sample), settings)
-    from engine.outbound.mapping import OutboundMapping
-    if isinstance(mapping, OutboundMapping):
-        from engine.cli.deliveries import try_outbound
-        return try_outbound(mapping, args.sample, settings)
+    tried: Tried
     try:
-        raw = Path(args.sample).read_bytes()
-    except OSError as exc:
-        print(f"{args.sample}: cannot read: {exc.strerror}", file=sys.stderr)
-        return 1
-    if mapping.source == "fhir":
-        return _try_fhir(mapping, args.sample, raw)
-    try:
-        msg = parse_message(raw.replace(b"\n", b"\r"))
-    except HL7ParseError as exc:
-        print(f"{args.sample}: not an HL7 message: {exc}", file=sys.stderr)
-        return 1
-    mapped = map_message(msg, [mapping], order_action=mapping.maps_orders)
-    out: dict[str, Any] = {"message": msg.message_type, "control_id": msg.control_id, "fields": mapped.values}
-    if mapping.maps_orders:
-        out["orders"] = mapped.groups
-    if mapped.errors:
-        out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in mapped.errors]
-    print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 1 if mapped.errors else 0
-
-
-def _try_fhir(mapping: Any, sample: str, raw: bytes) -> int:
-    """A FHIR mapping on a JSON resource (or on each entry of a Bundle it reads), validated as R4.
-    References are shown as sent: the endpoint resolves Patient/<id> and urn:uuid ones first."""
-    from engine.fhir.outcome import FhirError
-    from engine.fhir.paths import FhirSource
-    from engine.fhir.validate import check_resource, parse_json
-
-    try:
-        data = parse_json(raw)
-        found: list[Any]
-        if isinstance(data, dict) and data.get("resourceType") == "Bundle":
-            found = [e.get("resource") for e in data.get("entry") or []
-                     if isinstance(e, dict) and isinstance(e.get("resource"), dict)
-                     and e["resource"].get("resourceType") == mapping.resource]
+        if isinstance(mapping, ReconciliationRules | OutboundMapping):
+            db = open_db(settings)
+            try:
+                with db.reader.connect() as conn:
+                    if isinstance(mapping, ReconciliationRules):
+                        tried = try_rules(mapping, read_dicom(Path(args.sample)), conn)
+                    else:
+                        from engine.storage.local import LocalStorage
+                        storage = LocalStorage(Path(settings.storage.dir) / "studies", fsync=False)
+                        tried = try_outbound(mapping, conn, args.sample, storage, settings)
+            finally:
+                db.dispose()
         else:
-            found = [data]
-        resources = [check_resource(r, mapping.resource) for r in found]
-    except FhirError as exc:
-        print(f"{sample}: {exc.diagnostics}", file=sys.stderr)
+            try:
+                raw = Path(args.sample).read_bytes()
+            except OSError as exc:
+                print(f"{args.sample}: cannot read: {exc.strerror}", file=sys.stderr)
+                return 1
+            tried = try_inbound(mapping, raw)
+    except TryError as exc:
+        print(f"{args.sample}: {exc}" if exc.of_sample else str(exc), file=sys.stderr)
         return 1
-    failed = False
-    for r in resources:
-        res = mapping.apply(FhirSource(r))
-        out: dict[str, Any] = {"resource": f"{r['resourceType']}/{r.get('id', '(no id)')}", "fields": res.values}
-        if res.errors:
-            failed = True
-            out["errors"] = [{"field": e.field, "path": e.path, "error": e.message} for e in res.errors]
-        subject: dict[str, Any] = r["subject"] if isinstance(r.get("subject"), dict) else {}
-        if subject.get("reference") and not subject.get("identifier"):
-            out["note"] = (f"subject is a reference ({subject['reference']}): the endpoint reads it as that "
-                           "patient's identifier before mapping; here it is not resolved")
-        print(json.dumps(out, indent=2, ensure_ascii=False))
-    if not resources:
-        print(f"{sample}: no {mapping.resource} in it", file=sys.stderr)
-        return 1
-    return 1 if failed else 0
-
-
-def _try_rules(rules: ReconciliationRules, sample: Path, settings: Settings) -> int:
-    """Dry-run reconciliation rules on a DICOM file against the store: the match, what the order and
-    patient say, and what would be coerced or flagged. Nothing is written."""
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
-    from engine.dicom.headers import text_value
-    from engine.domain.studies import STUDY_ATTRS
-    from engine.reconciliation.compare import authoritative, differences
-    from engine.reconciliation.matching import StudyHeaders, match_study
-
-    try:
-        ds = dcmread(sample, stop_before_pixels=True)
-    except (OSError, InvalidDicomError) as exc:
-        print(f"{sample}: not a DICOM file: {exc}", file=sys.stderr)
-        return 1
-    study: dict[str, Any] = {col: text_value(ds.get(kw)) for kw, col in STUDY_ATTRS.items()}
-    study.update(id=0, study_uid=text_value(ds.get("StudyInstanceUID")))
-    received = {r.keyword: text_value(ds.get(r.keyword)) for r in rules.attributes}
-    db = open_db(settings)
-    try:
-        with db.reader.connect() as conn:
-            m = match_study(conn, cast(StudyHeaders, study), rules)
-    finally:
-        db.dispose()
-    diffs = differences(rules, m.authority, received) if m.matched_by else {}
-    out = {"rules": rules.name, "matched_by": m.matched_by, "order_id": m.order_id, "patient_id": m.patient_id,
-           "held_as_exception": m.exception,
-           "authoritative": {r.keyword: authoritative(r, m.authority) for r in rules.attributes},
-           "header": received,
-           "differences": {k: {"header": v[0], "expected": v[1]} for k, v in diffs.items()},
-           "findings": [{"kind": f.kind, "severity": f.severity, "attribute": f.attribute, "detail": f.detail}
-                        for f in m.findings]}
-    print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 0
+    for block in tried.blocks:
+        print(block)
+    for note in tried.notes:
+        print(f"{args.sample}: {note}", file=sys.stderr)
+    return 1 if tried.failed else 0
 
 
 # --- mappings list ------------------------------------------------------------------------------------

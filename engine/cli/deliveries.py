@@ -2,7 +2,7 @@
 
 retry / discard change the store only; a running engine picks retried deliveries up within a
 second (its workers poll). ``radbridge mappings try OUTBOUND_MAPPING STUDY`` (in cli.py) shows the
-message a stored study would produce, through ``try_outbound`` here.
+message a stored study would produce, through ``try_outbound`` of engine/pipeline/dry_run.py.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-from engine.config import Settings
 
 
 def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
@@ -124,53 +121,5 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                 n += one
         print(f"{n} deliver{'y' if n == 1 else 'ies'} discarded")
         return 0 if n else 1
-    finally:
-        db.dispose()
-
-
-def try_outbound(mapping: Any, sample: str, settings: Settings) -> int:
-    """Build the message ``mapping`` makes for a stored study (by Study Instance UID, accession or
-    index id), validate it, print it. Nothing is written or sent."""
-    from sqlalchemy import or_, select
-
-    from engine.domain.studies import INSTANCES, STUDIES
-    from engine.outbound.context import REPORT_CLASSES, EngineInfo, build_context
-    from engine.outbound.mapping import RenderError
-    from engine.outbound.render import render
-    from engine.storage.local import LocalStorage
-    from engine.store.db import open_database
-    db = open_database(settings.database_url)
-    try:
-        with db.reader.connect() as conn:
-            cond = or_(STUDIES.c.study_uid == sample, STUDIES.c.accession == sample)
-            if sample.isdigit():
-                cond = or_(cond, STUDIES.c.id == int(sample))
-            row = conn.execute(select(STUDIES.c.id, STUDIES.c.study_uid).where(cond).order_by(STUDIES.c.id.desc())
-                               ).first()
-            if row is None:
-                print(f"{sample}: no stored study with that Study Instance UID, accession or id", file=sys.stderr)
-                return 1
-            report = None
-            uses_report = any("report." in repr(x) for x in (mapping.segments or mapping.elements))
-            if uses_report:
-                report = conn.execute(select(INSTANCES.c.id).where(
-                    INSTANCES.c.study_id == row.id, INSTANCES.c.sop_class_uid.in_(REPORT_CLASSES))
-                    .order_by(INSTANCES.c.id.desc())).scalar()
-            event = "report.received" if report is not None else "study.reconciled"
-            storage = LocalStorage(Path(settings.storage.dir) / "studies", fsync=False)
-            ctx = build_context(conn, row.id, event=event, delivery_id=0, instance_id=report, storage=storage,
-                                engine=EngineInfo.of(settings))
-        try:
-            out = render(mapping, ctx)
-        except RenderError as exc:
-            print(f"{mapping.name}: study {row.study_uid}: {exc}", file=sys.stderr)
-            return 1
-        print(f"# {mapping.name} ({mapping.kind}) for study {row.study_uid}, as event {event}"
-              + (f"; conditional update: {out.resource}?{out.conditional}" if out.conditional else ""))
-        if mapping.target == "hl7v2":
-            print(out.payload.replace("\r", "\n"))
-        else:
-            print(json.dumps(json.loads(out.payload), indent=2, ensure_ascii=False))
-        return 0
     finally:
         db.dispose()

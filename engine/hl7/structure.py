@@ -35,3 +35,41 @@ def validate_message(text: str) -> list[str]:
     except Exception as exc:  # hl7apy reports every problem as an exception
         return [f"{type(exc).__name__}: {exc}"]
     return []
+
+
+# Words hl7apy's long names spell in capitals that read better as such (PATIENT_ID -> Patient ID).
+_UPPER_WORDS = frozenset({"ID", "PID", "MSH", "EVN", "PV1", "ORC", "OBR", "OBX", "MRG", "UID", "DT", "DR", "MD",
+                          "HL7", "SSN", "II", "III", "JR", "SR", "URL", "NK1", "PD1", "PV2"})
+
+
+def readable(long_name: str) -> str:
+    """hl7apy's long name as words: PATIENT_NAME -> Patient Name, MOTHER_S_MAIDEN_NAME -> Mother's Maiden Name."""
+    words = [w for w in long_name.replace("_S_", "'S_").replace("_E_G_", "_e.g._").split("_") if w]
+    return " ".join(w if w in _UPPER_WORDS or w == "e.g." else w.capitalize() for w in words)
+
+
+@lru_cache(maxsize=512)
+def field_names(segment: str, version: str = "2.5") -> dict[int, tuple[str, str, tuple[str, ...]]]:
+    """What hl7apy defines for a segment's fields: {number: (name, data type, component names)}, in
+    HL7 numbering (MSH-1 is the field separator). Empty for Z-segments and segments it does not know."""
+    if segment.startswith("Z"):
+        return {}
+    from hl7apy import load_reference
+    try:
+        ref = load_reference(segment, "Segment", version)
+    except Exception:  # hl7apy raises ChildNotFound / InvalidName / UnsupportedVersion
+        return {}
+    children = ref[1] if isinstance(ref, tuple | list) and len(ref) > 1 else ()
+    out: dict[int, tuple[str, str, tuple[str, ...]]] = {}
+    for child in children:
+        try:
+            number = int(str(child[0]).rsplit("_", 1)[1])
+            kind, parts = child[1][0], child[1]
+            if kind == "leaf":
+                out[number] = (readable(str(parts[3])), str(parts[2]), ())
+            else:
+                comps = tuple(readable(str(c[1][3])) for c in parts[1])
+                out[number] = (readable(str(parts[3])), str(parts[2]), comps)
+        except (IndexError, ValueError, TypeError):  # an entry of another shape: shown without a name
+            continue
+    return out

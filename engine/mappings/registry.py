@@ -30,6 +30,7 @@ class _Entry:
     mapping: Any  # a Mapping (hl7v2, fhir) or what a registered source compiles to; None: unusable
     mtime_ns: int
     problems: list[ConfigProblem] = field(default_factory=list)
+    inode: int = 0  # a file replaced by rename (the console's save) is another inode, whatever its mtime
 
 
 def compile_mapping(data: Any, file: str, name: str, *, other_sources: tuple[str, ...] = ()
@@ -120,7 +121,8 @@ class MappingRegistry:
         for name, path in self._files().items():
             mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version,
                                                 sources=self.sources)
-            self._entries[name] = _Entry(mapping, path.stat().st_mtime_ns, probs)
+            st = path.stat()
+            self._entries[name] = _Entry(mapping, st.st_mtime_ns, probs, st.st_ino)
             problems.extend(probs)
         return problems
 
@@ -151,11 +153,12 @@ class MappingRegistry:
         with self._lock:
             for name, path in self._files().items():
                 try:
-                    mtime = path.stat().st_mtime_ns
+                    st = path.stat()
                 except OSError:
                     continue
+                mtime = st.st_mtime_ns
                 entry = self._entries.get(name)
-                if entry is not None and entry.mtime_ns == mtime:
+                if entry is not None and entry.mtime_ns == mtime and entry.inode in (0, st.st_ino):
                     continue
                 mapping, probs = load_mapping_file(path, name, structure_version=self.structure_version,
                                                 sources=self.sources)
@@ -164,10 +167,10 @@ class MappingRegistry:
                     for p in errors:
                         log.error("mapping %s not reloaded, keeping the previous version: %s", name, p)
                     keep = entry.mapping if entry else None
-                    self._entries[name] = _Entry(keep, mtime, probs)
+                    self._entries[name] = _Entry(keep, mtime, probs, st.st_ino)
                 else:
                     log.info("mapping %s reloaded from %s", name, path)
-                    self._entries[name] = _Entry(mapping, mtime, probs)
+                    self._entries[name] = _Entry(mapping, mtime, probs, st.st_ino)
                     self.reloads += 1
                 changed.append(name)
         return changed

@@ -20,7 +20,8 @@ from engine.storage.base import StorageFull, StoredEntry, StoredObject
 CHUNK = 1024 * 1024
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a file created or renamed in it) survive a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -71,7 +72,7 @@ class LocalStorage:
                 except FileExistsError:
                     pass
                 if self.fsync:
-                    _fsync_dir(m.parent)  # the new directory entry itself must survive
+                    fsync_dir(m.parent)  # the new directory entry itself must survive
             self._known_dirs.add(directory)
 
     def put_file(self, source: Path, key: str, *, size: int, sha256: str) -> StoredObject:
@@ -85,7 +86,7 @@ class LocalStorage:
                     raise
                 self._copy_in(source, dest)
             if self.fsync:
-                _fsync_dir(dest.parent)
+                fsync_dir(dest.parent)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull(exc.errno, f"storage full: {exc.strerror}") from exc
@@ -148,5 +149,5 @@ class LocalStorage:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(source, dest)
         if self.fsync:
-            _fsync_dir(dest.parent)
-            _fsync_dir(source.parent)
+            fsync_dir(dest.parent)
+            fsync_dir(source.parent)

@@ -11,6 +11,7 @@ from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from engine.connectors.hl7channel import Reprocessed
 from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
 from engine.reconciliation.reconciler import EXCEPTION_STATES
@@ -19,7 +20,7 @@ from engine.store.audit import AuditAction, Subject, finding_subject, message_su
 from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
 from engine.store.tokens import Role
 from engine.web import audit, deliveries
-from engine.web.audit import actor_of, audited, record_failure, record_read
+from engine.web.audit import Refused, actor_of, audited, record_failure, record_read
 from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import ENGINE, WRITER
 from engine.web.reads import in_read_session, on_reader
@@ -179,19 +180,28 @@ async def message(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-@routes.post(r"/messages/{id:\d+}/reprocess")
-@requires(Role.OPERATE)
-async def reprocess(request: web.Request) -> web.Response:
-    mid = int(request.match_info["id"])
+async def reprocess_message(request: web.Request, mid: int) -> Reprocessed:
+    """Apply stored message ``mid`` again with its audit row (POST /api/messages/{id}/reprocess and
+    the console's Reprocess button). A message that is not there (404) or cannot be applied again
+    (409: a FHIR request, pruned content) gets an audit row of its own and raises ``Refused``."""
     try:
-        result = await request.config_dict[ENGINE].reprocess(mid, actor_of(request))
+        return await request.config_dict[ENGINE].reprocess(mid, actor_of(request))
     except LookupError as exc:
         await record_failure(request, AuditAction.REPROCESS, Subject("Message", message_id=mid), 404)
-        raise web.HTTPNotFound(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+        raise Refused(404, {"error": str(exc)}) from None
     except ValueError as exc:
         subject = await request.config_dict[WRITER].run(lambda s: message_subject(s.connection(), mid))
         await record_failure(request, AuditAction.REPROCESS, subject, 409)
-        return web.json_response({"error": "cannot reprocess", "detail": str(exc)}, status=409)
+        raise Refused(409, {"error": "cannot reprocess", "detail": str(exc)}) from None
+
+
+@routes.post(r"/messages/{id:\d+}/reprocess")
+@requires(Role.OPERATE)
+async def reprocess(request: web.Request) -> web.Response:
+    try:
+        result = await reprocess_message(request, int(request.match_info["id"]))
+    except Refused as exc:
+        return web.json_response(exc.body, status=exc.status)
     return web.json_response(result)
 
 

@@ -65,15 +65,18 @@ def actor_of(request: web.Request) -> Actor:
 
 
 async def record_read(request: web.Request, action: str, resource_type: str, status: int,
-                      resources: list[dict[str, Any]], patient_ids: list[int] | None = None,
+                      resources: list[dict[str, Any]], patient_ids: list[int] | None = None, *,
+                      message_id: int | None = None, study_uid: str | None = None,
                       delivery_id: int | None = None) -> None:
-    """One audit_events row for this read, through the writer (raises when it cannot be written)."""
+    """One audit_events row for this read, through the writer (raises when it cannot be written);
+    ``message_id``, ``study_uid``, ``delivery_id``: the stored message, study or delivery read."""
     fhir = request.config_dict[FHIR_INBOUND]
     opts = fhir.channel.fhir if fhir is not None else None
     if opts is not None and not opts.audit_reads:
         return
     ids = patient_ids if patient_ids is not None else patient_ids_of(resource_type, resources)
-    subject = Subject(resource_type, ids or [], count=len(resources), delivery_id=delivery_id)
+    subject = Subject(resource_type, ids or [], count=len(resources), message_id=message_id, study_uid=study_uid,
+                      delivery_id=delivery_id)
     actor = actor_of(request)
     query = str(request.rel_url)
     await request.config_dict[WRITER].run(
