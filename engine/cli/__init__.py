@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine.cli.audit import add_parser as add_audit_parser
 from engine.cli.common import NoDatabase, open_db, require_database, settings_of
