@@ -102,6 +102,12 @@ def test_reprocess_is_recorded_from_the_api_and_the_cli(running: RunningEngine) 
     assert ack_code(send(running.mllp_port, adt("A04", "AUD1", "Audit", ctrl="AUDCTL1"))) == "AA"
     msg = message_id(running, "AUDCTL1")
     assert msg.patient_id is not None
+    # reading the message (its raw content holds the patient's details) is on the trail too
+    before = last_id(running)
+    assert running.api(f"/api/messages/{msg.id}")[0] == 200
+    row = one_new(running, before, "read")
+    assert (row.agent, row.status, row.message_id, row.patient_ids, row.resource_type) == (
+        agent, 200, msg.id, [msg.patient_id], "Message")
     before = last_id(running)
     status, body = running.api(f"/api/messages/{msg.id}/reprocess", method="POST")
     assert status == 200, body

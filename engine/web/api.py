@@ -175,6 +175,8 @@ async def message(request: web.Request) -> web.Response:
         m = s.get(Message, mid)
         return message_json(m, content=True) if m else None
     body = await in_read_session(request, run)
+    await record_read(request, "read", "Message", 200 if body else 404, [body] if body else [],
+                      [body["patient_id"]] if body and body.get("patient_id") else [], message_id=mid)
     if body is None:
         raise web.HTTPNotFound(text='{"error": "no such message"}', content_type="application/json")
     return web.json_response(body)
