@@ -156,7 +156,8 @@ def _unlabelled_controls(page: Any) -> list[str]:
 
 
 # every page of the console reached from the navigation (the sections add theirs)
-PAGES = ["/", "/deliveries", "/deliveries?state=dead"]
+PAGES = ["/", "/deliveries", "/deliveries?state=dead", "/mappings", "/mappings/hl7-patient.yaml",
+         "/mappings/hl7-patient.yaml/edit", "/mappings/try"]
 
 
 @SQLITE_ONLY
@@ -198,7 +199,7 @@ def test_without_token_auth_the_console_opens_and_still_wants_its_csrf_secret(
         tab.open("/login")
         expect(tab.page).to_have_url(f"{tab.base}/")
         expect(tab.page.get_by_role("heading", name="Overview")).to_be_visible()
-        forged = tab.page.request.post(f"{tab.base}/overview/live", form={"x": "1"})
+        forged = tab.page.request.post(f"{tab.base}/messages/999999/reprocess", form={"x": "1"})
         assert forged.status == 403 and "CSRF" in forged.text()
         assert tab.page.request.post(f"{tab.base}/api/messages/999999/reprocess").status == 404  # the API: no CSRF
     finally:
