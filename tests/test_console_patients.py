@@ -31,7 +31,7 @@ def reads(e: RunningEngine, resource_type: str) -> list[tuple[str, str, int]]:
     with e.db.read_session() as s:
         rows = s.execute(select(AuditEvent.action, AuditEvent.query, AuditEvent.status)
                          .where(AuditEvent.resource_type == resource_type).order_by(AuditEvent.id)).all()
-    return [tuple(r) for r in rows]  # type: ignore[misc]
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 def patient_id(e: RunningEngine, mrn: str) -> int:
@@ -139,3 +139,37 @@ def test_unknown_records_and_empty_searches(running: RunningEngine, console: Con
     expect(page.get_by_label("Accession number")).to_be_visible()
     assert [r for r in reads(running, "Order") if r[0] == "search"] == []
     assert console.errors == []
+
+
+def _rows(e: RunningEngine, path: str, attr: str) -> list[str]:
+    status, html = e.api(path)
+    assert status == 200, html
+    return re.findall(rf'<tr {attr}="(\d+)">', html)
+
+
+def test_patient_and_order_searches_on_both_databases(running: RunningEngine) -> None:
+    """The searches' SQL (identifier with or without issuer, aliases, name prefix in any case, birth
+    date, order numbers and the patient's identifier) on SQLite and PostgreSQL alike."""
+    hl7(running, adt("A04", "CQ1", "Berg", "Ola", dob="19500101", issuer="GENHOSP"),
+        adt("A04", "CQ1", "Bergman", "Ida", dob="19600101", issuer="OTHERHOSP"),
+        adt("A04", "CQ3", "Andersen", "Kai", dob="19500101"),
+        orm("NW", "PLQ1", "ACCQ1", "CQ1", family="Berg"), orm("NW", "PLQ3", "ACCQ3", "CQ3", family="Andersen"))
+    berg, andersen = patient_id(running, "CQ1"), str(patient_id(running, "CQ3"))
+    status, body = running.api("/api/patients?identifier=CQ1&issuer=OTHERHOSP")
+    [other] = body["patients"]
+    bergman = str(other["id"])
+    assert sorted(_rows(running, "/patients?identifier=CQ1", "data-patient")) == sorted([str(berg), bergman])
+    assert _rows(running, "/patients?identifier=CQ1&issuer=OTHERHOSP", "data-patient") == [bergman]
+    assert sorted(_rows(running, "/patients?name=BERG", "data-patient")) == sorted([str(berg), bergman])
+    assert _rows(running, "/patients?name=bergm", "data-patient") == [bergman]
+    assert sorted(_rows(running, "/patients?birth_date=1950-01-01", "data-patient")) == sorted([str(berg), andersen])
+    assert _rows(running, "/patients?name=berg&birth_date=1950-01-01", "data-patient") == [str(berg)]
+    status, body = running.api("/api/orders?accession=ACCQ1")
+    [q1] = body["orders"]
+    assert _rows(running, "/orders?placer=PLQ1", "data-order") == [str(q1["id"])]
+    assert _rows(running, "/orders?filler=FPLQ1", "data-order") == [str(q1["id"])]
+    assert _rows(running, "/orders?patient=CQ1%5EGENHOSP", "data-order") == [str(q1["id"])]
+    assert _rows(running, "/orders?patient=CQ1%5EOTHERHOSP", "data-order") == []
+    assert len(_rows(running, "/orders?status=SC", "data-order")) == 2
+    status, body = running.api("/api/orders?patient=CQ3")  # the API takes the same filter
+    assert status == 200 and [o["accession"] for o in body["orders"]] == ["ACCQ3"]

@@ -28,6 +28,7 @@ from engine.web.lookups import (
     find_patients,
     find_studies,
     patient_detail,
+    read_one,
 )
 from engine.web.reads import in_read_session, on_reader
 from engine.web.roles import requires
@@ -95,9 +96,7 @@ async def patients(request: web.Request) -> web.Response:
 async def patient(request: web.Request) -> web.Response:
     pid = int(request.match_info["id"])
 
-    body = await in_read_session(request, lambda s: patient_detail(s, pid))
-    await record_read(request, "read", "Patient", 200 if body else 404, [body] if body else [],
-                      [pid] if body else [])
+    body = await read_one(request, "Patient", lambda s: patient_detail(s, pid), lambda _: [pid])
     if body is None:
         raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
     return web.json_response(body)

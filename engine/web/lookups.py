@@ -9,9 +9,11 @@ id, newest first), never by OFFSET, and never counted."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session, selectinload
 
@@ -26,10 +28,22 @@ from engine.store.models import (
     Series,
     Study,
 )
+from engine.web.audit import record_read
+from engine.web.reads import in_read_session
 from engine.web.serialize import order_json, patient_json, study_json
 
 MAX_LIMIT = 500
 MODALITY = re.compile(r"[A-Z0-9 ]{1,16}")  # a Modality value (DICOM CS)
+
+
+async def read_one(request: web.Request, resource_type: str, fn: Callable[[Session], dict[str, Any] | None],
+                   patients: Callable[[dict[str, Any]], list[int]]) -> dict[str, Any] | None:
+    """One record read by ``fn`` (None: not there), with its audit row (200 naming the patients
+    ``patients`` finds in it, or 404) written before it is shown."""
+    body = await in_read_session(request, fn)
+    await record_read(request, "read", resource_type, 200 if body else 404, [body] if body else [],
+                      patients(body) if body else [])
+    return body
 
 
 def split_identifier(text: str) -> tuple[str, str | None]:
@@ -38,7 +52,7 @@ def split_identifier(text: str) -> tuple[str, str | None]:
     return value.strip(), (issuer.strip() if sep else None)
 
 
-def _identified(value: str, issuer: str | None) -> Select[tuple[int]]:
+def _identified(value: str, issuer: str | None) -> Select[Any]:
     """The ids of the patients holding identifier ``value`` (of ``issuer`` when given), aliases included."""
     sub = select(PatientIdentifier.patient_id).where(PatientIdentifier.value == value)
     return sub.where(PatientIdentifier.issuer == issuer) if issuer is not None else sub

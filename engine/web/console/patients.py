@@ -20,6 +20,7 @@ from engine.web.lookups import (
     find_patients,
     order_detail,
     patient_detail,
+    read_one,
 )
 from engine.web.reads import in_read_session
 from engine.web.roles import requires
@@ -48,9 +49,7 @@ async def patients(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def patient(request: web.Request) -> web.Response:
     pid = int(request.match_info["id"])
-    body = await in_read_session(request, lambda s: patient_detail(s, pid))
-    await record_read(request, "read", "Patient", 200 if body else 404, [body] if body else [],
-                      [pid] if body else [])
+    body = await read_one(request, "Patient", lambda s: patient_detail(s, pid), lambda _: [pid])
     if body is None:
         return render(request, "record_missing.html", {"what": f"No patient {pid}.", "back": "/patients"}, status=404)
     return render(request, "patient.html", {"p": body})
@@ -74,9 +73,7 @@ async def orders(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def order(request: web.Request) -> web.Response:
     oid = int(request.match_info["id"])
-    body = await in_read_session(request, lambda s: order_detail(s, oid))
-    await record_read(request, "read", "Order", 200 if body else 404, [body] if body else [],
-                      [body["patient_id"]] if body else [])
+    body = await read_one(request, "Order", lambda s: order_detail(s, oid), lambda o: [o["patient_id"]])
     if body is None:
         return render(request, "record_missing.html", {"what": f"No order {oid}.", "back": "/orders"}, status=404)
     return render(request, "order.html", {"o": body})

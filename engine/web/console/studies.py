@@ -27,7 +27,7 @@ from engine.web.audit import record_read
 from engine.web.console.pages import done, render
 from engine.web.console.paging import PAGE, before_of, first_page, older_page
 from engine.web.keys import ENGINE
-from engine.web.lookups import MODALITY, StudySearch, find_studies, middle_instance, study_detail
+from engine.web.lookups import MODALITY, StudySearch, find_studies, middle_instance, read_one, study_detail
 from engine.web.reads import in_read_session
 from engine.web.roles import requires
 
@@ -95,9 +95,7 @@ async def studies(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def study(request: web.Request) -> web.Response:
     uid = request.match_info["uid"]
-    body = await in_read_session(request, lambda s: study_detail(s, uid))
-    await record_read(request, "read", "Study", 200 if body else 404, [body] if body else [],
-                      _patient_ids([body]) if body else [])
+    body = await read_one(request, "Study", lambda s: study_detail(s, uid), lambda st: _patient_ids([st]))
     if body is None:
         return render(request, "record_missing.html", {"what": f"No study {uid}.", "back": "/studies"}, status=404)
     return render(request, "study.html", {"st": body, "r": body["reconciliation"]})
