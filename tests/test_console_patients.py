@@ -164,6 +164,8 @@ def test_patient_and_order_searches_on_both_databases(running: RunningEngine) ->
     assert _rows(running, "/patients?name=bergm", "data-patient") == [bergman]
     assert sorted(_rows(running, "/patients?birth_date=1950-01-01", "data-patient")) == sorted([str(berg), andersen])
     assert _rows(running, "/patients?name=berg&birth_date=1950-01-01", "data-patient") == [str(berg)]
+    status, body = running.api("/api/patients?birth_date=1950-01-01")  # the API's search is the same one
+    assert status == 200 and sorted(str(p["id"]) for p in body["patients"]) == sorted([str(berg), andersen])
     status, body = running.api("/api/orders?accession=ACCQ1")
     [q1] = body["orders"]
     assert _rows(running, "/orders?placer=PLQ1", "data-order") == [str(q1["id"])]

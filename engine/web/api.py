@@ -80,12 +80,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
 @requires(Role.READ)
 async def patients(request: web.Request) -> web.Response:
     q = request.query
-    ident, issuer, name = q.get("identifier"), q.get("issuer"), q.get("name")
-    if not ident and not name:
-        raise _bad("give identifier=ID (and optionally issuer=) or name=FAMILY")
+    search = PatientSearch(identifier=q.get("identifier"), issuer=q.get("issuer"), name=q.get("name"),
+                           birth_date=q.get("birth_date"))
+    if not search.given():
+        raise _bad("give identifier=ID (and optionally issuer=), name=FAMILY or birth_date=YYYY-MM-DD")
     limit = _limit(request)
-
-    search = PatientSearch(identifier=ident, issuer=issuer, name=name, birth_date=q.get("birth_date"))
     found = await in_read_session(request, lambda s: find_patients(s, search, limit))
     await record_read(request, "search", "Patient", 200, found, [p["id"] for p in found])
     return web.json_response({"patients": found})
@@ -95,7 +94,6 @@ async def patients(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def patient(request: web.Request) -> web.Response:
     pid = int(request.match_info["id"])
-
     body = await read_one(request, "Patient", lambda s: patient_detail(s, pid), lambda _: [pid])
     if body is None:
         raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
