@@ -22,7 +22,6 @@ from typing import Any, BinaryIO
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, pixel_array
 
 from engine.errors import RadBridgeError
@@ -84,7 +83,7 @@ def render_png(source: BinaryIO, max_side: int = MAX_SIDE) -> bytes:
     """The PNG of ``source``'s image (its middle frame when it has several)."""
     try:
         ds = pydicom.dcmread(source)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+    except Exception as exc:  # InvalidDicomError, EOFError, struct errors...: a damaged file is no image
         raise ThumbnailError(f"the stored file cannot be read as DICOM ({type(exc).__name__})") from exc
     if "PixelData" not in ds:
         raise ThumbnailError("the instance has no pixel data (not an image)")
@@ -93,8 +92,9 @@ def render_png(source: BinaryIO, max_side: int = MAX_SIDE) -> bytes:
     frames = int(ds.get("NumberOfFrames") or 1)
     try:
         frame = pixel_array(ds, index=frames // 2 if frames > 1 else None)
-    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ThumbnailError(f"the pixel data ({syntax_name}) cannot be decoded here: {exc}") from exc
+    except Exception as exc:  # no decoder for the syntax, or pixel data the decoder cannot take
+        raise ThumbnailError(f"the pixel data ({syntax_name}) cannot be decoded here: "
+                             f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     samples = int(ds.get("SamplesPerPixel") or 1)
     if samples == 1 and frame.ndim == 2:
         image = Image.fromarray(_grey(ds, frame), mode="L")
