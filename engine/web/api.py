@@ -12,20 +12,28 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from engine.connectors.hl7channel import Reprocessed
-from engine.reconciliation import manual
 from engine.reconciliation.manual import ManualError
-from engine.reconciliation.reconciler import EXCEPTION_STATES
 from engine.store import tokens
-from engine.store.audit import AuditAction, Subject, finding_subject, message_subject, study_subject
-from engine.store.models import DomainEvent, Message, Order, Patient, PatientIdentifier, ReconcileJob, Study
+from engine.store.audit import AuditAction, Subject, message_subject
+from engine.store.models import Message
 from engine.store.tokens import Role
-from engine.web import audit, deliveries
-from engine.web.audit import Refused, actor_of, audited, record_failure, record_read
+from engine.web import audit, deliveries, study_actions
+from engine.web.audit import Refused, actor_of, record_failure, record_read
 from engine.web.inputs import BodyError, nul_parameter, read_body
 from engine.web.keys import ENGINE, WRITER
+from engine.web.lookups import (
+    ORDER_FILTERS,
+    PatientSearch,
+    StudySearch,
+    find_orders,
+    find_patients,
+    find_studies,
+    patient_detail,
+    read_one,
+)
 from engine.web.reads import in_read_session, on_reader
 from engine.web.roles import requires
-from engine.web.serialize import message_json, order_json, patient_json, study_json
+from engine.web.serialize import message_json
 
 T = TypeVar("T")
 MAX_LIMIT = 500
@@ -45,28 +53,15 @@ def _limit(request: web.Request) -> int:
     return int(raw)
 
 
-def _with_studies(s: Session, p: Patient) -> dict[str, Any]:
-    """The patient, with the studies linked to it and those whose headers carry one of its IDs."""
-    out = patient_json(p)
-    values = [i.value for i in p.identifiers]
-    stmt = select(Study).where((Study.patient_id == p.id) | Study.dicom_patient_id.in_(values)).order_by(Study.id)
-    out["studies"] = [study_json(st, series=False) for st in s.execute(stmt.limit(MAX_LIMIT)).scalars()]
-    return out
-
-
-async def _write(request: web.Request, action: AuditAction, fn: Callable[[Any], T],
-                 about: Callable[[Any, T | None], Subject], status: int = 202) -> T:
-    """``fn`` on the writer's connection, with its audit row; then the reconciler is woken for what
-    it changed."""
+async def _manual(action: Awaitable[T]) -> T:
+    """A study action (engine/web/study_actions.py); what it names not being there is a JSON 404 / 409."""
     try:
-        result = await audited(request, action, fn, about, status=status)
+        return await action
     except ManualError as exc:
         conflict = exc.status == 409
         raise (web.HTTPConflict if conflict else web.HTTPNotFound)(
             text=json.dumps({"error": "conflict" if conflict else "not found", "detail": str(exc)}),
             content_type="application/json") from None
-    request.config_dict[ENGINE].wake_reconciler()
-    return result
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -86,23 +81,12 @@ async def _body(request: web.Request) -> dict[str, Any]:
 @requires(Role.READ)
 async def patients(request: web.Request) -> web.Response:
     q = request.query
-    ident, issuer, name = q.get("identifier"), q.get("issuer"), q.get("name")
-    if not ident and not name:
-        raise _bad("give identifier=ID (and optionally issuer=) or name=FAMILY")
+    search = PatientSearch(identifier=q.get("identifier"), issuer=q.get("issuer"), name=q.get("name"),
+                           birth_date=q.get("birth_date"))
+    if not search.given():
+        raise _bad("give identifier=ID (and optionally issuer=), name=FAMILY or birth_date=YYYY-MM-DD")
     limit = _limit(request)
-
-    def run(s: Session) -> list[dict[str, Any]]:
-        stmt = select(Patient).options(selectinload(Patient.identifiers), selectinload(Patient.orders),
-                                       selectinload(Patient.history))
-        if ident:
-            sub = select(PatientIdentifier.patient_id).where(PatientIdentifier.value == ident)
-            if issuer is not None:
-                sub = sub.where(PatientIdentifier.issuer == issuer)
-            stmt = stmt.where(Patient.id.in_(sub))
-        if name:
-            stmt = stmt.where(Patient.family_name.ilike(name.replace("*", "%")))
-        return [_with_studies(s, p) for p in s.execute(stmt.order_by(Patient.id).limit(limit)).scalars()]
-    found = await in_read_session(request, run)
+    found = await in_read_session(request, lambda s: find_patients(s, search, limit))
     await record_read(request, "search", "Patient", 200, found, [p["id"] for p in found])
     return web.json_response({"patients": found})
 
@@ -111,13 +95,7 @@ async def patients(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def patient(request: web.Request) -> web.Response:
     pid = int(request.match_info["id"])
-
-    def run(s: Session) -> dict[str, Any] | None:
-        p = s.get(Patient, pid)
-        return _with_studies(s, p) if p else None
-    body = await in_read_session(request, run)
-    await record_read(request, "read", "Patient", 200 if body else 404, [body] if body else [],
-                      [pid] if body else [])
+    body = await read_one(request, "Patient", lambda s: patient_detail(s, pid), lambda _: [pid])
     if body is None:
         raise web.HTTPNotFound(text='{"error": "no such patient"}', content_type="application/json")
     return web.json_response(body)
@@ -127,20 +105,11 @@ async def patient(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def orders(request: web.Request) -> web.Response:
     q = request.query
-    filters = {k: q[k] for k in ("accession", "placer", "filler", "status", "patient_id") if k in q}
+    filters = {k: q[k] for k in ORDER_FILTERS if k in q}
     if not filters:
-        raise _bad("give accession=, placer=, filler=, status= or patient_id=")
+        raise _bad("give accession=, placer=, filler=, status=, patient_id= or patient=ID^ISSUER")
     limit = _limit(request)
-
-    def run(s: Session) -> list[dict[str, Any]]:
-        stmt = select(Order).options(selectinload(Order.history),
-                                     selectinload(Order.patient).selectinload(Patient.identifiers))
-        cols = {"accession": Order.accession, "placer": Order.placer_number, "filler": Order.filler_number,
-                "status": Order.status, "patient_id": Order.patient_id}
-        for k, v in filters.items():
-            stmt = stmt.where(cols[k] == (int(v) if k == "patient_id" and v.isdigit() else v))
-        return [order_json(o, patient=True) for o in s.execute(stmt.order_by(Order.id).limit(limit)).scalars()]
-    found = await in_read_session(request, run)
+    found = await in_read_session(request, lambda s: find_orders(s, filters, limit))
     await record_read(request, "search", "Order", 200, found, sorted({o["patient_id"] for o in found}))
     return web.json_response({"orders": found})
 
@@ -211,32 +180,14 @@ async def reprocess(request: web.Request) -> web.Response:
 @requires(Role.READ)
 async def studies(request: web.Request) -> web.Response:
     q = request.query
-    filters = {k: q[k] for k in ("accession", "study_uid", "patient_id", "state", "reconciliation") if k in q}
-    exceptions = q.get("exceptions", "").lower() in ("1", "true", "yes")
-    if not filters and not exceptions:
+    search = StudySearch(accession=q.get("accession"), study_uid=q.get("study_uid"), patient_id=q.get("patient_id"),
+                         state=q.get("state"), reconciliation=q.get("reconciliation"),
+                         exceptions=q.get("exceptions", "").lower() in ("1", "true", "yes"))
+    if not search.given():
         raise _bad("give accession=, study_uid=, patient_id= (as in the headers), state=, reconciliation= "
                    "or exceptions=true")
     limit = _limit(request)
-
-    def run(s: Session) -> list[dict[str, Any]]:
-        stmt = select(Study).options(selectinload(Study.series), selectinload(Study.findings))
-        cols = {"accession": Study.accession, "study_uid": Study.study_uid, "patient_id": Study.dicom_patient_id,
-                "state": Study.state, "reconciliation": Study.recon_state}
-        for k, v in filters.items():
-            stmt = stmt.where(cols[k] == v)
-        if exceptions:
-            stmt = stmt.where(Study.recon_state.in_(EXCEPTION_STATES))
-        found = list(s.execute(stmt.order_by(Study.id).limit(limit)).scalars())
-        events: dict[int, list[DomainEvent]] = {st.id: [] for st in found}
-        jobs: dict[int, ReconcileJob] = {}
-        if found:
-            for e in s.execute(select(DomainEvent).where(DomainEvent.study_id.in_(list(events)))
-                               .order_by(DomainEvent.id)).scalars():
-                events[e.study_id].append(e)  # type: ignore[index]
-            jobs = {j.study_id: j for j in s.execute(select(ReconcileJob).where(
-                ReconcileJob.study_id.in_(list(events)))).scalars()}
-        return [study_json(st, events=events[st.id], findings=True, job=jobs.get(st.id)) for st in found]
-    listed = await in_read_session(request, run)
+    listed = await in_read_session(request, lambda s: find_studies(s, search, limit))
     await record_read(request, "search", "Study", 200, listed,
                       sorted({st["patient_id"] for st in listed if st["patient_id"] is not None}))
     return web.json_response({"studies": listed})
@@ -249,34 +200,23 @@ async def study_match(request: web.Request) -> web.Response:
     accession, patient = data.get("accession"), data.get("patient")
     if bool(accession) == bool(patient) or not isinstance(accession or patient, str):
         raise _bad('give {"accession": "ACC"} or {"patient": "ID^ISSUER"}')
-    ref = request.match_info["ref"]
-    by = actor_of(request).name
-
-    def about(c: Any, _: Any) -> Subject:
-        found = study_subject(c, ref)
-        found.detail = f"accession {accession}" if accession else f"patient {patient}"
-        return found
-    out = await _write(request, AuditAction.MATCH, lambda c: manual.match(c, ref, accession=accession, patient=patient,
-                                                                         by=by, note=data.get("note")), about)
+    out = await _manual(study_actions.match_study(request, request.match_info["ref"], accession=accession,
+                                                  patient=patient, note=data.get("note")))
     return web.json_response(out, status=202)
 
 
 @routes.delete("/studies/{ref}/match")
 @requires(Role.OPERATE)
 async def study_unmatch(request: web.Request) -> web.Response:
-    ref = request.match_info["ref"]
-    by = actor_of(request).name
-    return web.json_response(await _write(request, AuditAction.UNMATCH, lambda c: manual.clear_match(c, ref, by=by),
-                                          lambda c, _: study_subject(c, ref)), status=202)
+    return web.json_response(await _manual(study_actions.clear_match(request, request.match_info["ref"])),
+                             status=202)
 
 
 @routes.post("/studies/{ref}/reconcile")
 @requires(Role.OPERATE)
 async def study_reconcile(request: web.Request) -> web.Response:
-    ref = request.match_info["ref"]
-    by = actor_of(request).name
-    return web.json_response(await _write(request, AuditAction.RECONCILE, lambda c: manual.request(c, ref, by=by),
-                                          lambda c, _: study_subject(c, ref)), status=202)
+    return web.json_response(await _manual(study_actions.reconcile_again(request, request.match_info["ref"])),
+                             status=202)
 
 
 @routes.post(r"/findings/{id:\d+}/accept")
@@ -284,9 +224,7 @@ async def study_reconcile(request: web.Request) -> web.Response:
 async def finding_accept(request: web.Request) -> web.Response:
     data = await _body(request)
     fid = int(request.match_info["id"])
-    by = actor_of(request).name
-    await _write(request, AuditAction.ACCEPT, lambda c: manual.accept_finding(c, fid, by=by, note=data.get("note")),
-                 lambda c, _: finding_subject(c, fid), status=200)
+    await _manual(study_actions.accept_finding(request, fid, note=data.get("note")))
     return web.json_response({"finding": fid, "status": "accepted"})
 
 
