@@ -76,6 +76,8 @@ CALLS = [
     Call("GET", "/favicon.ico", "/favicon.ico", None),
     Call("GET", "/", "/", Role.READ),
     Call("GET", "/overview/live", "/overview/live", Role.READ),
+    Call("GET", "/overview/chart", "/overview/chart", Role.READ),
+    Call("GET", "/messages?status=error", "/messages", Role.READ),
     Call("GET", "/metrics", "/metrics", Role.METRICS),
     # admin API
     Call("GET", "/api/audit", "/api/audit", Role.READ),

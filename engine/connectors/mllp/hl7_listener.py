@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from ssl import SSLContext
@@ -17,9 +19,11 @@ from engine.metrics import Metrics
 from engine.pipeline.hl7_inbound import HL7Inbound, Prepared
 from engine.pipeline.stage import ingest
 from engine.pipeline.writer import IngestWriter, StorageUnavailable
+from engine.store import minutes
 from engine.store.states import MessageStatus
 
 log = logging.getLogger(__name__)
+FLUSH_SECONDS = 2.0  # how often the per-minute figures (engine/store/minutes.py) go to the writer
 
 
 class HL7Listener:
@@ -30,6 +34,8 @@ class HL7Listener:
         self.inbound = inbound
         self.writer = writer
         self.metrics = metrics
+        self.minutes = minutes.MinuteTally()
+        self._flusher: asyncio.Task[None] | None = None
         opts = channel.options
         self.server = MLLPServer(channel.name, host, port, self._on_frame, on_problem=self._on_problem,
                                  on_report=self._on_report, max_size=opts.max_message_bytes,
@@ -38,9 +44,32 @@ class HL7Listener:
 
     async def start(self) -> None:
         await self.server.start()
+        self._flusher = asyncio.create_task(self._flush_every(FLUSH_SECONDS), name=f"minutes-{self.channel.name}")
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.flush_minutes()
+
+    async def flush_minutes(self) -> None:
+        """Hand the per-minute figures counted since the last flush to the writer (its next batch)."""
+        rows = self.minutes.drain()
+        if not rows:
+            return
+        try:
+            await self.writer.run(lambda session: minutes.flush(session.connection(), rows))
+        except Exception as exc:  # kept for the next flush: figures are late, never lost while running
+            self.minutes.restore(rows)
+            log.warning("channel %s: per-minute figures not written yet: %s", self.channel.name, exc)
+
+    async def _flush_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await self.flush_minutes()
 
     def _oversized(self, fr: Frame, remote: str) -> Prepared:
         p = Prepared(raw=fr.data, remote=remote, received_at=time.time(), size=fr.size)
@@ -74,7 +103,9 @@ class HL7Listener:
             self.metrics.failed.inc(channel=name, reason=status)
         for reply in replies:
             self.metrics.acked.inc(channel=name, code=reply.split("\r", 2)[1][4:6] if "\rMSA" in reply else code)
-        self.metrics.latency.observe(time.perf_counter() - t0, channel=name)
+        elapsed = time.perf_counter() - t0
+        self.metrics.latency.observe(elapsed, channel=name)
+        self.minutes.add(name, code, elapsed)
         return [r.encode(charset, errors="replace") for r in replies]
 
     def _on_problem(self, problem: FrameProblem) -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from engine.web.console import login, overview, pages
+from engine.web.console import login, messages, overview, pages
 
 
 def console_routes() -> list[web.RouteTableDef]:
     """Every console route table, to be added to the root application."""
-    return [pages.routes, login.routes, overview.routes]
+    return [pages.routes, login.routes, overview.routes, messages.routes]
 
 
 def setup_console(app: web.Application) -> None:
