@@ -31,6 +31,7 @@ from engine.web.roles import requires
 routes = web.RouteTableDef()
 
 CHART_WIDTH, CHART_HEIGHT, DAY_MINUTES = 720, 120, 24 * 60
+COUNTED = ("mllp",)  # the connectors whose messages message_minutes counts (their ACKs)
 
 
 def _figures(conn: Connection) -> dict[str, Any]:
@@ -46,7 +47,7 @@ async def _context(request: web.Request) -> dict[str, Any]:
     ready, checks = await health_report(request)
     figures = await on_reader(request, _figures)
     return {"channels": request.app[ENGINE].channel_status(), "ready": ready, "checks": checks,
-            "empty": minutes.Totals(), "now": utcnow(), **figures}
+            "empty": minutes.Totals(), "now": utcnow(), "counted": COUNTED, **figures}
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def _chart(channel: str, points: list[minutes.Point], start: datetime) -> Chart:
 async def _charts(request: web.Request) -> dict[str, Any]:
     start = utcnow() - timedelta(days=1)
     found = await on_reader(request, lambda c: minutes.series(c, start))
-    names = [ch["name"] for ch in request.app[ENGINE].channel_status()]
-    names += sorted(set(found) - set(names))  # channels gone from the configuration since
+    counted = [ch["name"] for ch in request.app[ENGINE].channel_status() if ch["connector"] in COUNTED]
+    names = counted + sorted(set(found) - set(counted))  # and channels gone from the configuration since
     return {"charts": [_chart(n, found.get(n, []), start) for n in names], "width": CHART_WIDTH,
             "height": CHART_HEIGHT}
 
