@@ -1,6 +1,7 @@
 """Searching the messages: the one query behind GET /api/messages and the console's /messages.
 
-Every filter is an equality or a range on an indexed column, and a page is "the newest ``limit``
+Every filter is an equality or a range on an indexed column (a time range also bounds the ids,
+see ``_first_id_from``), and a page is "the newest ``limit``
 messages older than ``before_id``" (or newer than ``after_id``): keyset paging by id, never OFFSET
 nor COUNT(*), so a page costs the same on the first and the thousandth (docs/console.md, Messages).
 """
@@ -8,12 +9,16 @@ nor COUNT(*), so a page costs the same on the first and the thousandth (docs/con
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import ScalarSelect, Select, select
 
 from engine.store.models import Message, Order, OrderStatusChange, PatientIdentifier
+
+# Messages get their received_at and their id from one writer in order, so times and ids rise
+# together; between engine processes sharing a database the clocks may differ by this much at most.
+CLOCK_SLACK = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,19 @@ class MessageFilter:
         return replace(self, before_id=before_id, after_id=after_id)
 
 
+def _first_id_from(at: datetime) -> ScalarSelect[Any]:
+    """The id where messages received from ``at`` start (CLOCK_SLACK earlier, for clocks of several
+    engines): one step of ix_messages_received. The exact received_at test stays in the query; this
+    bound turns "status X between two times" from a scan of every newer X into an id range."""
+    return (select(Message.id).where(Message.received_at >= at - CLOCK_SLACK)
+            .order_by(Message.received_at.asc(), Message.id.asc()).limit(1).scalar_subquery())
+
+
+def _last_id_before(at: datetime) -> ScalarSelect[Any]:
+    return (select(Message.id).where(Message.received_at < at + CLOCK_SLACK)
+            .order_by(Message.received_at.desc(), Message.id.desc()).limit(1).scalar_subquery())
+
+
 def search_statement(f: MessageFilter, limit: int) -> Select[Any]:
     """SELECT of the messages matching ``f``, at most ``limit``: newest first, or with ``after_id``
     oldest first (the caller reverses that page)."""
@@ -63,9 +81,9 @@ def search_statement(f: MessageFilter, limit: int) -> Select[Any]:
                    .where(Order.accession == f.accession, OrderStatusChange.message_id.is_not(None)))
         stmt = stmt.where(Message.id.in_(changed))
     if f.received_from is not None:
-        stmt = stmt.where(Message.received_at >= f.received_from)
+        stmt = stmt.where(Message.received_at >= f.received_from, Message.id >= _first_id_from(f.received_from))
     if f.received_to is not None:
-        stmt = stmt.where(Message.received_at < f.received_to)
+        stmt = stmt.where(Message.received_at < f.received_to, Message.id <= _last_id_before(f.received_to))
     if f.after_id is not None:
         return stmt.where(Message.id > f.after_id).order_by(Message.id.asc()).limit(limit)
     if f.before_id is not None:
