@@ -45,7 +45,8 @@ from sqlalchemy import create_engine, insert, text  # noqa: E402
 
 from engine.config import Settings  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
-from engine.store import minutes  # noqa: E402
+from engine.store import migrate, minutes  # noqa: E402
+from engine.store.db import open_database  # noqa: E402
 from engine.store.message_search import search_statement  # noqa: E402
 from engine.store.models import Message, Order, OrderStatusChange, Patient, PatientIdentifier  # noqa: E402
 from engine.store.types import utcnow  # noqa: E402
@@ -86,8 +87,8 @@ def fill(url: str, count: int, seed: int = 7) -> dict[str, Any]:
                                                       "type_code": "MR", "kind": "primary", "created_at": start}
                                                      for i in ids])
     orders = 0
-    with eng.begin() as conn:
-        for first in range(0, count, CHUNK):
+    for first in range(0, count, CHUNK):
+        with eng.begin() as conn:
             rows, history = [], []
             for i in range(first + 1, min(first + CHUNK, count) + 1):
                 at = start + timedelta(seconds=(i - 1) * step)
@@ -113,6 +114,7 @@ def fill(url: str, count: int, seed: int = 7) -> dict[str, Any]:
                 conn.execute(insert(OrderStatusChange), [{"order_id": o, "at": at, "control": "NW", "from_status": None,
                                                           "to_status": "SC", "applied": True, "message_id": mid}
                                                          for o, _, mid, at in history])
+    with eng.begin() as conn:
         minutes.flush(conn, tally.drain())
     if eng.dialect.name == "postgresql":
         with eng.connect() as conn:  # what autovacuum does on its own after such a load
@@ -204,14 +206,18 @@ def main() -> int:
         loop = asyncio.new_event_loop()
         runner = threading.Thread(target=loop.run_forever, daemon=True)
         runner.start()
+        Path(s.storage.dir).mkdir(parents=True, exist_ok=True)
+        db = open_database(url)
+        migrate.upgrade(db)
+        db.dispose()
+        print(f"filling {url.split('://')[0]} with {args.messages:,} messages ...", flush=True)
+        t = time.perf_counter()
+        known = fill(url, args.messages)
+        print(f"  filled in {time.perf_counter() - t:.1f}s ({known['patients']:,} patients, "
+              f"{known['orders']:,} orders)", flush=True)
         engine = Engine(s, http_app=build_app)
-        asyncio.run_coroutine_threadsafe(engine.start(), loop).result(60)  # migrates the empty store
+        asyncio.run_coroutine_threadsafe(engine.start(), loop).result(120)
         try:
-            print(f"filling {url.split('://')[0]} with {args.messages:,} messages ...", flush=True)
-            t = time.perf_counter()
-            known = fill(url, args.messages)
-            print(f"  filled in {time.perf_counter() - t:.1f}s ({known['patients']:,} patients, "
-                  f"{known['orders']:,} orders)", flush=True)
             if args.explain:
                 explain(url, known)
             base = f"http://127.0.0.1:{engine.http_port}"
