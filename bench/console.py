@@ -32,7 +32,6 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -40,10 +39,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchutil import bench_settings, make_store  # noqa: E402
 from sqlalchemy import Engine as SAEngine  # noqa: E402
 from sqlalchemy import create_engine, insert, text  # noqa: E402
 
-from engine.config import Settings  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
 from engine.store import migrate, minutes  # noqa: E402
 from engine.store.db import open_database  # noqa: E402
@@ -185,23 +184,9 @@ def main() -> int:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radbridge-console-"))
-    pg_name, admin = None, None
+    url, drop = make_store(args.database_url, work)
     try:
-        if args.database_url:
-            pg_name = f"radbridge_bench_{uuid.uuid4().hex[:10]}"
-            admin = create_engine(args.database_url, isolation_level="AUTOCOMMIT")
-            with admin.connect() as c:
-                c.execute(text(f'CREATE DATABASE "{pg_name}"'))
-            url = args.database_url.rsplit("/", 1)[0] + f"/{pg_name}"
-        else:
-            url = f"sqlite:///{work / 'var' / 'radbridge.db'}"
-        s = Settings()
-        s.storage.dir, s.database.url = str(work / "var"), url
-        s.channels_dir, s.mappings_dir = str(REPO / "channels"), str(REPO / "mappings")
-        s.mllp.port = s.dicom.port = s.http.port = 0
-        s.http.tokens = [TOKEN]
-        s.retention.enabled = False
-        s.mappings.reload_seconds = 0
+        s = bench_settings(work, url, TOKEN)
 
         loop = asyncio.new_event_loop()
         runner = threading.Thread(target=loop.run_forever, daemon=True)
@@ -255,10 +240,7 @@ def main() -> int:
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if admin is not None and pg_name:
-            with admin.connect() as c:
-                c.execute(text(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
-            admin.dispose()
+        drop()
 
 
 if __name__ == "__main__":
