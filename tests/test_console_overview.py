@@ -84,7 +84,7 @@ def _counted(running: RunningEngine) -> dict[str, str]:
     assert counts_of(fig, "day") == want
     assert fig["p50"].endswith(" ms") and fig["p99"].endswith(" ms")  # five ACKs: a latency is known
     status, html = running.api("/overview/chart")
-    assert status == 200 and f'data-chart="{CHANNEL}"' in html and "<polyline" in html
+    assert status == 200 and f'data-chart="{CHANNEL}"' in html and 'class="line messages" d="M' in html
     return want
 
 
@@ -205,6 +205,11 @@ def test_the_overview_counts_messages_live_without_a_reload(running: RunningEngi
     console.shot("overview-live")
     send(running.mllp_port, adt("A01", "LIVE9", "More"))
     expect(cell(console, "hour-aa")).to_have_text(str(int(want["aa"]) + 1), timeout=FLUSH_WAIT * 1000)
+    page.reload()  # the charts (fetched again every minute) now have this minute
+    expect(page.locator(f'figure[data-chart="{CHANNEL}"] path.messages')).to_have_count(1)
+    page.get_by_text(f"{CHANNEL}: the same figures per hour, as a table").click()
+    expect(page.locator(f'figure[data-chart="{CHANNEL}"] tbody tr').first).to_be_visible()  # one or two hours
+    console.shot("overview")
     assert console.errors == []
 
 

@@ -52,11 +52,13 @@ async def _context(request: web.Request) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Chart:
-    """One channel's last 24 hours as SVG polylines (points "x,y ...") and an hourly table."""
+    """One channel's last 24 hours as SVG paths and an hourly table: a bar per minute for the
+    messages, a short tick per minute for p50 and p99 (dense enough to read as lines, and a lone
+    minute still shows)."""
 
     channel: str
-    messages: str  # messages per minute
-    p50: str  # ACK latency per minute (ms)
+    messages: str  # path data: a vertical bar per minute with messages
+    p50: str  # path data: a tick per minute at its ACK latency p50 (ms)
     p99: str
     peak: int  # the messages axis' top
     slowest: float  # the latency axis' top (ms)
@@ -81,10 +83,10 @@ def _chart(channel: str, points: list[minutes.Point], start: datetime) -> Chart:
         for i, n in enumerate(p.buckets):
             acc[1 + i] += n
 
-    def line(value: Any, top: float) -> str:
-        return " ".join(f"{_x(p.minute, start)},{_y(value(p), top)}" for p in points if value(p) is not None)
-    return Chart(channel, line(lambda p: p.received, peak), line(lambda p: p.p50_ms, slowest),
-                 line(lambda p: p.p99_ms, slowest), peak, slowest,
+    def ticks(value: Any, top: float) -> str:
+        return " ".join(f"M{_x(p.minute, start)},{_y(value(p), top)}h1.5" for p in points if value(p) is not None)
+    bars = " ".join(f"M{_x(p.minute, start)},{CHART_HEIGHT}V{_y(p.received, peak)}" for p in points)
+    return Chart(channel, bars, ticks(lambda p: p.p50_ms, slowest), ticks(lambda p: p.p99_ms, slowest), peak, slowest,
                  [(h, acc[0], minutes.percentile(acc[1:], 0.5), minutes.percentile(acc[1:], 0.99))
                   for h, acc in sorted(hours.items())])
 
