@@ -72,18 +72,17 @@ class MinuteTally:
                     row[k] += v
 
 
-def flush(conn: Connection, rows: dict[tuple[str, datetime], dict[str, int]]) -> None:
-    """Add ``rows`` to message_minutes (insert, or add to the minute's row) and drop rows older than
-    two days."""
-    if not rows:
-        return
+def flush(conn: Connection, rows: dict[tuple[str, datetime], dict[str, int]], *, prune: bool = True) -> None:
+    """Add ``rows`` to message_minutes (insert, or add to the minute's row); with ``prune`` drop the
+    rows older than two days."""
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     for (channel, minute), values in rows.items():
         stmt = insert(MINUTES).values(channel=channel, minute=minute, **values)
         conn.execute(stmt.on_conflict_do_update(
             index_elements=[MINUTES.c.channel, MINUTES.c.minute],
             set_={k: MINUTES.c[k] + stmt.excluded[k] for k in values}))
-    conn.execute(delete(MINUTES).where(MINUTES.c.minute < utcnow() - KEEP))
+    if prune:
+        conn.execute(delete(MINUTES).where(MINUTES.c.minute < utcnow() - KEEP))
 
 
 def percentile(buckets: list[int], q: float) -> float | None:
@@ -133,15 +132,13 @@ def totals(conn: Connection, since: datetime) -> dict[str, Totals]:
 class Point:
     minute: datetime
     received: int
-    buckets: tuple[int, ...]  # the ACK latency histogram (BUCKETS)
+    buckets: list[int]  # the ACK latency histogram (BUCKETS)
+    p50_ms: float | None
+    p99_ms: float | None
 
-    @property
-    def p50_ms(self) -> float | None:
-        return percentile(list(self.buckets), 0.5)
-
-    @property
-    def p99_ms(self) -> float | None:
-        return percentile(list(self.buckets), 0.99)
+    @classmethod
+    def of(cls, minute: datetime, received: int, buckets: list[int]) -> Point:
+        return cls(minute, received, buckets, percentile(buckets, 0.5), percentile(buckets, 0.99))
 
 
 def series(conn: Connection, since: datetime) -> dict[str, list[Point]]:
@@ -150,5 +147,5 @@ def series(conn: Connection, since: datetime) -> dict[str, list[Point]]:
             .where(MINUTES.c.minute >= minute_of(since)).order_by(MINUTES.c.channel, MINUTES.c.minute))
     out: dict[str, list[Point]] = {}
     for row in conn.execute(stmt):
-        out.setdefault(row[0], []).append(Point(row[1], int(row[2]), tuple(int(v) for v in row[3:])))
+        out.setdefault(row[0], []).append(Point.of(row[1], int(row[2]), [int(v) for v in row[3:]]))
     return out

@@ -24,6 +24,7 @@ from engine.store.states import MessageStatus
 
 log = logging.getLogger(__name__)
 FLUSH_SECONDS = 2.0  # how often the per-minute figures (engine/store/minutes.py) go to the writer
+PRUNE_SECONDS = 3600.0  # and how often a flush also drops the rows older than two days
 
 
 class HL7Listener:
@@ -36,6 +37,7 @@ class HL7Listener:
         self.metrics = metrics
         self.minutes = minutes.MinuteTally()
         self._flusher: asyncio.Task[None] | None = None
+        self._prune_at = 0.0
         opts = channel.options
         self.server = MLLPServer(channel.name, host, port, self._on_frame, on_problem=self._on_problem,
                                  on_report=self._on_report, max_size=opts.max_message_bytes,
@@ -60,8 +62,11 @@ class HL7Listener:
         rows = self.minutes.drain()
         if not rows:
             return
+        prune = time.monotonic() >= self._prune_at
         try:
-            await self.writer.run(lambda session: minutes.flush(session.connection(), rows))
+            await self.writer.run(lambda session: minutes.flush(session.connection(), rows, prune=prune))
+            if prune:
+                self._prune_at = time.monotonic() + PRUNE_SECONDS
         except Exception as exc:  # kept for the next flush: figures are late, never lost while running
             self.minutes.restore(rows)
             log.warning("channel %s: per-minute figures not written yet: %s", self.channel.name, exc)

@@ -65,12 +65,12 @@ class Chart:
     hours: list[tuple[datetime, int, float | None, float | None]]  # hour, messages, p50, p99
 
 
-def _x(minute: datetime, start: datetime) -> float:
-    return round((minute - start).total_seconds() / 60 * CHART_WIDTH / DAY_MINUTES, 1)
+def _x(minute: datetime, start: datetime) -> str:
+    return f"{(minute - start).total_seconds() / 60 * CHART_WIDTH / DAY_MINUTES:.1f}"
 
 
-def _y(value: float, top: float) -> float:
-    return round(CHART_HEIGHT - value * CHART_HEIGHT / top, 1) if top else CHART_HEIGHT
+def _y(value: float, top: float) -> str:
+    return f"{CHART_HEIGHT - value * CHART_HEIGHT / top:.1f}" if top else str(CHART_HEIGHT)
 
 
 def _chart(channel: str, points: list[minutes.Point], start: datetime) -> Chart:
@@ -83,10 +83,11 @@ def _chart(channel: str, points: list[minutes.Point], start: datetime) -> Chart:
         for i, n in enumerate(p.buckets):
             acc[1 + i] += n
 
-    def ticks(value: Any, top: float) -> str:
-        return " ".join(f"M{_x(p.minute, start)},{_y(value(p), top)}h1.5" for p in points if value(p) is not None)
-    bars = " ".join(f"M{_x(p.minute, start)},{CHART_HEIGHT}V{_y(p.received, peak)}" for p in points)
-    return Chart(channel, bars, ticks(lambda p: p.p50_ms, slowest), ticks(lambda p: p.p99_ms, slowest), peak, slowest,
+    xs = [_x(p.minute, start) for p in points]  # SVG user units, one decimal
+    bars = " ".join(f"M{x},{CHART_HEIGHT}V{_y(p.received, peak)}" for x, p in zip(xs, points, strict=True))
+    p50 = " ".join(f"M{x},{_y(p.p50_ms, slowest)}h1.5" for x, p in zip(xs, points, strict=True) if p.p50_ms is not None)
+    p99 = " ".join(f"M{x},{_y(p.p99_ms, slowest)}h1.5" for x, p in zip(xs, points, strict=True) if p.p99_ms is not None)
+    return Chart(channel, bars, p50, p99, peak, slowest,
                  [(h, acc[0], minutes.percentile(acc[1:], 0.5), minutes.percentile(acc[1:], 0.99))
                   for h, acc in sorted(hours.items())])
 
