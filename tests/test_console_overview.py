@@ -172,6 +172,30 @@ def test_pages_go_older_and_newer_by_id(running: RunningEngine) -> None:
     assert api_ids(running, limit="2", before_id=str(older[-1])) == []
 
 
+def pager_links(html: str) -> dict[str, str]:
+    """The pager's links: {"prev": query, "next": query} (Newer, Older) as the page has them."""
+    nav = html.split('<nav class="pager"', 1)[1].split("</nav>", 1)[0]
+    return {rel: q.replace("&amp;", "&") for q, rel in re.findall(r'<a href="\?([^"]*)" rel="(prev|next)"', nav)}
+
+
+def test_the_console_pages_older_and_newer_keeping_the_filters(running: RunningEngine) -> None:
+    sent_ids = send_many(running.mllp_port, [adt("A01", f"PG{i}", "Paged") for i in range(55)])
+    assert {ack_code(r) for r in sent_ids} == {"AA"}
+    newest = api_ids(running, status="processed", limit="500")
+    assert len(newest) == 55
+    status, html = running.api("/messages?status=processed")
+    first = [int(i) for i in re.findall(r'<tr data-message="(\d+)">', html)]
+    links = pager_links(html)
+    assert first == newest[:50] and set(links) == {"next"} and "status=processed" in links["next"]
+    status, html = running.api("/messages?" + links["next"])
+    older = [int(i) for i in re.findall(r'<tr data-message="(\d+)">', html)]
+    links = pager_links(html)
+    assert older == newest[50:] and set(links) == {"prev"}
+    status, html = running.api("/messages?" + links["prev"])
+    assert [int(i) for i in re.findall(r'<tr data-message="(\d+)">', html)] == first
+    assert set(pager_links(html)) == {"next"}
+
+
 def test_a_wrong_parameter_is_named_not_echoed(running: RunningEngine) -> None:
     for params, named in (({"received_from": "yesterday<script>"}, "received_from"),
                           ({"before_id": "12x"}, "before_id"), ({"issuer": "X"}, "issuer")):
@@ -247,4 +271,7 @@ def test_search_with_the_keyboard_and_open_a_message(running: RunningEngine, con
     page.get_by_label("Patient identifier").press("Enter")
     expect(rows).to_have_count(2)
     console.shot("messages-by-patient")
+    page.get_by_role("link", name="Clear").click()
+    expect(page).to_have_url(f"{console.base}/messages")
+    expect(page.get_by_label("Patient identifier")).to_have_value("")
     assert console.errors == []

@@ -44,7 +44,7 @@ async def messages(request: web.Request) -> web.Response:
         wanted = message_filter(q)
     except FilterError as exc:
         return render(request, "messages.html", {"form": form, "rows": [], "error": str(exc), "newer": None,
-                                                 "older": None, **_choices(request)}, status=400)
+                                                 "older": None, "filtered": True, **_choices(request)}, status=400)
 
     def run(s: Session) -> list[dict[str, Any]]:
         return [_row(m) for m in s.execute(search_statement(wanted, PAGE + 1)).scalars()]
@@ -65,5 +65,4 @@ async def messages(request: web.Request) -> web.Response:
 
 
 def _choices(request: web.Request) -> dict[str, Any]:
-    return {"statuses": STATUSES, "channel_names": [ch["name"] for ch in request.app[ENGINE].channel_status()],
-            "filtered": False}
+    return {"statuses": STATUSES, "channel_names": [ch["name"] for ch in request.app[ENGINE].channel_status()]}
