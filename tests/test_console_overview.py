@@ -161,6 +161,23 @@ def test_every_filter_finds_exactly_its_messages_in_the_api_and_the_console(runn
     assert wrong == []
 
 
+def test_a_merged_patients_messages_are_found_by_either_identifier(running: RunningEngine) -> None:
+    c_old, c_new, c_merge, c_other = ctrl_id("M"), ctrl_id("M"), ctrl_id("M"), ctrl_id("M")
+    replies = send_many(running.mllp_port, [adt("A01", "MRGOLD", "Prior", ctrl=c_old),
+                                            adt("A01", "MRGNEW", "Survivor", ctrl=c_new),
+                                            adt("A01", "MRGOTHER", "Other", ctrl=c_other),
+                                            adt("A40", "MRGNEW", "Survivor", mrg="MRGOLD", ctrl=c_merge)])
+    assert [ack_code(r) for r in replies] == ["AA"] * 4, replies
+    ids = {m["control_id"]: m["id"] for m in running.api("/api/messages")[1]["messages"]}
+    old_patient = running.api(f"/api/messages?control_id={c_old}")[1]["messages"][0]["patient_id"]
+    new_patient = running.api(f"/api/messages?control_id={c_new}")[1]["messages"][0]["patient_id"]
+    assert old_patient != new_patient  # the prior patient's message keeps the prior patient
+    both = [ids[c_merge], ids[c_new], ids[c_old]]
+    for ident in ("MRGOLD", "MRGNEW"):
+        assert api_ids(running, identifier=ident) == both, ident
+        assert page_ids(running, identifier=ident, issuer="GENHOSP") == both, ident
+
+
 def test_pages_go_older_and_newer_by_id(running: RunningEngine) -> None:
     m = sent(running)
     newest_first = m["all"]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ScalarSelect, Select, select
+from sqlalchemy import CTE, ScalarSelect, Select, select
 
-from engine.store.models import Message, Order, OrderStatusChange, PatientIdentifier
+from engine.store.models import Message, Order, OrderStatusChange, Patient, PatientIdentifier
 
 # Messages get their received_at and their id from one writer in order, so times and ids rise
 # together; between engine processes sharing a database the clocks may differ by this much at most.
@@ -61,6 +61,17 @@ def _last_id_before(at: datetime) -> ScalarSelect[Any]:
             .order_by(Message.received_at.desc(), Message.id.desc()).limit(1).scalar_subquery())
 
 
+def _patients_of(value: str, issuer: str | None) -> CTE:
+    """The patient holding the identifier (an alias too: merges move the prior patient's identifiers
+    to the survivor) and every patient merged into it, however many merges deep: the messages of a
+    merged patient keep its old id."""
+    holder = select(PatientIdentifier.patient_id.label("id")).where(PatientIdentifier.value == value)
+    if issuer is not None:
+        holder = holder.where(PatientIdentifier.issuer == issuer)
+    found = holder.cte("found_patients", recursive=True)
+    return found.union(select(Patient.id).where(Patient.merged_into_id == found.c.id))
+
+
 def search_statement(f: MessageFilter, limit: int) -> Select[Any]:
     """SELECT of the messages matching ``f``, at most ``limit``: newest first, or with ``after_id``
     oldest first (the caller reverses that page)."""
@@ -72,10 +83,7 @@ def search_statement(f: MessageFilter, limit: int) -> Select[Any]:
         if value is not None:
             stmt = stmt.where(col == value)
     if f.identifier is not None:
-        who = select(PatientIdentifier.patient_id).where(PatientIdentifier.value == f.identifier)
-        if f.issuer is not None:
-            who = who.where(PatientIdentifier.issuer == f.issuer)
-        stmt = stmt.where(Message.patient_id.in_(who))
+        stmt = stmt.where(Message.patient_id.in_(select(_patients_of(f.identifier, f.issuer).c.id)))
     if f.accession is not None:
         changed = (select(OrderStatusChange.message_id).join(Order, Order.id == OrderStatusChange.order_id)
                    .where(Order.accession == f.accession, OrderStatusChange.message_id.is_not(None)))

@@ -3,7 +3,8 @@
 message_minutes: per channel and minute, messages received, ACKs by code and the ACK latency in
 buckets; the console's overview reads 1,440 rows per channel for a day instead of the messages
 table. Message search: (status, id) replaces (status), and (message_type, id), so a filtered
-"newest first" page is an index range read backwards on PostgreSQL as on SQLite.
+"newest first" page is an index range read backwards on PostgreSQL as on SQLite; patients by
+merged_into_id (only the merged ones), so a search by identifier finds a merged patient's messages.
 
 Revision ID: 0018
 Revises: 0016
@@ -41,9 +42,13 @@ def upgrade() -> None:
     op.create_index('ix_messages_status_id', 'messages', ['status', 'id'])
     op.create_index('ix_messages_type_id', 'messages', ['message_type', 'id'])
     op.drop_index('ix_messages_status', table_name='messages')
+    op.create_index('ix_patients_merged_into', 'patients', ['merged_into_id'],
+                    sqlite_where=sa.text('merged_into_id IS NOT NULL'),
+                    postgresql_where=sa.text('merged_into_id IS NOT NULL'))
 
 
 def downgrade() -> None:
+    op.drop_index('ix_patients_merged_into', table_name='patients')
     op.create_index('ix_messages_status', 'messages', ['status'])
     op.drop_index('ix_messages_type_id', table_name='messages')
     op.drop_index('ix_messages_status_id', table_name='messages')
