@@ -10,6 +10,7 @@ import re
 import urllib.parse
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,6 +87,23 @@ def _counted(running: RunningEngine) -> dict[str, str]:
     status, html = running.api("/overview/chart")
     assert status == 200 and f'data-chart="{CHANNEL}"' in html and 'class="line messages" d="M' in html
     return want
+
+
+def test_a_file_channels_messages_are_counted_too(workdir: Path, db_url: str) -> None:
+    from tests.test_file_connector import drop, file_engine
+    with file_engine(workdir, db_url) as (running, inbox):
+        assert counts_of(figures(running.api("/overview/live")[1], "hl7-file"), "hour")["received"] == "0"
+        drop(inbox, "batch.hl7", (adt("A01", "FILE1", "Good") + "\n" + bad_birth_date("FILE2")).encode())
+
+        def both_stored() -> list[str]:
+            found = running.api("/api/messages?channel=hl7-file")[1]["messages"]
+            return [m["ack_code"] for m in found] if len(found) == 2 else []
+        stored = wait_until(both_stored, timeout=FLUSH_WAIT, message="both messages of the file stored")
+        assert sorted(stored) == ["AA", "AE"]
+        codes = Counter(stored)
+        want = {"received": "2", "aa": str(codes["AA"]), "ae": str(codes["AE"]), "ar": str(codes["AR"])}
+        wait_until(lambda: counts_of(figures(running.api("/overview/live")[1], "hl7-file"), "hour") == want,
+                   timeout=FLUSH_WAIT, message="the file channel's counts")
 
 
 def test_overview_shows_health_backlog_and_links_the_exceptions(running: RunningEngine) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from ssl import SSLContext
 
 from engine.channels import Channel
+from engine.connectors.minute_figures import MinuteFigures
 from engine.connectors.mllp.framing import Frame, FrameProblem, FramingReport
 from engine.connectors.mllp.server import MLLPServer
 from engine.errors import report_failure
@@ -19,12 +18,9 @@ from engine.metrics import Metrics
 from engine.pipeline.hl7_inbound import HL7Inbound, Prepared
 from engine.pipeline.stage import ingest
 from engine.pipeline.writer import IngestWriter, StorageUnavailable
-from engine.store import minutes
 from engine.store.states import MessageStatus
 
 log = logging.getLogger(__name__)
-FLUSH_SECONDS = 2.0  # how often the per-minute figures (engine/store/minutes.py) go to the writer
-PRUNE_SECONDS = 3600.0  # and how often a flush also drops the rows older than two days
 
 
 class HL7Listener:
@@ -35,9 +31,7 @@ class HL7Listener:
         self.inbound = inbound
         self.writer = writer
         self.metrics = metrics
-        self.minutes = minutes.MinuteTally()
-        self._flusher: asyncio.Task[None] | None = None
-        self._prune_at = 0.0
+        self.minutes = MinuteFigures(channel.name, writer)
         opts = channel.options
         self.server = MLLPServer(channel.name, host, port, self._on_frame, on_problem=self._on_problem,
                                  on_report=self._on_report, max_size=opts.max_message_bytes,
@@ -46,35 +40,11 @@ class HL7Listener:
 
     async def start(self) -> None:
         await self.server.start()
-        self._flusher = asyncio.create_task(self._flush_every(FLUSH_SECONDS), name=f"minutes-{self.channel.name}")
+        self.minutes.start()
 
     async def stop(self) -> None:
         await self.server.stop()
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
-        await self.flush_minutes()
-
-    async def flush_minutes(self) -> None:
-        """Hand the per-minute figures counted since the last flush to the writer (its next batch)."""
-        rows = self.minutes.drain()
-        if not rows:
-            return
-        prune = time.monotonic() >= self._prune_at
-        try:
-            await self.writer.run(lambda session: minutes.flush(session.connection(), rows, prune=prune))
-            if prune:
-                self._prune_at = time.monotonic() + PRUNE_SECONDS
-        except Exception as exc:  # kept for the next flush: figures are late, never lost while running
-            self.minutes.restore(rows)
-            log.warning("channel %s: per-minute figures not written yet: %s", self.channel.name, exc)
-
-    async def _flush_every(self, seconds: float) -> None:
-        while True:
-            await asyncio.sleep(seconds)
-            await self.flush_minutes()
+        await self.minutes.stop()
 
     def _oversized(self, fr: Frame, remote: str) -> Prepared:
         p = Prepared(raw=fr.data, remote=remote, received_at=time.time(), size=fr.size)
@@ -110,7 +80,7 @@ class HL7Listener:
             self.metrics.acked.inc(channel=name, code=reply.split("\r", 2)[1][4:6] if "\rMSA" in reply else code)
         elapsed = time.perf_counter() - t0
         self.metrics.latency.observe(elapsed, channel=name)
-        self.minutes.add(name, code, elapsed)
+        self.minutes.add(code, elapsed)
         return [r.encode(charset, errors="replace") for r in replies]
 
     def _on_problem(self, problem: FrameProblem) -> None:

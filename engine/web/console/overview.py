@@ -31,7 +31,7 @@ from engine.web.roles import requires
 routes = web.RouteTableDef()
 
 CHART_WIDTH, CHART_HEIGHT, DAY_MINUTES = 720, 120, 24 * 60
-COUNTED = ("mllp",)  # the connectors whose messages message_minutes counts (their ACKs)
+COUNTED = ("mllp", "file")  # the connectors whose messages message_minutes counts (engine/connectors/minute_figures.py)
 
 
 def _figures(conn: Connection) -> dict[str, Any]:
