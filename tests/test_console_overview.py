@@ -233,7 +233,8 @@ def test_the_console_pages_older_and_newer_keeping_the_filters(running: RunningE
 
 def test_a_wrong_parameter_is_named_not_echoed(running: RunningEngine) -> None:
     for params, named in (({"received_from": "yesterday<script>"}, "received_from"),
-                          ({"before_id": "12x"}, "before_id"), ({"issuer": "X"}, "issuer")):
+                          ({"before_id": "12x"}, "before_id"), ({"patient_id": "\u00b2"}, "patient_id"),
+                          ({"issuer": "X"}, "issuer")):
         status, body = running.api("/api/messages?" + urllib.parse.urlencode(params))
         assert status == 400 and named in body["detail"] and "<script>" not in body["detail"]
         status, html = running.api("/messages?" + urllib.parse.urlencode(params))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
+from engine.errors import RadBridgeError
 from engine.store.message_search import MessageFilter
 
 TEXT_PARAMETERS = {"control_id": "control_id", "status": "status", "channel": "channel", "type": "message_type",
@@ -15,7 +16,7 @@ TIME_PARAMETERS = {"received_from": "received_from", "received_to": "received_to
 PARAMETERS = (*TEXT_PARAMETERS, *ID_PARAMETERS, *TIME_PARAMETERS)
 
 
-class FilterError(ValueError):
+class FilterError(RadBridgeError):
     """A search parameter that cannot be used; the text names it (never echoes a value)."""
 
 
@@ -37,7 +38,7 @@ def message_filter(query: Mapping[str, str]) -> MessageFilter:
     for param, key in ID_PARAMETERS.items():
         raw = query.get(param, "").strip()
         if raw:
-            if not raw.isdigit() or len(raw) > 18:
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
                 raise FilterError(f"{param} must be a whole number")
             values[key] = int(raw)
     for param, key in TIME_PARAMETERS.items():
