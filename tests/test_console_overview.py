@@ -112,7 +112,8 @@ def test_overview_shows_health_backlog_and_links_the_exceptions(running: Running
     assert status == 200
     assert re.search(r'id="writer-backlog">\d+<', html)
     assert ('id="health-status"><span class="badge state-ok">ok<' in html) == (health["status"] == "ok")
-    assert 'href="/studies?recon=exceptions">0<' in html
+    exceptions = len(running.api("/api/studies?exceptions=true")[1]["studies"])
+    assert f'href="/studies?recon=exceptions">{exceptions}<' in html
     free = health["checks"].get("storage_free_mb")
     if free is not None:
         shown = re.search(r'id="storage-free">(\d+) MB<', html)
