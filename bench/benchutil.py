@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def proc_status(pid: int, key: str) -> int:
@@ -41,3 +44,36 @@ def describe_source(src: Path) -> str:
 
 def mib(kb: int) -> str:
     return f"{kb / 1024:.1f}"
+
+
+def make_store(admin_url: str | None, work: Path) -> tuple[str, Callable[[], None]]:
+    """A fresh store for a benchmark and how to drop it: with ``admin_url`` (PostgreSQL) a throwaway
+    database created next to it, else SQLite under ``work``/var (removed with ``work``)."""
+    if not admin_url:
+        return f"sqlite:///{work / 'var' / 'radbridge.db'}", lambda: None
+    from sqlalchemy import create_engine, text
+    name = f"radbridge_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+
+    def drop() -> None:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    return admin_url.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def bench_settings(work: Path, url: str, token: str) -> Any:
+    """The engine's settings for a benchmark run in-process: the repository's channels and mappings,
+    every port chosen by the system, one token, no retention pass of its own."""
+    from engine.config import Settings
+    repo = Path(__file__).resolve().parents[1]
+    s = Settings()
+    s.storage.dir, s.database.url = str(work / "var"), url
+    s.channels_dir, s.mappings_dir = str(repo / "channels"), str(repo / "mappings")
+    s.mllp.port = s.dicom.port = s.http.port = 0
+    s.http.tokens = [token]
+    s.retention.enabled = False
+    s.mappings.reload_seconds = 0
+    return s

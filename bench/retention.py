@@ -23,16 +23,15 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sqlalchemy import create_engine, func, insert, select, text  # noqa: E402
+from benchutil import bench_settings, make_store  # noqa: E402
+from sqlalchemy import create_engine, func, insert, select  # noqa: E402
 
-from engine.config import Settings  # noqa: E402
 from engine.connectors.mllp.channel import MllpConnector  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
 from engine.store.models import Message, MessageContent  # noqa: E402
@@ -103,23 +102,9 @@ def main() -> int:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="radbridge-retention-"))
-    pg_name = None
-    admin = None
+    url, drop = make_store(args.postgres, work)
     try:
-        if args.postgres:
-            pg_name = f"radbridge_bench_{uuid.uuid4().hex[:10]}"
-            admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
-            with admin.connect() as c:
-                c.execute(text(f'CREATE DATABASE "{pg_name}"'))
-            url = args.postgres.rsplit("/", 1)[0] + f"/{pg_name}"
-        else:
-            url = f"sqlite:///{work / 'var' / 'radbridge.db'}"
-        s = Settings()
-        s.storage.dir, s.database.url = str(work / "var"), url
-        s.channels_dir, s.mappings_dir = str(REPO / "channels"), str(REPO / "mappings")
-        s.mllp.port = s.http.port = 0
-        s.http.tokens = ["bench"]
-        s.retention.enabled = False  # the bench runs the pass itself, at a known moment
+        s = bench_settings(work, url, "bench")  # retention off: the bench runs the pass itself, at a known moment
         s.retention.batch_size = args.batch
         s.mappings.reload_seconds = 0
 
@@ -175,10 +160,7 @@ def main() -> int:
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if admin is not None and pg_name:
-            with admin.connect() as c:
-                c.execute(text(f'DROP DATABASE IF EXISTS "{pg_name}" WITH (FORCE)'))
-            admin.dispose()
+        drop()
 
 
 if __name__ == "__main__":

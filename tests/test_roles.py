@@ -104,6 +104,8 @@ CALLS = [
     Call("POST", "/studies/1.2.3.999/reconcile", "/studies/{uid}/reconcile", Role.OPERATE, "", FORM),
     Call("POST", "/studies/1.2.3.999/findings/999999/accept", "/studies/{uid}/findings/{id}/accept", Role.OPERATE,
          "", FORM),
+    Call("GET", "/overview/chart", "/overview/chart", Role.READ),
+    Call("GET", "/messages?status=error", "/messages", Role.READ),
     Call("GET", "/metrics", "/metrics", Role.METRICS),
     # admin API
     Call("GET", "/api/audit", "/api/audit", Role.READ),

@@ -44,6 +44,7 @@ from engine.channels import (
 )
 from engine.connectors.base import ConnectorContext
 from engine.connectors.hl7channel import HL7Channel
+from engine.connectors.minute_figures import MinuteFigures
 from engine.errors import RadBridgeError
 from engine.hl7 import errors as E
 from engine.hl7.errors import HL7Error
@@ -186,10 +187,12 @@ class FileConnector(HL7Channel):
         self.current: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self.minutes = MinuteFigures(channel.name, ctx.writer)  # the overview's figures, as MLLP's
 
     # --- lifecycle ---------------------------------------------------------------------------------
     async def open(self) -> None:
         self._stopping.clear()
+        self.minutes.start()
         self._task = asyncio.create_task(self._poll_loop(), name=f"file-{self.channel.name}")
 
     async def close(self) -> None:
@@ -198,6 +201,7 @@ class FileConnector(HL7Channel):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self.minutes.stop()
 
     async def _poll_loop(self) -> None:
         while not self._stopping.is_set():
@@ -286,6 +290,7 @@ class FileConnector(HL7Channel):
         for index in range(progress.messages_done, total):
             if self._stopping.is_set():
                 return False
+            t0 = time.perf_counter()
             p = self._prepare(messages[index], path.name, index + 1)
             failure = None
             try:
@@ -302,6 +307,7 @@ class FileConnector(HL7Channel):
                               name, path.name, index + 1)
                 return False
             failure = self._count(stored)
+            self.minutes.add(stored.ack_code, time.perf_counter() - t0)
             if failure:
                 failures.append(self._failure_of(p, index, stored))
         await self._move(path, ok=not failures, report=self._report(path.name, total, failures))

@@ -82,8 +82,13 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_control", "control_id", "sending_app", "sending_facility"),
         Index("ix_messages_received", "received_at"),
-        Index("ix_messages_status", "status"),
         Index("ix_messages_patient", "patient_id"),
+        # The console's message search (migration 0018): a filter with id, so "newest first, 50 at a
+        # time" reads one index range backwards on PostgreSQL too (SQLite's indexes end in the rowid
+        # anyway). (status, id) replaced (status); channels are few, so a channel filter reads the
+        # primary key backwards and needs no index of its own (one index less on every insert).
+        Index("ix_messages_status_id", "status", "id"),
+        Index("ix_messages_type_id", "message_type", "id"),
         # Nearly every message is not a duplicate: an index of all rows would be one more page in
         # every durable commit for entries nobody looks up (migration 0010).
         Index("ix_messages_duplicate_of", "duplicate_of", sqlite_where=text("duplicate_of IS NOT NULL"),
@@ -148,6 +153,11 @@ class Patient(Base):
     orders: Mapped[list[Order]] = relationship(back_populates="patient", order_by="Order.id")
     history: Mapped[list[PatientChange]] = relationship(
         back_populates="patient", cascade="all, delete-orphan", order_by="PatientChange.id")
+
+    # The message search follows merges (patients merged into the one found); only merged patients
+    # are in it, so it costs nothing on ordinary inserts (migration 0018).
+    __table_args__ = (Index("ix_patients_merged_into", "merged_into_id", sqlite_where=text("merged_into_id IS NOT NULL"),
+                            postgresql_where=text("merged_into_id IS NOT NULL")),)
 
 
 class PatientChange(Base):
@@ -565,3 +575,35 @@ class ConsoleSession(Base):
     csrf: Mapped[str] = mapped_column(String(64))  # the hidden field of every form of this session
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class MessageMinute(Base):
+    """Messages of one channel in one minute: counts by ACK code and the ACK latency in buckets
+    (engine/store/minutes.py). The overview's hour/day figures and 24-hour chart read these rows
+    (1,440 per channel and day) rather than the messages table; written by the listeners every few
+    seconds, so they survive a restart; older than two days they are dropped."""
+
+    __tablename__ = "message_minutes"
+
+    channel: Mapped[str] = mapped_column(String(64), primary_key=True)
+    minute: Mapped[datetime] = mapped_column(primary_key=True)  # the minute's start, UTC
+    received: Mapped[int] = mapped_column(Integer, default=0)
+    aa: Mapped[int] = mapped_column(Integer, default=0)
+    ae: Mapped[int] = mapped_column(Integer, default=0)
+    ar: Mapped[int] = mapped_column(Integer, default=0)
+    other: Mapped[int] = mapped_column(Integer, default=0)  # duplicates re-ACKed with CA/CE/..., none sent
+    latency_sum_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    # ACK latency histogram: l0 counts ACKs within LATENCY_BOUNDS_MS[0], ..., l10 the rest
+    l0: Mapped[int] = mapped_column(Integer, default=0)
+    l1: Mapped[int] = mapped_column(Integer, default=0)
+    l2: Mapped[int] = mapped_column(Integer, default=0)
+    l3: Mapped[int] = mapped_column(Integer, default=0)
+    l4: Mapped[int] = mapped_column(Integer, default=0)
+    l5: Mapped[int] = mapped_column(Integer, default=0)
+    l6: Mapped[int] = mapped_column(Integer, default=0)
+    l7: Mapped[int] = mapped_column(Integer, default=0)
+    l8: Mapped[int] = mapped_column(Integer, default=0)
+    l9: Mapped[int] = mapped_column(Integer, default=0)
+    l10: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_message_minutes_minute", "minute"),)

@@ -5,10 +5,7 @@ client reads the CapabilityStatement to learn how to authenticate)."""
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
-from sqlalchemy import text
 
 from engine.errors import RadBridgeError
 from engine.store.tokens import Role
@@ -16,8 +13,8 @@ from engine.web.api import api_app
 from engine.web.auth import auth_middleware
 from engine.web.console import setup_console
 from engine.web.fhir import fhir_app
-from engine.web.keys import ENGINE, METRICS, WRITER, EngineServices, provide
-from engine.web.reads import on_reader
+from engine.web.health import health_report
+from engine.web.keys import METRICS, EngineServices, provide
 from engine.web.roles import public, requires, undeclared_routes
 
 routes = web.RouteTableDef()
@@ -26,27 +23,7 @@ routes = web.RouteTableDef()
 @routes.get("/health")
 @public
 async def health(request: web.Request) -> web.Response:
-    control = request.app[ENGINE]
-    checks: dict[str, object] = {}
-    ok = True
-    try:
-        await asyncio.wait_for(on_reader(request, lambda conn: conn.execute(text("SELECT 1"))), 5)
-        checks["database"] = "ok"
-    except Exception as exc:
-        ok = False
-        checks["database"] = f"unavailable: {type(exc).__name__}"
-    channels_ok, listeners = control.health()
-    ok = ok and channels_ok
-    checks["channels"] = listeners
-    storage = control.storage
-    if storage is not None:
-        free = storage.free_bytes()
-        floor = control.storage_floor_mb()
-        checks["storage_free_mb"] = None if free is None else free // (1024 * 1024)
-        if free is not None and free < floor * 1024 * 1024:
-            ok = False
-            checks["storage"] = f"below the free-space floor of {floor} MB: C-STORE is refused"
-    checks["writer_backlog"] = request.app[WRITER].backlog
+    ok, checks = await health_report(request)
     body = {"status": "ok" if ok else "unavailable", "live": True, "ready": ok, "checks": checks}
     return web.json_response(body, status=200 if ok else 503)
 

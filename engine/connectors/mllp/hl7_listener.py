@@ -7,6 +7,7 @@ import time
 from ssl import SSLContext
 
 from engine.channels import Channel
+from engine.connectors.minute_figures import MinuteFigures
 from engine.connectors.mllp.framing import Frame, FrameProblem, FramingReport
 from engine.connectors.mllp.server import MLLPServer
 from engine.errors import report_failure
@@ -30,6 +31,7 @@ class HL7Listener:
         self.inbound = inbound
         self.writer = writer
         self.metrics = metrics
+        self.minutes = MinuteFigures(channel.name, writer)
         opts = channel.options
         self.server = MLLPServer(channel.name, host, port, self._on_frame, on_problem=self._on_problem,
                                  on_report=self._on_report, max_size=opts.max_message_bytes,
@@ -38,9 +40,11 @@ class HL7Listener:
 
     async def start(self) -> None:
         await self.server.start()
+        self.minutes.start()
 
     async def stop(self) -> None:
         await self.server.stop()
+        await self.minutes.stop()
 
     def _oversized(self, fr: Frame, remote: str) -> Prepared:
         p = Prepared(raw=fr.data, remote=remote, received_at=time.time(), size=fr.size)
@@ -74,7 +78,9 @@ class HL7Listener:
             self.metrics.failed.inc(channel=name, reason=status)
         for reply in replies:
             self.metrics.acked.inc(channel=name, code=reply.split("\r", 2)[1][4:6] if "\rMSA" in reply else code)
-        self.metrics.latency.observe(time.perf_counter() - t0, channel=name)
+        elapsed = time.perf_counter() - t0
+        self.metrics.latency.observe(elapsed, channel=name)
+        self.minutes.add(code, elapsed)
         return [r.encode(charset, errors="replace") for r in replies]
 
     def _on_problem(self, problem: FrameProblem) -> None:

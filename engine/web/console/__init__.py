@@ -16,13 +16,23 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from engine.web.console import deliveries, login, mappings, message_detail, overview, pages, patients, studies
+from engine.web.console import (
+    deliveries,
+    login,
+    mappings,
+    message_detail,
+    messages,
+    overview,
+    pages,
+    patients,
+    studies,
+)
 
 
 def console_routes() -> list[web.RouteTableDef]:
     """Every console route table, to be added to the root application."""
-    return [pages.routes, login.routes, overview.routes, message_detail.routes, mappings.routes, patients.routes,
-            studies.routes, deliveries.routes]
+    return [pages.routes, login.routes, overview.routes, messages.routes, message_detail.routes, mappings.routes,
+            patients.routes, studies.routes, deliveries.routes]
 
 
 def setup_console(app: web.Application) -> None:
