@@ -157,7 +157,7 @@ def _unlabelled_controls(page: Any) -> list[str]:
 
 # every page of the console reached from the navigation (the sections add theirs)
 PAGES = ["/", "/deliveries", "/deliveries?state=dead", "/mappings", "/mappings/hl7-patient.yaml",
-         "/mappings/hl7-patient.yaml/edit", "/mappings/try", "/patients", "/orders", "/studies"]
+         "/mappings/hl7-patient.yaml/edit", "/mappings/try", "/patients", "/orders", "/studies", "/messages"]
 
 
 @SQLITE_ONLY
