@@ -136,6 +136,9 @@ def test_mappings_try_dry_runs_the_rules_on_an_image(workdir: Path, tmp_path: Pa
            "RADBRIDGE_CHANNELS_DIR": str(workdir / "channels"), "RADBRIDGE_MAPPINGS_DIR": str(workdir / "mappings")}
     out = radbridge("mappings", "try", "reconciliation", str(img.path), env=env)
     assert out.returncode == 0, out.stderr
+    # no store yet: tried against an empty one, said so, and nothing is created where the store would be
+    assert "no database yet; matching against an empty store" in out.stderr
+    assert not (tmp_path / "rb.db").exists() and not (tmp_path / "var").exists()
     import json
     result = json.loads(out.stdout)
     assert result["matched_by"] is None and result["header"]["PatientName"] == "DOE^JANE"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,8 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
         try_outbound,
         try_rules,
     )
+    from engine.store import migrate
+    from engine.store.db import open_database
 
     settings = settings_of(args)
     path = Path(args.mapping)
@@ -142,9 +146,21 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
     if mapping is None:
         return 1
     tried: Tried
+    stack = contextlib.ExitStack()
     try:
         if isinstance(mapping, ReconciliationRules | OutboundMapping):
-            db = open_db(settings)
+            try:
+                db = open_db(settings)
+            except NoDatabase as exc:
+                if not isinstance(mapping, ReconciliationRules):
+                    raise  # an outbound mapping is tried on a stored study: there is none
+                # rules are tried on an image file: with no store yet, against an empty one (a throwaway
+                # file, deleted after; nothing is left next to the configured store), so every order and
+                # patient is unknown
+                print(f"{exc.path.absolute()}: no database yet; matching against an empty store", file=sys.stderr)
+                scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="radbridge-try-"))
+                db = open_database(f"sqlite:///{Path(scratch) / 'empty.db'}")
+                migrate.upgrade(db)
             try:
                 with db.reader.connect() as conn:
                     if isinstance(mapping, ReconciliationRules):
@@ -165,6 +181,8 @@ def cmd_mappings_try(args: argparse.Namespace) -> int:
     except TryError as exc:
         print(f"{args.sample}: {exc}" if exc.of_sample else str(exc), file=sys.stderr)
         return 1
+    finally:
+        stack.close()
     for block in tried.blocks:
         print(block)
     for note in tried.notes:
