@@ -207,9 +207,13 @@ def hl7_stage(workdir: Path, db_url: str) -> Iterator[tuple[Database, HL7Inbound
         db.dispose()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless chromium for the session (Debian's, by executable path; see tests/browser.py)."""
+    """One headless chromium per test module (Debian's, by executable path; see tests/browser.py).
+
+    Not per session: while Playwright's sync API is started, its event loop counts as running in the
+    main thread, so asyncio.run() in any later test module would fail ("cannot be called from a
+    running event loop"). Per module, it is stopped before the next module's tests."""
     from playwright.sync_api import sync_playwright
 
     from tests.browser import chromium_path
