@@ -20,10 +20,13 @@ from pydicom.encaps import get_frame
 from sqlalchemy import select
 
 from engine.config import Settings
+from engine.standin_ehr import StandInEHR
 from engine.store.models import AuditEvent, Instance
 from engine.store.tokens import Role
 from tests.conftest import TOKEN, RunningEngine, make_settings
-from tests.dicomutil import Obj, bundled, make_instance, propose, require_dcmtk, storescu
+from tests.dicomutil import Obj, bundled, free_port, make_instance, propose, require_dcmtk, storescu
+from tests.test_outbound import EHR_TOKEN, WAIT, fast_retries, order_and_images, seg, studies_at_ehr, wake
+from tests.test_reconciliation import settle
 from tests.test_roles import create_tokens
 
 ANY_SYNTAX = (("application/dicom", "*"),)
@@ -299,3 +302,33 @@ def test_published_dicomweb_base_defaults_to_the_engines_own(workdir: Path, db_u
     s.ehr.dicomweb_base = "https://pacs.example/wado-rs"
     assert s.dicomweb_base() == "https://pacs.example/wado-rs"
 
+
+
+def test_imagingstudy_and_oru_link_to_the_engines_own_wado_rs(workdir: Path, db_url: str, tmp_path: Path) -> None:
+    """No [ehr] dicomweb_base: what the EHR gets points at this engine's /dicomweb, and the link works."""
+    with StandInEHR(token=EHR_TOKEN) as ehr:
+        fast_retries(workdir)
+        s = make_settings(workdir, db_url)
+        s.dicom.stable_seconds = 3600
+        s.ehr.mllp, s.ehr.fhir_base, s.ehr.fhir_token = ehr.mllp_address, ehr.fhir_base, EHR_TOKEN
+        s.http.port = free_port()
+        eng = RunningEngine(s).start()
+        try:
+            obj = order_and_images(eng, tmp_path, "MRN7", "ACC7", n=1)
+            settle(eng)
+            wake(eng)
+            assert ehr.wait_for(lambda: len(ehr.oru_messages()) == 1
+                                and len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+            base = f"http://127.0.0.1:{s.http.port}/dicomweb"
+            [res] = studies_at_ehr(ehr, obj.study_uid)
+            [endpoint] = res["contained"]
+            assert endpoint["address"] == base and res["endpoint"] == [{"reference": "#dicomweb"}]
+            [oru] = ehr.oru_messages()
+            assert seg(oru, "OBX", 2)[5].startswith(f"{base}/studies/{obj.study_uid}^")
+            session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {TOKEN}"
+            got = DICOMwebClient(url=endpoint["address"], session=session).retrieve_study(obj.study_uid,
+                                                                                         media_types=ANY_SYNTAX)
+            assert [d.SOPInstanceUID for d in got] == [obj.sop_uid]
+        finally:
+            eng.stop()
