@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 UID = r"[0-9.]{1,64}"
+STUDY = r"/studies/{study:" + UID + "}"
+SERIES = STUDY + r"/series/{series:" + UID + "}"
+INSTANCE = SERIES + r"/instances/{sop:" + UID + "}"
 DICOM_JSON = "application/dicom+json"
 CHUNK = 1 << 20  # bytes read from a stored file at a time
 DEFAULT_LIMIT = 1000  # QIDO results without a limit; more are there: a Warning header says so
@@ -310,30 +313,15 @@ async def search_studies(request: web.Request) -> web.Response:
 
 
 @routes.get("/series")
-@requires(Role.READ)
-async def search_all_series(request: web.Request) -> web.Response:
-    return await _qido(request, "SERIES")
-
-
-@routes.get("/instances")
-@requires(Role.READ)
-async def search_all_instances(request: web.Request) -> web.Response:
-    return await _qido(request, "IMAGE")
-
-
-@routes.get(r"/studies/{study:" + UID + "}/series")
+@routes.get(STUDY + "/series")
 @requires(Role.READ)
 async def search_series(request: web.Request) -> web.Response:
     return await _qido(request, "SERIES")
 
 
-@routes.get(r"/studies/{study:" + UID + "}/instances")
-@requires(Role.READ)
-async def search_study_instances(request: web.Request) -> web.Response:
-    return await _qido(request, "IMAGE")
-
-
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + "}/instances")
+@routes.get("/instances")
+@routes.get(STUDY + "/instances")
+@routes.get(SERIES + "/instances")
 @requires(Role.READ)
 async def search_instances(request: web.Request) -> web.Response:
     return await _qido(request, "IMAGE")
@@ -428,7 +416,11 @@ async def _selected(request: web.Request) -> tuple[str, list[InstanceRef], list[
     level = "IMAGE" if sop else "SERIES" if series else "STUDY"
 
     def run(conn: Connection) -> tuple[list[InstanceRef], list[int]]:
-        return instances_for(conn, _identifier(level, study, series, sop)), _patients_of(conn, [study])
+        try:
+            refs = instances_for(conn, _identifier(level, study, series, sop))
+        except QueryError as exc:  # more instances than one retrieve sends
+            raise DicomwebError(400, str(exc)) from None
+        return refs, _patients_of(conn, [study])
     refs, patients = await on_reader(request, run)
     if not refs:
         what = "instance" if sop else "series" if series else "study"
@@ -493,21 +485,11 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@routes.get(r"/studies/{study:" + UID + "}")
+@routes.get(STUDY)
+@routes.get(SERIES)
+@routes.get(INSTANCE)
 @requires(Role.READ)
-async def retrieve_study(request: web.Request) -> web.StreamResponse:
-    return await _retrieve(request)
-
-
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + "}")
-@requires(Role.READ)
-async def retrieve_series(request: web.Request) -> web.StreamResponse:
-    return await _retrieve(request)
-
-
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + r"}/instances/{sop:" + UID + "}")
-@requires(Role.READ)
-async def retrieve_instance(request: web.Request) -> web.StreamResponse:
+async def retrieve(request: web.Request) -> web.StreamResponse:
     return await _retrieve(request)
 
 
@@ -573,21 +555,11 @@ async def _metadata(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps(body), content_type=DICOM_JSON)
 
 
-@routes.get(r"/studies/{study:" + UID + "}/metadata")
+@routes.get(STUDY + "/metadata")
+@routes.get(SERIES + "/metadata")
+@routes.get(INSTANCE + "/metadata")
 @requires(Role.READ)
-async def study_metadata(request: web.Request) -> web.Response:
-    return await _metadata(request)
-
-
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + "}/metadata")
-@requires(Role.READ)
-async def series_metadata(request: web.Request) -> web.Response:
-    return await _metadata(request)
-
-
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + r"}/instances/{sop:" + UID + "}/metadata")
-@requires(Role.READ)
-async def instance_metadata(request: web.Request) -> web.Response:
+async def metadata(request: web.Request) -> web.Response:
     return await _metadata(request)
 
 
@@ -606,8 +578,7 @@ async def _load(request: web.Request, ref: InstanceRef) -> Dataset:
     return ds
 
 
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + r"}/instances/{sop:" + UID
-            + r"}/bulkdata/{tag:[0-9A-Fa-f]{8}}")
+@routes.get(INSTANCE + r"/bulkdata/{tag:[0-9A-Fa-f]{8}}")
 @requires(Role.READ)
 async def bulkdata(request: web.Request) -> web.StreamResponse:
     """A top-level binary value of the instance as stored (for pixel data: native bytes, or the
@@ -653,8 +624,7 @@ def frame_bytes(ds: Dataset, syntax: str, numbers: list[int]) -> list[bytes]:
     return [get_frame(data, n - 1, number_of_frames=count) for n in numbers]
 
 
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + r"}/instances/{sop:" + UID
-            + r"}/frames/{frames:[0-9,]+}")
+@routes.get(INSTANCE + r"/frames/{frames:[0-9,]+}")
 @requires(Role.READ)
 async def frames(request: web.Request) -> web.StreamResponse:
     numbers = parse_frames(request.match_info["frames"])
@@ -742,14 +712,13 @@ async def _rendered(request: web.Request, frame: int | None) -> web.Response:
     return web.Response(body=image, content_type=media, headers={"X-Content-Type-Options": "nosniff"})
 
 
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + r"}/instances/{sop:" + UID + "}/rendered")
+@routes.get(INSTANCE + "/rendered")
 @requires(Role.READ)
 async def instance_rendered(request: web.Request) -> web.Response:
     return await _rendered(request, None)
 
 
-@routes.get(r"/studies/{study:" + UID + r"}/series/{series:" + UID + r"}/instances/{sop:" + UID
-            + r"}/frames/{frame:[0-9]+}/rendered")
+@routes.get(INSTANCE + r"/frames/{frame:[0-9]+}/rendered")
 @requires(Role.READ)
 async def frame_rendered(request: web.Request) -> web.Response:
     numbers = parse_frames(request.match_info["frame"])
