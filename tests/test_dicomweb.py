@@ -21,10 +21,11 @@ from PIL import Image
 from pydicom.encaps import get_frame
 from sqlalchemy import select
 
-from engine.config import Settings
+from engine.config import Settings, load_settings
 from engine.standin_ehr import StandInEHR
 from engine.store.models import AuditEvent, Instance
 from engine.store.tokens import Role
+from engine.yamlfile import ConfigFileError
 from tests.conftest import TOKEN, RunningEngine, make_settings
 from tests.dicomutil import Obj, bundled, free_port, make_instance, propose, require_dcmtk, storescu
 from tests.test_outbound import EHR_TOKEN, WAIT, fast_retries, order_and_images, seg, studies_at_ehr, wake
@@ -304,6 +305,12 @@ def test_published_dicomweb_base_defaults_to_the_engines_own(workdir: Path, db_u
     assert s.dicomweb_base() == "https://images.hospital.example/dicomweb"
     s.ehr.dicomweb_base = "https://pacs.example/wado-rs"
     assert s.dicomweb_base() == "https://pacs.example/wado-rs"
+    with pytest.raises(ConfigFileError) as exc:
+        load_settings(env={"RADBRIDGE_HTTP_PUBLIC_BASE_URL": "images.example:8080"})
+    assert "RADBRIDGE_HTTP_PUBLIC_BASE_URL: 'images.example:8080' is not an http(s):// URL" in str(exc.value)
+    with pytest.raises(ConfigFileError) as exc:
+        load_settings(env={"RADBRIDGE_HTTP_PUBLIC_BASE_URL": "https://rb:pw-9@images.example"})
+    assert "holds a password" in str(exc.value) and "pw-9" not in str(exc.value)
 
 
 
