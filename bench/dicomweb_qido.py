@@ -24,10 +24,7 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
-import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -37,14 +34,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchutil import bench_settings, make_store  # noqa: E402
-from sqlalchemy import create_engine, insert, select, text  # noqa: E402
+from benchutil import bench_settings, migrated_store, percentiles, print_plan, timing_arguments  # noqa: E402
+from sqlalchemy import create_engine, insert, select  # noqa: E402
 
 from engine.connectors.dicom.query import statement  # noqa: E402
 from engine.domain.studies import SERIES, STUDIES  # noqa: E402
 from engine.runtime import Engine  # noqa: E402
-from engine.store import migrate  # noqa: E402
-from engine.store.db import open_database  # noqa: E402
 from engine.web.app import build_app  # noqa: E402
 from engine.web.dicomweb import parse_search  # noqa: E402
 
@@ -130,29 +125,19 @@ def explain(url: str, count: int) -> None:
                 continue
             search = parse_search(urllib.parse.parse_qsl(path.split("?", 1)[1]), "STUDY")
             stmt = statement(search.keys, "STUDY", eng.dialect.name).offset(search.offset).limit(search.limit + 1)
-            sql = str(stmt.compile(eng, compile_kwargs={"literal_binds": True}))
-            prefix = "EXPLAIN QUERY PLAN " if eng.dialect.name == "sqlite" else "EXPLAIN "
-            plan = [" ".join(str(c) for c in row) for row in conn.execute(text(prefix + sql))]
-            print(f"\n{name}:\n  " + "\n  ".join(plan))
+            print_plan(conn, name, str(stmt.compile(eng, compile_kwargs={"literal_binds": True})))
     eng.dispose()
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=10_000, help="studies in the index")
-    ap.add_argument("--repeat", type=int, default=20, help="requests of each kind")
-    ap.add_argument("--database-url", help="PostgreSQL admin URL; a throwaway database is created and dropped")
-    ap.add_argument("--explain", action="store_true", help="print the plan of each study search")
+    timing_arguments(ap, "print the plan of each study search")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="radbridge-qido-"))
-    url, drop = make_store(args.database_url, work)
+    work, url, drop = migrated_store(args.database_url, "radbridge-qido-")
     try:
         s = bench_settings(work, url, TOKEN)
-        Path(s.storage.dir).mkdir(parents=True, exist_ok=True)
-        db = open_database(url)
-        migrate.upgrade(db)
-        db.dispose()
         print(f"filling {url.split('://')[0]} with {args.studies:,} studies ...", flush=True)
         t = time.perf_counter()
         fill(url, args.studies)
@@ -182,14 +167,12 @@ def main() -> int:
         print(f"\n{args.studies:,} studies, {url.split('://')[0]}, {args.repeat} requests each")
         print(f"{'QIDO-RS search':28} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}")
         for name, values in timings.items():
-            ordered = sorted(values)
-            p95 = ordered[min(len(ordered) - 1, int(round(len(ordered) * 0.95)) - 1)]
-            print(f"{name:28} {statistics.median(ordered):8.1f} {p95:8.1f} {ordered[-1]:8.1f}")
+            p50, p95, most = percentiles(values)
+            print(f"{name:28} {p50:8.1f} {p95:8.1f} {most:8.1f}")
         for w in wrong[:10]:
             print("ERROR:", w)
         return 1 if wrong else 0
     finally:
-        shutil.rmtree(work, ignore_errors=True)
         drop()
 
 
