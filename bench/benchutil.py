@@ -77,3 +77,50 @@ def bench_settings(work: Path, url: str, token: str) -> Any:
     s.retention.enabled = False
     s.mappings.reload_seconds = 0
     return s
+
+
+def print_plan(conn: Any, name: str, sql: str) -> None:
+    """The database's plan of ``sql`` (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL), under ``name``."""
+    from sqlalchemy import text
+    prefix = "EXPLAIN QUERY PLAN " if conn.dialect.name == "sqlite" else "EXPLAIN "
+    plan = [" ".join(str(c) for c in row) for row in conn.execute(text(prefix + sql))]
+    print(f"\n{name}:\n  " + "\n  ".join(plan))
+
+
+def percentiles(values: list[float]) -> tuple[float, float, float]:
+    """p50, p95 and max of ``values`` (not empty)."""
+    import statistics
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(len(ordered) * 0.95)) - 1)], ordered[-1]
+
+
+def timing_arguments(ap: Any, explain_help: str) -> None:
+    """The options the request-timing benchmarks share: --repeat, --database-url, --explain."""
+    ap.add_argument("--repeat", type=int, default=20, help="requests of each kind")
+    ap.add_argument("--database-url", help="PostgreSQL admin URL; a throwaway database is created and dropped")
+    ap.add_argument("--explain", action="store_true", help=explain_help)
+
+
+def migrated_store(admin_url: str | None, prefix: str) -> tuple[Path, str, Callable[[], None]]:
+    """A temporary work directory, a fresh store in it migrated to the newest schema (``make_store``),
+    and what removes both."""
+    import shutil
+    import tempfile
+
+    from engine.store.db import open_database
+    from engine.store.migrate import upgrade
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    url, drop_store = make_store(admin_url, work)
+
+    def drop() -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        drop_store()
+    try:
+        (work / "var").mkdir(parents=True, exist_ok=True)
+        db = open_database(url)
+        upgrade(db)
+        db.dispose()
+    except BaseException:
+        drop()
+        raise
+    return work, url, drop

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -39,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchutil import bench_settings, make_store  # noqa: E402
+from benchutil import bench_settings, make_store, percentiles, print_plan  # noqa: E402
 from sqlalchemy import Engine as SAEngine  # noqa: E402
 from sqlalchemy import create_engine, insert, text  # noqa: E402
 
@@ -168,10 +167,7 @@ def explain(url: str, known: dict[str, Any]) -> None:
         for name, params in searches(rng, known).items():
             stmt = search_statement(message_filter(params), 51)
             compiled = stmt.compile(eng, compile_kwargs={"literal_binds": True})
-            sql = str(compiled)
-            prefix = "EXPLAIN QUERY PLAN " if eng.dialect.name == "sqlite" else "EXPLAIN "
-            plan = [" ".join(str(c) for c in row) for row in conn.execute(text(prefix + sql))]
-            print(f"\n{name} {params}:\n  " + "\n  ".join(plan))
+            print_plan(conn, f"{name} {params}", str(compiled))
     eng.dispose()
 
 
@@ -228,11 +224,9 @@ def main() -> int:
         print(f"{'request':32} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}  p95 < {GOAL_MS:g} ms")
         worst = 0.0
         for name, values in timings.items():
-            ordered = sorted(values)
-            p95 = ordered[min(len(ordered) - 1, int(round(len(ordered) * 0.95)) - 1)]
+            p50, p95, most = percentiles(values)
             worst = max(worst, p95)
-            print(f"{name:32} {statistics.median(ordered):8.1f} {p95:8.1f} {ordered[-1]:8.1f}  "
-                  f"{'yes' if p95 < GOAL_MS else 'NO'}")
+            print(f"{name:32} {p50:8.1f} {p95:8.1f} {most:8.1f}  {'yes' if p95 < GOAL_MS else 'NO'}")
         print(f"goal (every p95 under {GOAL_MS:g} ms): {'met' if worst < GOAL_MS else 'NOT met'}")
         if found_rows != 1:
             print("ERROR: the search by control ID did not find the first message")

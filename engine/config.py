@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -71,6 +72,9 @@ class HTTPSettings:
     max_connections: int = 256  # open connections; one more is answered 503 and closed at once
     console_session_hours: float = 12.0  # a console login lasts this long (logout or revoking its token end it sooner)
     tls: TLSSettings = field(default_factory=TLSSettings)  # [http.tls]: cert given = HTTPS (docs/security.md)
+    # how peers reach this port ("https://pacs-gw.hospital.example:8443"), for the links the engine
+    # publishes (its own DICOMweb in ImagingStudy.endpoint and the ORU); empty: http(s)://bind:port
+    public_base_url: str = ""
 
 
 @dataclass
@@ -168,6 +172,20 @@ class Settings:
     source: str = ""  # the file it came from
     key_lines: dict[str, int] = field(default_factory=dict)  # "http.auth" -> its line in the file
     from_environment: dict[str, str] = field(default_factory=dict)  # "bind" -> "RADBRIDGE_BIND"
+
+    def dicomweb_base(self) -> str:
+        """The DICOMweb (WADO-RS) base published in ImagingStudy.endpoint and the ORU: ``[ehr]
+        dicomweb_base`` when set, else this engine's own /dicomweb at ``[http] public_base_url``, else at
+        the bind address and port ('' on an ephemeral port 0: there is no address to publish)."""
+        if self.ehr.dicomweb_base:
+            return self.ehr.dicomweb_base.rstrip("/")
+        if self.http.public_base_url:
+            return self.http.public_base_url.rstrip("/") + "/dicomweb"
+        if not self.http.port:
+            return ""
+        host = self.bind if self.bind not in ("", "0.0.0.0", "::") else socket.getfqdn()
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.http.tls.cert else 'http'}://{host}:{self.http.port}/dicomweb"
 
     def origin(self, key: str) -> tuple[str, int, str]:
         """Where setting ``key`` ("http.auth") came from, as a ConfigProblem's file, line and field:
@@ -417,6 +435,12 @@ def _check_ehr(settings: Settings, problems: list[ConfigProblem]) -> None:
         problems.append(settings.problem("ehr.mllp_key_file", "mllp_cert_file and mllp_key_file go together"))
     if ehr.fhir_token and ehr.fhir_username:
         problems.append(ConfigProblem(where, 0, "ehr.fhir_token", "give a bearer token or a username, not both"))
+    public = settings.http.public_base_url
+    if public and not public.startswith(("http://", "https://")):
+        problems.append(settings.problem("http.public_base_url", f"{redact_url(public)!r} is not an http(s):// URL"))
+    if urlsplit_password(public):
+        problems.append(settings.problem("http.public_base_url", "it holds a password, and it is published in every "
+                                         "ImagingStudy.endpoint and ORU: give the URL without one"))
     if urlsplit_password(ehr.dicomweb_base):
         problems.append(settings.problem("ehr.dicomweb_base", "it holds a password, and it is published in every "
                                          "ImagingStudy.endpoint and ORU: give the URL without one"))

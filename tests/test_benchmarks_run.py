@@ -27,6 +27,7 @@ RUNS = {
                               "--warmup", "1"], "deliveries/s"),
     "retention.py": (["--old", "500", "--live", "50", "--batch", "100"], "while pruning"),
     "console.py": (["--messages", "3000", "--repeat", "2", "--explain"], "p95 < 300 ms"),
+    "dicomweb_qido.py": (["--studies", "300", "--repeat", "2", "--explain"], "QIDO-RS search"),
     "instructions.py": (["--messages", "5", "--warmup", "2"], "instructions"),
     # this tree against itself, one pair: the same-run comparison of two commits
     "compare.py": (["--baseline", str(REPO), "--pairs", "1", "reconcile_coerce.py", "--instances", "5"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -59,14 +60,32 @@ def _to_8bit(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _grey(ds: pydicom.Dataset, frame: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class Window:
+    """A VOI window asked for (WADO-RS ``window=center,width,function``): LINEAR (PS3.3 C.11.2.1.2.1),
+    LINEAR_EXACT or SIGMOID."""
+
+    center: float
+    width: float
+    function: str = "LINEAR"
+
+
+def _grey(ds: pydicom.Dataset, frame: np.ndarray, window: Window | None = None) -> np.ndarray:
     values = apply_modality_lut(frame, ds).astype(np.float64)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    if center is not None and width is not None and width >= 1:
-        low, high = center - width / 2.0, center + width / 2.0
+    function = "LINEAR_EXACT"  # the header's window, as thumbnails always had it: c - w/2 to c + w/2
+    if window is not None:
+        center, width, function = window.center, window.width, window.function.upper()
+    if function == "SIGMOID" and center is not None and width is not None and width > 0:
+        out = (255.0 / (1.0 + np.exp(-4.0 * (values - center) / width)) + 0.5).astype(np.uint8)
+    elif center is not None and width is not None and width >= 1:
+        if function == "LINEAR_EXACT":
+            low, high = center - width / 2.0, center + width / 2.0
+        else:  # LINEAR: PS3.3 C.11.2.1.2.1's c - 0.5 and w - 1
+            low, high = center - 0.5 - (width - 1) / 2.0, center - 0.5 + (width - 1) / 2.0
+        out = _to_8bit(values, low, high)
     else:
-        low, high = float(values.min()), float(values.max())
-    out = _to_8bit(values, low, high)
+        out = _to_8bit(values, float(values.min()), float(values.max()))
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         out = 255 - out
     return out
@@ -80,7 +99,16 @@ def _colour(ds: pydicom.Dataset, frame: np.ndarray) -> np.ndarray:
 
 
 def render_png(source: BinaryIO, max_side: int = MAX_SIDE) -> bytes:
-    """The PNG of ``source``'s image (its middle frame when it has several)."""
+    """The PNG of ``source``'s image (its middle frame when it has several), at most ``max_side`` a side."""
+    return render(source, max_side=max_side)
+
+
+def render(source: BinaryIO, *, frame: int | None = None, window: Window | None = None,
+           max_side: int | None = MAX_SIDE, viewport: tuple[int, int] | None = None,
+           image_format: str = "PNG", quality: int = 90) -> bytes:
+    """``source``'s image as PNG or JPEG: frame ``frame`` (1-based; None: the middle one), windowed
+    with ``window`` (None: the header's first window, or the image's range), fitted in ``viewport``
+    (width, height) or ``max_side`` (None: full size), never enlarged."""
     try:
         ds = pydicom.dcmread(source)
     except Exception as exc:  # InvalidDicomError, EOFError, struct errors...: a damaged file is no image
@@ -90,23 +118,41 @@ def render_png(source: BinaryIO, max_side: int = MAX_SIDE) -> bytes:
     syntax = ds.file_meta.get("TransferSyntaxUID")
     syntax_name = getattr(syntax, "name", None) or str(syntax)
     frames = int(ds.get("NumberOfFrames") or 1)
+    if frame is not None and not 1 <= frame <= frames:
+        raise FrameMissing(f"frame {frame} asked for; the instance has {frames}")
+    index = (frame - 1 if frame is not None else frames // 2) if frames > 1 else None
     try:
-        frame = pixel_array(ds, index=frames // 2 if frames > 1 else None)
+        pixels = pixel_array(ds, index=index)
     except Exception as exc:  # no decoder for the syntax, or pixel data the decoder cannot take
         raise ThumbnailError(f"the pixel data ({syntax_name}) cannot be decoded here: "
                              f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     samples = int(ds.get("SamplesPerPixel") or 1)
-    if samples == 1 and frame.ndim == 2:
-        image = Image.fromarray(_grey(ds, frame), mode="L")
-    elif samples == 3 and frame.ndim == 3 and frame.shape[-1] == 3:
-        image = Image.fromarray(_colour(ds, frame), mode="RGB")
+    if samples == 1 and pixels.ndim == 2:
+        image = Image.fromarray(_grey(ds, pixels, window), mode="L")
+    elif samples == 3 and pixels.ndim == 3 and pixels.shape[-1] == 3:
+        image = Image.fromarray(_colour(ds, pixels), mode="RGB")
     else:
-        raise ThumbnailError(f"pixels of shape {frame.shape} with {samples} sample(s) per pixel are not an image "
+        raise ThumbnailError(f"pixels of shape {pixels.shape} with {samples} sample(s) per pixel are not an image "
                              "this console can show")
-    image = image.resize(thumbnail_size(image.width, image.height, max_side), Image.Resampling.LANCZOS)
+    if viewport is not None:
+        scale = min(1.0, viewport[0] / image.width, viewport[1] / image.height)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    elif max_side is not None:
+        size = thumbnail_size(image.width, image.height, max_side)
+    else:
+        size = (image.width, image.height)
+    if size != (image.width, image.height):
+        image = image.resize(size, Image.Resampling.LANCZOS)
     out = io.BytesIO()
-    image.save(out, format="PNG", optimize=True)
+    if image_format == "JPEG":
+        image.save(out, format="JPEG", quality=quality)
+    else:
+        image.save(out, format="PNG", optimize=max_side is not None)
     return out.getvalue()
+
+
+class FrameMissing(ThumbnailError):
+    """The frame asked for is not in the instance."""
 
 
 class ThumbnailCache:

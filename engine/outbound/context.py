@@ -187,7 +187,7 @@ class EngineInfo:
     @classmethod
     def of(cls, settings: Any) -> EngineInfo:
         """What the engine says about itself in outbound messages, from its settings."""
-        return cls(settings.name, settings.facility, settings.dicom.aet, settings.ehr.dicomweb_base)
+        return cls(settings.name, settings.facility, settings.dicom.aet, settings.dicomweb_base())
 
 
 def control_id(delivery_id: int) -> str:

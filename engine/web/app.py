@@ -1,5 +1,5 @@
 """The HTTP root app: /health (open), /metrics (role metrics), the console at / (engine/web/console),
-and the /api/ and /fhir/ sub-apps.
+and the /api/, /fhir/ and /dicomweb/ sub-apps.
 Every route declares its role (engine/web/auth.py); /health and /fhir/metadata are public (a FHIR
 client reads the CapabilityStatement to learn how to authenticate)."""
 
@@ -12,6 +12,7 @@ from engine.store.tokens import Role
 from engine.web.api import api_app
 from engine.web.auth import auth_middleware
 from engine.web.console import setup_console
+from engine.web.dicomweb import dicomweb_app
 from engine.web.fhir import fhir_app
 from engine.web.health import health_report
 from engine.web.keys import METRICS, EngineServices, provide
@@ -43,6 +44,7 @@ def build_app(engine: EngineServices) -> web.Application:
     setup_console(app)
     app.add_subapp("/api/", api_app())
     app.add_subapp("/fhir/", fhir_app())
+    app.add_subapp("/dicomweb/", dicomweb_app())
     if missing := undeclared_routes(app):
         raise RouteWithoutRole(missing)
     return app

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, exists, func, select
+from sqlalchemy import Connection, Select, exists, func, select
 
 from engine.dicom.matching import Match, parse, sql_condition
 from engine.domain.studies import INSTANCES, SERIES, STUDIES
@@ -128,38 +128,47 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def find(conn: Connection, identifier: Dataset, *, fold_names: bool = True, limit: int = 1000,
-         retrieve_aet: str = "") -> Iterator[Dataset]:
-    """C-FIND responses for ``identifier`` (each a Dataset with the keys asked for)."""
-    level = level_of(identifier)
-    keys = _keys(identifier)
-    dialect = conn.dialect.name
+def statement(keys: dict[str, Any], level: str, dialect: str, *, fold_names: bool = True) -> Select[Any]:
+    """The SELECT answering a query at ``level`` with ``keys`` (keyword -> value as sent; a list or a
+    backslash-separated text is list matching), rows labelled by keyword (the index's keys of the level
+    and those above it, ModalitiesInStudy and the Number Of ... Related counts), in arrival order.
+    C-FIND and QIDO-RS (engine/web/dicomweb.py) both answer with it."""
+    if level not in LEVELS:
+        raise QueryError(f"level {level!r} is not PATIENT, STUDY, SERIES or IMAGE")
     conds = _conditions(keys, level, dialect, fold_names)
     if level == "PATIENT":
         cols = [c.label(k) for k, c in PATIENT_KEYS.items() if k not in ("PatientID", "IssuerOfPatientID")]
-        stmt = (select(STUDIES.c.dicom_patient_id.label("PatientID"), STUDIES.c.dicom_issuer.label("IssuerOfPatientID"),
+        return (select(STUDIES.c.dicom_patient_id.label("PatientID"), STUDIES.c.dicom_issuer.label("IssuerOfPatientID"),
                        *[func.max(c).label(c.key) for c in cols],
                        func.count().label("NumberOfPatientRelatedStudies"),
                        func.sum(STUDIES.c.num_series).label("NumberOfPatientRelatedSeries"),
                        func.sum(STUDIES.c.num_instances).label("NumberOfPatientRelatedInstances"))
                 .where(*conds).group_by(STUDIES.c.dicom_patient_id, STUDIES.c.dicom_issuer)
                 .order_by(STUDIES.c.dicom_patient_id))
-    elif level == "STUDY":
-        stmt = (select(*[c.label(k) for k, c in {**PATIENT_KEYS, **STUDY_KEYS}.items()],
+    if level == "STUDY":
+        return (select(*[c.label(k) for k, c in {**PATIENT_KEYS, **STUDY_KEYS}.items()],
                        STUDIES.c.modalities.label("ModalitiesInStudy"),
                        STUDIES.c.num_series.label("NumberOfStudyRelatedSeries"),
                        STUDIES.c.num_instances.label("NumberOfStudyRelatedInstances"))
                 .where(*conds).order_by(STUDIES.c.id))
-    elif level == "SERIES":
-        stmt = (select(*[c.label(k) for k, c in {**PATIENT_KEYS, **STUDY_KEYS, **SERIES_KEYS}.items()],
+    if level == "SERIES":
+        return (select(*[c.label(k) for k, c in {**PATIENT_KEYS, **STUDY_KEYS, **SERIES_KEYS}.items()],
                        SERIES.c.num_instances.label("NumberOfSeriesRelatedInstances"))
                 .select_from(SERIES.join(STUDIES, SERIES.c.study_id == STUDIES.c.id))
                 .where(*conds).order_by(SERIES.c.id))
-    else:
-        stmt = (select(*[c.label(k) for k, c in {**PATIENT_KEYS, **STUDY_KEYS, **SERIES_KEYS, **IMAGE_KEYS}.items()])
-                .select_from(INSTANCES.join(SERIES, INSTANCES.c.series_id == SERIES.c.id)
-                             .join(STUDIES, INSTANCES.c.study_id == STUDIES.c.id))
-                .where(*conds).order_by(INSTANCES.c.id))
+    return (select(*[c.label(k) for k, c in {**PATIENT_KEYS, **STUDY_KEYS, **SERIES_KEYS, **IMAGE_KEYS}.items()],
+                   INSTANCES.c.transfer_syntax.label("AvailableTransferSyntaxUID"))
+            .select_from(INSTANCES.join(SERIES, INSTANCES.c.series_id == SERIES.c.id)
+                         .join(STUDIES, INSTANCES.c.study_id == STUDIES.c.id))
+            .where(*conds).order_by(INSTANCES.c.id))
+
+
+def find(conn: Connection, identifier: Dataset, *, fold_names: bool = True, limit: int = 1000,
+         retrieve_aet: str = "") -> Iterator[Dataset]:
+    """C-FIND responses for ``identifier`` (each a Dataset with the keys asked for)."""
+    level = level_of(identifier)
+    keys = _keys(identifier)
+    stmt = statement(keys, level, conn.dialect.name, fold_names=fold_names)
     rows = conn.execute(stmt.limit(limit + 1)).mappings().all()
     if len(rows) > limit:  # refused whole, as dcm4chee does: a silently cut list looks complete
         raise TooManyMatches(f"more than {limit} matches (query_max_results); refine your query")
