@@ -6,7 +6,9 @@ every channel. Screenshots of each page land in artifacts/screenshots/."""
 from __future__ import annotations
 
 import re
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -205,3 +207,25 @@ def test_without_token_auth_the_console_opens_and_still_wants_its_csrf_secret(
     finally:
         tab.close()
         eng.stop()
+
+
+@SQLITE_ONLY
+def test_wrong_tokens_posted_in_a_loop_do_not_fill_the_audit_trail(running: RunningEngine) -> None:
+    """A script posting wrong tokens gets 401 ten times a minute, then 429 (with Retry-After) without
+    its token being checked or a row written; the audit trail holds the ten."""
+    url = f"http://127.0.0.1:{running.engine.http_port}/login"
+    statuses, retry_after = [], []
+    for i in range(25):  # bounded
+        req = urllib.request.Request(url, data=f"token=rb_guess{i}".encode(), method="POST",
+                                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
+                statuses.append(resp.status)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+            retry_after.append(exc.headers.get("Retry-After"))
+    assert statuses == [401] * 10 + [429] * 15
+    assert all(r is not None and 1 <= int(r) <= 60 for r in retry_after[10:])
+    with running.db.read_session() as s:
+        rows = s.execute(select(AuditEvent.status).where(AuditEvent.action == "login")).scalars().all()
+    assert rows == [401] * 10

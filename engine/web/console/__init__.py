@@ -38,5 +38,6 @@ def console_routes() -> list[web.RouteTableDef]:
 def setup_console(app: web.Application) -> None:
     """Templates for ``app`` and the console's routes."""
     pages.setup_templates(app)
+    app[login.FAILED_LOGINS] = login.FailedLogins()
     for table in console_routes():
         app.add_routes(table)

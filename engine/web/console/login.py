@@ -5,6 +5,9 @@ the audit trail, and so is a refused login (status 401 or 403)."""
 from __future__ import annotations
 
 import logging
+import math
+import time
+from collections import OrderedDict, deque
 
 from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
@@ -21,6 +24,42 @@ from engine.web.roles import public
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+
+
+class FailedLogins:
+    """Failed logins per client address over the last ``window`` seconds. Past ``limit`` the address
+    is answered 429 for the rest of the window, without checking the token or writing an audit row:
+    a script posting wrong tokens cannot fill the audit trail or keep the writer busy. (Guessing is
+    hopeless anyway: a token holds 256 random bits.) At most ``max_addresses`` are remembered."""
+
+    def __init__(self, limit: int = 10, window: float = 60.0, max_addresses: int = 10_000) -> None:
+        self.limit, self.window, self.max_addresses = limit, window, max_addresses
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self._failures.get(address) or deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        return times
+
+    def wait_seconds(self, address: str, now: float) -> float:
+        """How long ``address`` must wait before its next attempt is looked at (0: now)."""
+        times = self._recent(address, now)
+        return times[0] + self.window - now if len(times) >= self.limit else 0.0
+
+    def failed(self, address: str, now: float) -> None:
+        times = self._recent(address, now)
+        times.append(now)
+        self._failures[address] = times
+        self._failures.move_to_end(address)
+        while len(self._failures) > self.max_addresses:
+            self._failures.popitem(last=False)
+        if len(times) == self.limit:
+            log.warning("console: %d failed logins from %s within %g s; its logins are refused (429) for a while",
+                        self.limit, address, self.window)
+
+
+FAILED_LOGINS = web.AppKey("console_failed_logins", FailedLogins)
 
 
 def _next(value: object) -> str:
@@ -61,12 +100,19 @@ async def login(request: web.Request) -> web.Response:
     next_path = _next(form.get("next"))
     if not token:
         return _login_form(request, error="Enter a token.", status=400, next_path=next_path)
+    failures, address = request.app[FAILED_LOGINS], request.remote or "unknown"
+    if (wait := failures.wait_seconds(address, time.monotonic())) > 0:
+        refused = _login_form(request, error=f"Too many failed logins from your address: try again in "
+                                             f"{math.ceil(wait)} s.", status=429, next_path=next_path)
+        refused.headers["Retry-After"] = str(math.ceil(wait))
+        return refused
     try:
         principal = await authenticate(request, token)
     except SQLAlchemyError:
         return _login_form(request, error="The token cannot be checked now (database unavailable); try again.",
                            status=503, next_path=next_path)
     if principal is None:
+        failures.failed(address, time.monotonic())
         await _record(request, "anonymous", AuditAction.LOGIN, 401)
         return _login_form(request, error="That token is not known (or was revoked).", status=401,
                            next_path=next_path)
