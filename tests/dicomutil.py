@@ -301,3 +301,31 @@ class RawStoreSCU:
         with contextlib.suppress(OSError, ConnectionError):
             self._read_pdu()
         self.sock.close()
+
+
+def pynetdicom_get(port: int, study_uid: str, contexts: list[tuple[str, list[str]]], on_store: Any, *,
+                   aet: str = "RADBRIDGE", calling: str = "PYGET") -> tuple[Dataset, Dataset | None]:
+    """C-GET of a study with pynetdicom as the SCU, the storage SCP role offered in one presentation context
+    per (SOP class, transfer syntaxes) of ``contexts`` (getscu puts every syntax in one context per SOP class,
+    and the acceptor picks one); ``on_store(event)`` takes each C-STORE and returns its status. Returns the
+    final C-GET response's status and identifier (Failed SOP Instance UID List)."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles: list[Any] = []
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+        if not any(r.sop_class_uid == sop_class for r in roles):
+            roles.append(build_role(sop_class, scp_role=True))
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established, "the C-GET association was not accepted"
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study_uid
+        responses = [(status, identifier) for status, identifier in
+                     assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet) if status]
+    finally:
+        assoc.release()
+    return responses[-1]

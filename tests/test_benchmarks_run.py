@@ -28,6 +28,7 @@ RUNS = {
     "retention.py": (["--old", "500", "--live", "50", "--batch", "100"], "while pruning"),
     "console.py": (["--messages", "3000", "--repeat", "2", "--explain"], "p95 < 300 ms"),
     "instructions.py": (["--messages", "5", "--warmup", "2"], "instructions"),
+    "transcode_retrieve.py": (["--sizes", "3,6"], "decoded / stored inst/s"),
     # this tree against itself, one pair: the same-run comparison of two commits
     "compare.py": (["--baseline", str(REPO), "--pairs", "1", "reconcile_coerce.py", "--instances", "5"],
                    "engine (coerce) inst/s"),

@@ -16,8 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+from pynetdicom import AE
 
 from engine.dicom.transcode import NoDecoder, decoded_for
 from tests.conftest import RunningEngine, make_settings
@@ -28,6 +27,7 @@ from tests.dicomutil import (
     data_store_file,
     free_port,
     make_instance,
+    pynetdicom_get,
     require_dcmtk,
     run,
     storescu,
@@ -221,8 +221,7 @@ def test_a_peer_accepting_the_stored_syntax_gets_the_stored_bytes(archive: Archi
     # C-GET: getscu proposes all its syntaxes in one context per SOP class, so the engine picks an
     # uncompressed one; pynetdicom as the C-GET SCU proposes RLE in a context of its own for each SOP class
     # (and explicit VR little endian in another): the RLE object comes as stored, the others decoded
-    got, final, _ = pynetdicom_get(archive.eng.dicom_port, archive.study.uid, archive.study.files,
-                                   "1.2.840.10008.1.2.5")
+    got, final, _ = get_with_pynetdicom(archive.eng.dicom_port, archive.study, "1.2.840.10008.1.2.5")
     assert final.Status == 0 and sorted(got) == sorted(archive.study.files)
     for sop_uid, original in archive.study.files.items():
         stored = pydicom.dcmread(original)
@@ -233,19 +232,12 @@ def test_a_peer_accepting_the_stored_syntax_gets_the_stored_bytes(archive: Archi
             _assert_decoded_equal(got[sop_uid], original)
 
 
-def pynetdicom_get(port: int, study_uid: str, files: dict[str, Path],
-                   syntax: str) -> tuple[dict[str, pydicom.Dataset], pydicom.Dataset, pydicom.Dataset | None]:
-    """C-GET of a study with pynetdicom as the SCU, offering for each SOP class ``syntax`` and explicit VR
-    little endian in two presentation contexts (SCP role): what arrived, the final response's status and
-    its identifier."""
-    sop_classes = sorted({str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in files.values()})
-    ae = AE(ae_title="PYGET")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    roles: list[Any] = []
-    for sop_class in sop_classes:
-        ae.add_requested_context(sop_class, [syntax])
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian])
-        roles.append(build_role(sop_class, scp_role=True))
+def get_with_pynetdicom(port: int, study: Study, syntax: str) -> tuple[dict[str, pydicom.Dataset], pydicom.Dataset,
+                                                                     pydicom.Dataset | None]:
+    """C-GET with ``syntax`` and explicit VR little endian in two contexts per SOP class: what arrived,
+    the final status and identifier."""
+    sop_classes = sorted({str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in study.files.values()})
+    contexts = [(c, [s]) for c in sop_classes for s in (syntax, ExplicitVRLittleEndian)]
     got: dict[str, pydicom.Dataset] = {}
 
     def on_store(event: Any) -> int:
@@ -254,18 +246,8 @@ def pynetdicom_get(port: int, study_uid: str, files: dict[str, Path],
         got[str(ds.SOPInstanceUID)] = ds
         return 0
 
-    assoc = ae.associate("127.0.0.1", port, ae_title="RADBRIDGE", ext_neg=roles,
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    try:
-        query = pydicom.Dataset()
-        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study_uid
-        responses = [(status, identifier) for status, identifier in
-                     assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet) if status]
-    finally:
-        assoc.release()
-    final, identifier = responses[-1]
-    return got, final, identifier
+    status, identifier = pynetdicom_get(port, study.uid, contexts, on_store)
+    return got, status, identifier
 
 
 def test_a_syntax_without_decoder_fails_its_suboperation_and_the_rest_arrives(
@@ -287,8 +269,7 @@ def test_a_syntax_without_decoder_fails_its_suboperation_and_the_rest_arrives(
     assert re.search(r"Failed Suboperations\s*:\s*1\b", final), final
     assert f"1 not sent: no decoder for {J2K_PART2}" in final, final
     # the final response's identifier lists the instance (getscu does not show it)
-    got, status, identifier = pynetdicom_get(archive.eng.dicom_port, archive.mixed.uid, archive.mixed.files,
-                                             ExplicitVRLittleEndian)
+    got, status, identifier = get_with_pynetdicom(archive.eng.dicom_port, archive.mixed, ExplicitVRLittleEndian)
     assert sorted(got) == sorted(uid for uid in archive.mixed.files if uid != undecodable)
     assert status.Status == 0xB000 and status.NumberOfFailedSuboperations == 1
     assert status.ErrorComment == f"1 not sent: no decoder for {J2K_PART2}"
