@@ -217,14 +217,10 @@ def run_size(n: int, work: Path) -> list[Retrieve]:
 def print_results(results: list[Retrieve]) -> None:
     head = (f"{'N':>6}  {'retrieve':<10}{'received':>9}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}"
             f"{'engine RSS max MiB':>20}{'VmHWM MiB':>11}")
-    print()
-    print(head)
-    print("-" * len(head))
-    for r in results:
-        print(f"{r.n:>6}  {r.mode:<10}{r.received:>9}{r.size_bytes / 1e6:>9.1f}{r.seconds:>9.2f}{r.rate:>9.1f}"
-              f"{r.mb_per_s:>8.1f}{mib(r.rss_max_kb):>20}{mib(r.hwm_kb):>11}"
-              f"{'  FAILED: ' + r.problem if r.problem else ''}")
-    print()
+    rows = [f"{r.n:>6}  {r.mode:<10}{r.received:>9}{r.size_bytes / 1e6:>9.1f}{r.seconds:>9.2f}{r.rate:>9.1f}"
+            f"{r.mb_per_s:>8.1f}{mib(r.rss_max_kb):>20}{mib(r.hwm_kb):>11}"
+            f"{'  FAILED: ' + r.problem if r.problem else ''}" for r in results]
+    print("\n".join(["", head, "-" * len(head), *rows, ""]))
     for n in sorted({r.n for r in results}):
         by = {r.mode: r for r in results if r.n == n}
         if by.get("stored") and by.get("decoded") and by["stored"].rate:

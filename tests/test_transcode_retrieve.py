@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless, generate_uid
 from pynetdicom import AE
 
-from engine.dicom.transcode import NoDecoder, decoded_for
-from tests.conftest import RunningEngine, make_settings
+from engine.dicom.transcode import NoDecoder, NotAccepted, decoded_for
+from tests.conftest import RunningEngine, start_dicom_engine
 from tests.dicomutil import (
     DCMTK_ENV,
     PROPOSE,
@@ -104,11 +104,8 @@ def pynetdicom_store(port: int, path: Path) -> int:
 
 @pytest.fixture
 def archive(workdir: Path, db_url: str, tmp_path: Path) -> Iterator[Archive]:
-    settings = make_settings(workdir, db_url)
-    settings.dicom.stable_seconds = 3600
     dest_port = free_port()
-    settings.dicom.destinations = [f"DEST=127.0.0.1:{dest_port}"]
-    eng = RunningEngine(settings).start()
+    eng = start_dicom_engine(workdir, db_url, destinations=[f"DEST=127.0.0.1:{dest_port}"])
     try:
         yield Archive(eng, dest_port, tmp_path / "objects")
     finally:
@@ -157,6 +154,19 @@ def movescu(port: int, study_uid: str) -> subprocess.CompletedProcess[str]:
                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(port)])
 
 
+def move_study(archive: Archive, out: Path, *storescp_options: str) -> dict[str, pydicom.Dataset]:
+    """movescu of the decodable study to a storescp started with ``storescp_options``: what it wrote."""
+    scp = Storescp(archive.dest_port, out, *storescp_options)
+    try:
+        proc = movescu(archive.eng.dicom_port, archive.study.uid)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        wait_until(lambda: len(list(scp.out.iterdir())) >= len(archive.study.files), timeout=20, interval=0.1,
+                   message="storescp to have written every moved instance")
+    finally:
+        scp.stop()
+    return _received(scp.out)
+
+
 def _final_response(output: str) -> str:
     """The last C-GET/C-MOVE response dcmtk dumped (-d)."""
     blocks = re.split(r"=+ INCOMING DIMSE MESSAGE =+", output)
@@ -187,15 +197,7 @@ def test_the_stored_files_are_untouched(archive: Archive, tmp_path: Path) -> Non
 def test_movescu_to_an_uncompressed_only_storescp_gets_every_instance_decoded(archive: Archive, tmp_path: Path,
                                                                               accepts: tuple[str, ...]) -> None:
     # storescp's default: the uncompressed syntaxes; +xi: implicit VR little endian alone
-    scp = Storescp(archive.dest_port, tmp_path / "moved", *accepts)
-    try:
-        proc = movescu(archive.eng.dicom_port, archive.study.uid)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        wait_until(lambda: len(list(scp.out.iterdir())) >= len(archive.study.files), timeout=20, interval=0.1,
-                   message="storescp to have written every moved instance")
-    finally:
-        scp.stop()
-    got = _received(scp.out)
+    got = move_study(archive, tmp_path / "moved", *accepts)
     assert sorted(got) == sorted(archive.study.files)
     for sop_uid, original in archive.study.files.items():
         _assert_decoded_equal(got[sop_uid], original)
@@ -204,15 +206,7 @@ def test_movescu_to_an_uncompressed_only_storescp_gets_every_instance_decoded(ar
 
 
 def test_a_peer_accepting_the_stored_syntax_gets_the_stored_bytes(archive: Archive, tmp_path: Path) -> None:
-    scp = Storescp(archive.dest_port, tmp_path / "moved", "+xa")  # every syntax storescp knows
-    try:
-        proc = movescu(archive.eng.dicom_port, archive.study.uid)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        wait_until(lambda: len(list(scp.out.iterdir())) >= len(archive.study.files), timeout=20, interval=0.1,
-                   message="storescp to have written every moved instance")
-    finally:
-        scp.stop()
-    got = _received(scp.out)
+    got = move_study(archive, tmp_path / "moved", "+xa")  # storescp accepting every syntax it knows
     assert sorted(got) == sorted(archive.study.files)
     for sop_uid, original in archive.study.files.items():
         stored = pydicom.dcmread(original)
@@ -292,3 +286,29 @@ def test_a_syntax_without_decoder_fails_its_suboperation_and_the_rest_arrives(
     assert len(lines) == 3, lines
     assert all(f"no decoder for JPEG 2000 Part 2 Multi-component Image Compression (Lossless Only) ({J2K_PART2})"
                in line for line in lines), lines
+
+
+def test_decoded_for_is_what_a_retrieve_sends(tmp_path: Path) -> None:
+    """The module's API as WADO-RS may use it: a path or an open file in, a dataset to send or write out."""
+    source = tmp_path / "j2k.dcm"
+    make_instance(source, source=bundled("MR_small_jp2klossless.dcm"))
+    before = source.read_bytes()
+    original = pydicom.dcmread(source)
+    stored = str(original.file_meta.TransferSyntaxUID)
+    item = decoded_for(source, [stored, ExplicitVRLittleEndian])
+    assert not item.transcoded and item.syntax == stored and item.dataset.PixelData == original.PixelData
+    item = decoded_for(source, [JPEGLSLossless, ExplicitVRLittleEndian])
+    assert item.transcoded and item.syntax == ExplicitVRLittleEndian and item.stored_syntax == stored
+    assert item.dataset.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert item.dataset.SOPInstanceUID == original.SOPInstanceUID  # the same instance, decoded
+    out = tmp_path / "decoded.dcm"
+    item.dataset.save_as(out, enforce_file_format=True)
+    written = pydicom.dcmread(out)
+    assert written.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(written.pixel_array, original.pixel_array)
+    with source.open("rb") as f:  # implicit VR alone: decoded to explicit, the writer makes it implicit
+        item = decoded_for(f, [ImplicitVRLittleEndian])
+    assert item.syntax == ImplicitVRLittleEndian and item.dataset.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    with pytest.raises(NotAccepted, match=re.escape(stored)):  # only another compressed syntax: never encoded
+        decoded_for(source, [JPEGLSLossless])
+    assert source.read_bytes() == before
