@@ -312,3 +312,24 @@ def test_decoded_for_is_what_a_retrieve_sends(tmp_path: Path) -> None:
     with pytest.raises(NotAccepted, match=re.escape(stored)):  # only another compressed syntax: never encoded
         decoded_for(source, [JPEGLSLossless])
     assert source.read_bytes() == before
+
+
+def test_a_stored_file_gone_fails_its_suboperation_and_the_rest_arrives(archive: Archive, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A file the index lists but storage cannot read (deleted behind the engine's back) is one failed
+    sub-operation; the instances after it are still sent (a failure status used to end the retrieve)."""
+    caplog.set_level(logging.WARNING, logger="engine")
+    storage = Path(archive.eng.settings.storage.dir) / "studies"
+    uids = list(archive.mixed.files)
+    gone = uids[1]  # the RLE object, sent between the undecodable one and the CT
+    [path] = [p for p in storage.rglob("*") if p.is_file() and gone in str(p)]
+    path.unlink()
+    got, status, identifier = get_with_pynetdicom(archive.eng.dicom_port, archive.mixed, ExplicitVRLittleEndian)
+    arrived = [uid for uid in uids if uid != gone and pydicom.dcmread(archive.mixed.files[uid], stop_before_pixels=True)
+               .file_meta.TransferSyntaxUID != J2K_PART2]
+    assert sorted(got) == sorted(arrived)
+    assert status.Status == 0xB000 and status.NumberOfFailedSuboperations == 2, status
+    # the reasons in the order met, cut to the 64 characters of an Error Comment
+    assert status.ErrorComment.startswith(f"2 not sent: no decoder for {J2K_PART2}; stored file")
+    assert any(f"stored file of {gone} unreadable" in r.getMessage() for r in caplog.records)
+    assert identifier is not None and sorted(identifier.FailedSOPInstanceUIDList) == sorted(set(uids) - set(arrived))

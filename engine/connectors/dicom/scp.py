@@ -28,6 +28,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
@@ -446,10 +447,12 @@ class DicomListener:
                 not_sent[exc.comment] += 1
                 yield _status(S.PENDING, _not_sent_comment(not_sent)), _unsendable(ref)
                 continue
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, InvalidDicomError) as exc:
+                # one failed sub-operation (a failure status from here would end the whole retrieve)
                 log.error("channel %s: stored file of %s unreadable: %s", self.channel.name, ref.sop_instance_uid,
                           exc)
-                yield 0xA702, None  # counted as a failed sub-operation
+                not_sent["stored file unreadable"] += 1
+                yield _status(S.PENDING, _not_sent_comment(not_sent)), _unsendable(ref)
                 continue
             if item.transcoded and item.syntax != item.stored_syntax:
                 log.debug("channel %s: %s sent to %s as %s (stored as %s)", self.channel.name, ref.sop_instance_uid,
@@ -485,11 +488,11 @@ def _not_sent_comment(not_sent: Counter[str]) -> str:
 
 
 def _unsendable(ref: Any) -> Dataset:
-    """What stands for an instance that cannot be sent: its SOP class, instance and stored syntax, which
-    the receiver did not accept, so pynetdicom counts a failed sub-operation (and lists the instance in
-    Failed SOP Instance UID List) without sending anything."""
+    """What stands for an instance that cannot be sent: its SOP class and instance UIDs and no transfer
+    syntax, so pynetdicom's send_c_store refuses it before choosing a context (nothing is sent, whatever
+    the receiver accepted), counts a failed sub-operation and lists the instance in Failed SOP Instance
+    UID List."""
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = ref.sop_class_uid, ref.sop_instance_uid
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ref.transfer_syntax
     return ds
