@@ -316,6 +316,12 @@ def test_decoded_for_is_what_a_retrieve_sends(tmp_path: Path) -> None:
     with pytest.raises(NotAccepted, match=re.escape(stored)):  # only another compressed syntax: never encoded
         decoded_for(source, [JPEGLSLossless])
     assert source.read_bytes() == before
+    # a dataset already read, with no pixel data (a report filed under a compressed syntax): nothing to
+    # decode, it is explicit VR little endian as it is
+    no_pixels = pydicom.dcmread(source)
+    del no_pixels.PixelData
+    item = decoded_for(no_pixels, [ExplicitVRLittleEndian])
+    assert item.transcoded and item.dataset.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
 def test_a_stored_file_gone_fails_its_suboperation_and_the_rest_arrives(archive: Archive, tmp_path: Path,

@@ -102,11 +102,19 @@ def syntax_label(uid: str) -> str:
 
 def can_decode(syntax: str) -> bool:
     """Whether pixel data in ``syntax`` can be decoded here (a decoder and one of its plugins installed)."""
-    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.pixels import get_decoder
 
     try:
         return bool(get_decoder(UID(syntax)).is_available)
     except (NotImplementedError, ValueError):
+        return False
+
+
+def _is_encapsulated(syntax: str) -> bool:
+    """A transfer syntax pydicom knows whose pixel data is encapsulated (False for private or unknown UIDs)."""
+    try:
+        return bool(UID(syntax).is_encapsulated)
+    except ValueError:
         return False
 
 
@@ -163,8 +171,8 @@ def decoded_for(source: Source, accepted_syntaxes: Iterable[str]) -> Retrieved:
         return Retrieved(ds, stored, target, transcoded=True)  # re-encoded by the writer, pixels untouched
     if UID(stored) == "1.2.840.10008.1.2.2":
         raise NotAccepted(stored, f"{syntax_label(stored)} is not converted to little endian")
-    if not any(k in ds for k in PIXEL_KEYWORDS):
-        # nothing encapsulated: the rest of a dataset in any compressed syntax is explicit VR little endian
+    if _is_encapsulated(stored) and not any(k in ds for k in PIXEL_KEYWORDS):
+        # nothing encapsulated: the rest of a dataset in a (known) compressed syntax is explicit VR little endian
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         return Retrieved(ds, stored, target, transcoded=True)
     if not can_decode(stored):
