@@ -179,11 +179,13 @@ def running(settings: Settings) -> Iterator[RunningEngine]:
         eng.stop()
 
 
-def start_dicom_engine(workdir: Path, db_url: str, **dicom_options: Any) -> RunningEngine:
+def start_dicom_engine(workdir: Path, db_url: str, *, destinations: list[str] | None = None,
+                       **dicom_options: Any) -> RunningEngine:
     """An engine whose studies only become stable when a test says so (stable_seconds 3600), with
-    the DICOM channel's options changed as given."""
+    the C-MOVE ``destinations`` given ("AET=host:port") and the DICOM channel's options changed as given."""
     settings = make_settings(workdir, db_url)
     settings.dicom.stable_seconds = 3600
+    settings.dicom.destinations = list(destinations or [])
     if dicom_options:
         import yaml
         path = workdir / "channels" / "dicom.yaml"

@@ -121,7 +121,7 @@ def storescu(port: int, files: list[Path], *, aet: str = "RADBRIDGE", calling: s
 
 PROPOSE = {  # storescu's option proposing a file's own (compressed) transfer syntax
     "1.2.840.10008.1.2.4.90": "-xv", "1.2.840.10008.1.2.4.91": "-xw", "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx", "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.50": "-xy", "1.2.840.10008.1.2.4.51": "-xx", "1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.4.81": "-xu",
     "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.2": "-xb", "1.2.840.10008.1.2": "-xi",
     "1.2.840.10008.1.2.1.99": "-xd", "1.2.840.10008.1.2.1": "-xe",
 }
@@ -301,3 +301,31 @@ class RawStoreSCU:
         with contextlib.suppress(OSError, ConnectionError):
             self._read_pdu()
         self.sock.close()
+
+
+def pynetdicom_get(port: int, study_uid: str, contexts: list[tuple[str, list[str]]], on_store: Any, *,
+                   aet: str = "RADBRIDGE", calling: str = "PYGET") -> tuple[Dataset, Dataset | None]:
+    """C-GET of a study with pynetdicom as the SCU, the storage SCP role offered in one presentation context
+    per (SOP class, transfer syntaxes) of ``contexts`` (getscu puts every syntax in one context per SOP class,
+    and the acceptor picks one); ``on_store(event)`` takes each C-STORE and returns its status. Returns the
+    final C-GET response's status and identifier (Failed SOP Instance UID List)."""
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles: list[Any] = []
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+        if not any(r.sop_class_uid == sop_class for r in roles):
+            roles.append(build_role(sop_class, scp_role=True))
+    assoc = ae.associate("127.0.0.1", port, ae_title=aet, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established, "the C-GET association was not accepted"
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study_uid
+        responses = [(status, identifier) for status, identifier in
+                     assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet) if status]
+    finally:
+        assoc.release()
+    return responses[-1]

@@ -8,6 +8,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -401,7 +402,7 @@ def test_an_interrupted_transfer_leaves_no_temporary_file(workdir: Path, tmp_pat
     """A C-STORE cut off half way (the SCU sends A-ABORT, its TCP connection just closes, or it
     stops sending and the association times out): the partial file pynetdicom was writing is
     deleted then, not at the next restart."""
-    timeout = {"network_timeout_seconds": 1} if ending == "stall" else {}  # else only the ending can delete it
+    timeout: dict[str, Any] = {"network_timeout_seconds": 1} if ending == "stall" else {}  # else only the ending can delete it
     eng = start(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}", **timeout)
     try:
         scu = RawStoreSCU(eng.dicom_port)

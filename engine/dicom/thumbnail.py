@@ -25,6 +25,7 @@ import pydicom
 from PIL import Image
 from pydicom.pixels import apply_modality_lut, pixel_array
 
+from engine.dicom.transcode import syntax_label
 from engine.errors import RadBridgeError
 
 MAX_SIDE = 256  # the longer side of a thumbnail, in pixels (smaller images are not enlarged)
@@ -115,8 +116,7 @@ def render(source: BinaryIO, *, frame: int | None = None, window: Window | None 
         raise ThumbnailError(f"the stored file cannot be read as DICOM ({type(exc).__name__})") from exc
     if "PixelData" not in ds:
         raise ThumbnailError("the instance has no pixel data (not an image)")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    syntax_name = getattr(syntax, "name", None) or str(syntax)
+    syntax_name = syntax_label(str(ds.file_meta.get("TransferSyntaxUID", "")))
     frames = int(ds.get("NumberOfFrames") or 1)
     if frame is not None and not 1 <= frame <= frames:
         raise FrameMissing(f"frame {frame} asked for; the instance has {frames}")

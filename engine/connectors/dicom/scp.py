@@ -21,12 +21,14 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
@@ -39,6 +41,7 @@ from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_
 from engine.connectors.dicom.worklist import find_worklist
 from engine.dicom import status as S
 from engine.dicom.headers import HeaderError, read_header, storage_key
+from engine.dicom.transcode import TranscodeError, decoded_for, syntax_label
 from engine.domain.events import EventBus
 from engine.metrics import Metrics
 from engine.pipeline.dicom_index import DicomIndex
@@ -389,13 +392,15 @@ class DicomListener:
             yield 1
             yield _status(S.IDENTIFIER_MISMATCH, str(exc)), None
             return
+        sub = _SubAssociation()
         options: dict[str, Any] = {"contexts": move_contexts({(r.sop_class_uid, r.transfer_syntax) for r in refs}),
-                                   "ae_title": dest_aet}
+                                   "ae_title": dest_aet, "evt_handlers": [(evt.EVT_ACCEPTED, sub.on_accepted)]}
         if found.tls:
             options["tls_args"] = (self.move_tls_context(), found.host)
         yield found.host, found.port, options
         yield len(refs)
-        yield from self._send(event, refs)
+        # pynetdicom asks for the first instance only once the destination has accepted the association
+        yield from self._send(event, refs, sub.accepted, dest_aet)
 
     def move_tls_context(self) -> ssl.SSLContext:
         """How C-MOVE sub-associations to a tls:// destination connect: the destination's certificate
@@ -416,18 +421,78 @@ class DicomListener:
             yield _status(S.IDENTIFIER_MISMATCH, str(exc)), None
             return
         yield len(refs)
-        yield from self._send(event, refs)
+        yield from self._send(event, refs, lambda sop_class: accepted_syntaxes(event.assoc, sop_class),
+                              str(event.assoc.requestor.ae_title).strip())
 
-    def _send(self, event: Any, refs: list[Any]) -> Iterator[tuple[int, Dataset | None]]:
+    def _send(self, event: Any, refs: list[Any], accepted: Callable[[str], list[str]],
+              receiver: str) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """The C-STORE sub-operations of a C-GET/C-MOVE, one instance at a time (read, decoded when the
+        receiver does not take its stored syntax, sent, dropped: engine/dicom/transcode.py).
+
+        An instance that cannot be sent in a syntax the receiver accepted (no decoder for its syntax ...)
+        is a failed sub-operation and the rest goes on. From then on each response carries an Error
+        Comment naming the syntax(es) ("1 not sent: no decoder for 1.2.840.10008.1.2.4.92"), the final
+        one (B000, or A702 when every sub-operation failed) included: pynetdicom builds that one from the
+        last response's primitive and takes no status from the handler once every sub-operation is done."""
+        not_sent: Counter[str] = Counter()
         for ref in refs:
             if event.is_cancelled:
                 yield S.CANCEL, None
                 return
             try:
-                ds = self._load(ref.storage_key)
-            except (OSError, ValueError) as exc:
+                item = decoded_for(self._load(ref.storage_key), accepted(ref.sop_class_uid))
+            except TranscodeError as exc:
+                log.warning("channel %s: %s not sent to %s: %s", self.channel.name, ref.sop_instance_uid,
+                            receiver, exc)
+                not_sent[exc.comment] += 1
+                yield _status(S.PENDING, _not_sent_comment(not_sent)), _unsendable(ref)
+                continue
+            except (OSError, ValueError, InvalidDicomError) as exc:
+                # one failed sub-operation (a failure status from here would end the whole retrieve)
                 log.error("channel %s: stored file of %s unreadable: %s", self.channel.name, ref.sop_instance_uid,
                           exc)
-                yield 0xA702, None  # counted as a failed sub-operation
+                not_sent["stored file unreadable"] += 1
+                yield _status(S.PENDING, _not_sent_comment(not_sent)), _unsendable(ref)
                 continue
-            yield S.PENDING, ds
+            if item.transcoded and item.syntax != item.stored_syntax:
+                log.debug("channel %s: %s sent to %s as %s (stored as %s)", self.channel.name, ref.sop_instance_uid,
+                          receiver, syntax_label(item.syntax), syntax_label(item.stored_syntax))
+            yield (_status(S.PENDING, _not_sent_comment(not_sent)) if not_sent else S.PENDING), item.dataset
+
+
+def accepted_syntaxes(assoc: Any, sop_class: str) -> list[str]:
+    """The transfer syntaxes ``assoc`` accepted for sending (storage SCU role) instances of ``sop_class``."""
+    if assoc is None:
+        return []
+    return [str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            if str(cx.abstract_syntax) == sop_class and cx.as_scu]
+
+
+class _SubAssociation:
+    """The association of a C-MOVE to its destination, caught as it is accepted (pynetdicom opens it between
+    the handler's yields, and calls EVT_ACCEPTED before it reports the association established)."""
+
+    def __init__(self) -> None:
+        self.assoc: Any = None
+
+    def on_accepted(self, event: Any) -> None:
+        self.assoc = event.assoc
+
+    def accepted(self, sop_class: str) -> list[str]:
+        return accepted_syntaxes(self.assoc, sop_class)
+
+
+def _not_sent_comment(not_sent: Counter[str]) -> str:
+    """'2 not sent: no decoder for 1.2.840.10008.1.2.4.92' (cut to the 64 characters of an Error Comment)."""
+    return f"{sum(not_sent.values())} not sent: " + "; ".join(not_sent)
+
+
+def _unsendable(ref: Any) -> Dataset:
+    """What stands for an instance that cannot be sent: its SOP class and instance UIDs and no transfer
+    syntax, so pynetdicom's send_c_store refuses it before choosing a context (nothing is sent, whatever
+    the receiver accepted), counts a failed sub-operation and lists the instance in Failed SOP Instance
+    UID List."""
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = ref.sop_class_uid, ref.sop_instance_uid
+    ds.file_meta = FileMetaDataset()
+    return ds

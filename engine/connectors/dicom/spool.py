@@ -114,6 +114,7 @@ def discard_unfinished(assoc: Any) -> list[Path]:
             _context_id, primitive = pending.get_nowait()
         except queue.Empty:
             break
-        if (path := _delete(primitive._dataset_file)) is not None:
+        # responses and other requests have no file; an aborted peer can leave a None there too
+        if (path := _delete(getattr(primitive, "_dataset_file", None))) is not None:
             deleted.append(path)
     return deleted
