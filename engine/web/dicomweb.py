@@ -457,7 +457,11 @@ async def _part(response: web.StreamResponse, boundary: str, headers: dict[str, 
     await response.write(b"\r\n")
 
 
-async def _retrieve(request: web.Request) -> web.StreamResponse:
+@routes.get(STUDY)
+@routes.get(SERIES)
+@routes.get(INSTANCE)
+@requires(Role.READ)
+async def retrieve(request: web.Request) -> web.StreamResponse:
     study, refs, patients = await _selected(request)
     syntaxes = {r.transfer_syntax for r in refs}
     accept = request.headers.get("Accept")
@@ -484,13 +488,6 @@ async def _retrieve(request: web.Request) -> web.StreamResponse:
     await response.write_eof()
     return response
 
-
-@routes.get(STUDY)
-@routes.get(SERIES)
-@routes.get(INSTANCE)
-@requires(Role.READ)
-async def retrieve(request: web.Request) -> web.StreamResponse:
-    return await _retrieve(request)
 
 
 # ---------------------------------------------------------------- WADO-RS: metadata and bulk data
@@ -534,7 +531,11 @@ def _vr_of_tag(tag: int) -> str:
         return "UN"
 
 
-async def _metadata(request: web.Request) -> web.Response:
+@routes.get(STUDY + "/metadata")
+@routes.get(SERIES + "/metadata")
+@routes.get(INSTANCE + "/metadata")
+@requires(Role.READ)
+async def metadata(request: web.Request) -> web.Response:
     study, refs, patients = await _selected(request)
     storage = _storage(request)
     base = base_url(request)
@@ -554,13 +555,6 @@ async def _metadata(request: web.Request) -> web.Response:
     await _audit(request, study, refs, patients)
     return web.Response(text=json.dumps(body), content_type=DICOM_JSON)
 
-
-@routes.get(STUDY + "/metadata")
-@routes.get(SERIES + "/metadata")
-@routes.get(INSTANCE + "/metadata")
-@requires(Role.READ)
-async def metadata(request: web.Request) -> web.Response:
-    return await _metadata(request)
 
 
 async def _one_instance(request: web.Request) -> tuple[str, InstanceRef, list[int], Dataset]:
