@@ -4,8 +4,10 @@ QIDO-RS answers from the index with the C-FIND matching (engine/connectors/dicom
 engine/dicom/matching.py: wildcards, ranges, lists, UID lists), never reading a file. WADO-RS streams
 the stored files one by one (multipart/related), reads headers for ``metadata`` (bulk data by URI),
 slices native frames, hands encapsulated ones as stored, and renders images with
-engine/dicom/thumbnail.py. Stored bytes are sent only in the syntax they were stored in: an Accept
-that does not take it is answered 406 (transcoding on retrieve is another piece of work).
+engine/dicom/thumbnail.py. Stored bytes go out as stored when the Accept takes their syntax; when it
+does not, but takes Explicit VR Little Endian (the default), compressed instances are decoded on the fly,
+one at a time (engine/dicom/transcode.py; never re-encoded); instances that cannot be decoded are left out
+with 206 and a Warning, or 406 when none could be sent.
 
 Every answer holding patient data writes one audit row (engine/web/audit.py record_read) per request.
 Errors are JSON ``{"error": ..., "detail": ...}`` and carry no patient data. docs/dicomweb.md says
@@ -19,6 +21,7 @@ import json
 import logging
 import re
 import secrets
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -43,6 +46,7 @@ from engine.connectors.dicom.query import (
     statement,
 )
 from engine.dicom.thumbnail import FrameMissing, ThumbnailError, Window, render
+from engine.dicom.transcode import UNCOMPRESSED_LE, TranscodeError, can_decode, decoded_for, syntax_label
 from engine.domain.studies import STUDIES
 from engine.errors import RadBridgeError
 from engine.storage.base import ObjectStorage
@@ -385,9 +389,10 @@ def _takes(ranges: list[MediaRange], media: tuple[str, ...], syntaxes: set[str],
 
 def _not_acceptable(what: str, syntaxes: set[str], accept: str | None) -> DicomwebError:
     return DicomwebError(406, f"the {what} is stored in transfer syntax {', '.join(sorted(syntaxes))}; the Accept "
-                              f"header ({accept or 'none'}) does not take it and transcoding on retrieve is not "
-                              'available yet: ask with transfer-syntax=* (e.g. multipart/related; '
-                              'type="application/dicom"; transfer-syntax=*)')
+                              f"header ({accept or 'none'}) takes neither it nor Explicit VR Little Endian "
+                              f"({EXPLICIT_LE}), the one syntax stored data is decoded to (it is never re-encoded): "
+                              'ask with transfer-syntax=* (e.g. multipart/related; type="application/dicom"; '
+                              'transfer-syntax=*)')
 
 
 def _identifier(level: str, study: str, series: str | None = None, sop: str | None = None) -> Dataset:
@@ -436,10 +441,11 @@ async def _audit(request: web.Request, study: str, refs: list[InstanceRef], pati
 # ---------------------------------------------------------------- WADO-RS: instances
 
 
-async def _multipart(request: web.Request, part_type: str) -> tuple[web.StreamResponse, str]:
+async def _multipart(request: web.Request, part_type: str, status: int = 200,
+                     headers: dict[str, str] | None = None) -> tuple[web.StreamResponse, str]:
     boundary = secrets.token_hex(16)
-    response = web.StreamResponse(headers={
-        "Content-Type": f'multipart/related; type="{part_type}"; boundary={boundary}'})
+    response = web.StreamResponse(status=status, headers={
+        **(headers or {}), "Content-Type": f'multipart/related; type="{part_type}"; boundary={boundary}'})
     response.enable_chunked_encoding()
     await response.prepare(request)
     return response, boundary
@@ -463,23 +469,41 @@ async def _part(response: web.StreamResponse, boundary: str, headers: dict[str, 
 @requires(Role.READ)
 async def retrieve(request: web.Request) -> web.StreamResponse:
     study, refs, patients = await _selected(request)
-    syntaxes = {r.transfer_syntax for r in refs}
     accept = request.headers.get("Accept")
-    if not _takes(parse_accept(accept), ("application/dicom",), syntaxes, EXPLICIT_LE):
-        raise _not_acceptable("study" if len(refs) > 1 else "instance", syntaxes, accept)
+    plan = plan_retrieve(parse_accept(accept), refs)
+    what = "study" if len(refs) > 1 else "instance"
+    if plan.left_out and not plan.decodes:  # neither the stored syntax nor explicit VR little endian
+        raise _not_acceptable(what, {r.transfer_syntax for r in refs}, accept)
+    if not plan.sent:  # nothing asked for can be decoded
+        raise DicomwebError(406, f"the {what} cannot be sent: {plan.reasons}; the Accept header "
+                                 f"({accept or 'none'}) does not take the stored syntax")
+    for ref, _reason in plan.left_out:
+        log.warning("WADO-RS: instance %s left out: %s", ref.sop_instance_uid, _why(ref.transfer_syntax))
     storage = _storage(request)
-    await _audit(request, study, refs, patients)
-    response, boundary = await _multipart(request, "application/dicom")
-    for ref in refs:  # file by file: a study is never in memory whole
+    await _audit(request, study, plan.sent, patients)
+    headers = {}
+    if plan.left_out:  # PS3.18: some of what was asked for is not in the answer
+        headers["Warning"] = f'299 - "{len(plan.left_out)} of {len(refs)} instances left out: {plan.reasons}"'
+    response, boundary = await _multipart(request, "application/dicom", 206 if plan.left_out else 200, headers)
+    for ref in plan.sent:  # file by file: a study is never in memory whole
         try:
             source = await asyncio.to_thread(storage.open, ref.storage_key)
         except OSError as exc:  # headers are sent: the part is left out, the log says why
             log.error("WADO-RS: the file of instance %s cannot be read (%s)", ref.sop_instance_uid,
                       type(exc).__name__)
             continue
+        syntax = ref.transfer_syntax
         try:
+            if ref.sop_instance_uid in plan.decode:
+                try:  # one instance decoded at a time, spooled to a temporary file
+                    decoded = await asyncio.to_thread(_decoded_file, source)
+                except TranscodeError as exc:  # headers are sent: left out, the log says why
+                    log.warning("WADO-RS: instance %s left out: %s", ref.sop_instance_uid, exc)
+                    continue
+                source.close()
+                source, syntax = decoded, EXPLICIT_LE
             await _part(response, boundary, {
-                "Content-Type": f"application/dicom; transfer-syntax={ref.transfer_syntax}",
+                "Content-Type": f"application/dicom; transfer-syntax={syntax}",
                 "Content-Location": f"{base_url(request)}/studies/{study}/instances/{ref.sop_instance_uid}"},
                 source=source)
         finally:
@@ -488,6 +512,72 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     await response.write_eof()
     return response
 
+
+# ---------------------------------------------------------------- WADO-RS: transcoding on retrieve
+
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+DECODED_SPOOL = 16 * CHUNK  # a decoded instance up to this size stays in memory, a larger one goes to disk
+
+
+def convertible(syntax: str) -> str | None:
+    """None when an instance stored in ``syntax`` can be sent as Explicit VR Little Endian (uncompressed
+    little endian re-encoded, compressed decoded); else why not, naming the syntax."""
+    if syntax in UNCOMPRESSED_LE:
+        return None
+    if syntax == BIG_ENDIAN:
+        return f"{syntax} is not converted to little endian"
+    return None if can_decode(syntax) else f"no decoder for {syntax}"
+
+
+def _why(syntax: str) -> str:
+    """The reason an instance is left out, for the log (the syntax by name and UID)."""
+    reason = convertible(syntax) or "not accepted"
+    return reason.replace(syntax, syntax_label(syntax))
+
+
+@dataclass
+class RetrievePlan:
+    sent: list[InstanceRef] = field(default_factory=list)  # in order
+    decode: set[str] = field(default_factory=set)  # SOP Instance UIDs sent decoded
+    left_out: list[tuple[InstanceRef, str]] = field(default_factory=list)  # and why
+    decodes: bool = False  # the Accept takes explicit VR little endian
+
+    @property
+    def reasons(self) -> str:
+        return "; ".join(sorted({reason for _, reason in self.left_out}))
+
+
+def plan_retrieve(ranges: list[MediaRange], refs: list[InstanceRef]) -> RetrievePlan:
+    """Decided before any header is sent: each instance as stored (the Accept takes its syntax),
+    decoded to Explicit VR Little Endian (the Accept takes that and the instance can be), or left out."""
+    plan = RetrievePlan(decodes=_takes(ranges, ("application/dicom",), {EXPLICIT_LE}, EXPLICIT_LE))
+    for ref in refs:
+        syntax = ref.transfer_syntax
+        if _takes(ranges, ("application/dicom",), {syntax}, EXPLICIT_LE):
+            plan.sent.append(ref)
+        elif not plan.decodes:
+            plan.left_out.append((ref, f"{syntax} not accepted"))  # the whole request is refused
+        elif (reason := convertible(syntax)) is not None:
+            plan.left_out.append((ref, reason))
+        else:
+            plan.sent.append(ref)
+            plan.decode.add(ref.sop_instance_uid)
+    return plan
+
+
+def _decoded_file(source: BinaryIO) -> BinaryIO:
+    """The stored instance decoded to Explicit VR Little Endian, as a file positioned at its start."""
+    item = decoded_for(source, [EXPLICIT_LE])
+    ds = item.dataset
+    ds.file_meta.TransferSyntaxUID = SyntaxUID(EXPLICIT_LE)  # uncompressed stored ones are re-encoded here
+    out = tempfile.SpooledTemporaryFile(max_size=DECODED_SPOOL)  # noqa: SIM115 - closed by the caller
+    try:
+        ds.save_as(out, enforce_file_format=True)
+    except Exception:
+        out.close()
+        raise
+    out.seek(0)
+    return out  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- WADO-RS: metadata and bulk data
@@ -628,12 +718,28 @@ async def frames(request: web.Request) -> web.StreamResponse:
     if syntax != EXPLICIT_LE and not SyntaxUID(syntax).is_compressed:  # big endian
         raise _not_acceptable("instance's pixel data", {syntax}, "frames are sent little endian")
     accept = request.headers.get("Accept")
-    if not _takes(parse_accept(accept), ("application/octet-stream",), {syntax}, EXPLICIT_LE):
-        raise _not_acceptable("instance's pixel data", {syntax}, accept)
+    ranges = parse_accept(accept)
+    decode = False
+    if not _takes(ranges, ("application/octet-stream",), {syntax}, EXPLICIT_LE):
+        # compressed, and the Accept takes uncompressed frames: the pixel data decoded (never re-encoded)
+        if syntax == EXPLICIT_LE or not _takes(ranges, ("application/octet-stream",), {EXPLICIT_LE}, EXPLICIT_LE):
+            raise _not_acceptable("instance's pixel data", {syntax}, accept)
+        if (reason := convertible(syntax)) is not None:
+            log.warning("WADO-RS frames: instance %s not sent: %s", ref.sop_instance_uid, _why(syntax))
+            raise DicomwebError(406, f"the instance's pixel data cannot be sent uncompressed: {reason}; the "
+                                     f"Accept header ({accept or 'none'}) does not take the stored syntax")
+        decode = True
     ds = await _load(request, ref)
     if "PixelData" not in ds:
         raise DicomwebError(404, "the instance has no pixel data")
-    parts = await asyncio.to_thread(frame_bytes, ds, ref.transfer_syntax, numbers)
+    if decode:
+        try:
+            ds = (await asyncio.to_thread(decoded_for, ds, [EXPLICIT_LE])).dataset
+        except TranscodeError as exc:
+            log.warning("WADO-RS frames: instance %s not sent: %s", ref.sop_instance_uid, exc)
+            raise DicomwebError(406, f"the instance's pixel data cannot be sent uncompressed: {exc.comment}") from None
+        syntax = EXPLICIT_LE
+    parts = await asyncio.to_thread(frame_bytes, ds, syntax, numbers)
     await _audit(request, study, [ref], patients)
     response, boundary = await _multipart(request, "application/octet-stream")
     for body in parts:
