@@ -6,7 +6,6 @@ the files sent (pydicom)."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,8 @@ def _dcmtk() -> None:
 
 
 @pytest.fixture
-def engine(workdir: Path, db_url: str) -> Iterator[RunningEngine]:
-    eng = start_dicom_engine(workdir, db_url)
-    try:
-        yield eng
-    finally:
-        eng.stop()
+def engine(dicom_engine: RunningEngine) -> RunningEngine:
+    return dicom_engine
 
 
 def base(eng: RunningEngine) -> str:
@@ -265,6 +260,25 @@ def test_a_body_over_stow_max_bytes_is_413_declared_or_streamed(workdir: Path, d
         assert requests.post(url, data=body, headers={**headers, "Content-Type": ctype}, timeout=60).status_code == 200
     finally:
         eng.stop()
+
+
+def test_an_instance_larger_than_the_http_request_limit_is_streamed_and_stored(
+        engine: RunningEngine, tmp_path: Path) -> None:
+    """The HTTP server's request size limit (client_max_size) is for bodies read whole; STOW-RS streams."""
+    limit = 8 * 1024 * 1024  # build_app's client_max_size (engine/web/app.py)
+
+    def big(ds: pydicom.Dataset) -> None:
+        ds.Rows = ds.Columns = 2200
+        ds.PixelData = bytes(2200 * 2200 * 2)
+
+    obj = make_instance(tmp_path / "big.dcm", patient_id="STW10", edit=big)
+    assert obj.path.stat().st_size > limit
+    r = post(engine, [obj.path.read_bytes()])
+    assert r.status_code == 200, r.text
+    storage = engine.engine.storage
+    assert storage is not None
+    stored = storage.local_path(indexed(engine, obj.study_uid)[obj.sop_uid])
+    assert stored is not None and stored.read_bytes() == obj.path.read_bytes()
 
 
 def test_every_instance_answered_stored_survives_kill_9(db_url: str, workdir: Path, tmp_path: Path) -> None:
