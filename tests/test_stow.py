@@ -219,6 +219,19 @@ def test_duplicates_follow_the_channel_policy(workdir: Path, db_url: str, tmp_pa
         eng.stop()
 
 
+def test_below_the_free_space_floor_every_instance_fails_a700(workdir: Path, db_url: str, tmp_path: Path) -> None:
+    eng = start_dicom_engine(workdir, db_url, min_free_mb=1 << 40)  # more than any disk has free
+    try:
+        objs = instances(tmp_path, 2, patient_id="STW11")
+        r = post(eng, [o.path.read_bytes() for o in objs])
+        assert r.status_code == 409, r.text
+        assert [f[REASON]["Value"][0] for f in items(r.json(), FAILED)] == [S.OUT_OF_RESOURCES] * 2
+        assert indexed(eng, objs[0].study_uid) == {}
+        assert list((Path(eng.settings.storage.dir) / "tmp").glob("tmp*.dcm")) == []
+    finally:
+        eng.stop()
+
+
 def test_refusals_of_the_request_itself(engine: RunningEngine, tmp_path: Path) -> None:
     obj = make_instance(tmp_path / "r.dcm", patient_id="STW8")
     data = obj.path.read_bytes()

@@ -88,10 +88,7 @@ async def _stow(request: web.Request, study: str | None) -> web.Response:
     try:
         answers = [await _store(request, listener, part, study) for part in parts]
     finally:
-        for part in parts:
-            if part.path is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(part.path)
+        _discard(parts)  # what store_file did not move into storage
     stored = [a for a in answers if a.stored]
     status = 200 if len(stored) == len(answers) else 202 if stored else 409
     body = _response(request, answers, study)
@@ -169,14 +166,26 @@ async def _spool_part(part: BodyPartReader, listener: DicomListener, timeout: fl
                 await loop.run_in_executor(None, _drop, handle)
                 handle = None
                 continue
-            await loop.run_in_executor(None, handle.write, chunk)
+            try:
+                await loop.run_in_executor(None, handle.write, chunk)
+            except OSError as exc:  # the spool's file system is full (or failing): this part is not kept
+                log.error("STOW-RS: cannot spool a part: %s", exc)
+                refusal = StoreAnswer("out_of_resources", S.OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}")
+                await loop.run_in_executor(None, _drop, handle)
+                handle = None
     except BaseException:
         if handle is not None:
             await loop.run_in_executor(None, _drop, handle)
         raise
     if handle is None:
         return Spooled(None, refusal), size
-    await loop.run_in_executor(None, handle.close)
+    try:
+        await loop.run_in_executor(None, handle.close)
+    except OSError as exc:
+        log.error("STOW-RS: cannot spool a part: %s", exc)
+        await loop.run_in_executor(None, _drop, handle)
+        return Spooled(None, StoreAnswer("out_of_resources", S.OUT_OF_RESOURCES,
+                                         f"storage error: {exc.strerror or exc}")), size
     return Spooled(Path(handle.name)), size
 
 
