@@ -75,6 +75,12 @@ class HTTPSettings:
     # how peers reach this port ("https://pacs-gw.hospital.example:8443"), for the links the engine
     # publishes (its own DICOMweb in ImagingStudy.endpoint and the ORU); empty: http(s)://bind:port
     public_base_url: str = ""
+    # STOW-RS (POST /dicomweb/studies): a request body larger than this is refused with 413; bodies
+    # are streamed part by part to files, never held in memory (docs/dicomweb.md)
+    stow_max_bytes: int = 4 * 1024 * 1024 * 1024
+    # the dicom channel whose storage, duplicate policy and free-space floor STOW-RS uses; empty:
+    # the first enabled dicom channel by name
+    stow_channel: str = ""
 
 
 @dataclass
@@ -497,7 +503,8 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
                                           f"{entry!r} is not AET=host:port (or AET=tls://host:port)"))
     _check_ehr(settings, problems)
     for key in ("mllp.max_connections", "mllp.max_buffered_bytes", "http.header_timeout_seconds",
-                "http.body_timeout_seconds", "http.max_connections", "http.console_session_hours"):
+                "http.body_timeout_seconds", "http.max_connections", "http.console_session_hours",
+                "http.stow_max_bytes"):
         section, _, name = key.partition(".")
         if getattr(getattr(settings, section), name) <= 0:
             problems.append(ConfigProblem(settings.source or "environment", 0, key, "must be greater than 0"))

@@ -32,6 +32,8 @@ from sqlalchemy.orm import selectinload
 from engine.channels import Channel, load_channels
 from engine.config import Settings, http_tls_source
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
+from engine.connectors.dicom.channel import DicomConnector
+from engine.connectors.dicom.scp import DicomListener
 from engine.connectors.exposure import exposure_problems
 from engine.connectors.fhir import FhirConnector
 from engine.connectors.hl7channel import HL7Channel, Reprocessed
@@ -156,6 +158,15 @@ class Engine:
         """The fhir channel's inbound stage (served at /fhir/ on the HTTP port), if one is enabled."""
         found = self.connectors_of(FhirConnector)
         return found[0].inbound if found else None
+
+    def stow_listener(self) -> DicomListener | None:
+        """The DICOM channel STOW-RS stores through ([http] stow_channel, else the first enabled dicom
+        channel by name): its storage, index, duplicate policy and free-space floor."""
+        found = sorted(self.connectors_of(DicomConnector), key=lambda c: c.channel.name)
+        wanted = self.settings.http.stow_channel
+        if wanted:
+            found = [c for c in found if c.channel.name == wanted]
+        return found[0].listener if found else None
 
     @property
     def storage(self) -> ObjectStorage | None:

@@ -196,6 +196,16 @@ def start_dicom_engine(workdir: Path, db_url: str, *, destinations: list[str] | 
 
 
 @pytest.fixture
+def dicom_engine(workdir: Path, db_url: str) -> Iterator[RunningEngine]:
+    """``start_dicom_engine`` with the shipped channels, stopped after the test."""
+    e = start_dicom_engine(workdir, db_url)
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+@pytest.fixture
 def hl7_stage(workdir: Path, db_url: str) -> Iterator[tuple[Database, HL7Inbound]]:
     """The shipped hl7-inbound channel's inbound stage over a migrated database, without listeners:
     for tests that drive prepare/apply (or the domain) directly."""

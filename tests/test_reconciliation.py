@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,8 @@ start = start_dicom_engine
 
 
 @pytest.fixture
-def eng(workdir: Path, db_url: str) -> Iterator[RunningEngine]:
-    e = start(workdir, db_url)
-    try:
-        yield e
-    finally:
-        e.stop()
+def eng(dicom_engine: RunningEngine) -> RunningEngine:
+    return dicom_engine
 
 
 def hl7(e: RunningEngine, *messages: str) -> None:

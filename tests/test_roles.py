@@ -173,6 +173,11 @@ CALLS = [
          "/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered", Role.READ),
     Call("GET", "/dicomweb/studies/1.2.3.999/series/1.2.3.998/instances/1.2.3.997/frames/1/rendered",
          "/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered", Role.READ),
+    # STOW-RS: an empty multipart body (400 for a token with the role: nothing is stored)
+    Call("POST", "/dicomweb/studies", "/dicomweb/studies", Role.STORE, "--b--\r\n",
+         'multipart/related; type="application/dicom"; boundary=b'),
+    Call("POST", "/dicomweb/studies/1.2.3.999", "/dicomweb/studies/{study}", Role.STORE, "--b--\r\n",
+         'multipart/related; type="application/dicom"; boundary=b'),
 ]
 
 

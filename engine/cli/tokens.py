@@ -21,7 +21,7 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
     p = with_config(tp.add_parser("create", help="a new token with one or more roles; prints its secret once"))
     p.add_argument("name", help="who or what uses it (a person, a system): the audit trail names it")
     p.add_argument("--role", action="append", required=True, choices=[r.value for r in Role], dest="roles",
-                   help="read, operate, admin, fhir-write or metrics (repeat for several)")
+                   help="read, operate, admin, fhir-write, metrics or store (repeat for several)")
     with_config(tp.add_parser("list", help="every token: name, roles, created, last used, revoked; and the "
                                           "configured and generated ones (every role)"))
     p = with_config(tp.add_parser("revoke", help="refuse a token from now on (it stays listed)"))

@@ -74,9 +74,13 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str,
-                transfer_syntax: str) -> InstanceHeader:
-    """Parse and check a received instance's header. Raises HeaderError with the status to send."""
+def read_header(path: Path, *, command_sop_class: str | None, command_sop_instance: str | None,
+                transfer_syntax: str | None) -> InstanceHeader:
+    """Parse and check a received instance's header. Raises HeaderError with the status to send.
+
+    ``command_sop_class``/``command_sop_instance``: the UIDs of the C-STORE command the dataset must
+    match (None: no command, as for STOW-RS). ``transfer_syntax``: the presentation context's (None:
+    the file's meta information says, as for a STOW-RS part, which is a DICOM file)."""
     try:
         # everything up to the pixel data; pydicom parses it faster than a tag selection
         ds = dcmread(path, stop_before_pixels=True)
@@ -86,9 +90,9 @@ def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str
     try:
         sop_class = check_uid("SOPClassUID", ds.get("SOPClassUID"))
         sop_instance = check_uid("SOPInstanceUID", ds.get("SOPInstanceUID"))
-        if sop_class != command_sop_class:
+        if command_sop_class is not None and sop_class != command_sop_class:
             raise HeaderError(S.DATASET_MISMATCH, "SOPClassUID differs from Affected SOP Class")
-        if sop_instance != command_sop_instance:
+        if command_sop_instance is not None and sop_instance != command_sop_instance:
             raise HeaderError(S.DATASET_MISMATCH, "SOPInstanceUID differs from Affected SOP Instance")
         study = check_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
         series = check_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID"))
@@ -98,6 +102,9 @@ def read_header(path: Path, *, command_sop_class: str, command_sop_instance: str
             attrs[kw] = _int(value) if kw in ("SeriesNumber", "InstanceNumber", "NumberOfFrames") else text_value(value)
         charset = ds.get("SpecificCharacterSet")
         attrs["SpecificCharacterSet"] = text_value(charset)
+        if transfer_syntax is None:
+            meta = getattr(ds, "file_meta", None)
+            transfer_syntax = check_uid("TransferSyntaxUID", meta.get("TransferSyntaxUID") if meta is not None else None)
     except HeaderError:
         raise
     except Exception as exc:  # a value that does not decode (bad VR, bad character set ...)

@@ -59,6 +59,7 @@ class AuditAction(StrEnum):
     LOGIN = "login"  # a console session opened (or refused: status 401/403)
     LOGOUT = "logout"
     MAPPING_EDIT = "mapping-edit"  # a mapping file saved from the console
+    STORE = "store"  # instances stored over HTTP (STOW-RS): one row per request
 
 
 READS = (AuditAction.READ, AuditAction.VREAD, AuditAction.SEARCH)

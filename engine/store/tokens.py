@@ -42,6 +42,7 @@ class Role(StrEnum):
     ADMIN = "admin"  # mappings, channels, tokens
     FHIR_WRITE = "fhir-write"  # FHIR creates, updates, transaction and batch Bundles
     METRICS = "metrics"  # GET /metrics
+    STORE = "store"  # STOW-RS: images stored over HTTP, as a modality stores them by C-STORE
 
 
 ALL_ROLES = frozenset(Role)

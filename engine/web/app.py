@@ -17,6 +17,7 @@ from engine.web.fhir import fhir_app
 from engine.web.health import health_report
 from engine.web.keys import METRICS, EngineServices, provide
 from engine.web.roles import public, requires, undeclared_routes
+from engine.web.stow import with_stow
 
 routes = web.RouteTableDef()
 
@@ -44,7 +45,7 @@ def build_app(engine: EngineServices) -> web.Application:
     setup_console(app)
     app.add_subapp("/api/", api_app())
     app.add_subapp("/fhir/", fhir_app())
-    app.add_subapp("/dicomweb/", dicomweb_app())
+    app.add_subapp("/dicomweb/", with_stow(dicomweb_app()))
     if missing := undeclared_routes(app):
         raise RouteWithoutRole(missing)
     return app

@@ -274,7 +274,8 @@ def _search_rows(conn: Connection, keys: dict[str, str], level: str, limit: int,
         raise DicomwebError(400, str(exc)) from None
 
 
-def _patients_of(conn: Connection, study_uids: list[str]) -> list[int]:
+def patients_of_studies(conn: Connection, study_uids: list[str]) -> list[int]:
+    """The store ids of the patients these studies are linked to (for the audit trail)."""
     if not study_uids:
         return []
     found = conn.execute(select(STUDIES.c.patient_id).distinct()
@@ -295,7 +296,7 @@ async def _qido(request: web.Request, level: str) -> web.Response:
 
     def run(conn: Connection) -> tuple[list[Any], list[int]]:
         rows = _search_rows(conn, keys, level, search.limit + 1, search.offset)
-        return rows, _patients_of(conn, [r["StudyInstanceUID"] for r in rows[:search.limit]])
+        return rows, patients_of_studies(conn, [r["StudyInstanceUID"] for r in rows[:search.limit]])
     rows, patients = await on_reader(request, run)
     more = len(rows) > search.limit
     base = base_url(request)
@@ -425,7 +426,7 @@ async def _selected(request: web.Request) -> tuple[str, list[InstanceRef], list[
             refs = instances_for(conn, _identifier(level, study, series, sop))
         except QueryError as exc:  # more instances than one retrieve sends
             raise DicomwebError(400, str(exc)) from None
-        return refs, _patients_of(conn, [study])
+        return refs, patients_of_studies(conn, [study])
     refs, patients = await on_reader(request, run)
     if not refs:
         what = "instance" if sop else "series" if series else "study"

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from engine.config import Settings
+from engine.connectors.dicom.scp import DicomListener
 from engine.connectors.hl7channel import Reprocessed
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
@@ -45,6 +46,9 @@ class EngineControl(Protocol):
         ...
 
     def storage_floor_mb(self) -> int: ...
+
+    def stow_listener(self) -> DicomListener | None:
+        """The DICOM channel STOW-RS stores through (C-STORE's own path), None when none is enabled."""
 
     def channel_status(self) -> list[dict[str, Any]]: ...
 

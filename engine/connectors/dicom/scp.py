@@ -23,6 +23,7 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from engine.connectors.dicom.query import QueryError, TooManyMatches, find, inst
 from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
 from engine.connectors.dicom.worklist import find_worklist
 from engine.dicom import status as S
-from engine.dicom.headers import HeaderError, read_header, storage_key
+from engine.dicom.headers import HeaderError, InstanceHeader, read_header, storage_key
 from engine.dicom.transcode import TranscodeError, decoded_for, syntax_label
 from engine.domain.events import EventBus
 from engine.metrics import Metrics
@@ -258,6 +259,12 @@ class DicomListener:
                       "deleted, the rest is dropped and answered A700", self.channel.name, free // (1024 * 1024),
                       self.opts.min_free_mb, event.assoc.requestor.ae_title, path.name)
 
+    def below_floor(self) -> bool:
+        """Whether the storage's free space is below the channel's floor (min_free_mb): C-STORE and
+        STOW-RS refuse to store then (A700)."""
+        free = self.storage.free_bytes()
+        return free is not None and free < self.opts.min_free_mb * 1024 * 1024
+
     # --- C-ECHO ---------------------------------------------------------------------------------------
     def on_echo(self, event: Any) -> int:
         self.metrics.dicom_requests.inc(channel=self.channel.name, service="echo")
@@ -265,49 +272,66 @@ class DicomListener:
 
     # --- C-STORE --------------------------------------------------------------------------------------
     def on_store(self, event: Any) -> Dataset:
+        req = event.request
+        if was_refused(req):  # free space fell below the floor while it arrived (_on_pdu)
+            self.metrics.dicom_stored.inc(channel=self.channel.name, outcome="out_of_resources")
+            return _status(S.OUT_OF_RESOURCES, "storage full: free space below the floor")
+        answer = self.store_file(Path(event.dataset_path), calling=str(event.assoc.requestor.ae_title).strip(),
+                                 remote=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+                                 command_sop_class=str(req.AffectedSOPClassUID),
+                                 command_sop_instance=str(req.AffectedSOPInstanceUID),
+                                 transfer_syntax=str(event.context.transfer_syntax))
+        return _status(answer.status, answer.comment)
+
+    def store_file(self, path: Path, *, calling: str | None, remote: str | None, command_sop_class: str | None = None,
+                   command_sop_instance: str | None = None, transfer_syntax: str | None = None,
+                   expected_study: str | None = None) -> StoreAnswer:
+        """Store one received instance (a complete file at ``path``) and commit its index row: the one
+        way in for C-STORE and STOW-RS (engine/web/stow.py). Blocking: call from a thread, not the
+        event loop. The answer (its DIMSE status) is given only after the COMMIT; it never raises.
+        ``path`` is left where it was when the instance was not stored (the caller deletes it)."""
         t0 = time.perf_counter()
         try:
-            result, status = self._store(event)
+            answer = self._store(path, calling, remote, command_sop_class, command_sop_instance, transfer_syntax,
+                                 expected_study)
         except Exception as exc:  # never let pynetdicom answer with a bare 0xC211
             log.exception("channel %s: C-STORE failed unexpectedly", self.channel.name)
-            result, status = "failed", _status(S.PROCESSING_FAILURE, f"not stored: {type(exc).__name__}")
-        self.metrics.dicom_stored.inc(channel=self.channel.name, outcome=result)
+            answer = StoreAnswer("failed", S.PROCESSING_FAILURE, f"not stored: {type(exc).__name__}")
+        self.metrics.dicom_stored.inc(channel=self.channel.name, outcome=answer.outcome)
         self.metrics.store_latency.observe(time.perf_counter() - t0, channel=self.channel.name)
-        return status
+        return answer
 
-    def _store(self, event: Any) -> tuple[str, Dataset]:
-        req = event.request
-        path = Path(event.dataset_path)
-        calling = str(event.assoc.requestor.ae_title).strip()
-        remote = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
-        sop_uid = str(req.AffectedSOPInstanceUID)
-        if was_refused(req):  # free space fell below the floor while it arrived (_on_pdu)
-            return "out_of_resources", _status(S.OUT_OF_RESOURCES, "storage full: free space below the floor")
-        free = self.storage.free_bytes()
-        if free is not None and free < self.opts.min_free_mb * 1024 * 1024:
-            log.error("channel %s: storage has %d MB free (floor %d MB): refusing %s from %s", self.channel.name,
-                      free // (1024 * 1024), self.opts.min_free_mb, sop_uid, calling)
-            return "out_of_resources", _status(S.OUT_OF_RESOURCES, "storage full: free space below the floor")
+    def _store(self, path: Path, calling: str | None, remote: str | None, command_sop_class: str | None,
+               command_sop_instance: str | None, transfer_syntax: str | None,
+               expected_study: str | None) -> StoreAnswer:
+        sop_uid = command_sop_instance or path.name
+        if self.below_floor():
+            log.error("channel %s: storage below its free-space floor (%d MB): refusing %s from %s",
+                      self.channel.name, self.opts.min_free_mb, sop_uid, calling)
+            return StoreAnswer("out_of_resources", S.OUT_OF_RESOURCES, "storage full: free space below the floor")
         # checksum and flush the file (I/O, no GIL) while this thread parses the header (CPU)
         prepared = self._io.submit(self.storage.prepare, path)
         try:
-            hdr = read_header(path, command_sop_class=str(req.AffectedSOPClassUID), command_sop_instance=sop_uid,
-                              transfer_syntax=str(event.context.transfer_syntax))
+            hdr = read_header(path, command_sop_class=command_sop_class, command_sop_instance=command_sop_instance,
+                              transfer_syntax=transfer_syntax)
+            if expected_study is not None and hdr.study_uid != expected_study:
+                raise HeaderError(S.DATASET_MISMATCH, "StudyInstanceUID differs from the study of the request")
         except HeaderError as exc:
             log.warning("channel %s: refused %s from %s: %04X %s", self.channel.name, sop_uid, calling, exc.status,
                         exc.comment)
             concurrent.futures.wait([prepared])
-            return "invalid", _status(exc.status, exc.comment)
+            return StoreAnswer("invalid", exc.status, exc.comment, header_uids(path))
+        sop_uid = hdr.sop_instance_uid
         try:
             size, sha = prepared.result()
             stored = self.storage.put_file(path, storage_key(hdr.study_uid, hdr.series_uid, hdr.sop_instance_uid,
                                                              sha), size=size, sha256=sha)
         except StorageFull as exc:
             log.error("channel %s: storage full storing %s: %s", self.channel.name, sop_uid, exc)
-            return "out_of_resources", _status(S.OUT_OF_RESOURCES, "storage full")
+            return StoreAnswer("out_of_resources", S.OUT_OF_RESOURCES, "storage full", hdr)
         except OSError as exc:
             log.error("channel %s: cannot write %s: %s", self.channel.name, sop_uid, exc)
-            return "out_of_resources", _status(S.OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}")
+            return StoreAnswer("out_of_resources", S.OUT_OF_RESOURCES, f"storage error: {exc.strerror or exc}", hdr)
 
         received = self.index.prepare(hdr, stored, calling_aet=calling, remote=remote)
         try:
@@ -316,18 +340,18 @@ class DicomListener:
             # The file may be on disk, but without its index row it is not stored: the sender
             # must send it again (the same bytes land on the same key, so nothing piles up).
             log.error("channel %s: index not committed for %s: %s", self.channel.name, sop_uid, exc)
-            return "not_stored", _status(S.PROCESSING_FAILURE, "not stored: database unavailable")
+            return StoreAnswer("not_stored", S.PROCESSING_FAILURE, "not stored: database unavailable", hdr)
         if result.outcome in NOT_TAKEN and result.stored_key != stored.key:
             self.storage.delete(stored.key)  # the new bytes were not taken
         if result.replaced_key and result.replaced_key != stored.key:
             self.storage.delete(result.replaced_key)
         if result.outcome == InstanceOutcome.REJECTED:
-            return "rejected_duplicate", _status(S.DUPLICATE_SOP_INSTANCE,
-                                                 "SOP Instance UID already stored with other content")
+            return StoreAnswer("rejected_duplicate", S.DUPLICATE_SOP_INSTANCE,
+                               "SOP Instance UID already stored with other content", hdr)
         if result.outcome == InstanceOutcome.UID_CONFLICT:
             log.warning("channel %s: refused %s from %s: %s", self.channel.name, sop_uid, calling, result.refusal)
-            return str(result.outcome), _status(S.UID_CONFLICT, result.refusal or "")
-        return result.outcome, _status(S.SUCCESS)
+            return StoreAnswer(str(result.outcome), S.UID_CONFLICT, result.refusal or "", hdr)
+        return StoreAnswer(str(result.outcome), S.SUCCESS, "", hdr)
 
     # --- C-FIND (Q/R and worklist) --------------------------------------------------------------------
     def on_find(self, event: Any) -> Iterator[tuple[int | Dataset, Dataset | None]]:
@@ -458,6 +482,40 @@ class DicomListener:
                 log.debug("channel %s: %s sent to %s as %s (stored as %s)", self.channel.name, ref.sop_instance_uid,
                           receiver, syntax_label(item.syntax), syntax_label(item.stored_syntax))
             yield (_status(S.PENDING, _not_sent_comment(not_sent)) if not_sent else S.PENDING), item.dataset
+
+
+@dataclass(frozen=True)
+class StoreAnswer:
+    """How storing one instance ended: the outcome counted in the metrics, the DIMSE status and its
+    Error Comment, and the instance's header (or its UIDs as far as they could be read; None when not)."""
+
+    outcome: str
+    status: int
+    comment: str = ""
+    header: InstanceHeader | StoreUids | None = None
+
+    @property
+    def stored(self) -> bool:
+        return self.status == S.SUCCESS
+
+
+@dataclass(frozen=True)
+class StoreUids:
+    """The UIDs of an instance that was refused, as far as its file says (for STOW-RS's FailedSOPSequence)."""
+
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    study_uid: str | None = None
+
+
+def header_uids(path: Path) -> StoreUids | None:
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID",
+                                                                     "StudyInstanceUID"])
+    except Exception:  # unreadable: nothing to name
+        return None
+    uids = [str(ds.get(k) or "").strip() or None for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID")]
+    return StoreUids(*uids)
 
 
 def accepted_syntaxes(assoc: Any, sop_class: str) -> list[str]:
