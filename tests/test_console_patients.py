@@ -108,6 +108,9 @@ def test_order_page_shows_status_history_and_the_patients_identifiers(running: R
     page.get_by_label("Patient identifier (ID or ID^ISSUER)").fill("CO100^GENHOSP")
     page.get_by_role("button", name="Search").click()
     expect(page.locator("#orders tbody tr")).to_have_count(2)
+    # each order names its patient as the feeds do, by identifier, not by the store's internal number
+    expect(page.locator('#orders tr', has_text="ACCO1").get_by_role("link", name="CO100^GENHOSP")).to_have_attribute(
+        "href", f"/patients/{api_order['patient_id']}")
     console.shot("orders-search")
     page.locator('#orders tr', has_text="ACCO1").get_by_role("link", name=re.compile("order")).click()
     expect(page).to_have_url(re.compile(rf"/orders/{api_order['id']}$"))
