@@ -75,8 +75,13 @@ def _login_form(request: web.Request, *, error: str | None = None, status: int =
                   status=status)
 
 
+def _actor(request: web.Request, name: str) -> Actor:
+    """Who, for the audit trail: these routes are public, so the token check has not named the agent."""
+    return Actor(name, request.remote or None, cert_subject_of(request))
+
+
 async def _record(request: web.Request, agent: str, action: AuditAction, status: int) -> None:
-    actor = Actor(agent, request.remote or None, cert_subject_of(request))
+    actor = _actor(request, agent)
     await request.config_dict[WRITER].run(lambda s: record_action(
         s.connection(), actor, action, Subject("Session", count=0), status=status, query=f"POST {request.path}"))
 
@@ -121,7 +126,7 @@ async def login(request: web.Request) -> web.Response:
         return _login_form(request, error=f"The token {principal.name!r} lacks the role 'read' that the console "
                                           "needs.", status=403, next_path=next_path)
     hours = request.config_dict[SETTINGS].http.console_session_hours
-    actor = Actor(principal.name, request.remote or None, cert_subject_of(request))
+    actor = _actor(request, principal.name)
 
     def opened(s: Session) -> str:
         conn = s.connection()
@@ -147,7 +152,7 @@ async def logout(request: web.Request) -> web.Response:
         form = await request.post()
         if form.get("csrf") != session.csrf:
             raise web.HTTPForbidden(text="this form is stale: reload the page and log out again")
-        actor = Actor(principal.name, request.remote or None, cert_subject_of(request))
+        actor = _actor(request, principal.name)
 
         def closed(s: Session) -> None:
             conn = s.connection()

@@ -69,14 +69,19 @@ def section_of(path: str) -> str:
                 "/")
 
 
+def _who(request: web.Request) -> dict[str, Any]:
+    """What every template is given about the request: who, what they may do, their forms' CSRF secret."""
+    principal = request.get(PRINCIPAL)
+    return {"principal": principal, "can": Can.of(principal), "csrf": csrf_of(request) if principal else "",
+            "request": request}
+
+
 def render(request: web.Request, template: str, context: dict[str, Any], *, status: int = 200) -> web.Response:
     """``template`` rendered in the layout, with the security headers; a pending notice is shown once."""
     principal = request.get(PRINCIPAL)
     notice = request.cookies.get(NOTICE_COOKIE)
-    base = {"principal": principal, "can": Can.of(principal), "csrf": csrf_of(request) if principal else "",
-            "roles": sorted(r.value for r in principal.roles) if principal else [],
-            "section": section_of(request.path), "notice": unquote(notice) if notice else None,
-            "request": request}
+    base = {**_who(request), "roles": sorted(r.value for r in principal.roles) if principal else [],
+            "section": section_of(request.path), "notice": unquote(notice) if notice else None}
     response = aiohttp_jinja2.render_template(template, request, {**base, **context}, status=status)
     response.headers.update(SECURITY_HEADERS)
     if notice:
@@ -86,10 +91,7 @@ def render(request: web.Request, template: str, context: dict[str, Any], *, stat
 
 def fragment(request: web.Request, template: str, context: dict[str, Any]) -> web.Response:
     """A piece of a page (no layout) for the console's live refresh (static/console.js)."""
-    principal = request.get(PRINCIPAL)
-    base = {"principal": principal, "can": Can.of(principal), "csrf": csrf_of(request) if principal else "",
-            "request": request}
-    response = aiohttp_jinja2.render_template(template, request, {**base, **context})
+    response = aiohttp_jinja2.render_template(template, request, {**_who(request), **context})
     response.headers.update(SECURITY_HEADERS)
     return response
 
