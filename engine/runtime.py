@@ -379,8 +379,9 @@ class Engine:
             self.http_site = None
         if self._started:  # the last row this engine writes
             self._started = False
-            with contextlib.suppress(Exception):
-                await self._audit(AuditAction.STOP, Subject("Engine", count=0, detail=f"pid {os.getpid()}"))
+            with contextlib.suppress(Exception):  # bounded: a stop never waits on a stuck database
+                await asyncio.wait_for(
+                    self._audit(AuditAction.STOP, Subject("Engine", count=0, detail=f"pid {os.getpid()}")), 30)
         if isinstance(self.writer, InlineWriter):
             self.writer.stop()
         elif self.writer is not None:

@@ -113,3 +113,23 @@ def test_savepoint_journals_stay_in_memory(db: Database) -> None:
         with conn.begin_nested():
             conn.execute(PATIENTS.update().values(given_name="y" * 200))  # rewrites every page
             assert _sqlite_temp_files() == []
+
+
+def test_a_job_its_caller_gave_up_on_does_not_stop_the_writer(db: Database) -> None:
+    """A listener cancelled while its job waits (connection closed, engine stopping) cancels the
+    job's future; the writer still stores the job and goes on with the next ones."""
+    w = IngestWriter(db.writer)
+    w.start()
+    gate = threading.Event()
+    try:
+        holding = w.submit(lambda _s: gate.wait(10))  # keeps the next job queued, its future pending
+        abandoned = w.submit(writes("Abandoned"))
+        assert abandoned.cancel()
+        gate.set()
+        assert holding.result(10) is True
+        assert w.run_sync(writes("Next"), timeout=10) > 0
+    finally:
+        gate.set()
+        w.stop()
+    with db.read_session() as s:
+        assert sorted(s.execute(select(Patient.family_name)).scalars()) == ["Abandoned", "Next"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -119,7 +120,11 @@ class IngestWriter:
                     stopping = True
                     break
                 batch.append(nxt)
-            self._process(batch)
+            try:
+                self._process(batch)
+            except Exception as exc:  # the thread must outlive any one batch, or every listener waits forever
+                log.exception("the ingest writer failed on a batch")
+                self._fail(batch, StorageUnavailable(f"storage unavailable ({type(exc).__name__})"))
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -200,17 +205,23 @@ class IngestWriter:
         except Exception as exc:
             self.stats.commit_failures += 1
             reason = report_failure(log, exc, "storage unavailable, %d message(s) not stored", len(batch))
-            err = StorageUnavailable(f"storage unavailable ({reason})")
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(err)
+            self._fail(batch, StorageUnavailable(f"storage unavailable ({reason})"))
             return
         self.stats.commit_seconds += time.perf_counter() - t0
         for job in batch:
-            if job.error is not None:
-                job.future.set_exception(job.error)
-            else:
-                job.future.set_result(job.result)
+            # A caller that gave up (its task cancelled) has cancelled the future: the job is stored
+            # all the same, and no one is told.
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                if job.error is not None:
+                    job.future.set_exception(job.error)
+                else:
+                    job.future.set_result(job.result)
+
+    @staticmethod
+    def _fail(batch: list[_Job[Any]], err: BaseException) -> None:
+        for job in batch:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                job.future.set_exception(err)
 
 
 class InlineWriter(IngestWriter):
