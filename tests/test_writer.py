@@ -132,4 +132,4 @@ def test_a_job_its_caller_gave_up_on_does_not_stop_the_writer(db: Database) -> N
         gate.set()
         w.stop()
     with db.read_session() as s:
-        assert sorted(s.execute(select(Patient.family_name)).scalars()) == ["Abandoned", "Next"]
+        assert sorted(str(n) for n in s.execute(select(Patient.family_name)).scalars()) == ["Abandoned", "Next"]
