@@ -43,6 +43,9 @@ OUTBOUND_EVENTS = {
     "report.received": "a placed study holds a report (DICOM SR or encapsulated PDF) not sent before",
 }
 DESTINATION_TYPES = ("fhir", "mllp")
+# deliveries.mapping of a dicom-forward delivery: no message is built, the stored instances are sent
+# (with their reconciled headers) by C-STORE; docs/forwarding.md
+FORWARD_MAPPING = "dicom-forward"
 DUPLICATE_POLICIES = ("ignore", "overwrite", "reject")
 RECONCILIATION_POLICIES = ("coerce", "flag", "reject", "off")
 
