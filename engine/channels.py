@@ -46,6 +46,18 @@ DESTINATION_TYPES = ("fhir", "mllp")
 # deliveries.mapping of a dicom-forward delivery: no message is built, the stored instances are sent
 # (with their reconciled headers) by C-STORE; docs/forwarding.md
 FORWARD_MAPPING = "dicom-forward"
+# when a dicom-forward route sends (its ``when:``); docs/forwarding.md
+FORWARD_EVENTS = {
+    "instance.received": "each new instance, as it is stored (sent alone, before the study is reconciled)",
+    "study.stable": "a study had no new instance for [dicom] stable_seconds (sent as received)",
+    "study.reconciled": "a stable study was placed with its order/patient (sent with the reconciled headers)",
+    "study.corrected": "a placed study was coerced again (A08, merge, re-match): the corrected instances again",
+}
+FORWARD_DESTINATION_KEYS = ("aet", "host", "port", "calling_aet", "tls", "timeout_seconds", "max_attempts",
+                            "backoff_initial_seconds", "backoff_max_seconds", "storage_commitment")
+FORWARD_FILTER_KEYS = ("modality", "calling_aet", "accession", "reconciliation")
+# the reconciliation states a filter may name (engine/store/states.py ReconState; not imported: core)
+FORWARD_RECON_STATES = ("pending", "reconciled", "flagged", "unmatched", "quarantined")
 DUPLICATE_POLICIES = ("ignore", "overwrite", "reject")
 RECONCILIATION_POLICIES = ("coerce", "flag", "reject", "off")
 
@@ -56,6 +68,7 @@ class RoutesKind(StrEnum):
     MESSAGES = "messages"  # inbound routes: messages -> action -> mappings (mllp, file, fhir)
     OUTBOUND = "outbound"  # outbound routes: events -> destination with a mapping
     NONE = "none"  # no routes (dicom: every accepted instance is stored)
+    FORWARD = "forward"  # forward routes: when (events) + filter -> a DICOM destination (dicom-forward)
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,70 @@ class Destination:
 
 
 @dataclass
+class ForwardTLS:
+    """DICOM TLS to a forward destination: its certificate must chain to ``ca`` ('' : the system's CAs)
+    and name its host; ``cert``/``key``: our client certificate when it asks for one."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass
+class ForwardDestination(Destination):
+    """A PACS or VNA a dicom-forward channel sends to by C-STORE (one association per delivery)."""
+
+    type: str = "dicom"
+    aet: str = ""  # the destination's (called) AE title
+    host: str = ""
+    port: int = 0
+    calling_aet: str = ""  # ours; '' : [dicom] aet
+    tls: ForwardTLS | None = None  # None: plain TCP
+    timeout_seconds: float = 60.0  # connect, association, and each C-STORE response
+    concurrency: int = 1  # one association at a time (per-study order)
+    storage_commitment: bool = False  # parsed only: asking the destination to commit is not done yet
+
+    @property
+    def address(self) -> str:
+        """How logs and /api/channels name it: AET@host:port (tls:// when TLS)."""
+        return f"{self.aet}@{'tls://' if self.tls is not None else ''}{self.host}:{self.port}"
+
+
+@dataclass
+class ForwardFilter:
+    """Which studies (instances) a forward route takes; an empty field takes any."""
+
+    modality: list[str] = field(default_factory=list)  # any of the study's modalities (the instance's series)
+    calling_aet: list[str] = field(default_factory=list)  # any AE title that sent the study's instances
+    accession: str = ""  # a pattern with * and ?, matched against the study's accession number
+    reconciliation: list[str] = field(default_factory=list)  # the study's reconciliation state (ReconState)
+
+    def __bool__(self) -> bool:
+        return bool(self.modality or self.calling_aet or self.accession or self.reconciliation)
+
+    def takes(self, *, modalities: set[str], calling_aets: set[str] | None, accession: str | None,
+              reconciliation: str | None) -> bool:
+        """Whether a study (instance) with these attributes passes. ``calling_aets`` None: not looked up
+        (no calling_aet filter)."""
+        if self.modality and not modalities & set(self.modality):
+            return False
+        if self.calling_aet and not (calling_aets or set()) & set(self.calling_aet):
+            return False
+        if self.accession and not fnmatch.fnmatchcase(accession or "", self.accession):
+            return False
+        return not (self.reconciliation and (reconciliation or "") not in self.reconciliation)
+
+
+@dataclass
+class ForwardRoute:
+    when: list[str]  # FORWARD_EVENTS
+    to: str  # a destination name
+    filter: ForwardFilter = field(default_factory=ForwardFilter)
+    enabled: bool = True
+    line: int = 0
+
+
+@dataclass
 class OutboundRoute:
     events: list[str]
     to: str  # a destination name
@@ -200,6 +277,7 @@ class Channel:
     dicom: DicomOptions = field(default_factory=DicomOptions)
     destinations: dict[str, Destination] = field(default_factory=dict)  # outbound channels
     outbound_routes: list[OutboundRoute] = field(default_factory=list)
+    forward_routes: list[ForwardRoute] = field(default_factory=list)  # dicom-forward channels
     extra: Any = None  # the options of a connector type that has a dataclass of its own (not HL7, DICOM, FHIR)
     connector_args: dict[str, Any] = field(default_factory=dict)  # connector: keys beyond type, port, aet
     connector_line: int = 0  # the line of connector: in the file (problems about the listener name it)
@@ -393,12 +471,17 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
     raw_routes = data.get("routes")
     destinations: dict[str, Destination] = {}
     outbound: list[OutboundRoute] = []
+    forward: list[ForwardRoute] = []
     routes_kind = spec.routes if spec is not None else RoutesKind.MESSAGES
     if routes_kind is RoutesKind.OUTBOUND:
         destinations, outbound = _parse_outbound(data, file, known_mappings, problem)
         raw_routes = []
+    elif routes_kind is RoutesKind.FORWARD:
+        forward_destinations, forward = _parse_forward(data, problem)
+        destinations = dict(forward_destinations)
+        raw_routes = []
     elif "destinations" in data:
-        problem(line_of("destinations"), "destinations", "only outbound channels have destinations")
+        problem(line_of("destinations"), "destinations", "only outbound and dicom-forward channels have destinations")
     if routes_kind is RoutesKind.NONE:
         if raw_routes is not None:
             problem(line_of("routes"), "routes", f"{ctype} channels have no routes; use options")
@@ -429,7 +512,8 @@ def parse_channel(data: Any, file: str, types: Mapping[str, ConnectorSpec],
     channel = Channel(name=str(name), file=file, connector=str(ctype), port=port, routes=routes,
                       enabled=enabled, description=str(data.get("description") or ""),
                       aet=aet.strip() if isinstance(aet, str) else None,
-                      destinations=destinations, outbound_routes=outbound, connector_args=connector_args,
+                      destinations=destinations, outbound_routes=outbound, forward_routes=forward,
+                      connector_args=connector_args,
                       connector_line=line_of("connector"),
                       tls=tls, tls_line=line_of("tls") if tls is not None else 0,
                       tls_key_lines=dict(getattr(data.get("tls"), "key_lines", {})))
@@ -570,6 +654,173 @@ def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, probl
             enabled = True
         routes.append(OutboundRoute([str(e) for e in events], str(to), mapping, enabled, rline))
     return destinations, routes
+
+
+def _ae_title(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value.strip()) <= 16 and "\\" not in value
+
+
+def _names(value: Any) -> list[str] | None:
+    """A list of names (a single name is taken as a list of one); None when it is neither."""
+    if isinstance(value, str) and value.strip():
+        return [value.strip()]
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return [v.strip() for v in value]
+    return None
+
+
+def _parse_forward(data: Any, problem: Callable[[int, str, str], None]
+                   ) -> tuple[dict[str, ForwardDestination], list[ForwardRoute]]:
+    """A dicom-forward channel: destinations: {NAME: {aet, host, port, ...}}; routes: [{when, filter, to}]."""
+    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
+    destinations: dict[str, ForwardDestination] = {}
+    raw = data.get("destinations")
+    if not isinstance(raw, dict) or not raw:
+        problem(line_of("destinations") or 1, "destinations",
+                "a dicom-forward channel needs destinations: {NAME: {aet: PACS, host: HOST, port: 104}}")
+        raw = {}
+    for name, body in raw.items():
+        dline = _line(raw, name, line_of("destinations"))
+        where = f"destinations.{name}"
+        if not isinstance(body, dict):
+            problem(dline, where, "a destination is {aet: PACS, host: HOST, port: 104, ...}")
+            continue
+        dest = ForwardDestination(name=str(name), line=dline)
+        for key in ("aet", "host", "port"):
+            if key not in body:
+                problem(dline, f"{where}.{key}", f"a DICOM destination needs {key}:")
+        for key, value in body.items():
+            kline = _line(body, key, dline)
+            if key not in FORWARD_DESTINATION_KEYS:
+                problem(kline, f"{where}.{key}", f"unknown key; expected {', '.join(FORWARD_DESTINATION_KEYS)}")
+            elif key in ("aet", "calling_aet"):
+                if _ae_title(value):
+                    setattr(dest, key, value.strip())
+                else:
+                    problem(kline, f"{where}.{key}", f"an AE title of 1 to 16 characters, got {value!r}")
+            elif key == "host":
+                if isinstance(value, str) and value.strip() and "/" not in value and " " not in value.strip():
+                    dest.host = value.strip()
+                else:
+                    problem(kline, f"{where}.host", f"a host name or IP address, got {value!r}")
+            elif key == "port":
+                if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+                    dest.port = value
+                else:
+                    problem(kline, f"{where}.port", f"a port number from 1 to 65535, got {value!r}")
+            elif key == "tls":
+                dest.tls = _parse_forward_tls(value, kline, f"{where}.tls", problem)
+            elif key == "storage_commitment":
+                if isinstance(value, bool):
+                    dest.storage_commitment = value
+                else:
+                    problem(kline, f"{where}.{key}", "is true or false")
+            elif key == "max_attempts":
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    dest.max_attempts = value
+                else:
+                    problem(kline, f"{where}.{key}", f"expected a whole number greater than 0, got {value!r}")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                setattr(dest, key, float(value))
+            else:
+                problem(kline, f"{where}.{key}", f"expected a number of seconds greater than 0, got {value!r}")
+        if dest.backoff_max_seconds < dest.backoff_initial_seconds:
+            problem(_line(body, "backoff_max_seconds", dline), f"{where}.backoff_max_seconds",
+                    "must not be smaller than backoff_initial_seconds")
+        destinations[dest.name] = dest
+    routes: list[ForwardRoute] = []
+    raw_routes = data.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        problem(line_of("routes") or 1, "routes", "routes: must list at least one {when: [study.reconciled], to: DEST}")
+        raw_routes = []
+    for i, r in enumerate(raw_routes):
+        rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
+        where = f"routes[{i + 1}]"
+        if not isinstance(r, dict):
+            problem(rline, where, "a route is {when: [study.reconciled], filter: {...}, to: DESTINATION}")
+            continue
+        for key in r:
+            if key not in ("when", "filter", "to", "enabled"):
+                problem(_line(r, key, rline), f"{where}.{key}", "unknown key; expected when, filter, to, enabled")
+        when = _names(r.get("when"))
+        if when is None:
+            problem(_line(r, "when", rline), f"{where}.when", f"when: lists one or more of {', '.join(FORWARD_EVENTS)}")
+            when = []
+        for ev in when:
+            if ev not in FORWARD_EVENTS:
+                problem(_line(r, "when", rline), f"{where}.when",
+                        f"unknown event {ev!r}; expected one of {', '.join(FORWARD_EVENTS)}")
+        to = r.get("to")
+        if not isinstance(to, str) or to not in destinations:
+            problem(_line(r, "to", rline), f"{where}.to",
+                    f"no destination named {to!r} (destinations: {', '.join(destinations) or 'none'})")
+        enabled = r.get("enabled", True)
+        if not isinstance(enabled, bool):
+            problem(_line(r, "enabled", rline), f"{where}.enabled", "enabled is true or false")
+            enabled = True
+        routes.append(ForwardRoute(when, str(to), _parse_forward_filter(r, rline, where, problem), enabled, rline))
+    return destinations, routes
+
+
+def _parse_forward_tls(value: Any, line: int, where: str, problem: Callable[[int, str, str], None]) -> ForwardTLS | None:
+    """tls: true (the system's CAs), false, or {ca: FILE, cert: FILE, key: FILE}."""
+    if isinstance(value, bool):
+        return ForwardTLS() if value else None
+    if not isinstance(value, dict):
+        problem(line, where, "tls: is true, false or {ca: FILE, cert: FILE, key: FILE}")
+        return None
+    tls = ForwardTLS()
+    for key, file in value.items():
+        kline = _line(value, key, line)
+        if key not in ("ca", "cert", "key"):
+            problem(kline, f"{where}.{key}", "unknown key; expected ca, cert, key")
+        elif not isinstance(file, str) or not file:
+            problem(kline, f"{where}.{key}", f"expected a file name, got {file!r}")
+        else:
+            setattr(tls, key, file)
+    if bool(tls.cert) != bool(tls.key):
+        problem(line, where, "cert and key go together (our client certificate and its key)")
+    return tls
+
+
+def _parse_forward_filter(r: Any, rline: int, where: str, problem: Callable[[int, str, str], None]) -> ForwardFilter:
+    raw = r.get("filter")
+    out = ForwardFilter()
+    if raw is None:
+        return out
+    fline = _line(r, "filter", rline)
+    if not isinstance(raw, dict):
+        problem(fline, f"{where}.filter", "filter: is a mapping {modality: [CT], calling_aet: [CT1], accession: "
+                                          "\"A*\", reconciliation: [reconciled]}")
+        return out
+    for key, value in raw.items():
+        kline = _line(raw, key, fline)
+        field_name = f"{where}.filter.{key}"
+        if key not in FORWARD_FILTER_KEYS:
+            problem(kline, field_name, f"unknown key; expected {', '.join(FORWARD_FILTER_KEYS)}")
+        elif key == "accession":
+            if isinstance(value, str) and value:
+                out.accession = value
+            else:
+                problem(kline, field_name, f"a pattern (* and ? as wildcards), got {value!r}")
+        else:
+            names = _names(value)
+            if names is None:
+                problem(kline, field_name, f"a list of names, got {value!r}")
+            elif key == "modality":
+                out.modality = [n.upper() for n in names]
+            elif key == "calling_aet":
+                bad = [n for n in names if not _ae_title(n)]
+                if bad:
+                    problem(kline, field_name, f"{bad[0]!r} is not an AE title (1 to 16 characters)")
+                out.calling_aet = names
+            else:
+                bad = [n for n in names if n not in FORWARD_RECON_STATES]
+                if bad:
+                    problem(kline, field_name, f"unknown reconciliation state {bad[0]!r}; expected "
+                                               f"{', '.join(FORWARD_RECON_STATES)}")
+                out.reconciliation = names
+    return out
 
 
 def load_channels(directory: Path, types: Mapping[str, ConnectorSpec], known_mappings: set[str] | None = None

@@ -38,7 +38,7 @@ from engine.connectors.exposure import exposure_problems
 from engine.connectors.fhir import FhirConnector
 from engine.connectors.hl7channel import HL7Channel, Reprocessed
 from engine.connectors.http_listener import CappedTCPSite
-from engine.connectors.outbound import OutboundConnector
+from engine.connectors.outbound import DeliveringConnector
 from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
 from engine.domain.events import EventBus
 from engine.domain.integrity import ORPHAN_GRACE_SECONDS, sweep_orphans
@@ -360,7 +360,7 @@ class Engine:
             if self._reconciling is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(self._reconciling), 60)
-        for out in self.connectors_of(OutboundConnector):  # a batch being sent finishes and is recorded
+        for out in self.connectors_of(DeliveringConnector):  # a batch being sent finishes and is recorded
             with contextlib.suppress(Exception):
                 await out.stop()
         for t in self._tasks:
@@ -491,8 +491,8 @@ class Engine:
                 await self.reconcile_pending()
             except Exception:
                 log.exception("reconciliation pass failed; will try again")
-            for out in self.connectors_of(OutboundConnector):
-                if out.service.outbox.take_queued():  # this pass queued deliveries: send now, not at the next poll
+            for out in self.connectors_of(DeliveringConnector):
+                if out.take_queued():  # this pass queued deliveries: send now, not at the next poll
                     out.wake()
 
     async def reconcile_pending(self) -> int:
@@ -511,7 +511,7 @@ class Engine:
 
     def wake_outbound(self) -> None:
         """Deliveries were queued or put back: send now rather than at the next poll."""
-        for out in self.connectors_of(OutboundConnector):
+        for out in self.connectors_of(DeliveringConnector):
             out.wake()
 
     async def check_stability(self) -> int:

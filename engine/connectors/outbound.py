@@ -8,12 +8,44 @@ from typing import Any
 from engine.channels import Channel, ConnectorSpec, OutboundOptions, RoutesKind
 from engine.connectors.base import Connector, ConnectorContext, Definitions
 from engine.outbound.mapping import OutboundMapping
-from engine.outbound.worker import OutboundService, address_of
+from engine.outbound.worker import DeliveryWorkers, DestinationWorker, OutboundService, address_of
 from engine.yamlfile import ConfigProblem
 
 
-class OutboundConnector(Connector):
+class DeliveringConnector(Connector):
+    """A connector whose workers send rows of the deliveries table (outbound, dicom-forward): the
+    runtime wakes them after a pass that queued deliveries, and stops them before the writer."""
+
+    service: DeliveryWorkers
+
+    def take_queued(self) -> int:
+        """Deliveries this channel's routes queued since the last call."""
+        return 0
+
+    async def open(self) -> None:
+        self.service.start()
+
+    async def close(self) -> None:
+        await self.service.stop()  # a batch being sent finishes and is recorded
+
+    def wake(self) -> None:
+        """Deliveries were queued or put back: send now rather than at the next poll."""
+        self.service.wake()
+
+    def destinations_status(self, kind: str | None = None) -> dict[str, Any]:
+        """/api/channels: each destination's address, and whether its worker is pausing after failures."""
+        return {name: destination_status(w, kind) for name, w in self.service.workers.items()}
+
+
+def destination_status(w: DestinationWorker, kind: str | None = None) -> dict[str, Any]:
+    return {"type": kind or w.dest.type, "address": w.address, "paused_seconds": w.paused_for,
+            "failed_passes_in_a_row": w.failures}
+
+
+class OutboundConnector(DeliveringConnector):
     spec = ConnectorSpec("outbound", OutboundOptions, ("type",), RoutesKind.OUTBOUND)
+
+    service: OutboundService
 
     def __init__(self, channel: Channel, ctx: ConnectorContext) -> None:
         super().__init__(channel, ctx)
@@ -54,22 +86,12 @@ class OutboundConnector(Connector):
                                                   f"{other.name}: deliveries are claimed by destination name"))
         return problems
 
-    async def open(self) -> None:
-        self.service.start()
-
-    async def close(self) -> None:
-        await self.service.stop()  # a batch being sent finishes and is recorded
-
-    def wake(self) -> None:
-        """Deliveries were queued or put back: send now rather than at the next poll."""
-        self.service.wake()
+    def take_queued(self) -> int:
+        return self.service.outbox.take_queued()
 
     def status(self) -> dict[str, Any]:
         out = super().status()
-        out["destinations"] = {
-            name: {"type": w.dest.type, "address": w.address, "paused_seconds": w.paused_for,
-                   "failed_passes_in_a_row": w.failures}
-            for name, w in self.service.workers.items()}
+        out["destinations"] = self.destinations_status()
         out["routes"] = [{"events": r.events, "to": r.to, "mapping": r.mapping, "enabled": r.enabled}
                          for r in self.channel.outbound_routes]
         return out

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from engine.channels import ConnectorSpec
 from engine.connectors.base import Connector
 from engine.connectors.dicom.channel import DicomConnector
+from engine.connectors.dicom_forward import ForwardConnector
 from engine.connectors.fhir import FhirConnector
 from engine.connectors.file import FileConnector
 from engine.connectors.mllp.channel import MllpConnector
@@ -25,7 +26,7 @@ def register(cls: type[Connector]) -> type[Connector]:
     return cls
 
 
-for _cls in (MllpConnector, DicomConnector, FhirConnector, OutboundConnector, FileConnector):
+for _cls in (MllpConnector, DicomConnector, FhirConnector, OutboundConnector, FileConnector, ForwardConnector):
     register(_cls)
 
 

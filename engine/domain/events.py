@@ -60,6 +60,7 @@ class EventKind(StrEnum):
     INSTANCE_DUPLICATE_IGNORED = "instance.duplicate_ignored"
     INSTANCE_DUPLICATE_REJECTED = "instance.duplicate_rejected"
     INSTANCE_OVERWRITTEN = "instance.overwritten"
+    INSTANCE_RECEIVED = "instance.received"  # not recorded (TRANSIENT): the instances row is its record
 
 
 # An analyst's actions (engine/reconciliation/manual.py) are written by the admin API and the CLI,
@@ -67,6 +68,9 @@ class EventKind(StrEnum):
 # handler registered for one fails at start-up instead of never being called.
 RECORDED_ONLY = frozenset({EventKind.STUDY_MANUAL_MATCH, EventKind.STUDY_MANUAL_MATCH_CLEARED,
                            EventKind.STUDY_RECONCILE_REQUESTED, EventKind.FINDING_ACCEPTED})
+# Told to subscribers, never written to domain_events: a new instance (the index row says it, and a row
+# per instance would cost every C-STORE an INSERT); dicom-forward routes with when: instance.received.
+TRANSIENT = frozenset({EventKind.INSTANCE_RECEIVED})
 COLUMNS = ("study_id", "patient_id", "order_id")  # payload fields kept in their own columns
 
 
@@ -246,6 +250,21 @@ class DuplicateRejected(InstanceDuplicate):
 @dataclass(frozen=True, kw_only=True)
 class InstanceOverwritten(InstanceDuplicate):
     kind = EventKind.INSTANCE_OVERWRITTEN
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstanceReceived(Event):
+    """A new instance is in the index (TRANSIENT: subscribers are told, nothing is recorded). What a
+    subscriber filters on is here, so it needs no query of its own."""
+
+    kind = EventKind.INSTANCE_RECEIVED
+    study_id: int
+    instance_id: int
+    sop_instance_uid: str
+    modality: str | None
+    accession: str | None
+    calling_aet: str | None
+    channel: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -454,10 +473,13 @@ class EventBus:
         self.publish_all(conn, (event,))
 
     def publish_all(self, conn: Connection, events: Sequence[Event]) -> None:
-        """Write the events (one INSERT), then call each one's handlers, in order."""
+        """Write the events (one INSERT; TRANSIENT ones are not written), then call each one's handlers,
+        in order."""
         if not events:
             return
-        record_events(conn, events)
+        recorded = [ev for ev in events if ev.kind not in TRANSIENT]
+        if recorded:
+            record_events(conn, recorded)
         for ev in events:
             for handler in self._handlers.get(ev.kind, ()):
                 handler(conn, ev)

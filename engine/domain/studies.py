@@ -25,6 +25,7 @@ from engine.domain.events import (
     Event,
     InstanceDuplicate,
     InstanceOverwritten,
+    InstanceReceived,
     StudyReceived,
     StudyReopened,
     StudyStable,
@@ -168,6 +169,9 @@ def record_instance(conn: Connection, hdr: InstanceHeader, stored: StoredObject,
                       number_of_frames=hdr.attrs.get("NumberOfFrames"), transfer_syntax=hdr.transfer_syntax,
                       storage_key=stored.key, size_bytes=stored.size, sha256=stored.sha256,
                       calling_aet=calling_aet, remote=remote, received_at=now, duplicates=0)
+    events.append(InstanceReceived(study_id=study["id"], instance_id=instance_id, sop_instance_uid=hdr.sop_instance_uid,
+                                   modality=hdr.attrs.get("Modality"), accession=hdr.attrs.get("AccessionNumber"),
+                                   calling_aet=calling_aet, channel=channel))
     return StoreResult(InstanceOutcome.STORED, instance_id, study["id"], stored.key, events=events)
 
 

@@ -47,6 +47,11 @@ class KeptRendering(TypedDict, total=False):
 
     resource: str | None  # fhir: the resource type
     conditional: str | None  # fhir: the conditional-update query
+    # dicom-forward (no payload: the stored instances are sent): the instances (ids) the destination
+    # acknowledged so far, which a retry does not send again; emptied once every one was taken
+    acknowledged: list[int]
+    instances: int  # how many the last attempt selected
+    sent: int  # acknowledged in all, over every attempt
 
 
 class DeliveryValues(TypedDict, total=False):
@@ -113,6 +118,10 @@ class Outcome:
     duration_ms: int = 0
     retry_after: float | None = None  # seconds the destination asked us to wait (Retry-After)
     target: str | None = None
+    detail: KeptRendering | None = None  # kept for the next attempt (dicom-forward: what was acknowledged)
+    # whether the destination itself failed (the worker pauses); None: judged by ``status``
+    # (engine/outbound/worker.py DESTINATION_FAILURES)
+    destination_failure: bool | None = None
 
 
 class Outbox:
@@ -251,6 +260,8 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
         values.update({"payload": rendered.payload, "content_type": rendered.content_type,
                        "control_id": rendered.control_id,
                        "detail": {"resource": rendered.resource, "conditional": rendered.conditional}})
+    if o.detail is not None:
+        values["detail"] = o.detail
     if o.target:
         values["target"] = o.target[:512]
     if outcome == AttemptOutcome.DELIVERED:

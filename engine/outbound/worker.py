@@ -6,6 +6,10 @@
     send: MLLP one at a time on one connection; FHIR up to ``concurrency`` requests at once
     settle the batch in one transaction: delivered, retry at now + backoff, or dead
 
+The sender is the destination's: MLLP and FHIR ones here (the worker renders the message first), or
+any ``DeliverySender`` that sends a claimed delivery whole (the DICOM forwarder of the dicom-forward
+connector, engine/connectors/dicom/forward.py, which sends stored instances by C-STORE).
+
 Backoff per delivery is tenacity's exponential wait with jitter (``backoff_initial_seconds`` doubling
 up to ``backoff_max_seconds``). When the destination itself fails (refused, timeout, 5xx, 429) the
 worker also pauses as a whole, for a backoff that grows with each failed pass, gives back the rest
@@ -19,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tenacity import RetryCallState, wait_exponential_jitter
 
@@ -41,6 +45,25 @@ from engine.store.states import AttemptOutcome, DeliveryState
 
 log = logging.getLogger(__name__)
 DESTINATION_FAILURES = ("refused", "connection", "timeout", "no MSA", "401", "403", "429", "500", "502", "503", "504")
+
+
+class DeliverySender(Protocol):
+    """Sends one claimed delivery, building what it sends itself, and says how it went (never raises
+    for what the network or the destination does)."""
+
+    async def deliver(self, c: Claimed) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+def destination_failed(o: Outcome) -> bool:
+    """Whether an attempt failed because of the destination itself (down, refusing, overloaded): the
+    worker then pauses and probes, instead of trying each queued delivery."""
+    if o.outcome != AttemptOutcome.RETRY:
+        return False
+    if o.destination_failure is not None:
+        return o.destination_failure
+    return o.status in DESTINATION_FAILURES
 
 
 def backoff_seconds(dest: Destination, attempts: int) -> float:
@@ -88,7 +111,7 @@ class Renderer:
 class DestinationWorker:
     dest: Destination
     address: str
-    renderer: Renderer
+    renderer: Renderer | None  # None: the sender builds what it sends (a DeliverySender)
     writer: Any  # the engine's IngestWriter / InlineWriter: run(job(Session))
     metrics: Metrics
     worker_id: str  # who holds the leases: leases.this_process()
@@ -97,7 +120,7 @@ class DestinationWorker:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     paused_for: float = 0.0
     failures: int = 0  # passes in a row in which the destination itself failed
-    sender: MLLPSender | FHIRSender | None = None
+    sender: MLLPSender | FHIRSender | DeliverySender | None = None
     # an attempt's error may carry patient data (a FHIR search by identifier, the EHR's own text):
     # off, log lines give its status and point to the delivery; on, they give the error as it was
     log_patient_details: bool = False
@@ -151,11 +174,11 @@ class DestinationWorker:
     async def _work(self, claimed: list[Claimed]) -> int:
         results: list[tuple[Claimed, Outcome, Rendered | None]] = []
         unsent: list[int] = []
-        if self.dest.type == "mllp":
+        if self.dest.type != "fhir":  # MLLP on its one connection; DICOM one association at a time
             for i, c in enumerate(claimed):
                 res = await self._attempt(c)
                 results.append(res)
-                if res[1].outcome == AttemptOutcome.RETRY and res[1].status in DESTINATION_FAILURES:
+                if destination_failed(res[1]):
                     unsent = [x.id for x in claimed[i + 1:]]
                     break
         else:
@@ -179,7 +202,7 @@ class DestinationWorker:
             self.metrics.delivery_latency.observe(o.duration_ms / 1000, destination=self.dest.name)
             if state == DeliveryState.DEAD:
                 log.warning("delivery %d to %s is dead-lettered: %s", c.id, self.dest.name, self.said(c.id, o))
-        failed = any(o.outcome == AttemptOutcome.RETRY and o.status in DESTINATION_FAILURES for _c, o, _r in results)
+        failed = any(destination_failed(o) for _c, o, _r in results)
         if not failed:
             self.failures = 0
         else:  # the destination is down or overloaded: wait longer each time before probing it again
@@ -192,9 +215,12 @@ class DestinationWorker:
 
     async def _attempt(self, c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
         assert self.sender is not None
+        if not isinstance(self.sender, MLLPSender | FHIRSender):
+            return c, await self.sender.deliver(c), None
         fresh: Rendered | None = None
         msg = c.kept()
         if msg is None:
+            assert self.renderer is not None
             try:
                 msg = fresh = await asyncio.to_thread(self.renderer.render, c)
             except RenderError as exc:
@@ -228,34 +254,12 @@ def build_outbox(settings: Settings, mappings: MappingRegistry, channels: list[C
     return Outbox(channels, enabled, supersede)
 
 
-class OutboundService:
-    """The engine's outbound side: the outbox it hands the reconciler, and a worker per destination."""
+class DeliveryWorkers:
+    """A worker per destination, started, woken and stopped together (an outbound or dicom-forward
+    channel's)."""
 
-    def __init__(self, settings: Settings, db: Database, writer: Any, mappings: MappingRegistry,
-                 channels: list[Channel], storage: ObjectStorage | None, metrics: Metrics) -> None:
-        self.settings = settings
+    def __init__(self) -> None:
         self.workers: dict[str, DestinationWorker] = {}
-        worker_id = str(leases.this_process())
-        self.renderer = Renderer(db, mappings, storage, EngineInfo.of(settings))
-        for ch in channels:
-            if ch.connector != "outbound" or not ch.enabled:
-                continue
-            for dest in ch.destinations.values():
-                address = address_of(dest, settings)
-                if not address:
-                    log.warning("channel %s: destination %s has no address ([ehr] %s); nothing is sent there",
-                                ch.name, dest.name, "fhir_base" if dest.type == "fhir" else "mllp")
-                    continue
-                if dest.name in self.workers:
-                    continue
-                # the address as shown (log lines, /api/channels): a password in fhir_base masked
-                w = DestinationWorker(dest, redact_url(address), self.renderer, writer, metrics, worker_id,
-                                      lease_seconds=settings.database.lease_seconds,
-                                      log_patient_details=settings.log_patient_details)
-                w.sender = (FHIRSender(settings.ehr, dest) if dest.type == "fhir"
-                            else MLLPSender(address, dest, mllp_tls_context(settings.ehr)))
-                self.workers[dest.name] = w
-        self.outbox = build_outbox(settings, mappings, channels)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -282,3 +286,33 @@ class OutboundService:
             if w.sender is not None:
                 with contextlib.suppress(Exception):
                     await w.sender.close()
+
+
+class OutboundService(DeliveryWorkers):
+    """The engine's outbound side: the outbox it hands the reconciler, and a worker per destination."""
+
+    def __init__(self, settings: Settings, db: Database, writer: Any, mappings: MappingRegistry,
+                 channels: list[Channel], storage: ObjectStorage | None, metrics: Metrics) -> None:
+        super().__init__()
+        self.settings = settings
+        worker_id = str(leases.this_process())
+        self.renderer = Renderer(db, mappings, storage, EngineInfo.of(settings))
+        for ch in channels:
+            if ch.connector != "outbound" or not ch.enabled:
+                continue
+            for dest in ch.destinations.values():
+                address = address_of(dest, settings)
+                if not address:
+                    log.warning("channel %s: destination %s has no address ([ehr] %s); nothing is sent there",
+                                ch.name, dest.name, "fhir_base" if dest.type == "fhir" else "mllp")
+                    continue
+                if dest.name in self.workers:
+                    continue
+                # the address as shown (log lines, /api/channels): a password in fhir_base masked
+                w = DestinationWorker(dest, redact_url(address), self.renderer, writer, metrics, worker_id,
+                                      lease_seconds=settings.database.lease_seconds,
+                                      log_patient_details=settings.log_patient_details)
+                w.sender = (FHIRSender(settings.ehr, dest) if dest.type == "fhir"
+                            else MLLPSender(address, dest, mllp_tls_context(settings.ehr)))
+                self.workers[dest.name] = w
+        self.outbox = build_outbox(settings, mappings, channels)
