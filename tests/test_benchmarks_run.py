@@ -22,6 +22,7 @@ RUNS = {
     "mllp_ingest.py": (["--messages", "40", "--connections", "1,2", "--warmup", "5"], "srv CPU ms/msg"),
     "fhir_ingest.py": (["--bundles", "20", "--connections", "2", "--warmup", "2"], "resources/s"),
     "dicom_ingest.py": (["--instances", "5", "--warmup", "1", "--targets", "engine"], "inst/s"),
+    "dicom_forward.py": (["--instances", "5"], "ratio engine / storescu inst/s"),
     "reconcile_coerce.py": (["--instances", "5"], "engine / naive time"),
     "outbound_delivery.py": (["--studies", "10", "--latency-studies", "2", "--natural-studies", "2",
                               "--warmup", "1"], "deliveries/s"),
