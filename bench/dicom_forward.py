@@ -116,9 +116,9 @@ def run_pynetdicom(files: list[Path], work: Path) -> Timing:
     files in one association, streamed from disk, Nagle off, nothing else around it."""
     import socket
 
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE, _config, evt
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     def nodelay(event: Any) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -163,13 +163,14 @@ def run_engine(files: list[Path], work: Path, database_url: str | None) -> Timin
         if e.call(e.engine.check_stability()) != 1:
             raise RuntimeError("the study did not become stable")
 
-        def delivery() -> Any:
+        def delivered() -> Any:
             with e.db.read_session() as sess:
-                return sess.execute(select(Delivery.id, Delivery.state, Delivery.attempts)
-                                    .where(Delivery.channel == "pacs-forward")).first()
+                row = sess.execute(select(Delivery.id, Delivery.state, Delivery.attempts)
+                                   .where(Delivery.channel == "pacs-forward")).first()
+            return row if row is not None and row.state == "delivered" else None
         started = time.perf_counter()
         e.loop.call_soon_threadsafe(e.engine.wake_outbound)
-        done = wait_until(lambda: (d := delivery()) is not None and d.state == "delivered" and d, timeout=TIMEOUT,
+        done = wait_until(delivered, timeout=TIMEOUT,
                           interval=0.01, message="the forward delivery to be recorded as delivered")
         seconds = time.perf_counter() - started
         with e.db.read_session() as sess:
