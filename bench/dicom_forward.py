@@ -50,8 +50,8 @@ from sqlalchemy import select  # noqa: E402
 
 from engine.store.models import Delivery, DeliveryAttempt  # noqa: E402
 from tests.conftest import RunningEngine, make_settings  # noqa: E402
-from tests.dicomutil import DCMTK_ENV, DcmtkMissing, dcmtk_tool, free_port  # noqa: E402
-from tests.waiting import wait_for_listener, wait_until  # noqa: E402
+from tests.dicomutil import DCMTK_ENV, DcmtkMissing, StoreSCP, dcmtk_tool  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 TIMEOUT = 600.0  # seconds for one send of the whole study
 
@@ -68,27 +68,6 @@ class Timing:
         return self.instances / self.seconds if self.seconds > 0 else 0.0
 
 
-class StoreSCP:
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.port = free_port()
-        out.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([dcmtk_tool("storescp"), "-aet", "STORESCP", "-od", str(out), str(self.port)],
-                                     env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_listener(self.port, self.proc, what="storescp")
-
-    def count(self) -> int:
-        return sum(1 for _ in self.out.iterdir())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 def storescu(port: int, files: list[Path], aet: str) -> float:
     started = time.perf_counter()
     proc = subprocess.run([dcmtk_tool("storescu"), "-aec", aet, "127.0.0.1", str(port), *map(str, files)],
@@ -100,7 +79,7 @@ def storescu(port: int, files: list[Path], aet: str) -> float:
 
 
 def run_storescu(files: list[Path], work: Path) -> Timing:
-    scp = StoreSCP(work / "storescp-storescu")
+    scp = StoreSCP(work / "storescp-storescu", unique=False).start()
     try:
         seconds = storescu(scp.port, files, "STORESCP")
         wait_until(lambda: scp.count() >= len(files), timeout=30, message="storescp to hold every file")
@@ -123,7 +102,7 @@ def run_pynetdicom(files: list[Path], work: Path) -> Timing:
     def nodelay(event: Any) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     _config.STORE_SEND_CHUNKED_DATASET = True
-    scp = StoreSCP(work / "storescp-pynetdicom")
+    scp = StoreSCP(work / "storescp-pynetdicom", unique=False).start()
     try:
         ae = AE(ae_title="BENCH")
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -144,7 +123,7 @@ def run_pynetdicom(files: list[Path], work: Path) -> Timing:
 
 
 def run_engine(files: list[Path], work: Path, database_url: str | None) -> Timing:
-    scp = StoreSCP(work / "storescp-engine")
+    scp = StoreSCP(work / "storescp-engine", unique=False).start()
     shutil.copytree(REPO / "channels", work / "channels")
     shutil.copytree(REPO / "mappings", work / "mappings")
     (work / "channels" / "pacs-forward.yaml").write_text(yaml.safe_dump({

@@ -18,7 +18,7 @@ from __future__ import annotations
 import codecs
 import fnmatch
 import ipaddress
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
@@ -564,6 +564,27 @@ def _parse_route(r: Any, i: int, raw_routes: Any, resources: tuple[str, ...], kn
     return Route(names, str(action), [str(m) for m in maps], rline)
 
 
+
+def _route_mappings(data: Any, problem: Callable[[int, str, str], None], shape: str, keys: tuple[str, ...]
+                    ) -> Iterator[tuple[int, str, Any]]:
+    """The routes: of an outbound or forward channel, each a mapping (line, "routes[N]", the mapping):
+    a missing list, an item that is not a mapping and unknown keys are problems at their lines."""
+    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
+    raw_routes = data.get("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        problem(line_of("routes") or 1, "routes", f"routes: must list at least one {shape}")
+        return
+    for i, r in enumerate(raw_routes):
+        rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
+        where = f"routes[{i + 1}]"
+        if not isinstance(r, dict):
+            problem(rline, where, f"a route is {shape}")
+            continue
+        for key in r:
+            if key not in keys:
+                problem(_line(r, key, rline), f"{where}.{key}", f"unknown key; expected {', '.join(keys)}")
+        yield rline, where, r
+
 def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, problem: Any
                     ) -> tuple[dict[str, Destination], list[OutboundRoute]]:
     """destinations: {name: {type: fhir|mllp, retry settings}}; routes: [{events, to, mapping}]."""
@@ -614,20 +635,8 @@ def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, probl
             problem(dline, f"{where}.backoff_max_seconds", "must not be smaller than backoff_initial_seconds")
         destinations[dest.name] = dest
     routes: list[OutboundRoute] = []
-    raw_routes = data.get("routes")
-    if not isinstance(raw_routes, list) or not raw_routes:
-        problem(line_of("routes") or 1, "routes", "routes: must list at least one {events: [...], to: DEST, mapping: M}")
-        raw_routes = []
-    for i, r in enumerate(raw_routes):
-        rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
-        where = f"routes[{i + 1}]"
-        if not isinstance(r, dict):
-            problem(rline, where, "a route is {events: [study.reconciled], to: DESTINATION, mapping: MAPPING}")
-            continue
-        for key in r:
-            if key not in ("events", "to", "mapping", "enabled"):
-                problem(r.line_of(key) if isinstance(r, LineDict) else rline, f"{where}.{key}",
-                        "unknown key; expected events, to, mapping, enabled")
+    for rline, where, r in _route_mappings(data, problem, "{events: [study.reconciled], to: DESTINATION, mapping: MAPPING}",
+                                           ("events", "to", "mapping", "enabled")):
         events = r.get("events")
         if isinstance(events, str):
             events = [events]
@@ -729,19 +738,8 @@ def _parse_forward(data: Any, problem: Callable[[int, str, str], None]
                     "must not be smaller than backoff_initial_seconds")
         destinations[dest.name] = dest
     routes: list[ForwardRoute] = []
-    raw_routes = data.get("routes")
-    if not isinstance(raw_routes, list) or not raw_routes:
-        problem(line_of("routes") or 1, "routes", "routes: must list at least one {when: [study.reconciled], to: DEST}")
-        raw_routes = []
-    for i, r in enumerate(raw_routes):
-        rline = raw_routes.line_of(i) if isinstance(raw_routes, LineList) else 0
-        where = f"routes[{i + 1}]"
-        if not isinstance(r, dict):
-            problem(rline, where, "a route is {when: [study.reconciled], filter: {...}, to: DESTINATION}")
-            continue
-        for key in r:
-            if key not in ("when", "filter", "to", "enabled"):
-                problem(_line(r, key, rline), f"{where}.{key}", "unknown key; expected when, filter, to, enabled")
+    for rline, where, r in _route_mappings(data, problem, "{when: [study.reconciled], filter: {...}, to: DESTINATION}",
+                                           ("when", "filter", "to", "enabled")):
         when = _names(r.get("when"))
         if when is None:
             problem(_line(r, "when", rline), f"{where}.when", f"when: lists one or more of {', '.join(FORWARD_EVENTS)}")

@@ -158,6 +158,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class StoreSCP:
+    """dcmtk's storescp (AE STORESCP) on a loopback port writing what it receives to ``out``; ``unique``:
+    every C-STORE to a file of its own (+uf), so a resend shows as a second file."""
+
+    def __init__(self, out: Path, port: int | None = None, *, unique: bool = True) -> None:
+        self.out = out
+        self.port = port or free_port()
+        self.unique = unique
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreSCP:
+        from tests.waiting import wait_for_listener
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([dcmtk_tool("storescp"), "-aet", "STORESCP", *(["+uf"] if self.unique else []),
+                                      "-od", str(self.out), str(self.port)], env=DCMTK_ENV,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_listener(self.port, self.proc, what="storescp")
+        return self
+
+    def count(self) -> int:
+        return sum(1 for _ in self.out.iterdir())
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+
+    def received(self) -> list[pydicom.Dataset]:
+        """Every instance received, one per C-STORE (files still being written are skipped)."""
+        out: list[Dataset] = []
+        for p in sorted(self.out.iterdir(), key=lambda p: p.stat().st_mtime_ns):
+            try:
+                out.append(pydicom.dcmread(p, stop_before_pixels=True))
+            except Exception:  # noqa: S112 - a file storescp is still writing
+                continue
+        return out
+
+
 class RawStoreSCU:
     """A C-STORE SCU at the PDU level (pynetdicom's PDU and DIMSE classes over a plain socket), for
     what a well-behaved SCU never does: send part of an instance, then abort (A-ABORT), drop the

@@ -123,7 +123,8 @@ def test_channels_report_the_state_of_their_running_connector(workdir: Path, db_
         states = {c["name"]: (c["connector"], c["state"]) for c in e.api("/api/channels")[1]["channels"]}
         assert states == {"hl7-inbound": ("mllp", "listening"), "hl7-spare": ("mllp", "disabled"),
                           "dicom": ("dicom", "listening"), "fhir-inbound": ("fhir", "running"),
-                          "ehr-outbound": ("outbound", "running"), "hl7-file": ("file", "disabled")}
+                          "ehr-outbound": ("outbound", "running"), "hl7-file": ("file", "disabled"),
+                          "pacs-forward": ("dicom-forward", "disabled")}
         outbound = next(c for c in e.api("/api/channels")[1]["channels"] if c["name"] == "ehr-outbound")
         assert outbound["destinations"] == {}  # [ehr] has no addresses in this test: nothing is sent
         assert [r["to"] for r in outbound["routes"]] == ["fhir", "mllp", "mllp", "fhir"]
@@ -131,7 +132,7 @@ def test_channels_report_the_state_of_their_running_connector(workdir: Path, db_
         e.stop()
     assert {c["name"]: c["state"] for c in e.engine.channel_status()} == {
         "hl7-inbound": "stopped", "hl7-spare": "disabled", "dicom": "stopped", "fhir-inbound": "stopped",
-        "ehr-outbound": "stopped", "hl7-file": "disabled"}
+        "ehr-outbound": "stopped", "hl7-file": "disabled", "pacs-forward": "disabled"}
 
 
 def test_the_address_pid11_is_kept_in_history_and_read_as_fhir(running: RunningEngine) -> None:

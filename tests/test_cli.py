@@ -26,7 +26,7 @@ def radbridge(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -
 def test_check_passes_on_the_shipped_configuration() -> None:
     out = radbridge("check")
     assert out.returncode == 0, out.stderr
-    assert "radbridge check: OK (5 channel(s), 6 mapping(s), 4 outbound mapping(s)" in out.stdout
+    assert "radbridge check: OK (6 channel(s), 6 mapping(s), 4 outbound mapping(s)" in out.stdout
     # the EHR's addresses are empty by default: said, but not an error
     assert "[ehr] fhir_base is empty (RADBRIDGE_EHR_FHIR_BASE): nothing is sent here (warning)" in out.stdout
 

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pydicom
 import pytest
 import yaml
 from pydicom.uid import generate_uid
@@ -31,11 +30,11 @@ from engine.connectors.registry import connector_specs
 from engine.store.models import Delivery, DeliveryAttempt, Study
 from engine.store.states import ReconState
 from tests.conftest import REPO, RunningEngine, make_settings
-from tests.dicomutil import DCMTK_ENV, Obj, dcmtk_tool, free_port, make_instance, require_dcmtk, storescu
+from tests.dicomutil import Obj, StoreSCP, free_port, make_instance, require_dcmtk, storescu
 from tests.hl7util import adt, orm
 from tests.test_dicomweb import orthanc  # noqa: F401 - the Orthanc fixture
 from tests.test_reconciliation import hl7, settle
-from tests.waiting import wait_for_listener, wait_until
+from tests.waiting import wait_until
 
 WAIT = 40.0
 CHANNEL = "pacs-forward"
@@ -47,43 +46,6 @@ def _dcmtk() -> None:
 
 
 # --- peers ---------------------------------------------------------------------------------------------------
-class StoreSCP:
-    """dcmtk's storescp on a loopback port, every C-STORE it takes written to a file of its own (+uf)."""
-
-    def __init__(self, out: Path, port: int | None = None) -> None:
-        self.out = out
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> StoreSCP:
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([dcmtk_tool("storescp"), "-aet", "STORESCP", "+uf", "-od", str(self.out),
-                                      str(self.port)], env=DCMTK_ENV, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        wait_for_listener(self.port, self.proc, what="storescp")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            self.proc = None
-
-    def received(self) -> list[pydicom.Dataset]:
-        """Every instance received, one per C-STORE (files still being written are skipped)."""
-        out: list[pydicom.Dataset] = []
-        for p in sorted(self.out.iterdir(), key=lambda p: p.stat().st_mtime_ns):
-            try:
-                out.append(pydicom.dcmread(p, stop_before_pixels=True))
-            except Exception:  # noqa: S112 - a file storescp is still writing
-                continue
-        return out
-
-
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[StoreSCP]:
     s = StoreSCP(tmp_path / "storescp").start()
