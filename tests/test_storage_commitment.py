@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
 )
 
 from engine.connectors.dicom.commitment import (
@@ -141,3 +145,183 @@ def test_orthanc_commits_every_instance_it_has(engine: RunningEngine, tmp_path: 
         assert asked.accepted, asked
         row = answered(engine, asked.transaction_uid)
     assert (row.state, row.committed, row.failed) == (CommitmentState.COMMITTED, 2, ())
+
+
+# --- reports sent by a peer (pynetdicom as the PACS) ---------------------------------------------------
+
+def report_info(transaction_uid: str | None, committed: list[str], failed: list[tuple[str, int]]) -> Dataset:
+    info = Dataset()
+    if transaction_uid is not None:
+        info.TransactionUID = transaction_uid
+    items = []
+    for uid in committed:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CTImageStorage, uid
+        items.append(item)
+    info.ReferencedSOPSequence = items
+    if failed:
+        failures = []
+        for uid, reason in failed:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID, item.FailureReason = CTImageStorage, uid, reason
+            failures.append(item)
+        info.FailedSOPSequence = failures
+    return info
+
+
+def send_reports(port: int, reports: list[tuple[Dataset, int]], *, calling: str = "PACS", role: bool = True,
+                 instance: str = str(StorageCommitmentPushModelInstance)) -> list[Dataset]:
+    """Send N-EVENT-REPORTs (Event Information, Event Type ID) on one association, as a PACS does: it
+    takes the SCP role of the Storage Commitment Push Model (role selection) unless ``role`` is False.
+    Returns each response's status dataset (Status, ErrorComment)."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    roles: list[Any] = [build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)] if role else []
+    assoc = ae.associate("127.0.0.1", port, ae_title=ENGINE_AET, ext_neg=roles)
+    if not assoc.is_established:
+        raise ConnectionRefusedError("the engine did not accept the association")
+    try:
+        answers = []
+        for info, event_type in reports:
+            status, _reply = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel, instance)
+            answers.append(status)
+        return answers
+    finally:
+        assoc.release()
+
+
+def requested(eng: RunningEngine, instances: int) -> str:
+    uid = new_transaction_uid()
+    with eng.db.writer.begin() as conn:
+        record_request(conn, uid, destination="pacs", instances=instances)
+    return uid
+
+
+def test_a_report_for_an_unknown_transaction_is_refused_and_not_stored(engine: RunningEngine) -> None:
+    unknown = new_transaction_uid()
+    [status] = send_reports(engine.dicom_port, [(report_info(unknown, [str(generate_uid())], []), 1)])
+    assert (status.Status, status.ErrorComment) == (0x0115, "unknown Transaction UID")
+    assert result(engine, unknown) is None
+
+
+def test_a_report_sent_twice_is_recorded_once(engine: RunningEngine) -> None:
+    a, b = str(generate_uid()), str(generate_uid())
+    uid = requested(engine, 2)
+    first = send_reports(engine.dicom_port, [(report_info(uid, [a, b], []), 1)])
+    row = result(engine, uid)
+    assert row is not None and row.answered
+    # again, and then a different one (it failed b after all): known, answered success, nothing changes
+    again = send_reports(engine.dicom_port, [(report_info(uid, [a, b], []), 1), (report_info(uid, [a], [(b, 0x0110)]), 2)],
+                         role=False)
+    assert [s.Status for s in first + again] == [0, 0, 0]
+    assert result(engine, uid) == row
+    assert (row.state, row.committed, row.failed, row.answered_by) == (CommitmentState.COMMITTED, 2, (), "PACS")
+
+
+def test_malformed_reports_get_specific_statuses_and_the_engine_goes_on(engine: RunningEngine) -> None:
+    uid = requested(engine, 1)
+    sop = str(generate_uid())
+    no_transaction = (report_info(None, [sop], []), 1)
+    bad_event_type = (report_info(uid, [sop], []), 3)
+    failures_without_list = (report_info(uid, [sop], []), 2)
+    bad_uid = (report_info("not a uid", [sop], []), 1)
+    answers = send_reports(engine.dicom_port, [no_transaction, bad_event_type, failures_without_list, bad_uid])
+    assert [(s.Status, str(s.get("ErrorComment", ""))) for s in answers] == [
+        (0x0114, "Transaction UID missing"), (0x0113, "Event Type ID 3 is not 1 or 2"),
+        (0x0114, "Event Type 2 without a Failed SOP Sequence"), (0x0115, "Transaction UID is not a valid UID")]
+    [wrong_instance] = send_reports(engine.dicom_port, [(report_info(uid, [sop], []), 1)],
+                                    instance=str(generate_uid()))
+    assert wrong_instance.Status == 0x0117
+    row = result(engine, uid)
+    assert row is not None and row.state is CommitmentState.REQUESTED and not row.answered
+    # the same transaction, well formed, is still taken
+    assert [s.Status for s in send_reports(engine.dicom_port, [(report_info(uid, [sop], []), 1)])] == [0]
+    row = result(engine, uid)
+    assert row is not None and row.state is CommitmentState.COMMITTED
+
+
+def test_reports_from_a_calling_ae_title_the_channel_does_not_accept_are_refused(workdir: Path, db_url: str) -> None:
+    eng = start_dicom_engine(workdir, db_url, allowed_calling_aets=["PACS"])
+    try:
+        uid = requested(eng, 1)
+        with pytest.raises(ConnectionRefusedError):
+            send_reports(eng.dicom_port, [(report_info(uid, [str(generate_uid())], []), 1)], calling="INTRUDER")
+        assert [s.Status for s in send_reports(eng.dicom_port, [(report_info(uid, [str(generate_uid())], []), 1)])] == [0]
+    finally:
+        eng.stop()
+
+
+# --- the requesting association ----------------------------------------------------------------------------
+
+@dataclass
+class CommitmentSCP:
+    """A pynetdicom Storage Commitment SCP that answers the N-ACTION with ``status`` and, when ``report``,
+    sends its report on the same association first (committing every instance asked for)."""
+
+    status: int = 0
+    report: bool = True
+    report_answers: list[int] | None = None
+
+    def on_action(self, event: Any) -> tuple[int, None]:
+        info = event.action_information
+        if self.report:
+            rsp, _ = event.assoc.send_n_event_report(
+                report_info(str(info.TransactionUID), [str(i.ReferencedSOPInstanceUID) for i in
+                                                       info.ReferencedSOPSequence], []),
+                1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+            self.report_answers = [*(self.report_answers or []), int(rsp.Status)]
+        return self.status, None
+
+
+@contextmanager
+def commitment_scp(scp: CommitmentSCP) -> Iterator[int]:
+    ae = AE(ae_title="SCPEER")
+    ae.add_supported_context(StorageCommitmentPushModel)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_ACTION, scp.on_action)])
+    assert server is not None
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def test_a_report_on_the_requesting_association_is_recorded_before_it_is_answered(engine: RunningEngine) -> None:
+    scp = CommitmentSCP()
+    sops = [str(generate_uid()) for _ in range(3)]
+    with commitment_scp(scp) as port:
+        asked = ask(engine, Peer("SCPEER", "127.0.0.1", port), [(str(CTImageStorage), s) for s in sops])
+    assert asked.accepted and asked.report is not None, asked
+    assert (asked.report.transaction_uid, set(asked.report.committed), asked.report.peer_ae) == (
+        asked.transaction_uid, set(sops), "SCPEER")
+    assert scp.report_answers == [0]
+    row = result(engine, asked.transaction_uid)
+    assert row is not None and (row.state, row.committed, row.answered_by) == (CommitmentState.COMMITTED, 3, "SCPEER")
+
+
+def test_a_report_on_the_requesting_association_is_refused_when_the_caller_cannot_record_it() -> None:
+    scp = CommitmentSCP()
+    with commitment_scp(scp) as port:
+        asked = request_commitment(Peer("SCPEER", "127.0.0.1", port), [(str(CTImageStorage), str(generate_uid()))],
+                                   new_transaction_uid(), calling_aet="RADBRIDGE", timeout=15)
+    assert asked.accepted and asked.report is None
+    assert scp.report_answers == [0x0110]  # the destination keeps it and sends it again
+
+
+def test_a_refused_or_unanswered_request_says_why(engine: RunningEngine) -> None:
+    refs = [(str(CTImageStorage), str(generate_uid()))]
+    with commitment_scp(CommitmentSCP(status=0x0110, report=False)) as port:
+        refused = ask(engine, Peer("SCPEER", "127.0.0.1", port), refs)
+    assert (refused.accepted, refused.status, refused.report) == (False, 0x0110, None)
+    assert refused.error == "N-ACTION refused: status 0x0110"
+    nobody = ask(engine, Peer("SCPEER", "127.0.0.1", free_port()), refs)
+    assert (nobody.accepted, nobody.status) == (False, None)
+    assert nobody.error.startswith("association failed")
+    assert asked_state(engine, refused.transaction_uid) is CommitmentState.REQUESTED  # the caller decides
+
+
+def asked_state(eng: RunningEngine, uid: str) -> CommitmentState | None:
+    row = result(eng, uid)
+    return row.state if row is not None else None
