@@ -6,7 +6,9 @@ refused calling AE); a report on the requesting association; an N-ACTION refused
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from engine.connectors.dicom.commitment import (
     report_recorder,
     request_commitment,
 )
-from engine.store.commitments import CommitmentResult, record_request, result_of
+from engine.store.commitments import CommitmentResult, record_failure, record_request, result_of
 from engine.store.states import CommitmentState
 from tests.conftest import RunningEngine, start_dicom_engine
 from tests.dicomutil import free_port, make_instance, require_dcmtk, storescu
@@ -319,9 +321,22 @@ def test_a_refused_or_unanswered_request_says_why(engine: RunningEngine) -> None
     nobody = ask(engine, Peer("SCPEER", "127.0.0.1", free_port()), refs)
     assert (nobody.accepted, nobody.status) == (False, None)
     assert nobody.error.startswith("association failed")
-    assert asked_state(engine, refused.transaction_uid) is CommitmentState.REQUESTED  # the caller decides
+    # the caller decides what an unanswered request comes to; until then the operator sees both waiting
+    waiting = radbridge(engine, "commitments", "--older-than", "0")
+    assert waiting.returncode == 1, waiting.stderr
+    assert refused.transaction_uid in waiting.stdout and nobody.transaction_uid in waiting.stdout
+    assert "2 transaction(s) waiting for a report for more than 0 min" in waiting.stdout
+    with engine.db.writer.begin() as conn:
+        assert record_failure(conn, refused.transaction_uid, refused.error)
+        assert not record_failure(conn, refused.transaction_uid, "again")  # only a waiting one
+    waiting = radbridge(engine, "commitments")
+    assert waiting.returncode == 0 and refused.transaction_uid not in waiting.stdout
+    assert nobody.transaction_uid in waiting.stdout and "1 transaction(s) waiting" in waiting.stdout
+    one = radbridge(engine, "commitments", refused.transaction_uid)
+    assert one.returncode == 0 and " failed " in one.stdout and "error: N-ACTION refused: status 0x0110" in one.stdout
 
 
-def asked_state(eng: RunningEngine, uid: str) -> CommitmentState | None:
-    row = result(eng, uid)
-    return row.state if row is not None else None
+def radbridge(eng: RunningEngine, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RADBRIDGE_DATABASE_URL": eng.settings.database_url}
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
