@@ -5,7 +5,6 @@ refused calling AE); a report on the requesting association; an N-ACTION refused
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -34,10 +33,9 @@ from engine.connectors.dicom.commitment import (
 from engine.store.commitments import CommitmentResult, record_failure, record_request, result_of
 from engine.store.states import CommitmentState
 from tests.conftest import RunningEngine, start_dicom_engine
-from tests.dicomutil import free_port, make_instance, require_dcmtk, storescu
-from tests.waiting import wait_for_listener, wait_until
+from tests.dicomutil import free_port, make_instance, orthanc_process, require_dcmtk, storescu
+from tests.waiting import wait_until
 
-ORTHANC = Path("/usr/sbin/Orthanc")
 ENGINE_AET = "RADBRIDGE"  # the shipped dicom channel's ([dicom] aet)
 NO_SUCH_OBJECT_INSTANCE = 0x0112  # Failure Reason (PS3.3 C.14.1.1)
 
@@ -47,41 +45,6 @@ class Peer:
     aet: str
     host: str
     port: int
-
-
-@contextmanager
-def orthanc(tmp_path: Path, modalities: dict[str, Any]) -> Iterator[int]:
-    """Debian's Orthanc on loopback, knowing ``modalities`` (its DicomModalities); yields its DICOM port."""
-    if not ORTHANC.exists():
-        pytest.fail("Orthanc is not installed (scripts/test installs it; or apt-get install orthanc)")
-    dicom_port, http_port = free_port(), free_port()
-    config = {"Name": "radbridge-commitment", "StorageDirectory": str(tmp_path / "orthanc-storage"),
-              "IndexDirectory": str(tmp_path / "orthanc-index"), "DicomAet": "ORTHANC", "DicomPort": dicom_port,
-              "DicomCheckCalledAet": False, "HttpPort": http_port, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "DicomModalities": modalities, "Plugins": []}
-    path = tmp_path / "orthanc.json"
-    path.write_text(json.dumps(config))
-    with open(tmp_path / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        try:
-            wait_for_listener(dicom_port, proc, what="Orthanc")
-            yield dicom_port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-@pytest.fixture
-def engine(workdir: Path, db_url: str) -> Iterator[RunningEngine]:
-    eng = start_dicom_engine(workdir, db_url)
-    try:
-        yield eng
-    finally:
-        eng.stop()
 
 
 def ask(eng: RunningEngine, peer: Peer, refs: list[tuple[str, str]], *, destination: str = "pacs",
@@ -111,41 +74,41 @@ def answered(eng: RunningEngine, uid: str) -> CommitmentResult:
 
 # --- against Orthanc ------------------------------------------------------------------------------------
 
-def test_orthanc_commits_what_it_has_and_reports_on_its_own_association(engine: RunningEngine,
+def test_orthanc_commits_what_it_has_and_reports_on_its_own_association(dicom_engine: RunningEngine,
                                                                         tmp_path: Path) -> None:
     require_dcmtk()
     objs = [make_instance(tmp_path / f"in/{i}.dcm", number=i) for i in range(3)]
-    modalities = {"radbridge": {"AET": "RADBRIDGE", "Host": "127.0.0.1", "Port": engine.dicom_port}}
-    with orthanc(tmp_path, modalities) as port:
+    modalities = {"radbridge": {"AET": "RADBRIDGE", "Host": "127.0.0.1", "Port": dicom_engine.dicom_port}}
+    with orthanc_process(tmp_path, {"DicomModalities": modalities}) as (port, _http):
         sent = storescu(port, [o.path for o in objs], aet="ORTHANC", calling="RADBRIDGE")
         assert sent.returncode == 0, sent.stderr
         missing = str(generate_uid())
         refs = [(str(CTImageStorage), o.sop_uid) for o in objs] + [(str(CTImageStorage), missing)]
-        asked = ask(engine, Peer("ORTHANC", "127.0.0.1", port), refs)
+        asked = ask(dicom_engine, Peer("ORTHANC", "127.0.0.1", port), refs)
         assert asked.accepted and asked.status == 0 and asked.error == "", asked
         # Orthanc answers asynchronously (its book: "storage commitment responses are sent asynchronously"),
         # on an association of its own to the modality of the calling AE title
         assert asked.report is None
-        row = answered(engine, asked.transaction_uid)
+        row = answered(dicom_engine, asked.transaction_uid)
     assert row.state is CommitmentState.FAILED
     assert (row.instances, row.committed, row.answered_by) == (4, 3, "ORTHANC")
     assert [(f.sop_instance_uid, f.reason) for f in row.failed] == [(missing, NO_SUCH_OBJECT_INSTANCE)]
     assert (row.destination, row.delivery_id, row.study_id, row.error) == ("pacs", 7, 3, None)
-    status, body = engine.api("/api/channels")
+    status, body = dicom_engine.api("/api/channels")
     assert status == 200
     dicom = next(c for c in body["channels"] if c["name"] == "dicom")
     assert dicom["counters"]["requests"]["commitment"] == 1
 
 
-def test_orthanc_commits_every_instance_it_has(engine: RunningEngine, tmp_path: Path) -> None:
+def test_orthanc_commits_every_instance_it_has(dicom_engine: RunningEngine, tmp_path: Path) -> None:
     require_dcmtk()
     objs = [make_instance(tmp_path / f"in/{i}.dcm", number=i) for i in range(2)]
-    modalities = {"radbridge": {"AET": "RADBRIDGE", "Host": "127.0.0.1", "Port": engine.dicom_port}}
-    with orthanc(tmp_path, modalities) as port:
+    modalities = {"radbridge": {"AET": "RADBRIDGE", "Host": "127.0.0.1", "Port": dicom_engine.dicom_port}}
+    with orthanc_process(tmp_path, {"DicomModalities": modalities}) as (port, _http):
         assert storescu(port, [o.path for o in objs], aet="ORTHANC", calling="RADBRIDGE").returncode == 0
-        asked = ask(engine, Peer("ORTHANC", "127.0.0.1", port), [(str(CTImageStorage), o.sop_uid) for o in objs])
+        asked = ask(dicom_engine, Peer("ORTHANC", "127.0.0.1", port), [(str(CTImageStorage), o.sop_uid) for o in objs])
         assert asked.accepted, asked
-        row = answered(engine, asked.transaction_uid)
+        row = answered(dicom_engine, asked.transaction_uid)
     assert (row.state, row.committed, row.failed) == (CommitmentState.COMMITTED, 2, ())
 
 
@@ -200,46 +163,46 @@ def requested(eng: RunningEngine, instances: int) -> str:
     return uid
 
 
-def test_a_report_for_an_unknown_transaction_is_refused_and_not_stored(engine: RunningEngine) -> None:
+def test_a_report_for_an_unknown_transaction_is_refused_and_not_stored(dicom_engine: RunningEngine) -> None:
     unknown = new_transaction_uid()
-    [status] = send_reports(engine.dicom_port, [(report_info(unknown, [str(generate_uid())], []), 1)])
+    [status] = send_reports(dicom_engine.dicom_port, [(report_info(unknown, [str(generate_uid())], []), 1)])
     assert (status.Status, status.ErrorComment) == (0x0115, "unknown Transaction UID")
-    assert result(engine, unknown) is None
+    assert result(dicom_engine, unknown) is None
 
 
-def test_a_report_sent_twice_is_recorded_once(engine: RunningEngine) -> None:
+def test_a_report_sent_twice_is_recorded_once(dicom_engine: RunningEngine) -> None:
     a, b = str(generate_uid()), str(generate_uid())
-    uid = requested(engine, 2)
-    first = send_reports(engine.dicom_port, [(report_info(uid, [a, b], []), 1)])
-    row = result(engine, uid)
+    uid = requested(dicom_engine, 2)
+    first = send_reports(dicom_engine.dicom_port, [(report_info(uid, [a, b], []), 1)])
+    row = result(dicom_engine, uid)
     assert row is not None and row.answered
     # again, and then a different one (it failed b after all): known, answered success, nothing changes
-    again = send_reports(engine.dicom_port, [(report_info(uid, [a, b], []), 1), (report_info(uid, [a], [(b, 0x0110)]), 2)],
+    again = send_reports(dicom_engine.dicom_port, [(report_info(uid, [a, b], []), 1), (report_info(uid, [a], [(b, 0x0110)]), 2)],
                          role=False)
     assert [s.Status for s in first + again] == [0, 0, 0]
-    assert result(engine, uid) == row
+    assert result(dicom_engine, uid) == row
     assert (row.state, row.committed, row.failed, row.answered_by) == (CommitmentState.COMMITTED, 2, (), "PACS")
 
 
-def test_malformed_reports_get_specific_statuses_and_the_engine_goes_on(engine: RunningEngine) -> None:
-    uid = requested(engine, 1)
+def test_malformed_reports_get_specific_statuses_and_the_engine_goes_on(dicom_engine: RunningEngine) -> None:
+    uid = requested(dicom_engine, 1)
     sop = str(generate_uid())
     no_transaction = (report_info(None, [sop], []), 1)
     bad_event_type = (report_info(uid, [sop], []), 3)
     failures_without_list = (report_info(uid, [sop], []), 2)
     bad_uid = (report_info("not a uid", [sop], []), 1)
-    answers = send_reports(engine.dicom_port, [no_transaction, bad_event_type, failures_without_list, bad_uid])
+    answers = send_reports(dicom_engine.dicom_port, [no_transaction, bad_event_type, failures_without_list, bad_uid])
     assert [(s.Status, str(s.get("ErrorComment", ""))) for s in answers] == [
         (0x0114, "Transaction UID missing"), (0x0113, "Event Type ID 3 is not 1 or 2"),
         (0x0114, "Event Type 2 without a Failed SOP Sequence"), (0x0115, "Transaction UID is not a valid UID")]
-    [wrong_instance] = send_reports(engine.dicom_port, [(report_info(uid, [sop], []), 1)],
+    [wrong_instance] = send_reports(dicom_engine.dicom_port, [(report_info(uid, [sop], []), 1)],
                                     instance=str(generate_uid()))
     assert wrong_instance.Status == 0x0117
-    row = result(engine, uid)
+    row = result(dicom_engine, uid)
     assert row is not None and row.state is CommitmentState.REQUESTED and not row.answered
     # the same transaction, well formed, is still taken
-    assert [s.Status for s in send_reports(engine.dicom_port, [(report_info(uid, [sop], []), 1)])] == [0]
-    row = result(engine, uid)
+    assert [s.Status for s in send_reports(dicom_engine.dicom_port, [(report_info(uid, [sop], []), 1)])] == [0]
+    row = result(dicom_engine, uid)
     assert row is not None and row.state is CommitmentState.COMMITTED
 
 
@@ -290,16 +253,16 @@ def commitment_scp(scp: CommitmentSCP) -> Iterator[int]:
         server.shutdown()
 
 
-def test_a_report_on_the_requesting_association_is_recorded_before_it_is_answered(engine: RunningEngine) -> None:
+def test_a_report_on_the_requesting_association_is_recorded_before_it_is_answered(dicom_engine: RunningEngine) -> None:
     scp = CommitmentSCP()
     sops = [str(generate_uid()) for _ in range(3)]
     with commitment_scp(scp) as port:
-        asked = ask(engine, Peer("SCPEER", "127.0.0.1", port), [(str(CTImageStorage), s) for s in sops])
+        asked = ask(dicom_engine, Peer("SCPEER", "127.0.0.1", port), [(str(CTImageStorage), s) for s in sops])
     assert asked.accepted and asked.report is not None, asked
     assert (asked.report.transaction_uid, set(asked.report.committed), asked.report.peer_ae) == (
         asked.transaction_uid, set(sops), "SCPEER")
     assert scp.report_answers == [0]
-    row = result(engine, asked.transaction_uid)
+    row = result(dicom_engine, asked.transaction_uid)
     assert row is not None and (row.state, row.committed, row.answered_by) == (CommitmentState.COMMITTED, 3, "SCPEER")
 
 
@@ -312,27 +275,27 @@ def test_a_report_on_the_requesting_association_is_refused_when_the_caller_canno
     assert scp.report_answers == [0x0110]  # the destination keeps it and sends it again
 
 
-def test_a_refused_or_unanswered_request_says_why(engine: RunningEngine) -> None:
+def test_a_refused_or_unanswered_request_says_why(dicom_engine: RunningEngine) -> None:
     refs = [(str(CTImageStorage), str(generate_uid()))]
     with commitment_scp(CommitmentSCP(status=0x0110, report=False)) as port:
-        refused = ask(engine, Peer("SCPEER", "127.0.0.1", port), refs)
+        refused = ask(dicom_engine, Peer("SCPEER", "127.0.0.1", port), refs)
     assert (refused.accepted, refused.status, refused.report) == (False, 0x0110, None)
     assert refused.error == "N-ACTION refused: status 0x0110"
-    nobody = ask(engine, Peer("SCPEER", "127.0.0.1", free_port()), refs)
+    nobody = ask(dicom_engine, Peer("SCPEER", "127.0.0.1", free_port()), refs)
     assert (nobody.accepted, nobody.status) == (False, None)
     assert nobody.error.startswith("association failed")
     # the caller decides what an unanswered request comes to; until then the operator sees both waiting
-    waiting = radbridge(engine, "commitments", "--older-than", "0")
+    waiting = radbridge(dicom_engine, "commitments", "--older-than", "0")
     assert waiting.returncode == 1, waiting.stderr
     assert refused.transaction_uid in waiting.stdout and nobody.transaction_uid in waiting.stdout
     assert "2 transaction(s) waiting for a report for more than 0 min" in waiting.stdout
-    with engine.db.writer.begin() as conn:
+    with dicom_engine.db.writer.begin() as conn:
         assert record_failure(conn, refused.transaction_uid, refused.error)
         assert not record_failure(conn, refused.transaction_uid, "again")  # only a waiting one
-    waiting = radbridge(engine, "commitments")
+    waiting = radbridge(dicom_engine, "commitments")
     assert waiting.returncode == 0 and refused.transaction_uid not in waiting.stdout
     assert nobody.transaction_uid in waiting.stdout and "1 transaction(s) waiting" in waiting.stdout
-    one = radbridge(engine, "commitments", refused.transaction_uid)
+    one = radbridge(dicom_engine, "commitments", refused.transaction_uid)
     assert one.returncode == 0 and " failed " in one.stdout and "error: N-ACTION refused: status 0x0110" in one.stdout
 
 
