@@ -4,10 +4,12 @@ UIDs and demographics) and dcmtk's command-line tools as the peers on loopback."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
+
+from tests.waiting import wait_for_listener
 
 
 def dcmtk_dir(path: str | None = None) -> Path | None:
@@ -372,3 +376,35 @@ def pynetdicom_get(port: int, study_uid: str, contexts: list[tuple[str, list[str
     finally:
         assoc.release()
     return responses[-1]
+
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+
+
+@contextlib.contextmanager
+def orthanc_process(tmp_path: Path, config: dict[str, Any]) -> Iterator[tuple[int, int]]:
+    """Debian's Orthanc on loopback (AE title ORTHANC, any called AE title, no authentication, its
+    storage under ``tmp_path``) with ``config`` added to its configuration, until the block ends: yields
+    its (DICOM port, HTTP port) once both accept connections; its output is in tmp_path/orthanc.log."""
+    if not ORTHANC.exists():
+        pytest.fail("Orthanc is not installed (scripts/test installs it; or apt-get install orthanc)")
+    dicom_port, http_port = free_port(), free_port()
+    full = {"Name": "radbridge-test", "StorageDirectory": str(tmp_path / "orthanc-storage"),
+            "IndexDirectory": str(tmp_path / "orthanc-index"), "DicomAet": "ORTHANC", "DicomPort": dicom_port,
+            "DicomCheckCalledAet": False, "HttpPort": http_port, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, **config}
+    path = tmp_path / "orthanc.json"
+    path.write_text(json.dumps(full))
+    with open(tmp_path / "orthanc.log", "wb") as log:
+        proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        try:
+            wait_for_listener(http_port, proc, what="Orthanc")
+            wait_for_listener(dicom_port, proc, what="Orthanc")
+            yield dicom_port, http_port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,20 @@ from engine.store.models import AuditEvent, Instance
 from engine.store.tokens import Role
 from engine.yamlfile import ConfigFileError
 from tests.conftest import TOKEN, RunningEngine, make_settings
-from tests.dicomutil import Obj, bundled, free_port, make_instance, propose, require_dcmtk, storescu
+from tests.dicomutil import (
+    ORTHANC,
+    Obj,
+    bundled,
+    free_port,
+    make_instance,
+    orthanc_process,
+    propose,
+    require_dcmtk,
+    storescu,
+)
 from tests.test_outbound import EHR_TOKEN, WAIT, fast_retries, order_and_images, seg, studies_at_ehr, wake
 from tests.test_reconciliation import settle
 from tests.test_roles import create_tokens
-from tests.waiting import wait_for_listener
 
 ANY_SYNTAX = (("application/dicom", "*"),)
 
@@ -348,7 +355,6 @@ def test_imagingstudy_and_oru_link_to_the_engines_own_wado_rs(workdir: Path, db_
             eng.stop()
 
 
-ORTHANC = Path("/usr/sbin/Orthanc")
 ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
@@ -359,27 +365,9 @@ def orthanc(tmp_path: Path) -> Iterator[tuple[int, int]]:
     if not (ORTHANC.exists() and ORTHANC_DICOMWEB.exists()):
         pytest.fail("Orthanc and its DICOMweb plugin are not installed (scripts/test installs them; or "
                     "apt-get install orthanc orthanc-dicomweb)")
-    dicom_port, http_port = free_port(), free_port()
-    config = {"Name": "radbridge-test", "StorageDirectory": str(tmp_path / "orthanc-storage"),
-              "IndexDirectory": str(tmp_path / "orthanc-index"), "DicomAet": "ORTHANC", "DicomPort": dicom_port,
-              "DicomCheckCalledAet": False, "HttpPort": http_port, "RemoteAccessAllowed": False,
-              "AuthenticationEnabled": False, "Plugins": [str(ORTHANC_DICOMWEB)],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    path = tmp_path / "orthanc.json"
-    path.write_text(json.dumps(config))
-    with open(tmp_path / "orthanc.log", "wb") as log:
-        proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        try:
-            wait_for_listener(http_port, proc, what="Orthanc")
-            wait_for_listener(dicom_port, proc, what="Orthanc")
-            yield dicom_port, http_port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    with orthanc_process(tmp_path, {"Plugins": [str(ORTHANC_DICOMWEB)],
+                                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}) as ports:
+        yield ports
 
 
 # differences docs/dicomweb.md lists and justifies: Orthanc gives the file's Specific Character Set and

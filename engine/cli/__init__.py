@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.cli.audit import add_parser as add_audit_parser
+from engine.cli.commitments import add_parser as add_commitments_parser
 from engine.cli.common import NoDatabase, open_db, require_database, settings_of
 from engine.cli.deliveries import add_parser as add_deliveries_parser
 from engine.cli.storage import add_parser as add_storage_parser
@@ -457,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_studies_parser(sub, with_config)
     add_storage_parser(sub, with_config)
     add_deliveries_parser(sub, with_config)
+    add_commitments_parser(sub, with_config)
     add_audit_parser(sub, with_config)
     add_tokens_parser(sub, with_config)
 

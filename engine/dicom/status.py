@@ -16,3 +16,11 @@ IDENTIFIER_MISMATCH = 0xA900
 UNABLE_TO_PROCESS = 0xC001
 MOVE_DESTINATION_UNKNOWN = 0xA801
 SUBOPS_WARNING = 0xB000  # one or more sub-operations failed
+# N-EVENT-REPORT / N-ACTION (PS3.7 10.1.1.1.8, 10.1.4.1.10): Storage Commitment
+NO_SUCH_EVENT_TYPE = 0x0113
+NO_SUCH_ARGUMENT = 0x0114  # a required attribute (Transaction UID, Referenced SOP Sequence ...) is missing
+INVALID_ARGUMENT_VALUE = 0x0115  # a value is wrong: an unknown Transaction UID, an undecodable Event Information
+INVALID_OBJECT_INSTANCE = 0x0117
+NO_SUCH_SOP_CLASS = 0x0118
+UNRECOGNIZED_OPERATION = 0x0211  # an N-ACTION to the engine: it is not a Storage Commitment SCP
+RESOURCE_LIMITATION = 0x0213

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from engine.store.states import DeliveryState, FindingStatus, ReconState, StudyState
+from engine.store.states import CommitmentState, DeliveryState, FindingStatus, ReconState, StudyState
 from engine.store.types import JSONType, UTCDateTime, utcnow
 
 # Auto-increment BIGINT on PostgreSQL, INTEGER PRIMARY KEY (the rowid) on SQLite.
@@ -489,6 +489,32 @@ class DeliveryAttempt(Base):
     response: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(64))
+
+
+class StorageCommitment(Base):
+    """One Storage Commitment (Push Model) transaction asked of a DICOM destination
+    (engine/store/commitments.py): what was asked, and what the destination's N-EVENT-REPORT said.
+
+    state: requested -> committed (every instance committed) | failed (failures reported, or fewer
+    instances accounted for, or the N-ACTION refused / no report in time: ``error`` says which).
+    Only the first report of a transaction is recorded (``answered_at`` set); a repeat changes nothing."""
+
+    __tablename__ = "storage_commitments"
+
+    transaction_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    delivery_id: Mapped[int | None] = mapped_column(BigInteger, index=True)  # deliveries.id (no FK)
+    study_id: Mapped[int | None] = mapped_column(BigInteger)  # studies.id (no FK: retention may drop the study)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    state: Mapped[str] = mapped_column(String(16), default=CommitmentState.REQUESTED)
+    instances: Mapped[int] = mapped_column(Integer)  # SOP instances asked for
+    committed: Mapped[int] = mapped_column(Integer, default=0)  # listed in the report's Referenced SOP Sequence
+    failed: Mapped[list[Any] | None] = mapped_column(JSONType)  # [{sop_instance_uid, reason}] (Failure Reason)
+    answered_at: Mapped[datetime | None]
+    answered_by: Mapped[str | None] = mapped_column(String(16))  # calling AE title of the report
+    error: Mapped[str | None] = mapped_column(Text)  # why failed without (or besides) a failure list
+
+    __table_args__ = (Index("ix_storage_commitments_state", "state", "requested_at"),)
 
 
 # --- audit ------------------------------------------------------------------------------------------

@@ -81,3 +81,13 @@ class InstanceOutcome(StrEnum):
     OVERWRITTEN = "overwritten"  # the same SOP Instance UID, other content, and the policy replaces
     REJECTED = "rejected"  # the same SOP Instance UID, other content, and the policy refuses
     UID_CONFLICT = "uid_conflict"  # its Series (or SOP Instance) UID is indexed under another study (series): refused
+
+
+class CommitmentState(StrEnum):
+    """A Storage Commitment transaction asked of a DICOM destination (storage_commitments.state);
+    docs/dicom.md, "Storage commitment"."""
+
+    REQUESTED = "requested"  # N-ACTION sent (or about to be); no report yet
+    COMMITTED = "committed"  # the report commits every instance asked for
+    FAILED = "failed"  # the report lists failures (or accounts for fewer instances), the N-ACTION was refused,
+    # or the caller gave up waiting; a report arriving later is still recorded

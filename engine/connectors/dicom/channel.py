@@ -15,7 +15,7 @@ from engine.yamlfile import ConfigProblem
 
 STORE_OUTCOMES = ("stored", "duplicate", "overwritten", "rejected_duplicate", "uid_conflict", "invalid",
                   "out_of_resources", "not_stored", "failed")
-SERVICES = ("echo", "find", "mwl", "move", "get")
+SERVICES = ("echo", "find", "mwl", "move", "get", "commitment")
 
 
 class DicomConnector(ListeningConnector):

@@ -11,6 +11,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -28,10 +29,16 @@ def add_supported(ae: AE) -> None:
     received, never transcoded); Verification, Q/R FIND/MOVE/GET and Modality Worklist FIND.
 
     Storage contexts also accept the SCP role the requestor asks for in C-GET: there we are the
-    storage SCU on the requestor's association."""
+    storage SCU on the requestor's association.
+
+    Storage Commitment Push Model: a destination the engine asked for storage commitment opens an
+    association to send its N-EVENT-REPORT, taking the SCP role of the SOP class (SCP/SCU role selection,
+    PS3.4 J.3.3); the engine accepts that role (and is then its SCU). A requestor proposing no role
+    selection gets the default roles; its reports are taken all the same."""
     ae.add_supported_context(Verification, UNCOMPRESSED)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+    ae.add_supported_context(StorageCommitmentPushModel, UNCOMPRESSED, scu_role=True, scp_role=True)
     for model in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS, ModalityWorklistInformationFind):
         ae.add_supported_context(model, UNCOMPRESSED)
 

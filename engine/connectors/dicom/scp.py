@@ -35,6 +35,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 
 from engine.channels import Channel
 from engine.config import Settings
+from engine.connectors.dicom.commitment import report_recorder, take_report
 from engine.connectors.dicom.contexts import add_supported, move_contexts
 from engine.connectors.dicom.peers import CallingPeers
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
@@ -130,6 +131,7 @@ class DicomListener:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move), (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_N_EVENT_REPORT, self.on_event_report), (evt.EVT_N_ACTION, self.on_action),
             (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_CONN_CLOSE, self._on_closed),
@@ -269,6 +271,21 @@ class DicomListener:
     def on_echo(self, event: Any) -> int:
         self.metrics.dicom_requests.inc(channel=self.channel.name, service="echo")
         return S.SUCCESS
+
+    # --- Storage Commitment: the destinations' reports -------------------------------------------------
+    def on_event_report(self, event: Any) -> tuple[Dataset, None]:
+        """An N-EVENT-REPORT: the Storage Commitment report of a destination the engine asked
+        (engine/connectors/dicom/commitment.py), recorded by the writer before it is answered with success."""
+        self.metrics.dicom_requests.inc(channel=self.channel.name, service="commitment")
+        record = report_recorder(self.writer, timeout=self.opts.dimse_timeout_seconds)
+        status, _report = take_report(event, record, f"channel {self.channel.name}")
+        return status, None
+
+    def on_action(self, event: Any) -> tuple[Dataset, None]:
+        """An N-ACTION: the engine asks for storage commitment but does not commit on request."""
+        log.warning("channel %s: N-ACTION from %s refused: not a Storage Commitment SCP", self.channel.name,
+                    str(event.assoc.requestor.ae_title).strip())
+        return _status(S.UNRECOGNIZED_OPERATION, "storage commitment is not offered here"), None
 
     # --- C-STORE --------------------------------------------------------------------------------------
     def on_store(self, event: Any) -> Dataset:
