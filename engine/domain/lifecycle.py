@@ -166,12 +166,15 @@ def _forward_reasons(conn: Connection, ids: list[int], policy: CleanupSettings,
                                  func.count()).where(fwd)
                           .group_by(DELIVERIES.c.study_id, DELIVERIES.c.destination, DELIVERIES.c.state))
     has: dict[int, set[str]] = {i: set() for i in ids}
+    said: set[tuple[int, str]] = set()  # (study, destination) already named pending or dead
     for study_id, dest, state, n in states:
         has[study_id].add(dest)
         if state == DeliveryState.PENDING:
             reasons[study_id].append(f"forward to {dest} pending ({n})")
+            said.add((study_id, dest))
         elif state == DeliveryState.DEAD and not policy.delete_unforwarded:
             reasons[study_id].append(f"forward to {dest} dead-lettered ({n})")
+            said.add((study_id, dest))
     if policy.delete_unforwarded:
         return reasons
     # study-level deliveries: delivered, created after the study last changed
@@ -209,9 +212,14 @@ def _forward_reasons(conn: Connection, ids: list[int], policy: CleanupSettings,
                 continue
             if counts.get(study_id, 0) and covered.get((study_id, dest), 0) >= counts[study_id]:
                 continue
+            if (study_id, dest) in said:
+                continue  # its pending or dead forward is the reason already
             if dest not in has[study_id]:
                 reasons[study_id].append(f"not forwarded to {dest}")
-            elif at is not None or (study_id, dest) in covered:
+            elif at is None and (study_id, dest) in covered:
+                reasons[study_id].append(f"{covered[(study_id, dest)]} of {counts.get(study_id, 0)} instance(s) "
+                                         f"delivered to {dest} since they last changed")
+            elif at is not None:
                 reasons[study_id].append(f"changed since its forward to {dest} (a new instance or a rewrite)")
             else:
                 reasons[study_id].append(f"not delivered to {dest}")
