@@ -334,3 +334,24 @@ def test_cli_dry_run_lists_and_deletes_nothing(_dcmtk: None, workdir: Path, db_u
     assert [p.exists() for p in files] == [False, False, True, True]
     audit = radbridge("audit", "--action", "delete", env=env, cwd=workdir)
     assert uids["OLD"] in audit.stdout and "cli:" in audit.stdout
+
+
+def test_cleanup_settings_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    from engine.config import load_settings
+    from engine.yamlfile import ConfigFileError
+    from tests.conftest import REPO
+
+    shipped = load_settings(REPO / "config" / "radbridge.toml", env={})
+    assert shipped.storage.cleanup == CleanupSettings()  # the file documents the defaults: off, no rule
+    s = load_settings(REPO / "config" / "radbridge.toml", env={
+        "RADBRIDGE_STORAGE_CLEANUP_ENABLED": "true", "RADBRIDGE_STORAGE_CLEANUP_MAX_AGE_DAYS": "90",
+        "RADBRIDGE_STORAGE_CLEANUP_REQUIRE_FORWARDED_TO": "PACS, VNA"})
+    assert (s.storage.cleanup.enabled, s.storage.cleanup.max_age_days, s.storage.cleanup.require_forwarded_to) == (
+        True, 90.0, ["PACS", "VNA"])
+    f = tmp_path / "c.toml"
+    f.write_text("[storage.cleanup]\nmax_storage_mb = 100\nlow_watermark_mb = 200\nbatch_size = 0\n")
+    with pytest.raises(ConfigFileError) as info:
+        load_settings(f, env={})
+    text = str(info.value)
+    assert f"{f}:3: storage.cleanup.low_watermark_mb: must not be above max_storage_mb" in text
+    assert "storage.cleanup.batch_size: must be greater than 0" in text
