@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from engine.channels import FORWARD_MAPPING
 from engine.config import CleanupSettings
+from engine.errors import RadBridgeError
 from engine.storage.base import ObjectStorage
 from engine.store.audit import READS, Actor, AuditAction, Subject, record_action
 from engine.store.models import (
@@ -92,7 +93,7 @@ class CleanupReason(StrEnum):
     FREE_SPACE = "free-space"  # free disk below min_free_mb
 
 
-class StudyGone(Exception):
+class StudyGone(RadBridgeError, LookupError):
     """The study to delete no longer exists (another engine or pass deleted it)."""
 
 
