@@ -47,31 +47,17 @@ from sqlalchemy.orm import Session
 
 from engine.channels import FORWARD_MAPPING
 from engine.config import CleanupSettings
+from engine.domain.studies import FINDINGS, INSTANCES, REVISIONS, SERIES, STUDIES
 from engine.errors import RadBridgeError
 from engine.storage.base import ObjectStorage
 from engine.store.audit import READS, Actor, AuditAction, Subject, record_action
-from engine.store.models import (
-    AuditEvent,
-    Delivery,
-    DomainEvent,
-    Finding,
-    Instance,
-    InstanceRevision,
-    ReconcileJob,
-    Series,
-    Study,
-)
+from engine.store.models import AuditEvent, Delivery, DomainEvent, ReconcileJob
 from engine.store.states import DeliveryState, FindingAction, FindingStatus, ReconState, StudyState
 from engine.store.types import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STUDIES: Table = Study.__table__  # type: ignore[assignment]
-SERIES: Table = Series.__table__  # type: ignore[assignment]
-INSTANCES: Table = Instance.__table__  # type: ignore[assignment]
-REVISIONS: Table = InstanceRevision.__table__  # type: ignore[assignment]
-FINDINGS: Table = Finding.__table__  # type: ignore[assignment]
 QUEUE: Table = ReconcileJob.__table__  # type: ignore[assignment]
 DELIVERIES: Table = Delivery.__table__  # type: ignore[assignment]
 EVENTS: Table = DomainEvent.__table__  # type: ignore[assignment]
