@@ -48,8 +48,28 @@ class DatabaseSettings:
 
 
 @dataclass
+class CleanupSettings:
+    """[storage.cleanup]: deleting studies that are safely elsewhere (engine/domain/lifecycle.py,
+    docs/storage.md). Off by default; nothing is deleted that was not forwarded unless
+    ``delete_unforwarded``."""
+
+    enabled: bool = False
+    max_age_days: float = 0.0  # 0: no age rule; age = time since the study's last instance arrived
+    max_storage_mb: float = 0.0  # high watermark of the studies' stored size; 0: none
+    low_watermark_mb: float = 0.0  # once above the high mark, delete oldest first down to this (0: the high mark)
+    min_free_mb: float = 0.0  # free disk below this also deletes oldest first, until this much is free
+    # destinations a study must have been forwarded to; empty: every forward destination that has a
+    # delivery for the study (and at least one)
+    require_forwarded_to: list[str] = field(default_factory=list)
+    delete_unforwarded: bool = False  # true: the forwarding condition is waived (plain recycling)
+    interval_seconds: float = 600.0
+    batch_size: int = 100  # studies looked at per query; each deletion is its own short transaction
+
+
+@dataclass
 class StorageSettings:
     dir: str = "var"
+    cleanup: CleanupSettings = field(default_factory=CleanupSettings)
 
 
 @dataclass
@@ -512,6 +532,18 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     if settings.http.tls.bind_ae_title:
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.tls.bind_ae_title",
                                       "is for DICOM channels' tls: blocks only"))
+    cleanup = settings.storage.cleanup
+    for key in ("max_age_days", "max_storage_mb", "low_watermark_mb", "min_free_mb"):
+        if getattr(cleanup, key) < 0:
+            problems.append(ConfigProblem(settings.source or "environment", 0, f"storage.cleanup.{key}",
+                                          "must be 0 (off) or more"))
+    if cleanup.max_storage_mb and cleanup.low_watermark_mb > cleanup.max_storage_mb:
+        problems.append(ConfigProblem(settings.source or "environment", 0, "storage.cleanup.low_watermark_mb",
+                                      "must not be above max_storage_mb (the high watermark)"))
+    if cleanup.interval_seconds <= 0 or cleanup.batch_size <= 0:
+        problems.append(ConfigProblem(settings.source or "environment", 0, "storage.cleanup.interval_seconds"
+                                      if cleanup.interval_seconds <= 0 else "storage.cleanup.batch_size",
+                                      "must be greater than 0"))
     if settings.http.auth not in ("token", "none"):
         problems.append(ConfigProblem(settings.source or "environment", 0, "http.auth", "must be token or none"))
     if problems:

@@ -30,7 +30,7 @@ from aiohttp import web
 from sqlalchemy.orm import selectinload
 
 from engine.channels import Channel, load_channels
-from engine.config import Settings, http_tls_source
+from engine.config import CleanupSettings, Settings, http_tls_source
 from engine.connectors.base import Connector, ConnectorContext, Definitions, disabled_status
 from engine.connectors.dicom.channel import DicomConnector
 from engine.connectors.dicom.scp import DicomListener
@@ -42,6 +42,7 @@ from engine.connectors.outbound import DeliveringConnector
 from engine.connectors.registry import CONNECTOR_TYPES, connector_specs
 from engine.domain.events import EventBus
 from engine.domain.integrity import ORPHAN_GRACE_SECONDS, sweep_orphans
+from engine.domain.lifecycle import CleanupReport, run_cleanup
 from engine.domain.studies import mark_stable, stability_candidates, stability_cutoff
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
@@ -139,6 +140,9 @@ class Engine:
         self._reconciling: asyncio.Future[int] | None = None
         self._reconcile_wakeup = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
+        self._cleanup_lock = asyncio.Lock()
+        self.cleanup_last: CleanupReport | None = None  # the storage lifecycle's last pass (not a dry run)
+        self.cleanup_totals = {"passes": 0, "studies_deleted": 0, "bytes_freed": 0, "failed": 0}  # since start
         self.bus = EventBus()  # domain events; reconciliation subscribes here, each outbound channel's outbox too
         triggers.subscribe(self.bus)
 
@@ -276,6 +280,8 @@ class Engine:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         if self._storage is not None:
             self._tasks.append(asyncio.create_task(self._storage_sweeps(self._storage), name="storage-sweep"))
+            if s.storage.cleanup.enabled:
+                self._tasks.append(asyncio.create_task(self._cleanup_loop(), name="storage-cleanup"))
         if self.reconciler is not None:
             self._tasks.append(asyncio.create_task(self._stability_loop(), name="study-stability"))
             self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciliation"))
@@ -338,6 +344,13 @@ class Engine:
                 lambda: float(self.writer.stats.retried))
         m.gauge("radbridge_mapping_reloads_total", "Mapping files reloaded after a change",
                 lambda: float(self.mappings.reloads))
+        m.gauge("radbridge_storage_cleanup_studies_deleted", "Studies the storage lifecycle deleted since the start",
+                lambda: float(self.cleanup_totals["studies_deleted"]))
+        m.gauge("radbridge_storage_cleanup_bytes_freed", "Study bytes the storage lifecycle freed since the start",
+                lambda: float(self.cleanup_totals["bytes_freed"]))
+        m.gauge("radbridge_storage_cleanup_last_run_timestamp_seconds",
+                "When the storage lifecycle's last pass started (POSIX time; 0: none yet)",
+                lambda: self.cleanup_last.started_at.timestamp() if self.cleanup_last is not None else 0.0)
         m.gauge("radbridge_http_connections", "Open HTTP connections",
                 lambda: float(self.http_site.open_connections if self.http_site is not None else 0))
         m.gauge("radbridge_http_connections_refused_total", "HTTP connections refused over http.max_connections",
@@ -443,6 +456,46 @@ class Engine:
             except Exception:
                 log.exception("retention pass failed; will try again")
             await asyncio.sleep(self.settings.retention.interval_seconds)
+
+    async def _cleanup_loop(self) -> None:
+        """The storage lifecycle ([storage.cleanup]): a pass at start, then every interval_seconds."""
+        while True:
+            try:
+                await self.run_cleanup()
+            except Exception:
+                log.exception("storage cleanup pass failed; will try again")
+            await asyncio.sleep(self.settings.storage.cleanup.interval_seconds)
+
+    async def run_cleanup(self, *, dry_run: bool = False, policy: CleanupSettings | None = None) -> CleanupReport:
+        """One storage lifecycle pass (engine/domain/lifecycle.py) in a worker thread, its deletions
+        through the writer; one pass at a time. A real pass becomes ``cleanup_last``."""
+        storage = self._study_storage()
+        chosen = policy or self.settings.storage.cleanup
+        actor = self._actor
+
+        def write(job: Callable[[Any], Any]) -> Any:
+            return self.writer.run_sync(job, timeout=120)
+        async with self._cleanup_lock:
+            report = await asyncio.to_thread(run_cleanup, self.db, storage, chosen, write=write, actor=actor,
+                                             dry_run=dry_run, stop=self._stop_event)
+        if not dry_run:
+            self.cleanup_last = report
+            t = self.cleanup_totals
+            t["passes"] += 1
+            t["studies_deleted"] += report.deleted
+            t["bytes_freed"] += report.bytes_freed
+            t["failed"] += report.failed
+        return report
+
+    def cleanup_status(self) -> dict[str, Any]:
+        """What GET /api/storage/cleanup shows: the settings in force, the last pass, totals since start."""
+        c = self.settings.storage.cleanup
+        return {"enabled": c.enabled, "max_age_days": c.max_age_days, "max_storage_mb": c.max_storage_mb,
+                "low_watermark_mb": c.low_watermark_mb, "min_free_mb": c.min_free_mb,
+                "require_forwarded_to": list(c.require_forwarded_to), "delete_unforwarded": c.delete_unforwarded,
+                "interval_seconds": c.interval_seconds,
+                "last_run": self.cleanup_last.summary() if self.cleanup_last is not None else None,
+                "since_start": dict(self.cleanup_totals)}
 
     async def _stability_loop(self) -> None:
         stable = self.settings.dicom.stable_seconds

@@ -121,6 +121,7 @@ CALLS = [
     Call("POST", "/api/studies/1.2.3.999/reconcile", "/api/studies/{ref}/reconcile", Role.OPERATE),
     Call("POST", "/api/findings/999999/accept", "/api/findings/{id}/accept", Role.OPERATE, {}),
     Call("GET", "/api/channels", "/api/channels", Role.READ),
+    Call("GET", "/api/storage/cleanup", "/api/storage/cleanup", Role.READ),
     Call("GET", "/api/tokens", "/api/tokens", Role.ADMIN),
     Call("GET", "/api/deliveries", "/api/deliveries", Role.READ),
     Call("GET", "/api/deliveries/999999", "/api/deliveries/{id}", Role.READ),

@@ -60,6 +60,7 @@ class AuditAction(StrEnum):
     LOGOUT = "logout"
     MAPPING_EDIT = "mapping-edit"  # a mapping file saved from the console
     STORE = "store"  # instances stored over HTTP (STOW-RS): one row per request
+    DELETE = "delete"  # a study deleted by the storage lifecycle ([storage.cleanup]): one row per study
 
 
 READS = (AuditAction.READ, AuditAction.VREAD, AuditAction.SEARCH)

@@ -231,6 +231,13 @@ async def channels(request: web.Request) -> web.Response:
     return web.json_response({"channels": request.config_dict[ENGINE].channel_status()})
 
 
+@routes.get("/storage/cleanup")
+@requires(Role.READ)
+async def storage_cleanup(request: web.Request) -> web.Response:
+    """The storage lifecycle ([storage.cleanup], docs/storage.md): settings, last pass, totals since start."""
+    return web.json_response(request.config_dict[ENGINE].cleanup_status())
+
+
 @routes.get("/tokens")
 @requires(Role.ADMIN)
 async def token_list(request: web.Request) -> web.Response:

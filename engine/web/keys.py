@@ -52,6 +52,10 @@ class EngineControl(Protocol):
 
     def channel_status(self) -> list[dict[str, Any]]: ...
 
+    def cleanup_status(self) -> dict[str, Any]:
+        """The storage lifecycle: its settings, the last pass (counts deleted, bytes freed), totals since start."""
+        ...
+
     async def reprocess(self, message_id: int, actor: Actor) -> Reprocessed:
         """Apply a stored message again; its audit row (``actor``) is in the same transaction."""
         ...
