@@ -30,6 +30,7 @@ Usage:
     python bench/dicomweb_vs_orthanc.py                       # 500 instances, 10,000 studies
     python bench/dicomweb_vs_orthanc.py --repeat 50 --retrieves 9
     python bench/dicomweb_vs_orthanc.py --quick               # a smoke run of a few seconds
+    python bench/dicomweb_vs_orthanc.py --baseline-src DIR    # and the engine of another tree (before/after)
 """
 
 from __future__ import annotations
@@ -295,7 +296,9 @@ def check_counts(clients: list[Client], studies: int) -> list[str]:
 # =====================================================================================================
 
 def print_results(t: Timings, names: list[str]) -> None:
-    engine, orthanc = names
+    """Rows per request and server; each engine's speed against Orthanc; with a baseline engine (the
+    last name, ``--baseline-src``) this engine's speed against it too."""
+    engine, orthanc = names[:2]
     head = (f"{'request':<28}{'server':<9}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'MB/s p50':>10}"
             f"{'speed engine/orthanc (p50, p95)':>34}")
     print("\n" + head + "\n" + "-" * len(head))
@@ -309,7 +312,7 @@ def print_results(t: Timings, names: list[str]) -> None:
             mbs = f"{statistics.median(s / v for s, v in zip(sizes, values, strict=True)) / 1e6:10.1f}" \
                 if any(sizes) else f"{'':10}"
             ratio = ""
-            if server == engine and by.get(orthanc):
+            if server != orthanc and by.get(orthanc):
                 o50, o95, _ = percentiles(by[orthanc])
                 ratio = f"{o50 / p50:>26.2f}, {o95 / p95:.2f}"
             print(f"{what:<28}{server:<9}{len(values):>4}{p50 * 1000:10.1f}{p95 * 1000:10.1f}{most * 1000:10.1f}"
@@ -318,6 +321,13 @@ def print_results(t: Timings, names: list[str]) -> None:
                 for what, by in t.seconds.items() if by.get(engine) and by.get(orthanc))
     print(f"\nspeed engine/orthanc is Orthanc's time / the engine's (p50): at or above 1.00, the engine is at "
           f"least as fast; lowest: {worst[0]:.2f} ({worst[1]})")
+    if len(names) > 2:
+        before = names[2]
+        print(f"\nthis engine against {before} (its time / this engine's; above 1.00: faster now):")
+        for what, by in t.seconds.items():
+            if by.get(engine) and by.get(before):
+                (n50, n95, _), (b50, b95, _) = percentiles(by[engine]), percentiles(by[before])
+                print(f"  {what:<28} p50 {b50 / n50:5.2f}   p95 {b95 / n95:5.2f}")
 
 
 # =====================================================================================================
@@ -332,6 +342,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=30, help="requests of each QIDO search per server (default 30)")
     ap.add_argument("--retrieves", type=int, default=5,
                     help="timed retrieves (and metadata) of the study per server (default 5)")
+    ap.add_argument("--baseline-src", type=Path, default=None, metavar="DIR",
+                    help="a third server: the engine of another source tree (e.g. an older commit, "
+                         "`git worktree add --detach DIR COMMIT`), same settings, for before/after figures")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 5 instances, 40 studies, 2 of each request")
     ap.add_argument("--no-netns", action="store_true",
                     help="stay in this network namespace (Orthanc then listens on every interface)")
@@ -404,8 +417,16 @@ def run(args: argparse.Namespace, root: Path, servers: list[Server]) -> int:
     print("engine: python -m engine.cli run, SQLite, RADBRIDGE_DICOM_FSYNC=false, RADBRIDGE_STABLE_SECONDS=3600, "
           "the repository's channels/ and mappings/, other settings at their defaults", flush=True)
     clients = [Client("engine", engine_http, "/dicomweb", TOKEN), Client("orthanc", orthanc_http, "/dicom-web")]
+    targets = [("engine", engine_dicom, "RADBRIDGE"), ("orthanc", orthanc_dicom, "ORTHANC")]
+    if args.baseline_src:
+        (root / "before").mkdir()
+        before, before_dicom, before_http = start_engine(root / "before", args.baseline_src.resolve())
+        servers.append(before)
+        print(f"before: the engine from {describe_source(args.baseline_src.resolve())}, the same settings", flush=True)
+        clients.append(Client("before", before_http, "/dicomweb", TOKEN))
+        targets.append(("before", before_dicom, "RADBRIDGE"))
 
-    for name, port, aet in (("engine", engine_dicom, "RADBRIDGE"), ("orthanc", orthanc_dicom, "ORTHANC")):
+    for name, port, aet in targets:
         s_big = send(port, aet, [str(root / "big")], args.instances)
         s_tiny = send(port, aet, [str(root / "tiny")], args.studies)
         print(f"{name}: C-STORE {args.instances} CT in {s_big:.1f} s ({args.instances / s_big:.0f} inst/s), "
