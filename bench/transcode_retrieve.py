@@ -72,7 +72,8 @@ def make_study(directory: Path, count: int) -> tuple[str, str, list[Path]]:
     return str(ds.StudyInstanceUID), str(ds.SOPClassUID), files
 
 
-def start_engine(work: Path) -> tuple[Server, int, int]:
+def start_engine(work: Path, src: Path = REPO) -> tuple[Server, int, int]:
+    """The engine of the source tree ``src`` (default: this one), on SQLite in ``work``, no fsync."""
     dicom_port, http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_")}
     env.update({
@@ -83,7 +84,7 @@ def start_engine(work: Path) -> tuple[Server, int, int]:
         "RADBRIDGE_CHANNELS_DIR": str(REPO / "channels"), "RADBRIDGE_MAPPINGS_DIR": str(REPO / "mappings"),
         "TCP_NODELAY": "1",
     })
-    server = Server("engine", [sys.executable, "-m", "engine.cli", "run"], env=env, cwd=REPO, logdir=work)
+    server = Server("engine", [sys.executable, "-m", "engine.cli", "run"], env=env, cwd=src, logdir=work)
     server.wait_listening(dicom_port, http_port)
     return server, dicom_port, http_port
 

@@ -29,6 +29,7 @@ RUNS = {
     "retention.py": (["--old", "500", "--live", "50", "--batch", "100"], "while pruning"),
     "console.py": (["--messages", "3000", "--repeat", "2", "--explain"], "p95 < 300 ms"),
     "dicomweb_qido.py": (["--studies", "300", "--repeat", "2", "--explain"], "QIDO-RS search"),
+    "dicomweb_vs_orthanc.py": (["--quick"], "speed engine/orthanc"),
     "instructions.py": (["--messages", "5", "--warmup", "2"], "instructions"),
     "transcode_retrieve.py": (["--sizes", "3,6"], "decoded / stored inst/s"),
     # this tree against itself, one pair: the same-run comparison of two commits

@@ -486,32 +486,112 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     if plan.left_out:  # PS3.18: some of what was asked for is not in the answer
         headers["Warning"] = f'299 - "{len(plan.left_out)} of {len(refs)} instances left out: {plan.reasons}"'
     response, boundary = await _multipart(request, "application/dicom", 206 if plan.left_out else 200, headers)
-    for ref in plan.sent:  # file by file: a study is never in memory whole
-        try:
-            source = await asyncio.to_thread(storage.open, ref.storage_key)
-        except OSError as exc:  # headers are sent: the part is left out, the log says why
-            log.error("WADO-RS: the file of instance %s cannot be read (%s)", ref.sop_instance_uid,
-                      type(exc).__name__)
-            continue
-        syntax = ref.transfer_syntax
-        try:
-            if ref.sop_instance_uid in plan.decode:
-                try:  # one instance decoded at a time, spooled to a temporary file
-                    decoded = await asyncio.to_thread(_decoded_file, source)
-                except TranscodeError as exc:  # headers are sent: left out, the log says why
-                    log.warning("WADO-RS: instance %s left out: %s", ref.sop_instance_uid, exc)
-                    continue
-                source.close()
-                source, syntax = decoded, EXPLICIT_LE
-            await _part(response, boundary, {
-                "Content-Type": f"application/dicom; transfer-syntax={syntax}",
-                "Content-Location": f"{base_url(request)}/studies/{study}/instances/{ref.sop_instance_uid}"},
-                source=source)
-        finally:
-            source.close()
-    await response.write(f"--{boundary}--\r\n".encode())
+    sent = await _stream_instances(response, boundary, storage, plan, f"{base_url(request)}/studies/{study}/instances")
+    await response.write((b"\r\n" if sent else b"") + f"--{boundary}--\r\n".encode())
     await response.write_eof()
     return response
+
+
+@dataclass
+class _Opened:
+    """An instance being sent: its first bytes, and the file to read on from (None: ``first`` is all)."""
+
+    ref: InstanceRef
+    syntax: str
+    first: bytes
+    rest: BinaryIO | None
+
+    def close(self) -> None:
+        if self.rest is not None:
+            self.rest.close()
+
+
+def _read_upto(source: BinaryIO, size: int) -> tuple[bytes, bool]:
+    """Up to ``size`` bytes of ``source``, and whether it ended (short reads of a stream are read on)."""
+    parts: list[bytes] = []
+    got = 0
+    while got < size:
+        data = source.read(size - got)
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts), False
+
+
+def _open_instance(storage: ObjectStorage, ref: InstanceRef, decode: bool) -> _Opened | None:
+    """In a worker thread: the stored file opened (decoded first when ``decode``) and its first CHUNK
+    read, in one go; None when it cannot be sent (headers are sent by then: the part is left out, the
+    log says why)."""
+    try:
+        source = storage.open(ref.storage_key)
+    except OSError as exc:
+        log.error("WADO-RS: the file of instance %s cannot be read (%s)", ref.sop_instance_uid, type(exc).__name__)
+        return None
+    syntax = ref.transfer_syntax
+    try:
+        if decode:
+            try:  # one instance decoded at a time, spooled to a temporary file
+                decoded = _decoded_file(source)
+            except TranscodeError as exc:
+                log.warning("WADO-RS: instance %s left out: %s", ref.sop_instance_uid, exc)
+                source.close()
+                return None
+            source.close()
+            source, syntax = decoded, EXPLICIT_LE
+        first, ended = _read_upto(source, CHUNK)
+    except BaseException:
+        source.close()
+        raise
+    if ended:
+        source.close()
+    return _Opened(ref, syntax, first, None if ended else source)
+
+
+async def _stream_instances(response: web.StreamResponse, boundary: str, storage: ObjectStorage,
+                            plan: RetrievePlan, location: str) -> bool:
+    """The parts of ``plan.sent``, file by file (a study is never in memory whole): while one is sent,
+    the next stored one is opened and its first CHUNK read (at most two instances' first CHUNK held);
+    one to be decoded is decoded in its turn, not ahead. Every part after the first starts with the
+    CRLF that ends the one before; True when a part was sent (its CRLF is then the caller's to send)."""
+    def start(i: int) -> asyncio.Future[_Opened | None]:
+        ref = plan.sent[i]
+        return asyncio.ensure_future(asyncio.to_thread(_open_instance, storage, ref,
+                                                       ref.sop_instance_uid in plan.decode))
+
+    pending: asyncio.Future[_Opened | None] | None = None
+    lead = ""
+    try:
+        for i in range(len(plan.sent)):
+            opened = await (pending if pending is not None else start(i))
+            pending = None
+            if i + 1 < len(plan.sent) and plan.sent[i + 1].sop_instance_uid not in plan.decode:
+                pending = start(i + 1)
+            if opened is None:
+                continue
+            try:
+                head = (f"{lead}--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={opened.syntax}"
+                        f"\r\nContent-Location: {location}/{opened.ref.sop_instance_uid}\r\n\r\n")
+                await response.write(head.encode())
+                await response.write(opened.first)
+                ended = opened.rest is None
+                while not ended:
+                    assert opened.rest is not None
+                    chunk, ended = await asyncio.to_thread(_read_upto, opened.rest, CHUNK)
+                    if chunk:
+                        await response.write(chunk)
+            finally:
+                opened.close()
+            lead = "\r\n"
+    finally:
+        if pending is not None:  # the client went away: the file read ahead is closed when its read is done
+            pending.add_done_callback(_close_opened)
+    return bool(lead)
+
+
+def _close_opened(done: asyncio.Future[_Opened | None]) -> None:
+    if not done.cancelled() and done.exception() is None and (opened := done.result()) is not None:
+        opened.close()
 
 
 # ---------------------------------------------------------------- WADO-RS: transcoding on retrieve
