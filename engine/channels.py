@@ -54,7 +54,8 @@ FORWARD_EVENTS = {
     "study.corrected": "a placed study was coerced again (A08, merge, re-match): the corrected instances again",
 }
 FORWARD_DESTINATION_KEYS = ("aet", "host", "port", "calling_aet", "tls", "timeout_seconds", "max_attempts",
-                            "backoff_initial_seconds", "backoff_max_seconds", "storage_commitment")
+                            "backoff_initial_seconds", "backoff_max_seconds", "storage_commitment",
+                            "commitment_timeout_seconds")
 FORWARD_FILTER_KEYS = ("modality", "calling_aet", "accession", "reconciliation")
 # the reconciliation states a filter may name (engine/store/states.py ReconState; not imported: core)
 FORWARD_RECON_STATES = ("pending", "reconciled", "flagged", "unmatched", "quarantined")
@@ -197,7 +198,10 @@ class ForwardDestination(Destination):
     tls: ForwardTLS | None = None  # None: plain TCP
     timeout_seconds: float = 60.0  # connect, association, and each C-STORE response
     concurrency: int = 1  # one association at a time (per-study order)
-    storage_commitment: bool = False  # parsed only: asking the destination to commit is not done yet
+    # ask the destination to commit (Storage Commitment, N-ACTION): delivered only when it has reported
+    # every instance committed; asked again when no report came within commitment_timeout_seconds
+    storage_commitment: bool = False
+    commitment_timeout_seconds: float = 600.0
 
     @property
     def address(self) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from engine.channels import Channel, ConnectorSpec, ForwardDestination, RoutesKind
 from engine.connectors.base import ConnectorContext, Definitions
 from engine.connectors.dicom.forward import DicomForwarder, forward_tls_context, send_files_streamed
+from engine.connectors.dicom.forward_commitment import CommittingForwarder
 from engine.connectors.outbound import DeliveringConnector
 from engine.outbound.forward import ForwardOutbox
 from engine.outbound.worker import DeliveryWorkers, DestinationWorker
@@ -45,11 +46,15 @@ class ForwardConnector(DeliveringConnector):
         self.forwarders: dict[str, DicomForwarder] = {}
         worker_id = str(leases.this_process())
         for dest in self.forward_destinations(channel):
-            sender = DicomForwarder(dest, ctx.db, ctx.storage(), calling_aet=dest.calling_aet or s.dicom.aet)
+            calling = dest.calling_aet or s.dicom.aet
+            forwarder = DicomForwarder(dest, ctx.db, ctx.storage(), calling_aet=calling)
+            sender: DicomForwarder | CommittingForwarder = forwarder
+            if dest.storage_commitment:  # delivered only once the destination reports every instance committed
+                sender = CommittingForwarder(forwarder, ctx.writer, calling_aet=calling)
             w = DestinationWorker(dest, dest.address, None, ctx.writer, ctx.metrics, worker_id,
                                   lease_seconds=s.database.lease_seconds, log_patient_details=s.log_patient_details)
             w.sender = sender
-            self.forwarders[dest.name] = sender
+            self.forwarders[dest.name] = forwarder
             self.service.workers[dest.name] = w
 
     @staticmethod
@@ -59,8 +64,8 @@ class ForwardConnector(DeliveringConnector):
     @classmethod
     def check(cls, channel: Channel, defs: Definitions) -> list[ConfigProblem]:
         """Destination names are unique across every enabled channel (deliveries are claimed by
-        destination name); a destination no enabled route sends to, and storage_commitment (not done
-        yet), are warnings."""
+        destination name); a destination no enabled route sends to, and storage_commitment without a
+        dicom channel to take the reports, are warnings."""
         problems: list[ConfigProblem] = []
         used = {r.to for r in channel.forward_routes if r.enabled}
         mine = defs.channels.index(channel) if channel in defs.channels else len(defs.channels)
@@ -77,10 +82,12 @@ class ForwardConnector(DeliveringConnector):
             if dest.name not in used:
                 problems.append(ConfigProblem(channel.file, dest.line, where, "no enabled route sends here",
                                               "warning"))
-            if dest.storage_commitment:
+            if dest.storage_commitment and not any(c.enabled and c.connector == "dicom" for c in defs.channels):
                 problems.append(ConfigProblem(channel.file, dest.line, f"{where}.storage_commitment",
-                                              "storage commitment is not requested yet: \"delivered\" means every "
-                                              "instance was answered with success", "warning"))
+                                              "no enabled dicom channel: a destination that sends its storage "
+                                              "commitment report on an association of its own (most do) has "
+                                              "nowhere to send it, and deliveries wait until "
+                                              "commitment_timeout_seconds, again and again", "warning"))
         return problems
 
     async def open(self) -> None:

@@ -52,6 +52,10 @@ class KeptRendering(TypedDict, total=False):
     acknowledged: list[int]
     instances: int  # how many the last attempt selected
     sent: int  # acknowledged in all, over every attempt
+    # dicom-forward with storage_commitment: every instance stored, commitment owed; the transaction
+    # asked for (storage_commitments.transaction_uid) while its report is awaited
+    stored: bool
+    commitment: str
 
 
 class DeliveryValues(TypedDict, total=False):
