@@ -589,16 +589,21 @@ def _route_mappings(data: Any, problem: Callable[[int, str, str], None], shape: 
                 problem(_line(r, key, rline), f"{where}.{key}", f"unknown key; expected {', '.join(keys)}")
         yield rline, where, r
 
+def _destinations_block(data: Any, problem: Callable[[int, str, str], None], needed: str) -> Any:
+    """The channel's destinations: mapping (NAME -> body); ``needed`` is said when it is missing or empty."""
+    raw = data.get("destinations")
+    if not isinstance(raw, dict) or not raw:
+        line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
+        problem(line_of("destinations") or 1, "destinations", needed)
+        return {}
+    return raw
+
+
 def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, problem: Any
                     ) -> tuple[dict[str, Destination], list[OutboundRoute]]:
     """destinations: {name: {type: fhir|mllp, retry settings}}; routes: [{events, to, mapping}]."""
-    line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
     destinations: dict[str, Destination] = {}
-    raw = data.get("destinations")
-    if not isinstance(raw, dict) or not raw:
-        problem(line_of("destinations") or 1, "destinations",
-                "an outbound channel needs destinations: {NAME: {type: fhir|mllp}}")
-        raw = {}
+    raw = _destinations_block(data, problem, "an outbound channel needs destinations: {NAME: {type: fhir|mllp}}")
     hints = get_type_hints(Destination)
     settable = [f.name for f in fields(Destination) if f.name not in ("name", "line")]
     for name, body in raw.items():
@@ -687,11 +692,8 @@ def _parse_forward(data: Any, problem: Callable[[int, str, str], None]
     """A dicom-forward channel: destinations: {NAME: {aet, host, port, ...}}; routes: [{when, filter, to}]."""
     line_of = data.line_of if isinstance(data, LineDict) else (lambda _k: 0)
     destinations: dict[str, ForwardDestination] = {}
-    raw = data.get("destinations")
-    if not isinstance(raw, dict) or not raw:
-        problem(line_of("destinations") or 1, "destinations",
-                "a dicom-forward channel needs destinations: {NAME: {aet: PACS, host: HOST, port: 104}}")
-        raw = {}
+    raw = _destinations_block(data, problem, "a dicom-forward channel needs destinations: "
+                                             "{NAME: {aet: PACS, host: HOST, port: 104}}")
     for name, body in raw.items():
         dline = _line(raw, name, line_of("destinations"))
         where = f"destinations.{name}"

@@ -28,16 +28,12 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
 
 
 def cmd_commitments(args: argparse.Namespace) -> int:
-    from engine.cli.common import require_database, settings_of
-    from engine.store import migrate
+    from engine.cli.common import open_db, settings_of
     from engine.store.commitments import outstanding, result_of
-    from engine.store.db import open_database
     from engine.store.types import utcnow
     settings = settings_of(args)
-    require_database(settings)
-    db = open_database(settings.database_url, sqlite_synchronous=settings.database.sqlite_synchronous)
+    db = open_db(settings)
     try:
-        migrate.upgrade(db)
         with db.reader.connect() as conn:
             if args.transaction:
                 row = result_of(conn, args.transaction)

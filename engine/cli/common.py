@@ -45,6 +45,6 @@ def open_db(settings: Settings, *, create: bool = False) -> Database:
     that does not exist is an error (NoDatabase), not created."""
     if not create:
         require_database(settings)
-    db = open_database(settings.database_url)
+    db = open_database(settings.database_url, sqlite_synchronous=settings.database.sqlite_synchronous)
     migrate.upgrade(db)
     return db

@@ -39,16 +39,12 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    from engine.cli.common import require_database, settings_of
+    from engine.cli.common import open_db, settings_of
     from engine.outbound import admin, outbox
-    from engine.store import migrate
-    from engine.store.db import open_database
     from engine.store.states import DeliveryState
     settings = settings_of(args)
-    require_database(settings)
-    db = open_database(settings.database_url, sqlite_synchronous=settings.database.sqlite_synchronous)
+    db = open_db(settings)
     try:
-        migrate.upgrade(db)
         if args.action == "list":
             with db.reader.connect() as conn:
                 rows = admin.list_deliveries(conn, state=args.state, destination=args.destination,
