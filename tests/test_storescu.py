@@ -5,23 +5,30 @@ file's dataset byte for byte."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
 import threading
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from engine.channels import ForwardDestination
+from engine.connectors.dicom.forward import DicomForwarder, ForwardItem
 from engine.connectors.dicom.storescu import (
     AssociationFailed,
     StoreAssociation,
     StoreResponse,
     dataset_offset,
 )
+from engine.storage.local import LocalStorage
+from engine.store.db import Database
 from engine.tls import client_context
 from tests.certs import PKI, make_pki
 from tests.dicomutil import Obj, StoreSCP, free_port, make_instance, require_dcmtk
@@ -63,11 +70,12 @@ class PySCP:
     bytes of each C-STORE and answers ``status`` (with ``comment``)."""
 
     def __init__(self, *, max_pdu: int = 16384, status: int = 0, comment: str = "",
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian,
+                                                                                 ImplicitVRLittleEndian)) -> None:
         from pynetdicom import AE, evt
         ae = AE(ae_title="PYSCP")
         ae.maximum_pdu_size = max_pdu
-        ae.add_supported_context(CT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(CT, list(syntaxes))
         self.status, self.comment = status, comment
         self.received: dict[str, bytes] = {}
         self.lock = threading.Lock()
@@ -78,8 +86,13 @@ class PySCP:
         self.server = server
 
     def on_store(self, event: Any) -> Dataset:
+        try:  # the engine's SCP makes pynetdicom write what it receives to a file (process-wide)
+            path = event.dataset_path
+        except AttributeError:
+            path = None
+        data = dataset_bytes(path) if path is not None else event.encoded_dataset(include_meta=False)
         with self.lock:
-            self.received[str(event.request.AffectedSOPInstanceUID)] = event.request.DataSet.getvalue()
+            self.received[str(event.request.AffectedSOPInstanceUID)] = data
         rsp = Dataset()
         rsp.Status = self.status
         if self.comment:
@@ -161,3 +174,31 @@ def test_over_tls(tmp_path: Path, objs: list[Obj]) -> None:
             send(peer.port, objs, called="PYSCP", tls=client_context(str(pki.rogue_ca)))
     finally:
         peer.stop()
+
+
+def test_an_instance_in_a_syntax_the_peer_refused_goes_decoded_in_one_it_took(tmp_path: Path, objs: list[Obj]) -> None:
+    """The forwarder's fallback: the stored file is explicit VR, the peer takes implicit VR only; the dataset
+    is read with pydicom and encoded in implicit VR (the same dataset arrives)."""
+    storage = LocalStorage(tmp_path / "store", fsync=False)
+    o = objs[0]
+    storage_dir = tmp_path / "store"
+    shutil.copy(o.path, storage_dir / "one.dcm")
+    assert syntax_of(o.path) == ExplicitVRLittleEndian
+    peer = PySCP(syntaxes=(ImplicitVRLittleEndian,))
+    try:
+        dest = ForwardDestination(name="pacs", aet="PYSCP", host="127.0.0.1", port=peer.port, timeout_seconds=TIMEOUT)
+        fwd = DicomForwarder(dest, cast(Database, None), storage, calling_aet="LEANSCU")
+        item = ForwardItem(1, CT, o.sop_uid, ExplicitVRLittleEndian, "one.dcm")
+        with StoreAssociation.open("127.0.0.1", peer.port, calling="LEANSCU", called="PYSCP",
+                                   contexts=[(CT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
+                                   timeout=TIMEOUT) as assoc:
+            assert assoc.accepted.syntaxes(CT) == [ImplicitVRLittleEndian]
+            assert fwd.store_item(assoc, item, 1) == StoreResponse(0)
+    finally:
+        peer.stop()
+    sent = peer.received[o.sop_uid]
+    assert sent != dataset_bytes(o.path)  # re-encoded
+    got = read_dataset(BytesIO(sent), is_implicit_VR=True, is_little_endian=True)
+    original = pydicom.dcmread(o.path)
+    assert got.PixelData == original.PixelData and got.SOPInstanceUID == original.SOPInstanceUID
+    assert got.PatientName == original.PatientName

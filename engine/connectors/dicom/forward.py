@@ -4,7 +4,8 @@ A delivery names a study (study.stable / reconciled / corrected) or one instance
 Its instances are read from the index in series and instance order and sent one after another, each
 read from storage as it is sent, by the lean C-STORE SCU of engine/connectors/dicom/storescu.py: the
 stored file's dataset bytes go on the wire as they are, read in chunks after its File Meta Information
-(never parsed, a study never held in memory). The stored file already carries the reconciled headers (the reconciler coerces it).
+(never parsed, a study never held in memory). The stored file already carries the reconciled headers
+(the reconciler coerces it).
 
 Presentation contexts: per SOP class one with explicit and implicit VR little endian, and per stored
 compressed syntax one with that syntax alone (engine/connectors/dicom/contexts.py, as for C-MOVE). An
@@ -178,7 +179,7 @@ class DicomForwarder:
                     stop = ("stopped", "the engine is stopping; the rest is sent later")
                     break
                 try:
-                    rsp = self._store(assoc, item, (n - 1) % 65535 + 1)
+                    rsp = self.store_item(assoc, item, (n - 1) % 65535 + 1)
                 except NotSent as exc:
                     failed.append((item, exc.status, str(exc)))
                     continue
@@ -217,7 +218,7 @@ class DicomForwarder:
         detail["acknowledged"] = []  # all taken: the ids are not needed any more
         return self._outcome(AttemptOutcome.DELIVERED, "0000", started, response=said, detail=detail)
 
-    def _store(self, assoc: StoreAssociation, item: ForwardItem, message_id: int) -> StoreResponse:
+    def store_item(self, assoc: StoreAssociation, item: ForwardItem, message_id: int) -> StoreResponse:
         """Sends ``item``: the stored file's dataset bytes as they are (read in chunks after its File Meta
         Information) when its syntax was accepted; else the dataset decoded to an accepted uncompressed
         syntax and encoded in it."""

@@ -218,7 +218,7 @@ class StoreAssociation:
             proposed = {2 * n + 1: abstract for n, (abstract, _ts) in enumerate(contexts)}
             sock.sendall(associate_rq(calling, called, contexts))
             kind, body = _read_pdu(sock)
-            if kind == 0x02:
+            if kind == 0x02 and len(body) >= 68:
                 accepted = parse_associate_ac(body, proposed)
                 connected = True
                 return cls(sock, accepted, timeout)
