@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.channels import Channel, ConnectorSpec, ForwardDestination, RoutesKind
 from engine.connectors.base import ConnectorContext, Definitions
-from engine.connectors.dicom.forward import DicomForwarder, forward_tls_context, send_files_streamed
+from engine.connectors.dicom.forward import DicomForwarder, forward_tls_context
 from engine.connectors.dicom.forward_commitment import CommittingForwarder
 from engine.connectors.outbound import DeliveringConnector
 from engine.outbound.forward import ForwardOutbox
@@ -91,7 +91,6 @@ class ForwardConnector(DeliveringConnector):
         return problems
 
     async def open(self) -> None:
-        send_files_streamed()
         for name, sender in self.forwarders.items():
             sender.tls = forward_tls_context(sender.dest)  # a missing or bad file stops the start, named
             self.service.workers[name].address = sender.target

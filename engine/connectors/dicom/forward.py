@@ -2,8 +2,10 @@
 
 A delivery names a study (study.stable / reconciled / corrected) or one instance (instance.received).
 Its instances are read from the index in series and instance order and sent one after another, each
-read from storage as it is sent (pynetdicom streams a local file from disk in chunks: a study is never
-held in memory). The stored file already carries the reconciled headers (the reconciler coerces it).
+read from storage as it is sent, by the lean C-STORE SCU of engine/connectors/dicom/storescu.py: the
+stored file's dataset bytes go on the wire as they are, read in chunks after its File Meta Information
+(never parsed, a study never held in memory). The stored file already carries the reconciled headers
+(the reconciler coerces it).
 
 Presentation contexts: per SOP class one with explicit and implicit VR little endian, and per stored
 compressed syntax one with that syntax alone (engine/connectors/dicom/contexts.py, as for C-MOVE). An
@@ -28,25 +30,26 @@ study again, and the destination keeps one copy per SOP Instance UID).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import BinaryIO
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, _config, evt
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dsutils import encode
 from sqlalchemy import select
 
 from engine.channels import ForwardDestination
 from engine.connectors.dicom.contexts import move_contexts
-from engine.connectors.dicom.scp import accepted_syntaxes
+from engine.connectors.dicom.storescu import (
+    AssociationFailed,
+    AssociationLost,
+    StoreAssociation,
+    StoreResponse,
+    dataset_offset,
+)
 from engine.dicom.transcode import TranscodeError, decoded_for
 from engine.domain.studies import INSTANCES, SERIES
 from engine.errors import RadBridgeError
@@ -104,39 +107,6 @@ def forward_tls_context(dest: ForwardDestination) -> ssl.SSLContext | None:
     return client_context(dest.tls.ca, dest.tls.cert, dest.tls.key)
 
 
-class _Association:
-    """What pynetdicom tells about an association being negotiated: whether the connection was made,
-    why the association was rejected, whether it was accepted with no presentation context (pynetdicom
-    then aborts it)."""
-
-    def __init__(self) -> None:
-        self.connected = False
-        self.rejection = ""
-        self.accepted_without_contexts = False
-
-    def on_connection(self, event: Any) -> None:
-        """Connected: Nagle off, as dcmtk does with TCP_NODELAY=1 (else each C-STORE's last PDU waits
-        for the peer's delayed ACK: ~4x slower on loopback)."""
-        self.connected = True
-        sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def on_acse(self, event: Any) -> None:
-        p = event.primitive
-        if not isinstance(p, A_ASSOCIATE):  # A-RELEASE, A-ABORT ... come here too
-            return
-        result = p.result
-        if result is None:
-            return
-        if result != 0:
-            self.rejection = f"{p.result_str}, {p.source_str}: {p.reason_str}"
-            return
-        results = getattr(p, "presentation_context_definition_results_list", None) or []
-        self.accepted_without_contexts = not any(getattr(cx, "result", 1) == 0 for cx in results)
-
-
 class DicomForwarder:
     """Sends the claimed deliveries of one destination (a ``DeliverySender``)."""
 
@@ -173,34 +143,32 @@ class DicomForwarder:
         if not todo:
             return self._outcome(AttemptOutcome.DELIVERED, "0000", started, response="every instance was taken before",
                                  detail={"instances": len(items), "sent": sent_before, "acknowledged": []})
-        ae = AE(ae_title=self.calling_aet)
         t = self.dest.timeout_seconds
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = t
-        watch = _Association()
-        assoc = ae.associate(self.dest.host, self.dest.port, ae_title=self.dest.aet,
-                             contexts=move_contexts({(i.sop_class_uid, i.transfer_syntax) for i in todo}),
-                             tls_args=(self.tls, self.dest.host) if self.tls is not None else None,
-                             evt_handlers=[(evt.EVT_ACSE_RECV, watch.on_acse),
-                                           (evt.EVT_CONN_OPEN, watch.on_connection)])
-        if not assoc.is_established:
-            if watch.accepted_without_contexts:  # the destination takes none of these SOP classes (syntaxes)
-                named = "; ".join(f"instance {i.sop_instance_uid}: no context" for i in todo[:MAX_NAMED])
-                more = f"; {len(todo) - MAX_NAMED} more" if len(todo) > MAX_NAMED else ""
-                classes = ", ".join(sorted({i.sop_class_uid for i in todo}))
-                return self._outcome(AttemptOutcome.DEAD, "no context", started,
-                                     error=f"{len(todo)} instance(s) refused: {named}{more}",
-                                     response=f"{self.dest.aet} accepted no presentation context for {classes}",
-                                     detail=self._detail(items, done, sent_before), destination_failure=False)
-            if assoc.is_rejected:
-                status, why = "rejected", f"association rejected by {self.dest.aet} ({watch.rejection or 'no reason'})"
-            elif watch.connected:
+        contexts = [(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+                    for cx in move_contexts({(i.sop_class_uid, i.transfer_syntax) for i in todo})]
+        try:
+            assoc = StoreAssociation.open(self.dest.host, self.dest.port, calling=self.calling_aet,
+                                          called=self.dest.aet, contexts=contexts, timeout=t, tls=self.tls)
+        except AssociationFailed as exc:
+            if exc.kind == "rejected":
+                status, why = "rejected", f"association rejected by {self.dest.aet} ({exc})"
+            elif exc.kind == "aborted":
                 status, why = "aborted", (f"association with {self.target} aborted while negotiating (or no answer "
-                                          f"within {t:g} s)")
+                                          f"within {t:g} s): {exc}")
             else:
                 status, why = "refused", (f"no association with {self.target}: nothing listening, unreachable, or "
-                                          f"no connection within {t:g} s")
+                                          f"no connection within {t:g} s ({exc})")
             return self._outcome(AttemptOutcome.RETRY, status, started, error=why, destination_failure=True,
                                  detail=self._detail(items, done, sent_before))
+        if not assoc.accepted.contexts:  # the destination takes none of these SOP classes (syntaxes)
+            assoc.abort()
+            named = "; ".join(f"instance {i.sop_instance_uid}: no context" for i in todo[:MAX_NAMED])
+            more = f"; {len(todo) - MAX_NAMED} more" if len(todo) > MAX_NAMED else ""
+            classes = ", ".join(sorted({i.sop_class_uid for i in todo}))
+            return self._outcome(AttemptOutcome.DEAD, "no context", started,
+                                 error=f"{len(todo)} instance(s) refused: {named}{more}",
+                                 response=f"{self.dest.aet} accepted no presentation context for {classes}",
+                                 detail=self._detail(items, done, sent_before), destination_failure=False)
         acked: list[int] = []
         failed: list[tuple[ForwardItem, str, str]] = []  # (item, status, why)
         warned = 0
@@ -211,21 +179,18 @@ class DicomForwarder:
                     stop = ("stopped", "the engine is stopping; the rest is sent later")
                     break
                 try:
-                    rsp = assoc.send_c_store(self._payload(assoc, item), msg_id=(n - 1) % 65535 + 1)
+                    rsp = self.store_item(assoc, item, (n - 1) % 65535 + 1)
                 except NotSent as exc:
                     failed.append((item, exc.status, str(exc)))
                     continue
-                except (ValueError, AttributeError) as exc:  # pynetdicom: no context fits, cannot encode
-                    failed.append((item, "no context", str(exc)[:200]))
-                    continue
-                if not assoc.is_established and "Status" not in rsp:
-                    stop = ("aborted", f"association with {self.dest.aet} ended before the response for instance "
-                                       f"{item.sop_instance_uid} (aborted, or none within {t:g} s)")
+                except AssociationLost as exc:
+                    if exc.kind == "timeout":
+                        stop = ("timeout", f"no C-STORE response for instance {item.sop_instance_uid} within {t:g} s")
+                    else:
+                        stop = ("aborted", f"association with {self.dest.aet} ended before the response for instance "
+                                           f"{item.sop_instance_uid} ({exc})")
                     break
-                if "Status" not in rsp:
-                    stop = ("timeout", f"no C-STORE response for instance {item.sop_instance_uid} within {t:g} s")
-                    break
-                code = int(rsp.Status)
+                code = rsp.status
                 if code == 0 or code in WARNINGS:
                     acked.append(item.id)
                     warned += code != 0
@@ -234,10 +199,9 @@ class DicomForwarder:
                                            "processing failure at the destination); the rest is sent later")
                     break
                 else:
-                    failed.append((item, f"{code:04X}", _comment(rsp)))
+                    failed.append((item, f"{code:04X}", rsp.error_comment))
         finally:
-            if assoc.is_established:
-                assoc.release()
+            assoc.release()  # a no-op when it was aborted
         done.update(acked)
         detail = self._detail(items, done, sent_before + len(acked))
         said = f"{len(acked)} of {len(todo)} instances stored" + (f" ({warned} with warnings)" if warned else "")
@@ -254,29 +218,44 @@ class DicomForwarder:
         detail["acknowledged"] = []  # all taken: the ids are not needed any more
         return self._outcome(AttemptOutcome.DELIVERED, "0000", started, response=said, detail=detail)
 
-    def _payload(self, assoc: Any, item: ForwardItem) -> Dataset | str:
-        """What send_c_store sends for ``item``: the stored file itself (streamed from disk) when its
-        syntax was accepted; else the dataset decoded to an accepted uncompressed syntax."""
-        accepted = accepted_syntaxes(assoc, item.sop_class_uid)
+    def store_item(self, assoc: StoreAssociation, item: ForwardItem, message_id: int) -> StoreResponse:
+        """Sends ``item``: the stored file's dataset bytes as they are (read in chunks after its File Meta
+        Information) when its syntax was accepted; else the dataset decoded to an accepted uncompressed
+        syntax and encoded in it."""
+        accepted = assoc.accepted.syntaxes(item.sop_class_uid)
         if not accepted:
             raise NotSent("no context", f"{self.dest.aet} accepted no presentation context for SOP class "
                                         f"{item.sop_class_uid}")
-        path = self.storage.local_path(item.storage_key)
         try:
-            if path is not None and item.transfer_syntax in accepted:
-                if not path.exists():
-                    raise FileNotFoundError(item.storage_key)
-                return os.fspath(path)
-            if path is not None:
-                return decoded_for(path, accepted).dataset
-            with self.storage.open(item.storage_key) as f:
-                return decoded_for(dcmread(f), accepted).dataset
+            with self._open(item) as f:
+                cid = assoc.accepted.context_for(item.sop_class_uid, item.transfer_syntax)
+                if cid is not None:
+                    try:
+                        dataset_offset(f)
+                    except ValueError:
+                        cid = None  # no Part 10 file: read and encoded below
+                        f.seek(0)
+                if cid is not None:
+                    return assoc.store(cid, item.sop_class_uid, item.sop_instance_uid, message_id, f)
+                got = decoded_for(f, accepted)
         except TranscodeError as exc:
             raise NotSent("transcode", exc.comment) from None
         except (OSError, InvalidDicomError, ValueError) as exc:
             log.error("forward to %s: stored file of instance %s unreadable: %s", self.dest.name,
                       item.sop_instance_uid, exc)
             raise NotSent("unreadable", "stored file unreadable") from None
+        cid = assoc.accepted.context_for(item.sop_class_uid, got.syntax)
+        data = encode(got.dataset, got.syntax == ImplicitVRLittleEndian, True,
+                      got.syntax == DeflatedExplicitVRLittleEndian) if cid is not None else None
+        if cid is None or data is None:
+            raise NotSent("transcode", f"instance {item.sop_instance_uid} could not be encoded in {got.syntax}")
+        return assoc.store(cid, item.sop_class_uid, item.sop_instance_uid, message_id, data)
+
+    def _open(self, item: ForwardItem) -> BinaryIO:
+        path = self.storage.local_path(item.storage_key)
+        if path is not None:
+            return open(path, "rb")  # noqa: SIM115 - the caller closes it
+        return self.storage.open(item.storage_key)
 
     @staticmethod
     def _detail(items: list[ForwardItem], done: set[int], sent: int) -> KeptRendering:
@@ -288,16 +267,3 @@ class DicomForwarder:
         return Outcome(outcome, status, response=response, error=error,
                        duration_ms=int((time.monotonic() - started) * 1000), target=self.target, detail=detail,
                        destination_failure=destination_failure)
-
-
-def _comment(rsp: Dataset) -> str:
-    """The destination's Error Comment (kept in the attempt's response, never in last_error: a
-    destination may quote the patient in it)."""
-    return str(rsp.get("ErrorComment", "") or "").strip()
-
-
-def send_files_streamed() -> None:
-    """pynetdicom sends a C-STORE given a file path by streaming the file's dataset from disk (never
-    decoded, never held whole in memory). Process-wide; C-MOVE/C-GET hand it datasets and are not
-    affected."""
-    _config.STORE_SEND_CHUNKED_DATASET = True
