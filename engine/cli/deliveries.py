@@ -20,7 +20,7 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], argpar
                         ).add_subparsers(dest="action", required=True)
     p = with_config(dp.add_parser("list", help="deliveries, newest first, with counts per destination and state"))
     p.add_argument("--state", choices=STATES)
-    p.add_argument("--destination", help="destination name in the outbound channel (fhir, mllp)")
+    p.add_argument("--destination", help="destination name (fhir, mllp, or a dicom-forward destination such as pacs)")
     p.add_argument("--study", help="Study Instance UID")
     p.add_argument("--limit", type=int, default=50)
     p = with_config(dp.add_parser("show", help="one delivery: the message sent and every attempt with its answer"))
