@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 
-from tests.waiting import wait_for_listener
+from tests.waiting import stop_process, wait_for_listener
 
 
 def dcmtk_dir(path: str | None = None) -> Path | None:
@@ -173,7 +173,6 @@ class StoreSCP:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreSCP:
-        from tests.waiting import wait_for_listener
         self.out.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([dcmtk_tool("storescp"), "-aet", "STORESCP", *(["+uf"] if self.unique else []),
                                       "-od", str(self.out), str(self.port)], env=DCMTK_ENV,
@@ -186,12 +185,7 @@ class StoreSCP:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            stop_process(self.proc)
             self.proc = None
 
     def received(self) -> list[pydicom.Dataset]:
@@ -402,9 +396,4 @@ def orthanc_process(tmp_path: Path, config: dict[str, Any]) -> Iterator[tuple[in
             wait_for_listener(dicom_port, proc, what="Orthanc")
             yield dicom_port, http_port
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc, 30)

@@ -14,7 +14,7 @@ from pathlib import Path
 from engine.standin_ehr import StandInEHR
 from tests.conftest import REPO
 from tests.dicomutil import free_port
-from tests.waiting import accepts_connections, wait_until
+from tests.waiting import accepts_connections, stop_process, wait_until
 
 
 class EngineProcess:
@@ -69,10 +69,5 @@ class EngineProcess:
 
     def stop(self) -> None:
         self.up.clear()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, 30)

@@ -56,3 +56,15 @@ def wait_for_listener(port: int, proc: subprocess.Popen[Any], *, what: str, time
         return accepts_connections(port)
 
     wait_until(listening, timeout=timeout, interval=0.1, message=f"{what} to listen on port {port}")
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not ended within ``grace`` seconds; waits for it either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

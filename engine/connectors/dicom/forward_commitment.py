@@ -89,16 +89,12 @@ class CommittingForwarder:
                 kept["stored"] = False
                 log.warning("forward to %s: %d instance(s) not committed (transaction %s); sending them again",
                             self.dest.name, len(result.failed), uid)
-        if not self._all_taken(c, kept):
+        if not kept.get("stored"):  # an earlier attempt stored every instance: only commitment is owed
             stored = self.forwarder.send(dataclasses.replace(c, detail=_kept(kept)))
             if stored.outcome != AttemptOutcome.DELIVERED:
                 return stored
             kept = dict(stored.detail or {})
         return self._ask(c, kept, started)
-
-    def _all_taken(self, c: Claimed, kept: dict[str, Any]) -> bool:
-        """Whether every instance of the delivery was stored by an earlier attempt (only commitment is owed)."""
-        return bool(kept.get("stored"))
 
     def _ask(self, c: Claimed, kept: dict[str, Any], started: float) -> Outcome:
         items = instances_to_send(self.db, c)
