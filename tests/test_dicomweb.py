@@ -185,6 +185,9 @@ def test_wado_retrieve_gives_the_stored_files_byte_for_byte(archive: Archive) ->
     assert answer.status_code == 200
     parts = multipart(answer)
     assert sorted(parts) == sorted([archive.stored(archive.multi), archive.stored(archive.j2k)])
+    # every part as stored: the whole answer's length is known before it starts
+    assert int(answer.headers["Content-Length"]) == len(answer.content)
+    assert "Transfer-Encoding" not in answer.headers
     one = client.retrieve_instance(archive.j2k.study_uid, archive.j2k.series_uid, archive.j2k.sop_uid,
                                    media_types=(("application/dicom", "1.2.840.10008.1.2.4.91"),))
     assert one.SOPInstanceUID == archive.j2k.sop_uid
@@ -192,6 +195,7 @@ def test_wado_retrieve_gives_the_stored_files_byte_for_byte(archive: Archive) ->
     # (tests/test_dicomweb_transcode.py); another compressed syntax is refused with 406, saying why
     decoded = archive.get(f"/studies/{archive.multi.study_uid}", Accept='multipart/related; type="application/dicom"')
     assert decoded.status_code == 200 and archive.stored(archive.j2k) not in multipart(decoded)
+    assert decoded.headers["Transfer-Encoding"] == "chunked"  # a decoded part's size is known only once decoded
     refused = archive.get(f"/studies/{archive.multi.study_uid}", Accept='multipart/related; type="application/dicom"; '
                                                                         'transfer-syntax=1.2.840.10008.1.2.4.80')
     assert refused.status_code == 406 and "1.2.840.10008.1.2.4.91" in refused.json()["detail"]
@@ -199,31 +203,71 @@ def test_wado_retrieve_gives_the_stored_files_byte_for_byte(archive: Archive) ->
     assert [d.SOPInstanceUID for d in series] == [archive.mr.sop_uid]
 
 
-def test_wado_retrieve_sends_files_over_the_read_size_whole_and_leaves_out_a_lost_one(archive: Archive,
-                                                                                      tmp_path: Path) -> None:
-    """The study is streamed file by file, the next file read while one is sent: files larger than the
-    1 MiB read at a time arrive whole and in order, and a file gone from storage leaves its part out
-    (headers are sent by then) with the parts around it intact."""
+def large_study(archive: Archive, tmp_path: Path, count: int, accession: str) -> list[Obj]:
+    """``count`` instances of one series stored by storescu, every other one of 2.4 MB (over the 1 MiB
+    read at a time)."""
     def large(ds: pydicom.Dataset) -> None:  # 1200 x 1000 16-bit pixels: 2.4 MB
         ds.Rows, ds.Columns = 1200, 1000
         ds.PixelData = np.arange(1200 * 1000, dtype=np.uint16).tobytes()
-    first = make_instance(tmp_path / "l0.dcm", patient_id="QW9", accession="WL1", edit=large)
-    objs = [first] + [make_instance(tmp_path / f"l{i}.dcm", patient_id="QW9", accession="WL1", number=i + 1,
-                                    study_uid=first.study_uid, series_uid=first.series_uid,
-                                    edit=large if i % 2 == 0 else None) for i in range(1, 5)]
+    first = make_instance(tmp_path / f"{accession}-0.dcm", patient_id="QW9", accession=accession, edit=large)
+    objs = [first] + [make_instance(tmp_path / f"{accession}-{i}.dcm", patient_id="QW9", accession=accession,
+                                    number=i + 1, study_uid=first.study_uid, series_uid=first.series_uid,
+                                    edit=large if i % 2 == 0 else None) for i in range(1, count)]
     proc = storescu(archive.eng.dicom_port, [o.path for o in objs])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    stored = {o.sop_uid: archive.stored(o) for o in objs}
-    assert sum(len(b) > 2 * (1 << 20) for b in stored.values()) == 3
+    return objs
+
+
+def storage_path(archive: Archive, obj: Obj) -> Path:
     storage = archive.eng.engine.storage
     assert storage is not None
     with archive.eng.db.read_session() as s:
-        lost = s.execute(select(Instance.storage_key).where(Instance.sop_instance_uid == objs[1].sop_uid)).scalar_one()
-    storage.delete(lost)
-    answer = archive.get(f"/studies/{first.study_uid}",
+        key = s.execute(select(Instance.storage_key).where(Instance.sop_instance_uid == obj.sop_uid)).scalar_one()
+    path = storage.local_path(key)
+    assert path is not None
+    return path
+
+
+def test_wado_retrieve_sends_files_over_the_read_size_whole_and_leaves_out_a_lost_one(archive: Archive,
+                                                                                      tmp_path: Path) -> None:
+    """The study is streamed file by file, the next file read while one is sent: files larger than the
+    1 MiB read at a time arrive whole and in order. A file gone from storage is found before the answer
+    starts: its part is left out and the answer says so (206, Warning), the parts around it intact."""
+    objs = large_study(archive, tmp_path, 5, "WL1")
+    stored = {o.sop_uid: archive.stored(o) for o in objs}
+    assert sum(len(b) > 2 * (1 << 20) for b in stored.values()) == 3
+    storage_path(archive, objs[1]).unlink()
+    answer = archive.get(f"/studies/{objs[0].study_uid}",
                          Accept='multipart/related; type="application/dicom"; transfer-syntax=*')
-    assert answer.status_code == 200
+    assert answer.status_code == 206
+    assert answer.headers["Warning"] == '299 - "1 of 5 instances left out: its file cannot be read from storage"'
     assert multipart(answer) == [stored[o.sop_uid] for o in objs if o is not objs[1]]
+    assert int(answer.headers["Content-Length"]) == len(answer.content)
+
+
+def test_wado_retrieve_aborts_rather_than_send_a_file_that_changed_size_meanwhile(archive: Archive,
+                                                                                   tmp_path: Path) -> None:
+    """The answer's Content-Length is made of the files' sizes before the first byte goes out. A file
+    replaced by one of another size before its turn (files are opened a group at a time, a group
+    ahead of the one being sent) cannot keep that promise: the connection is aborted, so the client
+    sees a failed transfer, never a malformed or short one; the engine serves on."""
+    objs = large_study(archive, tmp_path, 40, "WL2")  # 48 MB: the first group is more than the socket buffers
+    url = f"{archive.url}/studies/{objs[0].study_uid}"
+    with requests.get(url, headers={"Authorization": f"Bearer {TOKEN}", "Accept": 'multipart/related; '
+                      'type="application/dicom"; transfer-syntax=*'}, stream=True, timeout=30) as answer:
+        assert answer.status_code == 200
+        first = answer.raw.read(1024)
+        assert first.startswith(b"--")
+        path = storage_path(archive, objs[-1])  # replaced whole, as files are, by one 100 bytes longer
+        grown = path.with_name("grown.tmp")
+        grown.write_bytes(path.read_bytes() + b"\0" * 100)
+        grown.replace(path)
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):  # urllib3: IncompleteRead
+            for _ in answer.iter_content(1 << 20):
+                pass
+    after = archive.get(f"/studies/{objs[0].study_uid}",  # the engine serves on, with the new size
+                        Accept='multipart/related; type="application/dicom"; transfer-syntax=*')
+    assert after.status_code == 200 and len(multipart(after)) == 40
 
 
 def multipart(answer: requests.Response) -> list[bytes]:

@@ -17,12 +17,16 @@ what is supported and what is not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
+import os
 import re
 import secrets
+import socket
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -65,6 +69,8 @@ SERIES = STUDY + r"/series/{series:" + UID + "}"
 INSTANCE = SERIES + r"/instances/{sop:" + UID + "}"
 DICOM_JSON = "application/dicom+json"
 CHUNK = 1 << 20  # bytes read from a stored file at a time
+CRLF = "\r\n"
+OPEN_AHEAD = 16  # stored files opened by one worker-thread call while the ones before are sent
 DEFAULT_LIMIT = 1000  # QIDO results without a limit; more are there: a Warning header says so
 MAX_LIMIT = 10000
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
@@ -443,11 +449,16 @@ async def _audit(request: web.Request, study: str, refs: list[InstanceRef], pati
 
 
 async def _multipart(request: web.Request, part_type: str, status: int = 200,
-                     headers: dict[str, str] | None = None) -> tuple[web.StreamResponse, str]:
-    boundary = secrets.token_hex(16)
+                     headers: dict[str, str] | None = None, *, boundary: str | None = None,
+                     length: int | None = None) -> tuple[web.StreamResponse, str]:
+    """A multipart/related answer started: with ``length`` its Content-Length, else chunked."""
+    boundary = boundary or secrets.token_hex(16)
     response = web.StreamResponse(status=status, headers={
         **(headers or {}), "Content-Type": f'multipart/related; type="{part_type}"; boundary={boundary}'})
-    response.enable_chunked_encoding()
+    if length is None:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = length
     await response.prepare(request)
     return response, boundary
 
@@ -481,29 +492,69 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     for ref, _reason in plan.left_out:
         log.warning("WADO-RS: instance %s left out: %s", ref.sop_instance_uid, _why(ref.transfer_syntax))
     storage = _storage(request)
+    await asyncio.to_thread(measure_stored, storage, plan)
+    if not plan.sent:
+        raise DicomwebError(500, f"the stored files of this {what} cannot be read; the engine's log says which")
     await _audit(request, study, plan.sent, patients)
     headers = {}
     if plan.left_out:  # PS3.18: some of what was asked for is not in the answer
         headers["Warning"] = f'299 - "{len(plan.left_out)} of {len(refs)} instances left out: {plan.reasons}"'
-    response, boundary = await _multipart(request, "application/dicom", 206 if plan.left_out else 200, headers)
-    sent = await _stream_instances(response, boundary, storage, plan, f"{base_url(request)}/studies/{study}/instances")
-    await response.write((b"\r\n" if sent else b"") + f"--{boundary}--\r\n".encode())
+    parts = InstanceParts(secrets.token_hex(16), f"{base_url(request)}/studies/{study}/instances")
+    response, _ = await _multipart(request, "application/dicom", 206 if plan.left_out else 200, headers,
+                                   boundary=parts.boundary, length=parts.length(plan))
+    try:
+        sent = await _stream_instances(request, response, storage, plan, parts)
+    except PartCutShort:  # logged, and the connection aborted: nothing more can be sent
+        return response
+    await response.write(parts.close(sent))
     await response.write_eof()
     return response
 
 
 @dataclass
+class InstanceParts:
+    """The framing of a WADO-RS instances answer: each part's head and the closing delimiter. When
+    every instance goes out as stored, their sizes in the index give the whole answer's length before
+    a byte is sent (Content-Length: the client reads the body in one piece, not chunk by chunk)."""
+
+    boundary: str
+    location: str  # .../studies/{study}/instances
+
+    def head(self, ref: InstanceRef, syntax: str, first: bool) -> bytes:
+        """The part's delimiter and headers; every part after the first starts with the CRLF that ends
+        the one before."""
+        return (f"{'' if first else CRLF}--{self.boundary}{CRLF}Content-Type: application/dicom; "
+                f"transfer-syntax={syntax}{CRLF}Content-Location: {self.location}/{ref.sop_instance_uid}"
+                f"{CRLF}{CRLF}").encode()
+
+    def close(self, sent: bool) -> bytes:
+        return f"{CRLF if sent else ''}--{self.boundary}--{CRLF}".encode()
+
+    def length(self, plan: RetrievePlan) -> int | None:
+        """The answer's length in bytes, or None when a part's size is not known before it is sent
+        (an instance decoded: known only once it is)."""
+        if plan.decode or any(ref.sop_instance_uid not in plan.sizes for ref in plan.sent):
+            return None
+        return (sum(len(self.head(ref, ref.transfer_syntax, i == 0)) + plan.sizes[ref.sop_instance_uid]
+                    for i, ref in enumerate(plan.sent))
+                + len(self.close(bool(plan.sent))))
+
+
+@dataclass
 class _Opened:
-    """An instance being sent: its first bytes, and the file to read on from (None: ``first`` is all)."""
+    """An instance being sent: the file positioned at its start, and its length in bytes."""
 
     ref: InstanceRef
     syntax: str
-    first: bytes
-    rest: BinaryIO | None
+    source: BinaryIO
+    size: int
+
+    @property
+    def as_stored(self) -> bool:
+        return self.syntax == self.ref.transfer_syntax
 
     def close(self) -> None:
-        if self.rest is not None:
-            self.rest.close()
+        self.source.close()
 
 
 def _read_upto(source: BinaryIO, size: int) -> tuple[bytes, bool]:
@@ -519,10 +570,17 @@ def _read_upto(source: BinaryIO, size: int) -> tuple[bytes, bool]:
     return b"".join(parts), False
 
 
+def _will_need(source: BinaryIO) -> None:
+    """Ask the kernel to start reading the file into the page cache now, so that sending it from the
+    event loop (sendfile) does not wait on the disk."""
+    with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):
+        os.posix_fadvise(source.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+
+
 def _open_instance(storage: ObjectStorage, ref: InstanceRef, decode: bool) -> _Opened | None:
-    """In a worker thread: the stored file opened (decoded first when ``decode``) and its first CHUNK
-    read, in one go; None when it cannot be sent (headers are sent by then: the part is left out, the
-    log says why)."""
+    """In a worker thread: the stored file opened (decoded first when ``decode``) and measured, in
+    one go; None when it cannot be sent (headers are sent by then: the part is left out, the log
+    says why)."""
     try:
         source = storage.open(ref.storage_key)
     except OSError as exc:
@@ -539,59 +597,167 @@ def _open_instance(storage: ObjectStorage, ref: InstanceRef, decode: bool) -> _O
                 return None
             source.close()
             source, syntax = decoded, EXPLICIT_LE
-        first, ended = _read_upto(source, CHUNK)
+        else:
+            _will_need(source)
+        size = source.seek(0, os.SEEK_END)
+        source.seek(0)
     except BaseException:
         source.close()
         raise
-    if ended:
-        source.close()
-    return _Opened(ref, syntax, first, None if ended else source)
+    return _Opened(ref, syntax, source, size)
 
 
-async def _stream_instances(response: web.StreamResponse, boundary: str, storage: ObjectStorage,
-                            plan: RetrievePlan, location: str) -> bool:
-    """The parts of ``plan.sent``, file by file (a study is never in memory whole): while one is sent,
-    the next stored one is opened and its first CHUNK read (at most two instances' first CHUNK held);
-    one to be decoded is decoded in its turn, not ahead. Every part after the first starts with the
-    CRLF that ends the one before; True when a part was sent (its CRLF is then the caller's to send)."""
-    def start(i: int) -> asyncio.Future[_Opened | None]:
-        ref = plan.sent[i]
-        return asyncio.ensure_future(asyncio.to_thread(_open_instance, storage, ref,
-                                                       ref.sop_instance_uid in plan.decode))
-
-    pending: asyncio.Future[_Opened | None] | None = None
-    lead = ""
+def _file_descriptor(source: BinaryIO) -> int | None:
+    """The OS file behind ``source``, when it has one (a spooled decoded instance in memory has not)."""
     try:
-        for i in range(len(plan.sent)):
-            opened = await (pending if pending is not None else start(i))
-            pending = None
-            if i + 1 < len(plan.sent) and plan.sent[i + 1].sop_instance_uid not in plan.decode:
-                pending = start(i + 1)
-            if opened is None:
-                continue
-            try:
-                head = (f"{lead}--{boundary}\r\nContent-Type: application/dicom; transfer-syntax={opened.syntax}"
-                        f"\r\nContent-Location: {location}/{opened.ref.sop_instance_uid}\r\n\r\n")
-                await response.write(head.encode())
-                await response.write(opened.first)
-                ended = opened.rest is None
-                while not ended:
-                    assert opened.rest is not None
-                    chunk, ended = await asyncio.to_thread(_read_upto, opened.rest, CHUNK)
-                    if chunk:
-                        await response.write(chunk)
-            finally:
-                opened.close()
-            lead = "\r\n"
+        return source.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+class PartCutShort(RadBridgeError):
+    """An instance cannot be sent as the answer's Content-Length promised (its file is gone, or is not
+    the size the index holds: rewritten since the answer began); the connection is aborted, so the
+    client sees a failed transfer, never a short or malformed one."""
+
+
+def _abort(request: web.Request, reason: str) -> PartCutShort:
+    log.error("WADO-RS: answer aborted: %s", reason)
+    if request.transport is not None:
+        request.transport.abort()
+    return PartCutShort(reason)
+
+
+async def _send_as_stored(request: web.Request, head: bytes, opened: _Opened, chunked: bool) -> None:
+    """The part's head and the whole stored file, the file sent by the kernel (sendfile: no copy
+    through Python; asyncio copies in its stead where the transport cannot, e.g. TLS). A chunked
+    answer gets one HTTP chunk per part, its length written before the file."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away")
+    with _corked(transport):  # the head leaves with the file's first bytes, not in a packet of its own
+        transport.write((f"{len(head) + opened.size:x}{CRLF}".encode() if chunked else b"") + head)
+        sent = await asyncio.get_running_loop().sendfile(transport, opened.source, 0, opened.size)
+        if sent != opened.size:
+            raise _abort(request, f"instance {opened.ref.sop_instance_uid}: {sent} of {opened.size} bytes read")
+        if chunked:
+            transport.write(CRLF.encode())
+
+
+@contextlib.contextmanager
+def _corked(transport: asyncio.BaseTransport) -> Iterator[None]:
+    """TCP_CORK on a plain TCP connection while a part is written: small writes wait for the data
+    after them (Linux); uncorking sends what is left."""
+    sock = None if transport.get_extra_info("sslcontext") is not None else transport.get_extra_info("socket")
+    corked = False
+    if sock is not None and hasattr(socket, "TCP_CORK"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+            corked = True
+    try:
+        yield
     finally:
-        if pending is not None:  # the client went away: the file read ahead is closed when its read is done
+        if corked and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+
+async def _send_copied(response: web.StreamResponse, head: bytes, opened: _Opened) -> None:
+    """The part's head and the file read through Python, CHUNK by CHUNK (a decoded instance)."""
+    await response.write(head)
+    ended = False
+    while not ended:
+        chunk, ended = await asyncio.to_thread(_read_upto, opened.source, CHUNK)
+        if chunk:
+            await response.write(chunk)
+
+
+def _batches(plan: RetrievePlan) -> list[list[InstanceRef]]:
+    """``plan.sent`` in turn, in groups opened by one worker-thread call: up to OPEN_AHEAD files sent
+    as stored, or one instance to be decoded."""
+    out: list[list[InstanceRef]] = []
+    stored: list[InstanceRef] = []
+    for ref in plan.sent:
+        if ref.sop_instance_uid in plan.decode:
+            if stored:
+                out.append(stored)
+                stored = []
+            out.append([ref])
+            continue
+        stored.append(ref)
+        if len(stored) == OPEN_AHEAD:
+            out.append(stored)
+            stored = []
+    if stored:
+        out.append(stored)
+    return out
+
+
+def _open_batch(storage: ObjectStorage, refs: list[InstanceRef], decode: set[str]) -> list[_Opened | None]:
+    opened: list[_Opened | None] = []
+    try:
+        for ref in refs:
+            opened.append(_open_instance(storage, ref, ref.sop_instance_uid in decode))
+    except BaseException:
+        _close_all(opened)
+        raise
+    return opened
+
+
+def _close_all(opened: list[_Opened | None]) -> None:
+    for one in opened:
+        if one is not None:
+            one.close()
+
+
+async def _stream_instances(request: web.Request, response: web.StreamResponse, storage: ObjectStorage,
+                            plan: RetrievePlan, parts: InstanceParts) -> bool:
+    """The parts of ``plan.sent``, file by file (a study is never in memory whole): while a group of
+    stored files is sent, the next group is opened, measured and its reading from disk started, in a
+    worker thread; one to be decoded is decoded in its turn, not ahead. A part sent as stored goes out
+    by sendfile. In a chunked answer an instance that cannot be read is left out (the log says why);
+    under a Content-Length the answer is aborted instead. True when a part was sent."""
+    batches = _batches(plan)
+
+    def start(k: int) -> asyncio.Future[list[_Opened | None]]:
+        return asyncio.ensure_future(asyncio.to_thread(_open_batch, storage, batches[k], plan.decode))
+
+    exact = response.content_length is not None
+    pending: asyncio.Future[list[_Opened | None]] | None = None
+    first = True
+    try:
+        for k, batch in enumerate(batches):
+            group = await (pending if pending is not None else start(k))
+            pending = None
+            if k + 1 < len(batches) and batches[k + 1][0].sop_instance_uid not in plan.decode:
+                pending = start(k + 1)
+            try:
+                for ref, opened in zip(batch, group, strict=True):
+                    if opened is None:
+                        if exact:
+                            raise _abort(request, f"instance {ref.sop_instance_uid} cannot be read")
+                        continue
+                    if exact and opened.size != plan.sizes[ref.sop_instance_uid]:
+                        raise _abort(request, f"the file of instance {ref.sop_instance_uid} changed size "
+                                              "since the answer began")
+                    head = parts.head(ref, opened.syntax, first)
+                    if opened.as_stored and opened.size and _file_descriptor(opened.source) is not None:
+                        await _send_as_stored(request, head, opened, chunked=not exact)
+                    else:
+                        await _send_copied(response, head, opened)
+                    opened.close()
+                    first = False
+            finally:
+                _close_all(group)
+    finally:
+        if pending is not None:  # the client went away: the files opened ahead are closed when opened
             pending.add_done_callback(_close_opened)
-    return bool(lead)
+    return not first
 
 
-def _close_opened(done: asyncio.Future[_Opened | None]) -> None:
-    if not done.cancelled() and done.exception() is None and (opened := done.result()) is not None:
-        opened.close()
+def _close_opened(done: asyncio.Future[list[_Opened | None]]) -> None:
+    if not done.cancelled() and done.exception() is None:
+        _close_all(done.result())
 
 
 # ---------------------------------------------------------------- WADO-RS: transcoding on retrieve
@@ -622,6 +788,7 @@ class RetrievePlan:
     decode: set[str] = field(default_factory=set)  # SOP Instance UIDs sent decoded
     left_out: list[tuple[InstanceRef, str]] = field(default_factory=list)  # and why
     decodes: bool = False  # the Accept takes explicit VR little endian
+    sizes: dict[str, int] = field(default_factory=dict)  # SOP Instance UID -> bytes, of files sent as stored
 
     @property
     def reasons(self) -> str:
@@ -644,6 +811,25 @@ def plan_retrieve(ranges: list[MediaRange], refs: list[InstanceRef]) -> Retrieve
             plan.sent.append(ref)
             plan.decode.add(ref.sop_instance_uid)
     return plan
+
+
+def measure_stored(storage: ObjectStorage, plan: RetrievePlan) -> None:
+    """In a worker thread, before any header is sent: the size of each file to be sent as stored (the
+    answer's Content-Length is made of them); an instance whose file is gone from storage is left
+    out, with the reason, and the log names it."""
+    kept: list[InstanceRef] = []
+    for ref in plan.sent:
+        path = None if ref.sop_instance_uid in plan.decode else storage.local_path(ref.storage_key)
+        if path is not None:
+            try:
+                plan.sizes[ref.sop_instance_uid] = path.stat().st_size
+            except OSError as exc:
+                log.error("WADO-RS: the file of instance %s cannot be read (%s)", ref.sop_instance_uid,
+                          type(exc).__name__)
+                plan.left_out.append((ref, "its file cannot be read from storage"))
+                continue
+        kept.append(ref)
+    plan.sent = kept
 
 
 def _decoded_file(source: BinaryIO) -> BinaryIO:
