@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchutil import describe_source, die_with_parent, percentiles
+from benchutil import cpu_seconds, describe_source, die_with_parent, percentiles
 from dicom_ingest import HOST, ORTHANC, Server, free_port, make_instances, netns_available, tool_version
 from transcode_retrieve import start_engine
 
@@ -168,8 +168,8 @@ def start_orthanc(work: Path) -> tuple[Server, int, int, dict[str, Any]]:
 class Client:
     """One keep-alive HTTP connection to one server's DICOMweb root."""
 
-    def __init__(self, name: str, port: int, root: str, token: str = "") -> None:
-        self.name, self.port, self.root = name, port, root.rstrip("/")
+    def __init__(self, name: str, port: int, root: str, pid: int, token: str = "") -> None:
+        self.name, self.port, self.root, self.pid = name, port, root.rstrip("/"), pid
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.conn = http.client.HTTPConnection(HOST, port, timeout=HTTP_TIMEOUT)
 
@@ -194,8 +194,10 @@ class Client:
             raise RuntimeError(f"{self.name} GET {path}: {resp.status} {body[:300]!r}")
         return seconds, json.loads(body) if body else []
 
-    def multipart(self, path: str, accept: str) -> tuple[float, int, int]:
-        """(seconds to the last byte, body bytes, parts); the body is counted as it comes, never kept."""
+    def multipart(self, path: str, accept: str) -> tuple[float, float, int, int]:
+        """(seconds to the last byte, the server's CPU seconds meanwhile, body bytes, parts); the body is
+        counted as it comes, never kept."""
+        cpu0 = cpu_seconds(self.pid)
         t0 = time.perf_counter()
         resp = self._request(path, accept)
         if resp.status != 200:
@@ -213,7 +215,7 @@ class Client:
             found += window.count(marker)
             tail = window[-(len(marker) - 1):]
         seconds = time.perf_counter() - t0
-        return seconds, size, found - 1  # the last delimiter closes the body
+        return seconds, cpu_seconds(self.pid) - cpu0, size, found - 1  # the last delimiter closes the body
 
 
 # =====================================================================================================
@@ -224,11 +226,14 @@ class Client:
 class Timings:
     seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # what -> server -> seconds
     sizes: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    server_cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # retrieves only
     problems: list[str] = field(default_factory=list)
 
-    def add(self, what: str, server: str, seconds: float, size: int = 0) -> None:
+    def add(self, what: str, server: str, seconds: float, size: int = 0, cpu: float | None = None) -> None:
         self.seconds.setdefault(what, {}).setdefault(server, []).append(seconds)
         self.sizes.setdefault(what, {}).setdefault(server, []).append(size)
+        if cpu is not None:
+            self.server_cpu.setdefault(what, {}).setdefault(server, []).append(cpu)
 
 
 def qido_searches(rng: random.Random, count: int) -> dict[str, str]:
@@ -269,11 +274,11 @@ def run_retrieve(clients: list[Client], study_uid: str, instances: int, repeat: 
     path = f"/studies/{study_uid}"
     for n in range(repeat + 1):  # round 0: warm-up
         for c in clients if n % 2 == 0 else clients[::-1]:
-            seconds, size, parts = c.multipart(path, RETRIEVE_ACCEPT)
+            seconds, cpu, size, parts = c.multipart(path, RETRIEVE_ACCEPT)
             if parts != instances:
                 t.problems.append(f"{c.name} retrieve: {parts} of {instances} instances")
             if n:
-                t.add("WADO-RS retrieve", c.name, seconds, size)
+                t.add("WADO-RS retrieve", c.name, seconds, size, cpu)
             seconds, meta = c.json(path + "/metadata")
             if len(meta) != instances:
                 t.problems.append(f"{c.name} metadata: {len(meta)} of {instances} instances")
@@ -328,6 +333,9 @@ def print_results(t: Timings, names: list[str]) -> None:
             if by.get(engine) and by.get(before):
                 (n50, n95, _), (b50, b95, _) = percentiles(by[engine]), percentiles(by[before])
                 print(f"  {what:<28} p50 {b50 / n50:5.2f}   p95 {b95 / n95:5.2f}")
+    for what, by in t.server_cpu.items():
+        shown = ", ".join(f"{server} {statistics.median(by[server]) * 1000:.0f} ms" for server in names if by.get(server))
+        print(f"\nserver CPU per {what} (p50 of user + system time of the server process, from /proc): {shown}")
 
 
 # =====================================================================================================
@@ -416,14 +424,15 @@ def run(args: argparse.Namespace, root: Path, servers: list[Server]) -> int:
           f"{json.dumps(shown)}")
     print("engine: python -m engine.cli run, SQLite, RADBRIDGE_DICOM_FSYNC=false, RADBRIDGE_STABLE_SECONDS=3600, "
           "the repository's channels/ and mappings/, other settings at their defaults", flush=True)
-    clients = [Client("engine", engine_http, "/dicomweb", TOKEN), Client("orthanc", orthanc_http, "/dicom-web")]
+    clients = [Client("engine", engine_http, "/dicomweb", engine.pid, TOKEN),
+               Client("orthanc", orthanc_http, "/dicom-web", orthanc.pid)]
     targets = [("engine", engine_dicom, "RADBRIDGE"), ("orthanc", orthanc_dicom, "ORTHANC")]
     if args.baseline_src:
         (root / "before").mkdir()
         before, before_dicom, before_http = start_engine(root / "before", args.baseline_src.resolve())
         servers.append(before)
         print(f"before: the engine from {describe_source(args.baseline_src.resolve())}, the same settings", flush=True)
-        clients.append(Client("before", before_http, "/dicomweb", TOKEN))
+        clients.append(Client("before", before_http, "/dicomweb", before.pid, TOKEN))
         targets.append(("before", before_dicom, "RADBRIDGE"))
 
     for name, port, aet in targets:
