@@ -270,6 +270,27 @@ def test_wado_retrieve_aborts_rather_than_send_a_file_that_changed_size_meanwhil
     assert after.status_code == 200 and len(multipart(after)) == 40
 
 
+def test_wado_retrieve_over_https_sends_the_stored_files(settings: Settings, tmp_path: Path) -> None:
+    """Over TLS the kernel cannot send the files (sendfile): asyncio copies them through the TLS layer
+    instead, and the answer is the same, byte for byte, with its Content-Length."""
+    from engine.tls import TLSSettings
+    from tests.certs import make_pki
+    pki = make_pki(tmp_path / "pki")
+    settings.http.tls = TLSSettings(cert=str(pki.server.cert), key=str(pki.server.key), ca=str(pki.ca))
+    eng = RunningEngine(settings).start()
+    try:
+        archive = Archive(eng, tmp_path / "objects")
+        objs = large_study(archive, tmp_path, 3, "WL3")
+        answer = requests.get(f"https://localhost:{eng.engine.http_port}/dicomweb/studies/{objs[0].study_uid}",
+                              headers={"Authorization": f"Bearer {TOKEN}", "Accept": 'multipart/related; '
+                                       'type="application/dicom"; transfer-syntax=*'}, verify=str(pki.ca), timeout=30)
+        assert answer.status_code == 200
+        assert int(answer.headers["Content-Length"]) == len(answer.content)
+        assert multipart(answer) == [archive.stored(o) for o in objs]
+    finally:
+        eng.stop()
+
+
 def multipart(answer: requests.Response) -> list[bytes]:
     ctype = answer.headers["Content-Type"]
     assert ctype.startswith("multipart/related")
