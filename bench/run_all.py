@@ -2,7 +2,7 @@
 the ratio and the goal (issue 18's table, DICOMweb against Orthanc, forwarding against storescu).
 
     python bench/run_all.py --quick            # every benchmark at a tiny size: does each still run?
-    python bench/run_all.py                    # the sizes behind the README's figures (about 40 min)
+    python bench/run_all.py                    # the sizes behind the README's figures (about half an hour)
     python bench/run_all.py --markdown         # the table as markdown
     python bench/run_all.py --write-readme     # ... and put it in README.md between the run_all markers
 

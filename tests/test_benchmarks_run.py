@@ -18,6 +18,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.conftest import pg_unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,6 +52,8 @@ def test_every_benchmark_is_covered() -> None:
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_the_benchmark_runs_and_its_checks_pass(script: str, tmp_path: Path) -> None:
     args, figure = RUNS[script]
+    if RUN_ALL.PG in args and (reason := pg_unavailable()):  # as the other PostgreSQL variants do
+        pytest.skip(reason)
     needed = RUN_ALL.needed(script)
     out = tmp_path / "figures.json"
     run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *(["--json", str(out)] * bool(needed))],
