@@ -207,6 +207,7 @@ class Ran:
 
 
 def run_one(bench: Benchmark, args: list[str], work: Path, timeout: float) -> Ran:
+    from benchutil import die_with_parent
     stem = bench.script.removesuffix(".py")
     log, out = work / f"{stem}.log", work / f"{stem}.json"
     argv = [sys.executable, str(REPO / "bench" / bench.script), *args]
@@ -214,12 +215,24 @@ def run_one(bench: Benchmark, args: list[str], work: Path, timeout: float) -> Ra
         argv += ["--json", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_") or k == "RADBRIDGE_TEST_PG"}
     t0 = time.monotonic()
-    with log.open("w", encoding="utf-8") as fh:
+    with log.open("w", encoding="utf-8") as fh:  # die_with_parent: stopping run_all stops the benchmark
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=die_with_parent)
         try:
-            rc = subprocess.run(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            proc.terminate()  # SIGTERM: the scripts stop their servers and remove their temp dirs
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             fh.write(f"\nrun_all: stopped after {timeout:.0f} s\n")
             rc = -1
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
     seconds = time.monotonic() - t0
     figures = json.loads(out.read_text(encoding="utf-8"))["figures"] if out.exists() else {}
     return Ran(bench, argv[1:], seconds, rc, log, figures)
