@@ -206,7 +206,8 @@ class Ran:
         return self.returncode != 0 or bool(self.missing)
 
 
-def run_one(bench: Benchmark, args: list[str], work: Path, timeout: float) -> Ran:
+def run_one(bench: Benchmark, args: list[str], work: Path, timeout: float, tmpdir: Path | None) -> Ran:
+    """One benchmark in its own process; ``tmpdir`` (TMPDIR) takes what it leaves in temp directories."""
     from benchutil import die_with_parent
     stem = bench.script.removesuffix(".py")
     log, out = work / f"{stem}.log", work / f"{stem}.json"
@@ -214,6 +215,8 @@ def run_one(bench: Benchmark, args: list[str], work: Path, timeout: float) -> Ra
     if needed(bench.script):
         argv += ["--json", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADBRIDGE_") or k == "RADBRIDGE_TEST_PG"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     t0 = time.monotonic()
     with log.open("w", encoding="utf-8") as fh:  # die_with_parent: stopping run_all stops the benchmark
         proc = subprocess.Popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env,
@@ -278,7 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bench_args is None:
             print(f"  {bench.script}: not run ({bench.why_not_full})", flush=True)
             continue
-        r = run_one(bench, bench_args, work, timeout)
+        # --quick: temp dirs under the work dir (compare.py keeps its outputs; a failed tiny run's stores
+        # stay with its log); a full run leaves them where the scripts put them (fsync costs depend on it)
+        tmpdir = work / "tmp" if args.quick else None
+        if tmpdir is not None:
+            tmpdir.mkdir(exist_ok=True)
+        r = run_one(bench, bench_args, work, timeout, tmpdir)
         status = f"FAILED (exit {r.returncode})" if r.failed else "ok"
         shown = " ".join(Path(a).name if a.endswith(".py") else a for a in r.argv[:len(r.argv) - 2 * ("--json" in r.argv)])
         print(f"  {status:<18}{r.seconds:7.1f} s  {shown}"
@@ -290,11 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [r for r in ran if r.failed]
     print(f"\n{len(ran)} benchmarks in {total:.0f} s; {len(failed)} failed"
           + (" (--quick: tiny sizes, the figures say nothing about speed)" if args.quick else ""))
-    print()
-    text = table(measured, args.markdown)
-    print(text)
     met = sum(1 for _row, m in measured if m is not None and m.met)
-    print(f"\ngoals met: {met} of {len(measured)}; ratio = engine / reference (for times: reference / engine)")
+    if measured:
+        print("\n" + table(measured, args.markdown))
+        print(f"\ngoals met: {met} of {len(measured)}; ratio = engine / reference (for times: reference / engine)")
     for r in failed:
         print(f"\n{r.bench.script} FAILED (exit {r.returncode}); the end of {r.log}:")
         print("  " + "\n  ".join(r.log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]))
