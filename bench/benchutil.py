@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import signal
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +137,19 @@ def migrated_store(admin_url: str | None, prefix: str) -> tuple[Path, str, Calla
         drop()
         raise
     return work, url, drop
+
+
+def json_option(ap: Any) -> None:
+    """``--json FILE``: every benchmark's way of handing its figures to bench/run_all.py."""
+    ap.add_argument("--json", type=Path, default=None, metavar="FILE",
+                    help="also write this run's figures to FILE as JSON (bench/run_all.py reads them)")
+
+
+def write_figures(path: Path | None, figures: Mapping[str, float]) -> None:
+    """The figures of a run, by name (medians when it ran several rounds), as ``{"figures": {...}}``
+    in ``path`` (``--json``); nothing without a path. NaN (a figure the run could not measure) is
+    written as null."""
+    if path is None:
+        return
+    out = {k: (None if math.isnan(float(v)) else float(v)) for k, v in sorted(figures.items())}
+    path.write_text(json.dumps({"figures": out}, indent=1) + "\n", encoding="utf-8")

@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
+from benchutil import json_option, write_figures  # noqa: E402
 from dicom_ingest import make_instances  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
@@ -184,6 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--instances", type=int, default=500)
     ap.add_argument("--repeat", type=int, default=1, help="rounds (storescu, then engine, each round)")
     ap.add_argument("--database-url", help="the engine's database (default: SQLite in the work directory)")
+    json_option(ap)
     return ap.parse_args(argv)
 
 
@@ -208,10 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run_pynetdicom(study.files, root / f"r{i}-pynetdicom")]
             rounds.append(pair)
             print_round(i, pair)
+        base = statistics.median(r[0].rate for r in rounds)
+        eng = statistics.median(r[1].rate for r in rounds)
+        lib = statistics.median(r[2].rate for r in rounds)
+        write_figures(args.json, {"storescu inst/s": base, "engine inst/s": eng, "pynetdicom inst/s": lib})
         if len(rounds) > 1:
-            base = statistics.median(r[0].rate for r in rounds)
-            eng = statistics.median(r[1].rate for r in rounds)
-            lib = statistics.median(r[2].rate for r in rounds)
             print(f"\nmedians: storescu {base:.1f} inst/s, engine {eng:.1f} inst/s, pynetdicom {lib:.1f} inst/s; "
                   f"ratio engine / storescu {eng / base:.2f}, engine / pynetdicom {eng / lib:.2f}")
     finally:

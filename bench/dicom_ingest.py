@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchutil import describe_source, die_with_parent, mib, proc_status
+from benchutil import describe_source, die_with_parent, json_option, mib, proc_status, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -540,7 +540,9 @@ def rss_text(r: RunResult) -> str:
     return f"{', '.join(parts)}; max sampled {mib(r.rss_polled_max_kb)}; peak (VmHWM) {mib(r.hwm_kb)}"
 
 
-def print_results(results: list[RunResult], labels: list[str]) -> None:
+def print_results(results: list[RunResult], labels: list[str]) -> dict[str, float]:
+    """The runs, best and median per target, the ratios and RSS; returns each target's median inst/s of
+    its good runs (``--json``)."""
     head = (f"{'target':<20}{'run':>4}{'instances':>11}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}"
             f"{'stored':>8}{'peak RSS MiB':>14}")
     print()
@@ -592,6 +594,7 @@ def print_results(results: list[RunResult], labels: list[str]) -> None:
         print(f"  {r.label} run {runs[r.label]}: {rss_text(r)}")
         for p in r.problems:
             print("    " + p.replace("\n", "\n    "))
+    return {f"{label} inst/s": statistics.median(rates(label)) for label in labels if rates(label)}
 
 
 # =====================================================================================================
@@ -621,6 +624,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tmpdir", default=None, help="where the instances and storage go (default: system temp)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep instances, storage and logs for inspection")
     ap.add_argument("--run-target", metavar="JSON", default=None, help=argparse.SUPPRESS)
+    json_option(ap)
     args = ap.parse_args(argv)
     args.target_list = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.tls:  # TLS against plain, in the same run
@@ -706,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 what = f" (run {rep} of {args.repeat})" if args.repeat > 1 else ""
                 print(f"{TARGETS[name][1]}: {args.instances} instances{what} ...", flush=True)
                 results.append(one(name, args.instances, [10, 50, 100]))
-        print_results(results, labels)
+        write_figures(args.json, print_results(results, labels))
         failed = any(not r.ok for r in results)
         if args.large_mb:
             n = math.ceil(args.large_mb * 1e6 / size)

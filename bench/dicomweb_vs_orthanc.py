@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchutil import cpu_seconds, describe_source, die_with_parent, percentiles
+from benchutil import cpu_seconds, describe_source, die_with_parent, json_option, percentiles, write_figures
 from dicom_ingest import HOST, ORTHANC, Server, free_port, make_instances, netns_available, tool_version
 from transcode_retrieve import start_engine
 
@@ -300,9 +300,10 @@ def check_counts(clients: list[Client], studies: int) -> list[str]:
 # Output
 # =====================================================================================================
 
-def print_results(t: Timings, names: list[str]) -> None:
+def print_results(t: Timings, names: list[str]) -> dict[str, float]:
     """Rows per request and server; each engine's speed against Orthanc; with a baseline engine (the
-    last name, ``--baseline-src``) this engine's speed against it too."""
+    last name, ``--baseline-src``) this engine's speed against it too. Returns each request's p50 per
+    server, "<request> <server> p50 ms" (``--json``)."""
     engine, orthanc = names[:2]
     head = (f"{'request':<28}{'server':<9}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}{'max ms':>10}{'MB/s p50':>10}"
             f"{'speed engine/orthanc (p50, p95)':>34}")
@@ -336,6 +337,8 @@ def print_results(t: Timings, names: list[str]) -> None:
     for what, by in t.server_cpu.items():
         shown = ", ".join(f"{server} {statistics.median(by[server]) * 1000:.0f} ms" for server in names if by.get(server))
         print(f"\nserver CPU per {what} (p50 of user + system time of the server process, from /proc): {shown}")
+    return {f"{what} {server} p50 ms": 1000 * percentiles(values)[0]
+            for what, by in t.seconds.items() for server, values in by.items() if values}
 
 
 # =====================================================================================================
@@ -359,6 +362,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tmpdir", default=None, help="where the instances and storage go (default: system temp)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep instances, storage and logs")
     ap.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
+    json_option(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.instances, args.studies, args.repeat, args.retrieves = 5, 40, 2, 2
@@ -449,7 +453,7 @@ def run(args: argparse.Namespace, root: Path, servers: list[Server]) -> int:
         print(f"\n{args.instances}-instance study ({big.size_bytes / 1e6:.1f} MB of files) retrieved "
               f"{args.retrieves} times, Accept: {RETRIEVE_ACCEPT}; QIDO-RS over {args.studies + 1:,} studies, "
               f"{args.repeat} requests each; engine and Orthanc alternating")
-        print_results(t, [c.name for c in clients])
+        write_figures(args.json, print_results(t, [c.name for c in clients]))
     problems += t.problems
     for p in problems[:20]:
         print("ERROR:", p)

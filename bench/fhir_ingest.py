@@ -61,7 +61,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from benchutil import describe_source, mib, proc_status
+from benchutil import describe_source, json_option, mib, proc_status, write_figures
 from mllp_ingest import HOST, ServerProcess, Workspace, engine_env, proc_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -685,7 +685,8 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(vals) if vals else math.nan
 
 
-def print_table(scenarios: list[Scenario], opts: Options) -> None:
+def print_table(scenarios: list[Scenario], opts: Options) -> dict[str, float]:
+    """The table, the ratios and the goal; returns the median resources/s of engine and baseline (``--json``)."""
     head = (f"{'scenario':<20}{'run':>4}{'bundles':>9}{'res/s':>9}{'bundles/s':>11}{'p50 ms':>9}{'p95 ms':>9}"
             f"{'p99 ms':>9}{'max ms':>9}{'srv CPU ms/bdl':>16}{'srv CPU %':>11}{'cli CPU %':>11}{'failed':>8}"
             f"{'peak RSS MiB':>14}")
@@ -749,6 +750,8 @@ def print_table(scenarios: list[Scenario], opts: Options) -> None:
             print(f"  failed: {f}")
         for note in s.notes:
             print("  " + note.replace("\n", "\n  "))
+    return {f"{kind} res/s": _median([s.resources_per_s for s in scenarios if s.kind == kind])
+            for kind in sorted({s.kind for s in scenarios})}
 
 
 # =====================================================================================================
@@ -782,6 +785,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--engine-src", metavar="DIR", default=str(REPO),
                     help="source tree to run the engine from (default: this repository)")
     ap.add_argument("--baseline-server", metavar="DB", default=None, help=argparse.SUPPRESS)
+    json_option(ap)
     args = ap.parse_args(argv)
     if args.bundles < 1 or args.connections < 1 or args.repeat < 1 or args.warmup < 0:
         ap.error("--bundles, --connections and --repeat must be at least 1, --warmup at least 0")
@@ -822,7 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{kind} {opts.db}: {opts.bundles} bundles over {opts.connections} connections{what} ...",
                       flush=True)
                 scenarios.append(bench.run(kind, rep))
-        print_table(scenarios, opts)
+        write_figures(args.json, print_table(scenarios, opts))
     except EndpointMissing as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 1

@@ -54,7 +54,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchutil import describe_source, die_with_parent, mib, proc_status
+from benchutil import describe_source, die_with_parent, json_option, mib, proc_status, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -1057,8 +1057,9 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def print_table(scenarios: list[Scenario]) -> None:
-    """One row per run; an engine run's ratio is against the median baseline of its backend and connections."""
+def print_table(scenarios: list[Scenario]) -> dict[str, float]:
+    """One row per run; an engine run's ratio is against the median baseline of its backend and connections.
+    Returns the median msg/s of each scenario kind, backend and connection count (``--json``)."""
     rates: dict[tuple[str, str, int], list[float]] = {}
     for s in scenarios:
         rates.setdefault((s.kind, s.backend, s.connections), []).append(s.result.rate)
@@ -1106,6 +1107,7 @@ def print_table(scenarios: list[Scenario]) -> None:
             print(f"  bad ACK: {f}")
         for note in s.notes:
             print("  " + note.replace("\n", "\n  "))
+    return {f"{k} {b} x{c} msg/s": _median(v) for (k, b, c), v in rates.items()}
 
 
 # =====================================================================================================
@@ -1143,6 +1145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="source tree to run the engine from, e.g. an exported older commit to compare "
                          "(default: this repository); its channels/ and mappings/ are used")
     ap.add_argument("--baseline-server", metavar="DB", default=None, help=argparse.SUPPRESS)
+    json_option(ap)
     args = ap.parse_args(argv)
     try:
         args.connection_counts = [int(c) for c in args.connections.split(",") if c.strip()]
@@ -1202,7 +1205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 scenarios.append(bench.run_baseline(b, c, opts.messages))
                             else:
                                 scenarios.append(bench.run_engine(b, c, opts.messages, tls=kind == "engine-tls"))
-        print_table(scenarios)
+        write_figures(args.json, print_table(scenarios))
         failed = any(s.result.failed or s.result.errors or "MISMATCH" in s.applied for s in scenarios)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import pydicom  # noqa: E402
-from benchutil import describe_source  # noqa: E402
+from benchutil import describe_source, json_option, write_figures  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import create_engine, func, select, text, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
@@ -875,6 +875,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every phase; medians printed (default 1)")
     ap.add_argument("--tmpdir", default=None, help="where the databases, files and logs go (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (engine.log, stores)")
+    json_option(ap)
     args = ap.parse_args(argv)
     if min(args.studies, args.latency_studies, args.natural_studies, args.warmup) < 0 or args.repeat < 1:
         ap.error("counts must be >= 0 and --repeat >= 1")
@@ -917,6 +918,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_round(rnd, i, args.repeat)
         if len(rounds) > 1:
             print_medians(rounds)
+        write_figures(args.json, {k: statistics.median(r.figures[k] for r in rounds if k in r.figures)
+                                  for k in sorted({k for r in rounds for k in r.figures})})
         print_logs(tally)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

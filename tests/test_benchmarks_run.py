@@ -4,11 +4,13 @@ The scripts under bench/ are not tests and are run by hand, so an engine change 
 (a renamed function, a new way events reach the reconciliation queue) would go unseen until the
 next measurement. Each is run here at a size that takes seconds; it must exit 0, which each does
 only when its own checks of the store (messages applied, instances indexed, files coerced,
-deliveries made) passed, and print its table."""
+deliveries made) passed, and print its table. The sizes are bench/run_all.py's ``--quick`` ones (one
+table, ``BENCHMARKS``); a script that feeds run_all's table must also hand over its figures (``--json``)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,30 +18,14 @@ from types import ModuleType
 
 import pytest
 
+from tests.conftest import pg_unavailable
+
 REPO = Path(__file__).resolve().parents[1]
 
-RUNS = {
-    "mllp_ingest.py": (["--messages", "40", "--connections", "1,2", "--warmup", "5"], "srv CPU ms/msg"),
-    "fhir_ingest.py": (["--bundles", "20", "--connections", "2", "--warmup", "2"], "resources/s"),
-    "dicom_ingest.py": (["--instances", "5", "--warmup", "1", "--targets", "engine"], "inst/s"),
-    "dicom_forward.py": (["--instances", "5"], "ratio engine / storescu inst/s"),
-    "reconcile_coerce.py": (["--instances", "5"], "engine / naive time"),
-    "outbound_delivery.py": (["--studies", "10", "--latency-studies", "2", "--natural-studies", "2",
-                              "--warmup", "1"], "deliveries/s"),
-    "retention.py": (["--old", "500", "--live", "50", "--batch", "100"], "while pruning"),
-    "console.py": (["--messages", "3000", "--repeat", "2", "--explain"], "p95 < 300 ms"),
-    "dicomweb_qido.py": (["--studies", "300", "--repeat", "2", "--explain"], "QIDO-RS search"),
-    "dicomweb_vs_orthanc.py": (["--quick"], "speed engine/orthanc"),
-    "instructions.py": (["--messages", "5", "--warmup", "2"], "instructions"),
-    "transcode_retrieve.py": (["--sizes", "3,6"], "decoded / stored inst/s"),
-    # this tree against itself, one pair: the same-run comparison of two commits
-    "compare.py": (["--baseline", str(REPO), "--pairs", "1", "reconcile_coerce.py", "--instances", "5"],
-                   "engine (coerce) inst/s"),
-}
 
-
-def _compare() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_compare", REPO / "bench" / "compare.py")
+def _bench_module(name: str) -> ModuleType:
+    """A script under bench/ as a module (bench/ is not a package; its scripts import their siblings)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = sys.modules.get(spec.name)
     if module is None:
@@ -49,24 +35,75 @@ def _compare() -> ModuleType:
     return module
 
 
+RUN_ALL = _bench_module("run_all")
+# the tiny sizes are bench/run_all.py's (its --quick runs the same), so the two cannot drift apart
+RUNS = {b.script: (b.quick, b.printed) for b in RUN_ALL.BENCHMARKS}
+
+
+def _compare() -> ModuleType:
+    return _bench_module("compare")
+
+
 def test_every_benchmark_is_covered() -> None:
-    assert sorted(RUNS) == sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name != "benchutil.py")
+    assert sorted(RUNS) == sorted(p.name for p in (REPO / "bench").glob("*.py")
+                                  if p.name not in ("benchutil.py", "run_all.py"))
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_the_benchmark_runs_and_its_checks_pass(script: str, tmp_path: Path) -> None:
     args, figure = RUNS[script]
-    run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, env=bench_env(tmp_path))
+    if RUN_ALL.PG in args and (reason := pg_unavailable()):  # as the other PostgreSQL variants do
+        pytest.skip(reason)
+    needed = RUN_ALL.needed(script)
+    out = tmp_path / "figures.json"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *(["--json", str(out)] * bool(needed))],
+                         cwd=REPO, capture_output=True, text=True, timeout=300, env=bench_env(tmp_path))
     tail = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0, tail
     assert figure in run.stdout, tail
+    if needed:  # every figure bench/run_all.py's table takes from this script is in its --json output
+        figures = json.loads(out.read_text(encoding="utf-8"))["figures"]
+        assert {n for n in needed if figures.get(n) is not None} == needed, (sorted(figures), tail)
     compare = _compare()
     if script in compare.FIGURES:  # bench/compare.py reads this table: every figure it knows is found
         found = compare.figures(script, run.stdout)
         for fig in compare.FIGURES[script]:
             column = fig.name.rsplit("}", 1)[-1]  # " msg/s", " CPU ms/msg" ...
             assert any(name.endswith(column) and values for name, values in found.items()), (column, found, tail)
+
+
+def test_run_all_table_takes_its_figures_from_benchmarks_it_runs() -> None:
+    """Every row of bench/run_all.py's table names a benchmark that a full run runs."""
+    full = {b.script for b in RUN_ALL.BENCHMARKS if b.full is not None}
+    assert {row.script for row in RUN_ALL.ROWS} <= full
+
+
+def test_run_all_rows_measure_ratio_and_goal() -> None:
+    rows = {row.path: row for row in RUN_ALL.ROWS}
+    hl7 = rows["HL7 in, 1 connection"]
+    m = RUN_ALL.measure(hl7, {"engine sqlite x1 msg/s": 900.0, "baseline sqlite x1 msg/s": 3000.0})
+    assert (round(m.ratio, 2), m.met) == (0.3, False)
+    assert RUN_ALL.measure(hl7, {"engine sqlite x1 msg/s": 900.0}) is None  # a figure missing: no row
+    fhir = rows["FHIR transaction Bundles"]  # a ratio goal and an absolute one
+    assert not RUN_ALL.measure(fhir, {"engine res/s": 450.0, "baseline res/s": 1000.0}).met
+    assert RUN_ALL.measure(fhir, {"engine res/s": 600.0, "baseline res/s": 1000.0}).met
+    qido = rows["DICOMweb QIDO-RS study search (slowest of 5 kinds)"]  # times: reference / engine, worst pair
+    times = {name: 10.0 for pair in qido.pairs for name in pair}
+    times["PatientID engine p50 ms"] = 40.0
+    m = RUN_ALL.measure(qido, times)
+    assert (m.ratio, m.query, m.met) == (0.25, "PatientID engine p50 ms", False)
+    assert "(PatientID)" in RUN_ALL.table([(qido, m)], markdown=True)
+
+
+def test_run_all_replaces_the_readme_section_between_its_markers(tmp_path: Path) -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert readme.count(RUN_ALL.README_BEGIN) == readme.count(RUN_ALL.README_END) == 1
+    new = RUN_ALL.replace_section(readme, "| new table |")
+    assert f"{RUN_ALL.README_BEGIN}\n| new table |\n{RUN_ALL.README_END}" in new
+    before, after = readme.split(RUN_ALL.README_BEGIN)[0], readme.split(RUN_ALL.README_END)[1]
+    assert new.startswith(before) and new.endswith(after)  # nothing else changes
+    with pytest.raises(SystemExit):
+        RUN_ALL.replace_section("no markers", "x")
 
 
 def bench_env(tmp_path: Path) -> dict[str, str]:
