@@ -30,7 +30,7 @@ from sqlalchemy.orm import aliased
 
 from engine.channels import Channel, Destination, OutboundRoute
 from engine.domain.events import Event, EventBus, EventKind, ReportReceived, StudyCorrected, StudyReconciled
-from engine.domain.records import add, fetch_all
+from engine.domain.records import add, fetch_all, update_row_if
 from engine.outbound.render import Rendered
 from engine.store.leases import LEASE_SECONDS
 from engine.store.models import Delivery, DeliveryAttempt
@@ -286,8 +286,7 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
         delay = max(next_delay, o.retry_after or 0.0)
         values.update({"next_at": now + timedelta(seconds=delay), "last_error": (o.error or o.status or "")[:2000]})
     # an operator may have discarded it while it was in flight: that decision stands
-    moved = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id, DELIVERIES.c.state == DeliveryState.PENDING)
-                         .values(**values)).rowcount
+    moved = update_row_if(conn, DELIVERIES, c.id, {"state": DeliveryState.PENDING}, **values)
     return str(values.get("state", DeliveryState.PENDING)) if moved else DeliveryState.DISCARDED
 
 

@@ -2,7 +2,8 @@
 
     claim a batch (outbox.claim: due, oldest first, one per patient, SKIP LOCKED), leased for
         [database] lease_seconds and renewed every third of that until it is settled
-    render what was never rendered (from the store, in a thread), keep it for the retries
+    render what was never rendered (from the store, in a thread: an MLLP batch at once), keep it
+        for the retries
     send: MLLP one at a time on one connection; FHIR up to ``concurrency`` requests at once
     settle the batch in one transaction: delivered, retry at now + backoff, or dead
 
@@ -95,15 +96,32 @@ class Renderer:
         return m
 
     def render(self, c: Claimed) -> Rendered:
+        found = self.render_all([c])[c.id]
+        if isinstance(found, RenderError):
+            raise found
+        return found
+
+    def render_all(self, claimed: list[Claimed]) -> dict[int, Rendered | RenderError]:
+        """Each delivery's message (or why it cannot be built), read on one connection: a batch
+        costs one thread hop and one connection, not one each."""
+        out: dict[int, Rendered | RenderError] = {}
+        with self.db.reader.connect() as conn:
+            for c in claimed:
+                try:
+                    out[c.id] = self._render(conn, c)
+                except RenderError as exc:
+                    out[c.id] = exc
+        return out
+
+    def _render(self, conn: Any, c: Claimed) -> Rendered:
         if c.study_id is None:
             raise RenderError("the study of this delivery was deleted")
         mapping = self.mapping(c.mapping)
-        with self.db.reader.connect() as conn:
-            try:
-                ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
-                                    storage=self.storage, engine=self.info)
-            except LookupError as exc:
-                raise RenderError(str(exc)) from None
+        try:
+            ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
+                                storage=self.storage, engine=self.info)
+        except LookupError as exc:
+            raise RenderError(str(exc)) from None
         return render(mapping, ctx)
 
 
@@ -175,8 +193,11 @@ class DestinationWorker:
         results: list[tuple[Claimed, Outcome, Rendered | None]] = []
         unsent: list[int] = []
         if self.dest.type != "fhir":  # MLLP on its one connection; DICOM one association at a time
+            ready: dict[int, Rendered | RenderError] = {}
+            if isinstance(self.sender, MLLPSender) and self.renderer is not None:  # the batch in one go
+                ready = await asyncio.to_thread(self.renderer.render_all, [c for c in claimed if c.payload is None])
             for i, c in enumerate(claimed):
-                res = await self._attempt(c)
+                res = await self._attempt(c, ready.get(c.id))
                 results.append(res)
                 if destination_failed(res[1]):
                     unsent = [x.id for x in claimed[i + 1:]]
@@ -213,7 +234,10 @@ class DestinationWorker:
                         self.said(results[-1][0].id, results[-1][1]), self.paused_for)
         return len(results)
 
-    async def _attempt(self, c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
+    async def _attempt(self, c: Claimed, ready: Rendered | RenderError | None = None
+                       ) -> tuple[Claimed, Outcome, Rendered | None]:
+        """Send one delivery: what it kept from its first attempt, else ``ready`` (rendered with its
+        batch), else rendered now."""
         assert self.sender is not None
         if not isinstance(self.sender, MLLPSender | FHIRSender):
             return c, await self.sender.deliver(c), None
@@ -222,7 +246,9 @@ class DestinationWorker:
         if msg is None:
             assert self.renderer is not None
             try:
-                msg = fresh = await asyncio.to_thread(self.renderer.render, c)
+                if isinstance(ready, RenderError):
+                    raise ready
+                msg = fresh = ready if ready is not None else await asyncio.to_thread(self.renderer.render, c)
             except RenderError as exc:
                 return c, Outcome(AttemptOutcome.DEAD, "render", error=f"cannot build the message: {exc}"), None
         if isinstance(self.sender, MLLPSender):
