@@ -219,10 +219,18 @@ class Rig:
             self.ehr.stop()
 
 
-def start_rig(dbs: Databases, work: Path, stable_seconds: float) -> Rig:
-    """A fresh stand-in EHR and a fresh engine pointed at it (repository channels/ and mappings/)."""
+def start_rig(dbs: Databases, work: Path, stable_seconds: float, mllp_in_flight: int = 1) -> Rig:
+    """A fresh stand-in EHR and a fresh engine pointed at it (repository channels/ and mappings/;
+    ``mllp_in_flight`` other than 1 is set on the outbound channel's mllp destination)."""
     work.mkdir(parents=True)
     shutil.copytree(REPO / "channels", work / "channels")
+    if mllp_in_flight != 1:
+        channel = work / "channels" / "ehr-outbound.yaml"
+        text = channel.read_text()
+        marker = "    type: mllp\n"
+        if marker not in text:
+            raise RuntimeError(f"no '{marker.strip()}' destination in {channel}")
+        channel.write_text(text.replace(marker, marker + f"    in_flight: {mllp_in_flight}\n", 1))
     shutil.copytree(REPO / "mappings", work / "mappings")
     ehr = TimedEHR()
     ehr.start()
@@ -491,7 +499,7 @@ def check_statuses(results: list[tuple[float, float, list[int]]], what: str) -> 
 
 def phase_latency(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Round) -> None:
     count, warm = args.latency_studies, args.warmup
-    rig = start_rig(dbs, root / "latency", 3600)
+    rig = start_rig(dbs, root / "latency", 3600, args.mllp_in_flight)
     e, ehr = rig.e, rig.ehr
     specs = make_specs(Maker(rig.work / "dicom"), "L", warm + count, lambda i: 1 + i % 2)
     s_is, s_oru = Series("engine: stable -> ImagingStudy stored"), Series("engine: stable -> ORU accepted")
@@ -558,7 +566,7 @@ def phase_latency(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Rou
 
 def phase_natural(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Round) -> None:
     stable = args.natural_stable_seconds
-    rig = start_rig(dbs, root / "natural", stable)
+    rig = start_rig(dbs, root / "natural", stable, args.mllp_in_flight)
     e, ehr = rig.e, rig.ehr
     specs = make_specs(Maker(rig.work / "dicom"), "N", args.warmup + args.natural_studies, lambda i: 1 + i % 2)
     s_is = Series("natural: stable_seconds elapsed -> ImagingStudy stored")
@@ -616,7 +624,7 @@ def wait_db(e: RunningEngine, what: str, check: Callable[[Any], bool], deadline_
 
 def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: Round) -> None:
     n = args.studies
-    rig = start_rig(dbs, root / "throughput", 3600)
+    rig = start_rig(dbs, root / "throughput", 3600, args.mllp_in_flight)
     e, ehr = rig.e, rig.ehr
     try:
         ehr.set_fhir_down(True)
@@ -872,6 +880,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--natural-stable-seconds", type=float, default=2.0,
                     help="stable_seconds of the natural phase's engine (default 2)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed studies before each latency phase (default 2)")
+    ap.add_argument("--mllp-in-flight", type=int, default=1,
+                    help="in_flight of the mllp destination (default 1: the shipped setting; messages in flight "
+                    "at once, each on its own connection)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every phase; medians printed (default 1)")
     ap.add_argument("--tmpdir", default=None, help="where the databases, files and logs go (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (engine.log, stores)")
@@ -879,6 +890,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if min(args.studies, args.latency_studies, args.natural_studies, args.warmup) < 0 or args.repeat < 1:
         ap.error("counts must be >= 0 and --repeat >= 1")
+    if not 1 <= args.mllp_in_flight <= 16:
+        ap.error("--mllp-in-flight is 1 to 16")
     if args.natural_stable_seconds <= 0:
         ap.error("--natural-stable-seconds must be > 0")
     return args

@@ -158,6 +158,9 @@ class OutboundOptions:
     """An outbound channel's settings live on its destinations; options: takes nothing yet."""
 
 
+MAX_IN_FLIGHT = 16  # MLLP connections a destination may have open at once
+
+
 @dataclass
 class Destination:
     """Where an outbound channel sends (the address comes from [ehr] in config) and its retry rule."""
@@ -168,7 +171,10 @@ class Destination:
     backoff_initial_seconds: float = 2.0
     backoff_max_seconds: float = 600.0
     timeout_seconds: float = 30.0  # connect + answer (HTTP response, MLLP ACK)
-    concurrency: int = 4  # FHIR: requests in flight at once (MLLP sends one at a time)
+    concurrency: int = 4  # FHIR: requests in flight at once
+    # MLLP: messages in flight at once, each on its own connection waiting for its ACK (always for
+    # different patients: a batch holds one delivery per patient); 1 sends one at a time
+    in_flight: int = 1
     retry_codes: list[str] = field(default_factory=lambda: ["AR", "CR"])  # MLLP: NAK codes worth retrying
     # 401/403 too: an expired token is fixed in config, and nothing should be dead-lettered meanwhile
     retry_statuses: list[int] = field(default_factory=lambda: [401, 403, 408, 425, 429, 500, 502, 503, 504])
@@ -642,6 +648,12 @@ def _parse_outbound(data: Any, file: str, known_mappings: set[str] | None, probl
             setattr(dest, key, value)
         if dest.backoff_max_seconds < dest.backoff_initial_seconds:
             problem(dline, f"{where}.backoff_max_seconds", "must not be smaller than backoff_initial_seconds")
+        if "in_flight" in body and dest.type != "mllp":
+            problem(body.line_of("in_flight") if isinstance(body, LineDict) else dline, f"{where}.in_flight",
+                    "in_flight is for mllp destinations (fhir: concurrency)")
+        elif dest.in_flight > MAX_IN_FLIGHT:
+            problem(body.line_of("in_flight") if isinstance(body, LineDict) else dline, f"{where}.in_flight",
+                    f"at most {MAX_IN_FLIGHT} (one connection each)")
         destinations[dest.name] = dest
     routes: list[OutboundRoute] = []
     for rline, where, r in _route_mappings(data, problem, "{events: [study.reconciled], to: DESTINATION, mapping: MAPPING}",

@@ -8,9 +8,11 @@ bounded polls on what the stand-in EHR received.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -222,6 +224,75 @@ def test_ehr_down_then_back_everything_arrives_once_in_patient_order(eng: Runnin
     assert accs.index("ACCA1") < accs.index("ACCA2")  # patient A's results in the order they happened
     for obj in (a1, b1, a2):
         assert len(studies_at_ehr(ehr, obj.study_uid)) == 1
+
+
+class SlowInbox(StandInEHR):
+    """A results inbox that takes 50 ms over each message, noting the most it had in hand at once."""
+
+    def __init__(self) -> None:
+        super().__init__(token=EHR_TOKEN)
+        self.in_hand = self.most_in_hand = 0
+
+    async def _mllp_message(self, text: str, writer: Any) -> bool:
+        self.in_hand += 1  # the stand-in's own event loop: no lock needed
+        self.most_in_hand = max(self.most_in_hand, self.in_hand)
+        try:
+            await asyncio.sleep(0.05)
+            return await super()._mllp_message(text, writer)
+        finally:
+            self.in_hand -= 1
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_mllp_in_flight_sends_for_different_patients_at_once_in_patient_order(workdir: Path, db_url: str,
+                                                                              tmp_path: Path, in_flight: int) -> None:
+    inbox = SlowInbox()
+    with inbox:
+        fast_retries(workdir)
+        path = workdir / "channels" / "ehr-outbound.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["destinations"]["mllp"]["in_flight"] = in_flight
+        path.write_text(yaml.safe_dump(data))
+        s = make_settings(workdir, db_url)
+        s.dicom.stable_seconds = 3600
+        s.ehr.mllp, s.ehr.fhir_base, s.ehr.fhir_token = inbox.mllp_address, inbox.fhir_base, EHR_TOKEN
+        e = RunningEngine(s).start()
+        try:
+            inbox.set_mllp_down(True)
+            for k in range(5):  # five patients; the first has a second study, later
+                order_and_images(e, tmp_path / f"p{k}", f"MRN{k}", f"ACC{k}", family=f"Fam{k}", n=1)
+            settle(e)
+            order_and_images(e, tmp_path / "p0b", "MRN0", "ACC0B", family="Fam0", n=1)
+            settle(e)
+            inbox.set_mllp_down(False)
+            wake(e)
+            assert inbox.wait_for(lambda: len(inbox.oru_messages()) == 6, WAIT)
+            recorded_as_delivered(e, 12)
+        finally:
+            e.stop()
+    accs = [seg(m, "OBR")[18] for m in inbox.oru_messages()]
+    assert sorted(accs) == sorted(["ACC0", "ACC1", "ACC2", "ACC3", "ACC4", "ACC0B"])  # each once
+    assert accs.index("ACC0") < accs.index("ACC0B")  # a patient's results in the order they happened
+    assert inbox.most_in_hand == 1 if in_flight == 1 else 2 <= inbox.most_in_hand <= in_flight
+
+
+def test_in_flight_is_checked(tmp_path: Path) -> None:
+    from engine.channels import load_channels
+    from engine.connectors.registry import connector_specs
+    (tmp_path / "out.yaml").write_text(textwrap.dedent("""\
+        name: out
+        connector: {type: outbound}
+        destinations:
+          fhir: {type: fhir, in_flight: 2}
+          mllp: {type: mllp, in_flight: 17}
+          mllp2: {type: mllp, in_flight: 0}
+        routes: []
+        """))
+    _channels, problems = load_channels(tmp_path, connector_specs())
+    assert sorted((p.line, p.message) for p in problems if p.severity == "error" and "in_flight" in p.field) == [
+        (4, "in_flight is for mllp destinations (fhir: concurrency)"),
+        (5, "at most 16 (one connection each)"),
+        (6, "expected int (positive), got 0")]
 
 
 def test_ae_on_one_message_dead_letters_it_others_continue_then_replay(eng: RunningEngine, ehr: StandInEHR,

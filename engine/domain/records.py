@@ -133,12 +133,26 @@ def add(conn: Connection, table: Table, **values: Any) -> int:
 def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> dict[str, Any]:
     """UPDATE one row by primary key: the columns given (and onupdate columns); returns what it wrote."""
     values = _with_defaults(table, values, on_update=True)
-    keys = tuple(sorted(values))
-    prepared = _PREPARED.statement(conn, ("update", table.name, keys),
-                                   lambda: update(table).where(table.c.id == bindparam("row_id_"))
-                                   .values({k: bindparam(k) for k in keys}))
-    prepared.execute(conn, {**values, "row_id_": row_id})
+    _update(conn, table, row_id, {}, values)
     return values
+
+
+def update_row_if(conn: Connection, table: Table, row_id: int, holds: Mapping[str, Any], **values: Any) -> bool:
+    """UPDATE one row by primary key only while its columns still hold ``holds`` (a state another
+    hand may have changed meanwhile); whether it did."""
+    return _update(conn, table, row_id, holds, _with_defaults(table, values, on_update=True)) > 0
+
+
+def _update(conn: Connection, table: Table, row_id: int, holds: Mapping[str, Any], values: dict[str, Any]) -> int:
+    keys, checks = tuple(sorted(values)), tuple(sorted(holds))
+
+    def build() -> Any:
+        return (update(table).where(table.c.id == bindparam("row_id_"),
+                                    *(table.c[k] == bindparam(f"holds_{k}") for k in checks))
+                .values({k: bindparam(k) for k in keys}))
+    prepared = _PREPARED.statement(conn, ("update", table.name, keys, checks), build)
+    params = {**values, "row_id_": row_id, **{f"holds_{k}": v for k, v in holds.items()}}
+    return int(prepared.execute(conn, params).rowcount or 0)
 
 
 R = TypeVar("R", bound=Mapping[str, Any])

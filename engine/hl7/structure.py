@@ -1,17 +1,20 @@
-"""What hl7apy's structure definitions tell us: segments and field counts per version.
+"""What hl7apy's structure definitions tell us: segments, their fields and field layouts per version.
 
-Used off the hot path: to warn about mapping paths that point past a segment's defined fields, and
-to validate a stored message in depth on demand (`radbridge messages show --validate`).
+Used off the hot path: to warn about mapping paths that point past a segment's defined fields, to
+read the field layouts outbound mappings are written with when they load, and to validate a stored
+message in depth on demand (`radbridge messages show --validate`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 
-@lru_cache(maxsize=256)
-def segment_field_count(name: str, version: str = "2.5") -> int | None:
-    """Number of fields hl7apy defines for a segment, or None for Z-segments and unknown names."""
+@lru_cache(maxsize=512)
+def _segment_children(name: str, version: str) -> tuple[Any, ...] | None:
+    """hl7apy's reference entries of a segment's fields, or None for Z-segments and unknown names."""
     if name.startswith("Z"):
         return None
     from hl7apy import load_reference
@@ -19,9 +22,52 @@ def segment_field_count(name: str, version: str = "2.5") -> int | None:
         ref = load_reference(name, "Segment", version)
     except Exception:  # hl7apy raises ChildNotFound / InvalidName / UnsupportedVersion
         return None
-    children = ref[1] if isinstance(ref, tuple) and len(ref) > 1 else ()
-    count = len(children)
-    return count + 1 if name == "MSH" else count
+    return tuple(ref[1]) if isinstance(ref, tuple | list) and len(ref) > 1 else ()
+
+
+def segment_field_count(name: str, version: str = "2.5") -> int | None:
+    """Number of fields hl7apy defines for a segment, or None for Z-segments and unknown names."""
+    children = _segment_children(name, version)
+    if children is None:
+        return None
+    return len(children) + 1 if name == "MSH" else len(children)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A field or a component as hl7apy defines it: its data type and, for a composite type, the
+    layouts of its components (or subcomponents); ``parts`` is None for a primitive (ST, NM, varies)."""
+
+    datatype: str
+    parts: tuple[Layout, ...] | None = None
+
+    def part(self, index: int) -> Layout | None:
+        """The layout of component ``index`` (0-based); None past the defined ones."""
+        return self.parts[index] if self.parts is not None and index < len(self.parts) else None
+
+
+def _layout(ref: object) -> Layout:
+    kind, datatype = ref[0], str(ref[2])  # type: ignore[index]
+    if kind == "leaf":
+        return Layout(datatype)
+    return Layout(datatype, tuple(_layout(child[1]) for child in ref[1]))  # type: ignore[index]
+
+
+@lru_cache(maxsize=256)
+def segment_layout(name: str, version: str = "2.5") -> dict[int, Layout] | None:
+    """The layout of each field hl7apy defines for a segment, by HL7 field number (MSH-1 is the field
+    separator), or None for Z-segments and names it does not know. Read when a mapping loads, so the
+    outbound renderer can place values as hl7apy would without building its object tree per message."""
+    children = _segment_children(name, version)
+    if children is None:
+        return None
+    out: dict[int, Layout] = {}
+    for child in children:
+        try:
+            out[int(str(child[0]).rsplit("_", 1)[1])] = _layout(child[1])
+        except (IndexError, ValueError, TypeError):  # an entry of another shape: no layout, placed as text
+            continue
+    return out
 
 
 def validate_message(text: str) -> list[str]:
@@ -52,16 +98,8 @@ def readable(long_name: str) -> str:
 def field_names(segment: str, version: str = "2.5") -> dict[int, tuple[str, str, tuple[str, ...]]]:
     """What hl7apy defines for a segment's fields: {number: (name, data type, component names)}, in
     HL7 numbering (MSH-1 is the field separator). Empty for Z-segments and segments it does not know."""
-    if segment.startswith("Z"):
-        return {}
-    from hl7apy import load_reference
-    try:
-        ref = load_reference(segment, "Segment", version)
-    except Exception:  # hl7apy raises ChildNotFound / InvalidName / UnsupportedVersion
-        return {}
-    children = ref[1] if isinstance(ref, tuple | list) and len(ref) > 1 else ()
     out: dict[int, tuple[str, str, tuple[str, ...]]] = {}
-    for child in children:
+    for child in _segment_children(segment, version) or ():
         try:
             number = int(str(child[0]).rsplit("_", 1)[1])
             kind, parts = child[1][0], child[1]

@@ -37,6 +37,7 @@ from typing import Any
 
 from engine.errors import RadBridgeError
 from engine.hl7.paths import HL7Path, PathError, parse_path
+from engine.hl7.structure import Layout, segment_layout
 from engine.mappings.spec import Compiler as InboundCompiler
 from engine.mappings.spec import condition_holds
 from engine.mappings.transforms import Table, TransformError
@@ -242,6 +243,8 @@ class SegmentSpec:
     each: str | None = None
     alias: str = "item"
     when: list[Condition] = field(default_factory=list)
+    # hl7apy's field layouts for the mapping's version, read when the mapping loads (None: a Z-segment)
+    layout: dict[int, Layout] | None = None
 
 
 @dataclass
@@ -448,7 +451,10 @@ class OutboundCompiler(InboundCompiler):
             each, alias = None, "item"
             if "each" in body:
                 each, alias, items = self.each(body, sline, where, {})
-            seg = SegmentSpec(name, sline, [], each, alias)
+            seg = SegmentSpec(name, sline, [], each, alias, layout=segment_layout(name, version))
+            if seg.layout is None and not name.startswith("Z"):
+                self.problem(sline, f"{where}.segment", f"segment {name} is not defined in HL7 v{version}")
+                continue
             if "when" in body:
                 seg.when = self.when(body["when"], sline, where, items)
             fields_ = body.get("fields") or {}
@@ -467,6 +473,9 @@ class OutboundCompiler(InboundCompiler):
                     continue
                 if name == "MSH" and path.field in (1, 2):
                     self.problem(fline, str(target), "MSH-1 and MSH-2 are the separators; the engine writes them")
+                    continue
+                if seg.layout is not None and path.field not in seg.layout:
+                    self.problem(fline, str(target), f"{name} has {max(seg.layout, default=0)} fields in HL7 v{version}")
                     continue
                 v = self.value(str(target), spec_raw, fline, items)
                 if v is not None:

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, Table, and_, exists, func, select, update
+from sqlalchemy import Connection, Integer, Select, Table, and_, bindparam, exists, func, select, update
 from sqlalchemy.orm import aliased
 
 from engine.channels import Channel, Destination, OutboundRoute
 from engine.domain.events import Event, EventBus, EventKind, ReportReceived, StudyCorrected, StudyReconciled
-from engine.domain.records import add
+from engine.domain.records import add, fetch_all, update_row_if
 from engine.outbound.render import Rendered
 from engine.store.leases import LEASE_SECONDS
 from engine.store.models import Delivery, DeliveryAttempt
@@ -220,29 +220,39 @@ def _add(conn: Connection, channel: str, route: OutboundRoute, event: str, study
 
 # --- workers ------------------------------------------------------------------------------------------
 
-def claim(conn: Connection, destination: str, worker: str, limit: int = 20,
-          lease_seconds: float = LEASE_SECONDS) -> list[Claimed]:
-    """Lease due deliveries of one destination, oldest first, at most one per patient, and never
-    one whose patient has an older delivery still pending there (it waits its turn)."""
-    now = utcnow()
+def _claim_query(skip_locked: bool) -> Select[Any]:
     d = DELIVERIES
     older = aliased(d)
     blocked = exists().where(older.c.destination == d.c.destination, older.c.order_key == d.c.order_key,
                              older.c.state == DeliveryState.PENDING, older.c.id < d.c.id)
     stmt = (select(d.c.id, d.c.destination, d.c.mapping, d.c.event, d.c.study_id, d.c.instance_id, d.c.attempts,
                    d.c.payload, d.c.content_type, d.c.created_at, d.c.detail, d.c.control_id)
-            .where(d.c.destination == destination, d.c.state == DeliveryState.PENDING, d.c.next_at <= now,
-                   (d.c.leased_until.is_(None)) | (d.c.leased_until < now), ~blocked)
-            .order_by(d.c.next_at, d.c.id).limit(limit))
-    if conn.dialect.name == "postgresql":
-        stmt = stmt.with_for_update(of=d, skip_locked=True)
-    rows = list(conn.execute(stmt))
+            .where(d.c.destination == bindparam("destination"), d.c.state == DeliveryState.PENDING,
+                   d.c.next_at <= bindparam("now"), (d.c.leased_until.is_(None)) | (d.c.leased_until < bindparam("now")),
+                   ~blocked)
+            .order_by(d.c.next_at, d.c.id).limit(bindparam("limit", type_=Integer)))
+    return stmt.with_for_update(of=d, skip_locked=True) if skip_locked else stmt
+
+
+# prebuilt (compiled once per dialect, engine/store/prepared.py): a worker claims once per batch
+CLAIMABLE = _claim_query(skip_locked=False)
+CLAIMABLE_SKIP_LOCKED = _claim_query(skip_locked=True)  # PostgreSQL: two engines never take the same row
+
+
+def claim(conn: Connection, destination: str, worker: str, limit: int = 20,
+          lease_seconds: float = LEASE_SECONDS) -> list[Claimed]:
+    """Lease due deliveries of one destination, oldest first, at most one per patient, and never
+    one whose patient has an older delivery still pending there (it waits its turn)."""
+    now = utcnow()
+    d = DELIVERIES
+    query = CLAIMABLE_SKIP_LOCKED if conn.dialect.name == "postgresql" else CLAIMABLE
+    rows = fetch_all(conn, query, destination=destination, now=now, limit=limit)
     if not rows:
         return []
-    conn.execute(update(d).where(d.c.id.in_([r.id for r in rows]))
+    conn.execute(update(d).where(d.c.id.in_([r["id"] for r in rows]))
                  .values(leased_until=now + timedelta(seconds=lease_seconds), leased_by=worker[:64]))
-    return [Claimed(r.id, r.destination, r.mapping, r.event, r.study_id, r.instance_id, r.attempts, r.payload,
-                    r.content_type, r.created_at, r.detail, r.control_id) for r in rows]
+    return [Claimed(r["id"], r["destination"], r["mapping"], r["event"], r["study_id"], r["instance_id"], r["attempts"],
+                    r["payload"], r["content_type"], r["created_at"], r["detail"], r["control_id"]) for r in rows]
 
 
 def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worker: str,
@@ -276,8 +286,7 @@ def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worke
         delay = max(next_delay, o.retry_after or 0.0)
         values.update({"next_at": now + timedelta(seconds=delay), "last_error": (o.error or o.status or "")[:2000]})
     # an operator may have discarded it while it was in flight: that decision stands
-    moved = conn.execute(update(DELIVERIES).where(DELIVERIES.c.id == c.id, DELIVERIES.c.state == DeliveryState.PENDING)
-                         .values(**values)).rowcount
+    moved = update_row_if(conn, DELIVERIES, c.id, {"state": DeliveryState.PENDING}, **values)
     return str(values.get("state", DeliveryState.PENDING)) if moved else DeliveryState.DISCARDED
 
 

@@ -1,17 +1,22 @@
 """Turn an outbound mapping and a study's context into the bytes that are sent.
 
-HL7 v2 messages are assembled segment by segment with hl7apy (its field definitions place
-repetitions and components); FHIR resources are built as JSON and validated with fhir.resources'
+HL7 v2 messages are assembled segment by segment from the mapping's paths: each value goes to its
+field, repetition, component and subcomponent, written as hl7apy's to_er7 wrote it (its field layouts
+are read once, when the mapping loads: mapping.SegmentSpec.layout); FHIR resources are built as JSON and validated with fhir.resources'
 R4B classes (R4B's ImagingStudy has the R4 shape; the default R5 classes do not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from engine.hl7.message import escape
+from engine.hl7.structure import Layout
 from engine.outbound.context import RenderContext
 from engine.outbound.mapping import ElementSpec, OutboundMapping, RenderError, Scope, SegmentSpec
 from engine.store.types import JsonObject
@@ -43,10 +48,13 @@ def render(mapping: OutboundMapping, ctx: RenderContext) -> Rendered:
 # --- HL7 v2 -------------------------------------------------------------------------------------------
 
 def render_hl7(mapping: OutboundMapping, scope: Scope) -> str:
-    from hl7apy.core import Segment
-    from hl7apy.exceptions import HL7apyException
+    return "\r".join(_segment_er7(spec, values) for spec, values in placed_segments(mapping, scope))
 
-    out: list[str] = []
+
+def placed_segments(mapping: OutboundMapping, scope: Scope) -> list[tuple[SegmentSpec, FieldValues]]:
+    """The segments the message has, in order, each with its values placed by field, repetition,
+    component and subcomponent (MSH with its defaults; other segments with no value are left out)."""
+    out: list[tuple[SegmentSpec, FieldValues]] = []
     for spec in mapping.segments:
         for sc in _occurrences(spec, scope):
             values = _segment_values(spec, sc)
@@ -54,23 +62,19 @@ def render_hl7(mapping: OutboundMapping, scope: Scope) -> str:
                 _msh_defaults(values, mapping, scope)
             elif not values:
                 continue
-            try:
-                seg = Segment(spec.name, version=_hl7apy_version(mapping.version))
-                if spec.name == "MSH":
-                    seg.msh_1, seg.msh_2 = "|", "^~\\&"
-                for n in sorted(values):
-                    if spec.name == "MSH" and n in (1, 2):
-                        continue
-                    for rep in _field_repetitions(values[n]):
-                        seg.add_field(f"{spec.name.lower()}_{n}").value = rep
-                out.append(seg.to_er7())
-            except HL7apyException as exc:
-                raise RenderError(f"segment {spec.name} (line {spec.line}): {exc}") from None
-    return "\r".join(out)
+            out.append((spec, values))
+    return out
 
 
-def _hl7apy_version(version: str) -> str:
-    return version if version in ("2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8") else "2.5"
+def _segment_er7(spec: SegmentSpec, values: FieldValues) -> str:
+    """One segment's text: each field's repetitions placed by its number, as hl7apy's to_er7 wrote them."""
+    layout = spec.layout or {}
+    msh = spec.name == "MSH"
+    parts = [spec.name, "^~\\&"] if msh else [spec.name]
+    for n in range(3 if msh else 1, max(values, default=0) + 1):
+        reps = values.get(n)
+        parts.append("~".join(er7_field(r, layout.get(n)) for r in field_repetitions(reps)) if reps else "")
+    return "|".join(parts)
 
 
 def _occurrences(spec: SegmentSpec, scope: Scope) -> list[Scope]:
@@ -107,7 +111,8 @@ def _msh_defaults(values: FieldValues, mapping: OutboundMapping, scope: Scope) -
             values[n] = {1: {0: {0: str(v)}}}
 
 
-def _field_repetitions(reps: dict[int, dict[int, dict[int, str]]]) -> list[str]:
+def field_repetitions(reps: dict[int, dict[int, dict[int, str]]]) -> list[str]:
+    """A field's repetitions as text, its components joined by ^ and subcomponents by &."""
     out = []
     for r in range(1, max(reps) + 1):
         comps = reps.get(r, {})
@@ -123,6 +128,64 @@ def _field_repetitions(reps: dict[int, dict[int, dict[int, str]]]) -> list[str]:
                 parts.append("&".join(subs.get(s, "") for s in range(1, max(subs, default=0) + 1)))
         out.append("^".join(parts).rstrip("^"))
     return out
+
+
+# What hl7apy made of a field's text (it parsed it into its data type and wrote it back), without its
+# object tree: a composite type drops trailing empty components (and a composite component trailing
+# empty subcomponents), a blank one counts as empty, one past the type's is kept only with a value; each piece is escaped as a text value (| ~ and a
+# backslash that starts no escape sequence), numbers (NM, SI) are written as numbers when they are.
+_STRAY_ESCAPE = re.compile(r"(?<!\\[HNFSTRE])\\(?![HNFSTRE]\\)")
+
+
+def er7_field(text: str, layout: Layout | None) -> str:
+    """One repetition of a field as it goes on the wire; ``layout``: the field's (None: a Z-segment's)."""
+    if layout is None or layout.parts is None:
+        datatype = layout.datatype if layout is not None else None
+        if "^" not in text and "&" not in text:
+            return _er7_text(text, datatype)
+        return "^".join("&".join(_er7_text(s, datatype) for s in c.split("&")) for c in text.split("^"))
+    comps: list[str | None] = [None if c.isspace() or not c else c for c in text.split("^")]
+    defined = len(layout.parts)
+    if len(comps) > defined:  # components past the type's: only those with a value, after the others
+        comps[defined:] = [c for c in comps[defined:] if c is not None]
+    while comps and comps[-1] is None:
+        comps.pop()
+    out = []
+    for i, c in enumerate(comps):
+        if c is None:
+            out.append("")
+            continue
+        part = layout.part(i)
+        if part is None or part.parts is None:
+            dt = part.datatype if part is not None else None
+            out.append("&".join(_er7_text(s, dt) for s in c.split("&")) if "&" in c else _er7_text(c, dt))
+            continue
+        pieces = c.split("&")
+        if len(pieces) > len(part.parts or ()):  # more subcomponents than the type has: none dropped
+            out.append("&".join("" if s.isspace() else _er7_text(s, _datatype(part.part(j)))
+                                for j, s in enumerate(pieces)))
+            continue
+        subs: list[str | None] = [None if s.isspace() or not s else s for s in pieces]
+        while subs and subs[-1] is None:
+            subs.pop()
+        out.append("&".join("" if s is None else _er7_text(s, _datatype(part.part(j))) for j, s in enumerate(subs)))
+    return "^".join(out)
+
+
+def _datatype(layout: Layout | None) -> str | None:
+    return layout.datatype if layout is not None else None
+
+
+def _er7_text(text: str, datatype: str | None) -> str:
+    if datatype == "SI" and text:
+        with contextlib.suppress(ValueError):
+            return str(int(text))
+    elif datatype == "NM" and text:
+        with contextlib.suppress(InvalidOperation):
+            return str(Decimal(text))
+    if "|" in text or "~" in text:
+        text = text.replace("|", "\\F\\").replace("~", "\\R\\")
+    return _STRAY_ESCAPE.sub(r"\\E\\", text) if "\\" in text else text
 
 
 # --- FHIR -------------------------------------------------------------------------------------------------

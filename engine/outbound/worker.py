@@ -2,8 +2,11 @@
 
     claim a batch (outbox.claim: due, oldest first, one per patient, SKIP LOCKED), leased for
         [database] lease_seconds and renewed every third of that until it is settled
-    render what was never rendered (from the store, in a thread), keep it for the retries
-    send: MLLP one at a time on one connection; FHIR up to ``concurrency`` requests at once
+    render what was never rendered (from the store, in a thread: an MLLP batch at once), keep it
+        for the retries
+    send: MLLP one at a time on a connection, on ``in_flight`` connections at once (default 1); FHIR
+        up to ``concurrency`` requests at once; a batch holds one delivery per patient, so sends at
+        once are always for different patients
     settle the batch in one transaction: delivered, retry at now + backoff, or dead
 
 The sender is the destination's: MLLP and FHIR ones here (the worker renders the message first), or
@@ -95,15 +98,32 @@ class Renderer:
         return m
 
     def render(self, c: Claimed) -> Rendered:
+        found = self.render_all([c])[c.id]
+        if isinstance(found, RenderError):
+            raise found
+        return found
+
+    def render_all(self, claimed: list[Claimed]) -> dict[int, Rendered | RenderError]:
+        """Each delivery's message (or why it cannot be built), read on one connection: a batch
+        costs one thread hop and one connection, not one each."""
+        out: dict[int, Rendered | RenderError] = {}
+        with self.db.reader.connect() as conn:
+            for c in claimed:
+                try:
+                    out[c.id] = self._render(conn, c)
+                except RenderError as exc:
+                    out[c.id] = exc
+        return out
+
+    def _render(self, conn: Any, c: Claimed) -> Rendered:
         if c.study_id is None:
             raise RenderError("the study of this delivery was deleted")
         mapping = self.mapping(c.mapping)
-        with self.db.reader.connect() as conn:
-            try:
-                ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
-                                    storage=self.storage, engine=self.info)
-            except LookupError as exc:
-                raise RenderError(str(exc)) from None
+        try:
+            ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
+                                storage=self.storage, engine=self.info)
+        except LookupError as exc:
+            raise RenderError(str(exc)) from None
         return render(mapping, ctx)
 
 
@@ -121,6 +141,7 @@ class DestinationWorker:
     paused_for: float = 0.0
     failures: int = 0  # passes in a row in which the destination itself failed
     sender: MLLPSender | FHIRSender | DeliverySender | None = None
+    more_senders: list[MLLPSender] = field(default_factory=list)  # MLLP in_flight > 1: a connection each
     # an attempt's error may carry patient data (a FHIR search by identifier, the EHR's own text):
     # off, log lines give its status and point to the delivery; on, they give the error as it was
     log_patient_details: bool = False
@@ -174,13 +195,20 @@ class DestinationWorker:
     async def _work(self, claimed: list[Claimed]) -> int:
         results: list[tuple[Claimed, Outcome, Rendered | None]] = []
         unsent: list[int] = []
-        if self.dest.type != "fhir":  # MLLP on its one connection; DICOM one association at a time
-            for i, c in enumerate(claimed):
-                res = await self._attempt(c)
-                results.append(res)
-                if destination_failed(res[1]):
-                    unsent = [x.id for x in claimed[i + 1:]]
-                    break
+        if self.dest.type != "fhir":  # MLLP: in_flight connections, one message each; DICOM one at a time
+            ready: dict[int, Rendered | RenderError] = {}
+            if isinstance(self.sender, MLLPSender) and self.renderer is not None:  # the batch in one go
+                ready = await asyncio.to_thread(self.renderer.render_all, [c for c in claimed if c.payload is None])
+            queue = list(claimed)  # oldest first; one per patient, so the lanes never reorder a patient's
+            done: dict[int, tuple[Claimed, Outcome, Rendered | None]] = {}
+
+            async def lane(sender: MLLPSender | FHIRSender | DeliverySender | None) -> None:
+                while queue and not any(destination_failed(o) for _c, o, _r in done.values()):
+                    c = queue.pop(0)
+                    done[c.id] = await self._attempt(c, ready.get(c.id), sender)
+            await asyncio.gather(*(lane(s) for s in [self.sender, *self.more_senders]))
+            results = [done[c.id] for c in claimed if c.id in done]
+            unsent = [c.id for c in claimed if c.id not in done]  # the destination failed: given back
         else:
             sem = asyncio.Semaphore(max(1, self.dest.concurrency))
 
@@ -213,24 +241,31 @@ class DestinationWorker:
                         self.said(results[-1][0].id, results[-1][1]), self.paused_for)
         return len(results)
 
-    async def _attempt(self, c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
-        assert self.sender is not None
-        if not isinstance(self.sender, MLLPSender | FHIRSender):
-            return c, await self.sender.deliver(c), None
+    async def _attempt(self, c: Claimed, ready: Rendered | RenderError | None = None,
+                       sender: MLLPSender | FHIRSender | DeliverySender | None = None
+                       ) -> tuple[Claimed, Outcome, Rendered | None]:
+        """Send one delivery (on ``sender``, else the worker's): what it kept from its first attempt,
+        else ``ready`` (rendered with its batch), else rendered now."""
+        sender = sender or self.sender
+        assert sender is not None
+        if not isinstance(sender, MLLPSender | FHIRSender):
+            return c, await sender.deliver(c), None
         fresh: Rendered | None = None
         msg = c.kept()
         if msg is None:
             assert self.renderer is not None
             try:
-                msg = fresh = await asyncio.to_thread(self.renderer.render, c)
+                if isinstance(ready, RenderError):
+                    raise ready
+                msg = fresh = ready if ready is not None else await asyncio.to_thread(self.renderer.render, c)
             except RenderError as exc:
                 return c, Outcome(AttemptOutcome.DEAD, "render", error=f"cannot build the message: {exc}"), None
-        if isinstance(self.sender, MLLPSender):
+        if isinstance(sender, MLLPSender):
             # the ACK must answer the MSH-10 actually sent (a mapping may set its own)
-            return c, await self.sender.send(msg.payload, _msh10(msg.payload) or msg.control_id), fresh
+            return c, await sender.send(msg.payload, _msh10(msg.payload) or msg.control_id), fresh
         if not msg.resource:
             return c, Outcome(AttemptOutcome.DEAD, "render", error="the kept message names no FHIR resource type"), fresh
-        return c, await self.sender.send(msg.payload, msg.resource, msg.conditional), fresh
+        return c, await sender.send(msg.payload, msg.resource, msg.conditional), fresh
 
 
 def _msh10(payload: str) -> str | None:
@@ -283,9 +318,10 @@ class DeliveryWorkers:
                     await t
         self._tasks.clear()
         for w in self.workers.values():
-            if w.sender is not None:
-                with contextlib.suppress(Exception):
-                    await w.sender.close()
+            for sender in [w.sender, *w.more_senders]:
+                if sender is not None:
+                    with contextlib.suppress(Exception):
+                        await sender.close()
 
 
 class OutboundService(DeliveryWorkers):
@@ -312,7 +348,10 @@ class OutboundService(DeliveryWorkers):
                 w = DestinationWorker(dest, redact_url(address), self.renderer, writer, metrics, worker_id,
                                       lease_seconds=settings.database.lease_seconds,
                                       log_patient_details=settings.log_patient_details)
-                w.sender = (FHIRSender(settings.ehr, dest) if dest.type == "fhir"
-                            else MLLPSender(address, dest, mllp_tls_context(settings.ehr)))
+                if dest.type == "fhir":
+                    w.sender = FHIRSender(settings.ehr, dest)
+                else:
+                    tls = mllp_tls_context(settings.ehr)
+                    w.sender, *w.more_senders = [MLLPSender(address, dest, tls) for _ in range(dest.in_flight)]
                 self.workers[dest.name] = w
         self.outbox = build_outbox(settings, mappings, channels)
