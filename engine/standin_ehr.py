@@ -179,6 +179,9 @@ class StandInEHR:
         self.mllp_mode = "ack"
         self.nak: Callable[[str], str | None] | None = None
         self.fhir_mode = "ok"
+        # as a real server does: a PUT or POST whose literal reference (Type/id) names no stored resource
+        # is refused (400, not-found); off by default, so a test may send a resource on its own
+        self.check_references = False
         self.received_hl7: list[str] = []
         self.hl7_attempts: list[tuple[str, str]] = []
         self.fhir_requests: list[dict[str, Any]] = []
@@ -388,6 +391,28 @@ class StandInEHR:
             return [copy.deepcopy(r) for (rtype, _), r in self._resources.items()
                     if rtype == resource_type and _has_identifier(r, system, value)]
 
+    def delete(self, resource_type: str, rid: str) -> bool:
+        """Remove a stored resource (what a merge in the EHR does to the patient merged away)."""
+        with self._lock:
+            return self._resources.pop((resource_type, rid), None) is not None
+
+    def _dangling(self, body: Any) -> str | None:
+        """The first literal reference (Type/id) in ``body`` that names no stored resource."""
+        stack = [body]
+        with self._lock:
+            while stack:
+                node = stack.pop()
+                if isinstance(node, list):
+                    stack.extend(node)
+                elif isinstance(node, dict):
+                    ref = node.get("reference")
+                    if isinstance(ref, str) and "?" not in ref and not ref.startswith("#") and ref.count("/") == 1:
+                        rtype, _, rid = ref.partition("/")
+                        if (rtype, rid) not in self._resources:
+                            return ref
+                    stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        return None
+
     def _search(self, resource_type: str, token: str | None) -> list[dict[str, Any]]:
         with self._lock:
             return [r for (rtype, _), r in self._resources.items()
@@ -513,6 +538,9 @@ class StandInEHR:
         problem = validate_resource(resource_type, body)
         if problem is not None:
             return self._fail(400, problem, "invalid")
+        dangling = self._dangling(body) if self.check_references else None
+        if dangling is not None:
+            return self._fail(400, f"Resource {dangling} not found, specified in {resource_type}", "not-found")
         return dict(body)
 
     def _saved(self, resource_type: str, stored: dict[str, Any], created: bool) -> web.Response:

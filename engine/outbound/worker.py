@@ -29,6 +29,7 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 from engine.channels import Channel, Destination
 from engine.config import Settings
+from engine.domain.events import EventKind
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.outbound import outbox
@@ -230,7 +231,9 @@ class DestinationWorker:
             return c, await self.sender.send(msg.payload, _msh10(msg.payload) or msg.control_id), fresh
         if not msg.resource:
             return c, Outcome(AttemptOutcome.DEAD, "render", error="the kept message names no FHIR resource type"), fresh
-        return c, await self.sender.send(msg.payload, msg.resource, msg.conditional), fresh
+        # a correction (a merge, a relink) may have changed what the references point at: searched again
+        return c, await self.sender.send(msg.payload, msg.resource, msg.conditional,
+                                         recheck=c.event == EventKind.STUDY_CORRECTED), fresh
 
 
 def _msh10(payload: str) -> str | None:
