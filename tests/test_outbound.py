@@ -199,8 +199,18 @@ def test_subject_resolves_to_the_ehrs_patient(eng: RunningEngine, ehr: StandInEH
     assert studies_at_ehr(ehr, obj.study_uid)[0]["subject"]["reference"] == f"Patient/{patient_id}"
 
 
+def searches(ehr: StandInEHR, rtype: str) -> list[str]:
+    """The searches of ``rtype`` the EHR answered, one by one (GET) or in a batch Bundle (POST to the base)."""
+    out = [f"{rtype}?" + "&".join(f"{k}={v}" for k, v in r["query"].items()) for r in ehr.fhir_requests
+           if r["method"] == "GET" and r["path"].endswith(f"/{rtype}")]
+    for r in ehr.fhir_requests:
+        if r["method"] == "POST" and r["path"].endswith("/fhir") and r["status"] == 200:
+            out += [e["request"]["url"] for e in r["body"]["entry"] if e["request"]["url"].startswith(f"{rtype}?")]
+    return out
+
+
 def patient_searches(ehr: StandInEHR) -> int:
-    return sum(1 for r in ehr.fhir_requests if r["method"] == "GET" and r["path"].endswith("/Patient"))
+    return len(searches(ehr, "Patient"))
 
 
 def one_more_study(e: RunningEngine, ehr: StandInEHR, tmp: Path, mrn: str, acc: str) -> Any:
@@ -555,3 +565,49 @@ def test_reference_cache_keeps_the_most_recently_used_and_forgets_in_time() -> N
     time.sleep(0.4)
     assert cache.get("Patient?identifier=S|0") is None and cache.get("Patient?identifier=S|3") is None
     assert len(cache) == 0
+
+
+@pytest.mark.parametrize("batches", [True, False], ids=["batch", "no-batch"])
+def test_a_batchs_references_are_searched_in_one_batch_bundle(ehr: StandInEHR, batches: bool) -> None:
+    """FHIRSender.prefetch against the stand-in: the references of several resources in one batch
+    Bundle, then PUTs only; a server that takes no batch gets the searches one by one."""
+    import asyncio
+    import json
+
+    from engine.channels import Destination
+    from engine.config import EHRSettings
+    from engine.outbound.senders import FHIRSender
+    ehr.take_batches = batches
+    ids = {mrn: post_patient(ehr, mrn) for mrn in ("MRN30", "MRN31")}  # MRN32 is unknown to the EHR
+
+    def study(k: int) -> str:
+        return json.dumps({"resourceType": "ImagingStudy", "status": "available",
+                           "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:1.2.{k}"}],
+                           "subject": {"reference": f"Patient?identifier=GENHOSP|MRN3{k}"},
+                           "basedOn": [{"reference": f"ServiceRequest?identifier=ACC3{k}"}]})
+
+    async def deliver() -> list[str]:
+        sender = FHIRSender(EHRSettings(fhir_base=ehr.fhir_base, fhir_token=EHR_TOKEN), Destination("fhir", "fhir"))
+        try:
+            payloads = [study(k) for k in range(3)]
+            await sender.prefetch(payloads)
+            out = [await sender.send(p, "ImagingStudy", f"identifier=urn:dicom:uid|urn:oid:1.2.{k}")
+                   for k, p in enumerate(payloads)]
+            await sender.prefetch([study(3), study(4)])  # a server without batches is not asked again
+            return [o.status or "" for o in out]
+        finally:
+            await sender.close()
+    assert asyncio.run(deliver()) == ["201", "201", "201"]
+    subjects = [ehr.find("ImagingStudy", "urn:dicom:uid", f"urn:oid:1.2.{k}")[0]["subject"] for k in range(3)]
+    assert subjects[:2] == [{"reference": f"Patient/{ids['MRN30']}"}, {"reference": f"Patient/{ids['MRN31']}"}]
+    assert subjects[2] == {"identifier": {"system": "GENHOSP", "value": "MRN32"}}  # no match: logical reference
+    # each search once (with batches, the second prefetch's two studies too)
+    wanted = [f"{t}?identifier={v}3{k}" for t, v in (("Patient", "GENHOSP|MRN"), ("ServiceRequest", "ACC"))
+              for k in range(5 if batches else 3)]
+    assert sorted(searches(ehr, "Patient") + searches(ehr, "ServiceRequest")) == sorted(wanted)
+    posts = [r["status"] for r in ehr.fhir_requests if r["method"] == "POST" and r["path"].endswith("/fhir")]
+    gets = [r for r in ehr.fhir_requests if r["method"] == "GET"]
+    if batches:
+        assert posts == [200, 200] and gets == []
+    else:
+        assert posts == [405] and len(gets) == 6

@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import Any, TypedDict
 
 from pydicom import dcmread
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select
 
 from engine.dicom.headers import text_value
-from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS
+from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS, fetch, fetch_all
 from engine.domain.studies import INSTANCES, SERIES, STUDIES
 from engine.storage.base import ObjectStorage
 from engine.store.types import JsonObject, utcnow
@@ -210,18 +210,28 @@ def _started(date: str | None, time: str | None) -> str | None:
     return date + t.split(".")[0][:6] if t else date
 
 
+# the statements of build_context, built once (engine/store/prepared.py's fast path: a delivery's
+# context is six small reads, and SQLAlchemy's per-statement layer was most of their cost)
+_STUDY = select(STUDIES).where(STUDIES.c.id == bindparam("study_id"))
+_SERIES = (select(SERIES).where(SERIES.c.study_id == bindparam("study_id"))
+           .order_by(SERIES.c.series_number, SERIES.c.id))
+_INSTANCES = (select(INSTANCES.c.id, INSTANCES.c.series_id, INSTANCES.c.sop_instance_uid, INSTANCES.c.sop_class_uid,
+                     INSTANCES.c.instance_number, INSTANCES.c.number_of_frames, INSTANCES.c.storage_key)
+              .where(INSTANCES.c.study_id == bindparam("study_id")).order_by(INSTANCES.c.instance_number, INSTANCES.c.id))
+_PATIENT = select(PATIENTS).where(PATIENTS.c.id == bindparam("patient_id"))
+_IDENTIFIERS = (select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code, IDENTIFIERS.c.kind)
+                .where(IDENTIFIERS.c.patient_id == bindparam("patient_id")).order_by(IDENTIFIERS.c.id))
+_ORDER = select(ORDERS).where(ORDERS.c.id == bindparam("order_id"))
+
+
 def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: int = 0,
                   instance_id: int | None = None, storage: ObjectStorage | None = None,
                   engine: EngineInfo = EngineInfo()) -> RenderContext:
-    study = conn.execute(select(STUDIES).where(STUDIES.c.id == study_id)).mappings().first()
+    study = fetch(conn, _STUDY, study_id=study_id)
     if study is None:
         raise LookupError(f"study {study_id} is no longer in the store")
-    series_rows = list(conn.execute(select(SERIES).where(SERIES.c.study_id == study_id)
-                                    .order_by(SERIES.c.series_number, SERIES.c.id)).mappings())
-    inst_rows = list(conn.execute(
-        select(INSTANCES.c.id, INSTANCES.c.series_id, INSTANCES.c.sop_instance_uid, INSTANCES.c.sop_class_uid,
-               INSTANCES.c.instance_number, INSTANCES.c.number_of_frames, INSTANCES.c.storage_key)
-        .where(INSTANCES.c.study_id == study_id).order_by(INSTANCES.c.instance_number, INSTANCES.c.id)).mappings())
+    series_rows = fetch_all(conn, _SERIES, study_id=study_id)
+    inst_rows = fetch_all(conn, _INSTANCES, study_id=study_id)
     by_series: dict[int, list[InstanceContext]] = {}
     for r in inst_rows:
         by_series.setdefault(r["series_id"], []).append(
@@ -267,14 +277,13 @@ def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: i
 def _patient(conn: Connection, patient_id: int | None) -> PatientContext:
     if patient_id is None:
         return {}
-    p = conn.execute(select(PATIENTS).where(PATIENTS.c.id == patient_id)).mappings().first()
+    p = fetch(conn, _PATIENT, patient_id=patient_id)
     if p is None:
         return {}
     ids: list[IdentifierContext] = [
-        {"value": r.value, "issuer": r.issuer, "type_code": r.type_code, "kind": r.kind, "system": system_of(r.issuer)}
-        for r in conn.execute(
-            select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code, IDENTIFIERS.c.kind)
-            .where(IDENTIFIERS.c.patient_id == patient_id).order_by(IDENTIFIERS.c.id))]
+        {"value": r["value"], "issuer": r["issuer"], "type_code": r["type_code"], "kind": r["kind"],
+         "system": system_of(r["issuer"])}
+        for r in fetch_all(conn, _IDENTIFIERS, patient_id=patient_id)]
     live = [i for i in ids if i["kind"] != "alias"]
     primary = next((i for i in live if i["kind"] == "primary"), live[0] if live else None)
     name = "^".join(x or "" for x in (p["family_name"], p["given_name"], p["middle_name"])).rstrip("^")
@@ -289,7 +298,7 @@ def _patient(conn: Connection, patient_id: int | None) -> PatientContext:
 def _order(conn: Connection, order_id: int | None) -> OrderContext:
     if order_id is None:
         return {}
-    o = conn.execute(select(ORDERS).where(ORDERS.c.id == order_id)).mappings().first()
+    o = fetch(conn, _ORDER, order_id=order_id)
     if o is None:
         return {}
     return {"accession": o["accession"], "placer_number": o["placer_number"], "placer_issuer": o["placer_issuer"],

@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy import Connection
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from engine.channels import Channel, Destination
@@ -96,15 +97,30 @@ class Renderer:
         return m
 
     def render(self, c: Claimed) -> Rendered:
+        with self.db.reader.connect() as conn:
+            return self._render(conn, c)
+
+    def render_all(self, claimed: list[Claimed]) -> dict[int, Rendered | RenderError]:
+        """The messages of a batch (by delivery id) on one connection: one hop to a thread for the
+        batch instead of one per delivery; a delivery that cannot be built gets its RenderError."""
+        out: dict[int, Rendered | RenderError] = {}
+        with self.db.reader.connect() as conn:
+            for c in claimed:
+                try:
+                    out[c.id] = self._render(conn, c)
+                except RenderError as exc:
+                    out[c.id] = exc
+        return out
+
+    def _render(self, conn: Connection, c: Claimed) -> Rendered:
         if c.study_id is None:
             raise RenderError("the study of this delivery was deleted")
         mapping = self.mapping(c.mapping)
-        with self.db.reader.connect() as conn:
-            try:
-                ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
-                                    storage=self.storage, engine=self.info)
-            except LookupError as exc:
-                raise RenderError(str(exc)) from None
+        try:
+            ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
+                                storage=self.storage, engine=self.info)
+        except LookupError as exc:
+            raise RenderError(str(exc)) from None
         return render(mapping, ctx)
 
 
@@ -184,17 +200,22 @@ class DestinationWorker:
                     break
         else:
             sem = asyncio.Semaphore(max(1, self.dest.concurrency))
+            unbuilt = [c for c in claimed if c.payload is None]
+            built = await asyncio.to_thread(self.renderer.render_all, unbuilt) if unbuilt and self.renderer else {}
+            if isinstance(self.sender, FHIRSender):  # the batch's references at once (corrections search again)
+                msgs = [c.kept() or built.get(c.id) for c in claimed if c.event != EventKind.STUDY_CORRECTED]
+                await self.sender.prefetch([m.payload for m in msgs if isinstance(m, Rendered)])
 
             async def one(c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
                 async with sem:
-                    return await self._attempt(c)
+                    return await self._attempt(c, built.get(c.id))
             results = list(await asyncio.gather(*(one(c) for c in claimed)))
         delays = {c.id: backoff_seconds(self.dest, c.attempts + 1) for c, o, _r in results if o.outcome == AttemptOutcome.RETRY}
 
         def settle_all(s: Any) -> list[str]:
             conn = s.connection()
-            states = [outbox.settle(conn, c, o, self.dest, worker=self.worker_id, rendered=r,
-                                    next_delay=delays.get(c.id, 0.0)) for c, o, r in results]
+            states = outbox.settle(conn, [outbox.Attempted(c, o, r, delays.get(c.id, 0.0)) for c, o, r in results],
+                                   self.dest, worker=self.worker_id)
             outbox.release(conn, unsent)
             return states
         states = await self.writer.run(settle_all)
@@ -214,7 +235,10 @@ class DestinationWorker:
                         self.said(results[-1][0].id, results[-1][1]), self.paused_for)
         return len(results)
 
-    async def _attempt(self, c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
+    async def _attempt(self, c: Claimed, built: Rendered | RenderError | None = None
+                       ) -> tuple[Claimed, Outcome, Rendered | None]:
+        """One delivery's attempt; ``built``: its message (or why it cannot be built) when the batch was
+        rendered together."""
         assert self.sender is not None
         if not isinstance(self.sender, MLLPSender | FHIRSender):
             return c, await self.sender.deliver(c), None
@@ -223,7 +247,9 @@ class DestinationWorker:
         if msg is None:
             assert self.renderer is not None
             try:
-                msg = fresh = await asyncio.to_thread(self.renderer.render, c)
+                if isinstance(built, RenderError):
+                    raise built
+                msg = fresh = built if built is not None else await asyncio.to_thread(self.renderer.render, c)
             except RenderError as exc:
                 return c, Outcome(AttemptOutcome.DEAD, "render", error=f"cannot build the message: {exc}"), None
         if isinstance(self.sender, MLLPSender):
