@@ -179,6 +179,7 @@ class Destination:
     # 401/403 too: an expired token is fixed in config, and nothing should be dead-lettered meanwhile
     retry_statuses: list[int] = field(default_factory=lambda: [401, 403, 408, 425, 429, 500, 502, 503, 504])
     resolve_references: bool = True  # FHIR: turn Patient?identifier=... into Patient/id by a search
+    reference_cache_seconds: float = 300.0  # FHIR: how long a found reference is remembered
     line: int = 0
 
 

@@ -179,6 +179,10 @@ class StandInEHR:
         self.mllp_mode = "ack"
         self.nak: Callable[[str], str | None] | None = None
         self.fhir_mode = "ok"
+        # as a real server does: a PUT or POST whose literal reference (Type/id) names no stored resource
+        # is refused (400, not-found); off by default, so a test may send a resource on its own
+        self.check_references = False
+        self.take_batches = True  # False: a batch Bundle is answered 405, as by a server without batch support
         self.received_hl7: list[str] = []
         self.hl7_attempts: list[tuple[str, str]] = []
         self.fhir_requests: list[dict[str, Any]] = []
@@ -388,6 +392,28 @@ class StandInEHR:
             return [copy.deepcopy(r) for (rtype, _), r in self._resources.items()
                     if rtype == resource_type and _has_identifier(r, system, value)]
 
+    def delete(self, resource_type: str, rid: str) -> bool:
+        """Remove a stored resource (what a merge in the EHR does to the patient merged away)."""
+        with self._lock:
+            return self._resources.pop((resource_type, rid), None) is not None
+
+    def _dangling(self, body: Any) -> str | None:
+        """The first literal reference (Type/id) in ``body`` that names no stored resource."""
+        stack = [body]
+        with self._lock:
+            while stack:
+                node = stack.pop()
+                if isinstance(node, list):
+                    stack.extend(node)
+                elif isinstance(node, dict):
+                    ref = node.get("reference")
+                    if isinstance(ref, str) and "?" not in ref and not ref.startswith("#") and ref.count("/") == 1:
+                        rtype, _, rid = ref.partition("/")
+                        if (rtype, rid) not in self._resources:
+                            return ref
+                    stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        return None
+
     def _search(self, resource_type: str, token: str | None) -> list[dict[str, Any]]:
         with self._lock:
             return [r for (rtype, _), r in self._resources.items()
@@ -416,6 +442,7 @@ class StandInEHR:
     def _make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get("/fhir/metadata", self._metadata)
+        app.router.add_route("POST", "/fhir", self._batch)
         app.router.add_route("GET", "/fhir/{type}", self._type_get)
         app.router.add_route("POST", "/fhir/{type}", self._type_post)
         app.router.add_route("PUT", "/fhir/{type}", self._type_put)
@@ -513,6 +540,9 @@ class StandInEHR:
         problem = validate_resource(resource_type, body)
         if problem is not None:
             return self._fail(400, problem, "invalid")
+        dangling = self._dangling(body) if self.check_references else None
+        if dangling is not None:
+            return self._fail(400, f"Resource {dangling} not found, specified in {resource_type}", "not-found")
         return dict(body)
 
     def _saved(self, resource_type: str, stored: dict[str, Any], created: bool) -> web.Response:
@@ -530,12 +560,35 @@ class StandInEHR:
 
     async def _type_get(self, request: web.Request) -> web.Response:
         rtype = request.match_info["type"]
-        token = request.query.get("identifier")
+        return self._respond(200, self._searchset(rtype, request.query.get("identifier")))
+
+    def _searchset(self, rtype: str, token: str | None) -> dict[str, Any]:
         matches = self._search(rtype, token)
-        bundle = {"resourceType": "Bundle", "type": "searchset", "total": len(matches),
-                  "entry": [{"fullUrl": f"{self.fhir_base}/{rtype}/{r['id']}", "resource": r,
-                             "search": {"mode": "match"}} for r in matches]}
-        return self._respond(200, bundle)
+        return {"resourceType": "Bundle", "type": "searchset", "total": len(matches),
+                "entry": [{"fullUrl": f"{self.fhir_base}/{rtype}/{r['id']}", "resource": r,
+                           "search": {"mode": "match"}} for r in matches]}
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        """A batch Bundle of searches (GET Type?identifier=...): a batch-response with each one's
+        searchset; any other entry is answered 405 (the stand-in takes searches only in a batch)."""
+        if not self.take_batches:
+            return self._fail(405, "this server takes no batch", "not-supported")
+        body = _parse_json(await request.read())
+        if not isinstance(body, dict) or body.get("resourceType") != "Bundle" or body.get("type") != "batch":
+            return self._fail(400, "POST to the base takes a Bundle of type batch", "invalid")
+        out = []
+        for entry in body.get("entry") or []:
+            req = entry.get("request") if isinstance(entry, dict) else None
+            url = str(req.get("url") or "") if isinstance(req, dict) else ""
+            rtype, _, query = url.partition("?")
+            if not isinstance(req, dict) or req.get("method") != "GET" or not rtype or "/" in rtype:
+                out.append({"response": {"status": "405 Method Not Allowed",
+                                         "outcome": _outcome("batch entries: GET Type?identifier=... only",
+                                                             "not-supported")}})
+                continue
+            out.append({"resource": self._searchset(rtype, dict(parse_qsl(query)).get("identifier")),
+                        "response": {"status": "200 OK"}})
+        return self._respond(200, {"resourceType": "Bundle", "type": "batch-response", "entry": out})
 
     async def _instance_get(self, request: web.Request) -> web.Response:
         rtype, rid = request.match_info["type"], request.match_info["id"]

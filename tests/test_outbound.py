@@ -180,20 +180,97 @@ def test_the_ehr_has_a_result_before_the_engine_records_it(workdir: Path, pg_url
         e.stop()
 
 
-def test_subject_resolves_to_the_ehrs_patient(eng: RunningEngine, ehr: StandInEHR, tmp_path: Path) -> None:
+def post_patient(ehr: StandInEHR, mrn: str) -> str:
+    """A Patient registered at the EHR under GENHOSP|mrn; returns its id there."""
     import json
     import urllib.request
-    body = {"resourceType": "Patient", "identifier": [{"system": "GENHOSP", "value": "MRN7"}]}
+    body = {"resourceType": "Patient", "identifier": [{"system": "GENHOSP", "value": mrn}]}
     req = urllib.request.Request(f"{ehr.fhir_base}/Patient", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/fhir+json",
                                           "Authorization": f"Bearer {EHR_TOKEN}"})
     with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback
-        patient_id = json.loads(resp.read())["id"]
+        return str(json.loads(resp.read())["id"])
+
+
+def test_subject_resolves_to_the_ehrs_patient(eng: RunningEngine, ehr: StandInEHR, tmp_path: Path) -> None:
+    patient_id = post_patient(ehr, "MRN7")
     obj = order_and_images(eng, tmp_path, "MRN7", "ACC7")
     settle(eng)
     wake(eng)
     assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
     assert studies_at_ehr(ehr, obj.study_uid)[0]["subject"]["reference"] == f"Patient/{patient_id}"
+
+
+def searches(ehr: StandInEHR, rtype: str) -> list[str]:
+    """The searches of ``rtype`` the EHR answered, one by one (GET) or in a batch Bundle (POST to the base)."""
+    out = [f"{rtype}?" + "&".join(f"{k}={v}" for k, v in r["query"].items()) for r in ehr.fhir_requests
+           if r["method"] == "GET" and r["path"].endswith(f"/{rtype}")]
+    for r in ehr.fhir_requests:
+        if r["method"] == "POST" and r["path"].endswith("/fhir") and r["status"] == 200:
+            out += [e["request"]["url"] for e in r["body"]["entry"] if e["request"]["url"].startswith(f"{rtype}?")]
+    return out
+
+
+def patient_searches(ehr: StandInEHR) -> int:
+    return len(searches(ehr, "Patient"))
+
+
+def one_more_study(e: RunningEngine, ehr: StandInEHR, tmp: Path, mrn: str, acc: str) -> Any:
+    """A new order and study for a patient the engine knows, delivered to the EHR's FHIR server."""
+    hl7(e, orm("NW", f"PL{acc}", acc, mrn, modality="CT"))
+    obj = store(e, tmp, 1, accession=acc, patient_id=mrn, name="SMITH^JOHN", birth_date="19800202", sex="M")
+    settle(e)
+    wake(e)
+    assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, obj.study_uid)) == 1, WAIT)
+    return obj
+
+
+def test_references_are_searched_once_per_patient_and_again_for_a_correction(eng: RunningEngine, ehr: StandInEHR,
+                                                                            tmp_path: Path) -> None:
+    patient = post_patient(ehr, "MRN20")
+    first = order_and_images(eng, tmp_path, "MRN20", "ACC20", n=1)
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, first.study_uid)) == 1, WAIT)
+    objs = [first] + [one_more_study(eng, ehr, tmp_path, "MRN20", f"ACC20{k}") for k in range(1, 4)]
+    # four studies of one patient: the EHR was asked for the patient once (each order once)
+    assert patient_searches(ehr) == 1
+    assert [studies_at_ehr(ehr, o.study_uid)[0]["subject"]["reference"] for o in objs] == [f"Patient/{patient}"] * 4
+    wait_until(lambda: all(d.state == "delivered" for d in deliveries(eng)), timeout=WAIT, message="all delivered")
+    # an A08 corrects the four studies: each corrected ImagingStudy searches its references again
+    hl7(eng, adt("A08", "MRN20", "Smith", "John", dob="19800203", sex="M"))
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: all(studies_at_ehr(ehr, o.study_uid)[0]["meta"]["versionId"] == "2"
+                                    for o in objs), WAIT)
+    assert patient_searches(ehr) == 1 + 4
+
+
+def test_a_remembered_reference_the_ehr_no_longer_resolves_is_searched_again(eng: RunningEngine, ehr: StandInEHR,
+                                                                           tmp_path: Path) -> None:
+    ehr.check_references = True  # the EHR refuses a reference to a patient it does not have (400)
+    before = post_patient(ehr, "MRN21")
+    first = order_and_images(eng, tmp_path, "MRN21", "ACC21", n=1)
+    settle(eng)
+    wake(eng)
+    assert ehr.wait_for(lambda: len(studies_at_ehr(ehr, first.study_uid)) == 1, WAIT)
+    assert studies_at_ehr(ehr, first.study_uid)[0]["subject"]["reference"] == f"Patient/{before}"
+    # the EHR merges the patient into a new record: the remembered Patient/<before> is gone
+    assert ehr.delete("Patient", before)
+    after = post_patient(ehr, "MRN21")
+    second = one_more_study(eng, ehr, tmp_path, "MRN21", "ACC21B")
+    assert studies_at_ehr(ehr, second.study_uid)[0]["subject"]["reference"] == f"Patient/{after}"
+    puts = [r for r in ehr.fhir_requests if r["method"] == "PUT"
+            and r["query"] == {"identifier": f"urn:dicom:uid|urn:oid:{second.study_uid}"}]
+    assert [r["status"] for r in puts] == [400, 201]  # refused with the stale reference, then sent again
+    assert puts[0]["body"]["subject"]["reference"] == f"Patient/{before}"
+    assert patient_searches(ehr) == 2
+
+    def both_delivered() -> list[Delivery]:
+        found = [x for x in deliveries(eng) if x.destination == "fhir"]
+        return found if [x.state for x in found] == ["delivered"] * 2 else []
+    [_, d] = wait_until(both_delivered, timeout=WAIT, message="both ImagingStudies recorded as delivered")
+    assert d.attempts == 1  # recovered within the attempt: neither dead nor retried later
 
 
 def test_ehr_down_then_back_everything_arrives_once_in_patient_order(eng: RunningEngine, ehr: StandInEHR,
@@ -540,3 +617,68 @@ def test_standin_payloads_parse_with_pydicom_roundtrip(tmp_path: Path) -> None:
     sr, pdf = _report_instances(tmp_path, Study(), b"%PDF-1.4\n")
     assert pydicom.dcmread(sr).ContentSequence[1].TextValue == "Normal chest & lungs."
     assert pydicom.dcmread(pdf).EncapsulatedDocumentLength == 9
+
+
+def test_reference_cache_keeps_the_most_recently_used_and_forgets_in_time() -> None:
+    import time
+
+    from engine.outbound.senders import ReferenceCache
+    cache = ReferenceCache(seconds=0.3, size=3)
+    for k in range(3):
+        cache.put(f"Patient?identifier=S|{k}", f"Patient/{k}")
+    hit = cache.get("Patient?identifier=S|0")  # used: now the most recent
+    assert hit is not None and hit.found == "Patient/0"
+    cache.put("Patient?identifier=S|3", None)  # a fourth: the least recently used (1) goes
+    assert len(cache) == 3 and cache.get("Patient?identifier=S|1") is None
+    assert [cache.get(f"Patient?identifier=S|{k}") is not None for k in (0, 2, 3)] == [True, True, True]
+    cache.forget(["Patient?identifier=S|2"])
+    assert cache.get("Patient?identifier=S|2") is None
+    time.sleep(0.4)
+    assert cache.get("Patient?identifier=S|0") is None and cache.get("Patient?identifier=S|3") is None
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("batches", [True, False], ids=["batch", "no-batch"])
+def test_a_batchs_references_are_searched_in_one_batch_bundle(ehr: StandInEHR, batches: bool) -> None:
+    """FHIRSender.prefetch against the stand-in: the references of several resources in one batch
+    Bundle, then PUTs only; a server that takes no batch gets the searches one by one."""
+    import asyncio
+    import json
+
+    from engine.channels import Destination
+    from engine.config import EHRSettings
+    from engine.outbound.senders import FHIRSender
+    ehr.take_batches = batches
+    ids = {mrn: post_patient(ehr, mrn) for mrn in ("MRN30", "MRN31")}  # MRN32 is unknown to the EHR
+
+    def study(k: int) -> str:
+        return json.dumps({"resourceType": "ImagingStudy", "status": "available",
+                           "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:1.2.{k}"}],
+                           "subject": {"reference": f"Patient?identifier=GENHOSP|MRN3{k}"},
+                           "basedOn": [{"reference": f"ServiceRequest?identifier=ACC3{k}"}]})
+
+    async def deliver() -> list[str]:
+        sender = FHIRSender(EHRSettings(fhir_base=ehr.fhir_base, fhir_token=EHR_TOKEN), Destination("fhir", "fhir"))
+        try:
+            payloads = [study(k) for k in range(3)]
+            await sender.prefetch(payloads)
+            out = [await sender.send(p, "ImagingStudy", f"identifier=urn:dicom:uid|urn:oid:1.2.{k}")
+                   for k, p in enumerate(payloads)]
+            await sender.prefetch([study(3), study(4)])  # a server without batches is not asked again
+            return [o.status or "" for o in out]
+        finally:
+            await sender.close()
+    assert asyncio.run(deliver()) == ["201", "201", "201"]
+    subjects = [ehr.find("ImagingStudy", "urn:dicom:uid", f"urn:oid:1.2.{k}")[0]["subject"] for k in range(3)]
+    assert subjects[:2] == [{"reference": f"Patient/{ids['MRN30']}"}, {"reference": f"Patient/{ids['MRN31']}"}]
+    assert subjects[2] == {"identifier": {"system": "GENHOSP", "value": "MRN32"}}  # no match: logical reference
+    # each search once (with batches, the second prefetch's two studies too)
+    wanted = [f"{t}?identifier={v}3{k}" for t, v in (("Patient", "GENHOSP|MRN"), ("ServiceRequest", "ACC"))
+              for k in range(5 if batches else 3)]
+    assert sorted(searches(ehr, "Patient") + searches(ehr, "ServiceRequest")) == sorted(wanted)
+    posts = [r["status"] for r in ehr.fhir_requests if r["method"] == "POST" and r["path"].endswith("/fhir")]
+    gets = [r for r in ehr.fhir_requests if r["method"] == "GET"]
+    if batches:
+        assert posts == [200, 200] and gets == []
+    else:
+        assert posts == [405] and len(gets) == 6

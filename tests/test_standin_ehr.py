@@ -315,3 +315,20 @@ def test_no_token_means_no_auth_check_and_wait_for_is_bounded() -> None:
         assert e.wait_for(lambda: False, timeout=0.2) is False
         assert time.monotonic() - start < 1
     assert e._thread is None  # stopped and joined
+
+
+def test_fhir_reference_check_refuses_what_is_not_stored_and_delete_removes(ehr: StandInEHR) -> None:
+    assert call(ehr, "PUT", "/ImagingStudy" + ident_query(), STUDY)[0] == 201  # off by default: Patient/1 unknown
+    ehr.check_references = True
+    status, _, outcome = call(ehr, "PUT", "/ImagingStudy" + ident_query(), STUDY)
+    assert status == 400 and outcome["issue"][0]["code"] == "not-found"
+    assert "Patient/1" in outcome["issue"][0]["diagnostics"]
+    assert call(ehr, "PUT", "/Patient/1", {"resourceType": "Patient"})[0] == 201
+    contained = dict(STUDY, endpoint=[{"reference": "#dicomweb"}],
+                     basedOn=[{"reference": "ServiceRequest?identifier=A1"}])  # neither is a literal reference
+    contained["contained"] = [{"resourceType": "Endpoint", "id": "dicomweb", "status": "active",
+                               "connectionType": {"code": "dicom-wado-rs"}, "payloadType": [{"text": "DICOM"}],
+                               "address": "http://127.0.0.1/dicomweb"}]
+    assert call(ehr, "PUT", "/ImagingStudy" + ident_query(), contained)[0] == 200
+    assert ehr.delete("Patient", "1") and not ehr.delete("Patient", "1")
+    assert call(ehr, "PUT", "/ImagingStudy" + ident_query(), STUDY)[0] == 400

@@ -8,7 +8,8 @@
     claim(conn, destination, ...)         a worker leases due rows: FOR UPDATE SKIP LOCKED on
                                           PostgreSQL, and never a row whose patient has an older
                                           row still pending for that destination (per-patient order)
-    settle(conn, claimed, outcome)        the attempt is recorded; delivered, retried later, or dead
+    settle(conn, attempted, ...)          a batch's attempts are recorded (one INSERT); each delivery is
+                                          delivered, retried later, or dead
     retry / discard                       an operator's hand (CLI, API)
 
 A row is leased while it is being sent (engine/store/leases.py: short, renewed while the batch is
@@ -25,7 +26,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
-from sqlalchemy import Connection, Integer, Select, Table, and_, bindparam, exists, func, select, update
+from sqlalchemy import (
+    Connection,
+    Integer,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import aliased
 
 from engine.channels import Channel, Destination, OutboundRoute
@@ -255,39 +268,58 @@ def claim(conn: Connection, destination: str, worker: str, limit: int = 20,
                     r["payload"], r["content_type"], r["created_at"], r["detail"], r["control_id"]) for r in rows]
 
 
-def settle(conn: Connection, c: Claimed, o: Outcome, dest: Destination, *, worker: str,
-           rendered: Rendered | None = None, next_delay: float = 0.0) -> str:
-    """Record one attempt and move the delivery on; returns its new state.
+@dataclass
+class Attempted:
+    """One delivery's attempt, to be recorded: ``rendered``, the message built for it (kept for the
+    next attempts); ``next_delay``, the backoff before the next try (the worker computes it)."""
 
-    ``rendered``: the message built for this attempt, kept for the next ones.
-    ``next_delay``: the backoff before the next try (the worker computes it with tenacity)."""
+    claimed: Claimed
+    outcome: Outcome
+    rendered: Rendered | None = None
+    next_delay: float = 0.0
+
+
+def settle(conn: Connection, attempted: list[Attempted], dest: Destination, *, worker: str) -> list[str]:
+    """Record a batch's attempts (one INSERT for all) and move each delivery on; returns their new
+    states, in order."""
     now = utcnow()
-    attempts = c.attempts + 1
-    outcome = o.outcome
-    if outcome == AttemptOutcome.RETRY and attempts >= dest.max_attempts:
-        outcome = AttemptOutcome.DEAD
-        o.error = f"{o.error or o.status or 'failed'}; gave up after {attempts} attempts"
-    add(conn, ATTEMPTS, delivery_id=c.id, at=now, duration_ms=o.duration_ms, outcome=outcome, status=o.status,
-        response=(o.response or "")[:4000] or None, error=(o.error or "")[:2000] or None, worker=worker[:64])
-    values: DeliveryValues = {"attempts": attempts, "leased_until": None, "leased_by": None}
-    if rendered is not None:
-        values.update({"payload": rendered.payload, "content_type": rendered.content_type,
-                       "control_id": rendered.control_id,
-                       "detail": {"resource": rendered.resource, "conditional": rendered.conditional}})
-    if o.detail is not None:
-        values["detail"] = o.detail
-    if o.target:
-        values["target"] = o.target[:512]
-    if outcome == AttemptOutcome.DELIVERED:
-        values.update({"state": DeliveryState.DELIVERED, "delivered_at": now, "last_error": None})
-    elif outcome == AttemptOutcome.DEAD:
-        values.update({"state": DeliveryState.DEAD, "last_error": (o.error or o.status or "")[:2000]})
-    else:
-        delay = max(next_delay, o.retry_after or 0.0)
-        values.update({"next_at": now + timedelta(seconds=delay), "last_error": (o.error or o.status or "")[:2000]})
-    # an operator may have discarded it while it was in flight: that decision stands
-    moved = update_row_if(conn, DELIVERIES, c.id, {"state": DeliveryState.PENDING}, **values)
-    return str(values.get("state", DeliveryState.PENDING)) if moved else DeliveryState.DISCARDED
+    rows: list[dict[str, Any]] = []
+    changes: list[tuple[int, DeliveryValues]] = []
+    for a in attempted:
+        c, o = a.claimed, a.outcome
+        attempts = c.attempts + 1
+        outcome = o.outcome
+        if outcome == AttemptOutcome.RETRY and attempts >= dest.max_attempts:
+            outcome = AttemptOutcome.DEAD
+            o.error = f"{o.error or o.status or 'failed'}; gave up after {attempts} attempts"
+        rows.append({"delivery_id": c.id, "at": now, "duration_ms": o.duration_ms, "outcome": outcome,
+                     "status": o.status, "response": (o.response or "")[:4000] or None,
+                     "error": (o.error or "")[:2000] or None, "worker": worker[:64]})
+        values: DeliveryValues = {"attempts": attempts, "leased_until": None, "leased_by": None}
+        if a.rendered is not None:
+            r = a.rendered
+            values.update({"payload": r.payload, "content_type": r.content_type, "control_id": r.control_id,
+                           "detail": {"resource": r.resource, "conditional": r.conditional}})
+        if o.detail is not None:
+            values["detail"] = o.detail
+        if o.target:
+            values["target"] = o.target[:512]
+        if outcome == AttemptOutcome.DELIVERED:
+            values.update({"state": DeliveryState.DELIVERED, "delivered_at": now, "last_error": None})
+        elif outcome == AttemptOutcome.DEAD:
+            values.update({"state": DeliveryState.DEAD, "last_error": (o.error or o.status or "")[:2000]})
+        else:
+            delay = max(a.next_delay, o.retry_after or 0.0)
+            values.update({"next_at": now + timedelta(seconds=delay), "last_error": (o.error or o.status or "")[:2000]})
+        changes.append((c.id, values))
+    if rows:
+        conn.execute(insert(ATTEMPTS), rows)
+    states = []
+    for delivery_id, values in changes:
+        # an operator may have discarded it while it was in flight: that decision stands
+        moved = update_row_if(conn, DELIVERIES, delivery_id, {"state": DeliveryState.PENDING}, **values)
+        states.append(str(values.get("state", DeliveryState.PENDING)) if moved else DeliveryState.DISCARDED)
+    return states
 
 
 def release(conn: Connection, ids: list[int]) -> None:

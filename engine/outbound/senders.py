@@ -13,6 +13,9 @@ import json
 import logging
 import ssl
 import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -29,6 +32,14 @@ from engine.tls import client_context
 log = logging.getLogger(__name__)
 SB, EB, CR = b"\x0b", b"\x1c", b"\x0d"
 MAX_ACK_BYTES = 1024 * 1024
+REFERENCE_CACHE_SIZE = 10_000  # reference searches remembered per FHIR destination
+NOT_FOUND_SECONDS = 60.0  # the longest "no single match" is remembered
+# answers to a resource that may mean one of its references no longer resolves (400 Bad Request,
+# 404, 409 Conflict, 410 Gone, 412, 422 Unprocessable Entity): remembered references are searched again
+STALE_REFERENCE_STATUSES = frozenset({400, 404, 409, 410, 412, 422})
+BATCH_SEARCHES = 50  # searches in one batch Bundle
+# answers to a batch Bundle that mean the server takes none: the searches go one by one from then on
+NO_BATCH_STATUSES = frozenset({400, 404, 405, 415, 422, 501})
 
 
 class _StaleConnection(ConnectionError):
@@ -161,7 +172,8 @@ class FHIRSender:
         elif ehr.fhir_ca_file:
             self.ssl = ssl.create_default_context(cafile=ehr.fhir_ca_file)
         self._session: aiohttp.ClientSession | None = None
-        self._refs: dict[str, tuple[float, str | None]] = {}  # search -> (when, Type/id or None)
+        self._refs = ReferenceCache(dest.reference_cache_seconds)
+        self.batch_searches = True  # until the server refuses a batch of searches
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -176,19 +188,29 @@ class FHIRSender:
             await self._session.close()
             self._session = None
 
-    async def send(self, payload: str, resource: str, conditional: str | None) -> Outcome:
+    async def send(self, payload: str, resource: str, conditional: str | None, *, recheck: bool = False) -> Outcome:
+        """Send one resource. ``recheck``: search every reference again instead of taking a remembered
+        answer (a correction: a merge or a relink may have changed what they point at)."""
         started = time.monotonic()
         url = f"{self.base}/{resource}" + (f"?{conditional}" if conditional else "")
+        method = "PUT" if conditional else "POST"
         try:
             body = json.loads(payload)
+            remembered: list[str] = []  # searches answered from memory for this body
             if self.dest.resolve_references:
-                await self._resolve(body)
-            method = "PUT" if conditional else "POST"
-            async with self.session().request(method, url, data=json.dumps(body, ensure_ascii=False).encode()) as r:
-                text = await r.text(errors="replace")
-                status = r.status
-                retry_after = _retry_after(r.headers.get("Retry-After"))
-                where = r.headers.get("Location") or r.headers.get("Content-Location")
+                await self._resolve(body, remembered, recheck)
+            data = json.dumps(body, ensure_ascii=False).encode()
+            status, text, retry_after, where = await self._request(method, url, data)
+            if remembered and status in STALE_REFERENCE_STATUSES:
+                # the EHR refused a resource that carried remembered references: one of them may no
+                # longer resolve (a merge, a deletion on the EHR). Search them again, and send once more
+                # if that changed the resource; the first answer stands if it did not
+                self._refs.forget(remembered)
+                body = json.loads(payload)
+                await self._resolve(body, [], True)
+                again = json.dumps(body, ensure_ascii=False).encode()
+                if again != data:
+                    status, text, retry_after, where = await self._request(method, url, again)
         except _Unresolved as exc:
             return Outcome(AttemptOutcome.RETRY, exc.status, error=str(exc), duration_ms=_ms(started), target=url)
         except TimeoutError:
@@ -206,35 +228,82 @@ class FHIRSender:
         return Outcome(outcome, str(status), response=response, error=f"HTTP {status}: {_diagnostics(text)}",
                        duration_ms=_ms(started), retry_after=retry_after, target=url)
 
-    async def _resolve(self, node: Any) -> None:
+    async def prefetch(self, payloads: list[str]) -> None:
+        """Look up the references of a batch of resources at once: one batch Bundle of searches
+        (``POST {fhir_base}`` with ``GET Type?identifier=...`` entries) instead of a search per
+        reference per resource; the answers are remembered for the sends that follow. Only an advice:
+        whatever it could not settle (an error, a server that takes no batch) each send searches itself."""
+        if not self.dest.resolve_references or not self.batch_searches:
+            return
+        wanted: dict[str, None] = {}
+        for payload in payloads:
+            for node in _search_references(json.loads(payload)):
+                if self._refs.get(node["reference"]) is None:
+                    wanted[node["reference"]] = None
+        refs = list(wanted)
+        if len(refs) < 2:
+            return
+        for start in range(0, len(refs), BATCH_SEARCHES):
+            chunk = refs[start:start + BATCH_SEARCHES]
+            batch = {"resourceType": "Bundle", "type": "batch",
+                     "entry": [{"request": {"method": "GET", "url": ref}} for ref in chunk]}
+            try:
+                async with self.session().post(self.base, data=json.dumps(batch).encode()) as r:
+                    if r.status in NO_BATCH_STATUSES:
+                        self.batch_searches = False
+                        log.info("the FHIR server at %s takes no batch of searches (HTTP %d): one search per "
+                                 "reference from now on", self.base, r.status)
+                        return
+                    if r.status != 200:
+                        return
+                    answer = await r.json(content_type=None)
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                return
+            entries = answer.get("entry") if isinstance(answer, dict) else None
+            if not isinstance(entries, list) or len(entries) != len(chunk):
+                return
+            for ref, entry in zip(chunk, entries, strict=True):
+                response = entry.get("response") if isinstance(entry, dict) else None
+                status = str(response.get("status", "")) if isinstance(response, dict) else ""
+                bundle = entry.get("resource") if isinstance(entry, dict) else None
+                if status.split(" ")[0] == "200" and isinstance(bundle, dict) and bundle.get("type") == "searchset":
+                    self._refs.put(ref, _single_match(ref, bundle))
+
+    async def _request(self, method: str, url: str, data: bytes) -> tuple[int, str, float | None, str | None]:
+        async with self.session().request(method, url, data=data) as r:
+            text = await r.text(errors="replace")
+            return (r.status, text, _retry_after(r.headers.get("Retry-After")),
+                    r.headers.get("Location") or r.headers.get("Content-Location"))
+
+    async def _resolve(self, body: Any, remembered: list[str], recheck: bool) -> None:
         """Replace each reference written as ``Type?search`` by ``Type/id`` found on the server; with no
-        match, by a logical reference (Reference.identifier) from the search's identifier."""
-        if isinstance(node, list):
-            for x in node:
-                await self._resolve(x)
-            return
-        if not isinstance(node, dict):
-            return
-        ref = node.get("reference")
-        if isinstance(ref, str) and "?" in ref and not ref.startswith("#"):
-            found = await self._search(ref)
-            if found:
-                node["reference"] = found
-            else:
-                del node["reference"]
-                ident = _identifier_of(ref)
-                if ident:
-                    node["identifier"] = ident
-                elif not node:
-                    node["display"] = ref
-        for _k, v in node.items():
-            if isinstance(v, (dict, list)):
-                await self._resolve(v)
+        match, by a logical reference (Reference.identifier) from the search's identifier. The searches
+        not remembered go out at once (a Patient and a ServiceRequest: one round trip, not two); those
+        answered from memory are added to ``remembered``."""
+        nodes = list(_search_references(body))
+        found: dict[str, str | None] = {}
+        for node in nodes:
+            ref = node["reference"]
+            hit = None if recheck else self._refs.get(ref)
+            if hit is not None and ref not in found:
+                found[ref] = hit.found
+                remembered.append(ref)
+        wanted = list(dict.fromkeys(n["reference"] for n in nodes if n["reference"] not in found))
+        for ref, answer in zip(wanted, await asyncio.gather(*(self._search(r) for r in wanted)), strict=True):
+            found[ref] = answer
+        for node in nodes:
+            ref = node["reference"]
+            if found[ref]:
+                node["reference"] = found[ref]
+                continue
+            del node["reference"]
+            ident = _identifier_of(ref)
+            if ident:
+                node["identifier"] = ident
+            elif not node:
+                node["display"] = ref
 
     async def _search(self, ref: str) -> str | None:
-        cached = self._refs.get(ref)
-        if cached and time.monotonic() - cached[0] < 60:
-            return cached[1]
         rtype, _, query = ref.partition("?")
         url = f"{self.base}/{rtype}?{query}"
         try:
@@ -242,24 +311,86 @@ class FHIRSender:
                 if r.status >= 500 or r.status in (401, 403, 429):  # the server's trouble, not "no such search"
                     raise _Unresolved(str(r.status), f"searching {ref}: HTTP {r.status}")
                 if r.status != 200:  # the server does not search that way: use the identifier
-                    self._refs[ref] = (time.monotonic(), None)
+                    self._refs.put(ref, None)
                     return None
                 bundle = await r.json(content_type=None)
         except TimeoutError:
             raise _Unresolved("timeout", f"searching {ref}: no answer") from None
         except aiohttp.ClientError as exc:
             raise _Unresolved("refused", f"searching {ref}: {exc}") from None
-        entries = [e.get("resource", {}) for e in bundle.get("entry", []) or []]
-        hits = [e for e in entries if e.get("resourceType") == rtype and e.get("id")]
-        found = f"{rtype}/{hits[0]['id']}" if len(hits) == 1 else None
-        self._refs[ref] = (time.monotonic(), found)
+        found = _single_match(ref, bundle)
+        self._refs.put(ref, found)
         return found
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    found: str | None  # Type/id, or None: no single match (sent as a logical reference)
+    until: float  # monotonic
+
+
+class ReferenceCache:
+    """What the EHR answered to each reference search (``Patient?identifier=...``), per destination.
+
+    A found reference is remembered for ``seconds``, "no single match" for at most
+    NOT_FOUND_SECONDS (the patient may be registered at the EHR soon); at most ``size`` searches are
+    kept, the least recently used going first, so memory stays flat however many patients pass."""
+
+    def __init__(self, seconds: float, size: int = REFERENCE_CACHE_SIZE) -> None:
+        self.seconds, self.size = seconds, size
+        self._entries: OrderedDict[str, _Remembered] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, search: str) -> _Remembered | None:
+        hit = self._entries.get(search)
+        if hit is None:
+            return None
+        if hit.until <= time.monotonic():
+            del self._entries[search]
+            return None
+        self._entries.move_to_end(search)
+        return hit
+
+    def put(self, search: str, found: str | None) -> None:
+        keep = self.seconds if found else min(self.seconds, NOT_FOUND_SECONDS)
+        self._entries[search] = _Remembered(found, time.monotonic() + keep)
+        self._entries.move_to_end(search)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, searches: list[str]) -> None:
+        for search in searches:
+            self._entries.pop(search, None)
 
 
 class _Unresolved(Exception):
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _search_references(node: Any) -> Iterator[dict[str, Any]]:
+    """The elements whose ``reference`` is written as a search (``Type?identifier=...``), not ``#id``."""
+    if isinstance(node, list):
+        for x in node:
+            yield from _search_references(x)
+    elif isinstance(node, dict):
+        ref = node.get("reference")
+        if isinstance(ref, str) and "?" in ref and not ref.startswith("#"):
+            yield node
+        for v in node.values():
+            if isinstance(v, (dict, list)):
+                yield from _search_references(v)
+
+
+def _single_match(ref: str, bundle: Any) -> str | None:
+    """``Type/id`` when the searchset of ``ref`` holds exactly one resource of its type, else None."""
+    rtype = ref.partition("?")[0]
+    entries = [e.get("resource", {}) for e in bundle.get("entry", []) or [] if isinstance(e, dict)]
+    hits = [e for e in entries if isinstance(e, dict) and e.get("resourceType") == rtype and e.get("id")]
+    return f"{rtype}/{hits[0]['id']}" if len(hits) == 1 else None
 
 
 def _identifier_of(ref: str) -> dict[str, str] | None:

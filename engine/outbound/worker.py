@@ -28,10 +28,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy import Connection
 from tenacity import RetryCallState, wait_exponential_jitter
 
 from engine.channels import Channel, Destination
 from engine.config import Settings
+from engine.domain.events import EventKind
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.outbound import outbox
@@ -115,7 +117,7 @@ class Renderer:
                     out[c.id] = exc
         return out
 
-    def _render(self, conn: Any, c: Claimed) -> Rendered:
+    def _render(self, conn: Connection, c: Claimed) -> Rendered:
         if c.study_id is None:
             raise RenderError("the study of this delivery was deleted")
         mapping = self.mapping(c.mapping)
@@ -211,17 +213,22 @@ class DestinationWorker:
             unsent = [c.id for c in claimed if c.id not in done]  # the destination failed: given back
         else:
             sem = asyncio.Semaphore(max(1, self.dest.concurrency))
+            unbuilt = [c for c in claimed if c.payload is None]
+            built = await asyncio.to_thread(self.renderer.render_all, unbuilt) if unbuilt and self.renderer else {}
+            if isinstance(self.sender, FHIRSender):  # the batch's references at once (corrections search again)
+                msgs = [c.kept() or built.get(c.id) for c in claimed if c.event != EventKind.STUDY_CORRECTED]
+                await self.sender.prefetch([m.payload for m in msgs if isinstance(m, Rendered)])
 
             async def one(c: Claimed) -> tuple[Claimed, Outcome, Rendered | None]:
                 async with sem:
-                    return await self._attempt(c)
+                    return await self._attempt(c, built.get(c.id))
             results = list(await asyncio.gather(*(one(c) for c in claimed)))
         delays = {c.id: backoff_seconds(self.dest, c.attempts + 1) for c, o, _r in results if o.outcome == AttemptOutcome.RETRY}
 
         def settle_all(s: Any) -> list[str]:
             conn = s.connection()
-            states = [outbox.settle(conn, c, o, self.dest, worker=self.worker_id, rendered=r,
-                                    next_delay=delays.get(c.id, 0.0)) for c, o, r in results]
+            states = outbox.settle(conn, [outbox.Attempted(c, o, r, delays.get(c.id, 0.0)) for c, o, r in results],
+                                   self.dest, worker=self.worker_id)
             outbox.release(conn, unsent)
             return states
         states = await self.writer.run(settle_all)
@@ -265,7 +272,9 @@ class DestinationWorker:
             return c, await sender.send(msg.payload, _msh10(msg.payload) or msg.control_id), fresh
         if not msg.resource:
             return c, Outcome(AttemptOutcome.DEAD, "render", error="the kept message names no FHIR resource type"), fresh
-        return c, await sender.send(msg.payload, msg.resource, msg.conditional), fresh
+        # a correction (a merge, a relink) may have changed what the references point at: searched again
+        return c, await sender.send(msg.payload, msg.resource, msg.conditional,
+                                    recheck=c.event == EventKind.STUDY_CORRECTED), fresh
 
 
 def _msh10(payload: str) -> str | None:
