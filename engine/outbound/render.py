@@ -134,7 +134,8 @@ def field_repetitions(reps: dict[int, dict[int, dict[int, str]]]) -> list[str]:
 # object tree: a composite type drops trailing empty components (and a composite component trailing
 # empty subcomponents), a blank one counts as empty, one past the type's is kept only with a value; each piece is escaped as a text value (| ~ and a
 # backslash that starts no escape sequence), numbers (NM, SI) are written as numbers when they are.
-_STRAY_ESCAPE = re.compile(r"(?<!\\[HNFSTRE])\\(?![HNFSTRE]\\)")
+# A line break, read in as \.br\ (engine.hl7.message.escape), stays one (hl7apy escaped it to \E\.br\E\).
+_STRAY_ESCAPE = re.compile(r"(?<!\\[HNFSTRE])(?<!\\\.br)\\(?![HNFSTRE]\\)(?!\.br\\)")
 
 
 def er7_field(text: str, layout: Layout | None) -> str:
