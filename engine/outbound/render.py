@@ -2,8 +2,9 @@
 
 HL7 v2 messages are assembled segment by segment from the mapping's paths: each value goes to its
 field, repetition, component and subcomponent, written as hl7apy's to_er7 wrote it (its field layouts
-are read once, when the mapping loads: mapping.SegmentSpec.layout); FHIR resources are built as JSON and validated with fhir.resources'
-R4B classes (R4B's ImagingStudy has the R4 shape; the default R5 classes do not).
+are read once, when the mapping loads: mapping.SegmentSpec.layout); FHIR resources are built as JSON
+and validated with fhir.resources' R4B classes (R4B's ImagingStudy has the R4 shape; the default R5
+classes do not).
 """
 
 from __future__ import annotations
@@ -132,8 +133,9 @@ def field_repetitions(reps: dict[int, dict[int, dict[int, str]]]) -> list[str]:
 
 # What hl7apy made of a field's text (it parsed it into its data type and wrote it back), without its
 # object tree: a composite type drops trailing empty components (and a composite component trailing
-# empty subcomponents), a blank one counts as empty, one past the type's is kept only with a value; each piece is escaped as a text value (| ~ and a
-# backslash that starts no escape sequence), numbers (NM, SI) are written as numbers when they are.
+# empty subcomponents), a blank one counts as empty, one past the type's is kept only with a value;
+# each piece is escaped as a text value (| ~ and a backslash that starts no escape sequence), numbers
+# (NM, SI) are written as numbers when they are.
 # A line break, read in as \.br\ (engine.hl7.message.escape), stays one (hl7apy escaped it to \E\.br\E\).
 _STRAY_ESCAPE = re.compile(r"(?<!\\[HNFSTRE])(?<!\\\.br)\\(?![HNFSTRE]\\)(?!\.br\\)")
 

@@ -197,24 +197,24 @@ class DestinationWorker:
     async def _work(self, claimed: list[Claimed]) -> int:
         results: list[tuple[Claimed, Outcome, Rendered | None]] = []
         unsent: list[int] = []
+        # what was never rendered, the whole batch in one thread hop on one connection (a DICOM
+        # destination sends the stored files: nothing to render)
+        unbuilt = [c for c in claimed if c.payload is None]
+        renderer = self.renderer if isinstance(self.sender, MLLPSender | FHIRSender) else None
+        built = await asyncio.to_thread(renderer.render_all, unbuilt) if unbuilt and renderer is not None else {}
         if self.dest.type != "fhir":  # MLLP: in_flight connections, one message each; DICOM one at a time
-            ready: dict[int, Rendered | RenderError] = {}
-            if isinstance(self.sender, MLLPSender) and self.renderer is not None:  # the batch in one go
-                ready = await asyncio.to_thread(self.renderer.render_all, [c for c in claimed if c.payload is None])
             queue = list(claimed)  # oldest first; one per patient, so the lanes never reorder a patient's
             done: dict[int, tuple[Claimed, Outcome, Rendered | None]] = {}
 
             async def lane(sender: MLLPSender | FHIRSender | DeliverySender | None) -> None:
                 while queue and not any(destination_failed(o) for _c, o, _r in done.values()):
                     c = queue.pop(0)
-                    done[c.id] = await self._attempt(c, ready.get(c.id), sender)
+                    done[c.id] = await self._attempt(c, built.get(c.id), sender)
             await asyncio.gather(*(lane(s) for s in [self.sender, *self.more_senders]))
             results = [done[c.id] for c in claimed if c.id in done]
             unsent = [c.id for c in claimed if c.id not in done]  # the destination failed: given back
         else:
             sem = asyncio.Semaphore(max(1, self.dest.concurrency))
-            unbuilt = [c for c in claimed if c.payload is None]
-            built = await asyncio.to_thread(self.renderer.render_all, unbuilt) if unbuilt and self.renderer else {}
             if isinstance(self.sender, FHIRSender):  # the batch's references at once (corrections search again)
                 msgs = [c.kept() or built.get(c.id) for c in claimed if c.event != EventKind.STUDY_CORRECTED]
                 await self.sender.prefetch([m.payload for m in msgs if isinstance(m, Rendered)])
