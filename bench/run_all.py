@@ -8,9 +8,11 @@ the ratio and the goal (issue 18's table, DICOMweb against Orthanc, forwarding a
 
 Each benchmark runs as its own process, one after the other, with ``--json FILE`` when it feeds the
 table (the figures are read from that file, never from the printed text); its output goes to a log
-in the work directory (printed at the end of a failed run, kept with ``--keep DIR``). ``--quick`` is
+in the work directory (printed at the end of a failed run, kept with ``--keep DIR``, with
+``run_all.json``: each benchmark's exit code, log and figures). ``--quick`` is
 for correctness only: each benchmark must exit 0 and hand over its figures, which at those sizes mean
-nothing. The tiny sizes are also what tests/test_benchmarks_run.py runs (it reads ``BENCHMARKS``).
+nothing. tests/test_benchmarks_run.py runs ``--quick`` one benchmark at a time (``--only``), so the
+test suite, and .ci/run through it, keeps every benchmark and this script from rotting.
 Exit code 1 when a benchmark failed or did not give a figure the table needs; a goal not met is
 printed, not an exit code.
 """
@@ -36,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 PG = os.environ.get("RADBRIDGE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 README_BEGIN = "<!-- bench/run_all.py: begin -->"
 README_END = "<!-- bench/run_all.py: end -->"
+SUMMARY = "run_all.json"  # in the work directory (--keep DIR): each benchmark's exit code, log name and figures
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         readme = REPO / "README.md"
         readme.write_text(replace_section(readme.read_text(encoding="utf-8"), section), encoding="utf-8")
         print(f"\nwrote the table into {readme}")
+    summary = [{"script": r.bench.script, "argv": r.argv, "seconds": round(r.seconds, 1), "returncode": r.returncode,
+                "missing": r.missing, "log": r.log.name, "figures": r.figures} for r in ran]
+    (work / SUMMARY).write_text(json.dumps({"quick": args.quick, "benchmarks": summary}, indent=1), encoding="utf-8")
     if args.keep is None and not failed:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0

@@ -4,8 +4,9 @@ The scripts under bench/ are not tests and are run by hand, so an engine change 
 (a renamed function, a new way events reach the reconciliation queue) would go unseen until the
 next measurement. Each is run here at a size that takes seconds; it must exit 0, which each does
 only when its own checks of the store (messages applied, instances indexed, files coerced,
-deliveries made) passed, and print its table. The sizes are bench/run_all.py's ``--quick`` ones (one
-table, ``BENCHMARKS``); a script that feeds run_all's table must also hand over its figures (``--json``)."""
+deliveries made) passed, and print its table. Each runs through ``bench/run_all.py --quick --only SCRIPT``
+(its tiny sizes, its ``BENCHMARKS``), so run_all itself is exercised too and .ci/run needs no second quick
+pass; a script that feeds run_all's table must also hand over its figures (``--json``)."""
 
 from __future__ import annotations
 
@@ -51,22 +52,27 @@ def test_every_benchmark_is_covered() -> None:
 
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_the_benchmark_runs_and_its_checks_pass(script: str, tmp_path: Path) -> None:
+    """Through ``bench/run_all.py --quick --only SCRIPT``: the script at its tiny size and run_all's handling
+    of it (its argv, its --json figures, its summary), once; .ci/run runs no second quick pass."""
     args, figure = RUNS[script]
     if RUN_ALL.PG in args and (reason := pg_unavailable()):  # as the other PostgreSQL variants do
         pytest.skip(reason)
-    needed = RUN_ALL.needed(script)
-    out = tmp_path / "figures.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *(["--json", str(out)] * bool(needed))],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, env=bench_env(tmp_path))
-    tail = (run.stdout + run.stderr)[-3000:]
-    assert run.returncode == 0, tail
-    assert figure in run.stdout, tail
-    if needed:  # every figure bench/run_all.py's table takes from this script is in its --json output
-        figures = json.loads(out.read_text(encoding="utf-8"))["figures"]
-        assert {n for n in needed if figures.get(n) is not None} == needed, (sorted(figures), tail)
+    keep = tmp_path / "run_all"
+    run = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--quick", "--only", script,
+                          "--keep", str(keep)], cwd=REPO, capture_output=True, text=True, timeout=360,
+                         env=bench_env(tmp_path))
+    [ran] = json.loads((keep / RUN_ALL.SUMMARY).read_text(encoding="utf-8"))["benchmarks"]
+    printed = (keep / ran["log"]).read_text(encoding="utf-8", errors="replace")
+    tail = (run.stdout + run.stderr)[-1500:] + "\n--- the benchmark's log:\n" + printed[-3000:]
+    assert (ran["script"], ran["argv"][1:len(args) + 1]) == (script, args), tail
+    assert ran["returncode"] == 0 and run.returncode == 0, tail
+    assert figure in printed, tail
+    # every figure bench/run_all.py's table takes from this script is in its --json output
+    assert ran["missing"] == [], tail
+    assert {n for n in RUN_ALL.needed(script) if ran["figures"].get(n) is not None} == RUN_ALL.needed(script), tail
     compare = _compare()
     if script in compare.FIGURES:  # bench/compare.py reads this table: every figure it knows is found
-        found = compare.figures(script, run.stdout)
+        found = compare.figures(script, printed)
         for fig in compare.FIGURES[script]:
             column = fig.name.rsplit("}", 1)[-1]  # " msg/s", " CPU ms/msg" ...
             assert any(name.endswith(column) and values for name, values in found.items()), (column, found, tail)
