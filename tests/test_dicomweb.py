@@ -325,6 +325,44 @@ def test_wado_metadata_has_every_attribute_and_bulk_data_by_uri(archive: Archive
     assert len(series) == 2
 
 
+def test_wado_metadata_is_read_again_when_the_stored_file_changes(archive: Archive) -> None:
+    """Metadata read once is kept (per storage key: a key names one content). A file replaced behind
+    the engine's back, even by one of the same size, is read again: the answer never goes stale."""
+    client = archive.client()
+    ct = archive.ct
+
+    def name() -> str:
+        meta = client.retrieve_instance_metadata(ct.study_uid, ct.series_uid, ct.sop_uid)
+        return str(meta["00100010"]["Value"][0]["Alphabetic"])
+    first = name()
+    assert name() == first == str(archive.dataset(ct).PatientName)  # the second from what was kept
+    path = storage_path(archive, ct)
+    ds = pydicom.dcmread(path)
+    ds.PatientName = "X" * len(str(ds.PatientName))  # the same length: the file keeps its size
+    replaced = path.with_name("replaced.tmp")
+    ds.save_as(replaced, enforce_file_format=True)
+    assert replaced.stat().st_size == path.stat().st_size
+    replaced.replace(path)
+    assert name() == str(ds.PatientName)
+
+
+def test_metadata_cache_keeps_what_fits_and_drops_the_least_recently_used() -> None:
+    from engine.web.dicomweb import InstanceMetadata, MetadataCache
+
+    def meta(n: int) -> InstanceMetadata:
+        return InstanceMetadata("1.2", ("{" + " " * n, "}"), (("7FE00010", "OW"),), (n, 1))
+    cache = MetadataCache(max_bytes=3 * meta(1000).size)
+    for key in "abc":
+        cache.put(key, meta(1000))
+    assert cache.get("a", (1000, 1)) is not None  # a is now the most recently used
+    cache.put("d", meta(1000))
+    assert cache.get("b", (1000, 1)) is None and len(cache) == 3  # b, the least recently used, is dropped
+    assert cache.get("a", (1000, 2)) is None  # the file changed since: not used
+    cache.put("huge", meta(10_000))
+    assert cache.get("huge", (10_000, 1)) is None and len(cache) == 3  # larger than the whole cache: not kept
+    assert meta(3).json_text("http://e/b") == '{   {"vr": "OW", "BulkDataURI": "http://e/b/7FE00010"}}'
+
+
 def test_wado_frames_native_and_encapsulated(archive: Archive) -> None:
     client = archive.client()
     ds = archive.dataset(archive.multi)

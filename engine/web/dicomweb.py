@@ -26,6 +26,8 @@ import re
 import secrets
 import socket
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -75,6 +77,7 @@ DEFAULT_LIMIT = 1000  # QIDO results without a limit; more are there: a Warning 
 MAX_LIMIT = 10000
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW"})
 BULK_INLINE_MAX = 1024  # binary values up to this many bytes are given inline (InlineBinary)
+METADATA_CACHE_BYTES = 64 << 20  # WADO-RS metadata kept per engine process (about 15,000 CT instances)
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"}  # little endian, uncompressed
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
@@ -855,10 +858,10 @@ def _read(storage: ObjectStorage, key: str, **kwargs: Any) -> Dataset:
         return pydicom.dcmread(f, **kwargs)
 
 
-def instance_json(ds: Dataset, bulk_base: str) -> dict[str, Any]:
-    """The instance in the DICOM JSON model, binary values over BULK_INLINE_MAX bytes (the pixel
-    data among them) as BulkDataURI ``{bulk_base}/{tag}``; the values themselves are not read."""
-    out: dict[str, Any] = {}
+def instance_elements(ds: Dataset) -> Iterator[tuple[str, dict[str, Any] | str]]:
+    """The instance's top-level elements in the DICOM JSON model, in tag order: (tag as 8 hex digits,
+    its JSON object), or (tag, VR) for a binary value over BULK_INLINE_MAX bytes (the pixel data among
+    them), which is given by BulkDataURI; such values are not read."""
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset reads every element; its tags do not
         raw = ds.get_item(tag, keep_deferred=True)
         key = f"{int(tag):08X}"
@@ -866,11 +869,109 @@ def instance_json(ds: Dataset, bulk_base: str) -> dict[str, Any]:
         if vr in BULK_VRS and raw is not None and _length(raw) > BULK_INLINE_MAX:
             if vr in ("OB or OW", "US or OW"):
                 vr = "OW" if int(ds.get("BitsAllocated") or 16) > 8 else "OB"
-            out[key] = {"vr": vr, "BulkDataURI": f"{bulk_base}/{key}"}
+            yield key, vr
             continue
-        elem = ds[tag]
-        out[key] = elem.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1 << 30)
-    return out
+        yield key, ds[tag].to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1 << 30)
+
+
+@dataclass(frozen=True)
+class InstanceMetadata:
+    """One instance's DICOM JSON as text, with a gap for each bulk data element, whose BulkDataURI
+    depends on the request (its base URL); ``file_state`` tells whether the file is still the one read."""
+
+    series_uid: str
+    pieces: tuple[str, ...]  # the JSON text around the gaps: one more piece than gaps
+    bulk: tuple[tuple[str, str], ...]  # each gap's (tag as 8 hex digits, VR)
+    file_state: tuple[int, int] | None  # (size, mtime_ns) of the local file read; None: not a local file
+
+    @classmethod
+    def of(cls, ds: Dataset, file_state: tuple[int, int] | None) -> InstanceMetadata:
+        pieces, bulk, text = [], [], ["{"]
+        for i, (key, value) in enumerate(instance_elements(ds)):
+            text.append(f'{", " if i else ""}"{key}": ')
+            if isinstance(value, str):
+                pieces.append("".join(text))
+                bulk.append((key, value))
+                text = []
+            else:
+                text.append(json.dumps(value))
+        pieces.append("".join(text) + "}")
+        return cls(str(ds.SeriesInstanceUID), tuple(pieces), tuple(bulk), file_state)
+
+    @property
+    def size(self) -> int:
+        """About what it holds, in bytes (for the cache's bound)."""
+        return sum(len(p) for p in self.pieces) + 200 + 64 * len(self.bulk)
+
+    def json_text(self, bulk_base: str) -> str:
+        """The DICOM JSON object, each bulk data element's BulkDataURI ``{bulk_base}/{tag}``."""
+        out = [self.pieces[0]]
+        for (key, vr), after in zip(self.bulk, self.pieces[1:], strict=True):
+            out += [json.dumps({"vr": vr, "BulkDataURI": f"{bulk_base}/{key}"}), after]
+        return "".join(out)
+
+
+def instance_json(ds: Dataset, bulk_base: str) -> dict[str, Any]:
+    """The instance in the DICOM JSON model, bulk data by BulkDataURI ``{bulk_base}/{tag}``."""
+    return dict(json.loads(InstanceMetadata.of(ds, None).json_text(bulk_base)))
+
+
+class MetadataCache:
+    """WADO-RS metadata of instances read before, by storage key, least recently used dropped past
+    ``max_bytes``. A storage key names one content (it carries the file's SHA-256; a coerced instance is
+    stored under a new key), and an entry of a local file is used only while the file's size and
+    modification time are those it was read with, so a file replaced behind the engine's back is read
+    again. Per engine process; shared by the requests' worker threads."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, InstanceMetadata] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str, file_state: tuple[int, int] | None) -> InstanceMetadata | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is None or found.file_state != file_state:
+                return None
+            self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: str, metadata: InstanceMetadata) -> None:
+        if metadata.size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            self._bytes += metadata.size - (old.size if old is not None else 0)
+            self._entries[key] = metadata
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+METADATA_CACHE = web.AppKey("metadata_cache", MetadataCache)
+
+
+def file_state(storage: ObjectStorage, key: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of the stored file, None when storage is not a local folder; OSError when gone."""
+    path = storage.local_path(key)
+    if path is None:
+        return None
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def read_metadata(storage: ObjectStorage, cache: MetadataCache, key: str) -> InstanceMetadata:
+    """The instance's metadata from the cache, or read from its file (header only) and cached."""
+    state = file_state(storage, key)
+    found = cache.get(key, state)
+    if found is None:
+        found = InstanceMetadata.of(_read(storage, key, defer_size=BULK_INLINE_MAX), state)
+        cache.put(key, found)
+    return found
 
 
 def _length(raw: Any) -> int:
@@ -897,20 +998,23 @@ async def metadata(request: web.Request) -> web.Response:
     storage = _storage(request)
     base = base_url(request)
 
-    def read_all() -> list[dict[str, Any]]:
+    cache = request.app[METADATA_CACHE]
+
+    def read_all() -> list[str]:
         out = []
         for ref in refs:
             try:
-                ds = _read(storage, ref.storage_key, defer_size=BULK_INLINE_MAX)
-                bulk = f"{base}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ref.sop_instance_uid}/bulkdata"
-                out.append(instance_json(ds, bulk))
+                meta = read_metadata(storage, cache, ref.storage_key)
             except OSError as exc:
                 log.error("WADO-RS metadata: the file of instance %s cannot be read (%s)", ref.sop_instance_uid,
                           type(exc).__name__)
+                continue
+            out.append(meta.json_text(f"{base}/studies/{study}/series/{meta.series_uid}/instances/"
+                                      f"{ref.sop_instance_uid}/bulkdata"))
         return out
-    body = await asyncio.to_thread(read_all)
+    objects = await asyncio.to_thread(read_all)
     await _audit(request, study, refs, patients)
-    return web.Response(text=json.dumps(body), content_type=DICOM_JSON)
+    return web.Response(text="[" + ", ".join(objects) + "]", content_type=DICOM_JSON)
 
 
 
@@ -1092,8 +1196,9 @@ async def frame_rendered(request: web.Request) -> web.Response:
     return await _rendered(request, numbers[0])
 
 
-def dicomweb_app() -> web.Application:
+def dicomweb_app(metadata_cache_bytes: int = METADATA_CACHE_BYTES) -> web.Application:
     app = web.Application(middlewares=[errors_as_json])
+    app[METADATA_CACHE] = MetadataCache(metadata_cache_bytes)
     app.add_routes(routes)
     return app
 
