@@ -80,6 +80,11 @@ class Prepared:
         """Run on the driver's cursor; returns the cursor (for fetchone / lastrowid)."""
         return execute_driver(conn, self.sql, self.arguments(params))
 
+    def execute_many(self, conn: Connection, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Run once per row in one driver call (``executemany``: one round trip with psycopg 3,
+        which pipelines it); for statements whose results are not read (an INSERT of several rows)."""
+        execute_driver(conn, self.sql, [self.arguments(r) for r in rows], many=True)
+
 
 @dataclass(frozen=True)
 class PreparedQuery:
@@ -132,13 +137,17 @@ class PreparedCache:
         return found
 
 
-def execute_driver(conn: Connection, sql: str, args: Any = ()) -> Any:
+def execute_driver(conn: Connection, sql: str, args: Any = (), *, many: bool = False) -> Any:
     """Run SQL on the DBAPI cursor of ``conn`` (inside its transaction), raising SQLAlchemy's
-    exception classes as Core's execution would."""
+    exception classes as Core's execution would. ``many``: ``args`` is a list of parameter sets
+    for one ``executemany``."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     dbapi = conn.dialect.loaded_dbapi
     try:
-        cursor.execute(sql, args)
+        if many:
+            cursor.executemany(sql, args)
+        else:
+            cursor.execute(sql, args)
     except dbapi.Error as err:
         raise DBAPIError.instance(sql, args, err, dbapi.Error, dialect=conn.dialect) from err
     return cursor
