@@ -11,7 +11,18 @@ import pytest
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
-from engine.domain.records import MESSAGES, PATIENTS, add, fetch, fetch_all, update_row
+from engine.domain.records import (
+    IDENTIFIERS,
+    MESSAGES,
+    OWNERS_AT_ONCE,
+    PATIENTS,
+    add,
+    add_many,
+    fetch,
+    fetch_all,
+    identifier_owners,
+    update_row,
+)
 from engine.store.db import Database
 from engine.store.prepared import Prepared, UnpreparableStatement, savepoint
 
@@ -63,3 +74,29 @@ def test_an_expanding_in_list_is_refused_when_prepared_not_run_wrongly(db: Datab
     stmt = select(PATIENTS.c.id).where(PATIENTS.c.id.in_(bindparam("ids", expanding=True)))
     with pytest.raises(UnpreparableStatement, match="expanding"):
         Prepared.of(stmt, db.writer.dialect)
+
+
+def test_add_many_writes_every_row_with_its_defaults_and_a_conflict_is_integrity_error(db: Database) -> None:
+    with db.writer.begin() as conn:
+        pid = add(conn, PATIENTS, family_name="Many")
+        add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": f"M{i}", "issuer": "H", "type_code": None,
+                                      "kind": "other"} for i in range(3)])
+        add_many(conn, IDENTIFIERS, [])  # nothing to write: no statement
+        with pytest.raises(IntegrityError), savepoint(conn, "rb_test"):
+            add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": v, "issuer": "H", "type_code": None,
+                                          "kind": "other"} for v in ("M9", "M1")])
+    with db.reader.connect() as conn:
+        rows = conn.execute(select(IDENTIFIERS).order_by(IDENTIFIERS.c.id)).mappings().all()
+    assert [r["value"] for r in rows] == ["M0", "M1", "M2"]  # M9 went with its statement
+    assert all(r["created_at"] is not None for r in rows)  # the column default Core would fill in
+
+
+def test_identifier_owners_answers_for_more_identifiers_than_one_statement_takes(db: Database) -> None:
+    keys = [(f"O{i}", "H") for i in range(OWNERS_AT_ONCE * 2 + 1)]
+    with db.writer.begin() as conn:
+        a, b = add(conn, PATIENTS, family_name="A"), add(conn, PATIENTS, family_name="B")
+        add_many(conn, IDENTIFIERS, [{"patient_id": a if i % 2 else b, "value": v, "issuer": s, "type_code": None,
+                                      "kind": "other"} for i, (v, s) in enumerate(keys) if i % 3])
+    with db.reader.connect() as conn:
+        owners = identifier_owners(conn, [*keys, ("O1", "other issuer")])
+    assert owners == {k: (a if i % 2 else b) for i, k in enumerate(keys) if i % 3}

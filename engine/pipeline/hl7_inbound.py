@@ -34,7 +34,7 @@ from engine.mappings.fields import MappedFields
 from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping, MappingError
 from engine.pipeline.actions import apply_action
-from engine.pipeline.writer import FINAL_ATTEMPT
+from engine.pipeline.writer import FINAL_ATTEMPT, RedoJob
 from engine.reconciliation import triggers
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
@@ -68,6 +68,7 @@ class Prepared:
     content_errors: list[HL7Error] = field(default_factory=list)  # content that cannot be stored as text
     digest: str | None = None  # Message.content_digest(), for duplicate detection
     warnings: list[JsonObject] = field(default_factory=list)  # stored as "warning" events of the message
+    apply_errors: list[HL7Error] | None = None  # why an earlier run of the writer's job could not apply it
 
     def source_of(self, fld: str | None, group: int | None = None) -> str:
         """Where a field came from, for ERR locations (see MappedMessage.source_of)."""
@@ -280,19 +281,26 @@ class HL7Inbound:
             if dup is not None:  # the control ID was reused for another message: new, applied
                 log.warning("channel %s: MSH-10 %r from %s reused by a message with other content than message %s;"
                             " applied as a new message", self.channel.name, row["control_id"], row["sending_app"], dup["id"])
-                p.warnings.append({"warning": "control ID reused with other content; applied as a new message",
-                                   "reused_control_id_of": dup["id"]})
+                warning: JsonObject = {"warning": "control ID reused with other content; applied as a new message",
+                                       "reused_control_id_of": dup["id"]}
+                if warning not in p.warnings:  # the writer may run this job again (RedoJob)
+                    p.warnings.append(warning)
         if p.route.action == "ignore":
             return self._finish(session, None, row, p, MessageStatus.FILTERED, None, [])
         if p.content_errors:
             return self._finish(session, None, row, p, MessageStatus.ERROR, None, p.content_errors)
         if p.mapping_errors:
             return self._finish(session, None, row, p, MessageStatus.ERROR, None, self.mapping_errors(p))
+        if p.apply_errors is not None:  # an earlier run of this job failed to apply it: stored as AE
+            return self._finish(session, None, row, p, MessageStatus.ERROR, None, p.apply_errors)
         conn = session.connection()  # the hot path runs Core statements on the connection directly
         # Inserted as it will most likely end (nobody sees it before the commit) so that success needs
         # no second write of status; the domain's history rows point at it.
         message_id = add(conn, MESSAGES, **{**row, "status": MessageStatus.PROCESSED, "ack_code": "AA", "processed_at": utcnow()})
-        outcome, errors = self.apply_mapped(session, p, message_id)
+        # In the group-commit writer with a run to come, a failure undoes the whole job (its SAVEPOINT
+        # or transaction) and the next run stores the message as AE: no SAVEPOINT of its own (two
+        # statements, two round trips on PostgreSQL) for every message that applies.
+        outcome, errors = self.apply_mapped(session, p, message_id, redo=not session.info.get(FINAL_ATTEMPT, True))
         if outcome is None:
             return self._finish(session, message_id, row, p, MessageStatus.ERROR, None, errors)
         row["patient_id"] = outcome.patient_id
@@ -303,29 +311,40 @@ class HL7Inbound:
         return [error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message)
                 for e in p.mapping_errors]
 
-    def apply_mapped(self, session: Session, p: Prepared, message_id: int) -> tuple[Outcome | None, list[HL7Error]]:
+    def apply_mapped(self, session: Session, p: Prepared, message_id: int,
+                     *, redo: bool = False) -> tuple[Outcome | None, list[HL7Error]]:
         """Apply a mapped message inside a SAVEPOINT: (outcome, []) or (None, the ERR detail).
 
         A database in trouble (OperationalError) propagates: the batch fails, nothing is acknowledged.
         A conflict with another engine process (IntegrityError) propagates so the writer retries,
-        except on its last attempt. Anything else keeps the message as AE (reprocessable)."""
+        except on its last attempt. Anything else keeps the message as AE (reprocessable).
+
+        ``redo`` (the writer will run the job again): no SAVEPOINT; a failure is kept in
+        ``p.apply_errors`` and RedoJob raised, so the writer undoes the job and runs it again."""
         assert p.route is not None
         conn = session.connection()
         try:
+            if redo:
+                return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
+                                    bus=self.bus), []
             with savepoint(conn):
                 return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
                                     bus=self.bus), []
         except DomainError as exc:
-            return None, [error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))]
+            errors = [error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))]
         except OperationalError:
             raise
         except IntegrityError as exc:
             if not session.info.get(FINAL_ATTEMPT, True):
                 raise
-            return None, [internal_error(exc, "channel %s: message %s conflicted on every attempt",
-                                         self.channel.name, message_id)]
+            errors = [internal_error(exc, "channel %s: message %s conflicted on every attempt",
+                                     self.channel.name, message_id)]
         except Exception as exc:
-            return None, [internal_error(exc, "channel %s: applying message %s failed", self.channel.name, message_id)]
+            errors = [internal_error(exc, "channel %s: applying message %s failed", self.channel.name, message_id)]
+        if redo:
+            p.apply_errors = errors
+            raise RedoJob(f"message {message_id} not applied; stored as AE on the next run")
+        return None, errors
 
     def _finish(self, session: Session, message_id: int | None, row: MessageValues, p: Prepared, status: str,
                 outcome: Outcome | None, errors: list[HL7Error], *, ack_code: str | None = None,
