@@ -24,7 +24,7 @@ from engine.domain.records import (
     update_row,
 )
 from engine.store.db import Database
-from engine.store.prepared import Prepared, UnpreparableStatement, savepoint
+from engine.store.prepared import Prepared, UnpreparableStatement, pipelined, savepoint
 
 PATIENT_BY_FAMILY = select(PATIENTS).where(PATIENTS.c.family_name == bindparam("family")).order_by(PATIENTS.c.id)
 
@@ -100,3 +100,22 @@ def test_identifier_owners_answers_for_more_identifiers_than_one_statement_takes
     with db.reader.connect() as conn:
         owners = identifier_owners(conn, [*keys, ("O1", "other issuer")])
     assert owners == {k: (a if i % 2 else b) for i, k in enumerate(keys) if i % 3}
+
+
+def test_pipelined_statements_are_written_and_a_failure_is_integrity_error_at_the_end_of_the_block(
+        db: Database) -> None:
+    with db.writer.begin() as conn:
+        pid = add(conn, PATIENTS, family_name="Pipe")
+        with pipelined(conn):
+            update_row(conn, PATIENTS, pid, given_name="Line")
+            add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": "P1", "issuer": "H", "type_code": None,
+                                          "kind": "primary"}])
+        with pytest.raises(IntegrityError), savepoint(conn, "rb_test"), pipelined(conn):
+            add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": "P2", "issuer": "H", "type_code": None,
+                                          "kind": "other"}])
+            add(conn, PATIENTS, id=pid, family_name="Again")
+        add(conn, PATIENTS, family_name="After")  # the transaction goes on after ROLLBACK TO SAVEPOINT
+    with db.reader.connect() as conn:
+        assert [r["given_name"] for r in conn.execute(select(PATIENTS).order_by(PATIENTS.c.id)).mappings()] \
+            == ["Line", None]
+        assert list(conn.execute(select(IDENTIFIERS.c.value)).scalars()) == ["P1"]

@@ -22,7 +22,17 @@ from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
 from engine.domain.events import EventBus
 from engine.domain.patients import Outcome
-from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, DuplicateOf, add, fetch, update_row
+from engine.domain.records import (
+    CONTENT,
+    DUPLICATE,
+    EVENTS,
+    MESSAGES,
+    DuplicateOf,
+    add,
+    add_many,
+    fetch,
+    update_row,
+)
 from engine.domain.rows import MessageValues
 from engine.errors import failure_detail, report_failure
 from engine.hl7 import errors as E
@@ -38,7 +48,7 @@ from engine.pipeline.writer import FINAL_ATTEMPT, RedoJob
 from engine.reconciliation import triggers
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
-from engine.store.prepared import savepoint
+from engine.store.prepared import pipelined, savepoint
 from engine.store.states import MessageStatus
 from engine.store.types import JsonObject, utcnow
 
@@ -362,20 +372,24 @@ class HL7Inbound:
             final["patient_id"] = row["patient_id"]
         replies = self._acks(msg, ack_code, errors, text, storage_ok=True, control_id=row.get("control_id") or "")
         conn = session.connection()
+        events = [{"kind": "warning", "detail": warning} for warning in p.warnings]
+        if outcome is not None and outcome.notes:
+            events.append({"kind": "notes", "detail": {"notes": outcome.notes}})
+        if errors:
+            events.append({"kind": "error", "detail": {"errors": [e.as_dict() for e in errors]}})
         if message_id is None:
             message_id = add(conn, MESSAGES, **{**row, **final})
+            changed: MessageValues = {}
         elif status == MessageStatus.PROCESSED and ack_code == "AA":
-            if final.get("patient_id") is not None:
-                update_row(conn, MESSAGES, message_id, patient_id=final["patient_id"])
+            changed = {"patient_id": final["patient_id"]} if final.get("patient_id") is not None else {}
         else:
-            update_row(conn, MESSAGES, message_id, **{"error": None, "patient_id": None, **final})
-        add(conn, CONTENT, message_id=message_id, raw=p.raw, mapped=p.mapped_json(), ack="\n".join(replies) or None)
-        for warning in p.warnings:
-            add(conn, EVENTS, message_id=message_id, kind="warning", detail=warning)
-        if outcome is not None and outcome.notes:
-            add(conn, EVENTS, message_id=message_id, kind="notes", detail={"notes": outcome.notes})
-        if errors:
-            add(conn, EVENTS, message_id=message_id, kind="error", detail={"errors": [e.as_dict() for e in errors]})
+            changed = {"error": None, "patient_id": None, **final}
+        with pipelined(conn):  # nothing here is read back: one round trip on PostgreSQL
+            if changed:
+                update_row(conn, MESSAGES, message_id, **changed)
+            add_many(conn, CONTENT, [{"message_id": message_id, "raw": p.raw, "mapped": p.mapped_json(),
+                                      "ack": "\n".join(replies) or None}])
+            add_many(conn, EVENTS, [{"message_id": message_id, **event} for event in events])
         return Stored(message_id=message_id, status=status, ack_code=ack_code, replies=replies,
                       charset=msg.charset if msg else "latin-1", outcome=outcome, error=final.get("error"))
 

@@ -23,7 +23,8 @@ rather than run wrongly; write such statements with Core (``conn.execute``) inst
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,24 @@ def execute_driver(conn: Connection, sql: str, args: Any = (), *, many: bool = F
     except dbapi.Error as err:
         raise DBAPIError.instance(sql, args, err, dbapi.Error, dialect=conn.dialect) from err
     return cursor
+
+
+@contextlib.contextmanager
+def pipelined(conn: Connection) -> Iterator[None]:
+    """Statements whose results are not read, sent together: with psycopg 3 in pipeline mode, one
+    round trip for all of them at the end of the block (other drivers run them as they come).
+
+    An error of any of them is raised when the block ends, as SQLAlchemy's exception class; do not
+    read a result (fetchone, rowcount) inside the block."""
+    if conn.dialect.driver != "psycopg":
+        yield
+        return
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
+            yield
+    except dbapi.Error as err:
+        raise DBAPIError.instance("(pipelined statements)", None, err, dbapi.Error, dialect=conn.dialect) from err
 
 
 def column_defaults(table: Table, *, on_update: bool = False) -> tuple[tuple[str, Any], ...]:
