@@ -1067,7 +1067,7 @@ def statements_worker(database_url: str, batch: int, n: int, src: Path) -> None:
     from engine.store import migrate
     from engine.store.db import open_database
 
-    calls = [0]
+    calls, trips, piped = [0], [0], [False]  # PostgreSQL: round trips (a pipelined run counts once)
     storage = Path(tempfile.mkdtemp(prefix="radbridge-statements-"))
     env = engine_env(storage, database_url, "FULL", src)
     settings = load_settings(None, env=env)
@@ -1098,10 +1098,17 @@ def statements_worker(database_url: str, batch: int, n: int, src: Path) -> None:
         class PgCursor(psycopg.Cursor[Any]):
             def execute(self, *a: Any, **kw: Any) -> Any:
                 calls[0] += 1
+                if self.connection.pgconn.pipeline_status:  # pipeline mode: a run of them is one round trip
+                    trips[0] += 0 if piped[0] else 1
+                    piped[0] = True
+                else:
+                    trips[0] += 1
+                    piped[0] = False
                 return super().execute(*a, **kw)
 
             def executemany(self, *a: Any, **kw: Any) -> Any:
                 calls[0] += 1
+                trips[0] += 0 if piped[0] and self.connection.pgconn.pipeline_status else 1
                 return super().executemany(*a, **kw)
 
         connection_args = {"cursor_factory": PgCursor}
@@ -1114,7 +1121,7 @@ def statements_worker(database_url: str, batch: int, n: int, src: Path) -> None:
         writer = InlineWriter(db.writer)
         writer.start()
         await writer.run(lambda _s: None)  # connect (PRAGMAs) before counting
-        calls[0] = 0
+        calls[0] = trips[0] = 0
         for start in range(0, n, batch):  # jobs submitted in one loop iteration share one COMMIT
             prepared = [inbound.prepare(build_message(i, "S")[1], "bench") for i in range(start, min(n, start + batch))]
             futures = [writer.submit(functools.partial(inbound.apply, p=p)) for p in prepared]
@@ -1129,21 +1136,21 @@ def statements_worker(database_url: str, batch: int, n: int, src: Path) -> None:
     finally:
         db.dispose()
         shutil.rmtree(storage, ignore_errors=True)
-    print(f"statements {counted / n:.2f}")
+    print(f"statements {counted / n:.2f}" + (f" round-trips {trips[0] / n:.2f}" if trips[0] else ""))
 
 
-def statements_per_message(opts: Options, ws: Workspace, backend: Backend, batch: int, n: int = 200) -> float:
+def statements_per_message(opts: Options, ws: Workspace, backend: Backend, batch: int, n: int = 200) -> str:
     url = ws.pg_database(backend.admin_url) if backend.name == "postgres" else \
         f"sqlite:///{ws.subdir(f'statements-{batch}') / 'radbridge.db'}"
     env = engine_env(ws.dir, url, opts.synchronous, opts.engine_src)
     run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--statements-worker", url,
                           "--statements-batch", str(batch), "--messages", str(n), "--engine-src",
                           str(opts.engine_src)], env=env, capture_output=True, text=True, timeout=300)
-    m = re.search(r"statements ([\d.]+)", run.stdout)
+    m = re.search(r"statements ([\d.]+)(?: round-trips ([\d.]+))?", run.stdout)
     if m is None:
         print(f"  statements per message not counted: {run.stderr.strip()[-300:]}", file=sys.stderr)
-        return math.nan
-    return float(m.group(1))
+        return "?"
+    return m.group(1) + (f" ({m.group(2)} round trips)" if m.group(2) else "")
 
 
 # =====================================================================================================
@@ -1302,7 +1309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if not opts.tls:
                     counts = {k: statements_per_message(opts, ws, b, k) for k in STATEMENT_BATCHES}
                     print(f"SQL statements per message, {b.name} (DBAPI calls, COMMIT not counted): "
-                          + ", ".join(f"{v:.2f} in batches of {k}" for k, v in counts.items()), flush=True)
+                          + ", ".join(f"{v} in batches of {k}" for k, v in counts.items()), flush=True)
                 for c in opts.connections:
                     for rep in range(1, args.repeat + 1):
                         for kind in (("engine", "engine-tls") if opts.tls else ("baseline", "engine")):
