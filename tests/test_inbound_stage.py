@@ -4,6 +4,7 @@ prepared outside the writer and applied by ``ingest``, which returns only after 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def _stored_rows(db: Database) -> dict[str, tuple[str, int]]:
     with db.read_session() as s:
         found: dict[str, tuple[str, int]] = {}
         for ctrl, status in s.execute(select(Message.control_id, Message.status)):
-            found[ctrl] = (status, found.get(ctrl, ("", 0))[1] + 1)
+            found[ctrl or ""] = (status, found.get(ctrl or "", ("", 0))[1] + 1)
         return found
 
 
@@ -94,12 +95,12 @@ def test_a_message_failing_to_apply_is_ae_alone_or_in_a_batch_and_leaves_none_of
     gate = threading.Event()
     try:
         held = writer.submit(lambda _s: gate.wait(10))  # holds the writer so that the batch forms
-        futures = [writer.submit(lambda s, p=stage.prepare(m.encode(), "127.0.0.1:1"): stage.apply(s, p))
+        futures = [writer.submit(functools.partial(stage.apply, p=stage.prepare(m.encode(), "127.0.0.1:1")))
                    for m in batch]
         gate.set()
         assert held.result(10) is True
         codes = [f.result(10).ack_code for f in futures]
-        alone = writer.run_sync(lambda s, p=stage.prepare(solo.encode(), "127.0.0.1:1"): stage.apply(s, p))
+        alone = writer.run_sync(functools.partial(stage.apply, p=stage.prepare(solo.encode(), "127.0.0.1:1")))
         assert writer.stats.largest_batch >= 5
     finally:
         writer.stop()
