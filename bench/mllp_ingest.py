@@ -877,6 +877,7 @@ def engine_env(storage: Path, database_url: str, synchronous: str, src: Path = R
         "RADBRIDGE_DATABASE_SQLITE_SYNCHRONOUS": synchronous,
         "RADBRIDGE_MLLP_PORT": "0",
         "RADBRIDGE_HTTP_PORT": "0",
+        "RADBRIDGE_DICOM_PORT": "0",  # the shipped DICOM channel: not 11112, which another engine may hold
         "RADBRIDGE_BIND": HOST,
         "RADBRIDGE_RETENTION_ENABLED": "false",
         "RADBRIDGE_CHANNELS_DIR": str(src / "channels"),
