@@ -40,7 +40,7 @@ class _SoloJobFailed(Exception):
     """Leaves the transaction of a one-job batch so that it rolls back."""
 
 
-class RedoJob(Exception):  # noqa: N818 - a request to the writer, not an error to report
+class RedoJob(RadBridgeError):  # noqa: N818 - a request to the writer, not an error to report
     """Raised by a job to have its work undone and the job run once more: inside a batch its
     SAVEPOINT is rolled back, alone its transaction. The job must remember why, so that the next
     run differs (HL7 inbound: a message whose apply failed is then stored as AE, not applied). A
