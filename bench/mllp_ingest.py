@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -876,6 +877,7 @@ def engine_env(storage: Path, database_url: str, synchronous: str, src: Path = R
         "RADBRIDGE_DATABASE_SQLITE_SYNCHRONOUS": synchronous,
         "RADBRIDGE_MLLP_PORT": "0",
         "RADBRIDGE_HTTP_PORT": "0",
+        "RADBRIDGE_DICOM_PORT": "0",  # the shipped DICOM channel: not 11112, which another engine may hold
         "RADBRIDGE_BIND": HOST,
         "RADBRIDGE_RETENTION_ENABLED": "false",
         "RADBRIDGE_CHANNELS_DIR": str(src / "channels"),
@@ -1048,6 +1050,111 @@ class Bench:
 
 
 # =====================================================================================================
+# SQL statements per message (in-process, a steadier figure than msg/s)
+# =====================================================================================================
+STATEMENT_BATCHES = (1, 8)
+
+
+def statements_worker(database_url: str, batch: int, n: int, src: Path) -> None:
+    """Apply ``n`` timed-set messages through the engine's own stage and group-commit writer (from
+    ``src``, on PYTHONPATH), ``batch`` jobs per COMMIT, counting the DBAPI calls (``execute`` and
+    ``executemany``, each one round trip to a server; COMMIT not included); prints one line."""
+    from sqlalchemy import event
+
+    from engine.config import load_settings
+    from engine.pipeline.hl7_inbound import HL7Inbound
+    from engine.pipeline.writer import InlineWriter
+    from engine.runtime import load_definitions
+    from engine.store import migrate
+    from engine.store.db import open_database
+
+    calls, trips, piped = [0], [0], [False]  # PostgreSQL: round trips (a pipelined run counts once)
+    storage = Path(tempfile.mkdtemp(prefix="radbridge-statements-"))
+    env = engine_env(storage, database_url, "FULL", src)
+    settings = load_settings(None, env=env)
+    registry, channels, _problems = load_definitions(settings)
+    inbound = HL7Inbound(next(c for c in channels if c.name == CHANNEL), registry)
+    db = open_database(database_url)
+    migrate.upgrade(db)
+    db.writer.dispose()  # the writer's connections from here on are counted
+
+    if db.is_sqlite:
+        class SqliteCursor(sqlite3.Cursor):
+            def execute(self, *a: Any) -> Any:
+                calls[0] += 1
+                return super().execute(*a)
+
+            def executemany(self, *a: Any) -> Any:
+                calls[0] += 1
+                return super().executemany(*a)
+
+        class SqliteConnection(sqlite3.Connection):
+            def cursor(self, factory: Any = SqliteCursor) -> Any:
+                return super().cursor(factory)
+
+        connection_args: dict[str, Any] = {"factory": SqliteConnection}
+    else:
+        import psycopg
+
+        class PgCursor(psycopg.Cursor[Any]):
+            def execute(self, *a: Any, **kw: Any) -> Any:
+                calls[0] += 1
+                if self.connection.pgconn.pipeline_status:  # pipeline mode: a run of them is one round trip
+                    trips[0] += 0 if piped[0] else 1
+                    piped[0] = True
+                else:
+                    trips[0] += 1
+                    piped[0] = False
+                return super().execute(*a, **kw)
+
+            def executemany(self, *a: Any, **kw: Any) -> Any:
+                calls[0] += 1
+                trips[0] += 0 if piped[0] and self.connection.pgconn.pipeline_status else 1
+                return super().executemany(*a, **kw)
+
+        connection_args = {"cursor_factory": PgCursor}
+
+    @event.listens_for(db.writer, "do_connect")
+    def _counting(_dialect: Any, _rec: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        cparams.update(connection_args)
+
+    async def run() -> int:
+        writer = InlineWriter(db.writer)
+        writer.start()
+        await writer.run(lambda _s: None)  # connect (PRAGMAs) before counting
+        calls[0] = trips[0] = 0
+        for start in range(0, n, batch):  # jobs submitted in one loop iteration share one COMMIT
+            prepared = [inbound.prepare(build_message(i, "S")[1], "bench") for i in range(start, min(n, start + batch))]
+            futures = [writer.submit(functools.partial(inbound.apply, p=p)) for p in prepared]
+            for f in futures:
+                await asyncio.wrap_future(f)
+        counted = calls[0]
+        writer.stop()
+        return counted
+
+    try:
+        counted = asyncio.run(run())
+    finally:
+        db.dispose()
+        shutil.rmtree(storage, ignore_errors=True)
+    print(f"statements {counted / n:.2f}" + (f" round-trips {trips[0] / n:.2f}" if trips[0] else ""))
+
+
+def statements_per_message(opts: Options, ws: Workspace, backend: Backend, batch: int, n: int = 200) -> str:
+    url = ws.pg_database(backend.admin_url) if backend.name == "postgres" else \
+        f"sqlite:///{ws.subdir(f'statements-{batch}') / 'radbridge.db'}"
+    env = engine_env(ws.dir, url, opts.synchronous, opts.engine_src)
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--statements-worker", url,
+                          "--statements-batch", str(batch), "--messages", str(n), "--engine-src",
+                          str(opts.engine_src)], env=env, capture_output=True, text=True, timeout=300)
+    m = re.search(r"statements ([\d.]+)(?: round-trips ([\d.]+))?", run.stdout)
+    if m is None:
+        print(f"  statements per message not counted: {run.stderr.strip()[-300:]}", file=sys.stderr)
+        return "?"
+    return m.group(1) + (f" ({m.group(2)} round trips)" if m.group(2) else "")
+
+
+# =====================================================================================================
 # Output
 # =====================================================================================================
 
@@ -1145,6 +1252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="source tree to run the engine from, e.g. an exported older commit to compare "
                          "(default: this repository); its channels/ and mappings/ are used")
     ap.add_argument("--baseline-server", metavar="DB", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--statements-worker", metavar="URL", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--statements-batch", type=int, default=1, help=argparse.SUPPRESS)
     json_option(ap)
     args = ap.parse_args(argv)
     try:
@@ -1162,6 +1271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.baseline_server:
         asyncio.run(baseline_serve(args.baseline_server, args.sqlite_synchronous))
+        return 0
+    if args.statements_worker:
+        statements_worker(args.statements_worker, args.statements_batch, args.messages, Path(args.engine_src))
         return 0
 
     def on_term(_sig: int, _frame: Any) -> None:
@@ -1195,6 +1307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 scenarios.append(sc)
         else:
             for b in backends:
+                if not opts.tls:
+                    counts = {k: statements_per_message(opts, ws, b, k) for k in STATEMENT_BATCHES}
+                    print(f"SQL statements per message, {b.name} (DBAPI calls, COMMIT not counted): "
+                          + ", ".join(f"{v} in batches of {k}" for k, v in counts.items()), flush=True)
                 for c in opts.connections:
                     for rep in range(1, args.repeat + 1):
                         for kind in (("engine", "engine-tls") if opts.tls else ("baseline", "engine")):

@@ -11,9 +11,20 @@ import pytest
 from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 
-from engine.domain.records import MESSAGES, PATIENTS, add, fetch, fetch_all, update_row
+from engine.domain.records import (
+    IDENTIFIERS,
+    MESSAGES,
+    OWNERS_AT_ONCE,
+    PATIENTS,
+    add,
+    add_many,
+    fetch,
+    fetch_all,
+    identifier_owners,
+    update_row,
+)
 from engine.store.db import Database
-from engine.store.prepared import Prepared, UnpreparableStatement, savepoint
+from engine.store.prepared import Prepared, UnpreparableStatement, pipelined, savepoint
 
 PATIENT_BY_FAMILY = select(PATIENTS).where(PATIENTS.c.family_name == bindparam("family")).order_by(PATIENTS.c.id)
 
@@ -63,3 +74,48 @@ def test_an_expanding_in_list_is_refused_when_prepared_not_run_wrongly(db: Datab
     stmt = select(PATIENTS.c.id).where(PATIENTS.c.id.in_(bindparam("ids", expanding=True)))
     with pytest.raises(UnpreparableStatement, match="expanding"):
         Prepared.of(stmt, db.writer.dialect)
+
+
+def test_add_many_writes_every_row_with_its_defaults_and_a_conflict_is_integrity_error(db: Database) -> None:
+    with db.writer.begin() as conn:
+        pid = add(conn, PATIENTS, family_name="Many")
+        add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": f"M{i}", "issuer": "H", "type_code": None,
+                                      "kind": "other"} for i in range(3)])
+        add_many(conn, IDENTIFIERS, [])  # nothing to write: no statement
+        with pytest.raises(IntegrityError), savepoint(conn, "rb_test"):
+            add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": v, "issuer": "H", "type_code": None,
+                                          "kind": "other"} for v in ("M9", "M1")])
+    with db.reader.connect() as conn:
+        rows = conn.execute(select(IDENTIFIERS).order_by(IDENTIFIERS.c.id)).mappings().all()
+    assert [r["value"] for r in rows] == ["M0", "M1", "M2"]  # M9 went with its statement
+    assert all(r["created_at"] is not None for r in rows)  # the column default Core would fill in
+
+
+def test_identifier_owners_answers_for_more_identifiers_than_one_statement_takes(db: Database) -> None:
+    keys = [(f"O{i}", "H") for i in range(OWNERS_AT_ONCE * 2 + 1)]
+    with db.writer.begin() as conn:
+        a, b = add(conn, PATIENTS, family_name="A"), add(conn, PATIENTS, family_name="B")
+        add_many(conn, IDENTIFIERS, [{"patient_id": a if i % 2 else b, "value": v, "issuer": s, "type_code": None,
+                                      "kind": "other"} for i, (v, s) in enumerate(keys) if i % 3])
+    with db.reader.connect() as conn:
+        owners = identifier_owners(conn, [*keys, ("O1", "other issuer")])
+    assert owners == {k: (a if i % 2 else b) for i, k in enumerate(keys) if i % 3}
+
+
+def test_pipelined_statements_are_written_and_a_failure_is_integrity_error_at_the_end_of_the_block(
+        db: Database) -> None:
+    with db.writer.begin() as conn:
+        pid = add(conn, PATIENTS, family_name="Pipe")
+        with pipelined(conn):
+            update_row(conn, PATIENTS, pid, given_name="Line")
+            add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": "P1", "issuer": "H", "type_code": None,
+                                          "kind": "primary"}])
+        with pytest.raises(IntegrityError), savepoint(conn, "rb_test"), pipelined(conn):
+            add_many(conn, IDENTIFIERS, [{"patient_id": pid, "value": "P2", "issuer": "H", "type_code": None,
+                                          "kind": "other"}])
+            add(conn, PATIENTS, id=pid, family_name="Again")
+        add(conn, PATIENTS, family_name="After")  # the transaction goes on after ROLLBACK TO SAVEPOINT
+    with db.reader.connect() as conn:
+        assert [r["given_name"] for r in conn.execute(select(PATIENTS).order_by(PATIENTS.c.id)).mappings()] \
+            == ["Line", None]
+        assert list(conn.execute(select(IDENTIFIERS.c.value)).scalars()) == ["P1"]

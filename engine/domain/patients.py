@@ -23,7 +23,6 @@ from engine.domain.events import Event, IdentifierAdded, PatientCreated, Patient
 from engine.domain.limits import check_length
 from engine.domain.records import (
     IDENTIFIER,
-    IDENTIFIER_OWNER,
     IDENTIFIERS,
     NOT_LOOKED_UP,
     ORDER_IDS_OF_PATIENT,
@@ -32,11 +31,11 @@ from engine.domain.records import (
     PATIENT_BY_IDENTIFIER,
     PATIENT_HISTORY,
     PATIENTS,
-    IdentifierOwner,
     NotLookedUp,
     Record,
     add,
-    fetch,
+    add_many,
+    identifier_owners,
     load,
 )
 from engine.domain.studies import STUDIES
@@ -176,9 +175,13 @@ def _public(diff: dict[str, list[Any]]) -> dict[str, list[Any]]:
     return {k: v for k, v in diff.items() if k != "__extra__"}
 
 
-def _add_identifiers(conn: Connection, patient_id: int, data: MappedFields, out: Outcome) -> list[str]:
+def _add_identifiers(conn: Connection, patient_id: int, data: MappedFields, out: Outcome,
+                     first: dict[str, Any] | None = None) -> list[str]:
     """Keep the other identifiers the message lists (PID-3 repeats) on the patient its identity
-    (patient.id, patient.issuer) found or created: that one is the patient's already, not looked up."""
+    (patient.id, patient.issuer) found or created: that one is the patient's already, not looked up.
+    ``first``: an identifier row of a new patient to insert with them (its primary identifier).
+
+    One statement looks up the owners of all of them, one inserts every new one (with ``first``)."""
     items = []
     for item in data.get("patient.identifiers") or []:
         value = str(item.get("value") or "")
@@ -190,27 +193,27 @@ def _add_identifiers(conn: Connection, patient_id: int, data: MappedFields, out:
             out.notes.append(f"identifier {value[:20]}^{issuer[:20]} is too long to keep; skipped")
             continue
         items.append((value, issuer, type_code))
-    if not items:
-        return []
-    owners = {(str(data.get("patient.id") or ""), str(data.get("patient.issuer") or "")): patient_id}
+    rows: list[dict[str, Any]] = [first] if first is not None else []
     added: list[str] = []
-    for value, issuer, type_code in items:
-        if (value, issuer) not in owners:
-            found = fetch(conn, IDENTIFIER_OWNER, IdentifierOwner, value=value, issuer=issuer)
-            if found is not None:
-                owners[(value, issuer)] = found["patient_id"]
-        owner = owners.get((value, issuer))
-        if owner is None:
-            add(conn, IDENTIFIERS, patient_id=patient_id, value=value, issuer=issuer, type_code=type_code,
-                kind="other")
-            owners[(value, issuer)] = patient_id
-            added.append(f"{value}^{issuer}")
-            out.changes.append(f"identifier {value}^{issuer} added")
-        elif owner != patient_id:
-            other = get_patient(conn, owner)
-            if other is None or surviving(conn, other).id != patient_id:
-                out.notes.append(f"identifier {value}^{issuer} belongs to patient {owner}; not moved "
-                                 "(send a merge to combine the two)")
+    if items:
+        identity = (str(data.get("patient.id") or ""), str(data.get("patient.issuer") or ""))
+        others = list(dict.fromkeys((v, i) for v, i, _t in items if (v, i) != identity))
+        owners = identifier_owners(conn, others) if others else {}
+        owners[identity] = patient_id
+        for value, issuer, type_code in items:
+            owner = owners.get((value, issuer))
+            if owner is None:
+                rows.append({"patient_id": patient_id, "value": value, "issuer": issuer, "type_code": type_code,
+                             "kind": "other"})
+                owners[(value, issuer)] = patient_id
+                added.append(f"{value}^{issuer}")
+                out.changes.append(f"identifier {value}^{issuer} added")
+            elif owner != patient_id:
+                other = get_patient(conn, owner)
+                if other is None or surviving(conn, other).id != patient_id:
+                    out.notes.append(f"identifier {value}^{issuer} belongs to patient {owner}; not moved "
+                                     "(send a merge to combine the two)")
+    add_many(conn, IDENTIFIERS, rows)
     return added
 
 
@@ -223,10 +226,10 @@ def create_patient(conn: Connection, data: MappedFields, out: Outcome) -> Record
     values.setdefault("address", None)
     now = utcnow()
     pid = add(conn, PATIENTS, source_time=data.get("message.event_time"), created_at=now, updated_at=now, **values)
-    add(conn, IDENTIFIERS, patient_id=pid, value=value, issuer=issuer,
-        type_code=data.get("patient.identifier_type"), kind="primary")
     out.changes.append(f"patient {pid} created")
-    added = _add_identifiers(conn, pid, data, out)
+    added = _add_identifiers(conn, pid, data, out, first={"patient_id": pid, "value": value, "issuer": issuer,
+                                                          "type_code": data.get("patient.identifier_type"),
+                                                          "kind": "primary"})
     fields = {k: v[1] for k, v in _public(diff).items()}
     record(conn, pid, out, "created", {"identifier": f"{value}^{issuer}", "fields": fields,
                                           **({"identifiers_added": added} if added else {})},

@@ -9,7 +9,7 @@ records instead; the ORM models stay the schema and the read side (admin API).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from typing import Any, Final, Literal, TypedDict, TypeVar, cast, overload
 
@@ -18,6 +18,7 @@ from sqlalchemy import (
     Connection,
     Select,
     Table,
+    and_,
     bindparam,
     case,
     insert,
@@ -130,6 +131,23 @@ def add(conn: Connection, table: Table, **values: Any) -> int:
     return int(values[pk]) if pk in values else int(cursor.lastrowid)
 
 
+def add_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT rows that all give the same columns, with their column defaults, in one driver call
+    (``executemany``); their primary keys are not returned."""
+    if not rows:
+        return
+    full = [_with_defaults(table, dict(r)) for r in rows]
+    keys = tuple(sorted(full[0]))
+    if any(tuple(sorted(r)) != keys for r in full):
+        raise ValueError(f"add_many on {table.name}: every row must give the same columns")
+    if len(full) == 1:
+        _PREPARED.statement(conn, ("insert-many", table.name, keys),
+                            lambda: insert(table).values({k: bindparam(k) for k in keys})).execute(conn, full[0])
+        return
+    _PREPARED.statement(conn, ("insert-many", table.name, keys),
+                        lambda: insert(table).values({k: bindparam(k) for k in keys})).execute_many(conn, full)
+
+
 def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> dict[str, Any]:
     """UPDATE one row by primary key: the columns given (and onupdate columns); returns what it wrote."""
     values = _with_defaults(table, values, on_update=True)
@@ -218,6 +236,33 @@ class IdentifierOwner(TypedDict):
     """An IDENTIFIER_OWNER row."""
 
     patient_id: int
+
+
+OWNERS_AT_ONCE = 8  # identifiers looked up per statement (a PID-3 lists a handful)
+# The owners of up to n identifiers in one round trip: (value_i, issuer_i) for i < n.
+IDENTIFIER_OWNERS = {n: select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.patient_id).where(
+    or_(*(and_(IDENTIFIERS.c.value == bindparam(f"value_{i}"), IDENTIFIERS.c.issuer == bindparam(f"issuer_{i}"))
+          for i in range(n)))) for n in range(1, OWNERS_AT_ONCE + 1)}
+
+
+class IdentifierOwners(TypedDict):
+    """An IDENTIFIER_OWNERS row."""
+
+    value: str
+    issuer: str
+    patient_id: int
+
+
+def identifier_owners(conn: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """The patient each (value, issuer) belongs to, for those that exist: one statement per
+    ``OWNERS_AT_ONCE`` identifiers."""
+    owners: dict[tuple[str, str], int] = {}
+    for start in range(0, len(keys), OWNERS_AT_ONCE):
+        chunk = keys[start:start + OWNERS_AT_ONCE]
+        params = {f"{part}_{i}": v for i, key in enumerate(chunk) for part, v in zip(("value", "issuer"), key, strict=True)}
+        for row in fetch_all(conn, IDENTIFIER_OWNERS[len(chunk)], IdentifierOwners, **params):
+            owners[(row["value"], row["issuer"])] = row["patient_id"]
+    return owners
 
 
 ORDER_KEYS = ("placer_number", "filler_number", "accession")  # how an order is found, in precedence order

@@ -22,7 +22,17 @@ from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
 from engine.domain.events import EventBus
 from engine.domain.patients import Outcome
-from engine.domain.records import CONTENT, DUPLICATE, EVENTS, MESSAGES, DuplicateOf, add, fetch, update_row
+from engine.domain.records import (
+    CONTENT,
+    DUPLICATE,
+    EVENTS,
+    MESSAGES,
+    DuplicateOf,
+    add,
+    add_many,
+    fetch,
+    update_row,
+)
 from engine.domain.rows import MessageValues
 from engine.errors import failure_detail, report_failure
 from engine.hl7 import errors as E
@@ -34,11 +44,11 @@ from engine.mappings.fields import MappedFields
 from engine.mappings.registry import MappingRegistry
 from engine.mappings.spec import Mapping, MappingError
 from engine.pipeline.actions import apply_action
-from engine.pipeline.writer import FINAL_ATTEMPT
+from engine.pipeline.writer import FINAL_ATTEMPT, RedoJob
 from engine.reconciliation import triggers
 from engine.store.models import Message as MessageRow
 from engine.store.models import MessageEvent
-from engine.store.prepared import savepoint
+from engine.store.prepared import pipelined, savepoint
 from engine.store.states import MessageStatus
 from engine.store.types import JsonObject, utcnow
 
@@ -68,6 +78,7 @@ class Prepared:
     content_errors: list[HL7Error] = field(default_factory=list)  # content that cannot be stored as text
     digest: str | None = None  # Message.content_digest(), for duplicate detection
     warnings: list[JsonObject] = field(default_factory=list)  # stored as "warning" events of the message
+    apply_errors: list[HL7Error] | None = None  # why an earlier run of the writer's job could not apply it
 
     def source_of(self, fld: str | None, group: int | None = None) -> str:
         """Where a field came from, for ERR locations (see MappedMessage.source_of)."""
@@ -280,19 +291,26 @@ class HL7Inbound:
             if dup is not None:  # the control ID was reused for another message: new, applied
                 log.warning("channel %s: MSH-10 %r from %s reused by a message with other content than message %s;"
                             " applied as a new message", self.channel.name, row["control_id"], row["sending_app"], dup["id"])
-                p.warnings.append({"warning": "control ID reused with other content; applied as a new message",
-                                   "reused_control_id_of": dup["id"]})
+                warning: JsonObject = {"warning": "control ID reused with other content; applied as a new message",
+                                       "reused_control_id_of": dup["id"]}
+                if warning not in p.warnings:  # the writer may run this job again (RedoJob)
+                    p.warnings.append(warning)
         if p.route.action == "ignore":
             return self._finish(session, None, row, p, MessageStatus.FILTERED, None, [])
         if p.content_errors:
             return self._finish(session, None, row, p, MessageStatus.ERROR, None, p.content_errors)
         if p.mapping_errors:
             return self._finish(session, None, row, p, MessageStatus.ERROR, None, self.mapping_errors(p))
+        if p.apply_errors is not None:  # an earlier run of this job failed to apply it: stored as AE
+            return self._finish(session, None, row, p, MessageStatus.ERROR, None, p.apply_errors)
         conn = session.connection()  # the hot path runs Core statements on the connection directly
         # Inserted as it will most likely end (nobody sees it before the commit) so that success needs
         # no second write of status; the domain's history rows point at it.
         message_id = add(conn, MESSAGES, **{**row, "status": MessageStatus.PROCESSED, "ack_code": "AA", "processed_at": utcnow()})
-        outcome, errors = self.apply_mapped(session, p, message_id)
+        # In the group-commit writer with a run to come, a failure undoes the whole job (its SAVEPOINT
+        # or transaction) and the next run stores the message as AE: no SAVEPOINT of its own (two
+        # statements, two round trips on PostgreSQL) for every message that applies.
+        outcome, errors = self.apply_mapped(session, p, message_id, redo=not session.info.get(FINAL_ATTEMPT, True))
         if outcome is None:
             return self._finish(session, message_id, row, p, MessageStatus.ERROR, None, errors)
         row["patient_id"] = outcome.patient_id
@@ -303,29 +321,40 @@ class HL7Inbound:
         return [error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message)
                 for e in p.mapping_errors]
 
-    def apply_mapped(self, session: Session, p: Prepared, message_id: int) -> tuple[Outcome | None, list[HL7Error]]:
+    def apply_mapped(self, session: Session, p: Prepared, message_id: int,
+                     *, redo: bool = False) -> tuple[Outcome | None, list[HL7Error]]:
         """Apply a mapped message inside a SAVEPOINT: (outcome, []) or (None, the ERR detail).
 
         A database in trouble (OperationalError) propagates: the batch fails, nothing is acknowledged.
         A conflict with another engine process (IntegrityError) propagates so the writer retries,
-        except on its last attempt. Anything else keeps the message as AE (reprocessable)."""
+        except on its last attempt. Anything else keeps the message as AE (reprocessable).
+
+        ``redo`` (the writer will run the job again): no SAVEPOINT; a failure is kept in
+        ``p.apply_errors`` and RedoJob raised, so the writer undoes the job and runs it again."""
         assert p.route is not None
         conn = session.connection()
         try:
+            if redo:
+                return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
+                                    bus=self.bus), []
             with savepoint(conn):
                 return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
                                     bus=self.bus), []
         except DomainError as exc:
-            return None, [error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))]
+            errors = [error_at(p.source_of(exc.field, exc.group), exc.code, str(exc))]
         except OperationalError:
             raise
         except IntegrityError as exc:
             if not session.info.get(FINAL_ATTEMPT, True):
                 raise
-            return None, [internal_error(exc, "channel %s: message %s conflicted on every attempt",
-                                         self.channel.name, message_id)]
+            errors = [internal_error(exc, "channel %s: message %s conflicted on every attempt",
+                                     self.channel.name, message_id)]
         except Exception as exc:
-            return None, [internal_error(exc, "channel %s: applying message %s failed", self.channel.name, message_id)]
+            errors = [internal_error(exc, "channel %s: applying message %s failed", self.channel.name, message_id)]
+        if redo:
+            p.apply_errors = errors
+            raise RedoJob(f"message {message_id} not applied; stored as AE on the next run")
+        return None, errors
 
     def _finish(self, session: Session, message_id: int | None, row: MessageValues, p: Prepared, status: str,
                 outcome: Outcome | None, errors: list[HL7Error], *, ack_code: str | None = None,
@@ -343,20 +372,24 @@ class HL7Inbound:
             final["patient_id"] = row["patient_id"]
         replies = self._acks(msg, ack_code, errors, text, storage_ok=True, control_id=row.get("control_id") or "")
         conn = session.connection()
+        events = [{"kind": "warning", "detail": warning} for warning in p.warnings]
+        if outcome is not None and outcome.notes:
+            events.append({"kind": "notes", "detail": {"notes": outcome.notes}})
+        if errors:
+            events.append({"kind": "error", "detail": {"errors": [e.as_dict() for e in errors]}})
         if message_id is None:
             message_id = add(conn, MESSAGES, **{**row, **final})
+            changed: MessageValues = {}
         elif status == MessageStatus.PROCESSED and ack_code == "AA":
-            if final.get("patient_id") is not None:
-                update_row(conn, MESSAGES, message_id, patient_id=final["patient_id"])
+            changed = {"patient_id": final["patient_id"]} if final.get("patient_id") is not None else {}
         else:
-            update_row(conn, MESSAGES, message_id, **{"error": None, "patient_id": None, **final})
-        add(conn, CONTENT, message_id=message_id, raw=p.raw, mapped=p.mapped_json(), ack="\n".join(replies) or None)
-        for warning in p.warnings:
-            add(conn, EVENTS, message_id=message_id, kind="warning", detail=warning)
-        if outcome is not None and outcome.notes:
-            add(conn, EVENTS, message_id=message_id, kind="notes", detail={"notes": outcome.notes})
-        if errors:
-            add(conn, EVENTS, message_id=message_id, kind="error", detail={"errors": [e.as_dict() for e in errors]})
+            changed = {"error": None, "patient_id": None, **final}
+        with pipelined(conn):  # nothing here is read back: one round trip on PostgreSQL
+            if changed:
+                update_row(conn, MESSAGES, message_id, **changed)
+            add_many(conn, CONTENT, [{"message_id": message_id, "raw": p.raw, "mapped": p.mapped_json(),
+                                      "ack": "\n".join(replies) or None}])
+            add_many(conn, EVENTS, [{"message_id": message_id, **event} for event in events])
         return Stored(message_id=message_id, status=status, ack_code=ack_code, replies=replies,
                       charset=msg.charset if msg else "latin-1", outcome=outcome, error=final.get("error"))
 

@@ -40,6 +40,13 @@ class _SoloJobFailed(Exception):
     """Leaves the transaction of a one-job batch so that it rolls back."""
 
 
+class RedoJob(RadBridgeError):  # noqa: N818 - a request to the writer, not an error to report
+    """Raised by a job to have its work undone and the job run once more: inside a batch its
+    SAVEPOINT is rolled back, alone its transaction. The job must remember why, so that the next
+    run differs (HL7 inbound: a message whose apply failed is then stored as AE, not applied). A
+    job raises it only while ``session.info[FINAL_ATTEMPT]`` is false: there is a next run."""
+
+
 class StorageUnavailable(RadBridgeError, RuntimeError):
     """The batch could not be committed; nothing in it was stored."""
 
@@ -148,6 +155,8 @@ class IngestWriter:
                 job.error = exc
                 self.stats.retried += 1
                 log.debug("integrity conflict (attempt %d): %s", attempt + 1, exc)
+            except RedoJob as exc:
+                job.error = exc
             except OperationalError:
                 raise  # the database itself is in trouble: fail the whole batch
             except Exception as exc:  # one bad job must not take the others down
@@ -179,7 +188,7 @@ class IngestWriter:
                         session.close()
                 return
             except _SoloJobFailed:
-                if not isinstance(batch[0].error, IntegrityError) or attempt == self._integrity_retries:
+                if not isinstance(batch[0].error, IntegrityError | RedoJob) or attempt == self._integrity_retries:
                     return
             except BaseException:
                 self._discard_connection()

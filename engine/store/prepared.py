@@ -23,7 +23,8 @@ rather than run wrongly; write such statements with Core (``conn.execute``) inst
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,11 @@ class Prepared:
         """Run on the driver's cursor; returns the cursor (for fetchone / lastrowid)."""
         return execute_driver(conn, self.sql, self.arguments(params))
 
+    def execute_many(self, conn: Connection, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Run once per row in one driver call (``executemany``: one round trip with psycopg 3,
+        which pipelines it); for statements whose results are not read (an INSERT of several rows)."""
+        execute_driver(conn, self.sql, [self.arguments(r) for r in rows], many=True)
+
 
 @dataclass(frozen=True)
 class PreparedQuery:
@@ -132,16 +138,38 @@ class PreparedCache:
         return found
 
 
-def execute_driver(conn: Connection, sql: str, args: Any = ()) -> Any:
+def execute_driver(conn: Connection, sql: str, args: Any = (), *, many: bool = False) -> Any:
     """Run SQL on the DBAPI cursor of ``conn`` (inside its transaction), raising SQLAlchemy's
-    exception classes as Core's execution would."""
+    exception classes as Core's execution would. ``many``: ``args`` is a list of parameter sets
+    for one ``executemany``."""
     cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
     dbapi = conn.dialect.loaded_dbapi
     try:
-        cursor.execute(sql, args)
+        if many:
+            cursor.executemany(sql, args)
+        else:
+            cursor.execute(sql, args)
     except dbapi.Error as err:
         raise DBAPIError.instance(sql, args, err, dbapi.Error, dialect=conn.dialect) from err
     return cursor
+
+
+@contextlib.contextmanager
+def pipelined(conn: Connection) -> Iterator[None]:
+    """Statements whose results are not read, sent together: with psycopg 3 in pipeline mode, one
+    round trip for all of them at the end of the block (other drivers run them as they come).
+
+    An error of any of them is raised when the block ends, as SQLAlchemy's exception class; do not
+    read a result (fetchone, rowcount) inside the block."""
+    if conn.dialect.driver != "psycopg":
+        yield
+        return
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with conn.connection.driver_connection.pipeline():  # type: ignore[union-attr]
+            yield
+    except dbapi.Error as err:
+        raise DBAPIError.instance("(pipelined statements)", None, err, dbapi.Error, dialect=conn.dialect) from err
 
 
 def column_defaults(table: Table, *, on_update: bool = False) -> tuple[tuple[str, Any], ...]:
