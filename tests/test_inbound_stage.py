@@ -116,3 +116,53 @@ def test_a_message_failing_to_apply_is_ae_alone_or_in_a_batch_and_leaves_none_of
         errors = {ctrl: error for ctrl, error in s.execute(select(Message.control_id, Message.error))}
     assert "subscriber failed" not in (errors["C-BROKEN1"] or "")  # an internal error says no more than that
     assert "into itself" in (errors["C-SELF1"] or "")
+
+
+def test_a_fhir_transaction_failing_to_apply_is_refused_alone_or_in_a_batch_and_leaves_none_of_its_writes(
+        db: Database) -> None:
+    """A transaction Bundle whose second entry fails (an order without any identifier, after its
+    Patient was created) undoes its Patient too, is kept once as an error with the entry's reason, and
+    leaves the other requests of the writer's batch applied; the same alone in its transaction."""
+    from engine.pipeline.fhir_inbound import FhirInbound, FhirRequest, Interaction
+    from tests.fhirutil import patient, service_request
+
+    settings = Settings()
+    settings.mappings_dir = str(REPO / "mappings")
+    mappings = open_mappings(settings)
+    mappings.load_all()
+    channels, _ = load_channels(REPO / "channels", connector_specs(), set(mappings.names()))
+    stage = FhirInbound(next(c for c in channels if c.name == "fhir-inbound"), mappings, bus=EventBus())
+
+    def transaction(mrn: str, accession: str, *, broken: bool = False) -> FhirRequest:
+        url = f"urn:uuid:00000000-0000-4000-8000-{len(mrn):04d}{mrn[-8:]:0>8}"
+        order = service_request(accession, {"reference": url}, **({"identifier": []} if broken else {}))
+        return stage.prepare(b"{}", "Bundle^transaction", [
+            Interaction("POST", "Patient", patient(mrn, "Tx"), full_url=url, where="Bundle.entry[0]: "),
+            Interaction("POST", "ServiceRequest", order, where="Bundle.entry[1]: ")], mode="transaction",
+            request_id=mrn)
+    batch = [transaction("FGOOD1", "FA1"), transaction("FBROKEN1", "FA2", broken=True), transaction("FGOOD2", "FA3")]
+    writer = IngestWriter(db.writer)
+    writer.start()
+    gate = threading.Event()
+    try:
+        held = writer.submit(lambda _s: gate.wait(10))  # holds the writer so that the batch forms
+        futures = [writer.submit(functools.partial(stage.apply, req=req)) for req in batch]
+        gate.set()
+        assert held.result(10) is True
+        results = [f.result(10) for f in futures]
+        alone = writer.run_sync(functools.partial(stage.apply, req=transaction("FBROKEN2", "FA4", broken=True)))
+        assert writer.stats.largest_batch >= 4
+    finally:
+        writer.stop()
+    assert [r.error is None for r in results] == [True, False, True]
+    assert batch[1].refused is results[1].error  # undone by the writer (RedoJob), then kept as refused
+    for refused in (results[1], alone):
+        assert refused.error is not None and refused.error.status == 422
+        assert refused.error.diagnostics.startswith("Bundle.entry[1]: ")
+        assert "no placer number, filler number or accession" in refused.error.diagnostics
+    with db.read_session() as s:
+        rows = {ctrl: status for ctrl, status in s.execute(select(Message.control_id, Message.status))}
+        assert rows == {"FGOOD1": "processed", "FBROKEN1": "error", "FGOOD2": "processed", "FBROKEN2": "error"}
+        values = set(s.execute(select(PatientIdentifier.value)).scalars())
+        assert values == {"FGOOD1", "FGOOD2"}
+        assert s.execute(select(func.count()).select_from(Patient)).scalar() == 2

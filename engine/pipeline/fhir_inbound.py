@@ -67,7 +67,7 @@ from engine.outbound.context import system_of
 from engine.pipeline import fhir_search as search
 from engine.pipeline.actions import apply_action
 from engine.pipeline.hl7_inbound import internal_error_text
-from engine.pipeline.writer import FINAL_ATTEMPT
+from engine.pipeline.writer import FINAL_ATTEMPT, RedoJob
 from engine.store.prepared import savepoint
 from engine.store.types import JsonObject, utcnow
 
@@ -150,9 +150,9 @@ class Stored:
     error: FhirError | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class FhirRequest:
-    """One HTTP request's interactions, prepared for the writer."""
+    """One HTTP request's interactions, prepared for the writer (which may run it twice: ``refused``)."""
 
     raw: bytes
     kind: str  # what the request was (create, update, transaction ...), for the message store
@@ -161,6 +161,7 @@ class FhirRequest:
     remote: str | None = None
     request_id: str | None = None
     agent: str | None = None
+    refused: FhirError | None = None  # why an earlier run of the writer's job could not apply it (RedoJob)
 
 
 def application_order(interactions: list[Interaction]) -> list[int]:
@@ -292,6 +293,18 @@ class FhirInbound:
             if mode == "batch":
                 for i in order:
                     results[i] = self._guarded(conn, session, interactions[i], message_id, refs, isolate=True)
+            elif req.refused is not None:  # an earlier run of this job failed: kept as refused, nothing applied
+                raise req.refused
+            elif not session.info.get(FINAL_ATTEMPT, True):
+                # In the group-commit writer with a run to come: no SAVEPOINT of its own (two statements,
+                # two round trips on PostgreSQL). The first failure undoes the whole job (RedoJob: its
+                # SAVEPOINT or transaction), and the next run stores the request as refused.
+                for i in order:
+                    r = self._guarded(conn, session, interactions[i], message_id, refs, isolate=False)
+                    if isinstance(r, FhirError):
+                        req.refused = r
+                        raise RedoJob(f"FHIR request {message_id} not applied; stored as refused on the next run")
+                    results[i] = r
             else:  # all or nothing: the first failure rolls back rb_fhir, so entries need no savepoint of their own
                 with savepoint(conn, "rb_fhir"):
                     for i in order:
