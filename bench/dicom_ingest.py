@@ -233,6 +233,8 @@ def start_engine(spec: RunSpec, work: Path) -> tuple[Server, int, Counter]:
                     logdir=work)
     server.wait_listening(dicom_port, http_port)
 
+    spec.metrics_url = f"http://{HOST}:{http_port}/metrics"
+
     def count() -> int:
         url = f"http://{HOST}:{http_port}/api/studies?study_uid={spec.study_uid}"
         studies = http_json(url, "bench")["studies"]
@@ -407,6 +409,7 @@ class RunSpec:
     tls_args: list[str] = field(default_factory=list)  # storescu's TLS options, filled in by start_engine
     associations: int = 1  # storescu processes sending the timed set at once, a part each
     engine_src: str = ""  # the source tree the engine runs from (--engine-src); empty: this repository
+    metrics_url: str = ""  # the engine's /metrics, filled in by start_engine
 
 
 @dataclass
@@ -425,6 +428,8 @@ class RunResult:
     rss_polled_max_kb: int = 0
     hwm_kb: int = 0
     per_association: list[float] = field(default_factory=list)  # inst/s of each storescu (its part / its time)
+    writer_jobs: int = 0  # engine: jobs and commits of its ingest writer during the timed set
+    writer_commits: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -438,6 +443,19 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+def writer_counts(url: str) -> tuple[int, int]:
+    """(jobs, commits) of the engine's ingest writer so far, from its /metrics."""
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer bench"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("radbridge_writer_jobs_total", "radbridge_writer_batches_total"):
+            found[name] = int(float(value))
+    return found.get("radbridge_writer_jobs_total", 0), found.get("radbridge_writer_batches_total", 0)
 
 
 def send_deadline(n: int) -> float:
@@ -478,6 +496,7 @@ def run_target(spec: RunSpec) -> RunResult:
             while not stop_polling.wait(0.2):
                 result.rss_polled_max_kb = max(result.rss_polled_max_kb, proc_status(pid, "VmRSS"))
 
+        writer_before = writer_counts(spec.metrics_url) if spec.metrics_url else (0, 0)
         result.rss.append((-1, proc_status(pid, "VmRSS")))
         if spec.live:
             print(f"  start  RSS {result.rss[0][1] / 1024:.1f} MiB", flush=True)
@@ -508,6 +527,9 @@ def run_target(spec: RunSpec) -> RunResult:
             time.sleep(0.5)
         if result.stored != spec.instances:
             result.problems.append(f"target holds {result.stored} of the {spec.instances} instances sent")
+        if spec.metrics_url:
+            jobs, commits = writer_counts(spec.metrics_url)
+            result.writer_jobs, result.writer_commits = jobs - writer_before[0], commits - writer_before[1]
     except Exception as exc:
         result.problems.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -616,6 +638,9 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
               f"{r.rate:>9.1f}{r.mb_per_s:>8.1f}{r.stored:>8}{mib(r.hwm_kb):>14}{'' if r.ok else '  FAILED'}")
         if len(r.per_association) > 1:
             print(f"{'':<28}each association, inst/s: {', '.join(f'{x:.1f}' for x in r.per_association)}")
+        if r.writer_commits:
+            print(f"{'':<28}index: {r.writer_jobs} writer jobs in {r.writer_commits} commits "
+                  f"({r.writer_jobs / r.writer_commits:.2f} a commit)")
 
     def rates(label: str) -> list[float]:
         return [r.rate for r in results if r.label == label and r.ok]
