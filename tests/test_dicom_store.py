@@ -518,3 +518,25 @@ def test_a_failed_fsync_of_the_received_file_is_out_of_resources_and_not_indexed
     assert pynetdicom_store(sqlite_engine.dicom_port, obj.path) == 0
     [inst] = instances(sqlite_engine, obj.sop_uid)
     assert pydicom.dcmread(stored_path(sqlite_engine, inst)).PixelData == ds.PixelData
+
+
+def test_pynetdicom_logging_handlers_are_not_bound_and_its_warnings_still_show(
+        sqlite_engine: RunningEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pynetdicom's standard handlers (INFO/DEBUG lines the engine does not show) are not run for every
+    PDU and DIMSE message; what pynetdicom logs at WARNING and above still reaches the log."""
+    from pynetdicom import evt
+
+    from engine.connectors.dicom.channel import DicomConnector
+
+    server = sqlite_engine.engine.connector("dicom", DicomConnector).listener._server
+    events = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+    bound = {getattr(h[0] if isinstance(h, tuple) else h, "__name__", "") for e in events
+             for h in server.get_handlers(e)}
+    assert not {name for name in bound if name.startswith("standard_")}
+    assert "_on_pdu" in bound  # the engine's own (free space while receiving) is still there
+    obj = make_instance(tmp_path / "x.dcm")
+    assert storescu(sqlite_engine.dicom_port, [obj.path]).returncode == 0
+    with socket.create_connection(("127.0.0.1", sqlite_engine.dicom_port), timeout=10) as sock:
+        sock.sendall(b"\x01\x00\x00\x00\x00\x02ab")  # an A-ASSOCIATE-RQ too short to decode
+        wait_until(lambda: closed_by_peer(sock), timeout=30)
+    assert any(r.name.startswith("pynetdicom") and r.levelname in ("WARNING", "ERROR") for r in caplog.records)

@@ -124,6 +124,11 @@ class DicomListener:
 
     async def start(self) -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's standard handlers only log INFO/DEBUG lines about each PDU and DIMSE message (the
+        # engine shows pynetdicom's WARNING and above only), but with "standard" they are bound to every
+        # association and run, building those lines, for every PDU sent and received; warnings and
+        # errors are logged either way
+        _config.LOG_HANDLER_LEVEL = "none"
         destinations = (self.settings.dicom.move_destination(e.partition("=")[0]) for e in self.settings.dicom.destinations)
         if any(d is not None and d.tls for d in destinations):
             self.move_tls_context()  # its files are read now: a missing one stops the start, not a C-MOVE
