@@ -4,7 +4,9 @@
 Run on demand (it is not a test); see bench/README.md. Every run gets a fresh set of N copies of
 pydicom-data's 512x512 uncompressed CT (``693_UNCI.dcm``), each with its own SOP Instance UID and
 one new study and series for the set, and sends it with dcmtk's ``storescu`` in one association
-(``TCP_NODELAY=1``) to a freshly started target with empty storage:
+(``TCP_NODELAY=1``) to a freshly started target with empty storage. With ``--associations N`` the set
+is split into N parts, sent by N storescu processes at once (N associations, as PACS routers send),
+and every target gets the same N associations; ``--associations 1,4`` measures both in turns:
 
 * engine (fsync): ``python -m engine.cli run`` (what ``radbridge run`` runs), durable default: each
   file and its directory are fsynced before the C-STORE success;
@@ -20,6 +22,7 @@ new network namespace that has nothing but ``lo``.
 Usage:
     python bench/dicom_ingest.py --instances 500
     python bench/dicom_ingest.py --instances 500 --repeat 3
+    python bench/dicom_ingest.py --instances 500 --associations 1,4   # one association, then four at once
     python bench/dicom_ingest.py --instances 200 --large-mb 1024      # plus a ~1 GB study, RSS every 10 %
     python bench/dicom_ingest.py --database postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 """
@@ -226,8 +229,11 @@ def start_engine(spec: RunSpec, work: Path) -> tuple[Server, int, Counter]:
         env["RADBRIDGE_CHANNELS_DIR"] = str(tls_channels(work, spec))
     if spec.database_url:
         env["RADBRIDGE_DATABASE_URL"] = spec.database_url
-    server = Server("engine", [sys.executable, "-m", "engine.cli", "run"], env=env, cwd=REPO, logdir=work)
+    server = Server("engine", [sys.executable, "-m", "engine.cli", "run"], env=env, cwd=Path(spec.engine_src or REPO),
+                    logdir=work)
     server.wait_listening(dicom_port, http_port)
+
+    spec.metrics_url = f"http://{HOST}:{http_port}/metrics"
 
     def count() -> int:
         url = f"http://{HOST}:{http_port}/api/studies?study_uid={spec.study_uid}"
@@ -345,6 +351,44 @@ def storescu(aet: str, port: int, files: Sequence[Path], *, timeout: float,
     return res
 
 
+def send_parallel(aet: str, port: int, files: Sequence[Path], associations: int, *, timeout: float,
+                  on_response: Callable[[int], None] | None = None,
+                  tls_args: Sequence[str] = ()) -> list[SendResult]:
+    """``files`` split into ``associations`` parts (every n-th file), each sent by its own storescu, all
+    started at once; ``on_response`` sees the running count of store responses over all of them.
+    Each result's ``seconds`` runs from the common start to that storescu's exit."""
+    parts = [list(files[k::associations]) for k in range(associations)]
+    results: list[SendResult] = [SendResult() for _ in parts]
+    lock = threading.Lock()
+    counts = [0] * len(parts)
+
+    def counted(k: int) -> Callable[[int], None] | None:
+        if on_response is None:
+            return None
+
+        def seen(done: int) -> None:
+            with lock:  # one caller at a time: on_response keeps its own state
+                counts[k] = done
+                on_response(sum(counts))
+        return seen
+
+    t0 = time.perf_counter()
+
+    def one(k: int) -> None:
+        results[k] = storescu(aet, port, parts[k], timeout=timeout, on_response=counted(k), tls_args=tls_args)
+        results[k].seconds = time.perf_counter() - t0
+
+    if len(parts) == 1:
+        one(0)
+        return results
+    threads = [threading.Thread(target=one, args=(k,), name=f"storescu-{k}", daemon=True) for k in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 30)
+    return results
+
+
 # =====================================================================================================
 # One run of one target (in this process, or in a worker in a network namespace)
 # =====================================================================================================
@@ -363,12 +407,16 @@ class RunSpec:
     study_uid: str = ""  # of the timed set; filled in by run_target
     tls: bool = False  # the engine's DICOM channel speaks TLS (a test certificate); storescu +tla
     tls_args: list[str] = field(default_factory=list)  # storescu's TLS options, filled in by start_engine
+    associations: int = 1  # storescu processes sending the timed set at once, a part each
+    engine_src: str = ""  # the source tree the engine runs from (--engine-src); empty: this repository
+    metrics_url: str = ""  # the engine's /metrics, filled in by start_engine
 
 
 @dataclass
 class RunResult:
     label: str
     kind: str
+    associations: int = 1
     instances: int = 0
     size_bytes: int = 0
     seconds: float = 0.0
@@ -379,6 +427,9 @@ class RunResult:
     rss: list[tuple[int, int]] = field(default_factory=list)  # (percent of responses, VmRSS kB); -1: start
     rss_polled_max_kb: int = 0
     hwm_kb: int = 0
+    per_association: list[float] = field(default_factory=list)  # inst/s of each storescu (its part / its time)
+    writer_jobs: int = 0  # engine: jobs and commits of its ingest writer during the timed set
+    writer_commits: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -394,6 +445,19 @@ class RunResult:
         return not self.problems
 
 
+def writer_counts(url: str) -> tuple[int, int]:
+    """(jobs, commits) of the engine's ingest writer so far, from its /metrics."""
+    req = urllib.request.Request(url, headers={"Authorization": "Bearer bench"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("radbridge_writer_jobs_total", "radbridge_writer_batches_total"):
+            found[name] = int(float(value))
+    return found.get("radbridge_writer_jobs_total", 0), found.get("radbridge_writer_batches_total", 0)
+
+
 def send_deadline(n: int) -> float:
     return 60.0 + n * 0.5  # at least 2 instances/s before we call it stuck
 
@@ -401,7 +465,7 @@ def send_deadline(n: int) -> float:
 def run_target(spec: RunSpec) -> RunResult:
     """Generate the sets, start the target, warm up, time the set, check the target's count, stop it."""
     work = Path(spec.work)
-    result = RunResult(spec.label, spec.kind, instances=spec.instances)
+    result = RunResult(spec.label, spec.kind, associations=spec.associations, instances=spec.instances)
     server: Server | None = None
     try:
         warm = make_instances(work / "warmup", spec.warmup) if spec.warmup else None
@@ -432,25 +496,29 @@ def run_target(spec: RunSpec) -> RunResult:
             while not stop_polling.wait(0.2):
                 result.rss_polled_max_kb = max(result.rss_polled_max_kb, proc_status(pid, "VmRSS"))
 
+        writer_before = writer_counts(spec.metrics_url) if spec.metrics_url else (0, 0)
         result.rss.append((-1, proc_status(pid, "VmRSS")))
         if spec.live:
             print(f"  start  RSS {result.rss[0][1] / 1024:.1f} MiB", flush=True)
         poller = threading.Thread(target=poll, name="rss-poller", daemon=True)
         poller.start()
         try:
-            sent = storescu(aet, port, timed.files, timeout=send_deadline(spec.instances), on_response=on_response,
-                            tls_args=spec.tls_args)
+            sent = send_parallel(aet, port, timed.files, spec.associations, timeout=send_deadline(spec.instances),
+                                 on_response=on_response, tls_args=spec.tls_args)
         finally:
             stop_polling.set()
             poller.join(5)
         result.hwm_kb = proc_status(pid, "VmHWM")
         result.rss_polled_max_kb = max([result.rss_polled_max_kb, *(kb for _p, kb in result.rss)])
-        result.seconds = sent.seconds
-        result.exit_code = sent.exit_code
-        result.responses_ok, result.responses_failed = sent.ok, sent.failed
-        if sent.exit_code != 0 or sent.ok != spec.instances:
-            result.problems.append(f"storescu exit {sent.exit_code}, {sent.ok}/{spec.instances} success responses, "
-                                   f"{sent.failed} other\n{sent.log_tail}")
+        result.seconds = max(s.seconds for s in sent)
+        result.per_association = [(s.ok + s.failed) / s.seconds if s.seconds > 0 else 0.0 for s in sent]
+        bad = [s for s in sent if s.exit_code != 0]
+        result.exit_code = bad[0].exit_code if bad else 0
+        result.responses_ok, result.responses_failed = sum(s.ok for s in sent), sum(s.failed for s in sent)
+        if bad or result.responses_ok != spec.instances:
+            tails = "\n".join(s.log_tail for s in sent if s.log_tail)
+            result.problems.append(f"storescu exit {[s.exit_code for s in sent]}, {result.responses_ok}/"
+                                   f"{spec.instances} success responses, {result.responses_failed} other\n{tails}")
         t_limit = time.monotonic() + COUNT_TIMEOUT
         while True:
             result.stored = count()
@@ -459,6 +527,9 @@ def run_target(spec: RunSpec) -> RunResult:
             time.sleep(0.5)
         if result.stored != spec.instances:
             result.problems.append(f"target holds {result.stored} of the {spec.instances} instances sent")
+        if spec.metrics_url:
+            jobs, commits = writer_counts(spec.metrics_url)
+            result.writer_jobs, result.writer_commits = jobs - writer_before[0], commits - writer_before[1]
     except Exception as exc:
         result.problems.append(f"{type(exc).__name__}: {exc}")
     finally:
@@ -540,10 +611,22 @@ def rss_text(r: RunResult) -> str:
     return f"{', '.join(parts)}; max sampled {mib(r.rss_polled_max_kb)}; peak (VmHWM) {mib(r.hwm_kb)}"
 
 
+def labelled(label: str, associations: int) -> str:
+    """A target's label with its number of associations: ``engine (fsync)`` for one (the names
+    bench/run_all.py reads), ``engine (fsync) x4`` for four."""
+    return label if associations == 1 else f"{label} x{associations}"
+
+
+def fanout(label: str) -> int:
+    """The number of associations a label names (``labelled``'s inverse)."""
+    head, _, tail = label.rpartition(" x")
+    return int(tail) if head and tail.isdigit() else 1
+
+
 def print_results(results: list[RunResult], labels: list[str]) -> dict[str, float]:
     """The runs, best and median per target, the ratios and RSS; returns each target's median inst/s of
     its good runs (``--json``)."""
-    head = (f"{'target':<20}{'run':>4}{'instances':>11}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}"
+    head = (f"{'target':<24}{'run':>4}{'instances':>11}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}"
             f"{'stored':>8}{'peak RSS MiB':>14}")
     print()
     print(head)
@@ -551,8 +634,13 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
     runs: dict[str, int] = {}
     for r in results:
         runs[r.label] = runs.get(r.label, 0) + 1
-        print(f"{r.label:<20}{runs[r.label]:>4}{r.instances:>11}{r.size_bytes / 1e6:>9.1f}{r.seconds:>9.2f}"
+        print(f"{r.label:<24}{runs[r.label]:>4}{r.instances:>11}{r.size_bytes / 1e6:>9.1f}{r.seconds:>9.2f}"
               f"{r.rate:>9.1f}{r.mb_per_s:>8.1f}{r.stored:>8}{mib(r.hwm_kb):>14}{'' if r.ok else '  FAILED'}")
+        if len(r.per_association) > 1:
+            print(f"{'':<28}each association, inst/s: {', '.join(f'{x:.1f}' for x in r.per_association)}")
+        if r.writer_commits:
+            print(f"{'':<28}index: {r.writer_jobs} writer jobs in {r.writer_commits} commits "
+                  f"({r.writer_jobs / r.writer_commits:.2f} a commit)")
 
     def rates(label: str) -> list[float]:
         return [r.rate for r in results if r.label == label and r.ok]
@@ -560,7 +648,7 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
     def mbs(label: str) -> list[float]:
         return [r.mb_per_s for r in results if r.label == label and r.ok]
 
-    head = f"{'target':<20}{'ok runs':>8}{'best inst/s':>13}{'median':>9}{'best MB/s':>11}{'median':>9}"
+    head = f"{'target':<24}{'ok runs':>8}{'best inst/s':>13}{'median':>9}{'best MB/s':>11}{'median':>9}"
     print()
     print(head)
     print("-" * len(head))
@@ -568,7 +656,7 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
         rs, ms = rates(label), mbs(label)
         best = f"{max(rs):>13.1f}{statistics.median(rs):>9.1f}{max(ms):>11.1f}{statistics.median(ms):>9.1f}" \
             if rs else f"{'-':>13}{'-':>9}{'-':>11}{'-':>9}"
-        print(f"{label:<20}{len(rs):>8}{best}")
+        print(f"{label:<24}{len(rs):>8}{best}")
 
     def ratio(a: str, b: str, pick: Callable[[list[float]], float]) -> str:
         ra, rb = rates(a), rates(b)
@@ -577,8 +665,8 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
     print()
     print("ratios of inst/s, medians (best runs in brackets):")
     for eng in (x for x in labels if x.startswith("engine")):
-        for other in (x for x in labels if not x.startswith("engine")):
-            print(f"  {eng + ' / ' + other:<32}{ratio(eng, other, statistics.median):>6} "
+        for other in (x for x in labels if not x.startswith("engine") and fanout(x) == fanout(eng)):
+            print(f"  {eng + ' / ' + other:<40}{ratio(eng, other, statistics.median):>6} "
                   f"({ratio(eng, other, max)})")
     tls_label, plain_label = TARGETS["engine-tls"][1], TARGETS["engine"][1]
     if rates(tls_label) and rates(plain_label):
@@ -606,6 +694,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--instances", type=int, default=500, help="instances in the timed set (default 500)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per target, in turns (default 1)")
+    ap.add_argument("--associations", default="1", metavar="N[,N...]",
+                    help="storescu processes sending the timed set at once, a part each, to every target; "
+                         "several counts run in turns (e.g. 1,4; default 1)")
     ap.add_argument("--warmup", type=int, default=5,
                     help="untimed instances (their own study, own association) before the timed set (default 5)")
     ap.add_argument("--large-mb", type=int, default=0, metavar="MB",
@@ -619,6 +710,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--database", metavar="URL", default="",
                     help="run the engine on PostgreSQL: an admin URL where a throwaway database may be created "
                          "for each engine run (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/postgres)")
+    ap.add_argument("--engine-src", metavar="DIR", default="",
+                    help="run the engine from another source tree (e.g. a git worktree of an older commit, for a "
+                         "before/after comparison in one sitting); channels/ and mappings/ stay this repository's")
     ap.add_argument("--no-netns", action="store_true",
                     help="run Orthanc and storescp in this network namespace (they listen on every interface)")
     ap.add_argument("--tmpdir", default=None, help="where the instances and storage go (default: system temp)")
@@ -632,6 +726,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = set(args.target_list) - set(TARGETS)
     if unknown or not args.target_list:
         ap.error(f"--targets: unknown {', '.join(sorted(unknown))}" if unknown else "--targets: none given")
+    try:
+        args.association_counts = [int(n) for n in args.associations.split(",") if n.strip()]
+    except ValueError:
+        ap.error(f"--associations: not a list of numbers: {args.associations!r}")
+    if not args.association_counts or min(args.association_counts) < 1 \
+            or max(args.association_counts) > args.instances:
+        ap.error("--associations: each count at least 1 and at most --instances")
     if args.instances < 1 or args.repeat < 1 or args.warmup < 0 or args.large_mb < 0:
         ap.error("--instances and --repeat must be at least 1, --warmup and --large-mb at least 0")
     return args
@@ -675,25 +776,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="radbridge-dicom-bench-", dir=args.tmpdir))
     print(f"radbridge DICOM ingest benchmark: {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}, "
           f"pydicom {pydicom.__version__}, {tool_version([dcmtk_tool('storescu'), '--version']).strip('$ ')}, "
-          f"{tool_version([ORTHANC, '--version'])}; engine from {describe_source(REPO)}, database "
+          f"{tool_version([ORTHANC, '--version'])}; engine from "
+          f"{describe_source(Path(args.engine_src).resolve() if args.engine_src else REPO)}, database "
           f"{'PostgreSQL (throwaway database per run)' if args.database else 'SQLite'}")
-    print(f"{args.instances} instances of 693_UNCI.dcm (CT 512x512, {size:,} bytes) per run, one association, "
+    print(f"{args.instances} instances of 693_UNCI.dcm (CT 512x512, {size:,} bytes) per run, sent over "
+          f"{' then '.join(map(str, args.association_counts))} association(s) at once, "
           f"{args.warmup} warm-up instances first; storage in {root}; Orthanc and storescp "
           f"{'in a new network namespace (lo only)' if netns else 'in this network namespace'}", flush=True)
     results: list[RunResult] = []
-    labels = [TARGETS[t][1] for t in args.target_list]
+    labels = [labelled(TARGETS[t][1], n) for n in args.association_counts for t in args.target_list]
     failed = False
     n_run = 0
 
-    def one(name: str, instances: int, percents: list[int], live: bool = False) -> RunResult:
+    def one(name: str, instances: int, percents: list[int], live: bool = False, associations: int = 1) -> RunResult:
         nonlocal n_run
         kind, label, fsync = TARGETS[name]
+        label = labelled(label, associations)
         n_run += 1
         work = root / f"{n_run:02d}-{name}"
         work.mkdir()
         db_name = ""
         spec = RunSpec(kind, label, str(work), instances, args.warmup, fsync=fsync, rss_percents=percents,
-                       live=live, tls=name == "engine-tls")
+                       live=live, tls=name == "engine-tls", associations=associations,
+                       engine_src=str(Path(args.engine_src).resolve()) if args.engine_src else "")
         try:
             if kind == "engine" and args.database:
                 db_name, spec.database_url = create_database(args.database)
@@ -706,10 +811,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         for rep in range(1, args.repeat + 1):
-            for name in args.target_list:
-                what = f" (run {rep} of {args.repeat})" if args.repeat > 1 else ""
-                print(f"{TARGETS[name][1]}: {args.instances} instances{what} ...", flush=True)
-                results.append(one(name, args.instances, [10, 50, 100]))
+            for n in args.association_counts:
+                for name in args.target_list:
+                    what = f" (run {rep} of {args.repeat})" if args.repeat > 1 else ""
+                    print(f"{labelled(TARGETS[name][1], n)}: {args.instances} instances over {n} association(s)"
+                          f"{what} ...", flush=True)
+                    results.append(one(name, args.instances, [10, 50, 100], associations=n))
         write_figures(args.json, print_results(results, labels))
         failed = any(not r.ok for r in results)
         if args.large_mb:

@@ -453,3 +453,90 @@ def test_free_space_is_checked_while_receiving(workdir: Path) -> None:
         assert instances(eng, sop_uid) == [] and not temp_files(eng)
     finally:
         eng.stop()
+
+
+def test_associations_share_the_supported_contexts_and_each_negotiates_its_own(sqlite_engine: RunningEngine,
+                                                                                 tmp_path: Path) -> None:
+    """Each association gets the server's supported contexts as they are (no deep copy per association:
+    ~0.2 s of CPU each); negotiating one association changes nothing another sees."""
+    import copy
+
+    from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
+
+    from engine.connectors.dicom.channel import DicomConnector
+    from engine.connectors.dicom.contexts import SharedContexts
+
+    server = sqlite_engine.engine.connector("dicom", DicomConnector).listener._server
+    assert isinstance(server.contexts, SharedContexts)
+    before = [(str(cx.abstract_syntax), list(cx.transfer_syntax), cx.scu_role, cx.scp_role) for cx in server.contexts]
+    given = copy.deepcopy(server.contexts)
+    assert given is not server.contexts and all(a is b for a, b in zip(given, server.contexts, strict=True))
+    for sop_class, syntax in ((CTImageStorage, "1.2.840.10008.1.2.4.50"), (MRImageStorage, "1.2.840.10008.1.2.1")):
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(sop_class, [syntax])
+        assoc = ae.associate("127.0.0.1", sqlite_engine.dicom_port, ae_title="RADBRIDGE")
+        try:
+            assert assoc.is_established
+            [cx] = assoc.accepted_contexts
+            assert (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) == (str(sop_class), syntax)
+        finally:
+            assoc.release()
+    after = [(str(cx.abstract_syntax), list(cx.transfer_syntax), cx.scu_role, cx.scp_role) for cx in server.contexts]
+    assert after == before
+    obj = make_instance(tmp_path / "x.dcm")
+    assert storescu(sqlite_engine.dicom_port, [obj.path]).returncode == 0
+    assert len(instances(sqlite_engine, obj.sop_uid)) == 1
+
+
+def test_a_failed_fsync_of_the_received_file_is_out_of_resources_and_not_indexed(
+        sqlite_engine: RunningEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file's fsync runs beside its checksum and the header parse: when it fails the C-STORE is
+    answered A700 with the reason and nothing is indexed; the same instance sent again is stored."""
+    import errno
+
+    from engine.storage.local import LocalStorage
+
+    def failing_flush(self: LocalStorage, source: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    obj = make_instance(tmp_path / "x.dcm")
+    ds = pydicom.dcmread(obj.path)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)
+    with monkeypatch.context() as m:
+        m.setattr(LocalStorage, "flush", failing_flush)
+        assoc = ae.associate("127.0.0.1", sqlite_engine.dicom_port, ae_title="RADBRIDGE")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+    assert int(status.Status) == 0xA700
+    assert status.ErrorComment == "storage error: Input/output error"
+    assert instances(sqlite_engine, obj.sop_uid) == []
+    assert not list((Path(sqlite_engine.settings.storage.dir) / "studies").rglob(f"{obj.sop_uid}.*"))
+    assert pynetdicom_store(sqlite_engine.dicom_port, obj.path) == 0
+    [inst] = instances(sqlite_engine, obj.sop_uid)
+    assert pydicom.dcmread(stored_path(sqlite_engine, inst)).PixelData == ds.PixelData
+
+
+def test_pynetdicom_logging_handlers_are_not_bound_and_its_warnings_still_show(
+        sqlite_engine: RunningEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pynetdicom's standard handlers (INFO/DEBUG lines the engine does not show) are not run for every
+    PDU and DIMSE message; what pynetdicom logs at WARNING and above still reaches the log."""
+    from pynetdicom import evt
+
+    from engine.connectors.dicom.channel import DicomConnector
+
+    server = sqlite_engine.engine.connector("dicom", DicomConnector).listener._server
+    events = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+    bound = {getattr(h[0] if isinstance(h, tuple) else h, "__name__", "") for e in events
+             for h in server.get_handlers(e)}
+    assert not {name for name in bound if name.startswith("standard_")}
+    assert "_on_pdu" in bound  # the engine's own (free space while receiving) is still there
+    obj = make_instance(tmp_path / "x.dcm")
+    assert storescu(sqlite_engine.dicom_port, [obj.path]).returncode == 0
+    with socket.create_connection(("127.0.0.1", sqlite_engine.dicom_port), timeout=10) as sock:
+        sock.sendall(b"\x01\x00\x00\x00\x00\x02ab")  # an A-ASSOCIATE-RQ too short to decode
+        wait_until(lambda: closed_by_peer(sock), timeout=30)
+    assert any(r.name.startswith("pynetdicom") and r.levelname in ("WARNING", "ERROR") for r in caplog.records)

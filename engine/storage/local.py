@@ -47,15 +47,23 @@ class LocalStorage:
         return self.root / key
 
     def prepare(self, source: Path) -> tuple[int, str]:
+        size_sha = self.digest(source)
+        self.flush(source)
+        return size_sha
+
+    def digest(self, source: Path) -> tuple[int, str]:
         h = hashlib.sha256()
         size = 0
         with open(source, "rb") as f:
             while chunk := f.read(CHUNK):
-                h.update(chunk)
+                h.update(chunk)  # releases the GIL for chunks this size
                 size += len(chunk)
-            if self.fsync:
-                os.fsync(f.fileno())
         return size, h.hexdigest()
+
+    def flush(self, source: Path) -> None:
+        if self.fsync:
+            with open(source, "rb") as f:
+                os.fsync(f.fileno())
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:

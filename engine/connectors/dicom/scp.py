@@ -36,7 +36,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 from engine.channels import Channel
 from engine.config import Settings
 from engine.connectors.dicom.commitment import report_recorder, take_report
-from engine.connectors.dicom.contexts import add_supported, move_contexts
+from engine.connectors.dicom.contexts import SharedContexts, add_supported, move_contexts
 from engine.connectors.dicom.peers import CallingPeers
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
 from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
@@ -124,6 +124,11 @@ class DicomListener:
 
     async def start(self) -> None:
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's standard handlers only log INFO/DEBUG lines about each PDU and DIMSE message (the
+        # engine shows pynetdicom's WARNING and above only), but with "standard" they are bound to every
+        # association and run, building those lines, for every PDU sent and received; warnings and
+        # errors are logged either way
+        _config.LOG_HANDLER_LEVEL = "none"
         destinations = (self.settings.dicom.move_destination(e.partition("=")[0]) for e in self.settings.dicom.destinations)
         if any(d is not None and d.tls for d in destinations):
             self.move_tls_context()  # its files are read now: a missing one stops the start, not a C-MOVE
@@ -139,6 +144,7 @@ class DicomListener:
         ]
         self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
                                                evt_handlers=handlers, ssl_context=self.ssl_context)
+        self._server.contexts = SharedContexts(self._server.contexts)  # not deep-copied per association
         self.port = self._server.server_address[1]
         log.info("channel %s: DICOM SCP %s on %s:%d", self.channel.name, self.aet, self.host, self.port)
 
@@ -326,8 +332,11 @@ class DicomListener:
             log.error("channel %s: storage below its free-space floor (%d MB): refusing %s from %s",
                       self.channel.name, self.opts.min_free_mb, sop_uid, calling)
             return StoreAnswer("out_of_resources", S.OUT_OF_RESOURCES, "storage full: free space below the floor")
-        # checksum and flush the file (I/O, no GIL) while this thread parses the header (CPU)
-        prepared = self._io.submit(self.storage.prepare, path)
+        # the file's fsync (disk), its checksum (C, without the GIL) and the header parse (Python, this
+        # thread) at once: the slowest of the three, not their sum, before the file is put in place
+        flushed = self._io.submit(self.storage.flush, path)
+        digested = self._io.submit(self.storage.digest, path)
+        both: list[concurrent.futures.Future[Any]] = [flushed, digested]
         try:
             hdr = read_header(path, command_sop_class=command_sop_class, command_sop_instance=command_sop_instance,
                               transfer_syntax=transfer_syntax)
@@ -336,11 +345,13 @@ class DicomListener:
         except HeaderError as exc:
             log.warning("channel %s: refused %s from %s: %04X %s", self.channel.name, sop_uid, calling, exc.status,
                         exc.comment)
-            concurrent.futures.wait([prepared])
+            concurrent.futures.wait(both)
             return StoreAnswer("invalid", exc.status, exc.comment, header_uids(path))
         sop_uid = hdr.sop_instance_uid
         try:
-            size, sha = prepared.result()
+            concurrent.futures.wait(both)  # both done, whichever failed first
+            size, sha = digested.result()
+            flushed.result()  # durable before it is put in place and indexed
             stored = self.storage.put_file(path, storage_key(hdr.study_uid, hdr.series_uid, hdr.sop_instance_uid,
                                                              sha), size=size, sha256=sha)
         except StorageFull as exc:
