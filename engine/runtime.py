@@ -116,8 +116,9 @@ def tls_problems(settings: Settings, channels: list[Channel]) -> list[ConfigProb
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, http_app: HttpAppFactory | None = None) -> None:
+    def __init__(self, settings: Settings, *, http_app: HttpAppFactory | None = None, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port  # one of the processes of `radbridge run --workers N`: listeners share ports
         self.http_app = http_app  # builds the HTTP application (engine.web.app.build_app); None: no HTTP
         self.metrics = Metrics()
         self.db: Database = None  # type: ignore[assignment]
@@ -242,7 +243,7 @@ class Engine:
         self._actor = engine_actor()
         ctx = ConnectorContext(settings=s, db=self.db, writer=self.writer, mappings=self.mappings,
                                metrics=self.metrics, storage=self._study_storage, events=self.bus,
-                               on_tls_reload=self.tls_reloaded)
+                               on_tls_reload=self.tls_reloaded, reuse_port=self.reuse_port)
         try:
             for ch in channels:
                 self.channels[ch.name] = ch
@@ -315,7 +316,8 @@ class Engine:
             self.http_tls = ReloadingContext(s.http.tls, "HTTPS")
         site = CappedTCPSite(self.http_runner, s.bind, s.http.port, max_connections=s.http.max_connections,
                              header_timeout=s.http.header_timeout_seconds,
-                             ssl_context=self.http_tls.context if self.http_tls is not None else None)
+                             ssl_context=self.http_tls.context if self.http_tls is not None else None,
+                             reuse_port=self.reuse_port)
         await site.start()
         if self.http_tls is not None and s.http.tls.reload_seconds > 0:
             self.http_tls.on_reload = self.tls_reloaded
