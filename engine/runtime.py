@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import logging
 import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
 from sqlalchemy.orm import selectinload
@@ -127,6 +129,7 @@ class Engine:
         self.channels: dict[str, Channel] = {}
         self.connectors: dict[str, Connector] = {}  # enabled channels, by name
         self._storage: LocalStorage | None = None
+        self._tmp_lock: BinaryIO | None = None  # a shared lock on <storage>/tmp/.engines while running
         self.http_runner: web.AppRunner | None = None
         self.http_site: CappedTCPSite | None = None
         self.http_tls: ReloadingContext | None = None  # [http.tls]: HTTPS, its certificate reloaded on change
@@ -360,12 +363,28 @@ class Engine:
 
     def _use_storage_tempdir(self) -> None:
         """pynetdicom writes received instances to the process's temporary directory; keeping that
-        on the storage file system makes storing a rename instead of a copy."""
+        on the storage file system makes storing a rename instead of a copy.
+
+        What a crash left there mid-transfer (never acknowledged) is deleted at start, but the
+        directory may be shared with other engines (`run --workers`, engines on other hosts): each
+        holds a shared lock on tmp/.engines while it runs, and only an engine that finds no other
+        holder deletes every leftover; otherwise only those untouched for ORPHAN_GRACE_SECONDS
+        (a transfer in progress writes its file as the data comes)."""
         tmp = Path(self.settings.storage.dir) / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        for stale in tmp.glob("tmp*.dcm"):  # left by a crash mid-transfer: never acknowledged
+        lock = (tmp / ".engines").open("a+b")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except OSError:  # another engine runs on this directory
+            alone = False
+        cutoff = time.time() - ORPHAN_GRACE_SECONDS
+        for stale in tmp.glob("tmp*.dcm"):
             with contextlib.suppress(OSError):
-                stale.unlink()
+                if alone or stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+        fcntl.flock(lock, fcntl.LOCK_SH)  # held (the file stays open) until stop()
+        self._tmp_lock = lock
         tempfile.tempdir = str(tmp.resolve())
 
     async def stop(self) -> None:
@@ -403,6 +422,9 @@ class Engine:
             await asyncio.to_thread(self.writer.stop)
         if self.db is not None:
             self.db.dispose()
+        if self._tmp_lock is not None:  # this engine no longer receives into tmp/
+            self._tmp_lock.close()
+            self._tmp_lock = None
         gc.unfreeze()  # a process that starts engines again (tests) lets the collector see them
 
     # --- background ------------------------------------------------------------------------------------

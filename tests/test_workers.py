@@ -15,14 +15,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from hl7.client import MLLPClient
+from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from engine.reconciliation.queue import QUEUE
 from engine.standin_ehr import StandInEHR, msh_fields
-from engine.store.models import Delivery, Message, Patient, PatientIdentifier, Study
-from tests.conftest import REPO
-from tests.dicomutil import DCMTK_ENV, make_instance, require_dcmtk
+from engine.store.models import Delivery, Instance, Message, Patient, PatientIdentifier, Study
+from tests.conftest import REPO, start_dicom_engine
+from tests.dicomutil import DCMTK_ENV, RawStoreSCU, make_instance, require_dcmtk
 from tests.hl7util import ack_code, adt, orm
 from tests.processes import EngineProcess
 from tests.test_outbound import fast_retries
@@ -31,6 +32,7 @@ from tests.waiting import wait_until
 UPDATES = 5  # A08s per patient after its A01, each a new given name; the last one applied must be the last sent
 MIN_PATIENTS = 6
 MAX_CONNECTIONS = 64  # opened until both workers hold one (the kernel's spread is a hash: not assumed)
+MB = 1024 * 1024
 TS = "20240315081500"  # one time stamp for all: an update applied out of order would not be ignored as stale
 
 
@@ -207,3 +209,28 @@ def test_workers_refuse_port_zero(pg_url: str, workdir: Path) -> None:
     assert "port 0 (any free port) cannot be shared" in res.stderr
     assert "could not start" in res.stderr
 
+
+def test_an_engine_starting_leaves_the_transfers_of_another_alone(pg_url: str, workdir: Path) -> None:
+    """Engines (the workers of one `run --workers`, a restarted one among them) share the storage
+    directory and its tmp/, where each C-STORE is received: one starting must not delete what another
+    is receiving as if a crash had left it."""
+    first = start_dicom_engine(workdir, pg_url)
+    second = None
+    try:
+        scu = RawStoreSCU(first.dicom_port)
+        sop_uid = generate_uid()
+        scu.begin(sop_uid, 8 * MB)
+        scu.send(4 * MB)
+        tmp = workdir / "var" / "tmp"
+        wait_until(lambda: any(p.stat().st_size >= 2 * MB for p in tmp.glob("tmp*.dcm")), timeout=20,
+                   message="the partial file to be written")
+        second = start_dicom_engine(workdir, pg_url)
+        rsp = scu.finish()
+        assert rsp.Status == 0x0000, rsp
+        scu.release()
+        with first.db.read_session() as s:
+            assert s.execute(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)).scalar_one()
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
