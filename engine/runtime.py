@@ -212,12 +212,20 @@ class Engine:
                 log.warning("%s is no longer accepted: %d named token(s) exist (radbridge tokens list); delete it",
                             path, named)
             return
-        if path.exists():
-            self._generated_token = path.read_text().strip()
-        else:
+        if not path.exists():
+            # Engines sharing the storage directory (`run --workers`) may start together: each
+            # writes a whole file of its own and links it in place; the first link wins, and every
+            # engine then uses what the file holds.
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._generated_token = secrets.token_urlsafe(24)
-            create_private_file(path, self._generated_token + "\n")  # never readable by others
+            mine = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            create_private_file(mine, secrets.token_urlsafe(24) + "\n")  # never readable by others
+            try:
+                os.link(mine, path)
+            except FileExistsError:
+                pass
+            finally:
+                mine.unlink()
+        self._generated_token = path.read_text().strip()
         self._configured_tokens = None  # hashed again with the generated one
         log.info("HTTP API token (no http.tokens configured, no named tokens) is in %s", path)
 

@@ -14,6 +14,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import pytest
 from hl7.client import MLLPClient
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, select
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 from engine.reconciliation.queue import QUEUE
 from engine.standin_ehr import StandInEHR, msh_fields
 from engine.store.models import Delivery, Instance, Message, Patient, PatientIdentifier, Study
-from tests.conftest import REPO, start_dicom_engine
+from tests.conftest import REPO, RunningEngine, make_settings, start_dicom_engine
 from tests.dicomutil import DCMTK_ENV, RawStoreSCU, make_instance, require_dcmtk
 from tests.hl7util import ack_code, adt, orm
 from tests.processes import EngineProcess
@@ -121,10 +122,16 @@ def test_two_workers_share_the_ports_and_keep_per_patient_order(pg_url: str, wor
                         seen["deliveries"] = states
                         seen["studies"] = Counter(s.execute(select(Study.state)).scalars())
                         seen["queue"] = s.execute(select(QUEUE)).all()
+                        seen["all"] = s.execute(select(Delivery.id, Delivery.study_id, Delivery.event,
+                                                       Delivery.order_key, Delivery.state, Delivery.created_at)).all()
                         seen["leases"] = s.execute(select(Delivery.id, Delivery.leased_by, Delivery.leased_until,
                                                           Delivery.next_at, Delivery.attempts)
                                                    .where(Delivery.state == "pending")).all()
-                    return states == {"delivered": 2 * patients}
+                        studies = Counter(s.execute(select(Delivery.study_id).where(Delivery.destination == "mllp"))
+                                          .scalars())
+                    # every study's ORU out, nothing left to send, and one per study
+                    assert max(studies.values(), default=1) == 1, f"a study sent twice: {seen}"
+                    return set(states) == {"delivered"} and len(studies) == 2 * patients
                 try:
                     wait_until(all_delivered, timeout=120, interval=0.5, message="every study's ORU delivered")
                 except AssertionError as exc:
@@ -234,3 +241,30 @@ def test_an_engine_starting_leaves_the_transfers_of_another_alone(pg_url: str, w
         if second is not None:
             second.stop()
         first.stop()
+
+
+def test_engines_starting_together_use_one_generated_token(workdir: Path, pg_url: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no token configured each engine (each worker) uses <storage>/api-token, creating it if it
+    is not there. Two starting at once both found it missing: the one that lost the race kept a
+    secret of its own that the file did not hold, and answered 401 to the token the file gave."""
+    import engine.runtime
+
+    settings = make_settings(workdir, pg_url)
+    settings.http.tokens = []
+    path = Path(settings.storage.dir) / "api-token"
+    made = engine.runtime.secrets.token_urlsafe
+
+    def sibling_first(n: int) -> str:  # the other worker writes the file just before this one does
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            path.write_text("sibling-secret-0d5e\n")
+            path.chmod(0o600)
+        return made(n)
+    monkeypatch.setattr(engine.runtime.secrets, "token_urlsafe", sibling_first)
+    eng = RunningEngine(settings).start()
+    try:
+        assert eng.api("/api/channels", token="sibling-secret-0d5e")[0] == 200
+    finally:
+        eng.stop()
+
