@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hl7.client import MLLPClient
@@ -28,6 +29,7 @@ from tests.dicomutil import DCMTK_ENV, RawStoreSCU, make_instance, require_dcmtk
 from tests.hl7util import ack_code, adt, orm
 from tests.processes import EngineProcess
 from tests.test_outbound import fast_retries
+from tests.test_reconciliation import events, hl7, settle, store, work
 from tests.waiting import wait_until
 
 UPDATES = 5  # A08s per patient after its A01, each a new given name; the last one applied must be the last sent
@@ -268,3 +270,33 @@ def test_engines_starting_together_use_one_generated_token(workdir: Path, pg_url
     finally:
         eng.stop()
 
+
+def test_a_trigger_while_a_study_is_reconciled_does_not_send_it_as_reconciled_twice(
+        db_url: str, workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker reconciling a sibling study of the same patient (or an ADT) queues this study
+    again while its stable run is in flight: the run then goes again, and must not raise
+    study.reconciled (one more ORU^R01 and ImagingStudy to the EHR) for a stability already handled.
+    Seen with `run --workers 2`: two ORUs for one study, 190 ms apart."""
+    import engine.reconciliation.reconciler as reconciler_module
+    from engine.reconciliation.queue import enqueue
+
+    e = start_dicom_engine(workdir, db_url)
+    try:
+        hl7(e, adt("A04", "MRN30", "Hall", "Ben", sex="M"), orm("NW", "PL30", "ACC30", "MRN30"))
+        uid = store(e, tmp_path, 1, accession="ACC30", patient_id="MRN30", name="HALL^BEN", sex="M",
+                    issuer="GENHOSP").study_uid
+        work(e)
+        original = reconciler_module.match_study
+        triggered: list[int] = []
+
+        def match_then_trigger(conn: Any, study: Any, rules: Any) -> Any:
+            if study["state"] == "stable" and not triggered:  # the other worker's trigger, committed mid-run
+                triggered.append(study["id"])
+                e.engine.writer.run_sync(lambda s: enqueue(s.connection(), study["id"], "patient.updated"))
+            return original(conn, study, rules)
+        monkeypatch.setattr(reconciler_module, "match_study", match_then_trigger)
+        settle(e)
+        assert triggered
+        assert events(e, uid).count("study.reconciled") == 1, events(e, uid)
+    finally:
+        e.stop()
