@@ -34,6 +34,7 @@ from types import FrameType
 from sqlalchemy.engine import make_url
 
 from engine.config import Settings
+from engine.errors import RadBridgeError
 
 log = logging.getLogger("radbridge.workers")
 
@@ -45,7 +46,7 @@ STOP_GRACE_SECONDS = 150.0  # a worker's own stop is bounded (reconciliation 60 
 POLL_SECONDS = 0.2
 
 
-class WorkersRefused(Exception):
+class WorkersRefused(RadBridgeError):
     """--workers cannot be used with these settings (a usage error: exit 2)."""
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import socket
 
+from engine.errors import RadBridgeError
 
-class UnsharablePort(OSError):
+
+class UnsharablePort(RadBridgeError, OSError):
     """A listener asked to share port 0, or a platform without SO_REUSEPORT."""
 
 
