@@ -69,6 +69,7 @@ BENCHMARKS: list[Benchmark] = [
     Benchmark("console.py", ["--messages", "3000", "--repeat", "2", "--explain"], [], "p95 < 300 ms"),
     Benchmark("dicomweb_qido.py", ["--studies", "300", "--repeat", "2", "--explain"], [], "QIDO-RS search"),
     Benchmark("transcode_retrieve.py", ["--sizes", "3,6"], [], "decoded / stored inst/s"),
+    Benchmark("scale_out.py", ["--quick", "--postgres", PG], ["--postgres", PG, "--repeat", "3"], "scaling 2/1"),
     Benchmark("instructions.py", ["--messages", "5", "--warmup", "2"], ["--messages", "300"], "instructions"),
     # this tree against itself, one pair: the same-run comparison of two commits still works
     Benchmark("compare.py", ["--baseline", str(REPO), "--pairs", "1", "fhir_ingest.py", "--bundles", "20",

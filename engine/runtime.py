@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import logging
 import os
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
 from sqlalchemy.orm import selectinload
@@ -116,8 +118,9 @@ def tls_problems(settings: Settings, channels: list[Channel]) -> list[ConfigProb
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, http_app: HttpAppFactory | None = None) -> None:
+    def __init__(self, settings: Settings, *, http_app: HttpAppFactory | None = None, reuse_port: bool = False) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port  # one of the processes of `radbridge run --workers N`: listeners share ports
         self.http_app = http_app  # builds the HTTP application (engine.web.app.build_app); None: no HTTP
         self.metrics = Metrics()
         self.db: Database = None  # type: ignore[assignment]
@@ -126,6 +129,7 @@ class Engine:
         self.channels: dict[str, Channel] = {}
         self.connectors: dict[str, Connector] = {}  # enabled channels, by name
         self._storage: LocalStorage | None = None
+        self._tmp_lock: BinaryIO | None = None  # a shared lock on <storage>/tmp/.engines while running
         self.http_runner: web.AppRunner | None = None
         self.http_site: CappedTCPSite | None = None
         self.http_tls: ReloadingContext | None = None  # [http.tls]: HTTPS, its certificate reloaded on change
@@ -208,12 +212,20 @@ class Engine:
                 log.warning("%s is no longer accepted: %d named token(s) exist (radbridge tokens list); delete it",
                             path, named)
             return
-        if path.exists():
-            self._generated_token = path.read_text().strip()
-        else:
+        if not path.exists():
+            # Engines sharing the storage directory (`run --workers`) may start together: each
+            # writes a whole file of its own and links it in place; the first link wins, and every
+            # engine then uses what the file holds.
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._generated_token = secrets.token_urlsafe(24)
-            create_private_file(path, self._generated_token + "\n")  # never readable by others
+            mine = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+            create_private_file(mine, secrets.token_urlsafe(24) + "\n")  # never readable by others
+            try:
+                os.link(mine, path)
+            except FileExistsError:
+                pass
+            finally:
+                mine.unlink()
+        self._generated_token = path.read_text().strip()
         self._configured_tokens = None  # hashed again with the generated one
         log.info("HTTP API token (no http.tokens configured, no named tokens) is in %s", path)
 
@@ -242,7 +254,7 @@ class Engine:
         self._actor = engine_actor()
         ctx = ConnectorContext(settings=s, db=self.db, writer=self.writer, mappings=self.mappings,
                                metrics=self.metrics, storage=self._study_storage, events=self.bus,
-                               on_tls_reload=self.tls_reloaded)
+                               on_tls_reload=self.tls_reloaded, reuse_port=self.reuse_port)
         try:
             for ch in channels:
                 self.channels[ch.name] = ch
@@ -315,7 +327,8 @@ class Engine:
             self.http_tls = ReloadingContext(s.http.tls, "HTTPS")
         site = CappedTCPSite(self.http_runner, s.bind, s.http.port, max_connections=s.http.max_connections,
                              header_timeout=s.http.header_timeout_seconds,
-                             ssl_context=self.http_tls.context if self.http_tls is not None else None)
+                             ssl_context=self.http_tls.context if self.http_tls is not None else None,
+                             reuse_port=self.reuse_port)
         await site.start()
         if self.http_tls is not None and s.http.tls.reload_seconds > 0:
             self.http_tls.on_reload = self.tls_reloaded
@@ -358,12 +371,28 @@ class Engine:
 
     def _use_storage_tempdir(self) -> None:
         """pynetdicom writes received instances to the process's temporary directory; keeping that
-        on the storage file system makes storing a rename instead of a copy."""
+        on the storage file system makes storing a rename instead of a copy.
+
+        What a crash left there mid-transfer (never acknowledged) is deleted at start, but the
+        directory may be shared with other engines (`run --workers`, engines on other hosts): each
+        holds a shared lock on tmp/.engines while it runs, and only an engine that finds no other
+        holder deletes every leftover; otherwise only those untouched for ORPHAN_GRACE_SECONDS
+        (a transfer in progress writes its file as the data comes)."""
         tmp = Path(self.settings.storage.dir) / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        for stale in tmp.glob("tmp*.dcm"):  # left by a crash mid-transfer: never acknowledged
+        lock = (tmp / ".engines").open("a+b")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            alone = True
+        except OSError:  # another engine runs on this directory
+            alone = False
+        cutoff = time.time() - ORPHAN_GRACE_SECONDS
+        for stale in tmp.glob("tmp*.dcm"):
             with contextlib.suppress(OSError):
-                stale.unlink()
+                if alone or stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+        fcntl.flock(lock, fcntl.LOCK_SH)  # held (the file stays open) until stop()
+        self._tmp_lock = lock
         tempfile.tempdir = str(tmp.resolve())
 
     async def stop(self) -> None:
@@ -401,6 +430,9 @@ class Engine:
             await asyncio.to_thread(self.writer.stop)
         if self.db is not None:
             self.db.dispose()
+        if self._tmp_lock is not None:  # this engine no longer receives into tmp/
+            self._tmp_lock.close()
+            self._tmp_lock = None
         gc.unfreeze()  # a process that starts engines again (tests) lets the collector see them
 
     # --- background ------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -24,6 +25,7 @@ class EngineProcess:
 
     def __init__(self, workdir: Path, db_url: str, ehr: StandInEHR | None = None, **env: str) -> None:
         self.workdir = workdir
+        self.workers = 1  # set > 1 before start(): `run --workers N`, a supervisor and its worker processes
         self.mllp, self.http, self.dicom = free_port(), free_port(), free_port()
         self.env = {**os.environ, "RADBRIDGE_DATABASE_URL": db_url, "RADBRIDGE_STORAGE_DIR": str(workdir / "var"),
                     "RADBRIDGE_MLLP_PORT": str(self.mllp), "RADBRIDGE_HTTP_PORT": str(self.http),
@@ -36,16 +38,33 @@ class EngineProcess:
         self.up = threading.Event()
 
     def start(self) -> EngineProcess:
+        workers = ["--workers", str(self.workers)] if self.workers > 1 else []
+        announced = self.log.read_text(errors="replace").count(self.RUNNING) if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", "--config",
-                                          str(REPO / "config" / "radbridge.toml")], env=self.env, cwd=self.workdir,
-                                         stdout=log, stderr=log)
+                                          str(REPO / "config" / "radbridge.toml"), *workers], env=self.env,
+                                         cwd=self.workdir, stdout=log, stderr=log)
         self.started_at = time.monotonic()
         for port in (self.mllp, self.http, self.dicom):
             wait_until(functools.partial(self._listening, port), timeout=60, interval=0.1,
                        message=f"the engine to listen on port {port}")
+        if self.workers > 1:  # every worker listens: the supervisor says so once
+            wait_until(lambda: self._listening(self.mllp) and self.log.read_text(errors="replace")
+                       .count(self.RUNNING) > announced, timeout=60, interval=0.1,
+                       message=f"all {self.workers} workers to listen")
         self.up.set()
         return self
+
+    RUNNING = "radbridge running:"
+
+    def children(self) -> list[int]:
+        """The worker processes (`--workers`): the supervisor's children."""
+        assert self.proc is not None
+        found: list[int] = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += [int(p) for p in (task / "children").read_text().split()]
+        return sorted(found)
 
     def _listening(self, port: int) -> bool:
         assert self.proc is not None

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from engine.store.states import MessageStatus
 from engine.tls import TLSError
 from engine.yamlfile import ConfigFileError
 
+log = logging.getLogger("radbridge.run")
 
 def _print_problems(exc: ConfigFileError) -> None:
     for p in exc.problems:
@@ -35,8 +37,17 @@ def _print_problems(exc: ConfigFileError) -> None:
 
 # --- run ----------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    from engine.cli.workers import WorkersRefused, check_workers, supervise
     settings = settings_of(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    slot: int | None = args.worker_slot  # one of the processes of `run --workers N` (engine/cli/workers.py)
+    who = f" [worker {slot} pid %(process)d]" if slot is not None else (" [supervisor]" if args.workers > 1 else "")
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s")
+    if slot is None:
+        try:
+            check_workers(settings, args.workers)
+        except WorkersRefused as exc:
+            print(f"radbridge: {exc}", file=sys.stderr)
+            return 2
     if not args.verbose:  # a line per migration step on the first start buried the useful lines
         logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     # a secret that reaches a log line anyway (a driver's message) is masked, and so are the row
@@ -48,8 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engine.runtime import Engine
     from engine.web.app import build_app
 
+    if slot is None and args.workers > 1:
+        return supervise(args, settings)
+
     async def main() -> int:
-        engine = Engine(settings, http_app=build_app)
+        engine = Engine(settings, http_app=build_app, reuse_port=slot is not None)
         try:
             await engine.start()
         except ConfigFileError as exc:
@@ -70,14 +84,40 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         listening = ", ".join(f"{n} {ep}" for n, c in engine.connectors.items() if (ep := c.endpoint()))
         http = f"{engine.http_scheme}://{settings.bind}:{engine.http_port}/"
-        print(f"radbridge running: {listening or 'no channels'}; HTTP on {http} "
-              "(Ctrl-C to stop)", flush=True)
+        if slot is None:
+            print(f"radbridge running: {listening or 'no channels'}; HTTP on {http} "
+                  "(Ctrl-C to stop)", flush=True)
+        else:
+            log.info("worker %d running: %s; HTTP on %s", slot, listening or "no channels", http)
+            tell_supervisor(args.ready_fd, stop)
         await stop.wait()
-        print("radbridge: stopping (finishing messages in hand)...", flush=True)
+        if slot is None:
+            print("radbridge: stopping (finishing messages in hand)...", flush=True)
         await engine.stop()
         return 0
 
     return asyncio.run(main())
+
+
+def tell_supervisor(ready_fd: int, stop: asyncio.Event) -> None:
+    """A worker of `run --workers N` is listening: one byte on the supervisor's pipe. Should the
+    supervisor go away (killed), the worker stops as on SIGTERM rather than run on unsupervised."""
+    if ready_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+    parent = os.getppid()
+
+    async def watch() -> None:
+        while not stop.is_set():  # ends with the engine's stop
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                log.warning("the supervisor (pid %d) is gone: stopping", parent)
+                stop.set()
+    watchers.add(asyncio.get_running_loop().create_task(watch()))
+
+
+watchers: set[asyncio.Task[None]] = set()  # referenced while they run
 
 
 # --- check --------------------------------------------------------------------------------------------
@@ -418,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("run", help="start every enabled channel"))
     p.add_argument("--verbose", action="store_true", help="also log each schema migration step (Alembic's INFO "
                    "lines), which a first start has one of per migration")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="run N engine processes serving the "
+                   "same MLLP, DICOM and HTTP ports (SO_REUSEPORT), restarted if one dies; N > 1 needs PostgreSQL "
+                   "and fixed ports (docs/scaling.md)")
+    p.add_argument("--worker-slot", type=int, help=argparse.SUPPRESS)  # set by the supervisor for its workers
+    p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p.set_defaults(fn=cmd_run)
     p = with_config(sub.add_parser("check", help="validate config, channels and mappings"))
     p.add_argument("--database", action="store_true", help="also connect to the database and report its schema")

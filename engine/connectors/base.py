@@ -67,6 +67,8 @@ class ConnectorContext:
     events: EventBus  # the domain event bus: what connectors apply publishes here, outboxes subscribe
     # told of each TLS certificate reload tried (what happened, whether it took): the audit trail
     on_tls_reload: Callable[[str, bool], Awaitable[None]] | None = None
+    # listeners bind with SO_REUSEPORT: this is one of the processes of `radbridge run --workers N`
+    reuse_port: bool = False
 
 
 class Connector(ABC):

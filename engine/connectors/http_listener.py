@@ -19,6 +19,7 @@ import ssl
 from aiohttp import web
 
 from engine.connectors.limits import LogBudget
+from engine.connectors.sharing import check_shared
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,10 @@ class RefusedProtocol(asyncio.Protocol):
 
 class CappedTCPSite(web.BaseSite):
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
-                 header_timeout: float, backlog: int = 128, ssl_context: ssl.SSLContext | None = None) -> None:
+                 header_timeout: float, backlog: int = 128, ssl_context: ssl.SSLContext | None = None,
+                 reuse_port: bool = False) -> None:
         super().__init__(runner, backlog=backlog)
+        self.reuse_port = reuse_port  # SO_REUSEPORT: shared with the other --workers processes
         self.host, self.port = host, port
         self.ssl_context = ssl_context  # HTTPS ([http.tls]); the 503 of a refused connection goes over TLS too
         self.max_connections = max_connections
@@ -121,9 +124,12 @@ class CappedTCPSite(web.BaseSite):
         return CountedProtocol(server(), self)
 
     async def start(self) -> None:
+        if self.reuse_port:
+            check_shared(self.port, "the HTTP server")
         await super().start()
         loop = asyncio.get_running_loop()
         # a TLS handshake must be done within the header timeout as well
         self._server = await loop.create_server(
-            self._protocol, self.host, self.port, backlog=self._backlog, reuse_address=True, ssl=self.ssl_context,
+            self._protocol, self.host, self.port, backlog=self._backlog, reuse_address=True, reuse_port=self.reuse_port or None,
+            ssl=self.ssl_context,
             ssl_handshake_timeout=self.header_timeout if self.ssl_context is not None else None)

@@ -393,7 +393,12 @@ class Reconciler:
         prev = current["recon_state"]
         kind: str | None = None
         if state in OK_STATES:
-            if prev not in OK_STATES or "stable" in job.reasons:
+            # "stable" stays among the row's reasons when a trigger came while this run was in
+            # flight (another worker reconciled a sibling study, an ADT) and the study goes again:
+            # that run answers the trigger, not a new stability, so it is no second study.reconciled
+            stability_handled = current["reconciled_at"] is not None and current["stable_at"] is not None \
+                and current["reconciled_at"] >= current["stable_at"]
+            if prev not in OK_STATES or ("stable" in job.reasons and not stability_handled):
                 kind = "study.reconciled"
             elif coerced or links_changed or changes:
                 kind = "study.corrected"

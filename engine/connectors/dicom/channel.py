@@ -32,7 +32,8 @@ class DicomConnector(ListeningConnector):
             self.tls = ReloadingContext(channel.tls, f"channel {channel.name}", deferred_handshake=True)
         self.listener = DicomListener(channel, s, db=ctx.db, writer=ctx.writer, storage=ctx.storage(),
                                       metrics=ctx.metrics, host=s.bind, port=self.configured_port(channel, s),
-                                      bus=ctx.events, ssl_context=self.tls.context if self.tls is not None else None)
+                                      bus=ctx.events, ssl_context=self.tls.context if self.tls is not None else None,
+                                      reuse_port=ctx.reuse_port)
         if self.tls is not None:
             self.tls.replace = self.listener.use_ssl_context
 

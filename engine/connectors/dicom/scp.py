@@ -19,19 +19,22 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socketserver
 import ssl
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from engine.channels import Channel
 from engine.config import Settings
@@ -41,6 +44,7 @@ from engine.connectors.dicom.peers import CallingPeers
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
 from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
 from engine.connectors.dicom.worklist import find_worklist
+from engine.connectors.sharing import check_shared, set_reuse_port
 from engine.dicom import status as S
 from engine.dicom.headers import HeaderError, InstanceHeader, read_header, storage_key
 from engine.dicom.transcode import TranscodeError, decoded_for, syntax_label
@@ -85,13 +89,29 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with SO_REUSEPORT set before the bind (--workers)."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        set_reuse_port(self.socket)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        """As pynetdicom's, less taking itself off the AE's list of servers: ae.start_server puts a
+        server there, ae.make_server (which builds this one) does not."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class DicomListener:
     """One DICOM channel: its AE, its server thread and its handlers."""
 
     def __init__(self, channel: Channel, settings: Settings, *, db: Database, writer: IngestWriter,
                  storage: ObjectStorage, metrics: Metrics, host: str, port: int, bus: EventBus,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
         self.channel = channel
+        self.reuse_port = reuse_port  # SO_REUSEPORT: shared with the other --workers processes
         self.ssl_context = ssl_context  # DICOM TLS (the channel's tls: block); None: plain TCP
         self._move_tls: ssl.SSLContext | None = None  # client context of C-MOVE to tls:// destinations
         self.index = DicomIndex(channel.name, channel.dicom.duplicates, bus)  # the inbound stage of C-STORE
@@ -142,11 +162,22 @@ class DicomListener:
             (evt.EVT_REQUESTED, self._on_requested), (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_PDU_RECV, self._on_pdu),
         ]
-        self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
-                                               evt_handlers=handlers, ssl_context=self.ssl_context)
+        if self.reuse_port:
+            check_shared(self.port, f"channel {self.channel.name}")
+            self._server = await asyncio.to_thread(self._start_shared, ae, handlers)
+        else:
+            self._server = await asyncio.to_thread(ae.start_server, (self.host, self.port), block=False,
+                                                   evt_handlers=handlers, ssl_context=self.ssl_context)
         self._server.contexts = SharedContexts(self._server.contexts)  # not deep-copied per association
         self.port = self._server.server_address[1]
         log.info("channel %s: DICOM SCP %s on %s:%d", self.channel.name, self.aet, self.host, self.port)
+
+    def _start_shared(self, ae: AE, handlers: list[Any]) -> SharedPortServer:
+        """As ae.start_server(block=False), on a socket bound with SO_REUSEPORT."""
+        server = cast(SharedPortServer, ae.make_server((self.host, self.port), evt_handlers=handlers,
+                                                       ssl_context=self.ssl_context, server_class=SharedPortServer))
+        threading.Thread(target=server.serve_forever, name=f"dicom-acceptor-{self.channel.name}", daemon=True).start()
+        return server
 
     async def stop(self) -> None:
         server, self._server = self._server, None

@@ -37,7 +37,8 @@ class MllpConnector(ListeningConnector, HL7Channel):
         self.listener = HL7Listener(channel, self.inbound, ctx.writer, ctx.metrics, host=s.bind,
                                     port=self.configured_port(channel, s), max_connections=s.mllp.max_connections,
                                     max_buffered_bytes=s.mllp.max_buffered_bytes,
-                                    tls=self.tls.context if self.tls is not None else None)
+                                    tls=self.tls.context if self.tls is not None else None,
+                                    reuse_port=ctx.reuse_port)
 
     @staticmethod
     def configured_port(channel: Channel, settings: Settings) -> int:

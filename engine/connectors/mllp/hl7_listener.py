@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class HL7Listener:
     def __init__(self, channel: Channel, inbound: HL7Inbound, writer: IngestWriter, metrics: Metrics, *,
                  host: str, port: int, max_connections: int = 200,
-                 max_buffered_bytes: int = 256 * 1024 * 1024, tls: SSLContext | None = None) -> None:
+                 max_buffered_bytes: int = 256 * 1024 * 1024, tls: SSLContext | None = None,
+                 reuse_port: bool = False) -> None:
         self.channel = channel
         self.inbound = inbound
         self.writer = writer
@@ -36,7 +37,7 @@ class HL7Listener:
         self.server = MLLPServer(channel.name, host, port, self._on_frame, on_problem=self._on_problem,
                                  on_report=self._on_report, max_size=opts.max_message_bytes,
                                  idle_timeout=opts.idle_timeout_seconds, max_connections=max_connections,
-                                 max_buffered_bytes=max_buffered_bytes, tls=tls)
+                                 max_buffered_bytes=max_buffered_bytes, tls=tls, reuse_port=reuse_port)
 
     async def start(self) -> None:
         await self.server.start()

@@ -26,6 +26,7 @@ from ssl import SSLContext
 from engine.connectors.limits import LogBudget
 from engine.connectors.mllp import frame
 from engine.connectors.mllp.framing import Frame, FrameProblem, FramingReport, MLLPDecoder
+from engine.connectors.sharing import check_shared
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ class MLLPServer:
     def __init__(self, name: str, host: str, port: int, handler: FrameHandler, *,
                  on_problem: ProblemCounter | None = None, on_report: ReportHandler | None = None,
                  max_size: int = 10 * 1024 * 1024, idle_timeout: float = 120.0, max_connections: int = 200,
-                 max_buffered_bytes: int = 256 * 1024 * 1024, tls: SSLContext | None = None) -> None:
+                 max_buffered_bytes: int = 256 * 1024 * 1024, tls: SSLContext | None = None,
+                 reuse_port: bool = False) -> None:
         self.name = name
+        self.reuse_port = reuse_port  # SO_REUSEPORT: shared with the other --workers processes
         self.ssl = tls  # TLS only when given (a channel's tls: block); updated in place on reload
         self.host = host
         self.requested_port = port
@@ -99,9 +102,12 @@ class MLLPServer:
 
     async def start(self) -> None:
         self._stopping = False
+        if self.reuse_port:
+            check_shared(self.requested_port, f"channel {self.name}")
         # TLS is started on each connection (_on_connect), so a refused handshake is logged with its peer
         self._server = await asyncio.start_server(self._on_connect, self.host, self.requested_port,
-                                                  reuse_address=True, limit=1024 * 1024)
+                                                  reuse_address=True, limit=1024 * 1024,
+                                                  reuse_port=self.reuse_port or None)
         log.info("channel %s: MLLP%s listening on %s:%d", self.name, "/TLS" if self.ssl else "", self.host, self.port)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
