@@ -128,6 +128,8 @@ ROWS: list[Row] = [
     Row("DICOMweb QIDO-RS study search (slowest of 5 kinds)", "dicomweb_vs_orthanc.py",
         tuple((f"{q} engine p50 ms", f"{q} orthanc p50 ms") for q in _QIDO), "Orthanc", "ms p50", 1.0,
         lower_is_better=True),
+    Row("HL7 in, PostgreSQL, 2 engine processes (run --workers 2)", "scale_out.py",
+        (("engine x2 msg/s", "engine x1 msg/s"),), "the same engine, 1 process", "msg/s", 1.0),
     Row("DICOM forwarding of a study", "dicom_forward.py", (("engine inst/s", "storescu inst/s"),),
         "dcmtk storescu", "inst/s", 0.8),
 ]
