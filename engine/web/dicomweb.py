@@ -911,11 +911,6 @@ class InstanceMetadata:
         return "".join(out)
 
 
-def instance_json(ds: Dataset, bulk_base: str) -> dict[str, Any]:
-    """The instance in the DICOM JSON model, bulk data by BulkDataURI ``{bulk_base}/{tag}``."""
-    return dict(json.loads(InstanceMetadata.of(ds, None).json_text(bulk_base)))
-
-
 class MetadataCache:
     """WADO-RS metadata of instances read before, by storage key, least recently used dropped past
     ``max_bytes``. A storage key names one content (it carries the file's SHA-256; a coerced instance is
