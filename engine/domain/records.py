@@ -140,12 +140,12 @@ def add_many(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) 
     keys = tuple(sorted(full[0]))
     if any(tuple(sorted(r)) != keys for r in full):
         raise ValueError(f"add_many on {table.name}: every row must give the same columns")
+    statement = _PREPARED.statement(conn, ("insert-many", table.name, keys),
+                                    lambda: insert(table).values({k: bindparam(k) for k in keys}))
     if len(full) == 1:
-        _PREPARED.statement(conn, ("insert-many", table.name, keys),
-                            lambda: insert(table).values({k: bindparam(k) for k in keys})).execute(conn, full[0])
-        return
-    _PREPARED.statement(conn, ("insert-many", table.name, keys),
-                        lambda: insert(table).values({k: bindparam(k) for k in keys})).execute_many(conn, full)
+        statement.execute(conn, full[0])
+    else:
+        statement.execute_many(conn, full)
 
 
 def update_row(conn: Connection, table: Table, row_id: int, **values: Any) -> dict[str, Any]:

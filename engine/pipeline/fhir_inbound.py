@@ -24,6 +24,7 @@ Rules (docs/fhir.md):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
@@ -295,21 +296,19 @@ class FhirInbound:
                     results[i] = self._guarded(conn, session, interactions[i], message_id, refs, isolate=True)
             elif req.refused is not None:  # an earlier run of this job failed: kept as refused, nothing applied
                 raise req.refused
-            elif not session.info.get(FINAL_ATTEMPT, True):
-                # In the group-commit writer with a run to come: no SAVEPOINT of its own (two statements,
-                # two round trips on PostgreSQL). The first failure undoes the whole job (RedoJob: its
-                # SAVEPOINT or transaction), and the next run stores the request as refused.
-                for i in order:
-                    r = self._guarded(conn, session, interactions[i], message_id, refs, isolate=False)
-                    if isinstance(r, FhirError):
-                        req.refused = r
-                        raise RedoJob(f"FHIR request {message_id} not applied; stored as refused on the next run")
-                    results[i] = r
-            else:  # all or nothing: the first failure rolls back rb_fhir, so entries need no savepoint of their own
-                with savepoint(conn, "rb_fhir"):
+            else:
+                # All or nothing: the first failure rolls back rb_fhir, so entries need no savepoint of
+                # their own. In the group-commit writer with a run to come, not even rb_fhir (two
+                # statements, two round trips on PostgreSQL): the first failure undoes the whole job
+                # (RedoJob: its SAVEPOINT or transaction), and the next run stores it as refused.
+                redo = not session.info.get(FINAL_ATTEMPT, True)
+                with contextlib.nullcontext() if redo else savepoint(conn, "rb_fhir"):
                     for i in order:
                         r = self._guarded(conn, session, interactions[i], message_id, refs, isolate=False)
                         if isinstance(r, FhirError):
+                            if redo:
+                                req.refused = r
+                                raise RedoJob(f"FHIR request {message_id} not applied; stored as refused next run")
                             raise r
                         results[i] = r
         except FhirError as exc:

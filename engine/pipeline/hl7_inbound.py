@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -334,10 +335,7 @@ class HL7Inbound:
         assert p.route is not None
         conn = session.connection()
         try:
-            if redo:
-                return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
-                                    bus=self.bus), []
-            with savepoint(conn):
+            with contextlib.nullcontext() if redo else savepoint(conn):
                 return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
                                     bus=self.bus), []
         except DomainError as exc:

@@ -37,21 +37,17 @@ class StorageFull(RadBridgeError, OSError):
 class ObjectStorage(Protocol):
     name: str
 
-    def prepare(self, source: Path) -> tuple[int, str]:
-        """Size and SHA-256 of a received local file (read in chunks), and the file flushed to
-        disk: ``digest`` then ``flush``. Separate from put_file so it can run while the header is
-        being parsed."""
-
     def digest(self, source: Path) -> tuple[int, str]:
-        """Size and SHA-256 of a received local file (read in chunks); it may run while ``flush``
-        of the same file does (the C-STORE handler runs both at once)."""
+        """Size and SHA-256 of a received local file (read in chunks). Separate from put_file so
+        that it can run while the header is parsed, and from ``flush`` so that both can run at once
+        (the C-STORE handler does)."""
 
     def flush(self, source: Path) -> None:
         """The received local file's data made durable (fsync; nothing where the store does not
         fsync). ``put_file`` of a file not flushed is not durable."""
 
     def put_file(self, source: Path, key: str, *, size: int, sha256: str) -> StoredObject:
-        """Take a prepared ``source`` (consumed: moved, or copied then removed) as ``key``;
+        """Take a digested and flushed ``source`` (consumed: moved, or copied then removed) as ``key``;
         durable on return."""
 
     def open(self, key: str) -> BinaryIO: ...

@@ -46,11 +46,6 @@ class LocalStorage:
             raise ValueError(f"storage key {key!r} leaves the storage root")
         return self.root / key
 
-    def prepare(self, source: Path) -> tuple[int, str]:
-        size_sha = self.digest(source)
-        self.flush(source)
-        return size_sha
-
     def digest(self, source: Path) -> tuple[int, str]:
         h = hashlib.sha256()
         size = 0
