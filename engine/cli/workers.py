@@ -66,7 +66,6 @@ class Worker:
     ready: bool = False
     exit_code: int | None = None
     restart_at: float | None = None  # monotonic; a restart is due then
-    backoff: float = BACKOFF_INITIAL_SECONDS
     deaths: deque[float] = field(default_factory=deque)  # when it died, within the restart window
 
     @property
@@ -163,8 +162,8 @@ class Supervisor:
                           w.slot, len(w.deaths), RESTART_WINDOW_SECONDS, code)
                 self._fail(1)
                 continue
-            w.backoff = BACKOFF_INITIAL_SECONDS * 2 ** (len(w.deaths) - 1)
-            w.restart_at = now + min(w.backoff, BACKOFF_MAX_SECONDS)
+            # the back-off doubles with each death still within the window
+            w.restart_at = now + min(BACKOFF_INITIAL_SECONDS * 2 ** (len(w.deaths) - 1), BACKOFF_MAX_SECONDS)
             log.warning("worker %d (pid %d) died unexpectedly (exit code %d); starting it again in %.0f s",
                         w.slot, w.proc.pid, code, w.restart_at - now)
 
