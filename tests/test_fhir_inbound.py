@@ -382,6 +382,9 @@ def test_bad_input_gets_a_specific_operation_outcome(running: RunningEngine) -> 
     assert "read-only" in refused(405, "POST", "ImagingStudy", sample("imagingstudy-example.json"))
     assert "not a resource type" in refused(404, "GET", "Observation?code=x")
     assert "Bundle.type" in refused(400, "POST", "", {"resourceType": "Bundle", "type": "collection"})
+    # the Bundle's own elements are validated as well as its entries'
+    assert "Bundle.issues: unknown element" in refused(400, "POST", "", {**_txn(_post(patient("BAD5"))), "issues": {}})
+    assert "Bundle.timestamp" in refused(400, "POST", "", {**_txn(_post(patient("BAD6"))), "timestamp": "today"})
     assert "not supported" in refused(405, "DELETE", "Patient/1")
     # the spec's own ServiceRequest/di has no identifier: an order nobody could match images to
     spec_sr = sample("servicerequest-example-di.json")

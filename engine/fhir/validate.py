@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import accumulate
 from typing import Any
 
 import pydantic
@@ -43,9 +44,11 @@ def parse_json(body: bytes) -> Any:
                         "structure") from None
     except RecursionError:  # deeper than the parser goes
         data = None
-        too_deep = True
+        too_deep: bool | None = True
     else:  # validation and mapping walk it recursively: refuse it here
-        too_deep = nesting_depth(data) > MAX_DEPTH
+        too_deep = text_deeper_than(body, MAX_DEPTH)
+        if too_deep is None:
+            too_deep = nesting_depth(data) > MAX_DEPTH
     if too_deep:
         raise FhirError(400, f"the body nests objects or arrays deeper than {MAX_DEPTH} levels", "structure")
     if b"\\u00" in body:  # JSON carries a control character only as an escape (\\u, lower-case u)
@@ -81,6 +84,23 @@ def control_character_at(data: Any) -> tuple[tuple[Any, ...], str] | None:
         elif isinstance(node, list):
             todo.extend((child, (*loc, i)) for i, child in enumerate(node))
     return None
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # a JSON string, escapes and all
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"{}[]")))
+_BRACKET_STEP = bytes.maketrans(b"{[}]", b"\x01\x01\xff\xff")  # opening +1, closing -1 (as a signed byte)
+
+
+def text_deeper_than(body: bytes, limit: int) -> bool | None:
+    """Whether the JSON text ``body`` (json.loads has read it) nests objects and arrays deeper than
+    ``limit``, as ``nesting_depth`` counts, told from its bytes in C rather than by a walk over the
+    parsed objects; None when the text is not UTF-8 (json.loads reads UTF-16 and UTF-32 too)."""
+    if b"\x00" in body:
+        return None  # UTF-16 or UTF-32: in UTF-8 JSON a NUL is always escaped
+    if body.count(b"{") + body.count(b"[") <= limit:
+        return False  # nothing nests deeper than it has brackets (those in strings count here too)
+    steps = _STRING.sub(b"", body).translate(None, _NOT_BRACKET).translate(_BRACKET_STEP)
+    return max(accumulate(memoryview(steps).cast("b")), default=0) > limit
 
 
 def nesting_depth(data: Any) -> int:

@@ -45,16 +45,15 @@ from engine.domain.patients import find_patient
 from engine.domain.records import (
     CONTENT,
     EVENTS,
-    IDENTIFIER_OWNER,
     IDENTIFIERS,
     MESSAGES,
     NOT_LOOKED_UP,
     ORDERS,
     PATIENTS,
-    IdentifierOwner,
     Record,
     add,
     fetch,
+    identifier_owners,
     update_row,
 )
 from engine.domain.rows import MessageValues
@@ -75,10 +74,13 @@ from engine.store.types import JsonObject, utcnow
 log = logging.getLogger(__name__)
 # prebuilt, so the hot path (a Bundle per order) compiles each once (records.fetch)
 _VERSION = {t.name: select(t.c.version, t.c.updated_at).where(t.c.id == bindparam("id")) for t in (PATIENTS, ORDERS)}
-_MERGED_INTO = select(PATIENTS.c.merged_into_id).where(PATIENTS.c.id == bindparam("id"))
-_LIVE_IDENTIFIER = (select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer)
-                    .where(IDENTIFIERS.c.patient_id == bindparam("id"), IDENTIFIERS.c.kind != "alias")
-                    .order_by(IDENTIFIERS.c.kind != "primary", IDENTIFIERS.c.id).limit(1))
+# A patient's merged_into_id and its identifier (the primary one, else the oldest live one; value None
+# when it has none) in one round trip: a reference to a patient that was not merged needs no other
+_IDENTIFIED = (select(PATIENTS.c.merged_into_id, IDENTIFIERS.c.value, IDENTIFIERS.c.issuer)
+               .select_from(PATIENTS.outerjoin(IDENTIFIERS, (IDENTIFIERS.c.patient_id == PATIENTS.c.id)
+                                               & (IDENTIFIERS.c.kind != "alias")))
+               .where(PATIENTS.c.id == bindparam("id"))
+               .order_by(IDENTIFIERS.c.kind != "primary", IDENTIFIERS.c.id).limit(1))
 
 
 class _Version(TypedDict):
@@ -86,13 +88,10 @@ class _Version(TypedDict):
     updated_at: datetime
 
 
-class _MergedInto(TypedDict):
+class _Identified(TypedDict):
     merged_into_id: int | None
-
-
-class _Identifier(TypedDict):
-    value: str
-    issuer: str
+    value: str | None
+    issuer: str | None
 
 
 class FhirIdentifier(TypedDict, total=False):
@@ -264,10 +263,9 @@ class FhirInbound:
         name, eq, value = query.partition("=")
         if resource_type == "Patient" and name == "identifier" and eq and "&" not in value and "," not in value:
             system, code = search.split_token(unquote(value))
-            if system and code:
-                owners = {row["patient_id"] for issuer in sorted(self.issuers(system))
-                          if (row := fetch(conn, IDENTIFIER_OWNER, IdentifierOwner, value=code, issuer=issuer)) is not None}
-                return sorted(owners)[:2]
+            if system and code:  # every issuer the system stands for, in one statement
+                owners = identifier_owners(conn, [(code, issuer) for issuer in sorted(self.issuers(system))])
+                return sorted(set(owners.values()))[:2]
         return search.matching_ids(conn, resource_type, query, self.issuers)
 
     # --- the inbound stage (engine/pipeline/stage.py) ---------------------------------------------------
@@ -518,17 +516,15 @@ class FhirInbound:
 
 def primary_identifier(conn: Connection, patient_id: int) -> FhirIdentifier | None:
     """The patient's identifier (following a merge to the survivor) as a FHIR Identifier."""
-    pid = patient_id
+    row = fetch(conn, _IDENTIFIED, _Identified, id=patient_id)
     for _ in range(32):
-        row = fetch(conn, _MERGED_INTO, _MergedInto, id=pid)
         if row is None or row["merged_into_id"] is None:
             break
-        pid = int(row["merged_into_id"])
-    ident = fetch(conn, _LIVE_IDENTIFIER, _Identifier, id=pid)
-    if ident is None:
+        row = fetch(conn, _IDENTIFIED, _Identified, id=int(row["merged_into_id"]))
+    if row is None or row["value"] is None:
         return None
-    out: FhirIdentifier = {"value": ident["value"]}
-    system = system_of(ident["issuer"])
+    out: FhirIdentifier = {"value": row["value"]}
+    system = system_of(row["issuer"] or "")
     if system:
         out["system"] = system
     return out
@@ -552,5 +548,4 @@ def _patient_action(action: str, values: MappedFields) -> tuple[str, MappedField
             return "patient.merge", values
         # link.other names a record already merged into this one (its reference now resolves here):
         # a resend, or a read-modify-write of the survivor; nothing more to merge
-    return action, {k: v for k, v in values.items() if not k.startswith("merge.")}
     return action, {k: v for k, v in values.items() if not k.startswith("merge.")}

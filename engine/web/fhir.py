@@ -216,8 +216,8 @@ async def bundle(request: web.Request) -> web.Response:
     if len(entries) > limit:
         raise FhirError(413, f"the Bundle has {len(entries)} entries; at most {limit} are taken at once "
                              "(options.max_bundle_entries of the fhir channel)", "too-costly", "Bundle.entry")
-    shell = {k: v for k, v in data.items() if k != "entry"}
-    check_resource(shell, "Bundle")
+    if data.keys() - {"resourceType", "type", "entry"}:  # else resourceType and type, checked above, are all
+        check_resource({k: v for k, v in data.items() if k != "entry"}, "Bundle")
     interactions: list[Interaction | FhirError] = [_entry(i, e) for i, e in enumerate(entries)]
     first_with: dict[str, int] = {}
     for i, e in enumerate(entries):
@@ -236,12 +236,13 @@ async def bundle(request: web.Request) -> web.Response:
     if stored.error is not None:
         return error_response(stored.error)
     results = iter(stored.results)
+    base = _base(request)
     out_entries = []
     for x in interactions:
         r: Done | FhirError = x if isinstance(x, FhirError) else next(results)
-        out_entries.append(_response_entry(r, _base(request)))
+        out_entries.append(_response_entry(r, base))
     return fhir_response({"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": f"{btype}-response",
-                          "link": [{"relation": "self", "url": _base(request)}], "entry": out_entries})
+                          "link": [{"relation": "self", "url": base}], "entry": out_entries})
 
 
 @routes.post("/{type}/_search")
