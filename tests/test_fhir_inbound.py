@@ -456,6 +456,29 @@ def test_bundle_references_and_search_wildcards(running: RunningEngine) -> None:
     assert call(running, "GET", "Patient?family=Linke").body["total"] >= 1
 
 
+def test_order_naming_a_patient_entry_that_another_entry_merges_away(running: RunningEngine) -> None:
+    """A Bundle creates a Patient, a later Patient entry replaces it (a merge), and a ServiceRequest
+    names the first one: the order goes to the survivor under the survivor's identifier, as any
+    reference to a merged patient does; a Bundle's one new patient is named by its own identifier."""
+    a, b = f"urn:uuid:{uuid.uuid4()}", f"urn:uuid:{uuid.uuid4()}"
+    bundle = _txn(_post(service_request("MG1", {"reference": a})),
+                  _post(dict(patient("MG-SURV", "Merged"), link=[{"other": {"reference": a}, "type": "replaces"}]), b),
+                  _post(patient("MG-PRIOR", "Merged"), a))
+    r = call(running, "POST", "", bundle)
+    assert r.status == 200, r.body
+    (survivor,) = running.api("/api/patients?identifier=MG-SURV")[1]["patients"]
+    assert running.api("/api/patients?identifier=MG-PRIOR")[1]["patients"] == [survivor]
+    (o,) = orders(running, "MG1")
+    assert o["patient_id"] == survivor["id"]
+    plain = call(running, "POST", "", _txn(_post(service_request("MG2", {"reference": a})), _post(patient("MG-NEW"), a)))
+    assert plain.status == 200, plain.body
+    with running.db.read_session() as s:
+        mapped = [c.mapped["entries"] for c in s.execute(select(MessageContent).order_by(MessageContent.message_id.desc())
+                                                         .limit(2)).scalars()]
+    assert mapped[1][0]["patient.id"] == "MG-SURV" and mapped[1][0]["order.accession"] == "MG1"
+    assert mapped[0][0]["patient.id"] == "MG-NEW" and mapped[0][0]["patient.issuer"] == "1.2.36.146.595.217.0.1"
+
+
 def test_search_parameters_paging_and_audit(running: RunningEngine) -> None:
     made = [call(running, "POST", "Patient", patient(f"S{i}", "Searchable", given=f"G{i}")) for i in range(5)]
     page = call(running, "GET", "Patient?family=searchable&_count=2").body

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from engine.channels import Channel, Route
 from engine.domain.errors import DomainError
-from engine.domain.events import EventBus
+from engine.domain.events import EventBus, PatientCreated
 from engine.domain.orders import find_order
 from engine.domain.patients import find_patient
 from engine.domain.records import (
@@ -134,10 +134,21 @@ class Done:
     last_updated: datetime | None
     notes: list[str] = field(default_factory=list)
     mapped: MappedFields = field(default_factory=dict)
+    created_as: FhirIdentifier | None = None  # a Patient this created: the identifier it has (its primary one)
 
     @property
     def location(self) -> str:
         return f"{self.resource_type}/{self.id}/_history/{self.version}"
+
+
+@dataclass
+class Applied:
+    """What the entries of one request applied so far tell the entries after them."""
+
+    urls: dict[str, tuple[str, int]] = field(default_factory=dict)  # an entry's fullUrl -> (type, id) it became
+    # The patient the last Patient entry created, with its identifier: what primary_identifier would
+    # read back, as long as no other Patient entry was applied since (it could merge that patient away)
+    created: tuple[int, FhirIdentifier] | None = None
 
 
 @dataclass
@@ -257,14 +268,19 @@ class FhirInbound:
         self._issuers[key] = out
         return out
 
-    def matching(self, conn: Connection, resource_type: str, query: str) -> list[int]:
+    def matching(self, conn: Connection, resource_type: str, query: str, *,
+                 unowned: set[tuple[str, str]] | None = None) -> list[int]:
         """The ids a conditional query matches; identifier=system|value on Patient, what EHRs send with
-        nearly every order, by the prebuilt identifier lookup, anything else through search."""
+        nearly every order, by the prebuilt identifier lookup, anything else through search.
+        ``unowned`` gets the (value, issuer) pairs that lookup found belong to no patient."""
         name, eq, value = query.partition("=")
         if resource_type == "Patient" and name == "identifier" and eq and "&" not in value and "," not in value:
             system, code = search.split_token(unquote(value))
             if system and code:  # every issuer the system stands for, in one statement
-                owners = identifier_owners(conn, [(code, issuer) for issuer in sorted(self.issuers(system))])
+                keys = [(code, issuer) for issuer in sorted(self.issuers(system))]
+                owners = identifier_owners(conn, keys)
+                if unowned is not None:
+                    unowned.update(k for k in keys if k not in owners)
                 return sorted(set(owners.values()))[:2]
         return search.matching_ids(conn, resource_type, query, self.issuers)
 
@@ -285,13 +301,13 @@ class FhirInbound:
                "charset": "utf-8", "status": "processed", "ack_code": "AA", "processed_at": utcnow()}
         message_id = add(conn, MESSAGES, **row)
         out = Stored(message_id)
-        refs: dict[str, tuple[str, int]] = {}
+        applied = Applied()
         order = application_order(interactions)
         results: dict[int, Done | FhirError] = {}
         try:
             if mode == "batch":
                 for i in order:
-                    results[i] = self._guarded(conn, session, interactions[i], message_id, refs, isolate=True)
+                    results[i] = self._guarded(conn, session, interactions[i], message_id, applied, isolate=True)
             elif req.refused is not None:  # an earlier run of this job failed: kept as refused, nothing applied
                 raise req.refused
             else:
@@ -302,7 +318,7 @@ class FhirInbound:
                 redo = not session.info.get(FINAL_ATTEMPT, True)
                 with contextlib.nullcontext() if redo else savepoint(conn, "rb_fhir"):
                     for i in order:
-                        r = self._guarded(conn, session, interactions[i], message_id, refs, isolate=False)
+                        r = self._guarded(conn, session, interactions[i], message_id, applied, isolate=False)
                         if isinstance(r, FhirError):
                             if redo:
                                 req.refused = r
@@ -316,16 +332,16 @@ class FhirInbound:
         return out
 
     def _guarded(self, conn: Connection, session: Session, it: Interaction, message_id: int,
-                 refs: dict[str, tuple[str, int]], *, isolate: bool) -> Done | FhirError:
+                 applied: Applied, *, isolate: bool) -> Done | FhirError:
         """One interaction; a refusal or failure is returned, not raised. With ``isolate`` (a batch
         entry) in its own SAVEPOINT, so it leaves the other entries untouched; without, the caller
         rolls back its enclosing SAVEPOINT on the first failure (a transaction: nothing is kept)."""
         try:
             if isolate:
                 with savepoint(conn, "rb_entry"):
-                    done = self.apply_interaction(conn, it, message_id, refs)
+                    done = self.apply_interaction(conn, it, message_id, applied)
             else:
-                done = self.apply_interaction(conn, it, message_id, refs)
+                done = self.apply_interaction(conn, it, message_id, applied)
         except FhirError as exc:
             return it.located(exc)
         except DomainError as exc:
@@ -341,7 +357,9 @@ class FhirInbound:
             return it.located(FhirError(500, internal_error_text(exc, "channel %s: applying FHIR request %s failed",
                                                                 self.channel.name, message_id), "exception"))
         if it.full_url:
-            refs[it.full_url] = (done.resource_type, done.id)
+            applied.urls[it.full_url] = (done.resource_type, done.id)
+        if it.resource_type == "Patient":
+            applied.created = (done.id, done.created_as) if done.created_as is not None else None
         return done
 
     def _finish(self, conn: Connection, message_id: int, raw: bytes, out: Stored) -> None:
@@ -365,14 +383,15 @@ class FhirInbound:
 
     # --- one interaction ------------------------------------------------------------------------------
     def apply_interaction(self, conn: Connection, it: Interaction, message_id: int,
-                          refs: dict[str, tuple[str, int]]) -> Done:
+                          applied: Applied) -> Done:
         route = self.route(it.resource_type)
-        resource = self._resolve_references(conn, it, refs)
+        resource = self._resolve_references(conn, it, applied)
         existing: int | None = None
+        unowned: set[tuple[str, str]] = set()  # identifiers the condition's lookup found no patient for
         if it.id is not None:
             existing = self._target_by_id(conn, it)
         elif it.condition is not None:
-            matches = self.matching(conn, it.resource_type, it.condition)
+            matches = self.matching(conn, it.resource_type, it.condition, unowned=unowned)
             if len(matches) > 1:
                 raise FhirError(412, f"{it.resource_type}?{it.condition} matches more than one resource "
                                      f"({', '.join(f'{it.resource_type}/{m}' for m in matches)}...)", "multiple-matches")
@@ -389,7 +408,7 @@ class FhirInbound:
         looked_up: Record | None  # handed to the domain, which then does not look it up again
         if it.resource_type == "Patient":
             action, values = _patient_action(action, values)
-            looked_up = self._patient_for(conn, values)
+            looked_up = self._patient_for(conn, values, unowned)
         else:
             looked_up = order = find_order(conn, values)
             if order is not None and values.get("order.control") == "NW":
@@ -419,12 +438,18 @@ class FhirInbound:
         done = self._done(conn, it.resource_type, rid, 200 if found is not None else 201, out.notes,
                           written if written is not None and written.id == rid else None)
         done.mapped = values
+        if it.resource_type == "Patient" and action != "patient.merge" and any(
+                isinstance(e, PatientCreated) and e.patient_id == rid for e in out.events):
+            done.created_as = fhir_identifier(str(values["patient.id"]), str(values.get("patient.issuer") or ""))
         return done
 
-    def _patient_for(self, conn: Connection, values: MappedFields) -> Record | None:
+    def _patient_for(self, conn: Connection, values: MappedFields, unowned: set[tuple[str, str]]) -> Record | None:
         if not values.get("patient.id"):
             return None
-        return find_patient(conn, str(values["patient.id"]), str(values.get("patient.issuer") or ""))
+        key = (str(values["patient.id"]), str(values.get("patient.issuer") or ""))
+        if key in unowned:  # looked up a moment ago for the condition, in this transaction: no one's
+            return None
+        return find_patient(conn, *key)
 
     def _target_by_id(self, conn: Connection, it: Interaction) -> int:
         assert it.id is not None
@@ -459,24 +484,22 @@ class FhirInbound:
                     list(notes))
 
     # --- references -----------------------------------------------------------------------------------
-    def _resolve_references(self, conn: Connection, it: Interaction, refs: dict[str, tuple[str, int]]
-                            ) -> JsonObject:
+    def _resolve_references(self, conn: Connection, it: Interaction, applied: Applied) -> JsonObject:
         """A copy of the resource whose patient references carry the patient's identifier."""
         resource = it.resource
         if it.resource_type == "ServiceRequest" and isinstance(resource.get("subject"), dict):
             resource = copy.copy(resource)
-            resource["subject"] = self._with_identifier(conn, resource["subject"], refs, "ServiceRequest.subject")
+            resource["subject"] = self._with_identifier(conn, resource["subject"], applied, "ServiceRequest.subject")
         elif it.resource_type == "Patient" and resource.get("link"):
             resource = copy.copy(resource)
             resource["link"] = [
-                {**link, "other": self._with_identifier(conn, link.get("other") or {}, refs,
+                {**link, "other": self._with_identifier(conn, link.get("other") or {}, applied,
                                                         f"Patient.link[{i}].other")}
                 if link.get("type") in ("replaces", "replaced-by") else link
                 for i, link in enumerate(resource["link"])]
         return resource
 
-    def _with_identifier(self, conn: Connection, ref: JsonObject, refs: dict[str, tuple[str, int]],
-                         where: str) -> JsonObject:
+    def _with_identifier(self, conn: Connection, ref: JsonObject, applied: Applied, where: str) -> JsonObject:
         text = ref.get("reference")
         if not text:
             if ref.get("identifier"):
@@ -484,8 +507,8 @@ class FhirInbound:
             raise FhirError(422, f"{where} has neither a reference nor an identifier", "required", where)
         text = str(text)
         patient_id: int | None = None
-        if text in refs:
-            rtype, patient_id = refs[text]
+        if text in applied.urls:
+            rtype, patient_id = applied.urls[text]
             if rtype != "Patient":
                 raise FhirError(422, f"{where} refers to a {rtype} entry, not a Patient", "invalid", where)
         elif text.startswith("urn:uuid:") or text.startswith("urn:oid:"):
@@ -506,7 +529,10 @@ class FhirInbound:
                                      "bundle entry's fullUrl, Patient?identifier=system|value, or an identifier",
                                 "invalid", where)
             patient_id = int(m.group(2))
-        ident = primary_identifier(conn, patient_id)
+        if applied.created is not None and applied.created[0] == patient_id:
+            ident: FhirIdentifier | None = applied.created[1]
+        else:
+            ident = primary_identifier(conn, patient_id)
         if ident is None:
             missing = conn.execute(select(PATIENTS.c.id).where(PATIENTS.c.id == patient_id)).first() is None
             raise FhirError(404 if missing else 422, f"{where}: Patient/{patient_id} "
@@ -523,8 +549,13 @@ def primary_identifier(conn: Connection, patient_id: int) -> FhirIdentifier | No
         row = fetch(conn, _IDENTIFIED, _Identified, id=int(row["merged_into_id"]))
     if row is None or row["value"] is None:
         return None
-    out: FhirIdentifier = {"value": row["value"]}
-    system = system_of(row["issuer"] or "")
+    return fhir_identifier(row["value"], row["issuer"] or "")
+
+
+def fhir_identifier(value: str, issuer: str) -> FhirIdentifier:
+    """A patient identifier as a FHIR Identifier (system only when the issuer has one)."""
+    out: FhirIdentifier = {"value": value}
+    system = system_of(issuer)
     if system:
         out["system"] = system
     return out
