@@ -1,9 +1,18 @@
 """The ingest writer: one thread that owns write transactions, with group commit.
 
-Listeners hand it jobs (a function of a Session). It takes every job waiting, runs each inside its
-own SAVEPOINT (one job's failure never undoes another's), commits once, and only then resolves the
-jobs' futures, which is when listeners send their ACKs. On one connection that is one commit per
-message; with many busy connections a single commit acknowledges many messages.
+Listeners hand it jobs (a function of a Session). It takes every job waiting, runs them in one
+transaction, commits once, and only then resolves the jobs' futures, which is when listeners send
+their ACKs. On one connection that is one commit per message; with many busy connections a single
+commit acknowledges many messages.
+
+One job's failure never undoes another's. The batch is first run optimistically, without a
+SAVEPOINT per job (two statements a job, the most of a message's SQL after its own): almost every
+batch succeeds whole. If a job fails (an exception, an integrity conflict, RedoJob), the whole
+transaction is rolled back and the batch runs again, each job inside its own SAVEPOINT, so the
+others are applied once and the failing one is retried or reported. A job may therefore run more
+than once before its transaction commits: it must keep its effects inside the transaction (rows
+written through the session; nothing sent, moved or deleted outside it), and what it remembers
+between runs must be safe to remember (HL7 inbound keeps why an apply failed, on purpose).
 
 If the commit fails (database down, disk full) every job in the batch fails: nothing in it is
 acknowledged as stored.
@@ -36,8 +45,12 @@ _STOP = object()
 FINAL_ATTEMPT = "radbridge.final_attempt"
 
 
-class _SoloJobFailed(Exception):
-    """Leaves the transaction of a one-job batch so that it rolls back."""
+class _JobFailed(Exception):
+    """Leaves the transaction of an optimistic run of a batch so that it rolls back."""
+
+    def __init__(self, job: _Job[Any]) -> None:
+        super().__init__("a job of the batch failed")
+        self.job = job
 
 
 class RedoJob(RadBridgeError):  # noqa: N818 - a request to the writer, not an error to report
@@ -65,6 +78,7 @@ class WriterStats:
     batches: int = 0
     commit_failures: int = 0
     retried: int = 0
+    redone_batches: int = 0  # batches run again with a SAVEPOINT per job, after one of their jobs failed
     largest_batch: int = 0
     commit_seconds: float = 0.0
 
@@ -138,7 +152,8 @@ class IngestWriter:
 
     def _run_job(self, session: Session, job: _Job[Any], *, isolate: bool) -> None:
         """Run one job; with ``isolate`` inside a SAVEPOINT, so its failure leaves the batch intact
-        (an integrity conflict, another engine process creating the same patient, is retried there)."""
+        (an integrity conflict, another engine process creating the same patient, is retried there).
+        Without, its pending ORM changes are flushed here, so that their failure is its own."""
         attempts = self._integrity_retries + 1 if isolate else 1
         for attempt in range(attempts):
             if isolate:
@@ -149,6 +164,7 @@ class IngestWriter:
                         job.result = job.work(session)
                 else:
                     job.result = job.work(session)
+                    session.flush()
                 job.error = None
                 return
             except IntegrityError as exc:
@@ -165,34 +181,55 @@ class IngestWriter:
                 return
 
     def _commit(self, batch: list[_Job[Any]]) -> None:
-        """One transaction for the batch. A batch of one runs without a SAVEPOINT: if its job fails,
-        the transaction (holding only that job) is rolled back and an integrity conflict retried."""
-        isolate = len(batch) > 1
+        """One transaction for the batch, run optimistically: no SAVEPOINT per job. If a job fails,
+        that transaction is rolled back; a batch of one is run again (an integrity conflict or a
+        RedoJob, up to ``integrity_retries`` times), a larger batch runs again with a SAVEPOINT per
+        job, so that the failing job cannot take the others down and each of them is applied once."""
         for attempt in range(self._integrity_retries + 1):
-            if self._conn is None:
-                self._conn = self._engine.connect()
-            conn = self._conn
-            try:
-                with conn.begin():
-                    # Jobs get a Session joined to this transaction (ORM jobs such as reprocess flush
-                    # into it); the transaction commits when the block ends.
-                    session = Session(bind=conn, expire_on_commit=False, autoflush=True)
-                    session.info[FINAL_ATTEMPT] = isolate or attempt == self._integrity_retries
-                    try:
-                        for job in batch:
-                            self._run_job(session, job, isolate=isolate)
-                        if not isolate and batch[0].error is not None:
-                            raise _SoloJobFailed
-                        session.flush()
-                    finally:
-                        session.close()
+            last = attempt == self._integrity_retries
+            failed = self._transaction(batch, final=len(batch) == 1 and last)
+            if failed is None:
                 return
-            except _SoloJobFailed:
-                if not isinstance(batch[0].error, IntegrityError | RedoJob) or attempt == self._integrity_retries:
-                    return
-            except BaseException:
-                self._discard_connection()
-                raise
+            retry = isinstance(failed.error, IntegrityError | RedoJob)
+            if len(batch) > 1:
+                # A job that failed otherwise failed in the same state as it would inside its SAVEPOINT
+                # (the same jobs before it): its error stands and it is not run (nor logged) again.
+                self.stats.redone_batches += 1
+                self._transaction(batch, isolate=True, skip=None if retry else failed)
+                return
+            if not retry or last:
+                return
+
+    def _transaction(self, batch: list[_Job[Any]], *, isolate: bool = False, final: bool = True,
+                     skip: _Job[Any] | None = None) -> _Job[Any] | None:
+        """Run the batch in one transaction and commit it. Without ``isolate``, stop at the first job
+        that fails, roll everything back and return that job; with it, each job in a SAVEPOINT (all
+        are committed, failed or not), ``skip`` left out. ``final``: FINAL_ATTEMPT for the jobs."""
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        conn = self._conn
+        try:
+            with conn.begin():
+                # Jobs get a Session joined to this transaction (ORM jobs such as reprocess flush
+                # into it); the transaction commits when the block ends.
+                session = Session(bind=conn, expire_on_commit=False, autoflush=True)
+                session.info[FINAL_ATTEMPT] = final
+                try:
+                    for job in batch:
+                        if job is skip:
+                            continue
+                        self._run_job(session, job, isolate=isolate)
+                        if not isolate and job.error is not None:
+                            raise _JobFailed(job)
+                    session.flush()
+                finally:
+                    session.close()
+        except _JobFailed as failed:
+            return failed.job
+        except BaseException:
+            self._discard_connection()
+            raise
+        return None
 
     def _discard_connection(self) -> None:
         """After a failure the connection may be broken: the next batch connects afresh."""
