@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +12,14 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from engine.domain.records import PATIENTS, add
-from engine.pipeline.writer import FINAL_ATTEMPT, IngestWriter, RedoJob, StorageUnavailable
+from engine.pipeline.writer import (
+    FINAL_ATTEMPT,
+    IngestWriter,
+    InlineWriter,
+    RedoJob,
+    StorageUnavailable,
+    WriterStats,
+)
 from engine.store import migrate
 from engine.store.db import Database, open_database
 from engine.store.models import Patient
@@ -225,3 +233,38 @@ def test_a_job_its_caller_gave_up_on_does_not_stop_the_writer(db: Database) -> N
         w.stop()
     with db.read_session() as s:
         assert sorted(str(n) for n in s.execute(select(Patient.family_name)).scalars()) == ["Abandoned", "Next"]
+
+
+def test_the_inline_writer_answers_only_after_the_commit_and_batches_what_came_meanwhile(db: Database) -> None:
+    """A batch of several commits in the committer thread; jobs submitted meanwhile wait for it and
+    form the next batch; a job's future is answered only once its row is committed (another
+    connection sees it); a lone job commits on the loop thread. stop() finishes what is queued."""
+    seen_committed: dict[str, bool] = {}
+
+    def committed(name: str) -> bool:
+        with db.read_session() as s:
+            return s.execute(select(func.count()).select_from(Patient).where(Patient.family_name == name)).scalar() == 1
+
+    async def run() -> tuple[list[int], WriterStats]:
+        w = InlineWriter(db.writer)
+        w.start()
+        try:
+            first = [asyncio.wrap_future(w.submit(writes(n))) for n in ("A", "B", "C")]
+            await asyncio.sleep(0)  # the batch runs; its COMMIT goes to the committer thread
+            assert w.stats.batches == 1 and w.commit_under_way
+            later = [asyncio.wrap_future(w.submit(writes(n))) for n in ("D", "E")]
+            ids = []
+            for name, f in zip("ABCDE", [*first, *later], strict=True):
+                ids.append(await f)
+                seen_committed[name] = committed(name)
+            alone = await asyncio.wrap_future(w.submit(writes("F")))
+            assert not w.commit_under_way  # F committed on the loop thread
+            queued = w.submit(writes("G"))
+        finally:
+            w.stop()
+        assert queued.result(0) > alone > 0
+        return ids, w.stats
+    ids, stats = asyncio.run(run())
+    assert all(seen_committed.values()) and len(seen_committed) == 5 and len(set(ids)) == 5
+    assert (stats.batches, stats.largest_batch) == (4, 3)  # ABC, DE, F, G
+    assert sorted(n or "" for n in patient_names(db)) == list("ABCDEFG")

@@ -291,10 +291,12 @@ class InlineWriter(IngestWriter):
 
     Jobs submitted during one loop iteration (every connection whose data arrived in the same
     epoll round) form one batch, run by a callback scheduled after them. No second Python thread
-    runs jobs, so there is no contention for the GIL. Only the COMMIT (SQLite's fsync, without the
-    GIL) is handed to a thread of its own: meanwhile the loop reads, parses and maps the messages
-    that arrive, whose jobs wait for it and then form the next batch, so that a busy engine commits
-    many messages at once. The jobs' futures are resolved after the COMMIT returned. For a database
+    runs jobs, so there is no contention for the GIL. When several jobs are about (a batch of more
+    than one, or more waiting), the COMMIT (SQLite's fsync, without the GIL) is handed to a thread
+    of its own: meanwhile the loop reads, parses and maps the messages that arrive, whose jobs wait
+    for it and then form the next batch, so that a busy engine commits many messages at once. A
+    lone job (one connection) commits on the loop thread: no hand-over to pay for. The jobs'
+    futures are resolved after the COMMIT returned, whichever thread ran it. For a database
     across a network (PostgreSQL), where a job's statements would stall every listener, use the
     threaded writer.
     """
@@ -335,6 +337,11 @@ class InlineWriter(IngestWriter):
     def backlog(self) -> int:
         return len(self._pending)
 
+    @property
+    def commit_under_way(self) -> bool:
+        """A batch's COMMIT runs in the committer thread (its jobs are not answered yet)."""
+        return self._committing is not None
+
     def submit(self, work: Callable[[Session], T]) -> concurrent.futures.Future[T]:
         if not self._started or self._loop is None:
             raise RuntimeError("the ingest writer is not running")
@@ -371,10 +378,26 @@ class InlineWriter(IngestWriter):
             if trans is None:  # nothing to commit (its one job failed and was rolled back)
                 self._resolve(batch)
                 continue
+            if len(batch) == 1 and not self._pending:
+                # Nobody else is sending (one connection): the thread would only add its hand-over.
+                # Should others send meanwhile, their jobs form a batch of several, committed aside.
+                self._process_commit(batch, trans)
+                continue
             assert self._committer is not None and self._loop is not None
             future = self._committer.submit(self._commit_transaction, trans)
             self._committing = (batch, future, time.perf_counter())
             future.add_done_callback(self._wake)
+
+    def _process_commit(self, batch: list[_Job[Any]], trans: RootTransaction) -> None:
+        """COMMIT on this thread, then answer the batch's jobs."""
+        t0 = time.perf_counter()
+        try:
+            self._commit_transaction(trans)
+        except Exception as exc:
+            self._storage_failed(batch, exc)
+            return
+        self.stats.commit_seconds += time.perf_counter() - t0
+        self._resolve(batch)
 
     def _wake(self, future: concurrent.futures.Future[None]) -> None:
         """In the committer thread: have the loop take the COMMIT's outcome."""
