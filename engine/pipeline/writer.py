@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -248,9 +249,13 @@ class IngestWriter:
 
     def _process(self, batch: list[_Job[Any]]) -> None:
         self._count(batch)
+        self._settle(batch, lambda: self._commit(batch))
+
+    def _settle(self, batch: list[_Job[Any]], commit: Callable[[], None]) -> None:
+        """Run ``commit`` on this thread, then answer the batch's jobs (if it failed: as not stored)."""
         t0 = time.perf_counter()
         try:
-            self._commit(batch)
+            commit()
         except Exception as exc:
             self._storage_failed(batch, exc)
             return
@@ -381,23 +386,12 @@ class InlineWriter(IngestWriter):
             if len(batch) == 1 and not self._pending:
                 # Nobody else is sending (one connection): the thread would only add its hand-over.
                 # Should others send meanwhile, their jobs form a batch of several, committed aside.
-                self._process_commit(batch, trans)
+                self._settle(batch, functools.partial(self._commit_transaction, trans))
                 continue
             assert self._committer is not None and self._loop is not None
             future = self._committer.submit(self._commit_transaction, trans)
             self._committing = (batch, future, time.perf_counter())
             future.add_done_callback(self._wake)
-
-    def _process_commit(self, batch: list[_Job[Any]], trans: RootTransaction) -> None:
-        """COMMIT on this thread, then answer the batch's jobs."""
-        t0 = time.perf_counter()
-        try:
-            self._commit_transaction(trans)
-        except Exception as exc:
-            self._storage_failed(batch, exc)
-            return
-        self.stats.commit_seconds += time.perf_counter() - t0
-        self._resolve(batch)
 
     def _wake(self, future: concurrent.futures.Future[None]) -> None:
         """In the committer thread: have the loop take the COMMIT's outcome."""
