@@ -326,13 +326,18 @@ class InlineWriter(IngestWriter):
         if committing is not None:
             with contextlib.suppress(Exception):  # its outcome is what _committed reports
                 committing[1].exception(timeout)
-            self._committed(committing[1])
+            if not committing[1].done():  # a COMMIT stuck past the timeout: not known to be stored
+                self._committing = None
+                self._conn = None  # still the committer thread's; never used again
+                self._storage_failed(committing[0], TimeoutError(f"COMMIT still running after {timeout:.0f}s"))
+            else:
+                self._committed(committing[1])
         self._started = False
         while self._pending:
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
             self._process(batch)
         if self._committer is not None:
-            self._committer.shutdown(wait=True)
+            self._committer.shutdown(wait=False)  # idle (or stuck past the timeout, see above)
             self._committer = None
         if self._conn is not None:
             self._conn.close()
