@@ -143,3 +143,18 @@ def test_ack_declares_the_senders_charset_in_msh18() -> None:
     m = parse_message((SAMPLES / "omi_o23.hl7").read_bytes())
     ack = parse_message(build_ack("AA", original=m).encode("utf-8"))
     assert ack.charset_declared == "UNICODE UTF-8"
+
+
+def test_ack_timestamps_are_the_local_time_of_their_second() -> None:
+    """hl7_timestamp keeps the text of the last second it wrote; other seconds get their own."""
+    import time
+
+    from engine.hl7.ack import hl7_timestamp
+
+    def expected(t: float) -> str:
+        return time.strftime("%Y%m%d%H%M%S", time.localtime(t)) + time.strftime("%z", time.localtime(t))
+    base = 1_780_000_000.0
+    for t in (base, base + 0.25, base + 0.999, base + 1.0, base + 3600.5, base):
+        assert hl7_timestamp(t) == expected(t), t
+    now = hl7_timestamp()
+    assert len(now) == 19 and now[:8].isdigit()

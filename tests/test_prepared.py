@@ -119,3 +119,29 @@ def test_pipelined_statements_are_written_and_a_failure_is_integrity_error_at_th
         assert [r["given_name"] for r in conn.execute(select(PATIENTS).order_by(PATIENTS.c.id)).mappings()] \
             == ["Line", None]
         assert list(conn.execute(select(IDENTIFIERS.c.value)).scalars()) == ["P1"]
+
+
+def test_utc_datetimes_are_written_to_sqlite_as_the_same_text_as_sqlalchemys_datetime() -> None:
+    """UTCDateTime's one-step SQLite bind writes what the decorator plus SQLAlchemy's DATETIME wrote,
+    so rows written before and after compare (ORDER BY, >=) as they did."""
+    from datetime import timedelta, timezone
+
+    from sqlalchemy import DateTime
+    from sqlalchemy.dialects import sqlite
+
+    from engine.store.types import UTCDateTime
+
+    dialect = sqlite.dialect()
+    fast = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    general = DateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert fast is not None and general is not None
+    values = [datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC), datetime(2026, 3, 4, 5, 6, 7, 89, tzinfo=UTC),
+              datetime(1, 1, 1, tzinfo=UTC), datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+              datetime(2026, 3, 4, 1, 30, tzinfo=timezone(timedelta(hours=-5))),
+              datetime(2026, 3, 4, 1, 30, 0, 500, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+              datetime.now(UTC)]
+    for v in values:
+        assert fast(v) == general(v.astimezone(UTC).replace(tzinfo=None)), v
+    assert fast(None) is None
+    with pytest.raises(ValueError):
+        fast(datetime(2026, 3, 4))  # naive: refused as before

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from engine.domain.records import PATIENTS, add
-from engine.pipeline.writer import IngestWriter, StorageUnavailable
+from engine.pipeline.writer import (
+    FINAL_ATTEMPT,
+    IngestWriter,
+    InlineWriter,
+    RedoJob,
+    StorageUnavailable,
+    WriterStats,
+)
 from engine.store import migrate
 from engine.store.db import Database, open_database
 from engine.store.models import Patient
@@ -69,6 +77,98 @@ def test_a_failing_job_in_a_batch_does_not_undo_the_others(db: Database) -> None
         w.stop()
     with db.read_session() as s:
         assert sorted(n or "" for n in s.execute(select(Patient.family_name)).scalars()) == ["A", "C"]
+
+
+def _batch(w: IngestWriter, jobs: list[Callable[[Session], object]]) -> list[object]:
+    """Run ``jobs`` as one batch of the writer; each one's result, or the exception it ended with."""
+    gate = threading.Event()
+    first = w.submit(lambda _s: gate.wait(10))  # holds the writer so the next jobs form one batch
+    futures = [w.submit(job) for job in jobs]
+    gate.set()
+    assert first.result(10) is True
+    out: list[object] = []
+    for f in futures:
+        try:
+            out.append(f.result(10))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def counted(work: Callable[[Session], int], runs: list[str], name: str) -> Callable[[Session], int]:
+    def job(session: Session) -> int:
+        runs.append(name)
+        return work(session)
+    return job
+
+
+def test_a_batch_that_succeeds_runs_each_job_once_without_savepoints(db: Database) -> None:
+    statements: list[str] = []
+
+    @event.listens_for(db.writer, "before_cursor_execute")
+    def seen(_conn: object, _cursor: object, sql: str, *_args: object) -> None:
+        statements.append(sql)
+    runs: list[str] = []
+    w = IngestWriter(db.writer)
+    w.start()
+    try:
+        results = _batch(w, [counted(writes(n), runs, n) for n in ("A", "B", "C")])
+        assert w.stats.largest_batch >= 3 and w.stats.redone_batches == 0
+    finally:
+        w.stop()
+        event.remove(db.writer, "before_cursor_execute", seen)
+    assert all(isinstance(r, int) for r in results) and runs == ["A", "B", "C"]
+    assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+    assert sorted(n or "" for n in patient_names(db)) == ["A", "B", "C"]
+
+
+def test_a_failing_job_in_a_batch_leaves_the_others_applied_once(db: Database) -> None:
+    """The optimistic run stops at B and is rolled back; the batch runs again with a SAVEPOINT per job,
+    without B (its error stands, it is not run twice): A and C are stored once each."""
+    runs: list[str] = []
+    w = IngestWriter(db.writer)
+    w.start()
+    try:
+        results = _batch(w, [counted(writes("A"), runs, "A"), counted(writes("B", fail=True), runs, "B"),
+                             counted(writes("C"), runs, "C")])
+        assert w.stats.redone_batches == 1
+    finally:
+        w.stop()
+    assert isinstance(results[0], int) and isinstance(results[2], int) and isinstance(results[1], ValueError)
+    assert runs == ["A", "B", "A", "C"]
+    assert sorted(n or "" for n in patient_names(db)) == ["A", "C"]
+    with db.read_session() as s:  # the ids handed back are the committed rows
+        ids = {name: pid for name, pid in s.execute(select(Patient.family_name, Patient.id))}
+    assert (ids["A"], ids["C"]) == (results[0], results[2])
+
+
+def test_a_job_asking_to_be_redone_in_a_batch_runs_again_in_its_savepoint(db: Database) -> None:
+    """RedoJob (HL7's path for a message whose apply failed): the batch runs again with SAVEPOINTs,
+    the job once more on a final attempt, where it stores what it remembered; A and C once each."""
+    runs: list[str] = []
+    attempts: list[bool] = []
+
+    def redo_then_store(session: Session) -> int:
+        attempts.append(bool(session.info[FINAL_ATTEMPT]))
+        if not attempts[-1]:
+            add(session.connection(), PATIENTS, family_name="Half-written")
+            raise RedoJob("not applied; kept as an error next run")
+        return add(session.connection(), PATIENTS, family_name="Kept as error")
+    w = IngestWriter(db.writer, integrity_retries=1)
+    w.start()
+    try:
+        results = _batch(w, [counted(writes("A"), runs, "A"), redo_then_store, counted(writes("C"), runs, "C")])
+    finally:
+        w.stop()
+    assert all(isinstance(r, int) for r in results)
+    assert attempts == [False, False, True]  # optimistic run, then its SAVEPOINT: not final, final
+    assert runs == ["A", "A", "C"]
+    assert sorted(n or "" for n in patient_names(db)) == ["A", "C", "Kept as error"]
+
+
+def patient_names(db: Database) -> list[str | None]:
+    with db.read_session() as s:
+        return list(s.execute(select(Patient.family_name)).scalars())
 
 
 def test_a_failed_commit_fails_every_job_in_the_batch(db: Database) -> None:
@@ -133,3 +233,38 @@ def test_a_job_its_caller_gave_up_on_does_not_stop_the_writer(db: Database) -> N
         w.stop()
     with db.read_session() as s:
         assert sorted(str(n) for n in s.execute(select(Patient.family_name)).scalars()) == ["Abandoned", "Next"]
+
+
+def test_the_inline_writer_answers_only_after_the_commit_and_batches_what_came_meanwhile(db: Database) -> None:
+    """A batch of several commits in the committer thread; jobs submitted meanwhile wait for it and
+    form the next batch; a job's future is answered only once its row is committed (another
+    connection sees it); a lone job commits on the loop thread. stop() finishes what is queued."""
+    seen_committed: dict[str, bool] = {}
+
+    def committed(name: str) -> bool:
+        with db.read_session() as s:
+            return s.execute(select(func.count()).select_from(Patient).where(Patient.family_name == name)).scalar() == 1
+
+    async def run() -> tuple[list[int], WriterStats]:
+        w = InlineWriter(db.writer)
+        w.start()
+        try:
+            first = [asyncio.wrap_future(w.submit(writes(n))) for n in ("A", "B", "C")]
+            await asyncio.sleep(0)  # the batch runs; its COMMIT goes to the committer thread
+            assert w.stats.batches == 1 and w.commit_under_way
+            later = [asyncio.wrap_future(w.submit(writes(n))) for n in ("D", "E")]
+            ids = []
+            for name, f in zip("ABCDE", [*first, *later], strict=True):
+                ids.append(await f)
+                seen_committed[name] = committed(name)
+            alone = await asyncio.wrap_future(w.submit(writes("F")))
+            assert not w.commit_under_way  # F committed on the loop thread
+            queued = w.submit(writes("G"))
+        finally:
+            w.stop()
+        assert queued.result(0) > alone > 0
+        return ids, w.stats
+    ids, stats = asyncio.run(run())
+    assert all(seen_committed.values()) and len(seen_committed) == 5 and len(set(ids)) == 5
+    assert (stats.batches, stats.largest_batch) == (4, 3)  # ABC, DE, F, G
+    assert sorted(n or "" for n in patient_names(db)) == list("ABCDEFG")

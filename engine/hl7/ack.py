@@ -24,9 +24,20 @@ def new_control_id() -> str:
     return f"{int(time.time()) % 10**8:08d}{_prefix}{next(_counter) % 10**7:07d}"
 
 
+_last_timestamp: tuple[int, str] = (-1, "")  # (second, its text): every ACK of a busy second has the same
+
+
 def hl7_timestamp(t: float | None = None) -> str:
+    global _last_timestamp
     t = time.time() if t is None else t
-    return time.strftime("%Y%m%d%H%M%S", time.localtime(t)) + time.strftime("%z", time.localtime(t))
+    second = int(t // 1)
+    last = _last_timestamp
+    if last[0] == second:
+        return last[1]
+    local = time.localtime(second)
+    text = time.strftime("%Y%m%d%H%M%S", local) + time.strftime("%z", local)
+    _last_timestamp = (second, text)
+    return text
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from engine.errors import RadBridgeError
 from engine.hl7.message import NULL, Message, Segment, Value, component
@@ -77,7 +78,7 @@ class SegmentSource:
     group's OBR, while ``PID-3`` still comes from the message.
     """
 
-    __slots__ = ("message", "scope", "scoped_names")
+    __slots__ = ("message", "scope", "scoped_names", "_repetitions", "memo")
 
     def __init__(self, message: Message, scope: list[Segment] | None = None,
                  scoped_names: frozenset[str] | set[str] = frozenset()) -> None:
@@ -88,6 +89,10 @@ class SegmentSource:
         for seg in scope or []:
             self.scope.setdefault(seg.name, []).append(seg)
         self.scoped_names = scoped_names if scope is not None else frozenset()
+        # a mapping reads the same fields again and again (PID-3 for the identity, its issuer, its
+        # type, every identifier): each field's repetitions are split once per source
+        self._repetitions: dict[tuple[str, int, int], list[str]] = {}
+        self.memo: dict[Any, Any] = {}  # what evaluators worked out from this source (Spec: selected repetitions)
 
     def segment(self, name: str, occurrence: int = 1) -> Segment | None:
         segs = self.scope.get(name)
@@ -112,10 +117,13 @@ class SegmentSource:
         return f"{p.segment}[{n}]-{rest}" if n > 1 else f"{p.segment}-{rest}"
 
     def repetitions(self, path: HL7Path) -> list[str]:
-        seg = self.segment(path.segment, path.occurrence)
-        if seg is None:
-            return []
-        return seg.repetitions(path.field)
+        """The field's repetitions (the list is shared: do not change it)."""
+        key = (path.segment, path.occurrence, path.field)
+        found = self._repetitions.get(key)
+        if found is None:
+            seg = self.segment(path.segment, path.occurrence)
+            found = self._repetitions[key] = [] if seg is None else seg.repetitions(path.field)
+        return found
 
     def read(self, path: HL7Path) -> Value:
         """The value at ``path`` (first repetition unless the path names one)."""

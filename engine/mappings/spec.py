@@ -118,7 +118,7 @@ class Spec:
     target: str
     line: int
     paths: list[HL7Path] = field(default_factory=list)
-    select: Any = None  # "first" | "last" | int | list[(comp, sub, allowed values)]
+    select: Any = None  # "first" | "last" | int | tuple[(comp, sub, allowed values)]
     fallback: str | None = None
     each: dict[str, list[Any]] | None = None  # item key -> relative paths (HL7: (component, sub))
     template: list[tuple[str, HL7Path | None]] | None = None
@@ -160,9 +160,12 @@ class Spec:
             return reps
         if isinstance(sel, int):
             return reps[sel - 1: sel]
-        seps = src.message.seps
-        matched = [r for r in reps
-                   if all((component(r, c, s, seps) or "") in allowed for c, s, allowed in sel)]
+        key = (path.segment, path.occurrence, path.field, sel)  # several fields select alike (PID-3 by MR)
+        matched = src.memo.get(key)
+        if matched is None:
+            seps = src.message.seps
+            matched = src.memo[key] = [r for r in reps
+                                       if all((component(r, c, s, seps) or "") in allowed for c, s, allowed in sel)]
         if matched:
             return matched if many else matched[:1]
         if self.fallback == "first":
@@ -357,7 +360,7 @@ class Compiler:
                     continue
                 allowed = tuple(str(x) for x in v) if isinstance(v, list) else (str(v),)
                 conds.append((comp, sub, allowed))
-            spec.select = conds
+            spec.select = tuple(conds)  # hashable: the selection is kept per message source (SegmentSource.memo)
         else:
             self.problem(line, f"{fld}.select",
                          "select takes first, last, all, a repetition number, or {component: value}")

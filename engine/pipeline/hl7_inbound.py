@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -268,6 +269,7 @@ class HL7Inbound:
     # --- step 2: in the writer thread -----------------------------------------------------------------
     def apply(self, session: Session, p: Prepared) -> Stored:
         msg = p.message
+        conn = session.connection()  # the hot path runs Core statements on the connection directly
         row: MessageValues = {"channel": self.channel.name, "remote": p.remote, "size": p.size or len(p.raw),
                               "status": MessageStatus.RECEIVED, "received_at": utcnow(), "attempts": 1}
         if msg is not None:
@@ -278,16 +280,16 @@ class HL7Inbound:
         else:
             row["control_id"] = guess_control_id(p.raw) or None
         if p.reject is not None:
-            return self._finish(session, None, row, p, MessageStatus.REJECTED, None, [p.reject])
+            return self._finish(conn, None, row, p, MessageStatus.REJECTED, None, [p.reject])
         assert msg is not None and p.route is not None
         window = self.channel.options.dedup_window_seconds
         if window > 0:
-            dup = fetch(session.connection(), DUPLICATE, DuplicateOf, control_id=row["control_id"], sending_app=row["sending_app"],
+            dup = fetch(conn, DUPLICATE, DuplicateOf, control_id=row["control_id"], sending_app=row["sending_app"],
                         sending_facility=row["sending_facility"], channel=row["channel"], digest=p.digest,
                         since=row["received_at"] - timedelta(seconds=window))
             if dup is not None and dup["same_content"]:
                 row["duplicate_of"] = dup["id"]
-                return self._finish(session, None, row, p, MessageStatus.DUPLICATE, None, [], ack_code=dup["ack_code"] or "AA",
+                return self._finish(conn, None, row, p, MessageStatus.DUPLICATE, None, [], ack_code=dup["ack_code"] or "AA",
                                     text=f"duplicate of message {dup['id']}; not applied again")
             if dup is not None:  # the control ID was reused for another message: new, applied
                 log.warning("channel %s: MSH-10 %r from %s reused by a message with other content than message %s;"
@@ -297,33 +299,33 @@ class HL7Inbound:
                 if warning not in p.warnings:  # the writer may run this job again (RedoJob)
                     p.warnings.append(warning)
         if p.route.action == "ignore":
-            return self._finish(session, None, row, p, MessageStatus.FILTERED, None, [])
+            return self._finish(conn, None, row, p, MessageStatus.FILTERED, None, [])
         if p.content_errors:
-            return self._finish(session, None, row, p, MessageStatus.ERROR, None, p.content_errors)
+            return self._finish(conn, None, row, p, MessageStatus.ERROR, None, p.content_errors)
         if p.mapping_errors:
-            return self._finish(session, None, row, p, MessageStatus.ERROR, None, self.mapping_errors(p))
+            return self._finish(conn, None, row, p, MessageStatus.ERROR, None, self.mapping_errors(p))
         if p.apply_errors is not None:  # an earlier run of this job failed to apply it: stored as AE
-            return self._finish(session, None, row, p, MessageStatus.ERROR, None, p.apply_errors)
-        conn = session.connection()  # the hot path runs Core statements on the connection directly
+            return self._finish(conn, None, row, p, MessageStatus.ERROR, None, p.apply_errors)
         # Inserted as it will most likely end (nobody sees it before the commit) so that success needs
         # no second write of status; the domain's history rows point at it.
         message_id = add(conn, MESSAGES, **{**row, "status": MessageStatus.PROCESSED, "ack_code": "AA", "processed_at": utcnow()})
         # In the group-commit writer with a run to come, a failure undoes the whole job (its SAVEPOINT
         # or transaction) and the next run stores the message as AE: no SAVEPOINT of its own (two
         # statements, two round trips on PostgreSQL) for every message that applies.
-        outcome, errors = self.apply_mapped(session, p, message_id, redo=not session.info.get(FINAL_ATTEMPT, True))
+        outcome, errors = self.apply_mapped(session, p, message_id, redo=not session.info.get(FINAL_ATTEMPT, True),
+                                            conn=conn)
         if outcome is None:
-            return self._finish(session, message_id, row, p, MessageStatus.ERROR, None, errors)
+            return self._finish(conn, message_id, row, p, MessageStatus.ERROR, None, errors)
         row["patient_id"] = outcome.patient_id
-        return self._finish(session, message_id, row, p, MessageStatus.PROCESSED, outcome, [])
+        return self._finish(conn, message_id, row, p, MessageStatus.PROCESSED, outcome, [])
 
     @staticmethod
     def mapping_errors(p: Prepared) -> list[HL7Error]:
         return [error_at(e.path, e.code, f"{e.field}: {e.message}" if e.field else e.message)
                 for e in p.mapping_errors]
 
-    def apply_mapped(self, session: Session, p: Prepared, message_id: int,
-                     *, redo: bool = False) -> tuple[Outcome | None, list[HL7Error]]:
+    def apply_mapped(self, session: Session, p: Prepared, message_id: int, *, redo: bool = False,
+                     conn: Connection | None = None) -> tuple[Outcome | None, list[HL7Error]]:
         """Apply a mapped message inside a SAVEPOINT: (outcome, []) or (None, the ERR detail).
 
         A database in trouble (OperationalError) propagates: the batch fails, nothing is acknowledged.
@@ -331,9 +333,11 @@ class HL7Inbound:
         except on its last attempt. Anything else keeps the message as AE (reprocessable).
 
         ``redo`` (the writer will run the job again): no SAVEPOINT; a failure is kept in
-        ``p.apply_errors`` and RedoJob raised, so the writer undoes the job and runs it again."""
+        ``p.apply_errors`` and RedoJob raised, so the writer undoes the job and runs it again.
+        ``conn``: the session's connection, when the caller has it already."""
         assert p.route is not None
-        conn = session.connection()
+        if conn is None:
+            conn = session.connection()
         try:
             with contextlib.nullcontext() if redo else savepoint(conn):
                 return apply_action(conn, p.route.action, p.values, p.groups, self.channel.options, message_id,
@@ -354,7 +358,7 @@ class HL7Inbound:
             raise RedoJob(f"message {message_id} not applied; stored as AE on the next run")
         return None, errors
 
-    def _finish(self, session: Session, message_id: int | None, row: MessageValues, p: Prepared, status: str,
+    def _finish(self, conn: Connection, message_id: int | None, row: MessageValues, p: Prepared, status: str,
                 outcome: Outcome | None, errors: list[HL7Error], *, ack_code: str | None = None,
                 text: str = "") -> Stored:
         """Write the message row (insert, or update when it was inserted before applying), its content
@@ -369,7 +373,6 @@ class HL7Inbound:
         if "patient_id" in row:
             final["patient_id"] = row["patient_id"]
         replies = self._acks(msg, ack_code, errors, text, storage_ok=True, control_id=row.get("control_id") or "")
-        conn = session.connection()
         events = [{"kind": "warning", "detail": warning} for warning in p.warnings]
         if outcome is not None and outcome.notes:
             events.append({"kind": "notes", "detail": {"notes": outcome.notes}})

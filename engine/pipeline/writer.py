@@ -1,9 +1,18 @@
 """The ingest writer: one thread that owns write transactions, with group commit.
 
-Listeners hand it jobs (a function of a Session). It takes every job waiting, runs each inside its
-own SAVEPOINT (one job's failure never undoes another's), commits once, and only then resolves the
-jobs' futures, which is when listeners send their ACKs. On one connection that is one commit per
-message; with many busy connections a single commit acknowledges many messages.
+Listeners hand it jobs (a function of a Session). It takes every job waiting, runs them in one
+transaction, commits once, and only then resolves the jobs' futures, which is when listeners send
+their ACKs. On one connection that is one commit per message; with many busy connections a single
+commit acknowledges many messages.
+
+One job's failure never undoes another's. The batch is first run optimistically, without a
+SAVEPOINT per job (two statements a job, the most of a message's SQL after its own): almost every
+batch succeeds whole. If a job fails (an exception, an integrity conflict, RedoJob), the whole
+transaction is rolled back and the batch runs again, each job inside its own SAVEPOINT, so the
+others are applied once and the failing one is retried or reported. A job may therefore run more
+than once before its transaction commits: it must keep its effects inside the transaction (rows
+written through the session; nothing sent, moved or deleted outside it), and what it remembers
+between runs must be safe to remember (HL7 inbound keeps why an apply failed, on purpose).
 
 If the commit fails (database down, disk full) every job in the batch fails: nothing in it is
 acknowledged as stored.
@@ -14,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -22,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, RootTransaction
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -34,10 +44,6 @@ T = TypeVar("T")
 _STOP = object()
 # session.info key: True on a job's last attempt (a job may then give up on an integrity conflict)
 FINAL_ATTEMPT = "radbridge.final_attempt"
-
-
-class _SoloJobFailed(Exception):
-    """Leaves the transaction of a one-job batch so that it rolls back."""
 
 
 class RedoJob(RadBridgeError):  # noqa: N818 - a request to the writer, not an error to report
@@ -65,6 +71,7 @@ class WriterStats:
     batches: int = 0
     commit_failures: int = 0
     retried: int = 0
+    redone_batches: int = 0  # batches run again with a SAVEPOINT per job, after one of their jobs failed
     largest_batch: int = 0
     commit_seconds: float = 0.0
 
@@ -138,7 +145,8 @@ class IngestWriter:
 
     def _run_job(self, session: Session, job: _Job[Any], *, isolate: bool) -> None:
         """Run one job; with ``isolate`` inside a SAVEPOINT, so its failure leaves the batch intact
-        (an integrity conflict, another engine process creating the same patient, is retried there)."""
+        (an integrity conflict, another engine process creating the same patient, is retried there).
+        Without, its pending ORM changes are flushed here, so that their failure is its own."""
         attempts = self._integrity_retries + 1 if isolate else 1
         for attempt in range(attempts):
             if isolate:
@@ -149,6 +157,7 @@ class IngestWriter:
                         job.result = job.work(session)
                 else:
                     job.result = job.work(session)
+                    session.flush()
                 job.error = None
                 return
             except IntegrityError as exc:
@@ -165,34 +174,68 @@ class IngestWriter:
                 return
 
     def _commit(self, batch: list[_Job[Any]]) -> None:
-        """One transaction for the batch. A batch of one runs without a SAVEPOINT: if its job fails,
-        the transaction (holding only that job) is rolled back and an integrity conflict retried."""
-        isolate = len(batch) > 1
+        """Run the batch (``_apply``) and commit what it leaves to commit."""
+        trans = self._apply(batch)
+        if trans is not None:
+            self._commit_transaction(trans)
+
+    def _apply(self, batch: list[_Job[Any]]) -> RootTransaction | None:
+        """Run the batch's jobs in one transaction, optimistically: no SAVEPOINT per job. If a job
+        fails, that transaction is rolled back; a batch of one is run again (an integrity conflict or
+        a RedoJob, up to ``integrity_retries`` times), a larger batch runs again with a SAVEPOINT per
+        job, so that the failing job cannot take the others down and each of them is applied once.
+        Returns the transaction to commit (None: nothing to commit, the solo job failed)."""
         for attempt in range(self._integrity_retries + 1):
-            if self._conn is None:
-                self._conn = self._engine.connect()
-            conn = self._conn
+            last = attempt == self._integrity_retries
+            failed, trans = self._transaction(batch, final=len(batch) == 1 and last)
+            if failed is None:
+                return trans
+            retry = isinstance(failed.error, IntegrityError | RedoJob)
+            if len(batch) > 1:
+                # A job that failed otherwise failed in the same state as it would inside its SAVEPOINT
+                # (the same jobs before it): its error stands and it is not run (nor logged) again.
+                self.stats.redone_batches += 1
+                return self._transaction(batch, isolate=True, skip=None if retry else failed)[1]
+            if not retry or last:
+                return None
+        return None
+
+    def _transaction(self, batch: list[_Job[Any]], *, isolate: bool = False, final: bool = True,
+                     skip: _Job[Any] | None = None) -> tuple[_Job[Any] | None, RootTransaction | None]:
+        """Run the batch in one transaction, left open for the caller to commit. Without ``isolate``,
+        stop at the first job that fails, roll everything back and return that job; with it, each job
+        in a SAVEPOINT (all stay, failed or not), ``skip`` left out. ``final``: FINAL_ATTEMPT for the jobs."""
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        conn = self._conn
+        try:
+            trans = conn.begin()
+            # Jobs get a Session joined to this transaction (ORM jobs such as reprocess flush into it)
+            session = Session(bind=conn, expire_on_commit=False, autoflush=True)
+            session.info[FINAL_ATTEMPT] = final
             try:
-                with conn.begin():
-                    # Jobs get a Session joined to this transaction (ORM jobs such as reprocess flush
-                    # into it); the transaction commits when the block ends.
-                    session = Session(bind=conn, expire_on_commit=False, autoflush=True)
-                    session.info[FINAL_ATTEMPT] = isolate or attempt == self._integrity_retries
-                    try:
-                        for job in batch:
-                            self._run_job(session, job, isolate=isolate)
-                        if not isolate and batch[0].error is not None:
-                            raise _SoloJobFailed
-                        session.flush()
-                    finally:
-                        session.close()
-                return
-            except _SoloJobFailed:
-                if not isinstance(batch[0].error, IntegrityError | RedoJob) or attempt == self._integrity_retries:
-                    return
-            except BaseException:
-                self._discard_connection()
-                raise
+                for job in batch:
+                    if job is skip:
+                        continue
+                    self._run_job(session, job, isolate=isolate)
+                    if not isolate and job.error is not None:
+                        trans.rollback()
+                        return job, None
+                session.flush()
+            finally:
+                session.close()
+        except BaseException:
+            self._discard_connection()
+            raise
+        return None, trans
+
+    def _commit_transaction(self, trans: RootTransaction) -> None:
+        """COMMIT; if it fails, the connection is given up (the batch fails: nothing acknowledged)."""
+        try:
+            trans.commit()
+        except BaseException:
+            self._discard_connection()
+            raise
 
     def _discard_connection(self) -> None:
         """After a failure the connection may be broken: the next batch connects afresh."""
@@ -205,18 +248,33 @@ class IngestWriter:
                 log.debug("discarding the writer's connection failed", exc_info=True)
 
     def _process(self, batch: list[_Job[Any]]) -> None:
+        self._count(batch)
+        self._settle(batch, lambda: self._commit(batch))
+
+    def _settle(self, batch: list[_Job[Any]], commit: Callable[[], None]) -> None:
+        """Run ``commit`` on this thread, then answer the batch's jobs (if it failed: as not stored)."""
+        t0 = time.perf_counter()
+        try:
+            commit()
+        except Exception as exc:
+            self._storage_failed(batch, exc)
+            return
+        self.stats.commit_seconds += time.perf_counter() - t0
+        self._resolve(batch)
+
+    def _count(self, batch: list[_Job[Any]]) -> None:
         self.stats.batches += 1
         self.stats.jobs += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        t0 = time.perf_counter()
-        try:
-            self._commit(batch)
-        except Exception as exc:
-            self.stats.commit_failures += 1
-            reason = report_failure(log, exc, "storage unavailable, %d message(s) not stored", len(batch))
-            self._fail(batch, StorageUnavailable(f"storage unavailable ({reason})"))
-            return
-        self.stats.commit_seconds += time.perf_counter() - t0
+
+    def _storage_failed(self, batch: list[_Job[Any]], exc: Exception) -> None:
+        self.stats.commit_failures += 1
+        reason = report_failure(log, exc, "storage unavailable, %d message(s) not stored", len(batch))
+        self._fail(batch, StorageUnavailable(f"storage unavailable ({reason})"))
+
+    @staticmethod
+    def _resolve(batch: list[_Job[Any]]) -> None:
+        """Tell each job's caller (only after the COMMIT: this is when ACKs go out)."""
         for job in batch:
             # A caller that gave up (its task cancelled) has cancelled the future: the job is stored
             # all the same, and no one is told.
@@ -234,13 +292,18 @@ class IngestWriter:
 
 
 class InlineWriter(IngestWriter):
-    """The same batching and guarantees, run on the event loop's own thread.
+    """The same batching and guarantees, the jobs run on the event loop's own thread.
 
     Jobs submitted during one loop iteration (every connection whose data arrived in the same
-    epoll round) form one batch and one COMMIT, run by a callback scheduled after them. No second
-    Python thread means no contention for the GIL and no cross-thread futures: on a local SQLite
-    file a commit blocks the loop for a fraction of a millisecond. For a database across a
-    network (PostgreSQL), where a stall would freeze every listener, use the threaded writer.
+    epoll round) form one batch, run by a callback scheduled after them. No second Python thread
+    runs jobs, so there is no contention for the GIL. When several jobs are about (a batch of more
+    than one, or more waiting), the COMMIT (SQLite's fsync, without the GIL) is handed to a thread
+    of its own: meanwhile the loop reads, parses and maps the messages that arrive, whose jobs wait
+    for it and then form the next batch, so that a busy engine commits many messages at once. A
+    lone job (one connection) commits on the loop thread: no hand-over to pay for. The jobs'
+    futures are resolved after the COMMIT returned, whichever thread ran it. For a database
+    across a network (PostgreSQL), where a job's statements would stall every listener, use the
+    threaded writer.
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 256, integrity_retries: int = 2) -> None:
@@ -248,22 +311,46 @@ class InlineWriter(IngestWriter):
         self._pending: list[_Job[Any]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._scheduled = False
+        self._committer: concurrent.futures.ThreadPoolExecutor | None = None
+        # the batch whose COMMIT runs in the committer thread: (jobs, the COMMIT's future, start time)
+        self._committing: tuple[list[_Job[Any]], concurrent.futures.Future[None], float] | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="radbridge-commit")
         self._started = True
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self._pending:
-            self._drain()
+        """Wait for the COMMIT under way, then run what is queued, committing on this thread."""
+        committing = self._committing
+        if committing is not None:
+            with contextlib.suppress(Exception):  # its outcome is what _committed reports
+                committing[1].exception(timeout)
+            if not committing[1].done():  # a COMMIT stuck past the timeout: not known to be stored
+                self._committing = None
+                self._conn = None  # still the committer thread's; never used again
+                self._storage_failed(committing[0], TimeoutError(f"COMMIT still running after {timeout:.0f}s"))
+            else:
+                self._committed(committing[1])
+        self._started = False
+        while self._pending:
+            batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
+            self._process(batch)
+        if self._committer is not None:
+            self._committer.shutdown(wait=False)  # idle (or stuck past the timeout, see above)
+            self._committer = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        self._started = False
 
     @property
     def backlog(self) -> int:
         return len(self._pending)
+
+    @property
+    def commit_under_way(self) -> bool:
+        """A batch's COMMIT runs in the committer thread (its jobs are not answered yet)."""
+        return self._committing is not None
 
     def submit(self, work: Callable[[Session], T]) -> concurrent.futures.Future[T]:
         if not self._started or self._loop is None:
@@ -281,13 +368,54 @@ class InlineWriter(IngestWriter):
 
     def _enqueue(self, job: _Job[Any]) -> None:
         self._pending.append(job)
-        if not self._scheduled:
+        if not self._scheduled and self._committing is None:
             self._scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._drain)
 
     def _drain(self) -> None:
+        """Run the next batch; its COMMIT goes to the committer thread (one at a time: the next batch
+        runs on the same connection once it returned, see _committed)."""
         self._scheduled = False
-        while self._pending:
+        while self._pending and self._committing is None and self._started:
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
-            self._process(batch)
+            self._count(batch)
+            try:
+                trans = self._apply(batch)
+            except Exception as exc:
+                self._storage_failed(batch, exc)
+                continue
+            if trans is None:  # nothing to commit (its one job failed and was rolled back)
+                self._resolve(batch)
+                continue
+            if len(batch) == 1 and not self._pending:
+                # Nobody else is sending (one connection): the thread would only add its hand-over.
+                # Should others send meanwhile, their jobs form a batch of several, committed aside.
+                self._settle(batch, functools.partial(self._commit_transaction, trans))
+                continue
+            assert self._committer is not None and self._loop is not None
+            future = self._committer.submit(self._commit_transaction, trans)
+            self._committing = (batch, future, time.perf_counter())
+            future.add_done_callback(self._wake)
+
+    def _wake(self, future: concurrent.futures.Future[None]) -> None:
+        """In the committer thread: have the loop take the COMMIT's outcome."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: stop() has taken it
+            self._loop.call_soon_threadsafe(self._committed, future)
+
+    def _committed(self, future: concurrent.futures.Future[None]) -> None:
+        """The COMMIT of the batch under way returned (or failed): answer its jobs, run the next batch."""
+        committing = self._committing
+        if committing is None or committing[1] is not future:
+            return  # stop() has settled it already
+        self._committing = None
+        batch, _future, t0 = committing
+        exc = future.exception()
+        if exc is not None:
+            self._storage_failed(batch, exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+        else:
+            self.stats.commit_seconds += time.perf_counter() - t0
+            self._resolve(batch)
+        if self._pending and self._started:
+            self._drain()
