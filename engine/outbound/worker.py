@@ -37,7 +37,7 @@ from engine.domain.events import EventKind
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.outbound import outbox
-from engine.outbound.context import EngineInfo, build_context
+from engine.outbound.context import EngineInfo, StudyRows, build_context
 from engine.outbound.mapping import OutboundMapping, RenderError
 from engine.outbound.outbox import Claimed, Outbox, Outcome
 from engine.outbound.render import Rendered, render
@@ -107,23 +107,24 @@ class Renderer:
 
     def render_all(self, claimed: list[Claimed]) -> dict[int, Rendered | RenderError]:
         """Each delivery's message (or why it cannot be built), read on one connection: a batch
-        costs one thread hop and one connection, not one each."""
+        costs one thread hop, one connection and one read a table (StudyRows), not one each."""
         out: dict[int, Rendered | RenderError] = {}
         with self.db.reader.connect() as conn:
+            rows = StudyRows.read(conn, [c.study_id for c in claimed if c.study_id is not None])
             for c in claimed:
                 try:
-                    out[c.id] = self._render(conn, c)
+                    out[c.id] = self._render(conn, c, rows)
                 except RenderError as exc:
                     out[c.id] = exc
         return out
 
-    def _render(self, conn: Connection, c: Claimed) -> Rendered:
+    def _render(self, conn: Connection, c: Claimed, rows: StudyRows) -> Rendered:
         if c.study_id is None:
             raise RenderError("the study of this delivery was deleted")
         mapping = self.mapping(c.mapping)
         try:
             ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
-                                storage=self.storage, engine=self.info)
+                                storage=self.storage, engine=self.info, rows=rows)
         except LookupError as exc:
             raise RenderError(str(exc)) from None
         return render(mapping, ctx)
