@@ -730,8 +730,11 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
             ids = [r[0] for r in conn.execute(select(DELIVERIES.c.id).where(DELIVERIES.c.state == "pending"))]
             return outbox.retry(conn, ids, rebuild=True)  # due now, rendered afresh at the first attempt
         released = db_write(e, release)
-        profiler = Profiler(os.getpid(), Path(args.profile) / f"throughput-{uuid.uuid4().hex[:6]}.txt",
-                            args.profile_rate) if args.profile else None
+        profiler = None
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(os.getpid(), Path(args.profile) / f"throughput-{uuid.uuid4().hex[:6]}.txt",
+                                args.profile_rate)
         cpu = CpuWindow(next(t.native_id or 0 for t in threading.enumerate() if t.name == "standin-ehr"))
         t_wake_wall = time.time()
         t_wake = time.monotonic()
@@ -836,31 +839,27 @@ def flatten(rnd: Round) -> None:
             f[f"rratio.{label}"] = rnd.rates[ka].per_s / rnd.rates[kb].per_s
 
 
-def print_latency(rows: list[tuple[str, dict[str, float]]], title: str) -> None:
-    head = f"{title:<64}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}"
+def print_table(head: str, lines: list[str]) -> None:
     print()
     print(head)
     print("-" * len(head))
-    for label, r in rows:
-        print(f"{label:<64}{int(r['n']):>5}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['max']:>10.1f}")
+    for line in lines:
+        print(line)
+
+
+def print_latency(rows: list[tuple[str, dict[str, float]]], title: str) -> None:
+    print_table(f"{title:<64}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}",
+                [f"{label:<64}{int(r['n']):>5}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['max']:>10.1f}" for label, r in rows])
 
 
 def print_rates(rows: list[tuple[str, int, float, float]], title: str) -> None:
-    head = f"{title:<56}{'n':>6}{'seconds':>10}{'deliv/s':>10}"
-    print()
-    print(head)
-    print("-" * len(head))
-    for label, n, secs, rate in rows:
-        print(f"{label:<56}{n:>6}{secs:>10.2f}{rate:>10.1f}")
+    print_table(f"{title:<56}{'n':>6}{'seconds':>10}{'deliv/s':>10}",
+                [f"{label:<56}{n:>6}{secs:>10.2f}{rate:>10.1f}" for label, n, secs, rate in rows])
 
 
 def print_cpu(figures: Callable[[str], float], title: str) -> None:
-    head = f"{title:<56}{'CPU ms/delivery':>16}"
-    print()
-    print(head)
-    print("-" * len(head))
-    for key, label in CPU_ROWS:
-        print(f"{label:<56}{figures(f'cpu.{key}.ms_per_delivery'):>16.3f}")
+    print_table(f"{title:<56}{'CPU ms/delivery':>16}",
+                [f"{label:<56}{figures(f'cpu.{key}.ms_per_delivery'):>16.3f}" for key, label in CPU_ROWS])
 
 
 def print_round(rnd: Round, i: int, total: int) -> None:

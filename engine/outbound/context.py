@@ -217,21 +217,31 @@ def _started(date: str | None, time: str | None) -> str | None:
 # pays for in waits for the interpreter
 IN_CHUNK = 500  # ids in one IN list
 T = TypeVar("T")
-STUDIES_BY_ID = select(STUDIES).where(STUDIES.c.id.in_(bindparam("ids", expanding=True)))
-SERIES_OF_STUDIES = (select(SERIES).where(SERIES.c.study_id.in_(bindparam("ids", expanding=True)))
-                     .order_by(SERIES.c.series_number, SERIES.c.id))
+STUDIES_BY_ID = select(*(STUDIES.c[k] for k in (
+    "id", "study_uid", "accession", "study_id", "study_date", "study_time", "description", "modalities",
+    "referring_physician", "state", "recon_state", "times_reconciled", "matched_by", "size_bytes", "patient_id",
+    "order_id"))).where(STUDIES.c.id.in_(bindparam("ids", expanding=True)))  # the columns the context reads
+SERIES_OF_STUDIES = (
+    select(*(SERIES.c[k] for k in ("id", "study_id", "series_uid", "series_number", "modality", "description",
+                                   "body_part", "station_name")))
+    .where(SERIES.c.study_id.in_(bindparam("ids", expanding=True))).order_by(SERIES.c.series_number, SERIES.c.id))
 INSTANCES_OF_STUDIES = (
     select(INSTANCES.c.id, INSTANCES.c.study_id, INSTANCES.c.series_id, INSTANCES.c.sop_instance_uid,
            INSTANCES.c.sop_class_uid, INSTANCES.c.instance_number, INSTANCES.c.number_of_frames,
            INSTANCES.c.storage_key)
     .where(INSTANCES.c.study_id.in_(bindparam("ids", expanding=True)))
     .order_by(INSTANCES.c.instance_number, INSTANCES.c.id))
-PATIENTS_BY_ID = select(PATIENTS).where(PATIENTS.c.id.in_(bindparam("ids", expanding=True)))
+PATIENTS_BY_ID = select(*(PATIENTS.c[k] for k in (
+    "id", "family_name", "given_name", "middle_name", "prefix", "suffix", "birth_date", "sex", "extra"))).where(
+    PATIENTS.c.id.in_(bindparam("ids", expanding=True)))
 IDENTIFIERS_OF_PATIENTS = (
     select(IDENTIFIERS.c.patient_id, IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code,
            IDENTIFIERS.c.kind)
     .where(IDENTIFIERS.c.patient_id.in_(bindparam("ids", expanding=True))).order_by(IDENTIFIERS.c.id))
-ORDERS_BY_ID = select(ORDERS).where(ORDERS.c.id.in_(bindparam("ids", expanding=True)))
+ORDERS_BY_ID = select(*(ORDERS.c[k] for k in (
+    "id", "accession", "placer_number", "placer_issuer", "filler_number", "status", "procedure_code",
+    "procedure_text", "procedure_scheme", "modality", "requested_procedure_id", "sps_id", "ordering_provider",
+    "reason", "priority", "scheduled_at", "extra"))).where(ORDERS.c.id.in_(bindparam("ids", expanding=True)))
 
 
 def _rows(conn: Connection, stmt: Select[Any], ids: Iterable[int]) -> list[dict[str, Any]]:
