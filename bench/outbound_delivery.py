@@ -53,12 +53,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-REPO = Path(__file__).resolve().parents[1]
+
+def engine_src(argv: Sequence[str]) -> Path:
+    """The tree the engine is imported from: --engine-src (read before the imports), else this script's."""
+    for i, a in enumerate(argv):
+        if a == "--engine-src" and i + 1 < len(argv):
+            return Path(argv[i + 1]).resolve()
+        if a.startswith("--engine-src="):
+            return Path(a.split("=", 1)[1]).resolve()
+    return Path(__file__).resolve().parents[1]
+
+
+REPO = engine_src(sys.argv[1:])
 sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import pydicom  # noqa: E402
 from benchutil import describe_source, json_option, write_figures  # noqa: E402
+from mllp_ingest import Profiler, summarize_profile  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 from sqlalchemy import create_engine, func, select, text, update  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
@@ -614,6 +626,42 @@ def study_times_of(study_uid: str) -> Callable[[Any], Any]:
     return lambda conn: conn.execute(query).one()
 
 
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) each live thread of this process has used, by native id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for t in threading.enumerate():
+        if t.native_id is None:
+            continue
+        try:
+            with open(f"/proc/self/task/{t.native_id}/stat", encoding="ascii") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[t.native_id] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+@dataclass
+class CpuWindow:
+    """CPU used while the backlog is delivered: the process's, the stand-in's thread's and this (the
+    waiting) thread's; what is left is the engine's (its loop, writer and worker threads, and the
+    short-lived ones)."""
+
+    standin: int  # native id of the stand-in's thread
+    process0: float = field(default_factory=time.process_time)
+    threads0: dict[int, float] = field(default_factory=thread_cpu)
+
+    def split(self) -> dict[str, float]:
+        process = time.process_time() - self.process0
+        now = thread_cpu()
+
+        def used(tid: int) -> float:
+            return now.get(tid, 0.0) - self.threads0.get(tid, 0.0)
+        standin, main = used(self.standin), used(threading.main_thread().native_id or 0)
+        return {"process": process, "standin": standin, "bench": main, "engine": process - standin - main}
+
+
 def wait_db(e: RunningEngine, what: str, check: Callable[[Any], bool], deadline_s: float, every: float = 0.1) -> None:
     t_end = time.monotonic() + deadline_s
     while not db_read(e, check):
@@ -682,6 +730,12 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
             ids = [r[0] for r in conn.execute(select(DELIVERIES.c.id).where(DELIVERIES.c.state == "pending"))]
             return outbox.retry(conn, ids, rebuild=True)  # due now, rendered afresh at the first attempt
         released = db_write(e, release)
+        profiler = None
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            profiler = Profiler(os.getpid(), Path(args.profile) / f"throughput-{uuid.uuid4().hex[:6]}.txt",
+                                args.profile_rate)
+        cpu = CpuWindow(next(t.native_id or 0 for t in threading.enumerate() if t.name == "standin-ehr"))
         t_wake_wall = time.time()
         t_wake = time.monotonic()
         e.loop.call_soon_threadsafe(e.engine.wake_outbound)  # asyncio.Event.set is for the loop's own thread
@@ -690,6 +744,12 @@ def phase_throughput(args: argparse.Namespace, dbs: Databases, root: Path, rnd: 
             select(func.count()).select_from(DELIVERIES).where(DELIVERIES.c.state != "pending")).scalar() >= 2 * n,
             deadline, every=0.05)
         t_all = time.monotonic() - t_wake
+        used = cpu.split()
+        if profiler is not None:
+            profiler.stop()
+            rnd.info.append(summarize_profile(profiler.out).replace("\n", "\n  "))
+        for who in ("engine", "standin", "bench", "process"):
+            rnd.figures[f"cpu.{who}.ms_per_delivery"] = 1000 * used[who] / (2 * n)
         counts = delivery_counts(e)
         if any(v.get("delivered", 0) != n for v in counts.values()):
             raise RuntimeError(f"not every delivery delivered: {counts}")
@@ -751,6 +811,8 @@ RATIOS_LAT = [("engine ImagingStudy / baseline PUT", ("latency", "is"), ("latenc
               ("engine ORU / baseline ORU", ("latency", "oru"), ("latency", "b_oru"))]
 RATE_ORDER = ["e_fhir", "e_mllp", "e_both", "e_wall", "e_fhir_ehr", "e_mllp_ehr", "b_fhir", "b_mllp", "b_both",
               "r_fhir", "r_mllp", "r_both"]
+CPU_ROWS = [("engine", "engine threads (process - stand-in - bench)"), ("standin", "stand-in EHR thread"),
+            ("bench", "bench thread (waiting, polling the database)"), ("process", "the whole process")]
 RATIOS_RATE = [("fhir: engine / plain PUTs", "e_fhir", "b_fhir"),
                ("fhir: engine / plain replay of its requests", "e_fhir", "r_fhir"),
                ("mllp: engine / plain socket", "e_mllp", "b_mllp"),
@@ -777,22 +839,27 @@ def flatten(rnd: Round) -> None:
             f[f"rratio.{label}"] = rnd.rates[ka].per_s / rnd.rates[kb].per_s
 
 
-def print_latency(rows: list[tuple[str, dict[str, float]]], title: str) -> None:
-    head = f"{title:<64}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}"
+def print_table(head: str, lines: list[str]) -> None:
     print()
     print(head)
     print("-" * len(head))
-    for label, r in rows:
-        print(f"{label:<64}{int(r['n']):>5}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['max']:>10.1f}")
+    for line in lines:
+        print(line)
+
+
+def print_latency(rows: list[tuple[str, dict[str, float]]], title: str) -> None:
+    print_table(f"{title:<64}{'n':>5}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}",
+                [f"{label:<64}{int(r['n']):>5}{r['p50']:>10.1f}{r['p99']:>10.1f}{r['max']:>10.1f}" for label, r in rows])
 
 
 def print_rates(rows: list[tuple[str, int, float, float]], title: str) -> None:
-    head = f"{title:<56}{'n':>6}{'seconds':>10}{'deliv/s':>10}"
-    print()
-    print(head)
-    print("-" * len(head))
-    for label, n, secs, rate in rows:
-        print(f"{label:<56}{n:>6}{secs:>10.2f}{rate:>10.1f}")
+    print_table(f"{title:<56}{'n':>6}{'seconds':>10}{'deliv/s':>10}",
+                [f"{label:<56}{n:>6}{secs:>10.2f}{rate:>10.1f}" for label, n, secs, rate in rows])
+
+
+def print_cpu(figures: Callable[[str], float], title: str) -> None:
+    print_table(f"{title:<56}{'CPU ms/delivery':>16}",
+                [f"{label:<56}{figures(f'cpu.{key}.ms_per_delivery'):>16.3f}" for key, label in CPU_ROWS])
 
 
 def print_round(rnd: Round, i: int, total: int) -> None:
@@ -814,6 +881,8 @@ def print_round(rnd: Round, i: int, total: int) -> None:
         for label, _ka, _kb in RATIOS_RATE:
             if f"rratio.{label}" in rnd.figures:
                 print(f"  ratio of deliveries/s, {label:<48} {rnd.figures[f'rratio.{label}']:6.2f}")
+    if "cpu.engine.ms_per_delivery" in rnd.figures:
+        print_cpu(lambda k: rnd.figures.get(k, math.nan), f"CPU while the backlog is delivered{what}")
     for line in rnd.info:
         print(f"  {line}")
 
@@ -843,6 +912,8 @@ def print_medians(rounds: list[Round]) -> None:
         for label, _ka, _kb in RATIOS_RATE:
             if f"rratio.{label}" in first.figures:
                 print(f"  ratio of deliveries/s, {label:<48} {med(f'rratio.{label}'):6.2f} ({rng(f'rratio.{label}')})")
+    if "cpu.engine.ms_per_delivery" in first.figures:
+        print_cpu(med, f"CPU while the backlog is delivered, medians of {len(rounds)} rounds")
 
 
 def print_logs(tally: LogTally, limit: int = 12) -> None:
@@ -886,6 +957,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every phase; medians printed (default 1)")
     ap.add_argument("--tmpdir", default=None, help="where the databases, files and logs go (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (engine.log, stores)")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="attach py-spy (pip install py-spy) to this process while the backlog is delivered; raw "
+                    "stacks in DIR, a summary printed (the stand-in's and the bench's threads are in it too)")
+    ap.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second (default 200)")
+    ap.add_argument("--engine-src", metavar="DIR", default=None,
+                    help="import the engine (and channels/, mappings/, the tests' helpers) from this source tree "
+                    "instead of this script's, to measure another commit with this script (read before the "
+                    "imports, so give it as --engine-src DIR or --engine-src=DIR)")
     json_option(ap)
     args = ap.parse_args(argv)
     if min(args.studies, args.latency_studies, args.natural_studies, args.warmup) < 0 or args.repeat < 1:

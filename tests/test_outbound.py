@@ -320,6 +320,27 @@ class SlowInbox(StandInEHR):
             self.in_hand -= 1
 
 
+def five_patients_then_a_second_study(e: RunningEngine, inbox: StandInEHR, tmp_path: Path) -> None:
+    """While the inbox is down, five patients' studies, then a second study of the first; the inbox
+    back up, wait until the six ORUs are in and their twelve deliveries recorded."""
+    inbox.set_mllp_down(True)
+    for k in range(5):
+        order_and_images(e, tmp_path / f"p{k}", f"MRN{k}", f"ACC{k}", family=f"Fam{k}", n=1)
+    settle(e)
+    order_and_images(e, tmp_path / "p0b", "MRN0", "ACC0B", family="Fam0", n=1)
+    settle(e)
+    inbox.set_mllp_down(False)
+    wake(e)
+    assert inbox.wait_for(lambda: len(inbox.oru_messages()) == 6, WAIT)
+    recorded_as_delivered(e, 12)
+
+
+def each_once_in_patient_order(inbox: StandInEHR) -> None:
+    accs = [seg(m, "OBR")[18] for m in inbox.oru_messages()]
+    assert sorted(accs) == sorted(["ACC0", "ACC1", "ACC2", "ACC3", "ACC4", "ACC0B"])  # each once
+    assert accs.index("ACC0") < accs.index("ACC0B")  # a patient's results in the order they happened
+
+
 @pytest.mark.parametrize("in_flight", [1, 3])
 def test_mllp_in_flight_sends_for_different_patients_at_once_in_patient_order(workdir: Path, db_url: str,
                                                                               tmp_path: Path, in_flight: int) -> None:
@@ -330,27 +351,46 @@ def test_mllp_in_flight_sends_for_different_patients_at_once_in_patient_order(wo
         data = yaml.safe_load(path.read_text())
         data["destinations"]["mllp"]["in_flight"] = in_flight
         path.write_text(yaml.safe_dump(data))
-        s = make_settings(workdir, db_url)
-        s.dicom.stable_seconds = 3600
-        s.ehr.mllp, s.ehr.fhir_base, s.ehr.fhir_token = inbox.mllp_address, inbox.fhir_base, EHR_TOKEN
-        e = RunningEngine(s).start()
+        e = start(workdir, db_url, inbox)
         try:
-            inbox.set_mllp_down(True)
-            for k in range(5):  # five patients; the first has a second study, later
-                order_and_images(e, tmp_path / f"p{k}", f"MRN{k}", f"ACC{k}", family=f"Fam{k}", n=1)
-            settle(e)
-            order_and_images(e, tmp_path / "p0b", "MRN0", "ACC0B", family="Fam0", n=1)
-            settle(e)
-            inbox.set_mllp_down(False)
-            wake(e)
-            assert inbox.wait_for(lambda: len(inbox.oru_messages()) == 6, WAIT)
-            recorded_as_delivered(e, 12)
+            five_patients_then_a_second_study(e, inbox, tmp_path)
         finally:
             e.stop()
-    accs = [seg(m, "OBR")[18] for m in inbox.oru_messages()]
-    assert sorted(accs) == sorted(["ACC0", "ACC1", "ACC2", "ACC3", "ACC4", "ACC0B"])  # each once
-    assert accs.index("ACC0") < accs.index("ACC0B")  # a patient's results in the order they happened
+    each_once_in_patient_order(inbox)
     assert inbox.most_in_hand == 1 if in_flight == 1 else 2 <= inbox.most_in_hand <= in_flight
+
+
+def test_the_next_batch_is_claimed_while_one_is_sent_in_patient_order(workdir: Path, db_url: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import func
+
+    from engine.connectors.outbound import OutboundConnector
+    from engine.outbound import outbox
+    claims: list[tuple[list[int], int]] = []  # mllp: (ids claimed, how many were leased and unsettled then)
+    real_claim = outbox.claim
+
+    def noting_claim(conn: Any, destination: str, worker: str, limit: int = 20, **kw: Any) -> list[Any]:
+        held = conn.execute(select(func.count()).select_from(outbox.DELIVERIES).where(
+            outbox.DELIVERIES.c.destination == destination, outbox.DELIVERIES.c.state == "pending",
+            outbox.DELIVERIES.c.leased_until.is_not(None))).scalar()
+        got = real_claim(conn, destination, worker, limit=limit, **kw)
+        if destination == "mllp" and got:
+            claims.append(([c.id for c in got], int(held or 0)))
+        return got
+    monkeypatch.setattr(outbox, "claim", noting_claim)
+    inbox = SlowInbox()
+    with inbox:
+        e = start(workdir, db_url, inbox)
+        try:
+            [conn] = e.engine.connectors_of(OutboundConnector)
+            conn.service.workers["mllp"].batch = 2  # batches of two: a backlog of six is three or more
+            five_patients_then_a_second_study(e, inbox, tmp_path)
+            leased = [d for d in deliveries(e) if d.leased_until is not None]
+        finally:
+            e.stop()
+    each_once_in_patient_order(inbox)
+    assert any(held for _ids, held in claims[1:])  # a batch was claimed while the one before was being sent
+    assert leased == []  # nothing claimed ahead is left leased
 
 
 def test_in_flight_is_checked(tmp_path: Path) -> None:

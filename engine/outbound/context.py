@@ -8,17 +8,18 @@ and documented in docs/outbound.md.
 from __future__ import annotations
 
 import base64
+import copy
 import re
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 from pydicom import dcmread
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, Select, bindparam, select
 
 from engine.dicom.headers import text_value
-from engine.domain.orders import ORDER_BY_ID
-from engine.domain.records import IDENTIFIERS, PATIENT_BY_ID, fetch, fetch_all
+from engine.domain.records import IDENTIFIERS, ORDERS, PATIENTS
 from engine.domain.studies import INSTANCES, SERIES, STUDIES
 from engine.storage.base import ObjectStorage
 from engine.store.types import JsonObject, utcnow
@@ -211,28 +212,112 @@ def _started(date: str | None, time: str | None) -> str | None:
     return date + t.split(".")[0][:6] if t else date
 
 
-# prebuilt (compiled once, run on the driver: engine/store/prepared.py): a delivery's context is
-# read afresh at every first attempt, so these run once per delivery
-STUDY_BY_ID = select(STUDIES).where(STUDIES.c.id == bindparam("study_id"))
-SERIES_OF_STUDY = (select(SERIES).where(SERIES.c.study_id == bindparam("study_id"))
-                   .order_by(SERIES.c.series_number, SERIES.c.id))
-INSTANCES_OF_STUDY = (
-    select(INSTANCES.c.id, INSTANCES.c.series_id, INSTANCES.c.sop_instance_uid, INSTANCES.c.sop_class_uid,
-           INSTANCES.c.instance_number, INSTANCES.c.number_of_frames, INSTANCES.c.storage_key)
-    .where(INSTANCES.c.study_id == bindparam("study_id")).order_by(INSTANCES.c.instance_number, INSTANCES.c.id))
-IDENTIFIERS_OF_PATIENT = (
-    select(IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code, IDENTIFIERS.c.kind)
-    .where(IDENTIFIERS.c.patient_id == bindparam("patient_id")).order_by(IDENTIFIERS.c.id))
+# prebuilt; a batch of deliveries reads its studies with one statement a table (an IN list), not
+# six statements a delivery: each statement is a hop out of Python and back, which a busy process
+# pays for in waits for the interpreter
+IN_CHUNK = 500  # ids in one IN list
+T = TypeVar("T")
+STUDIES_BY_ID = select(*(STUDIES.c[k] for k in (
+    "id", "study_uid", "accession", "study_id", "study_date", "study_time", "description", "modalities",
+    "referring_physician", "state", "recon_state", "times_reconciled", "matched_by", "size_bytes", "patient_id",
+    "order_id"))).where(STUDIES.c.id.in_(bindparam("ids", expanding=True)))  # the columns the context reads
+SERIES_OF_STUDIES = (
+    select(*(SERIES.c[k] for k in ("id", "study_id", "series_uid", "series_number", "modality", "description",
+                                   "body_part", "station_name")))
+    .where(SERIES.c.study_id.in_(bindparam("ids", expanding=True))).order_by(SERIES.c.series_number, SERIES.c.id))
+INSTANCES_OF_STUDIES = (
+    select(INSTANCES.c.id, INSTANCES.c.study_id, INSTANCES.c.series_id, INSTANCES.c.sop_instance_uid,
+           INSTANCES.c.sop_class_uid, INSTANCES.c.instance_number, INSTANCES.c.number_of_frames,
+           INSTANCES.c.storage_key)
+    .where(INSTANCES.c.study_id.in_(bindparam("ids", expanding=True)))
+    .order_by(INSTANCES.c.instance_number, INSTANCES.c.id))
+PATIENTS_BY_ID = select(*(PATIENTS.c[k] for k in (
+    "id", "family_name", "given_name", "middle_name", "prefix", "suffix", "birth_date", "sex", "extra"))).where(
+    PATIENTS.c.id.in_(bindparam("ids", expanding=True)))
+IDENTIFIERS_OF_PATIENTS = (
+    select(IDENTIFIERS.c.patient_id, IDENTIFIERS.c.value, IDENTIFIERS.c.issuer, IDENTIFIERS.c.type_code,
+           IDENTIFIERS.c.kind)
+    .where(IDENTIFIERS.c.patient_id.in_(bindparam("ids", expanding=True))).order_by(IDENTIFIERS.c.id))
+ORDERS_BY_ID = select(*(ORDERS.c[k] for k in (
+    "id", "accession", "placer_number", "placer_issuer", "filler_number", "status", "procedure_code",
+    "procedure_text", "procedure_scheme", "modality", "requested_procedure_id", "sps_id", "ordering_provider",
+    "reason", "priority", "scheduled_at", "extra"))).where(ORDERS.c.id.in_(bindparam("ids", expanding=True)))
+
+
+def _rows(conn: Connection, stmt: Select[Any], ids: Iterable[int]) -> list[dict[str, Any]]:
+    """The rows of ``stmt`` for ``ids`` (bound as ``ids``), IN_CHUNK ids a statement, in its order
+    within each chunk."""
+    wanted = sorted(set(ids))
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(wanted), IN_CHUNK):
+        out.extend(dict(r) for r in conn.execute(stmt, {"ids": wanted[start:start + IN_CHUNK]}).mappings())
+    return out
+
+
+@dataclass
+class StudyRows:
+    """What the store holds of some studies, their series, instances, patients and orders, read with
+    one statement a table: a batch of deliveries is rendered from one of these."""
+
+    studies: dict[int, dict[str, Any]] = field(default_factory=dict)
+    series: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # by study id, in series order
+    instances: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # by study id, in instance order
+    patients: dict[int, PatientContext] = field(default_factory=dict)
+    orders: dict[int, OrderContext] = field(default_factory=dict)
+    _given: set[tuple[str, Any]] = field(default_factory=set)
+
+    def patient(self, patient_id: int | None) -> PatientContext:
+        found = self.patients.get(patient_id) if patient_id is not None else None
+        return self._once("patient", patient_id, found) if found is not None else {}
+
+    def order(self, order_id: int | None) -> OrderContext:
+        found = self.orders.get(order_id) if order_id is not None else None
+        return self._once("order", order_id, found) if found is not None else {}
+
+    def _once(self, kind: str, key: Any, value: T) -> T:
+        """``value`` to the first delivery that asks, a copy to any other (two studies of one patient
+        in a batch): what one delivery's rendering does to its context never reaches another's."""
+        if (kind, key) in self._given:
+            return copy.deepcopy(value)
+        self._given.add((kind, key))
+        return value
+
+    @classmethod
+    def read(cls, conn: Connection, study_ids: Iterable[int]) -> StudyRows:
+        out = cls()
+        out.studies = {r["id"]: r for r in _rows(conn, STUDIES_BY_ID, study_ids)}
+        if not out.studies:
+            return out
+        for r in _rows(conn, SERIES_OF_STUDIES, out.studies):
+            out.series.setdefault(r["study_id"], []).append(r)
+        for r in _rows(conn, INSTANCES_OF_STUDIES, out.studies):
+            out.instances.setdefault(r["study_id"], []).append(r)
+        patient_ids = {s["patient_id"] for s in out.studies.values() if s["patient_id"] is not None}
+        if patient_ids:
+            identifiers: dict[int, list[IdentifierContext]] = {}
+            for r in _rows(conn, IDENTIFIERS_OF_PATIENTS, patient_ids):
+                identifiers.setdefault(r["patient_id"], []).append(
+                    {"value": r["value"], "issuer": r["issuer"], "type_code": r["type_code"], "kind": r["kind"],
+                     "system": system_of(r["issuer"])})
+            out.patients = {p["id"]: _patient(p, identifiers.get(p["id"], []))
+                            for p in _rows(conn, PATIENTS_BY_ID, patient_ids)}
+        order_ids = {s["order_id"] for s in out.studies.values() if s["order_id"] is not None}
+        if order_ids:
+            out.orders = {o["id"]: _order(o) for o in _rows(conn, ORDERS_BY_ID, order_ids)}
+        return out
 
 
 def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: int = 0,
                   instance_id: int | None = None, storage: ObjectStorage | None = None,
-                  engine: EngineInfo = EngineInfo()) -> RenderContext:
-    study = fetch(conn, STUDY_BY_ID, study_id=study_id)
+                  engine: EngineInfo = EngineInfo(), rows: StudyRows | None = None) -> RenderContext:
+    """The context of one study; ``rows``: read already (a batch's StudyRows.read), else read now."""
+    if rows is None:
+        rows = StudyRows.read(conn, [study_id])
+    study = rows.studies.get(study_id)
     if study is None:
         raise LookupError(f"study {study_id} is no longer in the store")
-    series_rows = fetch_all(conn, SERIES_OF_STUDY, study_id=study_id)
-    inst_rows = fetch_all(conn, INSTANCES_OF_STUDY, study_id=study_id)
+    series_rows = rows.series.get(study_id, [])
+    inst_rows = rows.instances.get(study_id, [])
     by_series: dict[int, list[InstanceContext]] = {}
     for r in inst_rows:
         by_series.setdefault(r["series_id"], []).append(
@@ -252,8 +337,8 @@ def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: i
                   "referring_physician": study["referring_physician"], "series": series, "state": study["state"],
                   "reconciliation": study["recon_state"], "times_reconciled": study["times_reconciled"],
                   "matched_by": study["matched_by"], "size_bytes": study["size_bytes"]},
-        "patient": _patient(conn, study["patient_id"]),
-        "order": _order(conn, study["order_id"]),
+        "patient": rows.patient(study["patient_id"]),
+        "order": rows.order(study["order_id"]),
         "event": {"kind": event, "at": utcnow().isoformat(), "result_status": RESULT_STATUS.get(event, "F"),
                   "corrected": event == "study.corrected"},
         "engine": {"name": engine.name, "facility": engine.facility, "aet": engine.aet,
@@ -275,16 +360,7 @@ def build_context(conn: Connection, study_id: int, *, event: str, delivery_id: i
     return ctx
 
 
-def _patient(conn: Connection, patient_id: int | None) -> PatientContext:
-    if patient_id is None:
-        return {}
-    p = fetch(conn, PATIENT_BY_ID, id=patient_id)
-    if p is None:
-        return {}
-    ids: list[IdentifierContext] = [
-        {"value": r["value"], "issuer": r["issuer"], "type_code": r["type_code"], "kind": r["kind"],
-         "system": system_of(r["issuer"])}
-        for r in fetch_all(conn, IDENTIFIERS_OF_PATIENT, patient_id=patient_id)]
+def _patient(p: dict[str, Any], ids: list[IdentifierContext]) -> PatientContext:
     live = [i for i in ids if i["kind"] != "alias"]
     primary = next((i for i in live if i["kind"] == "primary"), live[0] if live else None)
     name = "^".join(x or "" for x in (p["family_name"], p["given_name"], p["middle_name"])).rstrip("^")
@@ -296,12 +372,7 @@ def _patient(conn: Connection, patient_id: int | None) -> PatientContext:
             "sex": p["sex"], "identifiers": ids, "extra": p["extra"] or {}}
 
 
-def _order(conn: Connection, order_id: int | None) -> OrderContext:
-    if order_id is None:
-        return {}
-    o = fetch(conn, ORDER_BY_ID, id=order_id)
-    if o is None:
-        return {}
+def _order(o: dict[str, Any]) -> OrderContext:
     return {"accession": o["accession"], "placer_number": o["placer_number"], "placer_issuer": o["placer_issuer"],
             "filler_number": o["filler_number"], "status": o["status"], "procedure_code": o["procedure_code"],
             "procedure_text": o["procedure_text"], "procedure_scheme": o["procedure_scheme"],

@@ -147,6 +147,13 @@ def er7_field(text: str, layout: Layout | None) -> str:
         if "^" not in text and "&" not in text:
             return _er7_text(text, datatype)
         return "^".join("&".join(_er7_text(s, datatype) for s in c.split("&")) for c in text.split("^"))
+    if "^" not in text and "&" not in text:  # one value (most fields): its first component's first piece
+        if not text or text.isspace():
+            return ""
+        first = layout.part(0)
+        if first is None or first.parts is None:
+            return _er7_text(text, first.datatype if first is not None else None)
+        return _er7_text(text, _datatype(first.part(0)))
     comps: list[str | None] = [None if c.isspace() or not c else c for c in text.split("^")]
     defined = len(layout.parts)
     if len(comps) > defined:  # components past the type's: only those with a value, after the others

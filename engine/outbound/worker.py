@@ -37,7 +37,7 @@ from engine.domain.events import EventKind
 from engine.mappings.registry import MappingRegistry
 from engine.metrics import Metrics
 from engine.outbound import outbox
-from engine.outbound.context import EngineInfo, build_context
+from engine.outbound.context import EngineInfo, StudyRows, build_context
 from engine.outbound.mapping import OutboundMapping, RenderError
 from engine.outbound.outbox import Claimed, Outbox, Outcome
 from engine.outbound.render import Rendered, render
@@ -107,23 +107,24 @@ class Renderer:
 
     def render_all(self, claimed: list[Claimed]) -> dict[int, Rendered | RenderError]:
         """Each delivery's message (or why it cannot be built), read on one connection: a batch
-        costs one thread hop and one connection, not one each."""
+        costs one thread hop, one connection and one read a table (StudyRows), not one each."""
         out: dict[int, Rendered | RenderError] = {}
         with self.db.reader.connect() as conn:
+            rows = StudyRows.read(conn, [c.study_id for c in claimed if c.study_id is not None])
             for c in claimed:
                 try:
-                    out[c.id] = self._render(conn, c)
+                    out[c.id] = self._render(conn, c, rows)
                 except RenderError as exc:
                     out[c.id] = exc
         return out
 
-    def _render(self, conn: Connection, c: Claimed) -> Rendered:
+    def _render(self, conn: Connection, c: Claimed, rows: StudyRows) -> Rendered:
         if c.study_id is None:
             raise RenderError("the study of this delivery was deleted")
         mapping = self.mapping(c.mapping)
         try:
             ctx = build_context(conn, c.study_id, event=c.event, delivery_id=c.id, instance_id=c.instance_id,
-                                storage=self.storage, engine=self.info)
+                                storage=self.storage, engine=self.info, rows=rows)
         except LookupError as exc:
             raise RenderError(str(exc)) from None
         return render(mapping, ctx)
@@ -147,6 +148,9 @@ class DestinationWorker:
     # an attempt's error may carry patient data (a FHIR search by identifier, the EHR's own text):
     # off, log lines give its status and point to the delivery; on, they give the error as it was
     log_patient_details: bool = False
+    # the next batch, claimed and rendered while this one is sent (MLLP and FHIR destinations)
+    _ahead: asyncio.Task[tuple[list[Claimed], dict[int, Rendered | RenderError]]] | None = field(
+        default=None, init=False, repr=False)
 
     def said(self, delivery_id: int, o: Outcome) -> str:
         """What a log line says of an attempt's outcome."""
@@ -155,19 +159,22 @@ class DestinationWorker:
         return f"status {o.status} (the error is in GET /api/deliveries/{delivery_id})"
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                worked = await self.pass_once()
-            except Exception:
-                log.exception("delivery pass to %s failed; will try again", self.dest.name)
-                worked = 0
-            if worked and not self.paused_for:
-                continue
-            delay = self.paused_for or 1.0
-            self.paused_for = 0.0
-            self.wakeup.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wait(stop), delay)
+        try:
+            while not stop.is_set():
+                try:
+                    worked = await self.pass_once()
+                except Exception:
+                    log.exception("delivery pass to %s failed; will try again", self.dest.name)
+                    worked = 0
+                if worked and not self.paused_for:
+                    continue
+                delay = self.paused_for or 1.0
+                self.paused_for = 0.0
+                self.wakeup.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wait(stop), delay)
+        finally:
+            await self._give_back_ahead()
 
     async def _wait(self, stop: asyncio.Event) -> None:
         waits = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
@@ -181,9 +188,12 @@ class DestinationWorker:
         """Claim, send and settle one batch; returns how many deliveries were attempted."""
         # after a destination failure, probe with one delivery before sending a batch again
         limit = 1 if self.failures else self.batch
-        claimed: list[Claimed] = await self.writer.run(
-            lambda s: outbox.claim(s.connection(), self.dest.name, self.worker_id, limit=limit,
-                                   lease_seconds=self.lease_seconds))
+        ahead, self._ahead = self._ahead, None
+        built: dict[int, Rendered | RenderError] | None = None
+        if ahead is not None:  # claimed and rendered while the last batch was sent
+            claimed, built = await ahead
+        else:
+            claimed = await self._claim(limit)
         if not claimed:
             return 0
         ids = [c.id for c in claimed]
@@ -192,16 +202,48 @@ class DestinationWorker:
         with leases.Renewing(lambda: self.writer.run_sync(lambda s: leases.renew(
                 s.connection(), outbox.DELIVERIES, ids, self.worker_id, self.lease_seconds)),
                 self.lease_seconds / 3, f"deliveries to {self.dest.name}"):
-            return await self._work(claimed)
+            return await self._work(claimed, built, ids)
 
-    async def _work(self, claimed: list[Claimed]) -> int:
+    async def _claim(self, limit: int) -> list[Claimed]:
+        return await self.writer.run(
+            lambda s: outbox.claim(s.connection(), self.dest.name, self.worker_id, limit=limit,
+                                   lease_seconds=self.lease_seconds))
+
+    async def _claim_ahead(self, held: list[int]) -> tuple[list[Claimed], dict[int, Rendered | RenderError]]:
+        """The next batch, claimed and rendered while this one is sent. Per-patient order holds as it
+        does for batches one after another: a delivery whose patient has one in this batch (pending
+        until settled) is not claimable. Its leases are renewed with this batch's (``held``)."""
+        claimed = await self._claim(self.batch)
+        held.extend(c.id for c in claimed)
+        unbuilt = [c for c in claimed if c.payload is None]
+        assert self.renderer is not None
+        return claimed, (await asyncio.to_thread(self.renderer.render_all, unbuilt) if unbuilt else {})
+
+    async def _give_back_ahead(self) -> None:
+        """Release a batch claimed ahead and not sent (the destination failed, the worker stops)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            claimed, _built = await ahead
+            if claimed:
+                await self.writer.run(lambda s: outbox.release(s.connection(), [c.id for c in claimed]))
+        except Exception:  # its leases lapse on their own
+            log.warning("could not give back the deliveries to %s claimed ahead", self.dest.name, exc_info=True)
+
+    async def _work(self, claimed: list[Claimed], built: dict[int, Rendered | RenderError] | None = None,
+                    held: list[int] | None = None) -> int:
         results: list[tuple[Claimed, Outcome, Rendered | None]] = []
         unsent: list[int] = []
         # what was never rendered, the whole batch in one thread hop on one connection (a DICOM
         # destination sends the stored files: nothing to render)
-        unbuilt = [c for c in claimed if c.payload is None]
         renderer = self.renderer if isinstance(self.sender, MLLPSender | FHIRSender) else None
-        built = await asyncio.to_thread(renderer.render_all, unbuilt) if unbuilt and renderer is not None else {}
+        if built is None:
+            unbuilt = [c for c in claimed if c.payload is None]
+            built = await asyncio.to_thread(renderer.render_all, unbuilt) if unbuilt and renderer is not None else {}
+        if renderer is not None and held is not None and not self.failures and len(claimed) == self.batch:
+            # a full batch: there may be more; the next one is claimed and rendered while this is sent
+            self._ahead = asyncio.create_task(self._claim_ahead(held))
         if self.dest.type != "fhir":  # MLLP: in_flight connections, one message each; DICOM one at a time
             queue = list(claimed)  # oldest first; one per patient, so the lanes never reorder a patient's
             done: dict[int, tuple[Claimed, Outcome, Rendered | None]] = {}
@@ -241,6 +283,7 @@ class DestinationWorker:
         if not failed:
             self.failures = 0
         else:  # the destination is down or overloaded: wait longer each time before probing it again
+            await self._give_back_ahead()
             self.failures += 1
             self.paused_for = max(backoff_seconds(self.dest, self.failures),
                                   max((o.retry_after or 0.0) for _c, o, _r in results))
