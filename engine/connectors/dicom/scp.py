@@ -42,6 +42,7 @@ from engine.connectors.dicom.commitment import report_recorder, take_report
 from engine.connectors.dicom.contexts import SharedContexts, add_supported, move_contexts
 from engine.connectors.dicom.peers import CallingPeers
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
+from engine.connectors.dicom.reactor import watch
 from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
 from engine.connectors.dicom.worklist import find_worklist
 from engine.connectors.sharing import check_shared, set_reuse_port
@@ -210,6 +211,7 @@ class DicomListener:
         connection that never asks holds an association slot, and max_associations of them would
         lock every modality out for the whole acse_timeout."""
         event.assoc.acse_timeout = min(self.opts.association_request_timeout_seconds, self.opts.acse_timeout_seconds)
+        watch(event.assoc)  # its reactors wait for work instead of polling every millisecond (reactor.py)
 
     def _on_requested(self, event: Any) -> None:
         """The A-ASSOCIATE-RQ is in: a calling AE title not recognized (not listed, calling from an

@@ -1,0 +1,107 @@
+"""Accepted associations wait for work instead of polling (engine/connectors/dicom/reactor.py)."""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+import engine.connectors.dicom.scp as scp
+from engine.connectors.dicom import reactor
+from tests.conftest import start_dicom_engine
+from tests.dicomutil import make_instance
+from tests.waiting import wait_until
+
+
+def test_pynetdicom_still_has_what_the_patch_relies_on() -> None:
+    """The two reactor loops sleep through their module's ``time``, and the four queues they read are
+    plain attributes made in the constructors: if a pynetdicom release changes that, this fails
+    (and the reactors would simply poll again, or, worse, wait on queues nobody wakes)."""
+    loops = {reactor._ASSOCIATION_LOOP: Association, reactor._DUL_LOOP: DULServiceProvider}
+    for name, cls in loops.items():
+        assert "time.sleep(" in inspect.getsource(getattr(cls, name))
+    import pynetdicom.association
+    import pynetdicom.dul
+    for module in (pynetdicom.association, pynetdicom.dul):
+        assert module.time is time or module.time is reactor._CLOCK
+    assert "self.msg_queue" in inspect.getsource(DIMSEServiceProvider.__init__)
+    dul_init = inspect.getsource(DULServiceProvider.__init__)
+    for name in ("event_queue", "to_provider_queue", "to_user_queue"):
+        assert f"self.{name}" in dul_init
+    assert isinstance(reactor._WakingQueue(lambda: None, queue.Queue()), queue.Queue)
+
+
+def test_a_queue_taken_over_keeps_what_was_queued_and_wakes_on_each_put() -> None:
+    old: queue.Queue[Any] = queue.Queue()
+    old.put("Evt5")
+    woken: list[int] = []
+    new = reactor._WakingQueue(lambda: woken.append(1), old)
+    new.put("Evt10")
+    new.put_nowait("Evt9")
+    assert [new.get_nowait() for _ in range(3)] == ["Evt5", "Evt10", "Evt9"]
+    assert len(woken) == 2 and old.empty()
+
+
+def test_an_accepted_association_waits_for_work_and_is_woken_by_it(workdir: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle, its reactors wake about every IDLE_SECONDS (pynetdicom's poll every millisecond);
+    busy, requests are answered as they come, not when a wait runs out; and a C-STORE is stored."""
+    accepted: list[Any] = []
+
+    def watching(assoc: Any) -> None:
+        accepted.append(assoc)
+        reactor.watch(assoc)
+
+    monkeypatch.setattr(scp, "watch", watching)
+    eng = start_dicom_engine(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}")
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", eng.dicom_port, ae_title="RADBRIDGE")
+        assert assoc.is_established
+        try:
+            assert len(accepted) == 1
+            server_side = accepted[0]
+            waits_before, _ = reactor.idle_waits(server_side)
+            t0 = time.monotonic()
+            time.sleep(0.5)
+            idle = time.monotonic() - t0
+            waits, _ = reactor.idle_waits(server_side)
+            # two reactors: pynetdicom's would have looped ~1,000 times; these wait out IDLE_SECONDS
+            assert 0 < waits - waits_before <= 2 * (idle / reactor.IDLE_SECONDS + 4)
+
+            _, timeouts_before = reactor.idle_waits(server_side)
+            echoes = 40
+            for _ in range(echoes):
+                assert assoc.send_c_echo().Status == 0
+            _, timeouts = reactor.idle_waits(server_side)
+            # each echo ran out a wait of both reactors if puts did not wake them
+            assert timeouts - timeouts_before < echoes
+
+            obj = make_instance(tmp_path / "ct.dcm")
+            assert assoc.send_c_store(pydicom.dcmread(obj.path)).Status == 0
+        finally:
+            assoc.release()
+        assert not assoc.is_established
+        wait_until(lambda: not server_side.is_alive(), timeout=10)
+    finally:
+        eng.stop()
+
+
+def test_associations_the_engine_requests_still_sleep_as_pynetdicom_does() -> None:
+    """Only watched threads wait for work: a sleep elsewhere is a sleep."""
+    reactor.install()
+    t0 = time.monotonic()
+    reactor._CLOCK.sleep(0.01)
+    assert time.monotonic() - t0 >= 0.009
