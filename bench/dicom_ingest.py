@@ -51,7 +51,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchutil import cpu_seconds, describe_source, die_with_parent, json_option, mib, proc_status, write_figures
+from benchutil import (
+    cpu_seconds,
+    describe_source,
+    die_with_parent,
+    json_option,
+    mib,
+    proc_status,
+    write_figures,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
