@@ -89,6 +89,9 @@ def test_an_accepted_association_waits_for_work_and_is_woken_by_it(workdir: Path
         assert len(accepted) == 2
         wait_until(lambda: not accepted[1].is_alive(), timeout=10)
         waits, timeouts = reactor.idle_waits(accepted[1])
+        for ended in accepted:  # the connection closed: its wake-up pipe too, not when collected
+            waiter = reactor._waiters[ended.dul]
+            assert isinstance(waiter, reactor._DulWaiter) and waiter.closed
         # had the puts not woken the waits, each echo (its request noticed, its response sent) would
         # have run out at least one
         assert waits > 0 and timeouts < echoes

@@ -88,19 +88,33 @@ class _AssociationWaiter(_Waiter):
 
 
 class _DulWaiter(_Waiter):
+    """The DUL thread's wait: ``select`` on the socket and a pipe that ``wake`` writes to. The pipe
+    is closed with the connection (``close``, EVT_CONN_CLOSE), never while a wake or a read could
+    still use its numbers (the lock): after that the thread sleeps as pynetdicom would until it ends."""
+
     def __init__(self, dul: Any) -> None:
         super().__init__()
         self.dul = dul
+        self.lock = threading.Lock()
+        self.closed = False
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
-        weakref.finalize(self, _close, self.read_fd, self.write_fd)
+        self._finalizer = weakref.finalize(self, _close, self.read_fd, self.write_fd)  # if never closed
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self._finalizer()
 
     def wake(self) -> None:
-        try:
-            os.write(self.write_fd, b"\0")
-        except (BlockingIOError, OSError):  # full: it is awake already; closed: nobody waits
-            pass
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                os.write(self.write_fd, b"\0")
+            except OSError:  # full (BlockingIOError): it is awake already
+                pass
 
     def pending(self) -> bool:
         dul = self.dul
@@ -109,26 +123,31 @@ class _DulWaiter(_Waiter):
     def idle(self) -> None:
         if self.pending():
             return
-        transport = self.dul.socket
-        sock = getattr(transport, "socket", None)
-        if sock is None:
-            time.sleep(0.001)  # no connection to wait on: as pynetdicom would
-            return
+        sock = getattr(self.dul.socket, "socket", None)
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data that select cannot see
+        with self.lock:
+            closed = self.closed
+        if sock is None or closed:
+            time.sleep(0.001)  # no connection to wait on: as pynetdicom would
+            return
         self.waits += 1
         try:
             ready, _, _ = select.select([sock, self.read_fd], [], [], IDLE_SECONDS)
         except (OSError, ValueError):  # the socket was closed meanwhile: pynetdicom notices
+            time.sleep(0.001)
             return
         if not ready:
             self.timeouts += 1
         if self.read_fd in ready:
-            try:
-                while os.read(self.read_fd, 4096):
+            with self.lock:
+                if self.closed:
+                    return
+                try:
+                    while os.read(self.read_fd, 4096):
+                        pass
+                except OSError:  # drained (BlockingIOError)
                     pass
-            except (BlockingIOError, OSError):
-                pass
 
 
 def _close(*fds: int) -> None:
@@ -185,6 +204,13 @@ def watch(assoc: Any) -> None:
     with _lock:
         _waiters[assoc] = on_assoc
         _waiters[dul] = on_dul
+
+
+def unwatch(assoc: Any) -> None:
+    """The connection is closed: release what ``watch`` took for it (its DUL's wake-up pipe)."""
+    waiter = _waiters.get(assoc.dul)
+    if isinstance(waiter, _DulWaiter):
+        waiter.close()
 
 
 def idle_waits(assoc: Any) -> tuple[int, int]:

@@ -43,7 +43,7 @@ from engine.connectors.dicom.commitment import report_recorder, take_report
 from engine.connectors.dicom.contexts import SharedContexts, add_supported, move_contexts
 from engine.connectors.dicom.peers import CallingPeers
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
-from engine.connectors.dicom.reactor import watch
+from engine.connectors.dicom.reactor import unwatch, watch
 from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
 from engine.connectors.dicom.worklist import find_worklist
 from engine.connectors.sharing import check_shared, set_reuse_port
@@ -279,6 +279,7 @@ class DicomListener:
         """The connection is gone (released, aborted, dropped): no request still in transfer or
         still queued can be answered, so their temporary files go now."""
         self._discard_unfinished(event)
+        unwatch(event.assoc)
 
     def _discard_unfinished(self, event: Any) -> None:
         for path in discard_unfinished(event.assoc):
