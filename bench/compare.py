@@ -10,7 +10,7 @@ spread of the pairs, per figure.
 
 ``--baseline`` is a checkout of the older commit with its own ``.venv`` (``git worktree add
 --detach DIR COMMIT`` then ``scripts/bootstrap test`` in it). Benchmarks that take ``--engine-src``
-(mllp_ingest, fhir_ingest) run from this tree, with the same client code, against each engine;
+(mllp_ingest, fhir_ingest, dicom_ingest) run from this tree, with the same client code, against each engine;
 the others run each tree's own script with that tree's own interpreter. Arguments after the
 benchmark's name are passed to it unchanged. Raw outputs are kept in ``--keep DIR`` if given.
 It exits 1 when a run failed (its output is kept), else 0: the verdict is printed, not an exit code.
@@ -50,13 +50,14 @@ FIGURES: dict[str, list[Figure]] = {
                        Figure(r"^engine \w+$", 6, "{label} x{n0} CPU ms/msg", False)],
     "fhir_ingest.py": [Figure(r"^engine \w+$", 2, "{label} res/s", True),
                        Figure(r"^engine \w+$", 8, "{label} CPU ms/bundle", False)],
-    "dicom_ingest.py": [Figure(r"^engine \(.*\)$", 4, "{label} inst/s", True, numbers=8)],
+    "dicom_ingest.py": [Figure(r"^engine \(.*\)( x\d+)?$", 4, "{label} inst/s", True, numbers=9),
+                        Figure(r"^engine \(.*\)( x\d+)?$", 6, "{label} CPU ms/inst", False, numbers=9)],
     "reconcile_coerce.py": [Figure(r"^engine \(coerce\)$", 4, "{label} inst/s", True),
                             Figure(r"^engine \(coerce\)$", 6, "{label} CPU s", False)],
     "outbound_delivery.py": [Figure(r"^engine (fhir|mllp|both) \(delivered_at", 2, "{label} deliv/s", True),
                              Figure(r"^engine: stable ->", 1, "{label} p50 ms", False)],
 }
-ENGINE_SRC = {"mllp_ingest.py", "fhir_ingest.py"}  # they take --engine-src
+ENGINE_SRC = {"mllp_ingest.py", "fhir_ingest.py", "dicom_ingest.py"}  # they take --engine-src
 
 
 def figures(bench: str, output: str, higher: dict[str, bool] | None = None) -> dict[str, list[float]]:

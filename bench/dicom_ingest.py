@@ -51,7 +51,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchutil import describe_source, die_with_parent, json_option, mib, proc_status, write_figures
+from benchutil import (
+    cpu_seconds,
+    describe_source,
+    die_with_parent,
+    json_option,
+    mib,
+    proc_status,
+    write_figures,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -430,6 +438,7 @@ class RunResult:
     per_association: list[float] = field(default_factory=list)  # inst/s of each storescu (its part / its time)
     writer_jobs: int = 0  # engine: jobs and commits of its ingest writer during the timed set
     writer_commits: int = 0
+    cpu_seconds: float = 0.0  # CPU (user + system) the target process used during the timed set
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -443,6 +452,11 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def cpu_ms(self) -> float:
+        """The target's CPU milliseconds per instance (less noisy than inst/s on a shared machine)."""
+        return 1000 * self.cpu_seconds / self.instances if self.instances and self.ok else 0.0
 
 
 def writer_counts(url: str) -> tuple[int, int]:
@@ -498,6 +512,7 @@ def run_target(spec: RunSpec) -> RunResult:
 
         writer_before = writer_counts(spec.metrics_url) if spec.metrics_url else (0, 0)
         result.rss.append((-1, proc_status(pid, "VmRSS")))
+        cpu_before = cpu_seconds(pid)
         if spec.live:
             print(f"  start  RSS {result.rss[0][1] / 1024:.1f} MiB", flush=True)
         poller = threading.Thread(target=poll, name="rss-poller", daemon=True)
@@ -508,6 +523,7 @@ def run_target(spec: RunSpec) -> RunResult:
         finally:
             stop_polling.set()
             poller.join(5)
+        result.cpu_seconds = cpu_seconds(pid) - cpu_before
         result.hwm_kb = proc_status(pid, "VmHWM")
         result.rss_polled_max_kb = max([result.rss_polled_max_kb, *(kb for _p, kb in result.rss)])
         result.seconds = max(s.seconds for s in sent)
@@ -627,7 +643,7 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
     """The runs, best and median per target, the ratios and RSS; returns each target's median inst/s of
     its good runs (``--json``)."""
     head = (f"{'target':<24}{'run':>4}{'instances':>11}{'MB':>9}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}"
-            f"{'stored':>8}{'peak RSS MiB':>14}")
+            f"{'CPU ms/inst':>12}{'stored':>8}{'peak RSS MiB':>14}")
     print()
     print(head)
     print("-" * len(head))
@@ -635,7 +651,7 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
     for r in results:
         runs[r.label] = runs.get(r.label, 0) + 1
         print(f"{r.label:<24}{runs[r.label]:>4}{r.instances:>11}{r.size_bytes / 1e6:>9.1f}{r.seconds:>9.2f}"
-              f"{r.rate:>9.1f}{r.mb_per_s:>8.1f}{r.stored:>8}{mib(r.hwm_kb):>14}{'' if r.ok else '  FAILED'}")
+              f"{r.rate:>9.1f}{r.mb_per_s:>8.1f}{r.cpu_ms:>12.2f}{r.stored:>8}{mib(r.hwm_kb):>14}{'' if r.ok else '  FAILED'}")
         if len(r.per_association) > 1:
             print(f"{'':<28}each association, inst/s: {', '.join(f'{x:.1f}' for x in r.per_association)}")
         if r.writer_commits:
@@ -648,14 +664,18 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
     def mbs(label: str) -> list[float]:
         return [r.mb_per_s for r in results if r.label == label and r.ok]
 
-    head = f"{'target':<24}{'ok runs':>8}{'best inst/s':>13}{'median':>9}{'best MB/s':>11}{'median':>9}"
+    def cpus(label: str) -> list[float]:
+        return [r.cpu_ms for r in results if r.label == label and r.ok]
+
+    head = (f"{'target':<24}{'ok runs':>8}{'best inst/s':>13}{'median':>9}{'best MB/s':>11}{'median':>9}"
+            f"{'CPU ms/inst, median':>21}")
     print()
     print(head)
     print("-" * len(head))
     for label in labels:
         rs, ms = rates(label), mbs(label)
-        best = f"{max(rs):>13.1f}{statistics.median(rs):>9.1f}{max(ms):>11.1f}{statistics.median(ms):>9.1f}" \
-            if rs else f"{'-':>13}{'-':>9}{'-':>11}{'-':>9}"
+        best = (f"{max(rs):>13.1f}{statistics.median(rs):>9.1f}{max(ms):>11.1f}{statistics.median(ms):>9.1f}"
+                f"{statistics.median(cpus(label)):>21.2f}") if rs else f"{'-':>13}{'-':>9}{'-':>11}{'-':>9}{'-':>21}"
         print(f"{label:<24}{len(rs):>8}{best}")
 
     def ratio(a: str, b: str, pick: Callable[[list[float]], float]) -> str:
@@ -682,7 +702,9 @@ def print_results(results: list[RunResult], labels: list[str]) -> dict[str, floa
         print(f"  {r.label} run {runs[r.label]}: {rss_text(r)}")
         for p in r.problems:
             print("    " + p.replace("\n", "\n    "))
-    return {f"{label} inst/s": statistics.median(rates(label)) for label in labels if rates(label)}
+    figures = {f"{label} inst/s": statistics.median(rates(label)) for label in labels if rates(label)}
+    figures.update({f"{label} CPU ms/inst": statistics.median(cpus(label)) for label in labels if rates(label)})
+    return figures
 
 
 # =====================================================================================================

@@ -6,7 +6,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 
@@ -74,9 +74,10 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def read_header(path: Path, *, command_sop_class: str | None, command_sop_instance: str | None,
+def read_header(path: Path | BinaryIO, *, command_sop_class: str | None, command_sop_instance: str | None,
                 transfer_syntax: str | None) -> InstanceHeader:
-    """Parse and check a received instance's header. Raises HeaderError with the status to send.
+    """Parse and check a received instance's header (a file, or its bytes already read). Raises
+    HeaderError with the status to send.
 
     ``command_sop_class``/``command_sop_instance``: the UIDs of the C-STORE command the dataset must
     match (None: no command, as for STOW-RS). ``transfer_syntax``: the presentation context's (None:

@@ -6,6 +6,7 @@ Keys are relative, '/'-separated names chosen by the caller (see :func:`engine.d
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ class StoredEntry:
     key: str
     size: int
     modified: float  # POSIX time of its last change
+
+
+def digest_bytes(data: bytes) -> tuple[int, str]:
+    """Size and SHA-256 of a received file already read whole (what ``digest`` gives for its path)."""
+    return len(data), hashlib.sha256(data).hexdigest()  # releases the GIL for data this size
 
 
 class StorageFull(RadBridgeError, OSError):

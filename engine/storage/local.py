@@ -29,6 +29,56 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _DirectorySync:
+    """Group fsync of one directory. A rename is durable once an fsync of its directory that started
+    after it has returned; instances of one series arriving on several associations at once land in
+    one directory, and one fsync then covers every rename made before it started, instead of one
+    fsync each, one after the other. At most one fsync of the directory runs at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cond = threading.Condition()
+        self.started = 0  # fsyncs started ...
+        self.completed = 0  # ... and returned (in order: one at a time)
+        self.running = False
+        self.errors: dict[int, OSError] = {}  # the fsyncs that failed, by number (of the last 4096)
+        self.users = 0  # callers holding this object (LocalStorage drops it at 0)
+
+    def sync(self) -> None:
+        """Returns once an fsync that started after this call began has returned; raises its error."""
+        with self.cond:
+            need = self.started + 1  # the next fsync to start: the running one may predate our rename
+            for _ in range(need - self.completed + 1):  # bounded: each wait ends with an fsync returned
+                if self.completed >= need:
+                    break
+                if self.running:
+                    self.cond.wait()
+                    continue
+                self.running = True
+                self.started += 1
+                number = self.started
+                self.cond.release()
+                error: OSError | None = None
+                try:
+                    fsync_dir(self.directory)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self.cond.acquire()
+                    self.running = False
+                    self.completed = number
+                    if error is not None:
+                        self.errors[number] = error
+                    self.errors.pop(number - 4096, None)  # a waiter reads its own long before
+                    self.cond.notify_all()
+            covered = self.completed >= need
+            failed = self.errors.get(need)
+        if not covered:  # not reached (each turn above ends an fsync), but never return undurable
+            fsync_dir(self.directory)
+        elif failed is not None:
+            raise failed
+
+
 class LocalStorage:
     name = "local"
 
@@ -40,6 +90,7 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
+        self._syncing: dict[Path, _DirectorySync] = {}  # directories with a put_file in progress
 
     def path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
@@ -89,12 +140,27 @@ class LocalStorage:
                     raise
                 self._copy_in(source, dest)
             if self.fsync:
-                fsync_dir(dest.parent)
+                self._sync_dir(dest.parent)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull(exc.errno, f"storage full: {exc.strerror}") from exc
             raise
         return StoredObject(key, size, sha256)
+
+    def _sync_dir(self, directory: Path) -> None:
+        """The directory's entries made durable, sharing an fsync with concurrent put_files there."""
+        with self._lock:
+            sync = self._syncing.get(directory)
+            if sync is None:
+                sync = self._syncing[directory] = _DirectorySync(directory)
+            sync.users += 1
+        try:
+            sync.sync()
+        finally:
+            with self._lock:
+                sync.users -= 1
+                if sync.users == 0:
+                    del self._syncing[directory]
 
     def _copy_in(self, source: Path, dest: Path) -> None:
         """Another file system: copy next to the destination, make it durable, then rename."""

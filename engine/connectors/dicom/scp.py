@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import logging
 import os
 import socketserver
@@ -42,6 +43,7 @@ from engine.connectors.dicom.commitment import report_recorder, take_report
 from engine.connectors.dicom.contexts import SharedContexts, add_supported, move_contexts
 from engine.connectors.dicom.peers import CallingPeers
 from engine.connectors.dicom.query import QueryError, TooManyMatches, find, instances_for
+from engine.connectors.dicom.reactor import unwatch, watch
 from engine.connectors.dicom.spool import discard_unfinished, receiving, refuse_partial, was_refused
 from engine.connectors.dicom.worklist import find_worklist
 from engine.connectors.sharing import check_shared, set_reuse_port
@@ -53,7 +55,7 @@ from engine.metrics import Metrics
 from engine.pipeline.dicom_index import DicomIndex
 from engine.pipeline.stage import ingest_blocking
 from engine.pipeline.writer import IngestWriter
-from engine.storage.base import ObjectStorage, StorageFull
+from engine.storage.base import ObjectStorage, StorageFull, digest_bytes
 from engine.store.db import Database
 from engine.store.states import InstanceOutcome
 from engine.tls import client_context, peer_common_name
@@ -210,6 +212,7 @@ class DicomListener:
         connection that never asks holds an association slot, and max_associations of them would
         lock every modality out for the whole acse_timeout."""
         event.assoc.acse_timeout = min(self.opts.association_request_timeout_seconds, self.opts.acse_timeout_seconds)
+        watch(event.assoc)  # its reactors wait for work instead of polling every millisecond (reactor.py)
 
     def _on_requested(self, event: Any) -> None:
         """The A-ASSOCIATE-RQ is in: a calling AE title not recognized (not listed, calling from an
@@ -276,6 +279,7 @@ class DicomListener:
         """The connection is gone (released, aborted, dropped): no request still in transfer or
         still queued can be answered, so their temporary files go now."""
         self._discard_unfinished(event)
+        unwatch(event.assoc)
 
     def _discard_unfinished(self, event: Any) -> None:
         for path in discard_unfinished(event.assoc):
@@ -325,7 +329,7 @@ class DicomListener:
         return _status(S.UNRECOGNIZED_OPERATION, "storage commitment is not offered here"), None
 
     # --- C-STORE --------------------------------------------------------------------------------------
-    def on_store(self, event: Any) -> Dataset:
+    def on_store(self, event: Any) -> Dataset | int:
         req = event.request
         if was_refused(req):  # free space fell below the floor while it arrived (_on_pdu)
             self.metrics.dicom_stored.inc(channel=self.channel.name, outcome="out_of_resources")
@@ -335,7 +339,8 @@ class DicomListener:
                                  command_sop_class=str(req.AffectedSOPClassUID),
                                  command_sop_instance=str(req.AffectedSOPInstanceUID),
                                  transfer_syntax=str(event.context.transfer_syntax))
-        return _status(answer.status, answer.comment)
+        # a bare status when there is no comment to carry: pynetdicom then builds no Dataset to copy from
+        return _status(answer.status, answer.comment) if answer.comment else answer.status
 
     def store_file(self, path: Path, *, calling: str | None, remote: str | None, command_sop_class: str | None = None,
                    command_sop_instance: str | None = None, transfer_syntax: str | None = None,
@@ -364,13 +369,16 @@ class DicomListener:
                       self.channel.name, self.opts.min_free_mb, sop_uid, calling)
             return StoreAnswer("out_of_resources", S.OUT_OF_RESOURCES, "storage full: free space below the floor")
         # the file's fsync (disk), its checksum (C, without the GIL) and the header parse (Python, this
-        # thread) at once: the slowest of the three, not their sum, before the file is put in place
+        # thread) at once: the slowest of the three, not their sum, before the file is put in place.
+        # A file of up to READ_WHOLE_BYTES (a CT or MR slice) is read once, here: checksummed and parsed
+        # from those bytes, not read again by each
         flushed = self._io.submit(self.storage.flush, path)
-        digested = self._io.submit(self.storage.digest, path)
+        data = read_small(path)
+        digested = self._io.submit(self.storage.digest, path) if data is None else self._io.submit(digest_bytes, data)
         both: list[concurrent.futures.Future[Any]] = [flushed, digested]
         try:
-            hdr = read_header(path, command_sop_class=command_sop_class, command_sop_instance=command_sop_instance,
-                              transfer_syntax=transfer_syntax)
+            hdr = read_header(path if data is None else io.BytesIO(data), command_sop_class=command_sop_class,
+                              command_sop_instance=command_sop_instance, transfer_syntax=transfer_syntax)
             if expected_study is not None and hdr.study_uid != expected_study:
                 raise HeaderError(S.DATASET_MISMATCH, "StudyInstanceUID differs from the study of the request")
         except HeaderError as exc:
@@ -565,6 +573,22 @@ class StoreUids:
     sop_class_uid: str | None
     sop_instance_uid: str | None
     study_uid: str | None = None
+
+
+READ_WHOLE_BYTES = 1024 * 1024  # received files up to this size are read into memory once (at most one per association)
+
+
+def read_small(path: Path) -> bytes | None:
+    """The whole file when it has at most READ_WHOLE_BYTES, else None (it is read in chunks where
+    needed; so is a file that cannot be read here, which then fails where it did before)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > READ_WHOLE_BYTES:
+                return None
+            data = f.read(READ_WHOLE_BYTES + 1)
+    except OSError:
+        return None
+    return data if len(data) <= READ_WHOLE_BYTES else None
 
 
 def header_uids(path: Path) -> StoreUids | None:
