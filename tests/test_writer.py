@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -268,3 +269,32 @@ def test_the_inline_writer_answers_only_after_the_commit_and_batches_what_came_m
     assert all(seen_committed.values()) and len(seen_committed) == 5 and len(set(ids)) == 5
     assert (stats.batches, stats.largest_batch) == (4, 3)  # ABC, DE, F, G
     assert sorted(n or "" for n in patient_names(db)) == list("ABCDEFG")
+
+
+def test_stopping_the_inline_writer_during_a_commit_answers_everything_queued_before_it_returns(db: Database) -> None:
+    """stop() while a batch's COMMIT runs in the committer thread and more jobs wait: it waits for that
+    COMMIT, then commits the waiting jobs itself; when it returns every job is answered and stored, and
+    no COMMIT is still running on the connection it has closed."""
+    commits_in_thread: list[str] = []
+
+    @event.listens_for(db.writer, "commit")
+    def slow_commit(_conn: object) -> None:
+        name = threading.current_thread().name
+        if name.startswith("radbridge-commit"):
+            commits_in_thread.append(name)
+            threading.Event().wait(0.3)  # a slow fsync: stop() comes while it runs
+
+    async def run() -> list[concurrent.futures.Future[int]]:
+        w = InlineWriter(db.writer)
+        w.start()
+        first = [w.submit(writes(n)) for n in ("A", "B", "C")]
+        await asyncio.sleep(0)  # the batch runs; its COMMIT goes to the committer thread
+        assert w.commit_under_way
+        waiting = [w.submit(writes(n)) for n in ("D", "E")]
+        w.stop()
+        return first + waiting
+
+    futures = asyncio.run(run())
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert len(commits_in_thread) == 1  # D and E were committed by stop(), not handed to the thread again
+    assert sorted(n or "" for n in patient_names(db)) == list("ABCDE")

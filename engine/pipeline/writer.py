@@ -322,6 +322,7 @@ class InlineWriter(IngestWriter):
 
     def stop(self, timeout: float = 30.0) -> None:
         """Wait for the COMMIT under way, then run what is queued, committing on this thread."""
+        self._started = False  # from here no batch goes to the committer thread (_committed drains nothing)
         committing = self._committing
         if committing is not None:
             with contextlib.suppress(Exception):  # its outcome is what _committed reports
@@ -332,7 +333,6 @@ class InlineWriter(IngestWriter):
                 self._storage_failed(committing[0], TimeoutError(f"COMMIT still running after {timeout:.0f}s"))
             else:
                 self._committed(committing[1])
-        self._started = False
         while self._pending:
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch:]
             self._process(batch)
