@@ -8,8 +8,10 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg.errors
 import pytest
 from sqlalchemy import event, func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from engine.domain.records import PATIENTS, add
@@ -298,3 +300,33 @@ def test_stopping_the_inline_writer_during_a_commit_answers_everything_queued_be
     assert all(f.done() and f.exception() is None for f in futures)
     assert len(commits_in_thread) == 1  # D and E were committed by stop(), not handed to the thread again
     assert sorted(n or "" for n in patient_names(db)) == list("ABCDE")
+
+
+def deadlocks_once(family: str, raised: list[str]) -> Callable[[Session], int]:
+    """Writes, and the first time it runs fails as PostgreSQL fails a deadlock's victim (SQLSTATE
+    40P01: the whole transaction is aborted; PostgreSQL's advice is to run it again)."""
+    def work(session: Session) -> int:
+        pid = add(session.connection(), PATIENTS, family_name=family)
+        if not raised:
+            raised.append(family)
+            raise OperationalError("UPDATE ...", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+        return pid
+    return work
+
+
+@pytest.mark.parametrize("batch_of", [1, 3])
+def test_a_batch_chosen_as_a_deadlock_victim_runs_again_and_is_stored_once(db: Database, batch_of: int) -> None:
+    """Two engine processes on one PostgreSQL may lock rows in opposite orders; the one aborted as the
+    deadlock's victim is run again, not answered 'not stored' (the sender's resend, a NAK CE)."""
+    raised: list[str] = []
+    w = IngestWriter(db.writer)
+    w.start()
+    try:
+        jobs: list[Callable[[Session], object]] = [deadlocks_once("Victim", raised)]
+        jobs += [writes(f"Mate{i}") for i in range(batch_of - 1)]
+        results = _batch(w, jobs)
+    finally:
+        w.stop()
+    assert raised == ["Victim"] and all(isinstance(r, int) for r in results), results
+    assert sorted(n or "" for n in patient_names(db)) == sorted(["Victim"] + [f"Mate{i}" for i in range(batch_of - 1)])
+    assert w.stats.commit_failures == 0

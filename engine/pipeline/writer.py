@@ -57,6 +57,16 @@ class StorageUnavailable(RadBridgeError, RuntimeError):
     """The batch could not be committed; nothing in it was stored."""
 
 
+TRANSIENT_RETRIES = 3  # a batch aborted as a deadlock's victim (or a serialization failure) is run again
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+
+
+def is_transient(exc: OperationalError) -> bool:
+    """The database aborted the transaction and asks for it to be run again (PostgreSQL SQLSTATE
+    class 40); the database being down, full or unreachable is not."""
+    return getattr(exc.orig, "sqlstate", None) in TRANSIENT_SQLSTATES
+
+
 @dataclass
 class _Job(Generic[T]):
     work: Callable[[Session], T]
@@ -72,6 +82,7 @@ class WriterStats:
     commit_failures: int = 0
     retried: int = 0
     redone_batches: int = 0  # batches run again with a SAVEPOINT per job, after one of their jobs failed
+    transient_retries: int = 0  # batches run again after the database aborted them (a deadlock's victim)
     largest_batch: int = 0
     commit_seconds: float = 0.0
 
@@ -180,6 +191,22 @@ class IngestWriter:
             self._commit_transaction(trans)
 
     def _apply(self, batch: list[_Job[Any]]) -> RootTransaction | None:
+        """``_apply_once``; run again when the database aborted the transaction as a deadlock's victim
+        or for a serialization failure (two engine processes locking rows in opposite orders): the
+        jobs are re-runnable, and PostgreSQL's advice is to retry. Any other database failure, or the
+        same one ``TRANSIENT_RETRIES`` times, fails the batch (nothing in it acknowledged)."""
+        for attempt in range(TRANSIENT_RETRIES + 1):
+            try:
+                return self._apply_once(batch)
+            except OperationalError as exc:
+                if not is_transient(exc) or attempt == TRANSIENT_RETRIES:
+                    raise
+                self.stats.transient_retries += 1
+                log.info("the database aborted a batch of %d job(s) (%s); running it again",
+                         len(batch), getattr(exc.orig, "sqlstate", "?"))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _apply_once(self, batch: list[_Job[Any]]) -> RootTransaction | None:
         """Run the batch's jobs in one transaction, optimistically: no SAVEPOINT per job. If a job
         fails, that transaction is rolled back; a batch of one is run again (an integrity conflict or
         a RedoJob, up to ``integrity_retries`` times), a larger batch runs again with a SAVEPOINT per
