@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import queue
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,30 @@ def test_associations_the_engine_requests_still_sleep_as_pynetdicom_does() -> No
     t0 = time.monotonic()
     reactor._CLOCK.sleep(0.01)
     assert time.monotonic() - t0 >= 0.009
+
+
+def test_an_association_that_ended_is_not_kept_alive_by_its_waiters(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each waiter refers to its association (or DUL), which is its key in the table of waiters: held
+    strongly, neither could ever be collected, and every association an engine accepted kept its
+    socket open for good (in a long run, file descriptor numbers past select()'s 1024 stop
+    pynetdicom accepting anything)."""
+    ended: list[weakref.ref[Any]] = []
+
+    def watching(assoc: Any) -> None:
+        ended.append(weakref.ref(assoc))
+        reactor.watch(assoc)
+
+    monkeypatch.setattr(scp, "watch", watching)
+    eng = start_dicom_engine(workdir, f"sqlite:///{workdir / 'var' / 'radbridge.db'}")
+    try:
+        for _ in range(3):
+            done = run(["echoscu", "-aec", "RADBRIDGE", "127.0.0.1", str(eng.dicom_port)])
+            assert done.returncode == 0, done.stderr
+        assert len(ended) == 3
+
+        def collected() -> bool:
+            gc.collect()
+            return all(ref() is None for ref in ended)
+        wait_until(collected, timeout=10)
+    finally:
+        eng.stop()

@@ -73,11 +73,14 @@ class _Waiter:
 class _AssociationWaiter(_Waiter):
     def __init__(self, assoc: Any) -> None:
         super().__init__()
-        self.assoc = assoc
+        # weak: the association is this waiter's key in _waiters, and a value that held its key
+        # would keep both (and the connection's socket) alive for good
+        self.assoc = weakref.ref(assoc)
         self.work = threading.Event()
 
     def pending(self) -> bool:
-        return bool(self.assoc.dimse.msg_queue.qsize() or self.assoc.dul.to_user_queue.qsize())
+        assoc = self.assoc()
+        return assoc is None or bool(assoc.dimse.msg_queue.qsize() or assoc.dul.to_user_queue.qsize())
 
     def idle(self) -> None:
         self.work.clear()  # before looking: a put after this sets it again
@@ -94,7 +97,7 @@ class _DulWaiter(_Waiter):
 
     def __init__(self, dul: Any) -> None:
         super().__init__()
-        self.dul = dul
+        self.dul = weakref.ref(dul)  # weak, as _AssociationWaiter.assoc
         self.lock = threading.Lock()
         self.closed = False
         self.read_fd, self.write_fd = os.pipe()
@@ -117,13 +120,16 @@ class _DulWaiter(_Waiter):
                 pass
 
     def pending(self) -> bool:
-        dul = self.dul
+        dul = self.dul()
+        if dul is None:
+            return True
         return bool(dul.event_queue.qsize() or dul.to_provider_queue.qsize())
 
     def idle(self) -> None:
         if self.pending():
             return
-        sock = getattr(self.dul.socket, "socket", None)
+        dul = self.dul()
+        sock = getattr(dul.socket, "socket", None) if dul is not None else None
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return  # decrypted data that select cannot see
         with self.lock:
