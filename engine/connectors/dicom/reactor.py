@@ -32,6 +32,7 @@ import ssl
 import threading
 import time
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -61,13 +62,16 @@ class _WakingQueue(queue.Queue[Any]):
         self.wake()
 
 
-class _Waiter:
+class _Waiter(ABC):
+    """What replaces one reactor's 1 ms sleep: ``idle`` returns when there is work, or after
+    IDLE_SECONDS."""
+
     def __init__(self) -> None:
         self.waits = 0  # idle waits ...
         self.timeouts = 0  # ... of which no work ended (IDLE_SECONDS passed)
 
-    def idle(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def idle(self) -> None: ...
 
 
 class _AssociationWaiter(_Waiter):
